@@ -1,0 +1,262 @@
+//! Wiring: opens the disk, binds the sockets, runs the accept/serve loop (one frontend at a
+//! time, listening again after each disconnect), answers the control socket, and shuts down
+//! cleanly on SIGTERM/SIGINT or QMP `quit` (drain in-flight I/O, flush, exit 0).
+
+mod sockets;
+
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use vhost::vhost_user::Listener;
+use vhost_user_backend::VhostUserDaemon;
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+
+use crate::block::{BlockDevice, BlockError};
+use crate::qmp::{Command, EventBus, QmpError, QmpHandler, QmpServer};
+use crate::stats::{QueueStats, snapshot};
+use crate::vhost::{BlkBackend, DRAIN_TIMEOUT, DeviceConfig, Shared, completion_event_id};
+
+/// Everything `colo-blk serve` needs, already validated by the CLI.
+pub struct ServeConfig {
+    /// The vhost-user socket path.
+    pub socket: PathBuf,
+    /// The control socket path.
+    pub qmp: Option<PathBuf>,
+    /// The device the frontend sees.
+    pub device: DeviceConfig,
+    /// Bypass the host page cache (reported in query-block).
+    pub direct: bool,
+}
+
+/// Errors that stop the daemon.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// A socket could not be created.
+    #[error("cannot listen on {path}")]
+    Bind {
+        /// The socket path.
+        path: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Setting up a connection's backend failed.
+    #[error("cannot set up the device")]
+    Block(#[from] BlockError),
+    /// The vhost-user layer failed outside a single connection.
+    #[error("vhost-user: {0}")]
+    Vhost(String),
+    /// Signal setup failed.
+    #[error("cannot set up signal handling")]
+    Signals(#[source] std::io::Error),
+}
+
+/// The state the serve loop, the signal thread and the control socket share.
+pub struct Daemon {
+    cfg: ServeConfig,
+    device: Arc<dyn BlockDevice>,
+    stats: Vec<Arc<QueueStats>>,
+    quiescing: Arc<AtomicBool>,
+    current: Mutex<Option<Arc<BlkBackend>>>,
+    events: EventBus,
+    shutting_down: AtomicBool,
+    connected: AtomicBool,
+}
+
+impl Daemon {
+    /// A daemon serving `device`.
+    pub fn new(cfg: ServeConfig, device: Arc<dyn BlockDevice>) -> Arc<Self> {
+        let stats = (0..cfg.device.num_queues)
+            .map(|_| Arc::new(QueueStats::default()))
+            .collect();
+        Arc::new(Daemon {
+            cfg,
+            device,
+            stats,
+            quiescing: Arc::new(AtomicBool::new(false)),
+            current: Mutex::new(None),
+            events: EventBus::default(),
+            shutting_down: AtomicBool::new(false),
+            connected: AtomicBool::new(false),
+        })
+    }
+
+    /// Binds the sockets, then serves frontends until shutdown (which exits the process).
+    pub fn run(self: &Arc<Self>) -> Result<(), DaemonError> {
+        // Sockets are bound before any thread exists, so the restrictive umask used for
+        // mode 0600 cannot leak into files other threads create.
+        let vhost_listener = sockets::bind_private(&self.cfg.socket)?;
+        let qmp_listener = match &self.cfg.qmp {
+            Some(p) => Some(sockets::bind_private(p)?),
+            None => None,
+        };
+        sockets::block_termination_signals().map_err(DaemonError::Signals)?;
+        let me = self.clone();
+        std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                let sig = sockets::wait_termination_signal();
+                log::info!("signal {sig} received");
+                me.shutdown();
+            })
+            .map_err(DaemonError::Signals)?;
+        if let Some(l) = qmp_listener {
+            QmpServer::spawn(l, self.clone(), self.events.clone()).map_err(|source| {
+                DaemonError::Bind {
+                    path: self
+                        .cfg
+                        .qmp
+                        .as_ref()
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_default(),
+                    source,
+                }
+            })?;
+        }
+        log::info!(
+            "serving {} on {} ({} queues of up to {})",
+            self.device.describe(),
+            self.cfg.socket.display(),
+            self.cfg.device.num_queues,
+            self.cfg.device.queue_size
+        );
+        self.serve_loop(vhost_listener)
+    }
+
+    fn serve_loop(&self, listener: UnixListener) -> Result<(), DaemonError> {
+        let mut listener = Listener::from(listener);
+        loop {
+            let shared = Arc::new(Shared::new(self.cfg.device.clone(), self.quiescing.clone()));
+            let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+            let backend = Arc::new(BlkBackend::new(
+                shared,
+                &*self.device,
+                mem.clone(),
+                &self.stats,
+            )?);
+            let mut daemon = VhostUserDaemon::new("colo-blk".into(), backend.clone(), mem)
+                .map_err(|e| DaemonError::Vhost(e.to_string()))?;
+            let event = u64::from(completion_event_id(usize::from(self.cfg.device.num_queues)));
+            for (handler, fd) in daemon.get_epoll_handlers().iter().zip(backend.notifiers()) {
+                if let Some(fd) = fd {
+                    handler
+                        .register_listener(fd, EventSet::IN, event)
+                        .map_err(|e| {
+                            DaemonError::Vhost(format!("cannot watch completions: {e}"))
+                        })?;
+                }
+            }
+            *self.current.lock().unwrap_or_else(|e| e.into_inner()) = Some(backend.clone());
+            if let Err(e) = daemon.start(&mut listener) {
+                log::error!("accepting a frontend failed: {e}");
+                continue;
+            }
+            self.connected.store(true, Ordering::Release);
+            log::info!("frontend connected");
+            self.events.emit("FRONTEND_CONNECTED", json!({}));
+            let ended = daemon.wait();
+            self.connected.store(false, Ordering::Release);
+            match ended {
+                Ok(()) => log::info!("frontend disconnected"),
+                Err(e) => log::info!("frontend disconnected ({e})"),
+            }
+            // The workers still run: let them finish what the old frontend submitted before
+            // the connection's state goes away.
+            if !backend.drain_all(DRAIN_TIMEOUT) {
+                log::error!("in-flight requests did not finish after disconnect");
+            }
+            *self.current.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            self.events.emit("FRONTEND_DISCONNECTED", json!({}));
+            drop(daemon);
+        }
+    }
+
+    /// Stops taking requests, drains in-flight I/O, flushes the disk and exits the process.
+    pub fn shutdown(&self) {
+        if self.shutting_down.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        self.quiescing.store(true, Ordering::Release);
+        let backend = self
+            .current
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let mut code = 0;
+        if let Some(b) = backend
+            && !b.drain_all(DRAIN_TIMEOUT)
+        {
+            log::error!("shutdown: in-flight requests did not drain");
+            code = 1;
+        }
+        if let Err(e) = self.device.flush() {
+            log::error!("shutdown: flush failed: {e}");
+            code = 1;
+        }
+        let _ = std::fs::remove_file(&self.cfg.socket);
+        if let Some(q) = &self.cfg.qmp {
+            let _ = std::fs::remove_file(q);
+        }
+        self.events.emit("SHUTDOWN", json!({}));
+        log::info!("shut down cleanly");
+        std::process::exit(code);
+    }
+
+    fn query_block(&self) -> Value {
+        let backend = self
+            .current
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let d = &self.cfg.device;
+        let connected = self.connected.load(Ordering::Acquire);
+        let (acked, writeback, inflight) = match (&backend, connected) {
+            (Some(b), true) => {
+                let s = b.shared();
+                (s.acked(), s.writeback(), b.inflight())
+            }
+            _ => (0, true, 0),
+        };
+        json!({
+            "disk": self.device.describe(),
+            "size": self.device.size(),
+            "read-only": d.read_only,
+            "direct": self.cfg.direct,
+            "num-queues": d.num_queues,
+            "queue-size": d.queue_size,
+            "logical-block-size": d.block_size,
+            "serial": d.serial,
+            "socket": self.cfg.socket.display().to_string(),
+            "frontend-connected": connected,
+            "features-offered": format!("{:#x}", d.features()),
+            "features-acked": format!("{:#x}", acked),
+            "writeback": writeback,
+            "inflight": inflight,
+        })
+    }
+}
+
+impl QmpHandler for Daemon {
+    fn execute(&self, cmd: &Command) -> Result<Value, QmpError> {
+        match cmd {
+            Command::QueryBlock => Ok(self.query_block()),
+            Command::QueryBlockstats => {
+                serde_json::to_value(snapshot(self.stats.iter().map(|s| &**s)))
+                    .map_err(|e| QmpError::Generic(e.to_string()))
+            }
+            Command::QmpCapabilities | Command::Quit => Ok(json!({})),
+        }
+    }
+
+    fn quit(&self) {
+        self.shutdown();
+    }
+}
+
+/// How long tests and tools may wait for a daemon to drain; re-exported for callers.
+pub const SHUTDOWN_TIMEOUT: Duration = DRAIN_TIMEOUT;

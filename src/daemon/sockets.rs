@@ -1,0 +1,69 @@
+//! Private sockets and termination signals.
+
+use std::os::unix::net::UnixListener;
+use std::path::Path;
+
+use super::DaemonError;
+
+/// Binds a UNIX socket that only the owner can use (mode 0600), replacing a stale one.
+pub fn bind_private(path: &Path) -> Result<UnixListener, DaemonError> {
+    let err = |source| DaemonError::Bind {
+        path: path.display().to_string(),
+        source,
+    };
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()) => {
+            std::fs::remove_file(path).map_err(err)?;
+        }
+        Ok(_) => {
+            return Err(err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "path exists and is not a socket",
+            )));
+        }
+        Err(_) => {}
+    }
+    // SAFETY: umask only changes the process file-creation mask; called while single-threaded.
+    let old = unsafe { libc::umask(0o177) };
+    let res = UnixListener::bind(path);
+    // SAFETY: as above, restoring the previous mask.
+    unsafe { libc::umask(old) };
+    res.map_err(err)
+}
+
+fn termination_set() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data; sigemptyset initialises it before use.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t owned by this frame.
+    unsafe {
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+    }
+    set
+}
+
+/// Blocks SIGTERM/SIGINT in this thread and every thread it creates later, so that only the
+/// signal thread (via `sigwait`) handles them.
+pub fn block_termination_signals() -> std::io::Result<()> {
+    let set = termination_set();
+    // SAFETY: valid set pointer; the old mask is not needed.
+    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::from_raw_os_error(rc))
+    }
+}
+
+/// Waits for SIGTERM or SIGINT and returns its number.
+pub fn wait_termination_signal() -> i32 {
+    let set = termination_set();
+    let mut sig: libc::c_int = 0;
+    loop {
+        // SAFETY: valid pointers to a local set and a local int.
+        if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
+            return sig;
+        }
+    }
+}

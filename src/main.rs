@@ -1,0 +1,226 @@
+//! The `colo-blk` command line: parse, validate, hand over to the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use colo_blk::block::BlockDevice;
+use colo_blk::block::raw::{EngineKind, NullDisk, RawDisk, RawOptions};
+use colo_blk::daemon::{Daemon, ServeConfig};
+use colo_blk::qmp::client;
+use colo_blk::size::parse_size;
+use colo_blk::vhost::DeviceConfig;
+
+/// Disk path that selects the null device (no storage, for measuring the vhost-user path).
+const NULL_DISK: &str = "null";
+
+#[derive(Parser)]
+#[command(
+    name = "colo-blk",
+    version,
+    about = "vhost-user-blk backend with COLO block replication"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Serve a disk to a vhost-user-blk frontend (QEMU, cloud-hypervisor, libblkio).
+    Serve(ServeArgs),
+    /// Send one QMP command to a running colo-blk and print the answer.
+    Ctl(CtlArgs),
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Replication {
+    None,
+    Primary,
+    Secondary,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Engine {
+    Uring,
+    Sync,
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// vhost-user socket to listen on (created mode 0600).
+    #[arg(long, default_value = "/tmp/colo-blk.sock")]
+    socket: PathBuf,
+    /// Raw image file or block device; `null` serves a null device of --size bytes.
+    #[arg(long, default_value = "colo-blk.img")]
+    disk: PathBuf,
+    /// Create a sparse image of this size if --disk is missing (K/M/G/T). Default 1G when
+    /// --disk is not given.
+    #[arg(long, value_parser = parse_size)]
+    size: Option<u64>,
+    /// Export the disk read-only.
+    #[arg(long)]
+    readonly: bool,
+    /// Number of request queues offered (the frontend may use fewer).
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=64))]
+    num_queues: u16,
+    /// Maximum virtqueue size.
+    #[arg(long, default_value_t = 1024)]
+    queue_size: u16,
+    /// Logical block size in bytes.
+    #[arg(long, default_value_t = 512, value_parser = parse_block_size)]
+    logical_block_size: u32,
+    /// Open the disk with O_DIRECT (bypass the host page cache).
+    #[arg(long)]
+    direct: bool,
+    /// Serial number reported to the guest (GET_ID, at most 20 bytes).
+    #[arg(long, default_value = "colo-blk")]
+    serial: String,
+    /// Control socket (QMP dialect).
+    #[arg(long)]
+    qmp: Option<PathBuf>,
+    /// Replication mode.
+    #[arg(long, value_enum, default_value_t = Replication::None)]
+    replication: Replication,
+    /// I/O engine (io_uring falls back to sync if the kernel refuses it).
+    #[arg(long, value_enum, default_value_t = Engine::Uring)]
+    io_engine: Engine,
+}
+
+#[derive(clap::Args)]
+struct CtlArgs {
+    /// The daemon's control socket.
+    #[arg(long)]
+    qmp: PathBuf,
+    /// Command name, e.g. query-block.
+    command: String,
+    /// Arguments as KEY=VALUE (VALUE is parsed as JSON when it can be, else taken as a string).
+    args: Vec<String>,
+}
+
+fn parse_block_size(s: &str) -> Result<u32, String> {
+    match s {
+        "512" => Ok(512),
+        "4096" => Ok(4096),
+        _ => Err("must be 512 or 4096".into()),
+    }
+}
+
+fn usage_error(msg: String) -> ExitCode {
+    eprintln!("colo-blk: {msg}");
+    ExitCode::from(2)
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let cli = Cli::parse();
+    match cli.command {
+        Cmd::Serve(args) => serve(args),
+        Cmd::Ctl(args) => ctl(args),
+    }
+}
+
+fn serve(a: ServeArgs) -> ExitCode {
+    if a.replication != Replication::None {
+        return usage_error("--replication: only 'none' is available in this build".into());
+    }
+    if a.queue_size == 0 || !a.queue_size.is_power_of_two() {
+        return usage_error(format!(
+            "--queue-size: {} is not a power of two",
+            a.queue_size
+        ));
+    }
+    if a.serial.len() > 20 {
+        return usage_error("--serial: at most 20 bytes".into());
+    }
+    let disk_given =
+        std::env::args_os().any(|s| s == "--disk" || s.to_string_lossy().starts_with("--disk="));
+    let create_size = a.size.or(if disk_given { None } else { Some(1 << 30) });
+    if let Some(s) = create_size
+        && (s == 0 || s % u64::from(a.logical_block_size) != 0)
+    {
+        return usage_error(format!(
+            "--size: {s} is not a positive multiple of {}",
+            a.logical_block_size
+        ));
+    }
+    let device: Arc<dyn BlockDevice> = if a.disk.as_os_str() == NULL_DISK {
+        Arc::new(NullDisk::new(create_size.unwrap_or(1 << 30), a.readonly))
+    } else {
+        let opts = RawOptions {
+            path: a.disk.clone(),
+            create_size,
+            read_only: a.readonly,
+            direct: a.direct,
+            block_size: a.logical_block_size,
+            engine: match a.io_engine {
+                Engine::Uring => EngineKind::Uring,
+                Engine::Sync => EngineKind::Sync,
+            },
+        };
+        match RawDisk::open(&opts) {
+            Ok(d) => Arc::new(d),
+            Err(e) => return usage_error(format!("--disk: {}", error_chain(&e))),
+        }
+    };
+    let cfg = ServeConfig {
+        socket: a.socket,
+        qmp: a.qmp,
+        device: DeviceConfig {
+            capacity_sectors: device.size() / 512,
+            block_size: a.logical_block_size,
+            read_only: a.readonly,
+            num_queues: a.num_queues,
+            queue_size: a.queue_size,
+            serial: a.serial,
+        },
+        direct: a.direct,
+    };
+    let daemon = Daemon::new(cfg, device);
+    match daemon.run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("colo-blk: {}", error_chain(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn ctl(a: CtlArgs) -> ExitCode {
+    let mut args = serde_json::Map::new();
+    for kv in &a.args {
+        let Some((k, v)) = kv.split_once('=') else {
+            return usage_error(format!("argument '{kv}' is not KEY=VALUE"));
+        };
+        let value =
+            serde_json::from_str(v).unwrap_or_else(|_| serde_json::Value::String(v.to_string()));
+        args.insert(k.to_string(), value);
+    }
+    match client::execute(&a.qmp, &a.command, args) {
+        Ok(Ok(ret)) => {
+            println!("{}", serde_json::to_string_pretty(&ret).unwrap_or_default());
+            ExitCode::SUCCESS
+        }
+        Ok(Err(desc)) => {
+            eprintln!("error: {desc}");
+            ExitCode::from(1)
+        }
+        Err(e) => {
+            eprintln!("colo-blk ctl: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
+}

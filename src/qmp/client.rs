@@ -1,0 +1,82 @@
+//! A minimal QMP client (for `colo-blk ctl` and the tests).
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+
+use serde_json::{Map, Value, json};
+
+/// A connected, negotiated QMP session.
+pub struct QmpClient {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl QmpClient {
+    /// Connects, reads the greeting and negotiates capabilities.
+    pub fn connect(path: &Path) -> std::io::Result<Self> {
+        let writer = UnixStream::connect(path)?;
+        let mut c = QmpClient {
+            reader: BufReader::new(writer.try_clone()?),
+            writer,
+        };
+        let greeting = c.read_message()?;
+        if greeting.get("QMP").is_none() {
+            return Err(std::io::Error::other(format!(
+                "unexpected greeting {greeting}"
+            )));
+        }
+        c.execute("qmp_capabilities", Map::new())?
+            .map_err(|e| std::io::Error::other(format!("qmp_capabilities: {e}")))?;
+        Ok(c)
+    }
+
+    /// Reads the next JSON message (answer or event).
+    pub fn read_message(&mut self) -> std::io::Result<Value> {
+        let mut line = String::new();
+        loop {
+            line.clear();
+            if self.reader.read_line(&mut line)? == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            if !line.trim().is_empty() {
+                return serde_json::from_str(&line).map_err(std::io::Error::other);
+            }
+        }
+    }
+
+    /// Sends a command and waits for its answer (events before it are skipped): `Ok(return)`
+    /// or `Err(error description)`.
+    pub fn execute(
+        &mut self,
+        name: &str,
+        args: Map<String, Value>,
+    ) -> std::io::Result<Result<Value, String>> {
+        let msg = json!({"execute": name, "arguments": args});
+        let mut bytes = serde_json::to_vec(&msg).map_err(std::io::Error::other)?;
+        bytes.push(b'\n');
+        self.writer.write_all(&bytes)?;
+        loop {
+            let v = self.read_message()?;
+            if let Some(r) = v.get("return") {
+                return Ok(Ok(r.clone()));
+            }
+            if let Some(e) = v.get("error") {
+                let desc = e
+                    .get("desc")
+                    .and_then(Value::as_str)
+                    .unwrap_or("unknown error");
+                return Ok(Err(desc.to_string()));
+            }
+        }
+    }
+}
+
+/// One-shot: connect, negotiate, run `name`, return the answer.
+pub fn execute(
+    path: &Path,
+    name: &str,
+    args: Map<String, Value>,
+) -> std::io::Result<Result<Value, String>> {
+    QmpClient::connect(path)?.execute(name, args)
+}

@@ -1,0 +1,105 @@
+//! QMP commands: parsing `{"execute": NAME, "arguments": {...}}` into [`Command`].
+
+use serde_json::{Map, Value};
+
+/// A parsed command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// Leave capabilities negotiation mode.
+    QmpCapabilities,
+    /// Disk, size, queues, negotiated features, connection state.
+    QueryBlock,
+    /// I/O counters and latency.
+    QueryBlockstats,
+    /// Drain, flush and exit.
+    Quit,
+}
+
+/// A QMP error answer: `{"error": {"class": ..., "desc": ...}}`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum QmpError {
+    /// The usual error class.
+    #[error("{0}")]
+    Generic(String),
+    /// The command does not exist (or is not allowed yet).
+    #[error("{0}")]
+    CommandNotFound(String),
+}
+
+impl QmpError {
+    /// The QMP error class name.
+    pub fn class(&self) -> &'static str {
+        match self {
+            QmpError::Generic(_) => "GenericError",
+            QmpError::CommandNotFound(_) => "CommandNotFound",
+        }
+    }
+}
+
+impl Command {
+    /// Parses a command name and its arguments object. Unknown arguments are refused, as QEMU
+    /// does, so a typo never goes unnoticed.
+    pub fn parse(name: &str, args: &Map<String, Value>) -> Result<Command, QmpError> {
+        let no_args = |cmd: Command| {
+            if let Some(k) = args.keys().next() {
+                Err(QmpError::Generic(format!("Parameter '{k}' is unexpected")))
+            } else {
+                Ok(cmd)
+            }
+        };
+        match name {
+            "qmp_capabilities" => {
+                // QEMU accepts an optional "enable" list; no capabilities are offered.
+                match args.get("enable") {
+                    Some(Value::Array(a)) if !a.is_empty() => Err(QmpError::Generic(
+                        "Capability negotiation not supported".into(),
+                    )),
+                    _ if args.keys().any(|k| k != "enable") => Err(QmpError::Generic(
+                        "Parameter unexpected in qmp_capabilities".into(),
+                    )),
+                    _ => Ok(Command::QmpCapabilities),
+                }
+            }
+            "query-block" => no_args(Command::QueryBlock),
+            "query-blockstats" => no_args(Command::QueryBlockstats),
+            "quit" => no_args(Command::Quit),
+            other => Err(QmpError::CommandNotFound(format!(
+                "The command {other} has not been found"
+            ))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn obj(v: Value) -> Map<String, Value> {
+        v.as_object().cloned().unwrap_or_default()
+    }
+
+    #[test]
+    fn parses_known_commands() {
+        assert_eq!(Command::parse("quit", &Map::new()), Ok(Command::Quit));
+        assert_eq!(
+            Command::parse("query-block", &Map::new()),
+            Ok(Command::QueryBlock)
+        );
+        assert_eq!(
+            Command::parse("qmp_capabilities", &obj(json!({"enable": []}))),
+            Ok(Command::QmpCapabilities)
+        );
+    }
+
+    #[test]
+    fn refuses_unknown_commands_and_arguments() {
+        let e = Command::parse("nope", &Map::new()).unwrap_err();
+        assert_eq!(e.class(), "CommandNotFound");
+        let e = Command::parse("quit", &obj(json!({"force": true}))).unwrap_err();
+        assert_eq!(
+            e,
+            QmpError::Generic("Parameter 'force' is unexpected".into())
+        );
+    }
+}

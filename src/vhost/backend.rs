@@ -1,0 +1,282 @@
+//! The vhost-user-blk device: the `&self` [`VhostUserBackend`] implementation.
+//!
+//! Every queue has its own worker thread (`queues_per_thread` = one bit per thread) and its
+//! own [`QueueWorker`] behind a mutex that only that thread and `stop_vring` ever take, so
+//! queues run in parallel. Device-wide negotiated state lives in [`Shared`] as atomics.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost_user_backend::VhostUserBackend;
+use vhost_user_backend::bitmap::BitmapMmapRegion;
+use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_WRITE_ZEROES};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier,
+};
+
+use super::config::{DeviceConfig, WRITEBACK_OFFSET, writeback_mode};
+use super::request::Limits;
+use super::worker::{AtomicMem, Drain, QueueWorker, Vring};
+use crate::block::{BlockDevice, BlockError};
+use crate::stats::QueueStats;
+
+/// How long `stop_vring` and disconnect wait for in-flight requests.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Negotiated, device-wide state read by every worker.
+#[derive(Debug)]
+pub struct Shared {
+    /// Static device properties.
+    pub cfg: DeviceConfig,
+    acked: AtomicU64,
+    /// 0 = driver never wrote `writeback`, 1 = writethrough, 2 = writeback.
+    wce: AtomicU8,
+    writeback: AtomicBool,
+    event_idx: AtomicBool,
+    quiescing: Arc<AtomicBool>,
+}
+
+impl Shared {
+    /// State for a fresh connection. `quiescing` is process-wide (set on shutdown).
+    pub fn new(cfg: DeviceConfig, quiescing: Arc<AtomicBool>) -> Self {
+        Shared {
+            cfg,
+            acked: AtomicU64::new(0),
+            wce: AtomicU8::new(0),
+            writeback: AtomicBool::new(true),
+            event_idx: AtomicBool::new(false),
+            quiescing,
+        }
+    }
+
+    /// The features the driver acked.
+    pub fn acked(&self) -> u64 {
+        self.acked.load(Ordering::Acquire)
+    }
+
+    /// True when writes may complete before they are durable.
+    pub fn writeback(&self) -> bool {
+        self.writeback.load(Ordering::Acquire)
+    }
+
+    /// True when VIRTIO_RING_F_EVENT_IDX was negotiated.
+    pub fn event_idx(&self) -> bool {
+        self.event_idx.load(Ordering::Acquire)
+    }
+
+    /// True once shutdown started: workers stop taking new requests.
+    pub fn quiescing(&self) -> bool {
+        self.quiescing.load(Ordering::Acquire)
+    }
+
+    /// The parser's view of the device.
+    pub fn limits(&self) -> Limits {
+        let acked = self.acked();
+        Limits {
+            capacity_sectors: self.cfg.capacity_sectors,
+            block_size: self.cfg.block_size,
+            read_only: self.cfg.read_only,
+            discard: acked & (1 << VIRTIO_BLK_F_DISCARD) != 0,
+            write_zeroes: acked & (1 << VIRTIO_BLK_F_WRITE_ZEROES) != 0,
+        }
+    }
+
+    fn update_writeback(&self) {
+        let wce = match self.wce.load(Ordering::Acquire) {
+            0 => None,
+            1 => Some(false),
+            _ => Some(true),
+        };
+        let wb = writeback_mode(self.acked(), wce);
+        if self.writeback.swap(wb, Ordering::AcqRel) != wb {
+            log::info!(
+                "cache mode: {}",
+                if wb { "writeback" } else { "writethrough" }
+            );
+        }
+    }
+}
+
+struct QueueSlot {
+    worker: Mutex<QueueWorker>,
+    drain: Arc<Drain>,
+}
+
+/// The backend of one frontend connection.
+pub struct BlkBackend {
+    shared: Arc<Shared>,
+    queues: Vec<QueueSlot>,
+}
+
+/// Event id of a worker's block-queue completion notifier (ids up to `num_queues` are taken
+/// by vhost-user-backend).
+pub fn completion_event_id(num_queues: usize) -> u16 {
+    u16::try_from(num_queues + 1).unwrap_or(u16::MAX)
+}
+
+impl BlkBackend {
+    /// Builds the backend for a new connection: one worker (and one block queue) per queue.
+    pub fn new(
+        shared: Arc<Shared>,
+        device: &dyn BlockDevice,
+        mem: AtomicMem,
+        stats: &[Arc<QueueStats>],
+    ) -> Result<Self, BlockError> {
+        let n = usize::from(shared.cfg.num_queues);
+        let mut queues = Vec::with_capacity(n);
+        for i in 0..n {
+            let io = device.open_queue(u32::from(shared.cfg.queue_size))?;
+            let drain = Arc::new(Drain::default());
+            let worker = QueueWorker::new(
+                i,
+                io,
+                shared.clone(),
+                mem.clone(),
+                stats[i].clone(),
+                drain.clone(),
+            );
+            queues.push(QueueSlot {
+                worker: Mutex::new(worker),
+                drain,
+            });
+        }
+        Ok(BlkBackend { shared, queues })
+    }
+
+    /// The completion notifier of each queue (index = worker thread), for epoll registration.
+    pub fn notifiers(&self) -> Vec<Option<std::os::fd::RawFd>> {
+        self.queues
+            .iter()
+            .map(|q| lock(&q.worker).notifier())
+            .collect()
+    }
+
+    /// Waits for every queue's in-flight requests; returns whether all drained in time.
+    pub fn drain_all(&self, timeout: Duration) -> bool {
+        self.queues
+            .iter()
+            .enumerate()
+            .all(|(i, q)| q.drain.wait_idle(&format!("queue {i}"), timeout))
+    }
+
+    /// Requests in flight over all queues.
+    pub fn inflight(&self) -> usize {
+        self.queues.iter().map(|q| q.drain.inflight()).sum()
+    }
+
+    /// The negotiated state.
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl VhostUserBackend for BlkBackend {
+    type Bitmap = BitmapMmapRegion;
+    type Vring = Vring;
+
+    fn num_queues(&self) -> usize {
+        self.queues.len()
+    }
+
+    fn max_queue_size(&self) -> usize {
+        usize::from(self.shared.cfg.queue_size)
+    }
+
+    fn features(&self) -> u64 {
+        self.shared.cfg.features()
+    }
+
+    fn acked_features(&self, features: u64) {
+        self.shared.acked.store(features, Ordering::Release);
+        log::info!("features negotiated: {features:#x}");
+        self.shared.update_writeback();
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        DeviceConfig::protocol_features()
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.shared.event_idx.store(enabled, Ordering::Release);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        self.shared
+            .cfg
+            .read_config(self.shared.writeback(), offset, size)
+    }
+
+    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        // Only the `writeback` byte is writable (virtio 1.2 §5.2.5).
+        if offset != WRITEBACK_OFFSET || buf.len() != 1 {
+            log::warn!(
+                "refused config write of {} bytes at offset {offset}",
+                buf.len()
+            );
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        self.shared
+            .wce
+            .store(if buf[0] != 0 { 2 } else { 1 }, Ordering::Release);
+        self.shared.update_writeback();
+        Ok(())
+    }
+
+    fn update_memory(&self, _mem: AtomicMem) -> io::Result<()> {
+        // The workers hold a clone of the same GuestMemoryAtomic, which the handler updates in
+        // place; each request pins the snapshot it started with.
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        (0..self.queues.len()).map(|i| 1u64 << i).collect()
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC).ok()
+    }
+
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        let Some(q) = self.queues.get(queue_index as usize) else {
+            return Ok(());
+        };
+        // The handler marked the queue not ready before calling us; taking the worker lock
+        // once makes sure a pop that raced with that has registered its request.
+        drop(lock(&q.worker));
+        q.drain
+            .wait_idle(&format!("stop queue {queue_index}"), DRAIN_TIMEOUT);
+        Ok(())
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[Vring],
+        thread_id: usize,
+    ) -> io::Result<()> {
+        if !evset.contains(EventSet::IN) {
+            return Ok(());
+        }
+        let (Some(q), Some(vring)) = (self.queues.get(thread_id), vrings.first()) else {
+            return Ok(());
+        };
+        let mut worker = lock(&q.worker);
+        if device_event == completion_event_id(self.queues.len()) {
+            worker.process_completions(vring);
+        } else if device_event == 0 {
+            worker.process_queue(vring);
+        } else {
+            log::warn!("queue {thread_id}: unexpected event {device_event}");
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,13 @@
+//! The vhost-user-blk device: features and config space, request parsing, per-queue workers
+//! and the `VhostUserBackend` implementation that ties them to the rust-vmm stack.
+
+pub mod backend;
+pub mod config;
+pub mod request;
+pub mod worker;
+
+#[cfg(test)]
+mod tests;
+
+pub use backend::{BlkBackend, DRAIN_TIMEOUT, Shared, completion_event_id};
+pub use config::DeviceConfig;

@@ -1,0 +1,478 @@
+//! One virtqueue's worker: pops chains, parses them, submits them to the block stack, and
+//! completes them out of order as the I/O finishes.
+//!
+//! Each queue has its own worker thread (see `queues_per_thread`), its own [`BlockQueue`] and
+//! its own request slots, so queues never share a lock on the data path. Slots are indexed by
+//! the chain's head descriptor, which the driver cannot reuse while the request is in flight.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use vhost_user_backend::bitmap::BitmapMmapRegion;
+use vhost_user_backend::{VringRwLock, VringT};
+use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
+use virtio_queue::QueueT;
+use vm_memory::bitmap::Bitmap;
+use vm_memory::{
+    Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
+};
+
+use super::backend::Shared;
+use super::request::{self, ID_LEN, Request, RequestKind, Scratch};
+use crate::block::{BlockQueue, Completion, Op};
+use crate::stats::{OpClass, QueueStats};
+
+/// Guest memory with the dirty-log bitmap vhost-user-backend fills in on SET_LOG_BASE.
+pub type Mem = GuestMemoryMmap<BitmapMmapRegion>;
+/// The atomically replaceable guest memory shared with the vhost-user handler.
+pub type AtomicMem = GuestMemoryAtomic<Mem>;
+/// The vring type the backend uses.
+pub type Vring = VringRwLock<AtomicMem>;
+
+/// Counts a queue's requests in flight so `stop_vring`, disconnect and shutdown can wait.
+#[derive(Debug, Default)]
+pub struct Drain {
+    inflight: AtomicUsize,
+    lock: Mutex<()>,
+    cv: Condvar,
+}
+
+impl Drain {
+    fn begin(&self) {
+        self.inflight.fetch_add(1, Ordering::AcqRel);
+    }
+
+    fn end(&self) {
+        if self.inflight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+            self.cv.notify_all();
+        }
+    }
+
+    /// Requests currently in flight.
+    pub fn inflight(&self) -> usize {
+        self.inflight.load(Ordering::Acquire)
+    }
+
+    /// Waits until nothing is in flight or `timeout` passes; logs progress every second.
+    /// Returns whether the queue drained.
+    pub fn wait_idle(&self, what: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        while self.inflight() > 0 {
+            let now = Instant::now();
+            if now >= deadline {
+                log::error!(
+                    "{what}: {} requests still in flight after {:?}",
+                    self.inflight(),
+                    timeout
+                );
+                return false;
+            }
+            let step = (deadline - now).min(Duration::from_secs(1));
+            let (ng, res) = self
+                .cv
+                .wait_timeout(g, step)
+                .unwrap_or_else(|e| e.into_inner());
+            g = ng;
+            if res.timed_out() && self.inflight() > 0 {
+                log::warn!("{what}: waiting for {} requests in flight", self.inflight());
+            }
+        }
+        true
+    }
+}
+
+#[derive(Default)]
+struct Slot {
+    busy: bool,
+    kind: Option<RequestKind>,
+    status_addr: GuestAddress,
+    status: u8,
+    pending: u32,
+    used_len: u32,
+    bytes: u64,
+    started: Option<Instant>,
+    mem: Option<Arc<Mem>>,
+    iovecs: Vec<libc::iovec>,
+    scratch: Scratch,
+}
+
+// SAFETY: the raw pointers in `iovecs` point into guest memory kept alive by `mem`; the slot is
+// only used by the thread that owns the worker (the Mutex around the worker serialises access).
+unsafe impl Send for Slot {}
+
+/// Limits the log lines a misbehaving guest can cause.
+#[derive(Debug, Default)]
+struct LogBudget(u64);
+
+impl LogBudget {
+    /// True for the first 20 events, then every 1000th.
+    fn allow(&mut self) -> bool {
+        self.0 += 1;
+        self.0 <= 20 || self.0 % 1000 == 0
+    }
+}
+
+/// The state of one queue's worker.
+pub struct QueueWorker {
+    index: usize,
+    io: Box<dyn BlockQueue>,
+    shared: Arc<Shared>,
+    mem: AtomicMem,
+    stats: Arc<QueueStats>,
+    drain: Arc<Drain>,
+    slots: Vec<Slot>,
+    completions: Vec<Completion>,
+    pending_used: Vec<(u16, u32)>,
+    bad_input: LogBudget,
+    io_errors: LogBudget,
+}
+
+impl QueueWorker {
+    /// A worker for queue `index` submitting to `io`.
+    pub fn new(
+        index: usize,
+        io: Box<dyn BlockQueue>,
+        shared: Arc<Shared>,
+        mem: AtomicMem,
+        stats: Arc<QueueStats>,
+        drain: Arc<Drain>,
+    ) -> Self {
+        let slots = (0..shared.cfg.queue_size)
+            .map(|_| Slot::default())
+            .collect();
+        QueueWorker {
+            index,
+            io,
+            shared,
+            mem,
+            stats,
+            drain,
+            slots,
+            completions: Vec::with_capacity(256),
+            pending_used: Vec::with_capacity(256),
+            bad_input: LogBudget::default(),
+            io_errors: LogBudget::default(),
+        }
+    }
+
+    /// The block queue's completion notifier, to register on this worker's epoll.
+    pub fn notifier(&self) -> Option<std::os::fd::RawFd> {
+        self.io.notifier()
+    }
+
+    /// Handles a kick: pops every available chain, submits, then completes what is done.
+    pub fn process_queue(&mut self, vring: &Vring) {
+        let mem = self.mem.memory().into_inner();
+        let event_idx = self.shared.event_idx();
+        loop {
+            if event_idx && let Err(e) = vring.disable_notification() {
+                log::error!("queue {}: cannot disable notifications: {e}", self.index);
+            }
+            loop {
+                if self.shared.quiescing() {
+                    break;
+                }
+                let chain = {
+                    let mut state = vring.get_mut();
+                    let q = state.get_queue_mut();
+                    if !q.ready() {
+                        None
+                    } else {
+                        q.pop_descriptor_chain(&*mem)
+                    }
+                };
+                let Some(chain) = chain else { break };
+                let head = chain.head_index();
+                self.start(head, chain, &mem);
+            }
+            if let Err(e) = self.io.submit() {
+                log::error!("queue {}: submit failed: {e}", self.index);
+            }
+            if !event_idx || self.shared.quiescing() {
+                break;
+            }
+            match vring.enable_notification() {
+                Ok(true) => continue,
+                Ok(false) => break,
+                Err(e) => {
+                    log::error!("queue {}: cannot enable notifications: {e}", self.index);
+                    break;
+                }
+            }
+        }
+        self.complete(vring);
+    }
+
+    /// Handles the block queue's completion notification.
+    pub fn process_completions(&mut self, vring: &Vring) {
+        self.io.clear_notifier();
+        self.complete(vring);
+    }
+
+    fn start<I>(&mut self, head: u16, chain: I, mem: &Arc<Mem>)
+    where
+        I: Iterator<Item = virtio_queue::desc::split::Descriptor>,
+    {
+        let Some(slot) = self.slots.get_mut(usize::from(head)) else {
+            log::error!(
+                "queue {}: head {head} beyond queue size; dropped",
+                self.index
+            );
+            self.stats.record_dropped();
+            return;
+        };
+        if slot.busy {
+            // A driver bug or a hostile guest: the head is already in flight. Answering it would
+            // complete the in-flight request twice, so the chain is dropped.
+            if self.bad_input.allow() {
+                log::warn!(
+                    "queue {}: head {head} reused while in flight; dropped",
+                    self.index
+                );
+            }
+            self.stats.record_dropped();
+            return;
+        }
+        let limits = self.shared.limits();
+        let req = match request::parse(chain, &**mem, &limits, &mut slot.scratch) {
+            Ok(req) => req,
+            Err(e) => {
+                if self.bad_input.allow() {
+                    log::warn!("queue {}: bad request (head {head}): {e}", self.index);
+                }
+                match e.status {
+                    Some(addr) => {
+                        self.stats.record_invalid();
+                        if mem.write_obj(e.kind.status_byte(), addr).is_ok() {
+                            self.used(head, 1);
+                        } else {
+                            self.stats.record_dropped();
+                        }
+                    }
+                    None => self.stats.record_dropped(),
+                }
+                return;
+            }
+        };
+        slot.busy = true;
+        slot.kind = Some(req.kind);
+        slot.status_addr = req.status;
+        slot.status = VIRTIO_BLK_S_OK as u8;
+        slot.pending = 0;
+        slot.used_len = 1;
+        slot.bytes = req.data_len;
+        slot.started = Some(Instant::now());
+        slot.mem = Some(mem.clone());
+        self.drain.begin();
+        self.submit_request(head, &req, mem);
+        if self.slots[usize::from(head)].pending == 0 {
+            self.finish(head);
+        }
+    }
+
+    /// Pushes the block operations of a validated request; `pending` counts them.
+    fn submit_request(&mut self, head: u16, req: &Request, mem: &Arc<Mem>) {
+        let writeback = self.shared.writeback();
+        let slot = &mut self.slots[usize::from(head)];
+        let push = |io: &mut Box<dyn BlockQueue>, slot: &mut Slot, op: &Op<'_>| {
+            // SAFETY: the iovecs live in `slot.iovecs` and point into guest memory held alive
+            // by `slot.mem`; neither changes until the slot's completions are reaped in
+            // `complete`, which is the only place a busy slot is released.
+            match unsafe { io.push(op, u64::from(head)) } {
+                Ok(()) => slot.pending += 1,
+                Err(e) => {
+                    log::error!("queue: cannot queue I/O: {e}");
+                    slot.status = VIRTIO_BLK_S_IOERR as u8;
+                }
+            }
+        };
+        match req.kind {
+            RequestKind::Read | RequestKind::Write => {
+                if req.data_len == 0 {
+                    return;
+                }
+                slot.iovecs.clear();
+                for &(addr, len, _) in &slot.scratch.data {
+                    for s in mem.get_slices(addr, len as usize) {
+                        match s {
+                            Ok(s) => slot.iovecs.push(libc::iovec {
+                                iov_base: s.ptr_guard_mut().as_ptr().cast(),
+                                iov_len: s.len(),
+                            }),
+                            Err(_) => {
+                                // Checked by the parser; a memory table change in between
+                                // lands here.
+                                slot.status = VIRTIO_BLK_S_IOERR as u8;
+                                return;
+                            }
+                        }
+                    }
+                }
+                if req.kind == RequestKind::Read {
+                    slot.used_len = slot
+                        .used_len
+                        .saturating_add(u32::try_from(req.data_len).unwrap_or(u32::MAX));
+                }
+                let iovecs: &[libc::iovec] = &slot.iovecs;
+                // Reborrow through a raw slice so `slot` can be passed mutably alongside.
+                let iovecs: &[libc::iovec] =
+                    // SAFETY: `slot.iovecs` is not modified until the slot completes.
+                    unsafe { std::slice::from_raw_parts(iovecs.as_ptr(), iovecs.len()) };
+                let op = if req.kind == RequestKind::Read {
+                    Op::Read {
+                        offset: req.offset,
+                        iovecs,
+                    }
+                } else {
+                    Op::Write {
+                        offset: req.offset,
+                        iovecs,
+                        dsync: !writeback,
+                    }
+                };
+                push(&mut self.io, slot, &op);
+            }
+            RequestKind::Flush => push(&mut self.io, slot, &Op::Flush),
+            RequestKind::GetId => {
+                let mut id = [0u8; ID_LEN];
+                let serial = self.shared.cfg.serial.as_bytes();
+                let n = serial.len().min(ID_LEN);
+                id[..n].copy_from_slice(&serial[..n]);
+                let mut written = 0usize;
+                for &(addr, len, _) in &slot.scratch.data {
+                    let take = (len as usize).min(ID_LEN - written);
+                    if take == 0 {
+                        break;
+                    }
+                    if mem.write_slice(&id[written..written + take], addr).is_err() {
+                        slot.status = VIRTIO_BLK_S_IOERR as u8;
+                        return;
+                    }
+                    written += take;
+                }
+                slot.used_len += written as u32;
+                slot.bytes = written as u64;
+            }
+            RequestKind::Discard | RequestKind::WriteZeroes => {
+                let segments = std::mem::take(&mut slot.scratch.segments);
+                for s in &segments {
+                    let op = if req.kind == RequestKind::Discard {
+                        Op::Discard {
+                            offset: s.offset,
+                            len: s.len,
+                        }
+                    } else {
+                        Op::WriteZeroes {
+                            offset: s.offset,
+                            len: s.len,
+                            unmap: s.unmap,
+                        }
+                    };
+                    push(&mut self.io, slot, &op);
+                }
+                slot.bytes = segments.iter().map(|s| s.len).sum();
+                slot.scratch.segments = segments;
+            }
+        }
+    }
+
+    /// Reaps the block queue and completes every request whose operations all finished.
+    fn complete(&mut self, vring: &Vring) {
+        self.io.reap(&mut self.completions);
+        let mut completions = std::mem::take(&mut self.completions);
+        for c in completions.drain(..) {
+            let Ok(head) = u16::try_from(c.token) else {
+                continue;
+            };
+            let Some(slot) = self.slots.get_mut(usize::from(head)) else {
+                continue;
+            };
+            if !slot.busy || slot.pending == 0 {
+                log::error!("queue {}: completion for idle slot {head}", self.index);
+                continue;
+            }
+            if c.result < 0 {
+                slot.status = VIRTIO_BLK_S_IOERR as u8;
+                if self.io_errors.allow() {
+                    log::error!(
+                        "queue {}: {:?} failed: {}",
+                        self.index,
+                        slot.kind,
+                        std::io::Error::from_raw_os_error(-c.result)
+                    );
+                }
+            }
+            slot.pending -= 1;
+            if slot.pending == 0 {
+                self.finish(head);
+            }
+        }
+        self.completions = completions;
+        self.flush_used(vring);
+    }
+
+    /// Writes the status byte, marks read data dirty, and queues the used-ring entry.
+    fn finish(&mut self, head: u16) {
+        let slot = &mut self.slots[usize::from(head)];
+        let Some(mem) = slot.mem.take() else { return };
+        let ok = slot.status == VIRTIO_BLK_S_OK as u8;
+        let kind = slot.kind.take();
+        if ok && kind == Some(RequestKind::Read) {
+            // The kernel wrote these pages behind vm-memory's back: log them for migration /
+            // COLO. Marked at completion, once the data is really there.
+            for &(addr, len, _) in &slot.scratch.data {
+                for s in mem.get_slices(addr, len as usize).flatten() {
+                    s.bitmap().mark_dirty(0, s.len());
+                }
+            }
+        }
+        if mem.write_obj(slot.status, slot.status_addr).is_err() {
+            log::error!(
+                "queue {}: status byte of head {head} no longer in guest memory",
+                self.index
+            );
+        }
+        let class = match kind {
+            Some(RequestKind::Read) => OpClass::Read,
+            Some(RequestKind::Write) => OpClass::Write,
+            Some(RequestKind::Flush) => OpClass::Flush,
+            Some(RequestKind::Discard | RequestKind::WriteZeroes) => OpClass::Discard,
+            Some(RequestKind::GetId) | None => OpClass::Other,
+        };
+        let elapsed = slot.started.take().map(|t| t.elapsed()).unwrap_or_default();
+        self.stats.record(class, slot.bytes, ok, elapsed);
+        let used_len = if ok { slot.used_len } else { 1 };
+        slot.busy = false;
+        self.pending_used.push((head, used_len));
+        self.drain.end();
+    }
+
+    fn used(&mut self, head: u16, len: u32) {
+        self.pending_used.push((head, len));
+    }
+
+    /// Publishes queued used entries and notifies the driver once per batch (EVENT_IDX aware).
+    fn flush_used(&mut self, vring: &Vring) {
+        if self.pending_used.is_empty() {
+            return;
+        }
+        let mut state = vring.get_mut();
+        for &(head, len) in &self.pending_used {
+            if let Err(e) = state.add_used(head, len) {
+                log::error!("queue {}: cannot add used entry {head}: {e}", self.index);
+            }
+        }
+        self.pending_used.clear();
+        let notify = if self.shared.event_idx() {
+            state.needs_notification().unwrap_or(true)
+        } else {
+            true
+        };
+        if notify && let Err(e) = state.signal_used_queue() {
+            log::error!("queue {}: cannot signal the driver: {e}", self.index);
+        }
+    }
+}
