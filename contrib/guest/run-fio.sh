@@ -5,7 +5,9 @@
 # usage: contrib/guest/run-fio.sh --socket SOCK --job NAME [options]
 #   --guest DIR      guest build dir (default ${XDG_CACHE_HOME:-$HOME/.cache}/colo-blk-guest;
 #                    built with build.sh first if needed)
-#   --vcpus N        vCPUs and virtqueues (default 2)
+#   --vcpus N        vCPUs (default 2)
+#   --queues N       virtqueues, num-queues= of the device (default: vCPUs;
+#                    the backend must offer at least this many)
 #   --mem SIZE       guest memory, QEMU syntax (default 512M)
 #   --size SIZE      per-fio-job region, fio syntax (default 64m)
 #   --timeout S      kill QEMU after S seconds (default 120; a dead backend
@@ -27,7 +29,7 @@ usage() { sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0
 die() { echo "run-fio.sh: error: $*" >&2; exit 2; }
 
 sock='' job='' guest=${XDG_CACHE_HOME:-$HOME/.cache}/colo-blk-guest
-vcpus=2 mem=512M size=64m timeout_s=120 logf='' kernel_sel='' extra='' quiet=0 reconnect=''
+vcpus=2 mem=512M size=64m timeout_s=120 logf='' kernel_sel='' extra='' quiet=0 reconnect='' queues=''
 qemu='qemu-system-x86_64'
 while [[ $# -gt 0 ]]; do
     case $1 in
@@ -35,6 +37,7 @@ while [[ $# -gt 0 ]]; do
         --job) job=${2:?}; shift 2 ;;
         --guest) guest=${2:?}; shift 2 ;;
         --vcpus) vcpus=${2:?}; shift 2 ;;
+        --queues) queues=${2:?}; shift 2 ;;
         --mem) mem=${2:?}; shift 2 ;;
         --size) size=${2:?}; shift 2 ;;
         --timeout) timeout_s=${2:?}; shift 2 ;;
@@ -92,7 +95,7 @@ cmd=(
     -initrd "$initrd"
     -append "$append"
     -chardev "socket,id=c0,path=$sock${reconnect:+,reconnect-ms=$reconnect}"
-    -device "vhost-user-blk-pci,chardev=c0,num-queues=$vcpus"
+    -device "vhost-user-blk-pci,chardev=c0,num-queues=${queues:-$vcpus}"
 )
 echo "run-fio.sh: ${cmd[*]}" >>"$logf"
 
@@ -116,6 +119,11 @@ if [[ $result == "GUEST-RESULT: PASS" ]]; then
     echo "run-fio.sh: PASS job=$job (${secs}s, qemu rc=$rc)"
     status=0
 else
+    if [[ $quiet == 1 ]]; then
+        echo "run-fio.sh: console lines of interest:"
+        tr -d '\r' <"$logf" | grep -aiE '^GUEST-|err=|error|bad |verify:|panic|qemu-system' \
+            | tail -n 25 | sed 's/^/  | /' || true
+    fi
     echo "run-fio.sh: FAIL job=$job (${secs}s, qemu rc=$rc): ${result:-no GUEST-RESULT line}"
     status=1
 fi

@@ -115,6 +115,17 @@ impl LogBudget {
     }
 }
 
+/// Marks the guest pages behind `data` dirty in the memory's log bitmap. Needed for every
+/// buffer the kernel (io_uring, preadv) filled directly, because only writes made through
+/// vm-memory are logged automatically.
+pub fn mark_written<B: Bitmap>(mem: &GuestMemoryMmap<B>, data: &[(GuestAddress, u32, bool)]) {
+    for &(addr, len, _) in data {
+        for s in mem.get_slices(addr, len as usize).flatten() {
+            s.bitmap().mark_dirty(0, s.len());
+        }
+    }
+}
+
 /// The state of one queue's worker.
 pub struct QueueWorker {
     index: usize,
@@ -423,11 +434,7 @@ impl QueueWorker {
         if ok && kind == Some(RequestKind::Read) {
             // The kernel wrote these pages behind vm-memory's back: log them for migration /
             // COLO. Marked at completion, once the data is really there.
-            for &(addr, len, _) in &slot.scratch.data {
-                for s in mem.get_slices(addr, len as usize).flatten() {
-                    s.bitmap().mark_dirty(0, s.len());
-                }
-            }
+            mark_written(&*mem, &slot.scratch.data);
         }
         if mem.write_obj(slot.status, slot.status_addr).is_err() {
             log::error!(
