@@ -31,6 +31,8 @@ pub struct ServeConfig {
     pub device: DeviceConfig,
     /// Bypass the host page cache (reported in query-block).
     pub direct: bool,
+    /// Busy-poll window of each queue worker after its last work (zero: never poll).
+    pub poll: Duration,
 }
 
 /// Errors that stop the daemon.
@@ -131,7 +133,11 @@ impl Daemon {
     fn serve_loop(&self, listener: UnixListener) -> Result<(), DaemonError> {
         let mut listener = Listener::from(listener);
         loop {
-            let shared = Arc::new(Shared::new(self.cfg.device.clone(), self.quiescing.clone()));
+            let shared = Arc::new(Shared::new(
+                self.cfg.device.clone(),
+                self.quiescing.clone(),
+                self.cfg.poll,
+            ));
             let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
             let backend = Arc::new(BlkBackend::new(
                 shared,
@@ -236,6 +242,7 @@ impl Daemon {
             "features-offered": format!("{:#x}", d.features()),
             "features-acked": format!("{:#x}", acked),
             "writeback": writeback,
+            "poll-us": self.cfg.poll.as_micros(),
             "inflight": inflight,
         })
     }

@@ -38,11 +38,12 @@ pub struct Shared {
     writeback: AtomicBool,
     event_idx: AtomicBool,
     quiescing: Arc<AtomicBool>,
+    poll: Duration,
 }
 
 impl Shared {
     /// State for a fresh connection. `quiescing` is process-wide (set on shutdown).
-    pub fn new(cfg: DeviceConfig, quiescing: Arc<AtomicBool>) -> Self {
+    pub fn new(cfg: DeviceConfig, quiescing: Arc<AtomicBool>, poll: Duration) -> Self {
         Shared {
             cfg,
             acked: AtomicU64::new(0),
@@ -50,6 +51,7 @@ impl Shared {
             writeback: AtomicBool::new(true),
             event_idx: AtomicBool::new(false),
             quiescing,
+            poll,
         }
     }
 
@@ -66,6 +68,16 @@ impl Shared {
     /// True when VIRTIO_RING_F_EVENT_IDX was negotiated.
     pub fn event_idx(&self) -> bool {
         self.event_idx.load(Ordering::Acquire)
+    }
+
+    /// True while the frontend asked for dirty logging (VHOST_F_LOG_ALL acked).
+    pub fn logging(&self) -> bool {
+        self.acked() & (1 << super::config::VHOST_F_LOG_ALL) != 0
+    }
+
+    /// How long a worker keeps polling its ring after the last work before sleeping.
+    pub fn poll(&self) -> Duration {
+        self.poll
     }
 
     /// True once shutdown started: workers stop taking new requests.

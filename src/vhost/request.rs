@@ -71,6 +71,9 @@ pub struct Scratch {
     pub data: Vec<(GuestAddress, u32, bool)>,
     /// Discard / write-zeroes ranges.
     pub segments: Vec<Segment>,
+    /// Host addresses of the data buffers, ready for `preadv`/`pwritev` (a descriptor that
+    /// spans two memory regions yields two entries).
+    pub iovecs: Vec<libc::iovec>,
 }
 
 /// A validated request. Its data descriptors / segments are in the [`Scratch`] it was parsed
@@ -178,6 +181,7 @@ pub fn parse<M: GuestMemoryBackend + ?Sized>(
 ) -> Result<Request, RequestError> {
     scratch.data.clear();
     scratch.segments.clear();
+    scratch.iovecs.clear();
     let mut header: Option<Descriptor> = None;
     let mut last: Option<Descriptor> = None;
     let mut count: u32 = 0;
@@ -249,8 +253,16 @@ pub fn parse<M: GuestMemoryBackend + ?Sized>(
         if len > SIZE_MAX {
             return fail(RequestErrorKind::SegmentTooLarge);
         }
-        if !mem.check_range(addr, len as usize) {
-            return fail(RequestErrorKind::BufferOutsideMemory);
+        // Resolving the buffer to host memory is also the bounds check: every byte of
+        // [addr, addr + len) must lie in some guest memory region.
+        for slice in mem.get_slices(addr, len as usize) {
+            let Ok(slice) = slice else {
+                return fail(RequestErrorKind::BufferOutsideMemory);
+            };
+            scratch.iovecs.push(libc::iovec {
+                iov_base: slice.ptr_guard_mut().as_ptr().cast(),
+                iov_len: slice.len(),
+            });
         }
         data_len += u64::from(len); // at most SEG_MAX * SIZE_MAX: cannot overflow
     }
