@@ -10,7 +10,9 @@
 pub mod block;
 pub mod daemon;
 pub mod io;
+pub mod nbd;
 pub mod qmp;
+pub mod replication;
 pub mod size;
 pub mod stats;
 pub mod vhost;

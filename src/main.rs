@@ -11,7 +11,12 @@ mod bench;
 use colo_blk::block::BlockDevice;
 use colo_blk::block::raw::{EngineKind, NullDisk, RawDisk, RawOptions};
 use colo_blk::daemon::{Daemon, ServeConfig};
+use colo_blk::nbd::{NbdAddress, NbdServer, NbdServerConfig};
 use colo_blk::qmp::client;
+use colo_blk::replication::secondary::{
+    Secondary, SecondaryControl, SecondaryDevice, SecondaryExport, SecondaryFiles,
+};
+use colo_blk::replication::{NoReplication, ReplicationControl};
 use colo_blk::size::parse_size;
 use colo_blk::vhost::DeviceConfig;
 
@@ -95,6 +100,21 @@ struct ServeArgs {
     /// I/O engine (io_uring falls back to sync if the kernel refuses it).
     #[arg(long, value_enum, default_value_t = Engine::Uring)]
     io_engine: Engine,
+    /// Secondary: the active buffer file (created sparse with the disk's size if missing).
+    #[arg(long)]
+    active: Option<PathBuf>,
+    /// Secondary: the hidden buffer file (created sparse with the disk's size if missing).
+    #[arg(long)]
+    hidden: Option<PathBuf>,
+    /// Secondary: where the NBD server for the primary listens (HOST:PORT or unix:PATH).
+    #[arg(long)]
+    nbd_listen: Option<NbdAddress>,
+    /// Secondary: the NBD export name the primary asks for (default: the empty name).
+    #[arg(long, default_value = "")]
+    nbd_export: String,
+    /// Secondary: most NBD clients connected at once.
+    #[arg(long, default_value_t = 8)]
+    nbd_max_clients: usize,
 }
 
 #[derive(clap::Args)]
@@ -122,6 +142,11 @@ fn usage_error(msg: String) -> ExitCode {
 }
 
 fn main() -> ExitCode {
+    // Before any thread exists, so that only the daemon's signal thread sees SIGTERM/SIGINT.
+    if let Err(e) = colo_blk::daemon::block_termination_signals() {
+        eprintln!("colo-blk: cannot block signals: {e}");
+        return ExitCode::FAILURE;
+    }
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
     match cli.command {
@@ -138,8 +163,36 @@ fn main() -> ExitCode {
 }
 
 fn serve(a: ServeArgs) -> ExitCode {
-    if a.replication != Replication::None {
-        return usage_error("--replication: only 'none' is available in this build".into());
+    let secondary_opts = [
+        ("--active", a.active.is_some()),
+        ("--hidden", a.hidden.is_some()),
+        ("--nbd-listen", a.nbd_listen.is_some()),
+        ("--nbd-export", !a.nbd_export.is_empty()),
+    ];
+    match a.replication {
+        Replication::Primary => {
+            return usage_error(
+                "--replication: mode 'primary' is not available in this build yet".into(),
+            );
+        }
+        Replication::Secondary => {
+            for (name, given) in &secondary_opts[..3] {
+                if !given {
+                    return usage_error(format!("{name}: required with --replication secondary"));
+                }
+            }
+            if a.disk.as_os_str() == NULL_DISK || a.readonly {
+                return usage_error(
+                    "--replication secondary needs a writable disk (not null, not --readonly)"
+                        .into(),
+                );
+            }
+        }
+        Replication::None => {
+            if let Some((name, _)) = secondary_opts.iter().find(|(_, given)| *given) {
+                return usage_error(format!("{name}: only valid with --replication secondary"));
+            }
+        }
     }
     if a.queue_size == 0 || !a.queue_size.is_power_of_two() {
         return usage_error(format!(
@@ -161,6 +214,7 @@ fn serve(a: ServeArgs) -> ExitCode {
             a.logical_block_size
         ));
     }
+    let mut secondary: Option<Arc<Secondary>> = None;
     let device: Arc<dyn BlockDevice> = if a.disk.as_os_str() == NULL_DISK {
         Arc::new(NullDisk::new(create_size.unwrap_or(1 << 30), a.readonly))
     } else {
@@ -175,10 +229,32 @@ fn serve(a: ServeArgs) -> ExitCode {
                 Engine::Sync => EngineKind::Sync,
             },
         };
-        match RawDisk::open(&opts) {
-            Ok(d) => Arc::new(d),
+        let disk = match RawDisk::open(&opts) {
+            Ok(d) => d,
             Err(e) => return usage_error(format!("--disk: {}", error_chain(&e))),
+        };
+        if a.replication == Replication::Secondary {
+            let files = SecondaryFiles {
+                active: a.active.clone().unwrap_or_default(),
+                hidden: a.hidden.clone().unwrap_or_default(),
+                direct: a.direct,
+            };
+            let sec = match Secondary::open(disk, files) {
+                Ok(s) => s,
+                Err(e) => return usage_error(format!("--active/--hidden: {}", error_chain(&e))),
+            };
+            if let Err(e) = sec.check_lengths() {
+                return usage_error(format!("--active/--hidden: {e}"));
+            }
+            secondary = Some(sec.clone());
+            Arc::new(SecondaryDevice(sec))
+        } else {
+            Arc::new(disk)
         }
+    };
+    let replication: Arc<dyn ReplicationControl> = match &secondary {
+        Some(sec) => Arc::new(SecondaryControl(sec.clone())),
+        None => Arc::new(NoReplication),
     };
     let cfg = ServeConfig {
         socket: a.socket,
@@ -194,7 +270,24 @@ fn serve(a: ServeArgs) -> ExitCode {
         direct: a.direct,
         poll: std::time::Duration::from_micros(a.poll_us),
     };
-    let daemon = Daemon::new(cfg, device);
+    let daemon = Daemon::new(cfg, device, replication);
+    if let (Some(sec), Some(addr)) = (&secondary, &a.nbd_listen) {
+        let events = daemon.events();
+        sec.set_events(Arc::new(move |name: &str, data| events.emit(name, data)));
+        let cfg = NbdServerConfig {
+            export_name: a.nbd_export.clone(),
+            max_clients: a.nbd_max_clients,
+            threads_per_client: 4,
+        };
+        match NbdServer::start(addr, cfg, Arc::new(SecondaryExport(sec.clone()))) {
+            Ok(server) => sec.set_nbd_server(server),
+            Err(e) => return usage_error(format!("--nbd-listen: cannot listen on {addr:?}: {e}")),
+        }
+        log::info!(
+            "NBD server for the primary listening on {addr:?} (export '{}')",
+            a.nbd_export
+        );
+    }
     match daemon.run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -6,6 +6,8 @@
 //! (primary mirror, secondary buffers) are further `BlockDevice`s wrapping a disk, wired in at
 //! start-up, so the virtio side never changes.
 
+pub mod bitmap;
+pub mod range_lock;
 pub mod raw;
 
 use std::io;

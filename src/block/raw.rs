@@ -100,7 +100,20 @@ impl RawDisk {
     }
 }
 
-fn create_sparse(path: &Path, size: u64) -> io::Result<()> {
+impl RawDisk {
+    /// The open file (shared with the I/O engines).
+    pub fn file(&self) -> &Arc<File> {
+        &self.file
+    }
+
+    /// The path it was opened from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// Creates a sparse file of `size` bytes; fails if the path exists.
+pub fn create_sparse(path: &Path, size: u64) -> io::Result<()> {
     let f = OpenOptions::new().write(true).create_new(true).open(path)?;
     f.set_len(size)
 }

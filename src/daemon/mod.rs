@@ -18,6 +18,7 @@ use vmm_sys_util::epoll::EventSet;
 
 use crate::block::{BlockDevice, BlockError};
 use crate::qmp::{Command, EventBus, QmpError, QmpHandler, QmpServer};
+use crate::replication::{ReplicationControl, StartArgs};
 use crate::stats::{QueueStats, snapshot};
 use crate::vhost::{BlkBackend, DRAIN_TIMEOUT, DeviceConfig, Shared, completion_event_id};
 
@@ -62,6 +63,7 @@ pub enum DaemonError {
 pub struct Daemon {
     cfg: ServeConfig,
     device: Arc<dyn BlockDevice>,
+    replication: Arc<dyn ReplicationControl>,
     stats: Vec<Arc<QueueStats>>,
     quiescing: Arc<AtomicBool>,
     current: Mutex<Option<Arc<BlkBackend>>>,
@@ -72,13 +74,18 @@ pub struct Daemon {
 
 impl Daemon {
     /// A daemon serving `device`.
-    pub fn new(cfg: ServeConfig, device: Arc<dyn BlockDevice>) -> Arc<Self> {
+    pub fn new(
+        cfg: ServeConfig,
+        device: Arc<dyn BlockDevice>,
+        replication: Arc<dyn ReplicationControl>,
+    ) -> Arc<Self> {
         let stats = (0..cfg.device.num_queues)
             .map(|_| Arc::new(QueueStats::default()))
             .collect();
         Arc::new(Daemon {
             cfg,
             device,
+            replication,
             stats,
             quiescing: Arc::new(AtomicBool::new(false)),
             current: Mutex::new(None),
@@ -86,6 +93,11 @@ impl Daemon {
             shutting_down: AtomicBool::new(false),
             connected: AtomicBool::new(false),
         })
+    }
+
+    /// The event bus of the control socket (for replication stage events).
+    pub fn events(&self) -> EventBus {
+        self.events.clone()
     }
 
     /// Binds the sockets, then serves frontends until shutdown (which exits the process).
@@ -97,7 +109,6 @@ impl Daemon {
             Some(p) => Some(sockets::bind_private(p)?),
             None => None,
         };
-        sockets::block_termination_signals().map_err(DaemonError::Signals)?;
         let me = self.clone();
         std::thread::Builder::new()
             .name("signals".into())
@@ -257,6 +268,30 @@ impl QmpHandler for Daemon {
                     .map_err(|e| QmpError::Generic(e.to_string()))
             }
             Command::QmpCapabilities | Command::Quit => Ok(json!({})),
+            Command::QueryReplication => Ok(self.replication.query()),
+            Command::ReplicationStart { mode } => self
+                .replication
+                .start(&StartArgs { mode: *mode })
+                .map(|()| json!({}))
+                .map_err(generic),
+            Command::ReplicationCheckpoint => self
+                .replication
+                .checkpoint()
+                .map(|()| json!({}))
+                .map_err(generic),
+            Command::ReplicationGetError => self
+                .replication
+                .get_error()
+                .map(|()| json!({}))
+                .map_err(generic),
+            Command::ReplicationStop {
+                failover,
+                inject_commit_error,
+            } => self
+                .replication
+                .stop(*failover, *inject_commit_error)
+                .map(|()| json!({}))
+                .map_err(generic),
         }
     }
 
@@ -265,5 +300,8 @@ impl QmpHandler for Daemon {
     }
 }
 
-/// How long tests and tools may wait for a daemon to drain; re-exported for callers.
-pub const SHUTDOWN_TIMEOUT: Duration = DRAIN_TIMEOUT;
+fn generic(e: crate::replication::ReplicationError) -> QmpError {
+    QmpError::Generic(e.0)
+}
+
+pub use sockets::block_termination_signals;

@@ -44,7 +44,8 @@ fn termination_set() -> libc::sigset_t {
 }
 
 /// Blocks SIGTERM/SIGINT in this thread and every thread it creates later, so that only the
-/// signal thread (via `sigwait`) handles them.
+/// signal thread (via `sigwait`) handles them. Call it first thing in `main`, before any
+/// thread exists.
 pub fn block_termination_signals() -> std::io::Result<()> {
     let set = termination_set();
     // SAFETY: valid set pointer; the old mask is not needed.

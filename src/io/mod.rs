@@ -89,14 +89,14 @@ pub trait IoEngine: Send {
 
 /// Completions that an inline engine produced at push time, waiting to be reaped.
 #[derive(Debug, Default)]
-pub(crate) struct Finished(VecDeque<Completion>);
+pub struct Finished(VecDeque<Completion>);
 
 impl Finished {
-    pub(crate) fn push(&mut self, token: u64, result: i32) {
+    pub fn push(&mut self, token: u64, result: i32) {
         self.0.push_back(Completion { token, result });
     }
 
-    pub(crate) fn drain_into(&mut self, out: &mut Vec<Completion>) {
+    pub fn drain_into(&mut self, out: &mut Vec<Completion>) {
         out.extend(self.0.drain(..));
     }
 }
@@ -106,9 +106,54 @@ pub fn iovecs_len(iovecs: &[libc::iovec]) -> u64 {
     iovecs.iter().map(|v| v.iov_len as u64).sum()
 }
 
+/// The part of an iovec list covering bytes [offset, offset + len).
+pub fn slice_iovecs(
+    iovecs: &[libc::iovec],
+    mut offset: u64,
+    mut len: u64,
+    out: &mut Vec<libc::iovec>,
+) {
+    out.clear();
+    for v in iovecs {
+        if len == 0 {
+            break;
+        }
+        let l = v.iov_len as u64;
+        if offset >= l {
+            offset -= l;
+            continue;
+        }
+        let take = (l - offset).min(len);
+        out.push(libc::iovec {
+            // Stays inside the buffer: offset < l and offset + take <= l.
+            iov_base: v.iov_base.cast::<u8>().wrapping_add(offset as usize).cast(),
+            iov_len: take as usize,
+        });
+        len -= take;
+        offset = 0;
+    }
+}
+
+/// Reads or writes a whole iovec list at `offset` of `fd` with blocking syscalls; returns the
+/// byte count or `-errno`.
+///
+/// # Safety
+/// The iovecs must describe live buffers (writable ones for reads).
+pub unsafe fn transfer(
+    fd: std::os::fd::RawFd,
+    offset: u64,
+    iovecs: &[libc::iovec],
+    write: bool,
+    dsync: bool,
+) -> i32 {
+    let flags = if dsync { libc::RWF_DSYNC } else { 0 };
+    // SAFETY: forwarded contract.
+    unsafe { sync::rw_all(fd, offset, iovecs, write, flags) }
+}
+
 /// Converts a byte count to the `i32` result field; requests are bounded far below 2 GiB by the
 /// advertised limits, anything larger saturates.
-pub(crate) fn result_from_len(len: u64) -> i32 {
+pub fn result_from_len(len: u64) -> i32 {
     i32::try_from(len).unwrap_or(i32::MAX)
 }
 

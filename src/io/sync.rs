@@ -78,7 +78,13 @@ fn errno() -> i32 {
 ///
 /// # Safety
 /// The iovecs must describe live buffers (writable ones for reads).
-unsafe fn rw_all(fd: RawFd, offset: u64, iovecs: &[libc::iovec], write: bool, flags: i32) -> i32 {
+pub(crate) unsafe fn rw_all(
+    fd: RawFd,
+    offset: u64,
+    iovecs: &[libc::iovec],
+    write: bool,
+    flags: i32,
+) -> i32 {
     let total = super::iovecs_len(iovecs);
     let mut done: u64 = 0;
     let mut local: Vec<libc::iovec> = Vec::new();
@@ -139,7 +145,7 @@ pub(crate) fn advance(iovecs: &[libc::iovec], mut skip: u64) -> Vec<libc::iovec>
 /// Runs a discard or write-zeroes with `fallocate`, falling back when the file system lacks the
 /// mode: ZERO_RANGE -> PUNCH_HOLE -> writing zeroes; an unsupported discard is a successful no-op
 /// (discard is a hint, virtio 1.2 §5.2.6.2).
-pub(crate) fn fallocate_with_fallback(fd: RawFd, op: &Op<'_>) -> i32 {
+pub fn fallocate_with_fallback(fd: RawFd, op: &Op<'_>) -> i32 {
     let Some((offset, len, mode)) = fallocate_mode(op) else {
         return -libc::EINVAL;
     };

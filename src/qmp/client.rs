@@ -72,6 +72,31 @@ impl QmpClient {
     }
 }
 
+impl QmpClient {
+    /// Waits (up to `timeout`) for an event called `name` and returns it; answers and other
+    /// events are skipped.
+    pub fn wait_event(
+        &mut self,
+        name: &str,
+        timeout: std::time::Duration,
+    ) -> std::io::Result<Value> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Err(std::io::ErrorKind::TimedOut.into());
+            }
+            self.writer.set_read_timeout(Some(left))?;
+            let v = self.read_message();
+            self.writer.set_read_timeout(None)?;
+            let v = v?;
+            if v.get("event").and_then(Value::as_str) == Some(name) {
+                return Ok(v);
+            }
+        }
+    }
+}
+
 /// One-shot: connect, negotiate, run `name`, return the answer.
 pub fn execute(
     path: &Path,

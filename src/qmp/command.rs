@@ -13,6 +13,24 @@ pub enum Command {
     QueryBlockstats,
     /// Drain, flush and exit.
     Quit,
+    /// Stage, error and statistics of replication.
+    QueryReplication,
+    /// `replication-start {"mode": ...}`.
+    ReplicationStart {
+        /// "primary" or "secondary".
+        mode: crate::replication::Mode,
+    },
+    /// `replication-checkpoint`.
+    ReplicationCheckpoint,
+    /// `replication-get-error`.
+    ReplicationGetError,
+    /// `replication-stop {"failover": bool}`.
+    ReplicationStop {
+        /// Commit the buffers (secondary) instead of dropping them.
+        failover: bool,
+        /// Test hook: make the failover commit fail (`x-inject-commit-error`).
+        inject_commit_error: bool,
+    },
 }
 
 /// A QMP error answer: `{"error": {"class": ..., "desc": ...}}`.
@@ -63,10 +81,66 @@ impl Command {
             "query-block" => no_args(Command::QueryBlock),
             "query-blockstats" => no_args(Command::QueryBlockstats),
             "quit" => no_args(Command::Quit),
+            "query-replication" => no_args(Command::QueryReplication),
+            "replication-checkpoint" => no_args(Command::ReplicationCheckpoint),
+            "replication-get-error" => no_args(Command::ReplicationGetError),
+            "replication-start" => {
+                only(args, &["mode"])?;
+                let mode = match required_str(args, "mode")? {
+                    "primary" => crate::replication::Mode::Primary,
+                    "secondary" => crate::replication::Mode::Secondary,
+                    other => {
+                        return Err(QmpError::Generic(format!(
+                            "Parameter 'mode' does not accept value '{other}'"
+                        )));
+                    }
+                };
+                Ok(Command::ReplicationStart { mode })
+            }
+            "replication-stop" => {
+                only(args, &["failover", "x-inject-commit-error"])?;
+                let failover = required_bool(args, "failover")?;
+                let inject_commit_error = match args.get("x-inject-commit-error") {
+                    None => false,
+                    Some(_) => required_bool(args, "x-inject-commit-error")?,
+                };
+                Ok(Command::ReplicationStop {
+                    failover,
+                    inject_commit_error,
+                })
+            }
             other => Err(QmpError::CommandNotFound(format!(
                 "The command {other} has not been found"
             ))),
         }
+    }
+}
+
+/// Refuses arguments not in `allowed`.
+fn only(args: &Map<String, Value>, allowed: &[&str]) -> Result<(), QmpError> {
+    match args.keys().find(|k| !allowed.contains(&k.as_str())) {
+        Some(k) => Err(QmpError::Generic(format!("Parameter '{k}' is unexpected"))),
+        None => Ok(()),
+    }
+}
+
+fn required_str<'a>(args: &'a Map<String, Value>, name: &str) -> Result<&'a str, QmpError> {
+    match args.get(name) {
+        None => Err(QmpError::Generic(format!("Parameter '{name}' is missing"))),
+        Some(Value::String(s)) => Ok(s),
+        Some(_) => Err(QmpError::Generic(format!(
+            "Invalid parameter type for '{name}', expected: string"
+        ))),
+    }
+}
+
+fn required_bool(args: &Map<String, Value>, name: &str) -> Result<bool, QmpError> {
+    match args.get(name) {
+        None => Err(QmpError::Generic(format!("Parameter '{name}' is missing"))),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(_) => Err(QmpError::Generic(format!(
+            "Invalid parameter type for '{name}', expected: boolean"
+        ))),
     }
 }
 

@@ -12,8 +12,10 @@ pub const VHOST_F_LOG_ALL: u32 = 26;
 /// Largest number of data segments in one request (advertised as `seg_max`). Stays below
 /// `IOV_MAX` so a request is always one `preadv`/`pwritev`.
 pub const SEG_MAX: u32 = 254;
-/// Largest data segment in bytes (advertised as `size_max`).
-pub const SIZE_MAX: u32 = 4 << 20;
+/// Largest data segment in bytes (advertised as `size_max`). libblkio computes
+/// `size_max * seg_max` as an i32 (max transfer), so the product must stay below 2 GiB.
+pub const SIZE_MAX: u32 = 8 << 20;
+const _: () = assert!((SIZE_MAX as u64) * (SEG_MAX as u64) < i32::MAX as u64);
 /// Largest discard / write-zeroes segment, in 512-byte sectors (1 GiB).
 pub const MAX_DISCARD_SECTORS: u32 = 1 << 21;
 /// Largest number of segments in one discard / write-zeroes request.

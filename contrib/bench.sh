@@ -1,0 +1,469 @@
+#!/usr/bin/env bash
+# Compare colo-blk with qemu-storage-daemon (QSD) as vhost-user-blk backends.
+#
+# Host rows: `colo-blk bench` (a libblkio load generator that works against
+# any vhost-user-blk backend) drives each backend in turn. Both backends serve
+# the same 1 GiB image of random data with O_DIRECT (colo-blk --direct,
+# QSD cache.direct=on, aio=io_uring), then a 1 GiB null device (colo-blk
+# --disk null, QSD null-co). Both offer 2 queues. Only one backend is under
+# load at any time: each row runs colo-blk, QSD, colo-blk, QSD, ... (--repeat
+# times each) and the table shows the median of the runs.
+# Guest rows (--guest): boots the test guest of contrib/guest under QEMU TCG
+# on each backend in turn and runs contrib/guest/jobs/bench-randrw.fio
+# (4k randread, then 4k randwrite, libaio, iodepth 32, 2 jobs on 2 vCPUs).
+#
+# usage: contrib/bench.sh [options]
+#   --runtime SECS    seconds per host run (default 5)
+#   --repeat N        runs per backend and row, alternating (default 2)
+#   --rows REGEX      only host rows whose name matches REGEX (grep -E);
+#                     names look like img-4k-randread-qd32-q2, null-4k-randread-qd1-q1
+#   --guest           also run the guest fio job against both backends
+#   --guest-only      run only the guest fio job
+#   --guest-dir DIR   guest build dir for run-fio.sh (default: its default)
+#   --workdir DIR     where the image is cached and logs go
+#                     (default ${TMPDIR:-/tmp}/colo-blk-bench-work)
+#   --poll-us N       pass --poll-us N to colo-blk serve (default: its default)
+#   --qsd-iothread    run the QSD export in an iothread (adaptive polling)
+#                     instead of QSD's main loop
+#   --list            print the host row names and exit
+# env: COLO_BLK  colo-blk binary (default target/release/colo-blk of this repo)
+#      QSD       qemu-storage-daemon binary (default: from PATH)
+# The markdown report goes to stdout, progress to stderr.
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+repo=$(cd "$here/.." && pwd)
+
+usage() { sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}"; exit 2; }
+die() { echo "bench.sh: error: $*" >&2; exit 1; }
+log() { echo "bench.sh: $*" >&2; }
+
+colo=${COLO_BLK:-$repo/target/release/colo-blk}
+qsd=${QSD:-qemu-storage-daemon}
+runtime=5 repeat=2 rows_re='' do_host=1 do_guest=0 guest_dir='' poll_us='' qsd_iothread=0 list=0
+workdir=${TMPDIR:-/tmp}/colo-blk-bench-work
+while [[ $# -gt 0 ]]; do
+    case $1 in
+        --runtime) runtime=${2:?}; shift 2 ;;
+        --repeat) repeat=${2:?}; shift 2 ;;
+        --rows) rows_re=${2:?}; shift 2 ;;
+        --guest) do_guest=1; shift ;;
+        --guest-only) do_guest=1 do_host=0; shift ;;
+        --guest-dir) guest_dir=${2:?}; shift 2 ;;
+        --workdir) workdir=${2:?}; shift 2 ;;
+        --poll-us) poll_us=${2:?}; shift 2 ;;
+        --qsd-iothread) qsd_iothread=1; shift ;;
+        --list) list=1; shift ;;
+        -h | --help) usage ;;
+        *) echo "bench.sh: unknown argument: $1" >&2; usage ;;
+    esac
+done
+[[ $runtime =~ ^[1-9][0-9]*$ ]] || die "--runtime takes a positive integer"
+[[ $repeat =~ ^[1-9][0-9]*$ ]] || die "--repeat takes a positive integer"
+
+# name|device|rw|bs|iodepth (per queue)|queues
+rows=()
+for rw in randread randwrite; do
+    for qd in 1 32; do
+        for q in 1 2; do
+            rows+=("img-4k-$rw-qd$qd-q$q|img|$rw|4K|$qd|$q")
+        done
+    done
+done
+rows+=("img-1m-read-qd8-q1|img|read|1M|8|1" "img-1m-write-qd8-q1|img|write|1M|8|1")
+for qd in 1 32; do
+    for q in 1 2; do
+        rows+=("null-4k-randread-qd$qd-q$q|null|randread|4K|$qd|$q")
+    done
+done
+if [[ $list == 1 ]]; then
+    printf '%s\n' "${rows[@]%%|*}"
+    exit 0
+fi
+selected=()
+for r in "${rows[@]}"; do
+    if [[ -z $rows_re ]] || grep -qE -- "$rows_re" <<<"${r%%|*}"; then
+        selected+=("$r")
+    fi
+done
+[[ $do_host == 0 || ${#selected[@]} -gt 0 ]] || die "--rows $rows_re matches no row (see --list)"
+
+[[ -x $colo ]] || die "$colo not found (cargo build --release, or set COLO_BLK=)"
+command -v "$qsd" >/dev/null || die "$qsd not found (set QSD=)"
+
+mkdir -p "$workdir"
+workdir=$(cd "$workdir" && pwd)
+run=$(mktemp -d "$workdir/run.XXXXXX")
+img=$workdir/random-1g.img
+img_size=$((1 << 30))
+
+# ---------------------------------------------------------------- daemons ---
+
+colo_pid='' qsd_pid=''
+
+# Wait (up to 20 s) until "$@" succeeds; fail at once if process $1 dies.
+wait_ready() {
+    local what=$1 pid=$2 logf=$3 i
+    shift 3
+    for ((i = 0; i < 400; i++)); do
+        "$@" && return 0
+        if ! kill -0 "$pid" 2>/dev/null; then
+            sed 's/^/  | /' "$logf" >&2
+            die "$what exited during startup (log: $logf)"
+        fi
+        sleep 0.05
+    done
+    sed 's/^/  | /' "$logf" >&2
+    die "$what not ready after 20 s (log: $logf)"
+}
+
+# SIGTERM a daemon we started and reap it (SIGKILL after 10 s). Sets
+# stop_rc to its exit status. (Not in a subshell: only we can reap it.)
+stop_rc=0
+stop_pid() {
+    local pid=$1 i st
+    stop_rc=0
+    kill -TERM "$pid" 2>/dev/null || true
+    for ((i = 0; i < 200; i++)); do
+        st=$(ps -o stat= -p "$pid" 2>/dev/null || true)
+        [[ -z $st || $st == Z* ]] && break
+        sleep 0.05
+    done
+    [[ -z $st || $st == Z* ]] || kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || stop_rc=$?
+}
+
+colo_ready() { [[ -S $1 ]] && grep -q 'serving ' "$2" 2>/dev/null; }
+qsd_ready() { [[ -S $1 && -s $2 ]]; }
+
+# start_daemons img|null
+start_daemons() {
+    local dev=$1 csock=$run/colo-$1.sock qsock=$run/qsd-$1.sock
+    local clog=$run/colo-$1.log qlog=$run/qsd-$1.log qpid=$run/qsd-$1.pid
+    local -a cargs qargs
+    if [[ $dev == img ]]; then
+        cargs=(--disk "$img" --direct)
+        qargs=(--blockdev "driver=file,node-name=d,filename=$img,aio=io_uring,cache.direct=on")
+    else
+        cargs=(--disk null --size 1G)
+        qargs=(--blockdev "driver=null-co,node-name=d,size=$img_size")
+    fi
+    local exp="type=vhost-user-blk,id=e,node-name=d,addr.type=unix,addr.path=$qsock,writable=on,num-queues=2"
+    if [[ $qsd_iothread == 1 ]]; then
+        qargs=(--object "iothread,id=io0" "${qargs[@]}")
+        exp+=",iothread=io0"
+    fi
+    rm -f "$csock" "$qsock" "$qpid"
+    "$colo" serve --socket "$csock" "${cargs[@]}" --num-queues 2 ${poll_us:+--poll-us "$poll_us"} \
+        </dev/null >>"$clog" 2>&1 &
+    colo_pid=$!
+    "$qsd" "${qargs[@]}" --export "$exp" --pidfile "$qpid" </dev/null >>"$qlog" 2>&1 &
+    qsd_pid=$!
+    wait_ready colo-blk "$colo_pid" "$clog" colo_ready "$csock" "$clog"
+    wait_ready qemu-storage-daemon "$qsd_pid" "$qlog" qsd_ready "$qsock" "$qpid"
+    sock_colo=$csock sock_qsd=$qsock
+    log "$dev: colo-blk pid $colo_pid on $csock, QSD pid $qsd_pid on $qsock"
+}
+
+stop_daemons() {
+    if [[ -n $colo_pid ]]; then
+        stop_pid "$colo_pid"
+        [[ $stop_rc == 0 ]] || problem "colo-blk exited with status $stop_rc on SIGTERM"
+        colo_pid=''
+    fi
+    if [[ -n $qsd_pid ]]; then
+        stop_pid "$qsd_pid"
+        [[ $stop_rc == 0 ]] || problem "qemu-storage-daemon exited with status $stop_rc on SIGTERM"
+        qsd_pid=''
+    fi
+}
+
+cleanup() {
+    local p
+    for p in $colo_pid $qsd_pid; do
+        kill -TERM "$p" 2>/dev/null || true
+    done
+    wait 2>/dev/null || true
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+problems=()
+problem() { problems+=("$*"); log "WARNING: $*"; }
+
+check_alive() {
+    kill -0 "$colo_pid" 2>/dev/null || die "colo-blk died (log: $run)"
+    kill -0 "$qsd_pid" 2>/dev/null || die "qemu-storage-daemon died (log: $run)"
+}
+
+# ------------------------------------------------------------------ image ---
+
+make_image() {
+    if [[ -f $img && $(stat -c %s "$img") == "$img_size" ]]; then
+        log "reusing $img"
+        return
+    fi
+    log "writing 1 GiB of random data to $img"
+    head -c "$img_size" /dev/urandom >"$img.tmp"
+    mv "$img.tmp" "$img"
+    # Don't let the page cache write-back of the new image overlap the runs.
+    sync "$img"
+}
+
+# ------------------------------------------------------ others' CPU time ---
+
+# The machine may be shared (builds, tests). For every run, measure how much
+# CPU time went to anything but our processes (the daemons, the load
+# generator or QEMU, all reaped children of this shell): busy time from
+# /proc/stat minus ours, as % of one CPU. Kernel threads working for our I/O
+# count as "other" too, so a few % are normal.
+hz=$(getconf CLK_TCK)
+other_warn=25 # % of one CPU
+cpu_busy() { awk '/^cpu / { print $2 + $3 + $4 + $7 + $8; exit }' /proc/stat; }
+pid_ticks() { # utime + stime of a live process (all its threads)
+    local st
+    st=$(cat "/proc/$1/stat" 2>/dev/null) || { echo 0; return; }
+    st=${st##*) }
+    awk '{ print $12 + $13 }' <<<"$st"
+}
+child_ticks() { # cutime + cstime of this shell: every child it has reaped
+    local st
+    st=$(cat "/proc/$$/stat")
+    st=${st##*) }
+    awk '{ print $14 + $15 }' <<<"$st"
+}
+ours_ticks() { echo $(($(pid_ticks "$colo_pid") + $(pid_ticks "$qsd_pid") + $(child_ticks))); }
+meas_start() { m_t0=$(date +%s%N) m_busy=$(cpu_busy) m_ours=$(ours_ticks); }
+meas_other() { # prints the % of one CPU others used since meas_start
+    local t1 busy ours
+    busy=$(cpu_busy) ours=$(ours_ticks) t1=$(date +%s%N)
+    awk -v b=$((busy - m_busy)) -v o=$((ours - m_ours)) -v ns=$((t1 - m_t0)) -v hz="$hz" \
+        'BEGIN { p = (b - o) * 100 / (ns / 1e9 * hz); if (p < 0) p = 0; printf "%.0f", p }'
+}
+
+# ----------------------------------------------------------------- helpers ---
+
+json_num() { sed -n "s/.*\"$1\":\([-0-9.eE+]*\).*/\1/p" <<<"$2"; }
+
+# Median of the numbers on stdin.
+median() {
+    sort -g | awk '{ v[NR] = $1 } END {
+        if (NR == 0) { print "nan"; exit }
+        if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+}
+
+# field N of results file lines matching row and backend
+pick() { awk -v r="$1" -v b="$2" -v f="$3" '$1 == r && $2 == b { print $f }' "$4"; }
+
+# "v1 [o1%], v2 [o2%]" for a row and backend: value column, then others' CPU
+runs() {
+    awk -v r="$1" -v b="$2" -v f="$3" '$1 == r && $2 == b { printf "%s%.0f [%s%%]", (n++ ? ", " : ""), $f, $NF }' "$4"
+}
+
+fmt_iops() { awk -v v="$1" 'BEGIN { printf "%.0f", v }'; }
+fmt1() { awk -v v="$1" 'BEGIN { printf "%.1f", v }'; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }'; }
+
+# ------------------------------------------------------------- host rows ---
+
+results=$run/host.txt # row backend rep iops mib_s p50 p99 errors other%
+: >"$results"
+
+bench_one() { # backend sock name rw bs qd q rep
+    local backend=$1 sock=$2 name=$3 rw=$4 bs=$5 qd=$6 q=$7 rep=$8 out other
+    meas_start
+    if ! out=$("$colo" bench --socket "$sock" --rw "$rw" --bs "$bs" --iodepth "$qd" --queues "$q" \
+        --runtime "$runtime" --label "$backend:$name" --json 2>>"$run/bench.err"); then
+        problem "bench failed: $backend $name run $rep (see $run/bench.err)"
+        return 0
+    fi
+    other=$(meas_other)
+    echo "$out" >>"$run/bench.jsonl"
+    local iops mib p50 p99 err
+    iops=$(json_num iops "$out") mib=$(json_num mib_s "$out")
+    p50=$(json_num p50_us "$out") p99=$(json_num p99_us "$out") err=$(json_num errors "$out")
+    [[ -n $iops && -n $mib ]] || { problem "unparsable bench output: $out"; return 0; }
+    [[ ${err:-0} == 0 ]] || problem "$backend $name run $rep: $err I/O errors"
+    echo "$name $backend $rep $iops $mib ${p50:-nan} ${p99:-nan} ${err:-0} $other" >>"$results"
+    log "  $name $backend #$rep: $(fmt_iops "$iops") IOPS, $(fmt1 "$mib") MiB/s, p50 ${p50} us, p99 ${p99} us; others used ${other}% CPU"
+    ((other <= other_warn)) || problem "$name $backend run $rep: other processes used ${other}% of a CPU"
+}
+
+run_host() {
+    local dev r name d rw bs qd q rep
+    for dev in img null; do
+        local todo=()
+        for r in "${selected[@]}"; do
+            IFS='|' read -r name d _ <<<"$r"
+            [[ $d == "$dev" ]] && todo+=("$r")
+        done
+        [[ ${#todo[@]} -gt 0 ]] || continue
+        [[ $dev == img ]] && make_image
+        start_daemons "$dev"
+        for r in "${todo[@]}"; do
+            IFS='|' read -r name d rw bs qd q <<<"$r"
+            for ((rep = 1; rep <= repeat; rep++)); do
+                check_alive
+                bench_one colo-blk "$sock_colo" "$name" "$rw" "$bs" "$qd" "$q" "$rep"
+                check_alive
+                bench_one QSD "$sock_qsd" "$name" "$rw" "$bs" "$qd" "$q" "$rep"
+            done
+        done
+        stop_daemons
+    done
+}
+
+host_table() {
+    local r name d rw bs unit col c q cp50 cp99 qp50 qp99
+    echo "| row | colo-blk | p50/p99 µs | QSD | p50/p99 µs | colo/QSD |"
+    echo "| --- | ---: | ---: | ---: | ---: | ---: |"
+    for r in "${selected[@]}"; do
+        IFS='|' read -r name d rw bs _ <<<"$r"
+        if [[ $bs == 4K ]]; then unit=IOPS col=4; else unit=MiB/s col=5; fi
+        c=$(pick "$name" colo-blk "$col" "$results" | median)
+        q=$(pick "$name" QSD "$col" "$results" | median)
+        cp50=$(pick "$name" colo-blk 6 "$results" | median) cp99=$(pick "$name" colo-blk 7 "$results" | median)
+        qp50=$(pick "$name" QSD 6 "$results" | median) qp99=$(pick "$name" QSD 7 "$results" | median)
+        if [[ $unit == IOPS ]]; then
+            c="$(fmt_iops "$c") IOPS" q="$(fmt_iops "$q") IOPS"
+        else
+            c="$(fmt1 "$c") MiB/s" q="$(fmt1 "$q") MiB/s"
+        fi
+        printf '| %s | %s | %s / %s | %s | %s / %s | %s |\n' "$name" "$c" "$(fmt1 "$cp50")" "$(fmt1 "$cp99")" \
+            "$q" "$(fmt1 "$qp50")" "$(fmt1 "$qp99")" \
+            "$(ratio "$(pick "$name" colo-blk "$col" "$results" | median)" "$(pick "$name" QSD "$col" "$results" | median)")"
+    done
+    echo
+    echo "Individual runs in the order they ran: IOPS (MiB/s for 1m rows) [CPU used by other processes, % of one CPU]"
+    echo
+    echo "| row | colo-blk runs | QSD runs |"
+    echo "| --- | --- | --- |"
+    for r in "${selected[@]}"; do
+        IFS='|' read -r name d rw bs _ <<<"$r"
+        if [[ $bs == 4K ]]; then col=4; else col=5; fi
+        printf '| %s | %s | %s |\n' "$name" "$(runs "$name" colo-blk "$col" "$results")" "$(runs "$name" QSD "$col" "$results")"
+    done
+}
+
+# ------------------------------------------------------------ guest rows ---
+
+gresults=$run/guest.txt # job backend rep iops other%
+: >"$gresults"
+
+# Print "JOBNAME IOPS" for every fio group result in a console log. fio's
+# "IOPS=29.7k" has 3 digits; the count of issued I/Os over the run time
+# printed on the same line is exact, so prefer that.
+parse_fio() {
+    tr -d '\r' <"$1" | awk '
+        function flush() {
+            if (job == "") return
+            if (ms > 0 && n > 0) printf "%s %.0f\n", job, n * 1000 / ms
+            else printf "%s %.0f\n", job, iops
+            job = ""
+        }
+        /^[A-Za-z0-9_.-]+: \(groupid=/ { flush(); job = $1; sub(/:$/, "", job); iops = 0; ms = 0; n = 0 }
+        job != "" && /^ *(read|write|trim): IOPS=/ {
+            v = $0; sub(/.*IOPS=/, "", v); sub(/,.*/, "", v)
+            m = 1
+            if (v ~ /k$/) m = 1e3; else if (v ~ /M$/) m = 1e6
+            sub(/[kM]$/, "", v)
+            iops += v * m
+            t = $0
+            if (match(t, /\/[0-9]+msec\)/)) { t = substr(t, RSTART + 1, RLENGTH - 6); if (t + 0 > ms) ms = t + 0 }
+        }
+        job != "" && /issued rwts: total=/ {
+            t = $0; sub(/.*total=/, "", t); sub(/ .*/, "", t)
+            k = split(t, c, ",")
+            for (i = 1; i <= k; i++) n += c[i]
+        }
+        /^Run status group/ { flush() }
+        END { flush() }'
+}
+
+guest_one() { # backend sock rep
+    local backend=$1 sock=$2 rep=$3 glog=$run/guest-$1-$3.log other
+    local -a gargs=(--socket "$sock" --job bench-randrw --size 256m --quiet --log "$glog" --timeout 180)
+    [[ -n $guest_dir ]] && gargs+=(--guest "$guest_dir")
+    meas_start
+    if ! "$here/guest/run-fio.sh" "${gargs[@]}" >>"$run/guest.out" 2>&1; then
+        problem "guest run $backend #$rep did not PASS (log: $glog)"
+        return 0
+    fi
+    other=$(meas_other)
+    ((other <= other_warn)) || problem "guest $backend run $rep: other processes used ${other}% of a CPU"
+    local job iops
+    while read -r job iops; do
+        echo "$job $backend $rep $iops $other" >>"$gresults"
+        log "  guest $job $backend #$rep: $iops IOPS; others used ${other}% CPU (whole boot)"
+    done < <(parse_fio "$glog")
+}
+
+run_guest() {
+    local rep
+    make_image
+    start_daemons img
+    # Build the guest (if needed) before anything is timed.
+    "$here/guest/build.sh" ${guest_dir:+"$guest_dir"} >&2
+    for ((rep = 1; rep <= repeat; rep++)); do
+        check_alive
+        guest_one colo-blk "$sock_colo" "$rep"
+        check_alive
+        guest_one QSD "$sock_qsd" "$rep"
+    done
+    stop_daemons
+}
+
+guest_table() {
+    local job c q
+    local -a gjobs
+    mapfile -t gjobs < <(awk '!seen[$1]++ { print $1 }' "$gresults")
+    echo "| guest fio job (4k, libaio, iodepth 32, 2 jobs) | colo-blk IOPS | QSD IOPS | colo/QSD | colo-blk runs [others' CPU %] | QSD runs [others' CPU %] |"
+    echo "| --- | ---: | ---: | ---: | --- | --- |"
+    for job in "${gjobs[@]}"; do
+        c=$(pick "$job" colo-blk 4 "$gresults" | median)
+        q=$(pick "$job" QSD 4 "$gresults" | median)
+        printf '| %s | %s | %s | %s | %s | %s |\n' "$job" "$(fmt_iops "$c")" "$(fmt_iops "$q")" "$(ratio "$c" "$q")" \
+            "$(runs "$job" colo-blk 4 "$gresults")" "$(runs "$job" QSD 4 "$gresults")"
+    done
+}
+
+# -------------------------------------------------------------------- main ---
+
+load_start=$(cut -d' ' -f1-3 /proc/loadavg)
+started=$(date -u '+%Y-%m-%d %H:%M UTC')
+log "logs in $run"
+[[ $do_host == 1 ]] && run_host
+[[ $do_guest == 1 ]] && run_guest
+load_end=$(cut -d' ' -f1-3 /proc/loadavg)
+
+echo "## colo-blk vs qemu-storage-daemon ($started)"
+echo
+echo "- colo-blk: \`$colo\` ($("$colo" --version 2>/dev/null | head -n1))"
+echo "- QSD: $("$qsd" --version | head -n1)$([[ $qsd_iothread == 1 ]] && echo ', export in an iothread')"
+echo "- host: $(nproc) CPUs, kernel $(uname -r); load average at start $load_start, at end $load_end"
+echo "- runtime ${runtime}s per host run; $repeat run(s) per backend and row, alternating colo-blk, QSD, colo-blk, ...; medians shown"
+echo
+if [[ $do_host == 1 ]]; then
+    echo "### Host (libblkio, \`colo-blk bench\`)"
+    echo
+    echo "iodepth is per queue; \`img\` = 1 GiB file of random data, O_DIRECT in both backends; \`null\` = null device."
+    echo
+    host_table
+    echo
+fi
+if [[ $do_guest == 1 ]]; then
+    echo "### Guest (QEMU TCG, 2 vCPUs, 2 queues, fio \`bench-randrw\`)"
+    echo
+    echo "TCG emulates the guest CPU: these runs are bound by guest CPU time, not by the backend."
+    echo
+    guest_table
+    echo
+fi
+if [[ ${#problems[@]} -gt 0 ]]; then
+    echo "### Problems"
+    echo
+    printf -- '- %s\n' "${problems[@]}"
+    echo
+fi
+log "raw results: $run"

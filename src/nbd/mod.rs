@@ -1,0 +1,8 @@
+//! NBD: the wire format and the server the secondary exports its disk with. QEMU's COLO
+//! uses NBD between primary and secondary, so QEMU, qemu-nbd, qemu-io and libnbd's tools are
+//! all peers.
+
+pub mod server;
+pub mod wire;
+
+pub use server::{NbdAddress, NbdExport, NbdServer, NbdServerConfig, NbdStats};

@@ -1,0 +1,223 @@
+//! NBD wire format (fixed newstyle negotiation, simple replies), big-endian throughout.
+//! Reference: the NBD protocol document (github.com/NetworkBlockDevice/nbd, doc/proto.md).
+
+/// "NBDMAGIC".
+pub const NBD_MAGIC: u64 = 0x4e42_444d_4147_4943;
+/// "IHAVEOPT": newstyle negotiation magic.
+pub const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
+/// Magic of option replies.
+pub const OPT_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
+/// Magic of transmission requests.
+pub const REQUEST_MAGIC: u32 = 0x2560_9513;
+/// Magic of simple replies.
+pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+
+/// Handshake flags (server).
+pub const FLAG_FIXED_NEWSTYLE: u16 = 1;
+/// Handshake flag: no 124 zero bytes after EXPORT_NAME.
+pub const FLAG_NO_ZEROES: u16 = 2;
+/// Client flags.
+pub const CLIENT_FIXED_NEWSTYLE: u32 = 1;
+/// Client flag: no zeroes.
+pub const CLIENT_NO_ZEROES: u32 = 2;
+
+/// Options.
+pub const OPT_EXPORT_NAME: u32 = 1;
+/// Abort negotiation.
+pub const OPT_ABORT: u32 = 2;
+/// List exports.
+pub const OPT_LIST: u32 = 3;
+/// Upgrade to TLS.
+pub const OPT_STARTTLS: u32 = 5;
+/// Export info without entering transmission.
+pub const OPT_INFO: u32 = 6;
+/// Export info and enter transmission.
+pub const OPT_GO: u32 = 7;
+
+/// Option replies.
+pub const REP_ACK: u32 = 1;
+/// One export in a LIST answer.
+pub const REP_SERVER: u32 = 2;
+/// INFO / GO details.
+pub const REP_INFO: u32 = 3;
+/// Error replies have bit 31 set.
+pub const REP_ERR_UNSUP: u32 = 1 | 1 << 31;
+/// Policy refused the option.
+pub const REP_ERR_POLICY: u32 = 2 | 1 << 31;
+/// The option was malformed.
+pub const REP_ERR_INVALID: u32 = 3 | 1 << 31;
+/// The export is unknown.
+pub const REP_ERR_UNKNOWN: u32 = 6 | 1 << 31;
+/// The server is shutting down.
+pub const REP_ERR_SHUTDOWN: u32 = 7 | 1 << 31;
+
+/// INFO types.
+pub const INFO_EXPORT: u16 = 0;
+/// Block size constraints.
+pub const INFO_BLOCK_SIZE: u16 = 3;
+
+/// Transmission flags.
+pub const TF_HAS_FLAGS: u16 = 1;
+/// Export is read-only.
+pub const TF_READ_ONLY: u16 = 2;
+/// FLUSH supported.
+pub const TF_SEND_FLUSH: u16 = 4;
+/// FUA supported.
+pub const TF_SEND_FUA: u16 = 8;
+/// TRIM supported.
+pub const TF_SEND_TRIM: u16 = 32;
+/// WRITE_ZEROES supported.
+pub const TF_SEND_WRITE_ZEROES: u16 = 64;
+/// Several connections see the same data (flush on one covers writes of all).
+pub const TF_CAN_MULTI_CONN: u16 = 256;
+
+/// Commands.
+pub const CMD_READ: u16 = 0;
+/// Write.
+pub const CMD_WRITE: u16 = 1;
+/// Disconnect.
+pub const CMD_DISC: u16 = 2;
+/// Flush.
+pub const CMD_FLUSH: u16 = 3;
+/// Trim.
+pub const CMD_TRIM: u16 = 4;
+/// Write zeroes.
+pub const CMD_WRITE_ZEROES: u16 = 6;
+
+/// Command flags.
+pub const CMD_FLAG_FUA: u16 = 1;
+/// Write zeroes must allocate.
+pub const CMD_FLAG_NO_HOLE: u16 = 2;
+
+/// Errors.
+pub const EPERM: u32 = 1;
+/// I/O error.
+pub const EIO: u32 = 5;
+/// Out of memory.
+pub const ENOMEM: u32 = 12;
+/// Invalid request.
+pub const EINVAL: u32 = 22;
+/// No space.
+pub const ENOSPC: u32 = 28;
+/// Not supported.
+pub const ENOTSUP: u32 = 95;
+/// Server shutting down.
+pub const ESHUTDOWN: u32 = 108;
+
+/// Largest READ/WRITE payload accepted (as QEMU: 32 MiB).
+pub const MAX_PAYLOAD: u32 = 32 << 20;
+/// Largest option payload accepted during negotiation.
+pub const MAX_OPTION: u32 = 64 << 10;
+/// Size of a transmission request.
+pub const REQUEST_LEN: usize = 28;
+
+/// A decoded transmission request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Request {
+    /// Command flags.
+    pub flags: u16,
+    /// Command type.
+    pub cmd: u16,
+    /// Opaque handle echoed in the reply.
+    pub handle: u64,
+    /// Byte offset.
+    pub offset: u64,
+    /// Byte length.
+    pub length: u32,
+}
+
+impl Request {
+    /// Decodes a 28-byte request; `None` if the magic is wrong.
+    pub fn decode(b: &[u8; REQUEST_LEN]) -> Option<Request> {
+        let magic = u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+        if magic != REQUEST_MAGIC {
+            return None;
+        }
+        Some(Request {
+            flags: u16::from_be_bytes([b[4], b[5]]),
+            cmd: u16::from_be_bytes([b[6], b[7]]),
+            handle: u64::from_be_bytes(b[8..16].try_into().ok()?),
+            offset: u64::from_be_bytes(b[16..24].try_into().ok()?),
+            length: u32::from_be_bytes(b[24..28].try_into().ok()?),
+        })
+    }
+
+    /// Encodes the request.
+    pub fn encode(&self) -> [u8; REQUEST_LEN] {
+        let mut b = [0u8; REQUEST_LEN];
+        b[0..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
+        b[4..6].copy_from_slice(&self.flags.to_be_bytes());
+        b[6..8].copy_from_slice(&self.cmd.to_be_bytes());
+        b[8..16].copy_from_slice(&self.handle.to_be_bytes());
+        b[16..24].copy_from_slice(&self.offset.to_be_bytes());
+        b[24..28].copy_from_slice(&self.length.to_be_bytes());
+        b
+    }
+}
+
+/// Encodes a simple reply header.
+pub fn simple_reply(error: u32, handle: u64) -> [u8; 16] {
+    let mut b = [0u8; 16];
+    b[0..4].copy_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
+    b[4..8].copy_from_slice(&error.to_be_bytes());
+    b[8..16].copy_from_slice(&handle.to_be_bytes());
+    b
+}
+
+/// Encodes an option reply header followed by `data`.
+pub fn option_reply(option: u32, reply: u32, data: &[u8]) -> Vec<u8> {
+    let mut b = Vec::with_capacity(20 + data.len());
+    b.extend_from_slice(&OPT_REPLY_MAGIC.to_be_bytes());
+    b.extend_from_slice(&option.to_be_bytes());
+    b.extend_from_slice(&reply.to_be_bytes());
+    b.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    b.extend_from_slice(data);
+    b
+}
+
+/// Maps an I/O error to the NBD error code sent to the client.
+pub fn errno_to_nbd(e: &std::io::Error) -> u32 {
+    match e.raw_os_error() {
+        Some(libc::EPERM) | Some(libc::EROFS) => EPERM,
+        Some(libc::ENOMEM) => ENOMEM,
+        Some(libc::EINVAL) => EINVAL,
+        Some(libc::ENOSPC) | Some(libc::EDQUOT) | Some(libc::EFBIG) => ENOSPC,
+        Some(libc::EOPNOTSUPP) => ENOTSUP,
+        Some(libc::ESHUTDOWN) => ESHUTDOWN,
+        _ => EIO,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_round_trip_and_bad_magic() {
+        let r = Request {
+            flags: CMD_FLAG_FUA,
+            cmd: CMD_WRITE,
+            handle: 0x1122334455667788,
+            offset: 1 << 40,
+            length: 4096,
+        };
+        let b = r.encode();
+        assert_eq!(Request::decode(&b), Some(r));
+        let mut bad = b;
+        bad[0] ^= 1;
+        assert_eq!(Request::decode(&bad), None);
+    }
+
+    #[test]
+    fn reply_layouts() {
+        let s = simple_reply(EIO, 7);
+        assert_eq!(&s[0..4], &[0x67, 0x44, 0x66, 0x98]);
+        assert_eq!(u32::from_be_bytes(s[4..8].try_into().unwrap()), 5);
+        let o = option_reply(OPT_GO, REP_ACK, &[]);
+        assert_eq!(o.len(), 20);
+        assert_eq!(
+            u64::from_be_bytes(o[0..8].try_into().unwrap()),
+            OPT_REPLY_MAGIC
+        );
+    }
+}

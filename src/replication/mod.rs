@@ -1,0 +1,148 @@
+//! Replication: stages and operations as QEMU's `replication` filter defines them
+//! (replication-spec.md §2–§3), and the two roles: [`secondary`] (NBD target with
+//! copy-before-write into the hidden buffer, the VM on the active buffer) and, later, primary.
+
+pub mod gate;
+pub mod secondary;
+
+use serde_json::Value;
+
+/// Replication stage (spec §2.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// Not started.
+    None,
+    /// Replicating.
+    Running,
+    /// Failover commit in progress.
+    Failover,
+    /// The failover commit failed.
+    FailoverFailed,
+    /// Stopped; I/O goes straight to the disk.
+    Done,
+}
+
+impl Stage {
+    /// The name used on the control socket.
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::None => "none",
+            Stage::Running => "running",
+            Stage::Failover => "failover",
+            Stage::FailoverFailed => "failover-failed",
+            Stage::Done => "done",
+        }
+    }
+}
+
+/// Replication mode of a process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Plain backend.
+    None,
+    /// Mirrors writes to a secondary.
+    Primary,
+    /// Receives the primary's writes.
+    Secondary,
+}
+
+impl Mode {
+    /// The name used on the control socket.
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::None => "none",
+            Mode::Primary => "primary",
+            Mode::Secondary => "secondary",
+        }
+    }
+
+    /// QEMU's numeric value in its mode-mismatch message (PRIMARY=0, SECONDARY=1).
+    fn qemu_value(self) -> u8 {
+        match self {
+            Mode::Primary => 0,
+            Mode::Secondary => 1,
+            Mode::None => 2,
+        }
+    }
+}
+
+/// A replication operation's error; the message is QEMU's where the situation is the same.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ReplicationError(pub String);
+
+impl ReplicationError {
+    pub(crate) fn running_or_done() -> Self {
+        ReplicationError("Block replication is running or done".into())
+    }
+    pub(crate) fn not_running() -> Self {
+        ReplicationError("Block replication is not running".into())
+    }
+    pub(crate) fn io_error() -> Self {
+        ReplicationError("I/O error occurred".into())
+    }
+    pub(crate) fn backup_cancelled() -> Self {
+        ReplicationError("Backup job was cancelled unexpectedly".into())
+    }
+    pub(crate) fn lengths() -> Self {
+        ReplicationError(
+            "Active disk, hidden disk, secondary disk's length are not the same".into(),
+        )
+    }
+    pub(crate) fn mode_mismatch(needs: Mode, got: Mode) -> Self {
+        ReplicationError(format!(
+            "The parameter mode's value is invalid, needs {}, but got {}",
+            needs.qemu_value(),
+            got.qemu_value()
+        ))
+    }
+}
+
+/// Arguments of `replication-start`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StartArgs {
+    /// Requested mode.
+    pub mode: Mode,
+}
+
+/// The control operations, as the QMP commands call them.
+pub trait ReplicationControl: Send + Sync {
+    /// `replication-start`.
+    fn start(&self, args: &StartArgs) -> Result<(), ReplicationError>;
+    /// `replication-checkpoint`.
+    fn checkpoint(&self) -> Result<(), ReplicationError>;
+    /// `replication-get-error`.
+    fn get_error(&self) -> Result<(), ReplicationError>;
+    /// `replication-stop`; `inject_commit_error` makes the failover commit fail (tests).
+    fn stop(&self, failover: bool, inject_commit_error: bool) -> Result<(), ReplicationError>;
+    /// `query-replication`.
+    fn query(&self) -> Value;
+}
+
+/// Where stage changes and errors are reported (QMP events).
+pub type EventSink = std::sync::Arc<dyn Fn(&str, Value) + Send + Sync>;
+
+/// The control surface of a process in mode `none`.
+#[derive(Debug)]
+pub struct NoReplication;
+
+impl ReplicationControl for NoReplication {
+    fn start(&self, args: &StartArgs) -> Result<(), ReplicationError> {
+        Err(ReplicationError(format!(
+            "replication mode {} is not available: colo-blk was started with --replication none",
+            args.mode.name()
+        )))
+    }
+    fn checkpoint(&self) -> Result<(), ReplicationError> {
+        Err(ReplicationError::not_running())
+    }
+    fn get_error(&self) -> Result<(), ReplicationError> {
+        Err(ReplicationError::not_running())
+    }
+    fn stop(&self, _: bool, _: bool) -> Result<(), ReplicationError> {
+        Err(ReplicationError::not_running())
+    }
+    fn query(&self) -> Value {
+        serde_json::json!({"mode": "none", "stage": "none", "error": null})
+    }
+}
