@@ -132,41 +132,84 @@ fn guest_fio_on_secondary_across_checkpoints_and_failover() {
     }
     let dir = tempfile::tempdir().unwrap();
     let p = |n: &str| dir.path().join(n).display().to_string();
-    let (disk, active, hidden, nbd) = (p("sec.img"), p("active.img"), p("hidden.img"), p("nbd.sock"));
+    let (disk, active, hidden, nbd) = (
+        p("sec.img"),
+        p("active.img"),
+        p("hidden.img"),
+        p("nbd.sock"),
+    );
     let nbd_listen = format!("unix:{nbd}");
     let s = Server::start(
         tempfile::tempdir().unwrap(),
         &[
-            "--replication", "secondary", "--disk", &disk, "--size", "512M", "--active", &active, "--hidden",
-            &hidden, "--nbd-listen", &nbd_listen, "--num-queues", "2",
+            "--replication",
+            "secondary",
+            "--disk",
+            &disk,
+            "--size",
+            "512M",
+            "--active",
+            &active,
+            "--hidden",
+            &hidden,
+            "--nbd-listen",
+            &nbd_listen,
+            "--num-queues",
+            "2",
         ],
     );
     let url = format!("nbd+unix:///?socket={nbd}");
     let qemu_io = |cmd: &str| {
-        let ok = Command::new("qemu-io").args(["-f", "raw", "-c", cmd, &url]).status().unwrap().success();
+        let ok = Command::new("qemu-io")
+            .args(["-f", "raw", "-c", cmd, &url])
+            .status()
+            .unwrap()
+            .success();
         assert!(ok, "qemu-io {cmd}");
     };
     // Initial sync (stage none), then start.
     qemu_io("write -P 0x5a 400M 16M");
-    s.qmp().execute("replication-start", serde_json::json!({"mode": "secondary"}).as_object().unwrap().clone())
+    s.qmp()
+        .execute(
+            "replication-start",
+            serde_json::json!({"mode": "secondary"})
+                .as_object()
+                .unwrap()
+                .clone(),
+        )
         .unwrap()
         .unwrap();
     for epoch in 0..2 {
         let (ok, console) = run_fio(&s.socket, "verify", &[]);
-        assert!(ok, "epoch {epoch}: fio verify failed on the secondary:\n{console}");
+        assert!(
+            ok,
+            "epoch {epoch}: fio verify failed on the secondary:\n{console}"
+        );
         qemu_io(&format!("write -P {} 420M 4M", 0x60 + epoch));
         let q = s.qmp_ok("query-replication");
-        assert!(q["active-dirty-bytes"].as_u64().unwrap() > 0, "guest writes did not reach active: {q}");
+        assert!(
+            q["active-dirty-bytes"].as_u64().unwrap() > 0,
+            "guest writes did not reach active: {q}"
+        );
         assert!(q["hidden-dirty-bytes"].as_u64().unwrap() >= 4 << 20, "{q}");
         s.qmp_ok("replication-checkpoint");
         let q = s.qmp_ok("query-replication");
         assert_eq!(q["active-dirty-bytes"], 0, "{q}");
     }
     let mut events = s.qmp();
-    s.qmp().execute("replication-stop", serde_json::json!({"failover": true}).as_object().unwrap().clone())
+    s.qmp()
+        .execute(
+            "replication-stop",
+            serde_json::json!({"failover": true})
+                .as_object()
+                .unwrap()
+                .clone(),
+        )
         .unwrap()
         .unwrap();
-    events.wait_event("REPLICATION_FAILOVER_DONE", common::WAIT).unwrap();
+    events
+        .wait_event("REPLICATION_FAILOVER_DONE", common::WAIT)
+        .unwrap();
     let (ok, console) = run_fio(&s.socket, "mixed", &[]);
     assert!(ok, "fio after failover failed:\n{console}");
     assert_eq!(s.qmp_ok("query-replication")["stage"], "done");

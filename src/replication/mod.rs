@@ -3,6 +3,7 @@
 //! copy-before-write into the hidden buffer, the VM on the active buffer) and, later, primary.
 
 pub mod gate;
+pub mod pool;
 pub mod secondary;
 
 use serde_json::Value;

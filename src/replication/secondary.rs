@@ -26,18 +26,21 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use super::gate::Gate;
+use super::pool::{DoneQueue, Pool, SendOp};
 use super::{EventSink, Mode, ReplicationControl, ReplicationError, Stage, StartArgs};
 use crate::block::bitmap::SectorBitmap;
 use crate::block::range_lock::RangeLock;
 use crate::block::raw::{RawDisk, create_sparse};
 use crate::block::{BlockDevice, BlockError, BlockQueue, Completion, IoEngineError, Op};
 use crate::io::sync::fallocate_with_fallback;
-use crate::io::{Finished, slice_iovecs, transfer};
+use crate::io::{slice_iovecs, transfer};
 use crate::nbd::{NbdExport, NbdServer};
 
 const SECTOR: u64 = 512;
 /// Sectors the failover merge copies under one exclusive lock (1 MiB).
 const MERGE_CHUNK: u64 = 2048;
+/// Threads running the VM's requests while replicating (the in-flight depth across queues).
+const POOL_THREADS: usize = 16;
 /// How long an operation waits for in-flight requests before giving up.
 const QUIESCE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -75,6 +78,7 @@ pub struct Secondary {
     merge_total: AtomicU64,
     merge_done: AtomicU64,
     merging: AtomicBool,
+    pool: Pool,
 }
 
 impl std::fmt::Debug for Secondary {
@@ -178,6 +182,8 @@ impl Secondary {
             merge_total: AtomicU64::new(0),
             merge_done: AtomicU64::new(0),
             merging: AtomicBool::new(false),
+            pool: Pool::new(POOL_THREADS)
+                .map_err(|e| BlockError::Engine(IoEngineError::Setup(e)))?,
         }))
     }
 
@@ -778,10 +784,12 @@ impl BlockDevice for SecondaryDevice {
     }
     fn open_queue(&self, depth: u32) -> Result<Box<dyn BlockQueue>, BlockError> {
         let inner = self.0.disk.open_queue(depth)?;
+        let done = DoneQueue::new(inner.notifier())
+            .map_err(|e| BlockError::Engine(IoEngineError::Setup(e)))?;
         Ok(Box::new(SecondaryQueue {
             sec: self.0.clone(),
             inner,
-            finished: Finished::default(),
+            done,
         }))
     }
     fn flush(&self) -> io::Result<()> {
@@ -802,7 +810,7 @@ impl BlockDevice for SecondaryDevice {
 struct SecondaryQueue {
     sec: Arc<Secondary>,
     inner: Box<dyn BlockQueue>,
-    finished: Finished,
+    done: Arc<DoneQueue>,
 }
 
 impl BlockQueue for SecondaryQueue {
@@ -811,21 +819,29 @@ impl BlockQueue for SecondaryQueue {
             // SAFETY: forwarded contract.
             return unsafe { self.inner.push(op, token) };
         }
-        let r = self.sec.vm_execute(op);
-        self.finished.push(token, r);
-        Ok(())
+        let op = SendOp::new(op);
+        let sec = self.sec.clone();
+        // SAFETY (for the task): the worker keeps the iovecs and buffers alive until it reaps
+        // this token's completion, which the pool queues only after the task returned.
+        let task = Box::new(move || unsafe { op.with(|op| sec.vm_execute(op)) });
+        if self.sec.pool.spawn(task, token, &self.done) {
+            Ok(())
+        } else {
+            Err(IoEngineError::QueueFull)
+        }
     }
     fn submit(&mut self) -> Result<(), IoEngineError> {
         self.inner.submit()
     }
     fn reap(&mut self, out: &mut Vec<Completion>) {
-        self.finished.drain_into(out);
+        self.done.drain_into(out);
         self.inner.reap(out);
     }
     fn notifier(&self) -> Option<RawFd> {
-        self.inner.notifier()
+        Some(self.done.notifier())
     }
     fn clear_notifier(&self) {
+        self.done.clear();
         self.inner.clear_notifier()
     }
 }
