@@ -141,7 +141,7 @@ fn run_queue(
 
 /// Runs the benchmark and prints the figures.
 pub fn run(a: BenchArgs) -> Result<(), String> {
-    if a.bs == 0 || a.bs % 512 != 0 || a.iodepth == 0 || a.queues == 0 {
+    if a.bs == 0 || !a.bs.is_multiple_of(512) || a.iodepth == 0 || a.queues == 0 {
         return Err("--bs must be a multiple of 512; --iodepth and --queues at least 1".into());
     }
     let err = |what: &str, e: blkio::Error| format!("{what}: {e}");

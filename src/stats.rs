@@ -143,8 +143,8 @@ pub fn snapshot<'a>(queues: impl IntoIterator<Item = &'a QueueStats>) -> StatsSn
         max_ns = max_ns.max(q.lat_max_ns.load(Relaxed));
     }
     let count: u64 = hist.iter().sum();
-    if count > 0 {
-        s.latency_mean_us = total_ns / count / 1000;
+    if let Some(mean_ns) = total_ns.checked_div(count) {
+        s.latency_mean_us = mean_ns / 1000;
         s.latency_p50_us = percentile(&hist, count, 50);
         s.latency_p99_us = percentile(&hist, count, 99);
         s.latency_max_us = max_ns / 1000;

@@ -132,7 +132,7 @@ impl SectorBitmap {
             let mut e = s + 1;
             // Fast path: skip whole words / unallocated chunks with the same value.
             while e < end {
-                if e % 64 == 0 && end - e >= 64 {
+                if e.is_multiple_of(64) && end - e >= 64 {
                     let word = self.word(e, false).map_or(0, |w| w.load(Ordering::Acquire));
                     if (v && word == u64::MAX) || (!v && word == 0) {
                         e += 64;

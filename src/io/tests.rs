@@ -25,11 +25,8 @@ fn run_one(e: &mut dyn IoEngine, op: &Op<'_>, token: u64) -> Completion {
             revents: 0,
         };
         // SAFETY: one valid pollfd.
-        assert_eq!(
-            unsafe { libc::poll(&mut pfd, 1, 5000) },
-            1,
-            "no completion signalled"
-        );
+        let ready = unsafe { libc::poll(&mut pfd, 1, 5000) };
+        assert_eq!(ready, 1, "no completion signalled");
         e.clear_notifier();
         e.reap(&mut out);
     }

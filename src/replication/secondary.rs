@@ -332,12 +332,14 @@ impl Secondary {
             // SAFETY: the worker keeps the buffers alive until the request completes, which
             // happens after this call returns.
             Op::Read { offset, iovecs } => unsafe { transfer(fd, offset, iovecs, false, false) },
-            // SAFETY: as above.
             Op::Write {
                 offset,
                 iovecs,
                 dsync,
-            } => unsafe { transfer(fd, offset, iovecs, true, dsync) },
+            } => {
+                // SAFETY: as above.
+                unsafe { transfer(fd, offset, iovecs, true, dsync) }
+            }
             Op::Flush => self.disk.file().sync_data().map_or(-libc::EIO, |()| 0),
             Op::Discard { .. } | Op::WriteZeroes { .. } => fallocate_with_fallback(fd, op),
         }
@@ -821,9 +823,11 @@ impl BlockQueue for SecondaryQueue {
         }
         let op = SendOp::new(op);
         let sec = self.sec.clone();
-        // SAFETY (for the task): the worker keeps the iovecs and buffers alive until it reaps
-        // this token's completion, which the pool queues only after the task returned.
-        let task = Box::new(move || unsafe { op.with(|op| sec.vm_execute(op)) });
+        let task = Box::new(move || {
+            // SAFETY: the worker keeps the iovecs and buffers alive until it reaps this
+            // token's completion, which the pool queues only after the task returned.
+            unsafe { op.with(|op| sec.vm_execute(op)) }
+        });
         if self.sec.pool.spawn(task, token, &self.done) {
             Ok(())
         } else {

@@ -140,7 +140,7 @@ impl BlkBackend {
     ) -> Result<Self, BlockError> {
         let n = usize::from(shared.cfg.num_queues);
         let mut queues = Vec::with_capacity(n);
-        for i in 0..n {
+        for (i, stats) in stats.iter().enumerate().take(n) {
             let io = device.open_queue(u32::from(shared.cfg.queue_size))?;
             let drain = Arc::new(Drain::default());
             let worker = QueueWorker::new(
@@ -148,7 +148,7 @@ impl BlkBackend {
                 io,
                 shared.clone(),
                 mem.clone(),
-                stats[i].clone(),
+                stats.clone(),
                 drain.clone(),
             );
             queues.push(QueueSlot {

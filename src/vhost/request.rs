@@ -281,7 +281,7 @@ pub fn parse<M: GuestMemoryBackend + ?Sized>(
             let Some(offset) = sector.checked_mul(SECTOR) else {
                 return fail(RequestErrorKind::OutOfRange);
             };
-            if offset % bs != 0 || data_len % bs != 0 {
+            if !offset.is_multiple_of(bs) || !data_len.is_multiple_of(bs) {
                 return fail(RequestErrorKind::Unaligned);
             }
             let end = offset.checked_add(data_len);
@@ -313,7 +313,7 @@ fn parse_segments<M: GuestMemoryBackend + ?Sized>(
     scratch: &mut Scratch,
 ) -> Result<(), RequestErrorKind> {
     let total: u64 = scratch.data.iter().map(|&(_, l, _)| u64::from(l)).sum();
-    if total == 0 || total % u64::from(SEGMENT_LEN) != 0 {
+    if total == 0 || !total.is_multiple_of(u64::from(SEGMENT_LEN)) {
         return Err(RequestErrorKind::BadSegments);
     }
     if total / u64::from(SEGMENT_LEN) > u64::from(MAX_DISCARD_SEG) {
@@ -353,7 +353,7 @@ fn parse_segments<M: GuestMemoryBackend + ?Sized>(
                     .checked_mul(SECTOR)
                     .ok_or(RequestErrorKind::OutOfRange)?;
                 let len = u64::from(num) * SECTOR;
-                if offset % bs != 0 || len % bs != 0 {
+                if !offset.is_multiple_of(bs) || !len.is_multiple_of(bs) {
                     return Err(RequestErrorKind::Unaligned);
                 }
                 if offset.checked_add(len).is_none_or(|e| e > capacity) {

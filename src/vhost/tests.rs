@@ -415,8 +415,8 @@ fn descriptor_loop_terminates_without_status() {
             RawDescriptor::from(SplitDescriptor::new(DATA, 512, next, 0)),
         )
         .unwrap();
-    q.avail().ring().ref_at(0).unwrap().store(0u16.into());
-    q.avail().idx().store(1u16.into());
+    q.avail().ring().ref_at(0).unwrap().store(0u16);
+    q.avail().idx().store(1u16);
     let mut queue: Queue = q.create_queue().unwrap();
     let chain = queue.pop_descriptor_chain(&m).unwrap();
     let mut scratch = Scratch::default();

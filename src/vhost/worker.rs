@@ -125,7 +125,7 @@ impl LogBudget {
     /// True for the first 20 events, then every 1000th.
     fn allow(&mut self) -> bool {
         self.0 += 1;
-        self.0 <= 20 || self.0 % 1000 == 0
+        self.0 <= 20 || self.0.is_multiple_of(1000)
     }
 }
 

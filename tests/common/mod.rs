@@ -225,8 +225,8 @@ impl Client {
         let r = Self::wait_one(q);
         let out = iov
             .iter()
-            // SAFETY: every iovec points into the mapped region.
             .map(|v| {
+                // SAFETY: every iovec points into the mapped region.
                 unsafe { std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len) }.to_vec()
             })
             .collect();
