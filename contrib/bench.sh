@@ -211,15 +211,16 @@ make_image() {
     sync "$img"
 }
 
-# ------------------------------------------------------ others' CPU time ---
+# --------------------------------------------------------------- CPU time ---
 
-# The machine may be shared (builds, tests). For every run, measure how much
-# CPU time went to anything but our processes (the daemons, the load
-# generator or QEMU, all reaped children of this shell): busy time from
-# /proc/stat minus ours, as % of one CPU. Kernel threads working for our I/O
-# count as "other" too, so a few % are normal.
+# The machine may be shared (builds, tests). For every run, measure the CPU
+# time used by colo-blk, by QSD and by everything else: busy time from
+# /proc/stat minus the daemons' and that of this shell's reaped children
+# (the load generator, QEMU). All as % of one CPU over the run. Kernel
+# threads working for our I/O count as "other", so a few % are normal.
 hz=$(getconf CLK_TCK)
 other_warn=25 # % of one CPU
+idle_warn=5   # % of one CPU for the backend that is not under test
 cpu_busy() { awk '/^cpu / { print $2 + $3 + $4 + $7 + $8; exit }' /proc/stat; }
 pid_ticks() { # utime + stime of a live process (all its threads)
     local st
@@ -233,13 +234,27 @@ child_ticks() { # cutime + cstime of this shell: every child it has reaped
     st=${st##*) }
     awk '{ print $14 + $15 }' <<<"$st"
 }
-ours_ticks() { echo $(($(pid_ticks "$colo_pid") + $(pid_ticks "$qsd_pid") + $(child_ticks))); }
-meas_start() { m_t0=$(date +%s%N) m_busy=$(cpu_busy) m_ours=$(ours_ticks); }
-meas_other() { # prints the % of one CPU others used since meas_start
-    local t1 busy ours
-    busy=$(cpu_busy) ours=$(ours_ticks) t1=$(date +%s%N)
-    awk -v b=$((busy - m_busy)) -v o=$((ours - m_ours)) -v ns=$((t1 - m_t0)) -v hz="$hz" \
-        'BEGIN { p = (b - o) * 100 / (ns / 1e9 * hz); if (p < 0) p = 0; printf "%.0f", p }'
+meas_start() {
+    m_t0=$(date +%s%N) m_busy=$(cpu_busy) m_child=$(child_ticks)
+    m_colo=$(pid_ticks "$colo_pid") m_qsd=$(pid_ticks "$qsd_pid")
+}
+# Sets m_other, m_colo_cpu and m_qsd_cpu for the time since meas_start.
+meas_end() {
+    local busy child colo qsd ns
+    busy=$(cpu_busy) child=$(child_ticks) colo=$(pid_ticks "$colo_pid") qsd=$(pid_ticks "$qsd_pid")
+    ns=$(($(date +%s%N) - m_t0))
+    read -r m_other m_colo_cpu m_qsd_cpu < <(awk -v b=$((busy - m_busy)) -v c=$((child - m_child)) \
+        -v x=$((colo - m_colo)) -v q=$((qsd - m_qsd)) -v ns="$ns" -v hz="$hz" 'BEGIN {
+            t = ns / 1e9 * hz / 100; o = (b - c - x - q) / t; if (o < 0) o = 0
+            printf "%.0f %.0f %.0f\n", o, x / t, q / t }')
+}
+# after meas_end: "tested idle" CPU % for backend $1 under test
+cpu_split() { if [[ $1 == colo-blk ]]; then echo "$m_colo_cpu $m_qsd_cpu"; else echo "$m_qsd_cpu $m_colo_cpu"; fi; }
+check_cpu() { # what backend
+    local idle
+    read -r _ idle < <(cpu_split "$2")
+    ((m_other <= other_warn)) || problem "$1 $2: other processes used ${m_other}% of a CPU"
+    ((idle <= idle_warn)) || problem "$1 $2: the idle backend used ${idle}% of a CPU"
 }
 
 # ----------------------------------------------------------------- helpers ---
@@ -258,7 +273,7 @@ pick() { awk -v r="$1" -v b="$2" -v f="$3" '$1 == r && $2 == b { print $f }' "$4
 
 # "v1 [o1%], v2 [o2%]" for a row and backend: value column, then others' CPU
 runs() {
-    awk -v r="$1" -v b="$2" -v f="$3" '$1 == r && $2 == b { printf "%s%.0f [%s%%]", (n++ ? ", " : ""), $f, $NF }' "$4"
+    awk -v r="$1" -v b="$2" -v f="$3" -v o="$5" '$1 == r && $2 == b { printf "%s%.0f [%s%%]", (n++ ? ", " : ""), $f, $o }' "$4"
 }
 
 fmt_iops() { awk -v v="$1" 'BEGIN { printf "%.0f", v }'; }
@@ -267,27 +282,28 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else
 
 # ------------------------------------------------------------- host rows ---
 
-results=$run/host.txt # row backend rep iops mib_s p50 p99 errors other%
+results=$run/host.txt # row backend rep iops mib_s p50 p99 errors other% cpu% idle-cpu%
 : >"$results"
 
 bench_one() { # backend sock name rw bs qd q rep
-    local backend=$1 sock=$2 name=$3 rw=$4 bs=$5 qd=$6 q=$7 rep=$8 out other
+    local backend=$1 sock=$2 name=$3 rw=$4 bs=$5 qd=$6 q=$7 rep=$8 out
     meas_start
     if ! out=$("$colo" bench --socket "$sock" --rw "$rw" --bs "$bs" --iodepth "$qd" --queues "$q" \
         --runtime "$runtime" --label "$backend:$name" --json 2>>"$run/bench.err"); then
         problem "bench failed: $backend $name run $rep (see $run/bench.err)"
         return 0
     fi
-    other=$(meas_other)
+    meas_end
     echo "$out" >>"$run/bench.jsonl"
     local iops mib p50 p99 err
     iops=$(json_num iops "$out") mib=$(json_num mib_s "$out")
     p50=$(json_num p50_us "$out") p99=$(json_num p99_us "$out") err=$(json_num errors "$out")
     [[ -n $iops && -n $mib ]] || { problem "unparsable bench output: $out"; return 0; }
     [[ ${err:-0} == 0 ]] || problem "$backend $name run $rep: $err I/O errors"
-    echo "$name $backend $rep $iops $mib ${p50:-nan} ${p99:-nan} ${err:-0} $other" >>"$results"
-    log "  $name $backend #$rep: $(fmt_iops "$iops") IOPS, $(fmt1 "$mib") MiB/s, p50 ${p50} us, p99 ${p99} us; others used ${other}% CPU"
-    ((other <= other_warn)) || problem "$name $backend run $rep: other processes used ${other}% of a CPU"
+    echo "$name $backend $rep $iops $mib ${p50:-nan} ${p99:-nan} ${err:-0} $m_other $(cpu_split "$backend")" >>"$results"
+    log "  $name $backend #$rep: $(fmt_iops "$iops") IOPS, $(fmt1 "$mib") MiB/s, p50 ${p50} us, p99 ${p99} us;" \
+        "CPU % colo-blk $m_colo_cpu, QSD $m_qsd_cpu, other $m_other"
+    check_cpu "$name run $rep" "$backend"
 }
 
 run_host() {
@@ -316,8 +332,8 @@ run_host() {
 
 host_table() {
     local r name d rw bs unit col c q cp50 cp99 qp50 qp99
-    echo "| row | colo-blk | p50/p99 µs | QSD | p50/p99 µs | colo/QSD |"
-    echo "| --- | ---: | ---: | ---: | ---: | ---: |"
+    echo "| row | colo-blk | p50/p99 µs | CPU | QSD | p50/p99 µs | CPU | colo/QSD |"
+    echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     for r in "${selected[@]}"; do
         IFS='|' read -r name d rw bs _ <<<"$r"
         if [[ $bs == 4K ]]; then unit=IOPS col=4; else unit=MiB/s col=5; fi
@@ -330,8 +346,9 @@ host_table() {
         else
             c="$(fmt1 "$c") MiB/s" q="$(fmt1 "$q") MiB/s"
         fi
-        printf '| %s | %s | %s / %s | %s | %s / %s | %s |\n' "$name" "$c" "$(fmt1 "$cp50")" "$(fmt1 "$cp99")" \
-            "$q" "$(fmt1 "$qp50")" "$(fmt1 "$qp99")" \
+        printf '| %s | %s | %s / %s | %s%% | %s | %s / %s | %s%% | %s |\n' "$name" "$c" "$(fmt1 "$cp50")" "$(fmt1 "$cp99")" \
+            "$(pick "$name" colo-blk 10 "$results" | median)" \
+            "$q" "$(fmt1 "$qp50")" "$(fmt1 "$qp99")" "$(pick "$name" QSD 10 "$results" | median)" \
             "$(ratio "$(pick "$name" colo-blk "$col" "$results" | median)" "$(pick "$name" QSD "$col" "$results" | median)")"
     done
     echo
@@ -342,13 +359,13 @@ host_table() {
     for r in "${selected[@]}"; do
         IFS='|' read -r name d rw bs _ <<<"$r"
         if [[ $bs == 4K ]]; then col=4; else col=5; fi
-        printf '| %s | %s | %s |\n' "$name" "$(runs "$name" colo-blk "$col" "$results")" "$(runs "$name" QSD "$col" "$results")"
+        printf '| %s | %s | %s |\n' "$name" "$(runs "$name" colo-blk "$col" "$results" 9)" "$(runs "$name" QSD "$col" "$results" 9)"
     done
 }
 
 # ------------------------------------------------------------ guest rows ---
 
-gresults=$run/guest.txt # job backend rep iops other%
+gresults=$run/guest.txt # job backend rep iops other% cpu% idle-cpu%
 : >"$gresults"
 
 # Print "JOBNAME IOPS" for every fio group result in a console log. fio's
@@ -382,7 +399,7 @@ parse_fio() {
 }
 
 guest_one() { # backend sock rep
-    local backend=$1 sock=$2 rep=$3 glog=$run/guest-$1-$3.log other
+    local backend=$1 sock=$2 rep=$3 glog=$run/guest-$1-$3.log
     local -a gargs=(--socket "$sock" --job bench-randrw --size 256m --quiet --log "$glog" --timeout 180)
     [[ -n $guest_dir ]] && gargs+=(--guest "$guest_dir")
     meas_start
@@ -390,12 +407,13 @@ guest_one() { # backend sock rep
         problem "guest run $backend #$rep did not PASS (log: $glog)"
         return 0
     fi
-    other=$(meas_other)
-    ((other <= other_warn)) || problem "guest $backend run $rep: other processes used ${other}% of a CPU"
+    meas_end
+    check_cpu "guest run $rep" "$backend"
     local job iops
     while read -r job iops; do
-        echo "$job $backend $rep $iops $other" >>"$gresults"
-        log "  guest $job $backend #$rep: $iops IOPS; others used ${other}% CPU (whole boot)"
+        echo "$job $backend $rep $iops $m_other $(cpu_split "$backend")" >>"$gresults"
+        log "  guest $job $backend #$rep: $iops IOPS; CPU % over the whole QEMU run:" \
+            "colo-blk $m_colo_cpu, QSD $m_qsd_cpu, other $m_other"
     done < <(parse_fio "$glog")
 }
 
@@ -418,13 +436,15 @@ guest_table() {
     local job c q
     local -a gjobs
     mapfile -t gjobs < <(awk '!seen[$1]++ { print $1 }' "$gresults")
-    echo "| guest fio job (4k, libaio, iodepth 32, 2 jobs) | colo-blk IOPS | QSD IOPS | colo/QSD | colo-blk runs [others' CPU %] | QSD runs [others' CPU %] |"
-    echo "| --- | ---: | ---: | ---: | --- | --- |"
+    echo "| guest fio job (4k, libaio, iodepth 32, 2 jobs) | colo-blk IOPS | CPU | QSD IOPS | CPU | colo/QSD | colo-blk runs [others' CPU] | QSD runs [others' CPU] |"
+    echo "| --- | ---: | ---: | ---: | ---: | ---: | --- | --- |"
     for job in "${gjobs[@]}"; do
         c=$(pick "$job" colo-blk 4 "$gresults" | median)
         q=$(pick "$job" QSD 4 "$gresults" | median)
-        printf '| %s | %s | %s | %s | %s | %s |\n' "$job" "$(fmt_iops "$c")" "$(fmt_iops "$q")" "$(ratio "$c" "$q")" \
-            "$(runs "$job" colo-blk 4 "$gresults")" "$(runs "$job" QSD 4 "$gresults")"
+        printf '| %s | %s | %s%% | %s | %s%% | %s | %s | %s |\n' "$job" "$(fmt_iops "$c")" \
+            "$(pick "$job" colo-blk 6 "$gresults" | median)" "$(fmt_iops "$q")" \
+            "$(pick "$job" QSD 6 "$gresults" | median)" "$(ratio "$c" "$q")" \
+            "$(runs "$job" colo-blk 4 "$gresults" 5)" "$(runs "$job" QSD 4 "$gresults" 5)"
     done
 }
 
@@ -448,6 +468,7 @@ if [[ $do_host == 1 ]]; then
     echo "### Host (libblkio, \`colo-blk bench\`)"
     echo
     echo "iodepth is per queue; \`img\` = 1 GiB file of random data, O_DIRECT in both backends; \`null\` = null device."
+    echo "CPU = CPU time of the backend under test, % of one CPU (median); the load generator runs on the same 2 CPUs."
     echo
     host_table
     echo
@@ -456,6 +477,7 @@ if [[ $do_guest == 1 ]]; then
     echo "### Guest (QEMU TCG, 2 vCPUs, 2 queues, fio \`bench-randrw\`)"
     echo
     echo "TCG emulates the guest CPU: these runs are bound by guest CPU time, not by the backend."
+    echo "CPU = the backend's CPU time over the whole QEMU run (boot included), % of one CPU (median)."
     echo
     guest_table
     echo

@@ -66,26 +66,14 @@ fn xorshift(s: &mut u64) -> u64 {
     *s
 }
 
-fn run_queue(
-    q: &mut Blkioq,
-    base: usize,
-    a: &BenchArgs,
-    span: u64,
-    qi: usize,
-    deadline: Instant,
-) -> QueueResult {
+fn run_queue(q: &mut Blkioq, base: usize, a: &BenchArgs, span: u64, qi: usize, deadline: Instant) -> QueueResult {
     let bs = a.bs as usize;
     let blocks = span / a.bs;
     let mut seed = 0x9E37_79B9_7F4A_7C15u64 ^ (qi as u64 + 1);
     let mut next_seq = (blocks / a.queues as u64) * qi as u64;
     let mut started = vec![Instant::now(); a.iodepth];
-    let mut res = QueueResult {
-        ops: 0,
-        errors: 0,
-        lat_ns: Vec::with_capacity(1 << 20),
-    };
-    let mut comps: Vec<MaybeUninit<blkio::Completion>> =
-        (0..a.iodepth).map(|_| MaybeUninit::uninit()).collect();
+    let mut res = QueueResult { ops: 0, errors: 0, lat_ns: Vec::with_capacity(1 << 20) };
+    let mut comps: Vec<MaybeUninit<blkio::Completion>> = (0..a.iodepth).map(|_| MaybeUninit::uninit()).collect();
     let mut submit = |q: &mut Blkioq, slot: usize, started: &mut Vec<Instant>| {
         let block = match a.rw {
             Pattern::Randread | Pattern::Randwrite => xorshift(&mut seed) % blocks,
@@ -97,12 +85,8 @@ fn run_queue(
         let buf = base + slot * bs;
         started[slot] = Instant::now();
         match a.rw {
-            Pattern::Randread | Pattern::Read => {
-                q.read(block * a.bs, buf as *mut u8, bs, slot, ReqFlags::empty())
-            }
-            Pattern::Randwrite | Pattern::Write => {
-                q.write(block * a.bs, buf as *const u8, bs, slot, ReqFlags::empty())
-            }
+            Pattern::Randread | Pattern::Read => q.read(block * a.bs, buf as *mut u8, bs, slot, ReqFlags::empty()),
+            Pattern::Randwrite | Pattern::Write => q.write(block * a.bs, buf as *const u8, bs, slot, ReqFlags::empty()),
         }
     };
     for slot in 0..a.iodepth {
@@ -127,8 +111,7 @@ fn run_queue(
             if c.ret < 0 {
                 res.errors += 1;
             }
-            res.lat_ns
-                .push(u64::try_from((now - started[slot]).as_nanos()).unwrap_or(u64::MAX));
+            res.lat_ns.push(u64::try_from((now - started[slot]).as_nanos()).unwrap_or(u64::MAX));
             if now < deadline {
                 submit(q, slot, &mut started);
             } else {
@@ -146,11 +129,9 @@ pub fn run(a: BenchArgs) -> Result<(), String> {
     }
     let err = |what: &str, e: blkio::Error| format!("{what}: {e}");
     let mut b = Blkio::new("virtio-blk-vhost-user").map_err(|e| err("blkio", e))?;
-    b.set_str("path", &a.socket.to_string_lossy())
-        .map_err(|e| err("path", e))?;
+    b.set_str("path", &a.socket.to_string_lossy()).map_err(|e| err("path", e))?;
     b.connect().map_err(|e| err("connect", e))?;
-    b.set_i32("num-queues", a.queues as i32)
-        .map_err(|e| err("num-queues", e))?;
+    b.set_i32("num-queues", a.queues as i32).map_err(|e| err("num-queues", e))?;
     let out = b.start().map_err(|e| err("start", e))?;
     let capacity = b.get_u64("capacity").map_err(|e| err("capacity", e))?;
     let span = a.span.unwrap_or(capacity).min(capacity);
@@ -158,9 +139,7 @@ pub fn run(a: BenchArgs) -> Result<(), String> {
         return Err("disk smaller than one block".into());
     }
     let per_queue = a.iodepth * a.bs as usize;
-    let region = b
-        .alloc_mem_region(per_queue * a.queues)
-        .map_err(|e| err("alloc", e))?;
+    let region = b.alloc_mem_region(per_queue * a.queues).map_err(|e| err("alloc", e))?;
     b.map_mem_region(&region).map_err(|e| err("map", e))?;
     let deadline = Instant::now() + Duration::from_secs(a.runtime);
     let t0 = Instant::now();
@@ -175,21 +154,15 @@ pub fn run(a: BenchArgs) -> Result<(), String> {
                 s.spawn(move || run_queue(q, base, a, span, qi, deadline))
             })
             .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("bench thread"))
-            .collect()
+        handles.into_iter().map(|h| h.join().expect("bench thread")).collect()
     });
     let elapsed = t0.elapsed().as_secs_f64();
     let ops: u64 = results.iter().map(|r| r.ops).sum();
     let errors: u64 = results.iter().map(|r| r.errors).sum();
     let mut lat: Vec<u64> = results.into_iter().flat_map(|r| r.lat_ns).collect();
     lat.sort_unstable();
-    let pct = |p: f64| {
-        lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
-            .copied()
-            .unwrap_or(0)
-    };
+    let pct =
+        |p: f64| lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1))).copied().unwrap_or(0);
     let iops = ops as f64 / elapsed;
     let mibs = iops * a.bs as f64 / (1 << 20) as f64;
     let (p50, p99) = (pct(0.50) as f64 / 1000.0, pct(0.99) as f64 / 1000.0);

@@ -11,11 +11,12 @@ mod bench;
 use colo_blk::block::BlockDevice;
 use colo_blk::block::raw::{EngineKind, NullDisk, RawDisk, RawOptions};
 use colo_blk::daemon::{Daemon, ServeConfig};
+use colo_blk::nbd::client::NbdUri;
 use colo_blk::nbd::{NbdAddress, NbdServer, NbdServerConfig};
 use colo_blk::qmp::client;
-use colo_blk::replication::secondary::{
-    Secondary, SecondaryControl, SecondaryDevice, SecondaryExport, SecondaryFiles,
-};
+use colo_blk::replication::continuous::SecondaryThenPrimary;
+use colo_blk::replication::primary::{Mirror, MirrorConfig, MirrorControl, MirrorDevice};
+use colo_blk::replication::secondary::{Secondary, SecondaryControl, SecondaryDevice, SecondaryExport, SecondaryFiles};
 use colo_blk::replication::{NoReplication, ReplicationControl};
 use colo_blk::size::parse_size;
 use colo_blk::vhost::DeviceConfig;
@@ -24,11 +25,7 @@ use colo_blk::vhost::DeviceConfig;
 const NULL_DISK: &str = "null";
 
 #[derive(Parser)]
-#[command(
-    name = "colo-blk",
-    version,
-    about = "vhost-user-blk backend with COLO block replication"
-)]
+#[command(name = "colo-blk", version, about = "vhost-user-blk backend with COLO block replication")]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -112,6 +109,14 @@ struct ServeArgs {
     /// Secondary: the NBD export name the primary asks for (default: the empty name).
     #[arg(long, default_value = "")]
     nbd_export: String,
+    /// Primary: the secondary's NBD export (nbd://HOST:PORT/EXPORT or
+    /// nbd+unix:///EXPORT?socket=PATH).
+    #[arg(long)]
+    secondary: Option<NbdUri>,
+    /// Primary: a forwarded write unanswered for this many seconds breaks the link (the guest
+    /// write completes, the range is resynced later).
+    #[arg(long, default_value_t = 5.0)]
+    secondary_timeout: f64,
     /// Secondary: most NBD clients connected at once.
     #[arg(long, default_value_t = 8)]
     nbd_max_clients: usize,
@@ -169,11 +174,17 @@ fn serve(a: ServeArgs) -> ExitCode {
         ("--nbd-listen", a.nbd_listen.is_some()),
         ("--nbd-export", !a.nbd_export.is_empty()),
     ];
+    if !(a.secondary_timeout > 0.0 && a.secondary_timeout <= 3600.0) {
+        return usage_error("--secondary-timeout: must be in (0, 3600] seconds".into());
+    }
     match a.replication {
         Replication::Primary => {
-            return usage_error(
-                "--replication: mode 'primary' is not available in this build yet".into(),
-            );
+            if let Some((name, _)) = secondary_opts.iter().find(|(_, given)| *given) {
+                return usage_error(format!("{name}: only valid with --replication secondary"));
+            }
+            if a.disk.as_os_str() == NULL_DISK {
+                return usage_error("--replication primary needs a disk (not null)".into());
+            }
         }
         Replication::Secondary => {
             for (name, given) in &secondary_opts[..3] {
@@ -182,8 +193,12 @@ fn serve(a: ServeArgs) -> ExitCode {
                 }
             }
             if a.disk.as_os_str() == NULL_DISK || a.readonly {
+                return usage_error("--replication secondary needs a writable disk (not null, not --readonly)".into());
+            }
+            if a.secondary.is_some() {
                 return usage_error(
-                    "--replication secondary needs a writable disk (not null, not --readonly)"
+                    "--secondary: only valid with --replication primary (a failed-over secondary \
+                     gets its new secondary from replication-start)"
                         .into(),
                 );
             }
@@ -192,29 +207,30 @@ fn serve(a: ServeArgs) -> ExitCode {
             if let Some((name, _)) = secondary_opts.iter().find(|(_, given)| *given) {
                 return usage_error(format!("{name}: only valid with --replication secondary"));
             }
+            if a.secondary.is_some() {
+                return usage_error("--secondary: only valid with --replication primary".into());
+            }
         }
     }
     if a.queue_size == 0 || !a.queue_size.is_power_of_two() {
-        return usage_error(format!(
-            "--queue-size: {} is not a power of two",
-            a.queue_size
-        ));
+        return usage_error(format!("--queue-size: {} is not a power of two", a.queue_size));
     }
     if a.serial.len() > 20 {
         return usage_error("--serial: at most 20 bytes".into());
     }
-    let disk_given =
-        std::env::args_os().any(|s| s == "--disk" || s.to_string_lossy().starts_with("--disk="));
+    let disk_given = std::env::args_os().any(|s| s == "--disk" || s.to_string_lossy().starts_with("--disk="));
     let create_size = a.size.or(if disk_given { None } else { Some(1 << 30) });
     if let Some(s) = create_size
         && (s == 0 || s % u64::from(a.logical_block_size) != 0)
     {
-        return usage_error(format!(
-            "--size: {s} is not a positive multiple of {}",
-            a.logical_block_size
-        ));
+        return usage_error(format!("--size: {s} is not a positive multiple of {}", a.logical_block_size));
     }
     let mut secondary: Option<Arc<Secondary>> = None;
+    let mut mirror: Option<Arc<Mirror>> = None;
+    let mirror_cfg = MirrorConfig {
+        secondary: a.secondary.clone(),
+        timeout: std::time::Duration::from_secs_f64(a.secondary_timeout),
+    };
     let device: Arc<dyn BlockDevice> = if a.disk.as_os_str() == NULL_DISK {
         Arc::new(NullDisk::new(create_size.unwrap_or(1 << 30), a.readonly))
     } else {
@@ -233,28 +249,46 @@ fn serve(a: ServeArgs) -> ExitCode {
             Ok(d) => d,
             Err(e) => return usage_error(format!("--disk: {}", error_chain(&e))),
         };
-        if a.replication == Replication::Secondary {
-            let files = SecondaryFiles {
-                active: a.active.clone().unwrap_or_default(),
-                hidden: a.hidden.clone().unwrap_or_default(),
-                direct: a.direct,
-            };
-            let sec = match Secondary::open(disk, files) {
-                Ok(s) => s,
-                Err(e) => return usage_error(format!("--active/--hidden: {}", error_chain(&e))),
-            };
-            if let Err(e) = sec.check_lengths() {
-                return usage_error(format!("--active/--hidden: {e}"));
+        match a.replication {
+            Replication::Secondary => {
+                let files = SecondaryFiles {
+                    active: a.active.clone().unwrap_or_default(),
+                    hidden: a.hidden.clone().unwrap_or_default(),
+                    direct: a.direct,
+                };
+                let file = disk.file().clone();
+                let size = disk.size();
+                let sec = match Secondary::open(disk, files) {
+                    Ok(s) => s,
+                    Err(e) => return usage_error(format!("--active/--hidden: {}", error_chain(&e))),
+                };
+                if let Err(e) = sec.check_lengths() {
+                    return usage_error(format!("--active/--hidden: {e}"));
+                }
+                secondary = Some(sec.clone());
+                // The mirror stays idle unless this secondary fails over and is told to
+                // protect itself again (continuous replication).
+                let m = Mirror::new(file, size, mirror_cfg);
+                mirror = Some(m.clone());
+                Arc::new(MirrorDevice { inner: Arc::new(SecondaryDevice(sec)), mirror: m })
             }
-            secondary = Some(sec.clone());
-            Arc::new(SecondaryDevice(sec))
-        } else {
-            Arc::new(disk)
+            Replication::Primary => {
+                let m = Mirror::new(disk.file().clone(), disk.size(), mirror_cfg);
+                mirror = Some(m.clone());
+                Arc::new(MirrorDevice { inner: Arc::new(disk), mirror: m })
+            }
+            Replication::None => Arc::new(disk),
         }
     };
-    let replication: Arc<dyn ReplicationControl> = match &secondary {
-        Some(sec) => Arc::new(SecondaryControl(sec.clone())),
-        None => Arc::new(NoReplication),
+    let replication: Arc<dyn ReplicationControl> = match (&secondary, &mirror) {
+        (Some(sec), Some(m)) => Arc::new(SecondaryThenPrimary {
+            secondary: SecondaryControl(sec.clone()),
+            primary: MirrorControl(m.clone()),
+            mirror: m.clone(),
+            state: sec.clone(),
+        }),
+        (None, Some(m)) => Arc::new(MirrorControl(m.clone())),
+        _ => Arc::new(NoReplication),
     };
     let cfg = ServeConfig {
         socket: a.socket,
@@ -271,6 +305,10 @@ fn serve(a: ServeArgs) -> ExitCode {
         poll: std::time::Duration::from_micros(a.poll_us),
     };
     let daemon = Daemon::new(cfg, device, replication);
+    if let Some(m) = &mirror {
+        let events = daemon.events();
+        m.set_events(Arc::new(move |name: &str, data| events.emit(name, data)));
+    }
     if let (Some(sec), Some(addr)) = (&secondary, &a.nbd_listen) {
         let events = daemon.events();
         sec.set_events(Arc::new(move |name: &str, data| events.emit(name, data)));
@@ -283,10 +321,7 @@ fn serve(a: ServeArgs) -> ExitCode {
             Ok(server) => sec.set_nbd_server(server),
             Err(e) => return usage_error(format!("--nbd-listen: cannot listen on {addr:?}: {e}")),
         }
-        log::info!(
-            "NBD server for the primary listening on {addr:?} (export '{}')",
-            a.nbd_export
-        );
+        log::info!("NBD server for the primary listening on {addr:?} (export '{}')", a.nbd_export);
     }
     match daemon.run() {
         Ok(()) => ExitCode::SUCCESS,
@@ -303,8 +338,7 @@ fn ctl(a: CtlArgs) -> ExitCode {
         let Some((k, v)) = kv.split_once('=') else {
             return usage_error(format!("argument '{kv}' is not KEY=VALUE"));
         };
-        let value =
-            serde_json::from_str(v).unwrap_or_else(|_| serde_json::Value::String(v.to_string()));
+        let value = serde_json::from_str(v).unwrap_or_else(|_| serde_json::Value::String(v.to_string()));
         args.insert(k.to_string(), value);
     }
     match client::execute(&a.qmp, &a.command, args) {

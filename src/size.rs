@@ -17,8 +17,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         _ => (s, 0),
     };
     let n: u64 = digits.parse().map_err(|_| format!("'{s}' is not a size"))?;
-    n.checked_mul(1u64 << shift)
-        .ok_or_else(|| format!("size '{s}' is too large"))
+    n.checked_mul(1u64 << shift).ok_or_else(|| format!("size '{s}' is too large"))
 }
 
 #[cfg(test)]

@@ -120,16 +120,7 @@ pub fn snapshot<'a>(queues: impl IntoIterator<Item = &'a QueueStats>) -> StatsSn
     let mut hist = [0u64; BUCKETS];
     let (mut total_ns, mut max_ns) = (0u64, 0u64);
     for q in queues {
-        for (i, d) in [
-            &mut s.read,
-            &mut s.write,
-            &mut s.flush,
-            &mut s.discard,
-            &mut s.other,
-        ]
-        .into_iter()
-        .enumerate()
-        {
+        for (i, d) in [&mut s.read, &mut s.write, &mut s.flush, &mut s.discard, &mut s.other].into_iter().enumerate() {
             d.ops += q.ops[i].load(Relaxed);
             d.bytes += q.bytes[i].load(Relaxed);
             d.errors += q.errors[i].load(Relaxed);
@@ -179,22 +170,8 @@ mod tests {
         b.record(OpClass::Write, 512, false, Duration::from_micros(1000));
         b.record_invalid();
         let s = snapshot([&a, &b]);
-        assert_eq!(
-            s.read,
-            DirStats {
-                ops: 98,
-                bytes: 98 * 4096,
-                errors: 0
-            }
-        );
-        assert_eq!(
-            s.write,
-            DirStats {
-                ops: 2,
-                bytes: 512,
-                errors: 1
-            }
-        );
+        assert_eq!(s.read, DirStats { ops: 98, bytes: 98 * 4096, errors: 0 });
+        assert_eq!(s.write, DirStats { ops: 2, bytes: 512, errors: 1 });
         assert_eq!(s.invalid, 1);
         assert_eq!(s.latency_p50_us, 4);
         assert_eq!(s.latency_p99_us, 128);

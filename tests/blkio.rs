@@ -41,10 +41,7 @@ fn write_read_patterns_across_sizes_and_offsets() {
     assert_eq!(c.flush(0), 0);
     // The bytes really reached the image file.
     for (seq, &(off, len)) in cases.iter().enumerate() {
-        assert!(
-            file_range(&disk, off, len) == pattern(off, len, seq as u32 + 1),
-            "file at {off}"
-        );
+        assert!(file_range(&disk, off, len) == pattern(off, len, seq as u32 + 1), "file at {off}");
     }
     // Overwrite in the middle of an earlier write and check both neighbours.
     let data = pattern(MIB + 4096, 4096, 99);
@@ -61,34 +58,16 @@ fn beyond_end_and_unaligned_rejected_and_counted() {
     let before = std::fs::read(&disk).unwrap();
     let mut c = Client::connect(&s.socket, 1, false);
     let cap = c.capacity;
-    assert!(
-        c.write(0, cap, &[1u8; 512]) < 0,
-        "write past the end must fail"
-    );
-    assert!(
-        c.write(0, cap - 512, &[1u8; 1024]) < 0,
-        "write crossing the end must fail"
-    );
+    assert!(c.write(0, cap, &[1u8; 512]) < 0, "write past the end must fail");
+    assert!(c.write(0, cap - 512, &[1u8; 1024]) < 0, "write crossing the end must fail");
     assert!(c.read(0, cap, 512).0 < 0, "read past the end must fail");
-    assert!(
-        c.discard(0, cap - 512, 4096) < 0,
-        "discard crossing the end must fail"
-    );
-    assert!(
-        c.write_zeroes(0, cap, 512, false) < 0,
-        "write-zeroes past the end must fail"
-    );
+    assert!(c.discard(0, cap - 512, 4096) < 0, "discard crossing the end must fail");
+    assert!(c.write_zeroes(0, cap, 512, false) < 0, "write-zeroes past the end must fail");
     let stats = s.qmp_ok("query-blockstats");
     assert_eq!(stats["invalid"], 5, "{stats}");
     // libblkio refuses this one itself (request alignment); it must fail either way.
-    assert!(
-        c.write(0, 100, &[1u8; 512]) < 0,
-        "unaligned offset must fail"
-    );
-    assert!(
-        std::fs::read(&disk).unwrap() == before,
-        "a refused request changed the disk"
-    );
+    assert!(c.write(0, 100, &[1u8; 512]) < 0, "unaligned offset must fail");
+    assert!(std::fs::read(&disk).unwrap() == before, "a refused request changed the disk");
     // The device keeps working.
     assert_eq!(c.write(0, cap - 512, &pattern(cap - 512, 512, 7)), 0);
     assert_eq!(c.read(0, cap - 512, 512).1, pattern(cap - 512, 512, 7));
@@ -100,11 +79,7 @@ fn multi_segment_requests() {
     let mut c = Client::connect(&s.socket, 1, false);
     let off = 3 * MIB;
     let full = pattern(off, 4096 + 512 + 65536, 5);
-    let segs = vec![
-        full[..4096].to_vec(),
-        full[4096..4608].to_vec(),
-        full[4608..].to_vec(),
-    ];
+    let segs = vec![full[..4096].to_vec(), full[4096..4608].to_vec(), full[4608..].to_vec()];
     assert_eq!(c.writev(0, off, &segs), 0);
     let (r, back) = c.readv(0, off, &[512, 65536, 4096]);
     assert_eq!(r, 0);
@@ -129,19 +104,13 @@ fn flush_discard_and_write_zeroes() {
     assert_eq!(c.discard(0, 0, 4 * MIB), 0);
     assert_eq!(c.read(0, 0, 4096).1, vec![0u8; 4096]);
     let after_discard = allocated(&disk);
-    assert!(
-        after_discard <= full - 4 * MIB,
-        "discard did not release space"
-    );
+    assert!(after_discard <= full - 4 * MIB, "discard did not release space");
 
     // Write-zeroes with unmap allowed also releases space.
     assert_eq!(c.write_zeroes(0, 8 * MIB, 4 * MIB, true), 0);
     assert!(c.read(0, 8 * MIB, len).1.iter().all(|&b| b == 0));
     let after_unmap = allocated(&disk);
-    assert!(
-        after_unmap <= after_discard - 4 * MIB,
-        "unmap write-zeroes did not release space"
-    );
+    assert!(after_unmap <= after_discard - 4 * MIB, "unmap write-zeroes did not release space");
 
     // Without unmap the range reads as zeroes but stays allocated.
     assert_eq!(c.write_zeroes(0, 16 * MIB + 4096, 8192, false), 0);
@@ -149,15 +118,8 @@ fn flush_discard_and_write_zeroes() {
     assert!(back[..4096] == pattern(16 * MIB, 4096, 2)[..]);
     assert!(back[4096..12288].iter().all(|&b| b == 0));
     assert!(back[12288..] == pattern(16 * MIB + 12288, 4096, 2)[..]);
-    assert!(
-        allocated(&disk) >= after_unmap - 8192,
-        "no-unmap write-zeroes released space"
-    );
-    assert!(
-        file_range(&disk, 16 * MIB + 4096, 8192)
-            .iter()
-            .all(|&b| b == 0)
-    );
+    assert!(allocated(&disk) >= after_unmap - 8192, "no-unmap write-zeroes released space");
+    assert!(file_range(&disk, 16 * MIB + 4096, 8192).iter().all(|&b| b == 0));
 
     let stats = s.qmp_ok("query-blockstats");
     assert_eq!(stats["discard"]["ops"], 3, "{stats}");
@@ -215,10 +177,7 @@ fn several_queues_concurrently() {
         let want: Vec<u8> = (0..(16 * MIB as usize) / (64 << 10))
             .flat_map(|i| pattern(off + (i * (64 << 10)) as u64, 64 << 10, qi as u32 + 10))
             .collect();
-        assert!(
-            file_range(&disk, off, 16 * MIB as usize) == want,
-            "stripe {qi}"
-        );
+        assert!(file_range(&disk, off, 16 * MIB as usize) == want, "stripe {qi}");
     }
     let stats = s.qmp_ok("query-blockstats");
     assert_eq!(stats["write"]["ops"], 1024, "{stats}");
@@ -247,11 +206,7 @@ fn serves_the_next_frontend_after_disconnect() {
         let off = u64::from(round) * MIB;
         if round > 0 {
             let prev = off - MIB;
-            assert_eq!(
-                c.read(1, prev, 4096).1,
-                pattern(prev, 4096, round),
-                "data of the previous frontend"
-            );
+            assert_eq!(c.read(1, prev, 4096).1, pattern(prev, 4096, round), "data of the previous frontend");
         }
         assert_eq!(c.write(0, off, &pattern(off, 4096, round + 1)), 0);
         drop(c);
@@ -268,10 +223,7 @@ fn quit_drains_flushes_and_exits_zero() {
     let block = s.qmp_ok("query-block");
     assert_eq!(block["frontend-connected"], true, "{block}");
     assert_eq!(block["size"], 16 * MIB);
-    s.qmp()
-        .execute("quit", Default::default())
-        .unwrap()
-        .unwrap();
+    s.qmp().execute("quit", Default::default()).unwrap().unwrap();
     let st = s.wait_exit();
     assert_eq!(st.code(), Some(0));
     assert!(file_range(&disk, 4096, 8192) == pattern(4096, 8192, 1));

@@ -3,15 +3,15 @@
 use std::process::Command;
 
 fn run(args: &[&str], cwd: &std::path::Path) -> (Option<i32>, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_colo-blk"))
+    // Under `timeout`: a case that wrongly starts serving fails (exit 124) instead of hanging.
+    let out = Command::new("timeout")
+        .arg("20")
+        .arg(env!("CARGO_BIN_EXE_colo-blk"))
         .args(args)
         .current_dir(cwd)
         .output()
         .unwrap();
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
 #[test]
@@ -20,30 +20,16 @@ fn bad_options_exit_2_and_create_nothing() {
     let d = dir.path();
     let cases: &[(&[&str], &str)] = &[
         (&["serve", "--socket", "s", "--disk", "x.img"], "--disk"),
+        (&["serve", "--socket", "s", "--disk", "x.img", "--size", "10Q"], "--size"),
+        (&["serve", "--socket", "s", "--disk", "x.img", "--size", "1000"], "--size"),
         (
-            &["serve", "--socket", "s", "--disk", "x.img", "--size", "10Q"],
-            "--size",
-        ),
-        (
-            &[
-                "serve", "--socket", "s", "--disk", "x.img", "--size", "1000",
-            ],
-            "--size",
-        ),
-        (
-            &[
-                "serve",
-                "--socket",
-                "s",
-                "--disk",
-                "x.img",
-                "--size",
-                "1M",
-                "--logical-block-size",
-                "1000",
-            ],
+            &["serve", "--socket", "s", "--disk", "x.img", "--size", "1M", "--logical-block-size", "1000"],
             "--logical-block-size",
         ),
+        (&["serve", "--socket", "s", "--disk", "x.img", "--size", "1M", "--num-queues", "0"], "--num-queues"),
+        (&["serve", "--socket", "s", "--disk", "x.img", "--size", "1M", "--queue-size", "100"], "--queue-size"),
+        (&["serve", "--socket", "s", "--disk", "x.img", "--size", "1M", "--bogus"], "--bogus"),
+        (&["serve", "--socket", "s", "--disk", "x.img", "--size", "1M", "--secondary", "nbd://h:1/x"], "--secondary"),
         (
             &[
                 "serve",
@@ -53,30 +39,16 @@ fn bad_options_exit_2_and_create_nothing() {
                 "x.img",
                 "--size",
                 "1M",
-                "--num-queues",
-                "0",
+                "--replication",
+                "primary",
+                "--secondary",
+                "ftp://x",
             ],
-            "--num-queues",
+            "--secondary",
         ),
         (
-            &[
-                "serve",
-                "--socket",
-                "s",
-                "--disk",
-                "x.img",
-                "--size",
-                "1M",
-                "--queue-size",
-                "100",
-            ],
-            "--queue-size",
-        ),
-        (
-            &[
-                "serve", "--socket", "s", "--disk", "x.img", "--size", "1M", "--bogus",
-            ],
-            "--bogus",
+            &["serve", "--socket", "s", "--disk", "x.img", "--size", "1M", "--replication", "primary", "--active", "a"],
+            "--active",
         ),
         (
             &[
@@ -89,21 +61,16 @@ fn bad_options_exit_2_and_create_nothing() {
                 "1M",
                 "--replication",
                 "primary",
+                "--secondary-timeout",
+                "0",
             ],
-            "--replication",
+            "--secondary-timeout",
         ),
     ];
     for (args, needle) in cases {
         let (code, err) = run(args, d);
         assert_eq!(code, Some(2), "{args:?}: {err}");
-        assert!(
-            err.contains(needle),
-            "{args:?}: error does not name {needle}: {err}"
-        );
-        assert_eq!(
-            std::fs::read_dir(d).unwrap().count(),
-            0,
-            "{args:?} created files"
-        );
+        assert!(err.contains(needle), "{args:?}: error does not name {needle}: {err}");
+        assert_eq!(std::fs::read_dir(d).unwrap().count(), 0, "{args:?} created files");
     }
 }

@@ -14,14 +14,8 @@ fn guest_available() -> bool {
         eprintln!("COLO_BLK_SKIP_GUEST set: guest tests skipped");
         return false;
     }
-    let found = Command::new("qemu-system-x86_64")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    assert!(
-        found,
-        "qemu-system-x86_64 missing: run .ci/install-guest-deps.sh (or set COLO_BLK_SKIP_GUEST=1)"
-    );
+    let found = Command::new("qemu-system-x86_64").arg("--version").output().is_ok_and(|o| o.status.success());
+    assert!(found, "qemu-system-x86_64 missing: run .ci/install-guest-deps.sh (or set COLO_BLK_SKIP_GUEST=1)");
     true
 }
 
@@ -39,25 +33,15 @@ fn run_fio(socket: &Path, job: &str, extra: &[&str]) -> (bool, String) {
         .expect("run-fio.sh");
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    let log_path = stdout.lines().chain(stderr.lines()).rev().find_map(|l| {
-        l.split_whitespace()
-            .find(|w| w.starts_with('/') && Path::new(w).is_file())
-            .map(str::to_string)
-    });
-    let console = log_path
-        .and_then(|p| std::fs::read_to_string(p).ok())
-        .unwrap_or_default();
+    let log_path =
+        stdout.lines().chain(stderr.lines()).rev().find_map(|l| {
+            l.split_whitespace().find(|w| w.starts_with('/') && Path::new(w).is_file()).map(str::to_string)
+        });
+    let console = log_path.and_then(|p| std::fs::read_to_string(p).ok()).unwrap_or_default();
     let code = out.status.code();
-    assert!(
-        code == Some(0) || code == Some(1),
-        "run-fio.sh setup error: {stdout}\n{stderr}"
-    );
+    assert!(code == Some(0) || code == Some(1), "run-fio.sh setup error: {stdout}\n{stderr}");
     let passed = code == Some(0);
-    assert_eq!(
-        passed,
-        console.contains("GUEST-RESULT: PASS"),
-        "exit code and console disagree:\n{console}"
-    );
+    assert_eq!(passed, console.contains("GUEST-RESULT: PASS"), "exit code and console disagree:\n{console}");
     (passed, console)
 }
 
@@ -78,10 +62,7 @@ fn guest_fio_verify_mixed_and_trim() {
     for job in ["verify", "mixed", "trim"] {
         let (ok, console) = run_fio(&s.socket, job, &[]);
         assert!(ok, "fio job {job} failed in the guest:\n{console}");
-        assert!(
-            !console.contains("I/O error"),
-            "guest logged an I/O error in {job}:\n{console}"
-        );
+        assert!(!console.contains("I/O error"), "guest logged an I/O error in {job}:\n{console}");
     }
     let stats = s.qmp_ok("query-blockstats");
     assert!(stats["write"]["ops"].as_u64().unwrap() > 1000, "{stats}");
@@ -100,25 +81,16 @@ fn guest_data_survives_daemon_restart_and_harness_detects_corruption() {
     let (ok, console) = run_fio(&s.socket, "persist-write", &[]);
     assert!(ok, "persist-write failed:\n{console}");
     // Restart colo-blk on the same image: what the guest wrote must be there.
-    s.qmp()
-        .execute("quit", Default::default())
-        .unwrap()
-        .unwrap();
+    s.qmp().execute("quit", Default::default()).unwrap().unwrap();
     assert_eq!(s.wait_exit().code(), Some(0));
     let d = disk.to_str().unwrap().to_string();
     let dir = tempfile::tempdir().unwrap();
     let s2 = Server::start(dir, &["--disk", &d, "--num-queues", "2"]);
     let (ok, console) = run_fio(&s2.socket, "persist-check", &[]);
-    assert!(
-        ok,
-        "data written before the restart did not verify:\n{console}"
-    );
+    assert!(ok, "data written before the restart did not verify:\n{console}");
     // Negative control: a job that verifies data it never wrote must fail.
     let (ok, _) = run_fio(&s2.socket, "selftest-fail", &[]);
-    assert!(
-        !ok,
-        "the guest harness reported PASS for a job that must fail"
-    );
+    assert!(!ok, "the guest harness reported PASS for a job that must fail");
 }
 
 /// A QEMU guest runs fio verify on a secondary-mode colo-blk across checkpoints (each fio run
@@ -132,12 +104,7 @@ fn guest_fio_on_secondary_across_checkpoints_and_failover() {
     }
     let dir = tempfile::tempdir().unwrap();
     let p = |n: &str| dir.path().join(n).display().to_string();
-    let (disk, active, hidden, nbd) = (
-        p("sec.img"),
-        p("active.img"),
-        p("hidden.img"),
-        p("nbd.sock"),
-    );
+    let (disk, active, hidden, nbd) = (p("sec.img"), p("active.img"), p("hidden.img"), p("nbd.sock"));
     let nbd_listen = format!("unix:{nbd}");
     let s = Server::start(
         tempfile::tempdir().unwrap(),
@@ -160,37 +127,21 @@ fn guest_fio_on_secondary_across_checkpoints_and_failover() {
     );
     let url = format!("nbd+unix:///?socket={nbd}");
     let qemu_io = |cmd: &str| {
-        let ok = Command::new("qemu-io")
-            .args(["-f", "raw", "-c", cmd, &url])
-            .status()
-            .unwrap()
-            .success();
+        let ok = Command::new("qemu-io").args(["-f", "raw", "-c", cmd, &url]).status().unwrap().success();
         assert!(ok, "qemu-io {cmd}");
     };
     // Initial sync (stage none), then start.
     qemu_io("write -P 0x5a 400M 16M");
     s.qmp()
-        .execute(
-            "replication-start",
-            serde_json::json!({"mode": "secondary"})
-                .as_object()
-                .unwrap()
-                .clone(),
-        )
+        .execute("replication-start", serde_json::json!({"mode": "secondary"}).as_object().unwrap().clone())
         .unwrap()
         .unwrap();
     for epoch in 0..2 {
         let (ok, console) = run_fio(&s.socket, "verify", &[]);
-        assert!(
-            ok,
-            "epoch {epoch}: fio verify failed on the secondary:\n{console}"
-        );
+        assert!(ok, "epoch {epoch}: fio verify failed on the secondary:\n{console}");
         qemu_io(&format!("write -P {} 420M 4M", 0x60 + epoch));
         let q = s.qmp_ok("query-replication");
-        assert!(
-            q["active-dirty-bytes"].as_u64().unwrap() > 0,
-            "guest writes did not reach active: {q}"
-        );
+        assert!(q["active-dirty-bytes"].as_u64().unwrap() > 0, "guest writes did not reach active: {q}");
         assert!(q["hidden-dirty-bytes"].as_u64().unwrap() >= 4 << 20, "{q}");
         s.qmp_ok("replication-checkpoint");
         let q = s.qmp_ok("query-replication");
@@ -198,18 +149,10 @@ fn guest_fio_on_secondary_across_checkpoints_and_failover() {
     }
     let mut events = s.qmp();
     s.qmp()
-        .execute(
-            "replication-stop",
-            serde_json::json!({"failover": true})
-                .as_object()
-                .unwrap()
-                .clone(),
-        )
+        .execute("replication-stop", serde_json::json!({"failover": true}).as_object().unwrap().clone())
         .unwrap()
         .unwrap();
-    events
-        .wait_event("REPLICATION_FAILOVER_DONE", common::WAIT)
-        .unwrap();
+    events.wait_event("REPLICATION_FAILOVER_DONE", common::WAIT).unwrap();
     let (ok, console) = run_fio(&s.socket, "mixed", &[]);
     assert!(ok, "fio after failover failed:\n{console}");
     assert_eq!(s.qmp_ok("query-replication")["stage"], "done");

@@ -48,13 +48,7 @@ fn start_secondary(size: u64) -> Pair {
     ];
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
     let s = Server::start(dir, &argv);
-    Pair {
-        s,
-        disk,
-        active,
-        hidden,
-        nbd,
-    }
+    Pair { s, disk, active, hidden, nbd }
 }
 
 impl Pair {
@@ -70,8 +64,7 @@ impl Pair {
             c.arg("-c").arg(cmd);
         }
         let out = c.arg(self.url()).output().expect("qemu-io");
-        let text = String::from_utf8_lossy(&out.stdout).into_owned()
-            + &String::from_utf8_lossy(&out.stderr);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
         let failed = !out.status.success() || text.contains("failed") || text.contains("error");
         if failed {
             eprintln!("qemu-io {cmds:?}: {text}");
@@ -80,10 +73,7 @@ impl Pair {
     }
 
     fn primary_write(&self, pattern: u8, offset: u64, len: u64) {
-        assert!(
-            self.primary(&[format!("write -P {pattern} {offset} {len}")]),
-            "NBD write failed"
-        );
+        assert!(self.primary(&[format!("write -P {pattern} {offset} {len}")]), "NBD write failed");
     }
 
     fn qmp(&self, cmd: &str, args: Value) -> Result<Value, String> {
@@ -92,25 +82,18 @@ impl Pair {
     }
 
     fn start(&self) {
-        self.qmp("replication-start", json!({"mode": "secondary"}))
-            .expect("start");
+        self.qmp("replication-start", json!({"mode": "secondary"})).expect("start");
     }
 
     fn stage(&self) -> String {
-        self.qmp("query-replication", json!({})).unwrap()["stage"]
-            .as_str()
-            .unwrap()
-            .to_string()
+        self.qmp("query-replication", json!({})).unwrap()["stage"].as_str().unwrap().to_string()
     }
 
     /// Fails over and waits for the merge to finish.
     fn failover(&self) {
         let mut events = self.s.qmp();
-        self.qmp("replication-stop", json!({"failover": true}))
-            .expect("failover");
-        events
-            .wait_event("REPLICATION_FAILOVER_DONE", WAIT)
-            .expect("failover done event");
+        self.qmp("replication-stop", json!({"failover": true})).expect("failover");
+        events.wait_event("REPLICATION_FAILOVER_DONE", WAIT).expect("failover done event");
         assert_eq!(self.stage(), "done");
     }
 }
@@ -118,11 +101,7 @@ impl Pair {
 /// Initial sync: the secondary disk holds A everywhere (written over NBD in stage none).
 fn fill_a(p: &Pair, size: u64) {
     p.primary_write(A, 0, size);
-    assert!(
-        file_range(&p.disk, 0, size as usize)
-            .iter()
-            .all(|&b| b == A)
-    );
+    assert!(file_range(&p.disk, 0, size as usize).iter().all(|&b| b == A));
 }
 
 fn read_all(c: &mut Client, offset: u64, len: u64) -> Vec<u8> {
@@ -142,11 +121,7 @@ fn vm_write(c: &mut Client, pattern: u8, offset: u64, len: u64) {
     let mut o = offset;
     while o < offset + len {
         let n = (offset + len - o).min(8 * MIB);
-        assert_eq!(
-            c.write(0, o, &vec![pattern; n as usize]),
-            0,
-            "VM write at {o} failed"
-        );
+        assert_eq!(c.write(0, o, &vec![pattern; n as usize]), 0, "VM write at {o} failed");
         o += n;
     }
 }
@@ -162,10 +137,7 @@ fn t07_t08_vm_io_before_start_fails() {
     let p = start_secondary(SIZE);
     let mut c = Client::connect(&p.s.socket, 1, false);
     assert!(c.read(0, 0, 4096).0 < 0, "read before start must fail");
-    assert!(
-        c.write(0, 0, &[0u8; 4096]) < 0,
-        "write before start must fail"
-    );
+    assert!(c.write(0, 0, &[0u8; 4096]) < 0, "write before start must fail");
     assert_eq!(p.stage(), "none");
 }
 
@@ -205,16 +177,11 @@ fn t11_continuous_replication_requests_ignored_after_failover() {
     vm_write(&mut c, C, 0, 32 * MIB);
     p.failover();
     // All three are silently ignored once failed over (L5 too).
-    p.qmp("replication-start", json!({"mode": "primary"}))
-        .expect("start ignored");
-    p.qmp("replication-start", json!({"mode": "secondary"}))
-        .expect("start ignored");
-    p.qmp("replication-checkpoint", json!({}))
-        .expect("checkpoint ignored");
-    p.qmp("replication-stop", json!({"failover": true}))
-        .expect("stop ignored");
-    p.qmp("replication-stop", json!({"failover": false}))
-        .expect("stop ignored");
+    p.qmp("replication-start", json!({"mode": "primary"})).expect("start ignored");
+    p.qmp("replication-start", json!({"mode": "secondary"})).expect("start ignored");
+    p.qmp("replication-checkpoint", json!({})).expect("checkpoint ignored");
+    p.qmp("replication-stop", json!({"failover": true})).expect("stop ignored");
+    p.qmp("replication-stop", json!({"failover": false})).expect("stop ignored");
     assert_eq!(p.stage(), "done");
     assert!(all(&read_all(&mut c, 0, 32 * MIB), C));
     assert!(all(&read_all(&mut c, 32 * MIB, 32 * MIB), A));
@@ -228,19 +195,14 @@ fn t12_checkpoint_shows_primary_data() {
     let mut c = Client::connect(&p.s.socket, 1, false);
     p.primary_write(B, 32 * MIB, 32 * MIB);
     assert!(all(&read_all(&mut c, 32 * MIB, 32 * MIB), A));
-    p.qmp("replication-checkpoint", json!({}))
-        .expect("checkpoint");
+    p.qmp("replication-checkpoint", json!({})).expect("checkpoint");
     assert!(all(&read_all(&mut c, 32 * MIB, 32 * MIB), B));
     let q = p.qmp("query-replication", json!({})).unwrap();
     assert_eq!(q["active-dirty-bytes"], 0);
     assert_eq!(q["hidden-dirty-bytes"], 0);
     assert_eq!(q["checkpoints"], 1);
     // The buffers' space was given back.
-    assert!(
-        allocated(&p.hidden) < MIB,
-        "hidden still holds {} bytes",
-        allocated(&p.hidden)
-    );
+    assert!(allocated(&p.hidden) < MIB, "hidden still holds {} bytes", allocated(&p.hidden));
     p.failover();
 }
 
@@ -264,19 +226,13 @@ fn c1_to_c5_isolation_partial_cow_once_and_vm_writes() {
     // holds exactly the old 4 KiB (sector-granular copy-before-write: no amplification).
     p.primary_write(B, 64 * 1024 + 8192, 4096);
     assert!(all(&read_all(&mut c, 64 * 1024, 64 * 1024), A));
-    assert_eq!(
-        p.qmp("query-replication", json!({})).unwrap()["cow-bytes"],
-        4096
-    );
+    assert_eq!(p.qmp("query-replication", json!({})).unwrap()["cow-bytes"], 4096);
     assert!(all(&file_range(&p.hidden, 64 * 1024 + 8192, 4096), A));
     // C3: a second primary write to the same place is not copied again; the VM still sees A.
     p.primary_write(C, 64 * 1024 + 8192, 4096);
     assert!(all(&read_all(&mut c, 64 * 1024, 64 * 1024), A));
     assert!(all(&file_range(&p.hidden, 64 * 1024 + 8192, 4096), A));
-    assert_eq!(
-        p.qmp("query-replication", json!({})).unwrap()["cow-bytes"],
-        4096
-    );
+    assert_eq!(p.qmp("query-replication", json!({})).unwrap()["cow-bytes"], 4096);
     // C4: the VM writes C, then the primary writes B there: the VM keeps reading C;
     // after a checkpoint it reads B.
     vm_write(&mut c, C, MIB, 8192);
@@ -297,10 +253,7 @@ fn c1_to_c5_isolation_partial_cow_once_and_vm_writes() {
     let disk = std::fs::read(&p.disk).unwrap();
     assert!(read_all(&mut c, 0, 4 * MIB) == disk);
     p.primary_write(A, MIB, 8192);
-    assert!(
-        all(&read_all(&mut c, MIB, 8192), B),
-        "copy-before-write not re-armed"
-    );
+    assert!(all(&read_all(&mut c, MIB, 8192), B), "copy-before-write not re-armed");
 }
 
 #[test]
@@ -324,10 +277,7 @@ fn c7_failover_merge_is_checkpoint_plus_vm_writes() {
     want[6 * MIB as usize..7 * MIB as usize].fill(C); // VM writes
     want[(MIB + MIB / 4) as usize..(MIB + MIB / 2) as usize].fill(C);
     let disk = std::fs::read(&p.disk).unwrap();
-    assert!(
-        disk == want,
-        "merged disk differs from checkpoint + VM writes"
-    );
+    assert!(disk == want, "merged disk differs from checkpoint + VM writes");
     assert!(read_all(&mut c, 0, 8 * MIB) == want);
 }
 
@@ -354,8 +304,7 @@ fn c8_vm_reads_never_see_racing_primary_writes() {
             let mut cmd = Command::new("qemu-io");
             cmd.arg("-f").arg("raw");
             for i in 0..DISK / BLK {
-                cmd.arg("-c")
-                    .arg(format!("aio_write -P {pat} {} {BLK}", i * BLK));
+                cmd.arg("-c").arg(format!("aio_write -P {pat} {} {BLK}", i * BLK));
             }
             cmd.arg("-c").arg("aio_flush");
             let ok = cmd.arg(&url).status().unwrap().success();
@@ -373,9 +322,7 @@ fn c8_vm_reads_never_see_racing_primary_writes() {
                     let mut x = (round as u64 + 1) * 7919 + t as u64 * 104729;
                     let mut reads = 0u32;
                     while !done.load(SeqCst) || reads < 50 {
-                        x = x
-                            .wrapping_mul(6364136223846793005)
-                            .wrapping_add(1442695040888963407);
+                        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
                         let off = (x >> 33) % (DISK / 4096) * 4096;
                         let len = BLK.min(DISK - off) as usize;
                         q.read(off, buf as *mut u8, len, 0, blkio::ReqFlags::empty());
@@ -415,24 +362,11 @@ fn c9_failover_failed_routes_writes() {
     vm_write(&mut c, C, 0, MIB);
     p.primary_write(B, 2 * MIB, MIB);
     let mut events = p.s.qmp();
-    p.qmp(
-        "replication-stop",
-        json!({"failover": true, "x-inject-commit-error": true}),
-    )
-    .unwrap();
-    events
-        .wait_event("REPLICATION_ERROR", WAIT)
-        .expect("error event");
+    p.qmp("replication-stop", json!({"failover": true, "x-inject-commit-error": true})).unwrap();
+    events.wait_event("REPLICATION_ERROR", WAIT).expect("error event");
     assert_eq!(p.stage(), "failover-failed");
-    assert_eq!(
-        p.qmp("replication-get-error", json!({})).unwrap_err(),
-        "I/O error occurred"
-    );
-    assert_eq!(
-        p.qmp("replication-stop", json!({"failover": true}))
-            .unwrap_err(),
-        "Block replication is not running"
-    );
+    assert_eq!(p.qmp("replication-get-error", json!({})).unwrap_err(), "I/O error occurred");
+    assert_eq!(p.qmp("replication-stop", json!({"failover": true})).unwrap_err(), "Block replication is not running");
     // A write over sectors allocated in active goes to active; over unallocated sectors
     // (never written this epoch) straight to the disk; over hidden-saved sectors to active.
     vm_write(&mut c, B, 0, 4096);
@@ -441,10 +375,7 @@ fn c9_failover_failed_routes_writes() {
     assert!(all(&file_range(&p.active, 0, 4096), B));
     assert!(all(&file_range(&p.disk, 3 * MIB, 4096), B));
     assert!(all(&file_range(&p.active, 2 * MIB, 4096), C));
-    assert!(
-        all(&file_range(&p.disk, 2 * MIB, 4096), B),
-        "the disk keeps the primary's data"
-    );
+    assert!(all(&file_range(&p.disk, 2 * MIB, 4096), B), "the disk keeps the primary's data");
     // Reads see the newest data everywhere.
     let v = read_all(&mut c, 0, 4 * MIB);
     assert!(all(&v[..4096], B) && all(&v[4096..MIB as usize], C));
@@ -459,52 +390,29 @@ fn c9_failover_failed_routes_writes() {
 fn l2_l3_lifecycle_errors() {
     let p = start_secondary(4 * MIB);
     let err = |cmd: &str, args: Value| p.qmp(cmd, args).unwrap_err();
-    assert_eq!(
-        err("replication-stop", json!({"failover": true})),
-        "Block replication is not running"
-    );
-    assert_eq!(
-        err("replication-get-error", json!({})),
-        "Block replication is not running"
-    );
-    assert_eq!(
-        err("replication-checkpoint", json!({})),
-        "Backup job was cancelled unexpectedly"
-    );
+    assert_eq!(err("replication-stop", json!({"failover": true})), "Block replication is not running");
+    assert_eq!(err("replication-get-error", json!({})), "Block replication is not running");
+    assert_eq!(err("replication-checkpoint", json!({})), "Backup job was cancelled unexpectedly");
     assert_eq!(
         err("replication-start", json!({"mode": "primary"})),
         "The parameter mode's value is invalid, needs 1, but got 0"
     );
-    assert_eq!(
-        err("replication-start", json!({})),
-        "Parameter 'mode' is missing"
-    );
-    assert_eq!(
-        err("replication-stop", json!({})),
-        "Parameter 'failover' is missing"
-    );
+    assert_eq!(err("replication-start", json!({})), "Parameter 'mode' is missing");
+    assert_eq!(err("replication-stop", json!({})), "Parameter 'failover' is missing");
     assert_eq!(p.stage(), "none");
     p.start();
-    assert_eq!(
-        err("replication-start", json!({"mode": "secondary"})),
-        "Block replication is running or done"
-    );
-    p.qmp("replication-stop", json!({"failover": false}))
-        .unwrap();
+    assert_eq!(err("replication-start", json!({"mode": "secondary"})), "Block replication is running or done");
+    p.qmp("replication-stop", json!({"failover": false})).unwrap();
     assert_eq!(p.stage(), "done");
 }
 
 #[test]
 fn l4_length_mismatch_refused_then_start_succeeds() {
     let p = start_secondary(4 * MIB);
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(&p.hidden)
-        .unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(&p.hidden).unwrap();
     f.set_len(4 * MIB - 512).unwrap();
     assert_eq!(
-        p.qmp("replication-start", json!({"mode": "secondary"}))
-            .unwrap_err(),
+        p.qmp("replication-start", json!({"mode": "secondary"})).unwrap_err(),
         "Active disk, hidden disk, secondary disk's length are not the same"
     );
     assert_eq!(p.stage(), "none");
@@ -518,48 +426,20 @@ fn l1_bad_secondary_options_exit_2() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let run = |args: &[&str]| {
-        let out = Command::new(env!("CARGO_BIN_EXE_colo-blk"))
-            .args(args)
-            .current_dir(d)
-            .output()
-            .unwrap();
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+        let out = Command::new(env!("CARGO_BIN_EXE_colo-blk")).args(args).current_dir(d).output().unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
     };
     let base = ["serve", "--socket", "s", "--disk", "x.img", "--size", "1M"];
-    let (code, err) = run(&[
-        &base[..],
-        &[
-            "--replication",
-            "secondary",
-            "--hidden",
-            "h",
-            "--nbd-listen",
-            "unix:n",
-        ],
-    ]
-    .concat());
+    let (code, err) =
+        run(&[&base[..], &["--replication", "secondary", "--hidden", "h", "--nbd-listen", "unix:n"]].concat());
     assert_eq!(code, Some(2));
     assert!(err.contains("--active"), "{err}");
     let (code, err) = run(&[&base[..], &["--active", "a"]].concat());
     assert_eq!(code, Some(2));
     assert!(err.contains("--active"), "{err}");
-    let (code, err) = run(&[
-        &base[..],
-        &[
-            "--replication",
-            "secondary",
-            "--active",
-            "a",
-            "--hidden",
-            "h",
-            "--nbd-listen",
-            "nohost",
-        ],
-    ]
-    .concat());
+    let (code, err) =
+        run(&[&base[..], &["--replication", "secondary", "--active", "a", "--hidden", "h", "--nbd-listen", "nohost"]]
+            .concat());
     assert_eq!(code, Some(2));
     assert!(err.contains("--nbd-listen"), "{err}");
     // An existing buffer of the wrong size is refused at start-up with QEMU's message.
@@ -581,10 +461,7 @@ fn l1_bad_secondary_options_exit_2() {
         "unix:n",
     ]);
     assert_eq!(code, Some(2));
-    assert!(
-        err.contains("Active disk, hidden disk, secondary disk's length are not the same"),
-        "{err}"
-    );
+    assert!(err.contains("Active disk, hidden disk, secondary disk's length are not the same"), "{err}");
 }
 
 #[test]
@@ -595,8 +472,7 @@ fn stop_without_failover_drops_buffers() {
     let mut c = Client::connect(&p.s.socket, 1, false);
     vm_write(&mut c, C, 0, MIB);
     p.primary_write(B, 2 * MIB, MIB);
-    p.qmp("replication-stop", json!({"failover": false}))
-        .unwrap();
+    p.qmp("replication-stop", json!({"failover": false})).unwrap();
     assert_eq!(p.stage(), "done");
     // The VM now sees the disk: its own writes since the last checkpoint are dropped.
     let disk = std::fs::read(&p.disk).unwrap();
@@ -610,25 +486,15 @@ fn stop_without_failover_drops_buffers() {
 fn nbd_interop_reads_writes_zeroes_and_bad_requests() {
     let p = start_secondary(4 * MIB);
     // Stage none: straight to the disk (initial sync), and qemu-io reads it back.
-    assert!(p.primary(&[
-        "write -P 0x5a 4096 8192".into(),
-        "read -P 0x5a 4096 8192".into()
-    ]));
-    assert!(p.primary(&[
-        "write -z 4096 4096".into(),
-        "read -P 0 4096 4096".into(),
-        "read -P 0x5a 8192 4096".into()
-    ]));
+    assert!(p.primary(&["write -P 0x5a 4096 8192".into(), "read -P 0x5a 4096 8192".into()]));
+    assert!(p.primary(&["write -z 4096 4096".into(), "read -P 0 4096 4096".into(), "read -P 0x5a 8192 4096".into()]));
     assert!(p.primary(&["discard 0 65536".into(), "flush".into()]));
     // Unaligned writes work too.
     assert!(p.primary(&["write -P 0x44 100 10".into(), "read -P 0x44 100 10".into()]));
     // Beyond the end: refused, the server keeps serving.
     assert!(!p.primary(&[format!("write -P 1 {} 512", 4 * MIB)]));
     assert!(p.primary(&["read 0 512".into()]));
-    assert_eq!(
-        p.qmp("query-replication", json!({})).unwrap()["nbd"]["clients"],
-        0
-    );
+    assert_eq!(p.qmp("query-replication", json!({})).unwrap()["nbd"]["clients"], 0);
 }
 
 #[test]
@@ -661,10 +527,7 @@ fn failover_while_vm_io_runs_and_checkpoint_during_io() {
                 after += 1;
                 let (r, d) = c.read(0, off, 65536);
                 assert_eq!(r, 0);
-                assert!(
-                    d == pattern(off, 65536, seq),
-                    "VM lost its own write at {off}"
-                );
+                assert!(d == pattern(off, 65536, seq), "VM lost its own write at {off}");
             }
             seq += 1;
         }
@@ -683,14 +546,8 @@ fn failover_while_vm_io_runs_and_checkpoint_during_io() {
     // Every write acknowledged since the last checkpoint is on the merged disk, and the
     // primary's write since that checkpoint was undone.
     for (off, s) in &kept {
-        assert!(
-            c.read(0, *off, 65536).1 == pattern(*off, 65536, *s),
-            "acknowledged write at {off} lost"
-        );
-        assert!(
-            file_range(&p.disk, *off, 65536) == pattern(*off, 65536, *s),
-            "write at {off} not on the disk"
-        );
+        assert!(c.read(0, *off, 65536).1 == pattern(*off, 65536, *s), "acknowledged write at {off} lost");
+        assert!(file_range(&p.disk, *off, 65536) == pattern(*off, 65536, *s), "write at {off} not on the disk");
     }
     assert!(all(&file_range(&p.disk, 12 * MIB, MIB as usize), A));
     assert!(all(&file_range(&p.disk, 8 * MIB, MIB as usize), B));
@@ -700,16 +557,7 @@ fn failover_while_vm_io_runs_and_checkpoint_during_io() {
 fn query_reports_progress_fields() {
     let p = start_secondary(4 * MIB);
     let q = p.qmp("query-replication", json!({})).unwrap();
-    for k in [
-        "mode",
-        "stage",
-        "error",
-        "active-dirty-bytes",
-        "hidden-dirty-bytes",
-        "cow-bytes",
-        "commit",
-        "nbd",
-    ] {
+    for k in ["mode", "stage", "error", "active-dirty-bytes", "hidden-dirty-bytes", "cow-bytes", "commit", "nbd"] {
         assert!(q.get(k).is_some(), "missing {k} in {q}");
     }
     assert_eq!(q["mode"], "secondary");

@@ -17,9 +17,7 @@ pub struct SectorBitmap {
 
 impl std::fmt::Debug for SectorBitmap {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SectorBitmap")
-            .field("sectors", &self.sectors)
-            .finish()
+        f.debug_struct("SectorBitmap").field("sectors", &self.sectors).finish()
     }
 }
 
@@ -27,10 +25,7 @@ impl SectorBitmap {
     /// A clear bitmap for `sectors` sectors.
     pub fn new(sectors: u64) -> Self {
         let n = sectors.div_ceil(CHUNK_SECTORS) as usize;
-        SectorBitmap {
-            sectors,
-            chunks: (0..n).map(|_| OnceLock::new()).collect(),
-        }
+        SectorBitmap { sectors, chunks: (0..n).map(|_| OnceLock::new()).collect() }
     }
 
     /// Number of sectors covered.
@@ -55,8 +50,7 @@ impl SectorBitmap {
 
     /// Whether `sector` is set.
     pub fn get(&self, sector: u64) -> bool {
-        self.word(sector, false)
-            .is_some_and(|w| w.load(Ordering::Acquire) & (1 << (sector % 64)) != 0)
+        self.word(sector, false).is_some_and(|w| w.load(Ordering::Acquire) & (1 << (sector % 64)) != 0)
     }
 
     /// Applies `f(word, mask)` to every word overlapping [start, end).
@@ -66,11 +60,7 @@ impl SectorBitmap {
         while s < end {
             let bit = s % 64;
             let n = (64 - bit).min(end - s);
-            let mask = if n == 64 {
-                u64::MAX
-            } else {
-                ((1u64 << n) - 1) << bit
-            };
+            let mask = if n == 64 { u64::MAX } else { ((1u64 << n) - 1) << bit };
             if let Some(w) = self.word(s, alloc) {
                 f(w, mask);
             } else if !alloc {
@@ -111,9 +101,7 @@ impl SectorBitmap {
     /// Number of set sectors in [start, end).
     pub fn count(&self, start: u64, end: u64) -> u64 {
         let mut n = 0;
-        self.for_words(start, end, false, |w, m| {
-            n += u64::from((w.load(Ordering::Acquire) & m).count_ones())
-        });
+        self.for_words(start, end, false, |w, m| n += u64::from((w.load(Ordering::Acquire) & m).count_ones()));
         n
     }
 

@@ -31,18 +31,11 @@ impl RangeLock {
     fn acquire(&self, start: u64, end: u64, exclusive: bool) -> RangeGuard<'_> {
         let mut g = self.held.lock().unwrap_or_else(|e| e.into_inner());
         loop {
-            let conflict =
-                g.1.iter()
-                    .any(|h| h.start < end && start < h.end && (exclusive || h.exclusive));
+            let conflict = g.1.iter().any(|h| h.start < end && start < h.end && (exclusive || h.exclusive));
             if !conflict {
                 g.0 += 1;
                 let id = g.0;
-                g.1.push(Held {
-                    id,
-                    start,
-                    end,
-                    exclusive,
-                });
+                g.1.push(Held { id, start, end, exclusive });
                 return RangeGuard { lock: self, id };
             }
             g = self.cv.wait(g).unwrap_or_else(|e| e.into_inner());

@@ -52,19 +52,13 @@ impl RawDisk {
     /// Opens (or creates, sparse, when `create_size` is set and the path is missing) the disk.
     pub fn open(opts: &RawOptions) -> Result<Self, BlockError> {
         let path_str = opts.path.display().to_string();
-        let open_err = |source| BlockError::Open {
-            path: path_str.clone(),
-            source,
-        };
+        let open_err = |source| BlockError::Open { path: path_str.clone(), source };
         let exists = opts.path.exists();
         if !exists && opts.create_size.is_none() {
             return Err(BlockError::Missing(path_str));
         }
         if !exists && opts.read_only {
-            return Err(open_err(io::Error::new(
-                io::ErrorKind::NotFound,
-                "a read-only disk must exist",
-            )));
+            return Err(open_err(io::Error::new(io::ErrorKind::NotFound, "a read-only disk must exist")));
         }
         if let (false, Some(size)) = (exists, opts.create_size) {
             create_sparse(&opts.path, size).map_err(open_err)?;
@@ -83,11 +77,7 @@ impl RawDisk {
             meta.len()
         };
         if size == 0 || size % u64::from(opts.block_size) != 0 {
-            return Err(BlockError::BadSize {
-                path: path_str,
-                size,
-                block_size: opts.block_size,
-            });
+            return Err(BlockError::BadSize { path: path_str, size, block_size: opts.block_size });
         }
         Ok(RawDisk {
             file: Arc::new(file),
@@ -141,11 +131,7 @@ impl BlockDevice for RawDisk {
     }
 
     fn flush(&self) -> io::Result<()> {
-        if self.read_only {
-            Ok(())
-        } else {
-            self.file.sync_data()
-        }
+        if self.read_only { Ok(()) } else { self.file.sync_data() }
     }
 
     fn describe(&self) -> String {

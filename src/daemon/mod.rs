@@ -18,7 +18,7 @@ use vmm_sys_util::epoll::EventSet;
 
 use crate::block::{BlockDevice, BlockError};
 use crate::qmp::{Command, EventBus, QmpError, QmpHandler, QmpServer};
-use crate::replication::{ReplicationControl, StartArgs};
+use crate::replication::ReplicationControl;
 use crate::stats::{QueueStats, snapshot};
 use crate::vhost::{BlkBackend, DRAIN_TIMEOUT, DeviceConfig, Shared, completion_event_id};
 
@@ -74,14 +74,8 @@ pub struct Daemon {
 
 impl Daemon {
     /// A daemon serving `device`.
-    pub fn new(
-        cfg: ServeConfig,
-        device: Arc<dyn BlockDevice>,
-        replication: Arc<dyn ReplicationControl>,
-    ) -> Arc<Self> {
-        let stats = (0..cfg.device.num_queues)
-            .map(|_| Arc::new(QueueStats::default()))
-            .collect();
+    pub fn new(cfg: ServeConfig, device: Arc<dyn BlockDevice>, replication: Arc<dyn ReplicationControl>) -> Arc<Self> {
+        let stats = (0..cfg.device.num_queues).map(|_| Arc::new(QueueStats::default())).collect();
         Arc::new(Daemon {
             cfg,
             device,
@@ -119,16 +113,9 @@ impl Daemon {
             })
             .map_err(DaemonError::Signals)?;
         if let Some(l) = qmp_listener {
-            QmpServer::spawn(l, self.clone(), self.events.clone()).map_err(|source| {
-                DaemonError::Bind {
-                    path: self
-                        .cfg
-                        .qmp
-                        .as_ref()
-                        .map(|p| p.display().to_string())
-                        .unwrap_or_default(),
-                    source,
-                }
+            QmpServer::spawn(l, self.clone(), self.events.clone()).map_err(|source| DaemonError::Bind {
+                path: self.cfg.qmp.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
+                source,
             })?;
         }
         log::info!(
@@ -144,18 +131,9 @@ impl Daemon {
     fn serve_loop(&self, listener: UnixListener) -> Result<(), DaemonError> {
         let mut listener = Listener::from(listener);
         loop {
-            let shared = Arc::new(Shared::new(
-                self.cfg.device.clone(),
-                self.quiescing.clone(),
-                self.cfg.poll,
-            ));
+            let shared = Arc::new(Shared::new(self.cfg.device.clone(), self.quiescing.clone(), self.cfg.poll));
             let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-            let backend = Arc::new(BlkBackend::new(
-                shared,
-                &*self.device,
-                mem.clone(),
-                &self.stats,
-            )?);
+            let backend = Arc::new(BlkBackend::new(shared, &*self.device, mem.clone(), &self.stats)?);
             let mut daemon = VhostUserDaemon::new("colo-blk".into(), backend.clone(), mem)
                 .map_err(|e| DaemonError::Vhost(e.to_string()))?;
             let event = u64::from(completion_event_id(usize::from(self.cfg.device.num_queues)));
@@ -163,9 +141,7 @@ impl Daemon {
                 if let Some(fd) = fd {
                     handler
                         .register_listener(fd, EventSet::IN, event)
-                        .map_err(|e| {
-                            DaemonError::Vhost(format!("cannot watch completions: {e}"))
-                        })?;
+                        .map_err(|e| DaemonError::Vhost(format!("cannot watch completions: {e}")))?;
                 }
             }
             *self.current.lock().unwrap_or_else(|e| e.into_inner()) = Some(backend.clone());
@@ -199,11 +175,7 @@ impl Daemon {
             return;
         }
         self.quiescing.store(true, Ordering::Release);
-        let backend = self
-            .current
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        let backend = self.current.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let mut code = 0;
         if let Some(b) = backend
             && !b.drain_all(DRAIN_TIMEOUT)
@@ -225,11 +197,7 @@ impl Daemon {
     }
 
     fn query_block(&self) -> Value {
-        let backend = self
-            .current
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        let backend = self.current.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let d = &self.cfg.device;
         let connected = self.connected.load(Ordering::Acquire);
         let (acked, writeback, inflight) = match (&backend, connected) {
@@ -263,35 +231,16 @@ impl QmpHandler for Daemon {
     fn execute(&self, cmd: &Command) -> Result<Value, QmpError> {
         match cmd {
             Command::QueryBlock => Ok(self.query_block()),
-            Command::QueryBlockstats => {
-                serde_json::to_value(snapshot(self.stats.iter().map(|s| &**s)))
-                    .map_err(|e| QmpError::Generic(e.to_string()))
-            }
+            Command::QueryBlockstats => serde_json::to_value(snapshot(self.stats.iter().map(|s| &**s)))
+                .map_err(|e| QmpError::Generic(e.to_string())),
             Command::QmpCapabilities | Command::Quit => Ok(json!({})),
             Command::QueryReplication => Ok(self.replication.query()),
-            Command::ReplicationStart { mode } => self
-                .replication
-                .start(&StartArgs { mode: *mode })
-                .map(|()| json!({}))
-                .map_err(generic),
-            Command::ReplicationCheckpoint => self
-                .replication
-                .checkpoint()
-                .map(|()| json!({}))
-                .map_err(generic),
-            Command::ReplicationGetError => self
-                .replication
-                .get_error()
-                .map(|()| json!({}))
-                .map_err(generic),
-            Command::ReplicationStop {
-                failover,
-                inject_commit_error,
-            } => self
-                .replication
-                .stop(*failover, *inject_commit_error)
-                .map(|()| json!({}))
-                .map_err(generic),
+            Command::ReplicationStart(args) => self.replication.start(args).map(|()| json!({})).map_err(generic),
+            Command::ReplicationCheckpoint => self.replication.checkpoint().map(|()| json!({})).map_err(generic),
+            Command::ReplicationGetError => self.replication.get_error().map(|()| json!({})).map_err(generic),
+            Command::ReplicationStop { failover, inject_commit_error } => {
+                self.replication.stop(*failover, *inject_commit_error).map(|()| json!({})).map_err(generic)
+            }
         }
     }
 

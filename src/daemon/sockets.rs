@@ -7,19 +7,13 @@ use super::DaemonError;
 
 /// Binds a UNIX socket that only the owner can use (mode 0600), replacing a stale one.
 pub fn bind_private(path: &Path) -> Result<UnixListener, DaemonError> {
-    let err = |source| DaemonError::Bind {
-        path: path.display().to_string(),
-        source,
-    };
+    let err = |source| DaemonError::Bind { path: path.display().to_string(), source };
     match std::fs::symlink_metadata(path) {
         Ok(m) if std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()) => {
             std::fs::remove_file(path).map_err(err)?;
         }
         Ok(_) => {
-            return Err(err(std::io::Error::new(
-                std::io::ErrorKind::AlreadyExists,
-                "path exists and is not a socket",
-            )));
+            return Err(err(std::io::Error::new(std::io::ErrorKind::AlreadyExists, "path exists and is not a socket")));
         }
         Err(_) => {}
     }
@@ -50,11 +44,7 @@ pub fn block_termination_signals() -> std::io::Result<()> {
     let set = termination_set();
     // SAFETY: valid set pointer; the old mask is not needed.
     let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::from_raw_os_error(rc))
-    }
+    if rc == 0 { Ok(()) } else { Err(std::io::Error::from_raw_os_error(rc)) }
 }
 
 /// Waits for SIGTERM or SIGINT and returns its number.

@@ -21,16 +21,9 @@ use std::os::fd::RawFd;
 #[derive(Debug, Clone, Copy)]
 pub enum Op<'a> {
     /// Scatter read into `iovecs`.
-    Read {
-        offset: u64,
-        iovecs: &'a [libc::iovec],
-    },
+    Read { offset: u64, iovecs: &'a [libc::iovec] },
     /// Gather write from `iovecs`; `dsync` makes the data durable before completion.
-    Write {
-        offset: u64,
-        iovecs: &'a [libc::iovec],
-        dsync: bool,
-    },
+    Write { offset: u64, iovecs: &'a [libc::iovec], dsync: bool },
     /// Make every completed write durable (fdatasync).
     Flush,
     /// Deallocate a range; later reads return zeroes.
@@ -107,12 +100,7 @@ pub fn iovecs_len(iovecs: &[libc::iovec]) -> u64 {
 }
 
 /// The part of an iovec list covering bytes [offset, offset + len).
-pub fn slice_iovecs(
-    iovecs: &[libc::iovec],
-    mut offset: u64,
-    mut len: u64,
-    out: &mut Vec<libc::iovec>,
-) {
+pub fn slice_iovecs(iovecs: &[libc::iovec], mut offset: u64, mut len: u64, out: &mut Vec<libc::iovec>) {
     out.clear();
     for v in iovecs {
         if len == 0 {
@@ -139,13 +127,7 @@ pub fn slice_iovecs(
 ///
 /// # Safety
 /// The iovecs must describe live buffers (writable ones for reads).
-pub unsafe fn transfer(
-    fd: std::os::fd::RawFd,
-    offset: u64,
-    iovecs: &[libc::iovec],
-    write: bool,
-    dsync: bool,
-) -> i32 {
+pub unsafe fn transfer(fd: std::os::fd::RawFd, offset: u64, iovecs: &[libc::iovec], write: bool, dsync: bool) -> i32 {
     let flags = if dsync { libc::RWF_DSYNC } else { 0 };
     // SAFETY: forwarded contract.
     unsafe { sync::rw_all(fd, offset, iovecs, write, flags) }
@@ -160,29 +142,13 @@ pub fn result_from_len(len: u64) -> i32 {
 /// `fallocate` mode bits used for discard and write-zeroes.
 pub(crate) fn fallocate_mode(op: &Op<'_>) -> Option<(u64, u64, i32)> {
     match *op {
-        Op::Discard { offset, len } => Some((
-            offset,
-            len,
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-        )),
-        Op::WriteZeroes {
-            offset,
-            len,
-            unmap: true,
-        } => Some((
-            offset,
-            len,
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-        )),
-        Op::WriteZeroes {
-            offset,
-            len,
-            unmap: false,
-        } => Some((
-            offset,
-            len,
-            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
-        )),
+        Op::Discard { offset, len } => Some((offset, len, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE)),
+        Op::WriteZeroes { offset, len, unmap: true } => {
+            Some((offset, len, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE))
+        }
+        Op::WriteZeroes { offset, len, unmap: false } => {
+            Some((offset, len, libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE))
+        }
         Op::Read { .. } | Op::Write { .. } | Op::Flush => None,
     }
 }

@@ -13,9 +13,7 @@ pub struct NullEngine {
 impl IoEngine for NullEngine {
     unsafe fn push(&mut self, op: &Op<'_>, token: u64) -> Result<(), IoEngineError> {
         let result = match *op {
-            Op::Read { iovecs, .. } | Op::Write { iovecs, .. } => {
-                result_from_len(iovecs_len(iovecs))
-            }
+            Op::Read { iovecs, .. } | Op::Write { iovecs, .. } => result_from_len(iovecs_len(iovecs)),
             Op::Flush | Op::Discard { .. } | Op::WriteZeroes { .. } => 0,
         };
         self.finished.push(token, result);

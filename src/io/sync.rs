@@ -19,10 +19,7 @@ pub struct SyncEngine {
 impl SyncEngine {
     /// An engine for `file`.
     pub fn new(file: Arc<File>) -> Self {
-        SyncEngine {
-            file,
-            finished: Finished::default(),
-        }
+        SyncEngine { file, finished: Finished::default() }
     }
 }
 
@@ -32,22 +29,14 @@ impl IoEngine for SyncEngine {
         let result = match *op {
             // SAFETY: the caller guarantees the iovecs describe live, writable buffers.
             Op::Read { offset, iovecs } => unsafe { rw_all(fd, offset, iovecs, false, 0) },
-            Op::Write {
-                offset,
-                iovecs,
-                dsync,
-            } => {
+            Op::Write { offset, iovecs, dsync } => {
                 let flags = if dsync { libc::RWF_DSYNC } else { 0 };
                 // SAFETY: the caller guarantees the iovecs describe live, readable buffers.
                 unsafe { rw_all(fd, offset, iovecs, true, flags) }
             }
             Op::Flush => {
                 // SAFETY: plain syscall on an fd we own.
-                if unsafe { libc::fdatasync(fd) } == 0 {
-                    0
-                } else {
-                    -errno()
-                }
+                if unsafe { libc::fdatasync(fd) } == 0 { 0 } else { -errno() }
             }
             Op::Discard { .. } | Op::WriteZeroes { .. } => fallocate_with_fallback(fd, op),
         };
@@ -69,22 +58,14 @@ impl IoEngine for SyncEngine {
 }
 
 fn errno() -> i32 {
-    std::io::Error::last_os_error()
-        .raw_os_error()
-        .unwrap_or(libc::EIO)
+    std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO)
 }
 
 /// Transfers the whole iovec list, continuing after short transfers.
 ///
 /// # Safety
 /// The iovecs must describe live buffers (writable ones for reads).
-pub(crate) unsafe fn rw_all(
-    fd: RawFd,
-    offset: u64,
-    iovecs: &[libc::iovec],
-    write: bool,
-    flags: i32,
-) -> i32 {
+pub(crate) unsafe fn rw_all(fd: RawFd, offset: u64, iovecs: &[libc::iovec], write: bool, flags: i32) -> i32 {
     let total = super::iovecs_len(iovecs);
     let mut done: u64 = 0;
     let mut local: Vec<libc::iovec> = Vec::new();
@@ -157,9 +138,7 @@ pub fn fallocate_with_fallback(fd: RawFd, op: &Op<'_>) -> i32 {
     loop {
         match fallocate(fd, mode, offset, len) {
             0 => return 0,
-            e if e == -libc::EOPNOTSUPP
-                || e == -libc::EINVAL && mode & libc::FALLOC_FL_ZERO_RANGE != 0 =>
-            {
+            e if e == -libc::EOPNOTSUPP || e == -libc::EINVAL && mode & libc::FALLOC_FL_ZERO_RANGE != 0 => {
                 if is_discard {
                     return 0;
                 }
@@ -196,10 +175,7 @@ fn write_zeroes_by_hand(fd: RawFd, offset: u64, len: u64) -> i32 {
     let mut done = 0u64;
     while done < len {
         let n = (len - done).min(CHUNK as u64) as usize;
-        let iov = [libc::iovec {
-            iov_base: zeroes.as_ptr() as *mut _,
-            iov_len: n,
-        }];
+        let iov = [libc::iovec { iov_base: zeroes.as_ptr() as *mut _, iov_len: n }];
         // SAFETY: `zeroes` outlives the call; pwritev only reads from it.
         let r = unsafe { rw_all(fd, offset + done, &iov, true, 0) };
         if r < 0 {

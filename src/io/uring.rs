@@ -53,9 +53,7 @@ pub struct UringEngine {
 
 impl std::fmt::Debug for UringEngine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("UringEngine")
-            .field("in_flight", &(self.slab.len() - self.free.len()))
-            .finish()
+        f.debug_struct("UringEngine").field("in_flight", &(self.slab.len() - self.free.len())).finish()
     }
 }
 
@@ -63,16 +61,10 @@ impl UringEngine {
     /// A ring with room for `entries` operations in flight on `file`.
     pub fn new(file: Arc<File>, entries: u32) -> Result<Self, IoEngineError> {
         let entries = entries.clamp(8, 4096).next_power_of_two();
-        let ring = IoUring::builder()
-            .build(entries)
-            .map_err(IoEngineError::Setup)?;
-        ring.submitter()
-            .register_files(&[file.as_raw_fd()])
-            .map_err(IoEngineError::Setup)?;
+        let ring = IoUring::builder().build(entries).map_err(IoEngineError::Setup)?;
+        ring.submitter().register_files(&[file.as_raw_fd()]).map_err(IoEngineError::Setup)?;
         let eventfd = EventFd::new(EFD_NONBLOCK).map_err(IoEngineError::Setup)?;
-        ring.submitter()
-            .register_eventfd(eventfd.as_raw_fd())
-            .map_err(IoEngineError::Setup)?;
+        ring.submitter().register_eventfd(eventfd.as_raw_fd()).map_err(IoEngineError::Setup)?;
         Ok(UringEngine {
             ring,
             file,
@@ -105,15 +97,8 @@ fn finish_short(file: &Arc<File>, op: &InFlight, done: u64) -> i32 {
     let rest = advance(iovecs, done);
     let mut tmp = super::sync::SyncEngine::new(file.clone());
     let sub = match op.kind {
-        Kind::Read => Op::Read {
-            offset: op.offset + done,
-            iovecs: &rest,
-        },
-        Kind::Write { dsync } => Op::Write {
-            offset: op.offset + done,
-            iovecs: &rest,
-            dsync,
-        },
+        Kind::Read => Op::Read { offset: op.offset + done, iovecs: &rest },
+        Kind::Write { dsync } => Op::Write { offset: op.offset + done, iovecs: &rest, dsync },
         Kind::Flush => return 0,
     };
     // SAFETY: `rest` points into the caller's buffers, alive until this completion.
@@ -133,11 +118,7 @@ impl IoEngine for UringEngine {
     unsafe fn push(&mut self, op: &Op<'_>, token: u64) -> Result<(), IoEngineError> {
         let (kind, offset, iovecs) = match *op {
             Op::Read { offset, iovecs } => (Kind::Read, offset, iovecs),
-            Op::Write {
-                offset,
-                iovecs,
-                dsync,
-            } => (Kind::Write { dsync }, offset, iovecs),
+            Op::Write { offset, iovecs, dsync } => (Kind::Write { dsync }, offset, iovecs),
             Op::Flush => (Kind::Flush, 0, &[][..]),
             Op::Discard { .. } | Op::WriteZeroes { .. } => {
                 let result = fallocate_with_fallback(self.file.as_raw_fd(), op);
@@ -161,16 +142,12 @@ impl IoEngine for UringEngine {
             expected: iovecs_len(iovecs),
         });
         let entry: squeue::Entry = match kind {
-            Kind::Read => opcode::Readv::new(DISK, iovecs.as_ptr(), iov_cnt)
-                .offset(offset)
-                .build(),
+            Kind::Read => opcode::Readv::new(DISK, iovecs.as_ptr(), iov_cnt).offset(offset).build(),
             Kind::Write { dsync } => opcode::Writev::new(DISK, iovecs.as_ptr(), iov_cnt)
                 .offset(offset)
                 .rw_flags(if dsync { libc::RWF_DSYNC } else { 0 })
                 .build(),
-            Kind::Flush => opcode::Fsync::new(DISK)
-                .flags(types::FsyncFlags::DATASYNC)
-                .build(),
+            Kind::Flush => opcode::Fsync::new(DISK).flags(types::FsyncFlags::DATASYNC).build(),
         };
         let entry = entry.user_data(idx as u64);
         // SAFETY: the entry references the iovec array and buffers that the caller keeps valid
@@ -199,13 +176,7 @@ impl IoEngine for UringEngine {
 
     fn reap(&mut self, out: &mut Vec<Completion>) {
         self.inline_done.drain_into(out);
-        let UringEngine {
-            ring,
-            slab,
-            free,
-            file,
-            ..
-        } = self;
+        let UringEngine { ring, slab, free, file, .. } = self;
         // One pass over the completion queue; anything finishing later signals the eventfd.
         for cqe in ring.completion() {
             let idx = cqe.user_data() as usize;
@@ -215,15 +186,8 @@ impl IoEngine for UringEngine {
             };
             free.push(idx);
             let res = cqe.result();
-            let result = if res >= 0 && (res as u64) < op.expected {
-                finish_short(file, &op, res as u64)
-            } else {
-                res
-            };
-            out.push(Completion {
-                token: op.token,
-                result,
-            });
+            let result = if res >= 0 && (res as u64) < op.expected { finish_short(file, &op, res as u64) } else { res };
+            out.push(Completion { token: op.token, result });
         }
     }
 

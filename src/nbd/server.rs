@@ -55,9 +55,7 @@ impl std::str::FromStr for NbdAddress {
             return Ok(NbdAddress::Unix(p.into()));
         }
         match s.rsplit_once(':') {
-            Some((h, p)) if !h.is_empty() && p.parse::<u16>().is_ok() => {
-                Ok(NbdAddress::Tcp(s.to_string()))
-            }
+            Some((h, p)) if !h.is_empty() && p.parse::<u16>().is_ok() => Ok(NbdAddress::Tcp(s.to_string())),
             _ => Err(format!("'{s}' is not HOST:PORT or unix:PATH")),
         }
     }
@@ -170,11 +168,7 @@ pub struct NbdServer {
 
 impl NbdServer {
     /// Binds `addr` (UNIX sockets are created mode 0600) and serves on background threads.
-    pub fn start(
-        addr: &NbdAddress,
-        cfg: NbdServerConfig,
-        export: Arc<dyn NbdExport>,
-    ) -> io::Result<NbdServer> {
+    pub fn start(addr: &NbdAddress, cfg: NbdServerConfig, export: Arc<dyn NbdExport>) -> io::Result<NbdServer> {
         let listener = match addr {
             NbdAddress::Tcp(a) => Listener::Tcp(TcpListener::bind(a)?),
             NbdAddress::Unix(p) => {
@@ -192,9 +186,7 @@ impl NbdServer {
             closed: AtomicBool::new(false),
         });
         let s2 = shared.clone();
-        std::thread::Builder::new()
-            .name("nbd-accept".into())
-            .spawn(move || accept_loop(listener, s2))?;
+        std::thread::Builder::new().name("nbd-accept".into()).spawn(move || accept_loop(listener, s2))?;
         Ok(NbdServer { shared })
     }
 
@@ -236,10 +228,7 @@ fn accept_loop(listener: Listener, shared: Arc<Shared>) {
             continue;
         }
         if shared.stats.clients.load(Ordering::Acquire) >= shared.cfg.max_clients {
-            log::warn!(
-                "nbd: client limit {} reached, refusing a connection",
-                shared.cfg.max_clients
-            );
+            log::warn!("nbd: client limit {} reached, refusing a connection", shared.cfg.max_clients);
             stream.shutdown();
             continue;
         }
@@ -251,16 +240,14 @@ fn accept_loop(listener: Listener, shared: Arc<Shared>) {
         lock(&shared.conns).push((id, ctl));
         shared.stats.clients.fetch_add(1, Ordering::AcqRel);
         let s2 = shared.clone();
-        let spawned = std::thread::Builder::new()
-            .name("nbd-client".into())
-            .spawn(move || {
-                match serve_client(stream, &s2) {
-                    Ok(()) => log::info!("nbd: client {id} disconnected"),
-                    Err(e) => log::info!("nbd: client {id} ended: {e}"),
-                }
-                lock(&s2.conns).retain(|(i, _)| *i != id);
-                s2.stats.clients.fetch_sub(1, Ordering::AcqRel);
-            });
+        let spawned = std::thread::Builder::new().name("nbd-client".into()).spawn(move || {
+            match serve_client(stream, &s2) {
+                Ok(()) => log::info!("nbd: client {id} disconnected"),
+                Err(e) => log::info!("nbd: client {id} ended: {e}"),
+            }
+            lock(&s2.conns).retain(|(i, _)| *i != id);
+            s2.stats.clients.fetch_sub(1, Ordering::AcqRel);
+        });
         if let Err(e) = spawned {
             log::error!("nbd: cannot start client thread: {e}");
         }
@@ -286,9 +273,7 @@ fn negotiate(s: &mut Stream, shared: &Shared) -> io::Result<bool> {
     s.write_all(&hello)?;
     let client_flags = u32::from_be_bytes(read_exact::<4>(s)?);
     if client_flags & !(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES) != 0 {
-        return Err(protocol_error(format!(
-            "unknown client flags {client_flags:#x}"
-        )));
+        return Err(protocol_error(format!("unknown client flags {client_flags:#x}")));
     }
     let no_zeroes = client_flags & CLIENT_NO_ZEROES != 0;
     let export = &shared.export;
@@ -301,19 +286,14 @@ fn negotiate(s: &mut Stream, shared: &Shared) -> io::Result<bool> {
         let opt = u32::from_be_bytes(hdr[8..12].try_into().unwrap_or_default());
         let len = u32::from_be_bytes(hdr[12..16].try_into().unwrap_or_default());
         if len > MAX_OPTION {
-            return Err(protocol_error(format!(
-                "option {opt} too long ({len} bytes)"
-            )));
+            return Err(protocol_error(format!("option {opt} too long ({len} bytes)")));
         }
         let mut data = vec![0u8; len as usize];
         s.read_exact(&mut data)?;
         match opt {
             OPT_EXPORT_NAME => {
                 if data != shared.cfg.export_name.as_bytes() {
-                    return Err(protocol_error(format!(
-                        "unknown export '{}'",
-                        String::from_utf8_lossy(&data)
-                    )));
+                    return Err(protocol_error(format!("unknown export '{}'", String::from_utf8_lossy(&data))));
                 }
                 if let Err(why) = export.admit() {
                     return Err(protocol_error(format!("client refused: {why}")));
@@ -374,9 +354,7 @@ fn negotiate(s: &mut Stream, shared: &Shared) -> io::Result<bool> {
                     return Ok(true);
                 }
             }
-            OPT_STARTTLS => {
-                s.write_all(&option_reply(opt, REP_ERR_POLICY, b"TLS is not configured"))?
-            }
+            OPT_STARTTLS => s.write_all(&option_reply(opt, REP_ERR_POLICY, b"TLS is not configured"))?,
             _ => s.write_all(&option_reply(opt, REP_ERR_UNSUP, &[]))?,
         }
     }
@@ -392,12 +370,7 @@ fn parse_info_request(d: &[u8]) -> Option<&[u8]> {
 }
 
 fn transmission_flags(e: &dyn NbdExport) -> u16 {
-    let mut f = TF_HAS_FLAGS
-        | TF_SEND_FLUSH
-        | TF_SEND_FUA
-        | TF_SEND_TRIM
-        | TF_SEND_WRITE_ZEROES
-        | TF_CAN_MULTI_CONN;
+    let mut f = TF_HAS_FLAGS | TF_SEND_FLUSH | TF_SEND_FUA | TF_SEND_TRIM | TF_SEND_WRITE_ZEROES | TF_CAN_MULTI_CONN;
     if e.read_only() {
         f |= TF_READ_ONLY;
     }
@@ -461,10 +434,7 @@ fn read_requests(s: &mut Stream, tx: &mpsc::SyncSender<Job>) -> io::Result<()> {
             CMD_WRITE => {
                 if req.length > MAX_PAYLOAD {
                     // The payload cannot be skipped safely: the framing is lost.
-                    return Err(protocol_error(format!(
-                        "write of {} bytes exceeds the limit",
-                        req.length
-                    )));
+                    return Err(protocol_error(format!("write of {} bytes exceeds the limit", req.length)));
                 }
                 let mut data = vec![0u8; req.length as usize];
                 s.read_exact(&mut data)?;
@@ -487,9 +457,7 @@ fn read_requests(s: &mut Stream, tx: &mpsc::SyncSender<Job>) -> io::Result<()> {
 }
 
 fn in_range(req: &Request, size: u64) -> bool {
-    req.offset
-        .checked_add(u64::from(req.length))
-        .is_some_and(|end| end <= size)
+    req.offset.checked_add(u64::from(req.length)).is_some_and(|end| end <= size)
 }
 
 fn reply(writer: &Mutex<Stream>, error: u32, handle: u64, data: Option<&[u8]>) -> io::Result<()> {
@@ -521,9 +489,7 @@ fn execute(job: Job, writer: &Mutex<Stream>, shared: &Shared) -> io::Result<()> 
     if writes && e.read_only() {
         return fail(EPERM);
     }
-    if matches!(req.cmd, CMD_READ | CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES)
-        && !in_range(&req, size)
-    {
+    if matches!(req.cmd, CMD_READ | CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES) && !in_range(&req, size) {
         return fail(EINVAL);
     }
     let fua = req.flags & CMD_FLAG_FUA != 0;
@@ -531,19 +497,12 @@ fn execute(job: Job, writer: &Mutex<Stream>, shared: &Shared) -> io::Result<()> 
         Ok(()) => {
             if writes {
                 stats.writes.fetch_add(1, Ordering::Relaxed);
-                stats
-                    .bytes_written
-                    .fetch_add(u64::from(req.length), Ordering::Relaxed);
+                stats.bytes_written.fetch_add(u64::from(req.length), Ordering::Relaxed);
             }
             reply(writer, 0, req.handle, None)
         }
         Err(err) => {
-            log::warn!(
-                "nbd: command {} at {}+{} failed: {err}",
-                req.cmd,
-                req.offset,
-                req.length
-            );
+            log::warn!("nbd: command {} at {}+{} failed: {err}", req.cmd, req.offset, req.length);
             fail(errno_to_nbd(&err))
         }
     };
@@ -561,17 +520,10 @@ fn execute(job: Job, writer: &Mutex<Stream>, shared: &Shared) -> io::Result<()> 
         Job::Write(r, data) => done(e.write(r.offset, &data, fua)),
         Job::Other(r) => match r.cmd {
             CMD_FLUSH => done(e.flush()),
-            CMD_TRIM => done(
-                e.trim(r.offset, u64::from(r.length))
-                    .and_then(|()| if fua { e.flush() } else { Ok(()) }),
-            ),
+            CMD_TRIM => done(e.trim(r.offset, u64::from(r.length)).and_then(|()| if fua { e.flush() } else { Ok(()) })),
             CMD_WRITE_ZEROES => done(
-                e.write_zeroes(
-                    r.offset,
-                    u64::from(r.length),
-                    r.flags & CMD_FLAG_NO_HOLE == 0,
-                )
-                .and_then(|()| if fua { e.flush() } else { Ok(()) }),
+                e.write_zeroes(r.offset, u64::from(r.length), r.flags & CMD_FLAG_NO_HOLE == 0)
+                    .and_then(|()| if fua { e.flush() } else { Ok(()) }),
             ),
             _ => fail(EINVAL),
         },

@@ -194,13 +194,8 @@ mod tests {
 
     #[test]
     fn request_round_trip_and_bad_magic() {
-        let r = Request {
-            flags: CMD_FLAG_FUA,
-            cmd: CMD_WRITE,
-            handle: 0x1122334455667788,
-            offset: 1 << 40,
-            length: 4096,
-        };
+        let r =
+            Request { flags: CMD_FLAG_FUA, cmd: CMD_WRITE, handle: 0x1122334455667788, offset: 1 << 40, length: 4096 };
         let b = r.encode();
         assert_eq!(Request::decode(&b), Some(r));
         let mut bad = b;
@@ -215,9 +210,6 @@ mod tests {
         assert_eq!(u32::from_be_bytes(s[4..8].try_into().unwrap()), 5);
         let o = option_reply(OPT_GO, REP_ACK, &[]);
         assert_eq!(o.len(), 20);
-        assert_eq!(
-            u64::from_be_bytes(o[0..8].try_into().unwrap()),
-            OPT_REPLY_MAGIC
-        );
+        assert_eq!(u64::from_be_bytes(o[0..8].try_into().unwrap()), OPT_REPLY_MAGIC);
     }
 }

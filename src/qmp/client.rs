@@ -16,15 +16,10 @@ impl QmpClient {
     /// Connects, reads the greeting and negotiates capabilities.
     pub fn connect(path: &Path) -> std::io::Result<Self> {
         let writer = UnixStream::connect(path)?;
-        let mut c = QmpClient {
-            reader: BufReader::new(writer.try_clone()?),
-            writer,
-        };
+        let mut c = QmpClient { reader: BufReader::new(writer.try_clone()?), writer };
         let greeting = c.read_message()?;
         if greeting.get("QMP").is_none() {
-            return Err(std::io::Error::other(format!(
-                "unexpected greeting {greeting}"
-            )));
+            return Err(std::io::Error::other(format!("unexpected greeting {greeting}")));
         }
         c.execute("qmp_capabilities", Map::new())?
             .map_err(|e| std::io::Error::other(format!("qmp_capabilities: {e}")))?;
@@ -47,11 +42,7 @@ impl QmpClient {
 
     /// Sends a command and waits for its answer (events before it are skipped): `Ok(return)`
     /// or `Err(error description)`.
-    pub fn execute(
-        &mut self,
-        name: &str,
-        args: Map<String, Value>,
-    ) -> std::io::Result<Result<Value, String>> {
+    pub fn execute(&mut self, name: &str, args: Map<String, Value>) -> std::io::Result<Result<Value, String>> {
         let msg = json!({"execute": name, "arguments": args});
         let mut bytes = serde_json::to_vec(&msg).map_err(std::io::Error::other)?;
         bytes.push(b'\n');
@@ -62,10 +53,7 @@ impl QmpClient {
                 return Ok(Ok(r.clone()));
             }
             if let Some(e) = v.get("error") {
-                let desc = e
-                    .get("desc")
-                    .and_then(Value::as_str)
-                    .unwrap_or("unknown error");
+                let desc = e.get("desc").and_then(Value::as_str).unwrap_or("unknown error");
                 return Ok(Err(desc.to_string()));
             }
         }
@@ -75,11 +63,7 @@ impl QmpClient {
 impl QmpClient {
     /// Waits (up to `timeout`) for an event called `name` and returns it; answers and other
     /// events are skipped.
-    pub fn wait_event(
-        &mut self,
-        name: &str,
-        timeout: std::time::Duration,
-    ) -> std::io::Result<Value> {
+    pub fn wait_event(&mut self, name: &str, timeout: std::time::Duration) -> std::io::Result<Value> {
         let deadline = std::time::Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
@@ -98,10 +82,6 @@ impl QmpClient {
 }
 
 /// One-shot: connect, negotiate, run `name`, return the answer.
-pub fn execute(
-    path: &Path,
-    name: &str,
-    args: Map<String, Value>,
-) -> std::io::Result<Result<Value, String>> {
+pub fn execute(path: &Path, name: &str, args: Map<String, Value>) -> std::io::Result<Result<Value, String>> {
     QmpClient::connect(path)?.execute(name, args)
 }

@@ -15,11 +15,8 @@ pub enum Command {
     Quit,
     /// Stage, error and statistics of replication.
     QueryReplication,
-    /// `replication-start {"mode": ...}`.
-    ReplicationStart {
-        /// "primary" or "secondary".
-        mode: crate::replication::Mode,
-    },
+    /// `replication-start {"mode": ..., "secondary": URI, "sync": "none|full|incremental"}`.
+    ReplicationStart(crate::replication::StartArgs),
     /// `replication-checkpoint`.
     ReplicationCheckpoint,
     /// `replication-get-error`.
@@ -69,12 +66,12 @@ impl Command {
             "qmp_capabilities" => {
                 // QEMU accepts an optional "enable" list; no capabilities are offered.
                 match args.get("enable") {
-                    Some(Value::Array(a)) if !a.is_empty() => Err(QmpError::Generic(
-                        "Capability negotiation not supported".into(),
-                    )),
-                    _ if args.keys().any(|k| k != "enable") => Err(QmpError::Generic(
-                        "Parameter unexpected in qmp_capabilities".into(),
-                    )),
+                    Some(Value::Array(a)) if !a.is_empty() => {
+                        Err(QmpError::Generic("Capability negotiation not supported".into()))
+                    }
+                    _ if args.keys().any(|k| k != "enable") => {
+                        Err(QmpError::Generic("Parameter unexpected in qmp_capabilities".into()))
+                    }
                     _ => Ok(Command::QmpCapabilities),
                 }
             }
@@ -85,17 +82,40 @@ impl Command {
             "replication-checkpoint" => no_args(Command::ReplicationCheckpoint),
             "replication-get-error" => no_args(Command::ReplicationGetError),
             "replication-start" => {
-                only(args, &["mode"])?;
+                use crate::replication::{Mode, StartArgs, SyncMode};
+                only(args, &["mode", "secondary", "sync"])?;
                 let mode = match required_str(args, "mode")? {
-                    "primary" => crate::replication::Mode::Primary,
-                    "secondary" => crate::replication::Mode::Secondary,
+                    "primary" => Mode::Primary,
+                    "secondary" => Mode::Secondary,
                     other => {
-                        return Err(QmpError::Generic(format!(
-                            "Parameter 'mode' does not accept value '{other}'"
-                        )));
+                        return Err(QmpError::Generic(format!("Parameter 'mode' does not accept value '{other}'")));
                     }
                 };
-                Ok(Command::ReplicationStart { mode })
+                let secondary = match args.get("secondary") {
+                    None => None,
+                    Some(_) => Some(
+                        required_str(args, "secondary")?
+                            .parse()
+                            .map_err(|e| QmpError::Generic(format!("Parameter 'secondary': {e}")))?,
+                    ),
+                };
+                let sync = match args.get("sync") {
+                    None => SyncMode::None,
+                    Some(_) => match required_str(args, "sync")? {
+                        "none" => SyncMode::None,
+                        "full" => SyncMode::Full,
+                        "incremental" => SyncMode::Incremental,
+                        other => {
+                            return Err(QmpError::Generic(format!("Parameter 'sync' does not accept value '{other}'")));
+                        }
+                    },
+                };
+                if mode == Mode::Secondary && (secondary.is_some() || sync != SyncMode::None) {
+                    return Err(QmpError::Generic(
+                        "Parameters 'secondary' and 'sync' are only for mode primary".into(),
+                    ));
+                }
+                Ok(Command::ReplicationStart(StartArgs { mode, secondary, sync }))
             }
             "replication-stop" => {
                 only(args, &["failover", "x-inject-commit-error"])?;
@@ -104,14 +124,9 @@ impl Command {
                     None => false,
                     Some(_) => required_bool(args, "x-inject-commit-error")?,
                 };
-                Ok(Command::ReplicationStop {
-                    failover,
-                    inject_commit_error,
-                })
+                Ok(Command::ReplicationStop { failover, inject_commit_error })
             }
-            other => Err(QmpError::CommandNotFound(format!(
-                "The command {other} has not been found"
-            ))),
+            other => Err(QmpError::CommandNotFound(format!("The command {other} has not been found"))),
         }
     }
 }
@@ -128,9 +143,7 @@ fn required_str<'a>(args: &'a Map<String, Value>, name: &str) -> Result<&'a str,
     match args.get(name) {
         None => Err(QmpError::Generic(format!("Parameter '{name}' is missing"))),
         Some(Value::String(s)) => Ok(s),
-        Some(_) => Err(QmpError::Generic(format!(
-            "Invalid parameter type for '{name}', expected: string"
-        ))),
+        Some(_) => Err(QmpError::Generic(format!("Invalid parameter type for '{name}', expected: string"))),
     }
 }
 
@@ -138,9 +151,7 @@ fn required_bool(args: &Map<String, Value>, name: &str) -> Result<bool, QmpError
     match args.get(name) {
         None => Err(QmpError::Generic(format!("Parameter '{name}' is missing"))),
         Some(Value::Bool(b)) => Ok(*b),
-        Some(_) => Err(QmpError::Generic(format!(
-            "Invalid parameter type for '{name}', expected: boolean"
-        ))),
+        Some(_) => Err(QmpError::Generic(format!("Invalid parameter type for '{name}', expected: boolean"))),
     }
 }
 
@@ -156,14 +167,8 @@ mod tests {
     #[test]
     fn parses_known_commands() {
         assert_eq!(Command::parse("quit", &Map::new()), Ok(Command::Quit));
-        assert_eq!(
-            Command::parse("query-block", &Map::new()),
-            Ok(Command::QueryBlock)
-        );
-        assert_eq!(
-            Command::parse("qmp_capabilities", &obj(json!({"enable": []}))),
-            Ok(Command::QmpCapabilities)
-        );
+        assert_eq!(Command::parse("query-block", &Map::new()), Ok(Command::QueryBlock));
+        assert_eq!(Command::parse("qmp_capabilities", &obj(json!({"enable": []}))), Ok(Command::QmpCapabilities));
     }
 
     #[test]
@@ -171,9 +176,6 @@ mod tests {
         let e = Command::parse("nope", &Map::new()).unwrap_err();
         assert_eq!(e.class(), "CommandNotFound");
         let e = Command::parse("quit", &obj(json!({"force": true}))).unwrap_err();
-        assert_eq!(
-            e,
-            QmpError::Generic("Parameter 'force' is unexpected".into())
-        );
+        assert_eq!(e, QmpError::Generic("Parameter 'force' is unexpected".into()));
     }
 }

@@ -26,9 +26,7 @@ pub struct EventBus {
 impl EventBus {
     /// Broadcasts `{"event": name, "data": data, "timestamp": ...}`.
     pub fn emit(&self, name: &str, data: Value) {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default();
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
         let msg = json!({
             "event": name,
             "data": data,
@@ -39,17 +37,11 @@ impl EventBus {
     }
 
     fn add(&self, id: usize, w: Writer) {
-        self.clients
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push((id, w));
+        self.clients.lock().unwrap_or_else(|e| e.into_inner()).push((id, w));
     }
 
     fn remove(&self, id: usize) {
-        self.clients
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .retain(|(i, _)| *i != id);
+        self.clients.lock().unwrap_or_else(|e| e.into_inner()).retain(|(i, _)| *i != id);
     }
 }
 
@@ -65,52 +57,39 @@ pub struct QmpServer;
 
 impl QmpServer {
     /// Serves `listener` on a background thread until the process exits.
-    pub fn spawn(
-        listener: UnixListener,
-        handler: Arc<dyn QmpHandler>,
-        events: EventBus,
-    ) -> std::io::Result<()> {
+    pub fn spawn(listener: UnixListener, handler: Arc<dyn QmpHandler>, events: EventBus) -> std::io::Result<()> {
         let active = Arc::new(AtomicUsize::new(0));
-        std::thread::Builder::new()
-            .name("qmp-accept".into())
-            .spawn(move || {
-                let mut next_id = 0usize;
-                for stream in listener.incoming() {
-                    let stream = match stream {
-                        Ok(s) => s,
-                        Err(e) => {
-                            log::warn!("qmp: accept failed: {e}");
-                            continue;
-                        }
-                    };
-                    next_id += 1;
-                    if active.load(Ordering::Acquire) >= MAX_CLIENTS {
-                        log::warn!("qmp: too many clients, refusing one");
-                        let w = Arc::new(Mutex::new(stream));
-                        let _ = send(
-                            &w,
-                            &error_reply(&QmpError::Generic("too many QMP clients".into()), None),
-                        );
+        std::thread::Builder::new().name("qmp-accept".into()).spawn(move || {
+            let mut next_id = 0usize;
+            for stream in listener.incoming() {
+                let stream = match stream {
+                    Ok(s) => s,
+                    Err(e) => {
+                        log::warn!("qmp: accept failed: {e}");
                         continue;
                     }
-                    active.fetch_add(1, Ordering::AcqRel);
-                    let (handler, events, active, id) =
-                        (handler.clone(), events.clone(), active.clone(), next_id);
-                    let spawned =
-                        std::thread::Builder::new()
-                            .name("qmp-client".into())
-                            .spawn(move || {
-                                if let Err(e) = serve_client(stream, id, &*handler, &events) {
-                                    log::debug!("qmp: client {id} ended: {e}");
-                                }
-                                events.remove(id);
-                                active.fetch_sub(1, Ordering::AcqRel);
-                            });
-                    if let Err(e) = spawned {
-                        log::error!("qmp: cannot start client thread: {e}");
-                    }
+                };
+                next_id += 1;
+                if active.load(Ordering::Acquire) >= MAX_CLIENTS {
+                    log::warn!("qmp: too many clients, refusing one");
+                    let w = Arc::new(Mutex::new(stream));
+                    let _ = send(&w, &error_reply(&QmpError::Generic("too many QMP clients".into()), None));
+                    continue;
                 }
-            })?;
+                active.fetch_add(1, Ordering::AcqRel);
+                let (handler, events, active, id) = (handler.clone(), events.clone(), active.clone(), next_id);
+                let spawned = std::thread::Builder::new().name("qmp-client".into()).spawn(move || {
+                    if let Err(e) = serve_client(stream, id, &*handler, &events) {
+                        log::debug!("qmp: client {id} ended: {e}");
+                    }
+                    events.remove(id);
+                    active.fetch_sub(1, Ordering::AcqRel);
+                });
+                if let Err(e) = spawned {
+                    log::error!("qmp: cannot start client thread: {e}");
+                }
+            }
+        })?;
         Ok(())
     }
 }
@@ -131,12 +110,7 @@ fn ok_reply(ret: Value, id: Option<&Value>) -> Value {
     v
 }
 
-fn serve_client(
-    stream: UnixStream,
-    id: usize,
-    handler: &dyn QmpHandler,
-    events: &EventBus,
-) -> std::io::Result<()> {
+fn serve_client(stream: UnixStream, id: usize, handler: &dyn QmpHandler, events: &EventBus) -> std::io::Result<()> {
     stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
     let writer: Writer = Arc::new(Mutex::new(stream.try_clone()?));
     send(
@@ -153,21 +127,12 @@ fn serve_client(
             Err(e) if e.is_eof() => return Ok(()),
             Err(e) => {
                 // The stream cannot be resynchronised after malformed JSON: answer and close.
-                send(
-                    &writer,
-                    &error_reply(&QmpError::Generic(format!("JSON parse error, {e}")), None),
-                )?;
+                send(&writer, &error_reply(&QmpError::Generic(format!("JSON parse error, {e}")), None))?;
                 return Ok(());
             }
         };
         let Some(obj) = msg.as_object() else {
-            send(
-                &writer,
-                &error_reply(
-                    &QmpError::Generic("QMP input must be a JSON object".into()),
-                    None,
-                ),
-            )?;
+            send(&writer, &error_reply(&QmpError::Generic("QMP input must be a JSON object".into()), None))?;
             continue;
         };
         let req_id = obj.get("id");
@@ -176,21 +141,12 @@ fn serve_client(
             Some(_) => {
                 send(
                     &writer,
-                    &error_reply(
-                        &QmpError::Generic("QMP input member 'execute' must be a string".into()),
-                        req_id,
-                    ),
+                    &error_reply(&QmpError::Generic("QMP input member 'execute' must be a string".into()), req_id),
                 )?;
                 continue;
             }
             None => {
-                send(
-                    &writer,
-                    &error_reply(
-                        &QmpError::Generic("QMP input lacks member 'execute'".into()),
-                        req_id,
-                    ),
-                )?;
+                send(&writer, &error_reply(&QmpError::Generic("QMP input lacks member 'execute'".into()), req_id))?;
                 continue;
             }
         };
@@ -201,10 +157,7 @@ fn serve_client(
             Some(_) => {
                 send(
                     &writer,
-                    &error_reply(
-                        &QmpError::Generic("QMP input member 'arguments' must be an object".into()),
-                        req_id,
-                    ),
+                    &error_reply(&QmpError::Generic("QMP input member 'arguments' must be an object".into()), req_id),
                 )?;
                 continue;
             }
@@ -223,15 +176,11 @@ fn serve_client(
                 ok_reply(json!({}), req_id)
             }
             (Command::QmpCapabilities, true) => error_reply(
-                &QmpError::CommandNotFound(
-                    "Capabilities negotiation is already complete, command ignored".into(),
-                ),
+                &QmpError::CommandNotFound("Capabilities negotiation is already complete, command ignored".into()),
                 req_id,
             ),
             (_, false) => error_reply(
-                &QmpError::CommandNotFound(
-                    "Expecting capabilities negotiation with 'qmp_capabilities'".into(),
-                ),
+                &QmpError::CommandNotFound("Expecting capabilities negotiation with 'qmp_capabilities'".into()),
                 req_id,
             ),
             (Command::Quit, true) => {

@@ -59,11 +59,7 @@ impl Gate {
                 self.cv.notify_all();
                 return None;
             }
-            g = self
-                .cv
-                .wait_timeout(g, deadline - now)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+            g = self.cv.wait_timeout(g, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
         }
         Some(Closed(self))
     }

@@ -2,8 +2,10 @@
 //! (replication-spec.md §2–§3), and the two roles: [`secondary`] (NBD target with
 //! copy-before-write into the hidden buffer, the VM on the active buffer) and, later, primary.
 
+pub mod continuous;
 pub mod gate;
 pub mod pool;
+pub mod primary;
 pub mod secondary;
 
 use serde_json::Value;
@@ -86,9 +88,7 @@ impl ReplicationError {
         ReplicationError("Backup job was cancelled unexpectedly".into())
     }
     pub(crate) fn lengths() -> Self {
-        ReplicationError(
-            "Active disk, hidden disk, secondary disk's length are not the same".into(),
-        )
+        ReplicationError("Active disk, hidden disk, secondary disk's length are not the same".into())
     }
     pub(crate) fn mode_mismatch(needs: Mode, got: Mode) -> Self {
         ReplicationError(format!(
@@ -99,11 +99,33 @@ impl ReplicationError {
     }
 }
 
+/// How a primary brings the secondary up to date when replication starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncMode {
+    /// The disks are already identical (QEMU's assumption).
+    None,
+    /// Copy the whole disk in the background.
+    Full,
+    /// Copy the ranges in the dirty bitmap (writes the secondary missed).
+    Incremental,
+}
+
 /// Arguments of `replication-start`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StartArgs {
     /// Requested mode.
     pub mode: Mode,
+    /// Primary: the secondary's NBD URI (overrides `--secondary`).
+    pub secondary: Option<crate::nbd::client::NbdUri>,
+    /// Primary: initial synchronisation.
+    pub sync: SyncMode,
+}
+
+impl StartArgs {
+    /// Just a mode, no primary options.
+    pub fn mode(mode: Mode) -> Self {
+        StartArgs { mode, secondary: None, sync: SyncMode::None }
+    }
 }
 
 /// The control operations, as the QMP commands call them.

@@ -17,18 +17,9 @@ use crate::block::{Completion, Op};
 #[derive(Debug, Clone, Copy)]
 pub enum SendOp {
     /// See [`Op::Read`].
-    Read {
-        offset: u64,
-        iov: *const libc::iovec,
-        n: usize,
-    },
+    Read { offset: u64, iov: *const libc::iovec, n: usize },
     /// See [`Op::Write`].
-    Write {
-        offset: u64,
-        iov: *const libc::iovec,
-        n: usize,
-        dsync: bool,
-    },
+    Write { offset: u64, iov: *const libc::iovec, n: usize, dsync: bool },
     /// See [`Op::Flush`].
     Flush,
     /// See [`Op::Discard`].
@@ -46,21 +37,10 @@ impl SendOp {
     /// Captures `op`.
     pub fn new(op: &Op<'_>) -> Self {
         match *op {
-            Op::Read { offset, iovecs } => SendOp::Read {
-                offset,
-                iov: iovecs.as_ptr(),
-                n: iovecs.len(),
-            },
-            Op::Write {
-                offset,
-                iovecs,
-                dsync,
-            } => SendOp::Write {
-                offset,
-                iov: iovecs.as_ptr(),
-                n: iovecs.len(),
-                dsync,
-            },
+            Op::Read { offset, iovecs } => SendOp::Read { offset, iov: iovecs.as_ptr(), n: iovecs.len() },
+            Op::Write { offset, iovecs, dsync } => {
+                SendOp::Write { offset, iov: iovecs.as_ptr(), n: iovecs.len(), dsync }
+            }
             Op::Flush => SendOp::Flush,
             Op::Discard { offset, len } => SendOp::Discard { offset, len },
             Op::WriteZeroes { offset, len, unmap } => SendOp::WriteZeroes { offset, len, unmap },
@@ -78,25 +58,14 @@ impl SendOp {
                 let iovecs = unsafe { std::slice::from_raw_parts(iov, n) };
                 f(&Op::Read { offset, iovecs })
             }
-            SendOp::Write {
-                offset,
-                iov,
-                n,
-                dsync,
-            } => {
+            SendOp::Write { offset, iov, n, dsync } => {
                 // SAFETY: guaranteed by the caller.
                 let iovecs = unsafe { std::slice::from_raw_parts(iov, n) };
-                f(&Op::Write {
-                    offset,
-                    iovecs,
-                    dsync,
-                })
+                f(&Op::Write { offset, iovecs, dsync })
             }
             SendOp::Flush => f(&Op::Flush),
             SendOp::Discard { offset, len } => f(&Op::Discard { offset, len }),
-            SendOp::WriteZeroes { offset, len, unmap } => {
-                f(&Op::WriteZeroes { offset, len, unmap })
-            }
+            SendOp::WriteZeroes { offset, len, unmap } => f(&Op::WriteZeroes { offset, len, unmap }),
         }
     }
 }
@@ -118,11 +87,7 @@ impl DoneQueue {
             None => Some(EventFd::new(EFD_NONBLOCK)?),
         };
         let fd = notify.unwrap_or_else(|| own.as_ref().map_or(-1, |e| e.as_raw_fd()));
-        Ok(Arc::new(DoneQueue {
-            list: Mutex::new(Vec::new()),
-            notify: fd,
-            own,
-        }))
+        Ok(Arc::new(DoneQueue { list: Mutex::new(Vec::new()), notify: fd, own }))
     }
 
     /// The fd the worker waits on.
@@ -137,7 +102,7 @@ impl DoneQueue {
         }
     }
 
-    fn push(&self, c: Completion) {
+    pub fn push(&self, c: Completion) {
         self.list.lock().unwrap_or_else(|e| e.into_inner()).push(c);
         let one: u64 = 1;
         // SAFETY: writes 8 bytes from a local to an eventfd that lives as long as the queue.
@@ -164,26 +129,20 @@ impl Pool {
         let rx = Arc::new(Mutex::new(rx));
         for i in 0..threads.max(1) {
             let rx = rx.clone();
-            std::thread::Builder::new()
-                .name(format!("secondary-io-{i}"))
-                .spawn(move || {
-                    loop {
-                        let job = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
-                        let Ok((task, token, done)) = job else { return };
-                        let result = task();
-                        done.push(Completion { token, result });
-                    }
-                })?;
+            std::thread::Builder::new().name(format!("secondary-io-{i}")).spawn(move || {
+                loop {
+                    let job = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
+                    let Ok((task, token, done)) = job else { return };
+                    let result = task();
+                    done.push(Completion { token, result });
+                }
+            })?;
         }
         Ok(Pool { tx: Mutex::new(tx) })
     }
 
     /// Runs `task` on a pool thread; its result is queued on `done` with `token`.
     pub fn spawn(&self, task: Task, token: u64, done: &Arc<DoneQueue>) -> bool {
-        self.tx
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .send((task, token, done.clone()))
-            .is_ok()
+        self.tx.lock().unwrap_or_else(|e| e.into_inner()).send((task, token, done.clone())).is_ok()
     }
 }

@@ -83,18 +83,12 @@ pub struct Secondary {
 
 impl std::fmt::Debug for Secondary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Secondary")
-            .field("size", &self.size)
-            .field("stage", &self.stage())
-            .finish()
+        f.debug_struct("Secondary").field("size", &self.size).field("stage", &self.stage()).finish()
     }
 }
 
 fn open_buffer(path: &Path, size: u64, direct: bool) -> Result<File, BlockError> {
-    let err = |source| BlockError::Open {
-        path: path.display().to_string(),
-        source,
-    };
+    let err = |source| BlockError::Open { path: path.display().to_string(), source };
     if !path.exists() {
         create_sparse(path, size).map_err(err)?;
         log::info!("created sparse buffer {} of {size} bytes", path.display());
@@ -119,29 +113,15 @@ fn file_len(f: &File) -> io::Result<u64> {
 
 fn punch(f: &File, offset: u64, len: u64) -> io::Result<()> {
     let r = fallocate_with_fallback(f.as_raw_fd(), &Op::Discard { offset, len });
-    if r < 0 {
-        Err(io::Error::from_raw_os_error(-r))
-    } else {
-        Ok(())
-    }
+    if r < 0 { Err(io::Error::from_raw_os_error(-r)) } else { Ok(()) }
 }
 
 fn result(r: i32) -> io::Result<()> {
-    if r < 0 {
-        Err(io::Error::from_raw_os_error(-r))
-    } else {
-        Ok(())
-    }
+    if r < 0 { Err(io::Error::from_raw_os_error(-r)) } else { Ok(()) }
 }
 
 /// Copies [start, end) sectors from `src` to `dst` at the same offsets.
-fn copy_sectors(
-    src: &File,
-    dst: &File,
-    start: u64,
-    end: u64,
-    buf: &mut Vec<u8>,
-) -> io::Result<u64> {
+fn copy_sectors(src: &File, dst: &File, start: u64, end: u64, buf: &mut Vec<u8>) -> io::Result<u64> {
     let mut s = start;
     while s < end {
         let n = (end - s).min(MERGE_CHUNK);
@@ -182,19 +162,14 @@ impl Secondary {
             merge_total: AtomicU64::new(0),
             merge_done: AtomicU64::new(0),
             merging: AtomicBool::new(false),
-            pool: Pool::new(POOL_THREADS)
-                .map_err(|e| BlockError::Engine(IoEngineError::Setup(e)))?,
+            pool: Pool::new(POOL_THREADS).map_err(|e| BlockError::Engine(IoEngineError::Setup(e)))?,
         }))
     }
 
     /// Checks that both buffers have the disk's length (QEMU's start-time check).
     pub fn check_lengths(&self) -> Result<(), ReplicationError> {
         let ok = |f: &File| file_len(f).is_ok_and(|l| l == self.size);
-        if ok(&self.active) && ok(&self.hidden) {
-            Ok(())
-        } else {
-            Err(ReplicationError::lengths())
-        }
+        if ok(&self.active) && ok(&self.hidden) { Ok(()) } else { Err(ReplicationError::lengths()) }
     }
 
     /// The NBD server whose clients are closed at failover.
@@ -216,10 +191,7 @@ impl Secondary {
         let old = std::mem::replace(&mut *lock(&self.stage), s);
         if old != s {
             log::info!("replication stage {} -> {}", old.name(), s.name());
-            self.emit(
-                "REPLICATION_STAGE",
-                json!({"mode": "secondary", "stage": s.name()}),
-            );
+            self.emit("REPLICATION_STAGE", json!({"mode": "secondary", "stage": s.name()}));
         }
     }
 
@@ -233,10 +205,7 @@ impl Secondary {
     fn set_error(&self, msg: String) {
         log::error!("replication error: {msg}");
         *lock(&self.error) = Some(msg.clone());
-        self.emit(
-            "REPLICATION_ERROR",
-            json!({"mode": "secondary", "error": msg}),
-        );
+        self.emit("REPLICATION_ERROR", json!({"mode": "secondary", "error": msg}));
     }
 
     fn sectors(offset: u64, len: u64) -> (u64, u64) {
@@ -272,19 +241,12 @@ impl Secondary {
     fn nbd_stage_check(&self) -> io::Result<Stage> {
         match self.stage() {
             s @ (Stage::None | Stage::Running) => Ok(s),
-            Stage::Failover | Stage::FailoverFailed | Stage::Done => {
-                Err(io::Error::from_raw_os_error(libc::ESHUTDOWN))
-            }
+            Stage::Failover | Stage::FailoverFailed | Stage::Done => Err(io::Error::from_raw_os_error(libc::ESHUTDOWN)),
         }
     }
 
     /// A write-type NBD request: copy-before-write while running, then apply `f` to the disk.
-    fn nbd_modify(
-        &self,
-        offset: u64,
-        len: u64,
-        f: impl FnOnce(&File) -> io::Result<()>,
-    ) -> io::Result<()> {
+    fn nbd_modify(&self, offset: u64, len: u64, f: impl FnOnce(&File) -> io::Result<()>) -> io::Result<()> {
         let _t = self.gate.enter();
         let stage = self.nbd_stage_check()?;
         let (s0, s1) = Self::sectors(offset, len);
@@ -309,17 +271,8 @@ impl Secondary {
             (Stage::None, _) => -libc::EIO,
             (Stage::Done, _) => self.disk_execute(op),
             (_, Op::Read { offset, iovecs }) => self.vm_read(*offset, iovecs),
-            (
-                _,
-                Op::Write {
-                    offset,
-                    iovecs,
-                    dsync,
-                },
-            ) => self.vm_write(stage, *offset, iovecs, *dsync),
-            (_, Op::Flush) => self
-                .flush_all()
-                .map_or_else(|e| -e.raw_os_error().unwrap_or(libc::EIO), |()| 0),
+            (_, Op::Write { offset, iovecs, dsync }) => self.vm_write(stage, *offset, iovecs, *dsync),
+            (_, Op::Flush) => self.flush_all().map_or_else(|e| -e.raw_os_error().unwrap_or(libc::EIO), |()| 0),
             (_, Op::Discard { offset, len }) | (_, Op::WriteZeroes { offset, len, .. }) => {
                 self.vm_zero(stage, *offset, *len)
             }
@@ -332,11 +285,7 @@ impl Secondary {
             // SAFETY: the worker keeps the buffers alive until the request completes, which
             // happens after this call returns.
             Op::Read { offset, iovecs } => unsafe { transfer(fd, offset, iovecs, false, false) },
-            Op::Write {
-                offset,
-                iovecs,
-                dsync,
-            } => {
+            Op::Write { offset, iovecs, dsync } => {
                 // SAFETY: as above.
                 unsafe { transfer(fd, offset, iovecs, true, dsync) }
             }
@@ -358,15 +307,7 @@ impl Secondary {
                     .runs(a, b)
                     .into_iter()
                     .map(|(c, d, saved)| {
-                        (
-                            c,
-                            d,
-                            if saved {
-                                self.hidden.as_raw_fd()
-                            } else {
-                                self.disk.file().as_raw_fd()
-                            },
-                        )
+                        (c, d, if saved { self.hidden.as_raw_fd() } else { self.disk.file().as_raw_fd() })
                     })
                     .collect()
             };
@@ -400,8 +341,7 @@ impl Secondary {
                 // The merge is copying the buffers into the disk: newer data goes straight to
                 // the disk and the sectors leave the buffers, so the merge cannot overwrite it.
                 // SAFETY: as above.
-                let r =
-                    unsafe { transfer(self.disk.file().as_raw_fd(), offset, iovecs, true, dsync) };
+                let r = unsafe { transfer(self.disk.file().as_raw_fd(), offset, iovecs, true, dsync) };
                 if r >= 0 {
                     self.active_map.clear(s0, s1);
                     self.saved_map.clear(s0, s1);
@@ -413,11 +353,8 @@ impl Secondary {
                 let mut sub = Vec::new();
                 for (a, b, in_active) in self.active_map.runs(s0, s1) {
                     for (c, d, saved) in self.saved_map.runs(a, b) {
-                        let fd = if in_active || saved {
-                            self.active.as_raw_fd()
-                        } else {
-                            self.disk.file().as_raw_fd()
-                        };
+                        let fd =
+                            if in_active || saved { self.active.as_raw_fd() } else { self.disk.file().as_raw_fd() };
                         slice_iovecs(iovecs, c * SECTOR - offset, (d - c) * SECTOR, &mut sub);
                         // SAFETY: as above.
                         let r = unsafe { transfer(fd, c * SECTOR, &sub, true, dsync) };
@@ -442,14 +379,7 @@ impl Secondary {
         let _g = self.locks.shared(s0, s1);
         match stage {
             Stage::Running | Stage::FailoverFailed => {
-                let r = fallocate_with_fallback(
-                    self.active.as_raw_fd(),
-                    &Op::WriteZeroes {
-                        offset,
-                        len,
-                        unmap: true,
-                    },
-                );
+                let r = fallocate_with_fallback(self.active.as_raw_fd(), &Op::WriteZeroes { offset, len, unmap: true });
                 if r >= 0 {
                     self.active_map.set(s0, s1);
                 }
@@ -458,11 +388,7 @@ impl Secondary {
             Stage::Failover => {
                 let r = fallocate_with_fallback(
                     self.disk.file().as_raw_fd(),
-                    &Op::WriteZeroes {
-                        offset,
-                        len,
-                        unmap: true,
-                    },
+                    &Op::WriteZeroes { offset, len, unmap: true },
                 );
                 if r >= 0 {
                     self.active_map.clear(s0, s1);
@@ -516,8 +442,7 @@ impl Secondary {
         let mut c = 0;
         while c < sectors {
             let end = (c + MERGE_CHUNK).min(sectors);
-            let dirty = self.active_map.next_set_run(c, end).is_some()
-                || self.saved_map.next_set_run(c, end).is_some();
+            let dirty = self.active_map.next_set_run(c, end).is_some() || self.saved_map.next_set_run(c, end).is_some();
             if dirty {
                 let _g = locked.then(|| self.locks.exclusive(c, end));
                 self.merge_range(c, end, &mut buf)?;
@@ -531,10 +456,7 @@ impl Secondary {
         let started = Instant::now();
         let outcome = self.merge_pass(true, fail).and_then(|()| {
             // Final pass with everything quiet, then switch the VM to the disk.
-            let closed = self
-                .gate
-                .close(QUIESCE_TIMEOUT)
-                .ok_or_else(|| io::Error::other("quiesce timed out"))?;
+            let closed = self.gate.close(QUIESCE_TIMEOUT).ok_or_else(|| io::Error::other("quiesce timed out"))?;
             self.merge_pass(false, false)?;
             self.disk.file().sync_data()?;
             self.set_stage(Stage::Done);
@@ -598,8 +520,7 @@ impl ReplicationControl for SecondaryControl {
         }
         s.check_lengths()?;
         let closed = s.quiesce()?;
-        s.empty_buffers()
-            .map_err(|e| ReplicationError(format!("Failed to empty buffers: {e}")))?;
+        s.empty_buffers().map_err(|e| ReplicationError(format!("Failed to empty buffers: {e}")))?;
         *lock(&s.error) = None;
         s.set_stage(Stage::Running);
         drop(closed);
@@ -665,8 +586,7 @@ impl ReplicationControl for SecondaryControl {
         if !failover {
             // QEMU's version of this path fails and keeps the buffers (spec §3.5); the
             // documented intent is to drop them and stop, which is what happens here.
-            s.empty_buffers()
-                .map_err(|e| ReplicationError(format!("Failed to empty buffers: {e}")))?;
+            s.empty_buffers().map_err(|e| ReplicationError(format!("Failed to empty buffers: {e}")))?;
             s.set_stage(Stage::Done);
             return Ok(());
         }
@@ -743,24 +663,12 @@ impl NbdExport for SecondaryExport {
     }
 
     fn trim(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.0.nbd_modify(offset, len, |f| {
-            result(fallocate_with_fallback(
-                f.as_raw_fd(),
-                &Op::Discard { offset, len },
-            ))
-        })
+        self.0.nbd_modify(offset, len, |f| result(fallocate_with_fallback(f.as_raw_fd(), &Op::Discard { offset, len })))
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool) -> io::Result<()> {
         self.0.nbd_modify(offset, len, |f| {
-            result(fallocate_with_fallback(
-                f.as_raw_fd(),
-                &Op::WriteZeroes {
-                    offset,
-                    len,
-                    unmap: may_trim,
-                },
-            ))
+            result(fallocate_with_fallback(f.as_raw_fd(), &Op::WriteZeroes { offset, len, unmap: may_trim }))
         })
     }
 
@@ -786,13 +694,8 @@ impl BlockDevice for SecondaryDevice {
     }
     fn open_queue(&self, depth: u32) -> Result<Box<dyn BlockQueue>, BlockError> {
         let inner = self.0.disk.open_queue(depth)?;
-        let done = DoneQueue::new(inner.notifier())
-            .map_err(|e| BlockError::Engine(IoEngineError::Setup(e)))?;
-        Ok(Box::new(SecondaryQueue {
-            sec: self.0.clone(),
-            inner,
-            done,
-        }))
+        let done = DoneQueue::new(inner.notifier()).map_err(|e| BlockError::Engine(IoEngineError::Setup(e)))?;
+        Ok(Box::new(SecondaryQueue { sec: self.0.clone(), inner, done }))
     }
     fn flush(&self) -> io::Result<()> {
         self.0.flush_all()
@@ -828,11 +731,7 @@ impl BlockQueue for SecondaryQueue {
             // token's completion, which the pool queues only after the task returned.
             unsafe { op.with(|op| sec.vm_execute(op)) }
         });
-        if self.sec.pool.spawn(task, token, &self.done) {
-            Ok(())
-        } else {
-            Err(IoEngineError::QueueFull)
-        }
+        if self.sec.pool.spawn(task, token, &self.done) { Ok(()) } else { Err(IoEngineError::QueueFull) }
     }
     fn submit(&mut self) -> Result<(), IoEngineError> {
         self.inner.submit()
@@ -866,20 +765,10 @@ mod tests {
             engine: EngineKind::Sync,
         })
         .unwrap();
-        disk.file()
-            .write_all_at(&vec![0x11u8; size as usize], 0)
-            .unwrap();
-        let files = SecondaryFiles {
-            active: dir.join("a.img"),
-            hidden: dir.join("h.img"),
-            direct: false,
-        };
+        disk.file().write_all_at(&vec![0x11u8; size as usize], 0).unwrap();
+        let files = SecondaryFiles { active: dir.join("a.img"), hidden: dir.join("h.img"), direct: false };
         let s = Secondary::open(disk, files).unwrap();
-        SecondaryControl(s.clone())
-            .start(&StartArgs {
-                mode: Mode::Secondary,
-            })
-            .unwrap();
+        SecondaryControl(s.clone()).start(&StartArgs::mode(Mode::Secondary)).unwrap();
         s
     }
 
@@ -898,29 +787,17 @@ mod tests {
         let s2 = s.clone();
         let reader = std::thread::spawn(move || {
             let mut buf = vec![0u8; 4096];
-            let iov = [libc::iovec {
-                iov_base: buf.as_mut_ptr().cast(),
-                iov_len: 4096,
-            }];
-            let r = s2.vm_execute(&Op::Read {
-                offset: 0,
-                iovecs: &iov,
-            });
+            let iov = [libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: 4096 }];
+            let r = s2.vm_execute(&Op::Read { offset: 0, iovecs: &iov });
             tx.send(()).unwrap();
             (r, buf)
         });
         // The reader must not finish while the range is held.
-        assert!(
-            rx.recv_timeout(Duration::from_millis(200)).is_err(),
-            "VM read did not wait for the range lock"
-        );
+        assert!(rx.recv_timeout(Duration::from_millis(200)).is_err(), "VM read did not wait for the range lock");
         drop(guard);
         let (r, buf) = reader.join().unwrap();
         assert_eq!(r, 4096);
-        assert!(
-            buf.iter().all(|&b| b == 0x11),
-            "VM read saw the primary's new data"
-        );
+        assert!(buf.iter().all(|&b| b == 0x11), "VM read saw the primary's new data");
     }
 
     #[test]
@@ -928,21 +805,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = secondary(dir.path(), 1 << 20);
         let mut data = vec![0x33u8; 8192];
-        let iov = [libc::iovec {
-            iov_base: data.as_mut_ptr().cast(),
-            iov_len: 8192,
-        }];
-        assert_eq!(
-            s.vm_execute(&Op::Write {
-                offset: 4096,
-                iovecs: &iov,
-                dsync: false
-            }),
-            8192
-        );
-        SecondaryExport(s.clone())
-            .write(65536, &[0x22u8; 512], false)
-            .unwrap();
+        let iov = [libc::iovec { iov_base: data.as_mut_ptr().cast(), iov_len: 8192 }];
+        assert_eq!(s.vm_execute(&Op::Write { offset: 4096, iovecs: &iov, dsync: false }), 8192);
+        SecondaryExport(s.clone()).write(65536, &[0x22u8; 512], false).unwrap();
         assert_eq!(s.active_map.count_all(), 16);
         assert_eq!(s.saved_map.count_all(), 1);
         SecondaryControl(s.clone()).checkpoint().unwrap();

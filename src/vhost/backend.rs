@@ -14,9 +14,7 @@ use vhost_user_backend::VhostUserBackend;
 use vhost_user_backend::bitmap::BitmapMmapRegion;
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_WRITE_ZEROES};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{
-    EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier,
-};
+use vmm_sys_util::event::{EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier};
 
 use super::config::{DeviceConfig, WRITEBACK_OFFSET, writeback_mode};
 use super::request::Limits;
@@ -105,10 +103,7 @@ impl Shared {
         };
         let wb = writeback_mode(self.acked(), wce);
         if self.writeback.swap(wb, Ordering::AcqRel) != wb {
-            log::info!(
-                "cache mode: {}",
-                if wb { "writeback" } else { "writethrough" }
-            );
+            log::info!("cache mode: {}", if wb { "writeback" } else { "writethrough" });
         }
     }
 }
@@ -143,36 +138,20 @@ impl BlkBackend {
         for (i, stats) in stats.iter().enumerate().take(n) {
             let io = device.open_queue(u32::from(shared.cfg.queue_size))?;
             let drain = Arc::new(Drain::default());
-            let worker = QueueWorker::new(
-                i,
-                io,
-                shared.clone(),
-                mem.clone(),
-                stats.clone(),
-                drain.clone(),
-            );
-            queues.push(QueueSlot {
-                worker: Mutex::new(worker),
-                drain,
-            });
+            let worker = QueueWorker::new(i, io, shared.clone(), mem.clone(), stats.clone(), drain.clone());
+            queues.push(QueueSlot { worker: Mutex::new(worker), drain });
         }
         Ok(BlkBackend { shared, queues })
     }
 
     /// The completion notifier of each queue (index = worker thread), for epoll registration.
     pub fn notifiers(&self) -> Vec<Option<std::os::fd::RawFd>> {
-        self.queues
-            .iter()
-            .map(|q| lock(&q.worker).notifier())
-            .collect()
+        self.queues.iter().map(|q| lock(&q.worker).notifier()).collect()
     }
 
     /// Waits for every queue's in-flight requests; returns whether all drained in time.
     pub fn drain_all(&self, timeout: Duration) -> bool {
-        self.queues
-            .iter()
-            .enumerate()
-            .all(|(i, q)| q.drain.wait_idle(&format!("queue {i}"), timeout))
+        self.queues.iter().enumerate().all(|(i, q)| q.drain.wait_idle(&format!("queue {i}"), timeout))
     }
 
     /// Requests in flight over all queues.
@@ -221,23 +200,16 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        self.shared
-            .cfg
-            .read_config(self.shared.writeback(), offset, size)
+        self.shared.cfg.read_config(self.shared.writeback(), offset, size)
     }
 
     fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
         // Only the `writeback` byte is writable (virtio 1.2 §5.2.5).
         if offset != WRITEBACK_OFFSET || buf.len() != 1 {
-            log::warn!(
-                "refused config write of {} bytes at offset {offset}",
-                buf.len()
-            );
+            log::warn!("refused config write of {} bytes at offset {offset}", buf.len());
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
         }
-        self.shared
-            .wce
-            .store(if buf[0] != 0 { 2 } else { 1 }, Ordering::Release);
+        self.shared.wce.store(if buf[0] != 0 { 2 } else { 1 }, Ordering::Release);
         self.shared.update_writeback();
         Ok(())
     }
@@ -263,18 +235,11 @@ impl VhostUserBackend for BlkBackend {
         // The handler marked the queue not ready before calling us; taking the worker lock
         // once makes sure a pop that raced with that has registered its request.
         drop(lock(&q.worker));
-        q.drain
-            .wait_idle(&format!("stop queue {queue_index}"), DRAIN_TIMEOUT);
+        q.drain.wait_idle(&format!("stop queue {queue_index}"), DRAIN_TIMEOUT);
         Ok(())
     }
 
-    fn handle_event(
-        &self,
-        device_event: u16,
-        evset: EventSet,
-        vrings: &[Vring],
-        thread_id: usize,
-    ) -> io::Result<()> {
+    fn handle_event(&self, device_event: u16, evset: EventSet, vrings: &[Vring], thread_id: usize) -> io::Result<()> {
         if !evset.contains(EventSet::IN) {
             return Ok(());
         }

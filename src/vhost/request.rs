@@ -152,9 +152,7 @@ impl RequestErrorKind {
     /// types and flags are UNSUPP, everything else IOERR).
     pub fn status_byte(&self) -> u8 {
         match self {
-            RequestErrorKind::Unsupported(_) | RequestErrorKind::UnsupportedFlags => {
-                VIRTIO_BLK_S_UNSUPP as u8
-            }
+            RequestErrorKind::Unsupported(_) | RequestErrorKind::UnsupportedFlags => VIRTIO_BLK_S_UNSUPP as u8,
             RequestErrorKind::ChainTooShort
             | RequestErrorKind::BadStatus
             | RequestErrorKind::BadHeader
@@ -194,9 +192,7 @@ pub fn parse<M: GuestMemoryBackend + ?Sized>(
                 if let Some(prev) = last.replace(d) {
                     // `prev` is a data descriptor (not the last of the chain).
                     if scratch.data.len() < SEG_MAX as usize {
-                        scratch
-                            .data
-                            .push((prev.addr(), prev.len(), prev.is_write_only()));
+                        scratch.data.push((prev.addr(), prev.len(), prev.is_write_only()));
                     } else {
                         overflow = true;
                     }
@@ -205,23 +201,12 @@ pub fn parse<M: GuestMemoryBackend + ?Sized>(
         }
     }
     let (Some(header), Some(status)) = (header, last) else {
-        return Err(RequestError {
-            kind: RequestErrorKind::ChainTooShort,
-            status: None,
-        });
+        return Err(RequestError { kind: RequestErrorKind::ChainTooShort, status: None });
     };
     if !status.is_write_only() || status.len() != 1 || !mem.check_range(status.addr(), 1) {
-        return Err(RequestError {
-            kind: RequestErrorKind::BadStatus,
-            status: None,
-        });
+        return Err(RequestError { kind: RequestErrorKind::BadStatus, status: None });
     }
-    let fail = |kind| {
-        Err(RequestError {
-            kind,
-            status: Some(status.addr()),
-        })
-    };
+    let fail = |kind| Err(RequestError { kind, status: Some(status.addr()) });
     if header.is_write_only() || header.len() != HEADER_LEN {
         return fail(RequestErrorKind::BadHeader);
     }
@@ -259,19 +244,11 @@ pub fn parse<M: GuestMemoryBackend + ?Sized>(
             let Ok(slice) = slice else {
                 return fail(RequestErrorKind::BufferOutsideMemory);
             };
-            scratch.iovecs.push(libc::iovec {
-                iov_base: slice.ptr_guard_mut().as_ptr().cast(),
-                iov_len: slice.len(),
-            });
+            scratch.iovecs.push(libc::iovec { iov_base: slice.ptr_guard_mut().as_ptr().cast(), iov_len: slice.len() });
         }
         data_len += u64::from(len); // at most SEG_MAX * SIZE_MAX: cannot overflow
     }
-    let req = Request {
-        kind,
-        offset: 0,
-        data_len,
-        status: status.addr(),
-    };
+    let req = Request { kind, offset: 0, data_len, status: status.addr() };
     match kind {
         RequestKind::Read | RequestKind::Write => {
             if kind == RequestKind::Write && limits.read_only {
@@ -296,10 +273,8 @@ pub fn parse<M: GuestMemoryBackend + ?Sized>(
             if limits.read_only {
                 return fail(RequestErrorKind::ReadOnly);
             }
-            parse_segments(kind, mem, limits, scratch).map_err(|kind| RequestError {
-                kind,
-                status: Some(status.addr()),
-            })?;
+            parse_segments(kind, mem, limits, scratch)
+                .map_err(|kind| RequestError { kind, status: Some(status.addr()) })?;
             Ok(req)
         }
     }
@@ -328,11 +303,8 @@ fn parse_segments<M: GuestMemoryBackend + ?Sized>(
         let mut at = 0u32;
         while at < len {
             let take = (len - at).min(16 - filled as u32) as usize;
-            let a = addr
-                .checked_add(u64::from(at))
-                .ok_or(RequestErrorKind::BufferOutsideMemory)?;
-            mem.read_slice(&mut raw[filled..filled + take], a)
-                .map_err(|_| RequestErrorKind::BufferOutsideMemory)?;
+            let a = addr.checked_add(u64::from(at)).ok_or(RequestErrorKind::BufferOutsideMemory)?;
+            mem.read_slice(&mut raw[filled..filled + take], a).map_err(|_| RequestErrorKind::BufferOutsideMemory)?;
             filled += take;
             at += take as u32;
             if filled == 16 {
@@ -341,17 +313,13 @@ fn parse_segments<M: GuestMemoryBackend + ?Sized>(
                 let num = u32::from_le_bytes(raw[8..12].try_into().unwrap_or([0; 4]));
                 let flags = u32::from_le_bytes(raw[12..16].try_into().unwrap_or([0; 4]));
                 let unmap = flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0;
-                if flags & !VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0
-                    || (kind == RequestKind::Discard && unmap)
-                {
+                if flags & !VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0 || (kind == RequestKind::Discard && unmap) {
                     return Err(RequestErrorKind::UnsupportedFlags);
                 }
                 if num > MAX_DISCARD_SECTORS {
                     return Err(RequestErrorKind::BadSegments);
                 }
-                let offset = sector
-                    .checked_mul(SECTOR)
-                    .ok_or(RequestErrorKind::OutOfRange)?;
+                let offset = sector.checked_mul(SECTOR).ok_or(RequestErrorKind::OutOfRange)?;
                 let len = u64::from(num) * SECTOR;
                 if !offset.is_multiple_of(bs) || !len.is_multiple_of(bs) {
                     return Err(RequestErrorKind::Unaligned);

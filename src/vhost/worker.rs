@@ -14,9 +14,7 @@ use vhost_user_backend::{VringRwLock, VringT};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
 use virtio_queue::QueueT;
 use vm_memory::bitmap::Bitmap;
-use vm_memory::{
-    Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
-};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::backend::Shared;
 use super::request::{self, ID_LEN, Request, RequestKind, Scratch};
@@ -47,9 +45,7 @@ impl Drain {
     }
 
     fn end(&self) {
-        if self.inflight.fetch_sub(1, Ordering::AcqRel) == 1
-            && self.waiters.load(Ordering::SeqCst) > 0
-        {
+        if self.inflight.fetch_sub(1, Ordering::AcqRel) == 1 && self.waiters.load(Ordering::SeqCst) > 0 {
             let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
             self.cv.notify_all();
         }
@@ -70,18 +66,11 @@ impl Drain {
         while self.inflight() > 0 {
             let now = Instant::now();
             if now >= deadline {
-                log::error!(
-                    "{what}: {} requests still in flight after {:?}",
-                    self.inflight(),
-                    timeout
-                );
+                log::error!("{what}: {} requests still in flight after {:?}", self.inflight(), timeout);
                 return false;
             }
             let step = (deadline - now).min(Duration::from_secs(1));
-            let (ng, res) = self
-                .cv
-                .wait_timeout(g, step)
-                .unwrap_or_else(|e| e.into_inner());
+            let (ng, res) = self.cv.wait_timeout(g, step).unwrap_or_else(|e| e.into_inner());
             g = ng;
             if res.timed_out() && self.inflight() > 0 {
                 log::warn!("{what}: waiting for {} requests in flight", self.inflight());
@@ -165,9 +154,7 @@ impl QueueWorker {
         stats: Arc<QueueStats>,
         drain: Arc<Drain>,
     ) -> Self {
-        let slots = (0..shared.cfg.queue_size)
-            .map(|_| Slot::default())
-            .collect();
+        let slots = (0..shared.cfg.queue_size).map(|_| Slot::default()).collect();
         QueueWorker {
             index,
             io,
@@ -219,9 +206,7 @@ impl QueueWorker {
                 let work = {
                     let state = vring.get_ref();
                     let q = state.get_queue();
-                    q.ready()
-                        && q.avail_idx(&*mem, Ordering::Acquire)
-                            .is_ok_and(|i| i.0 != q.next_avail())
+                    q.ready() && q.avail_idx(&*mem, Ordering::Acquire).is_ok_and(|i| i.0 != q.next_avail())
                 };
                 if work {
                     break true;
@@ -254,11 +239,7 @@ impl QueueWorker {
                 let chain = {
                     let mut state = vring.get_mut();
                     let q = state.get_queue_mut();
-                    if !q.ready() {
-                        None
-                    } else {
-                        q.pop_descriptor_chain(&*mem)
-                    }
+                    if !q.ready() { None } else { q.pop_descriptor_chain(&*mem) }
                 };
                 let Some(chain) = chain else { break };
                 let head = chain.head_index();
@@ -287,10 +268,7 @@ impl QueueWorker {
         I: Iterator<Item = virtio_queue::desc::split::Descriptor>,
     {
         let Some(slot) = self.slots.get_mut(usize::from(head)) else {
-            log::error!(
-                "queue {}: head {head} beyond queue size; dropped",
-                self.index
-            );
+            log::error!("queue {}: head {head} beyond queue size; dropped", self.index);
             self.stats.record_dropped();
             return;
         };
@@ -298,10 +276,7 @@ impl QueueWorker {
             // A driver bug or a hostile guest: the head is already in flight. Answering it would
             // complete the in-flight request twice, so the chain is dropped.
             if self.bad_input.allow() {
-                log::warn!(
-                    "queue {}: head {head} reused while in flight; dropped",
-                    self.index
-                );
+                log::warn!("queue {}: head {head} reused while in flight; dropped", self.index);
             }
             self.stats.record_dropped();
             return;
@@ -365,9 +340,7 @@ impl QueueWorker {
                     return;
                 }
                 if req.kind == RequestKind::Read {
-                    slot.used_len = slot
-                        .used_len
-                        .saturating_add(u32::try_from(req.data_len).unwrap_or(u32::MAX));
+                    slot.used_len = slot.used_len.saturating_add(u32::try_from(req.data_len).unwrap_or(u32::MAX));
                 }
                 let iovecs: &[libc::iovec] = &slot.scratch.iovecs;
                 // Reborrow through a raw slice so `slot` can be passed mutably alongside.
@@ -375,16 +348,9 @@ impl QueueWorker {
                     // SAFETY: the iovec list is not modified until the slot completes.
                     unsafe { std::slice::from_raw_parts(iovecs.as_ptr(), iovecs.len()) };
                 let op = if req.kind == RequestKind::Read {
-                    Op::Read {
-                        offset: req.offset,
-                        iovecs,
-                    }
+                    Op::Read { offset: req.offset, iovecs }
                 } else {
-                    Op::Write {
-                        offset: req.offset,
-                        iovecs,
-                        dsync: !writeback,
-                    }
+                    Op::Write { offset: req.offset, iovecs, dsync: !writeback }
                 };
                 push(&mut self.io, slot, &op);
             }
@@ -413,16 +379,9 @@ impl QueueWorker {
                 let segments = std::mem::take(&mut slot.scratch.segments);
                 for s in &segments {
                     let op = if req.kind == RequestKind::Discard {
-                        Op::Discard {
-                            offset: s.offset,
-                            len: s.len,
-                        }
+                        Op::Discard { offset: s.offset, len: s.len }
                     } else {
-                        Op::WriteZeroes {
-                            offset: s.offset,
-                            len: s.len,
-                            unmap: s.unmap,
-                        }
+                        Op::WriteZeroes { offset: s.offset, len: s.len, unmap: s.unmap }
                     };
                     push(&mut self.io, slot, &op);
                 }
@@ -481,10 +440,7 @@ impl QueueWorker {
             mark_written(&*mem, &slot.scratch.data);
         }
         if mem.write_obj(slot.status, slot.status_addr).is_err() {
-            log::error!(
-                "queue {}: status byte of head {head} no longer in guest memory",
-                self.index
-            );
+            log::error!("queue {}: status byte of head {head} no longer in guest memory", self.index);
         }
         let class = match kind {
             Some(RequestKind::Read) => OpClass::Read,
@@ -517,11 +473,7 @@ impl QueueWorker {
             }
         }
         self.pending_used.clear();
-        let notify = if self.shared.event_idx() {
-            state.needs_notification().unwrap_or(true)
-        } else {
-            true
-        };
+        let notify = if self.shared.event_idx() { state.needs_notification().unwrap_or(true) } else { true };
         if notify && let Err(e) = state.signal_used_queue() {
             log::error!("queue {}: cannot signal the driver: {e}", self.index);
         }

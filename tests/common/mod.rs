@@ -52,14 +52,7 @@ impl Server {
                 let _ = tx.send(line);
             }
         });
-        let mut s = Server {
-            child,
-            socket,
-            qmp,
-            dir,
-            lines: rx,
-            log,
-        };
+        let mut s = Server { child, socket, qmp, dir, lines: rx, log };
         s.wait_log("serving");
         s
     }
@@ -72,10 +65,7 @@ impl Server {
             match self.lines.recv_timeout(left) {
                 Ok(l) if l.contains(needle) => return l,
                 Ok(_) => continue,
-                Err(e) => panic!(
-                    "no log line with '{needle}' ({e}); log: {:?}",
-                    self.log.lock().unwrap()
-                ),
+                Err(e) => panic!("no log line with '{needle}' ({e}); log: {:?}", self.log.lock().unwrap()),
             }
         }
     }
@@ -106,10 +96,7 @@ impl Server {
 
     /// Runs a QMP command that must succeed.
     pub fn qmp_ok(&self, cmd: &str) -> serde_json::Value {
-        self.qmp()
-            .execute(cmd, Default::default())
-            .expect("qmp io")
-            .expect("qmp ok")
+        self.qmp().execute(cmd, Default::default()).expect("qmp io").expect("qmp ok")
     }
 }
 
@@ -142,12 +129,7 @@ impl Client {
         let region = b.alloc_mem_region(REGION).expect("alloc region");
         b.map_mem_region(&region).expect("map region");
         let capacity = b.get_u64("capacity").unwrap();
-        Client {
-            blkio: b,
-            queues: out.queues,
-            region,
-            capacity,
-        }
+        Client { blkio: b, queues: out.queues, region, capacity }
     }
 
     /// The buffer region as a byte slice (offset, len).
@@ -199,11 +181,7 @@ impl Client {
 
     pub fn write_zeroes(&mut self, qi: usize, offset: u64, len: u64, unmap: bool) -> i32 {
         let q = &mut self.queues[qi];
-        let flags = if unmap {
-            ReqFlags::empty()
-        } else {
-            ReqFlags::NO_UNMAP
-        };
+        let flags = if unmap { ReqFlags::empty() } else { ReqFlags::NO_UNMAP };
         q.write_zeroes(offset, len, 0, flags);
         Self::wait_one(q)
     }
@@ -239,10 +217,7 @@ impl Client {
         for (i, s) in segs.iter().enumerate() {
             let off = i * (1 << 20);
             self.buf(off, s.len()).copy_from_slice(s);
-            iov.push(libc::iovec {
-                iov_base: (self.region.addr + off) as *mut _,
-                iov_len: s.len(),
-            });
+            iov.push(libc::iovec { iov_base: (self.region.addr + off) as *mut _, iov_len: s.len() });
         }
         iov
     }

@@ -1,0 +1,260 @@
+//! NBD client for the primary's replication link: URI parsing, fixed newstyle negotiation
+//! with OPT_GO (falling back to EXPORT_NAME), then a transmission phase where any thread may
+//! send requests and one reader thread matches replies to handles (out of order).
+
+use std::io::{self, Read, Write};
+use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::server::Stream;
+use super::wire::*;
+
+/// Where the secondary's NBD server is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NbdUri {
+    /// TCP `host:port` or a UNIX socket.
+    pub target: NbdTarget,
+    /// Export name.
+    pub export: String,
+}
+
+/// Transport of an [`NbdUri`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NbdTarget {
+    /// `host:port`.
+    Tcp(String),
+    /// Socket path.
+    Unix(PathBuf),
+}
+
+impl std::str::FromStr for NbdUri {
+    type Err = String;
+    /// `nbd://HOST[:PORT]/EXPORT` or `nbd+unix:///EXPORT?socket=PATH`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Some(rest) = s.strip_prefix("nbd+unix://") {
+            let (path_part, query) = rest.split_once('?').ok_or("nbd+unix URI needs ?socket=PATH")?;
+            let export = path_part.strip_prefix('/').unwrap_or(path_part).to_string();
+            let socket = query
+                .split('&')
+                .find_map(|kv| kv.strip_prefix("socket="))
+                .filter(|p| !p.is_empty())
+                .ok_or("nbd+unix URI needs ?socket=PATH")?;
+            return Ok(NbdUri { target: NbdTarget::Unix(socket.into()), export });
+        }
+        if let Some(rest) = s.strip_prefix("nbd://") {
+            let (hostport, export) = rest.split_once('/').unwrap_or((rest, ""));
+            if hostport.is_empty() {
+                return Err("nbd URI needs a host".into());
+            }
+            let hostport = if hostport.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok()) {
+                hostport.to_string()
+            } else {
+                format!("{hostport}:10809")
+            };
+            return Ok(NbdUri { target: NbdTarget::Tcp(hostport), export: export.to_string() });
+        }
+        Err(format!("'{s}' is not nbd://HOST:PORT/EXPORT or nbd+unix:///EXPORT?socket=PATH"))
+    }
+}
+
+impl std::fmt::Display for NbdUri {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.target {
+            NbdTarget::Tcp(hp) => write!(f, "nbd://{hp}/{}", self.export),
+            NbdTarget::Unix(p) => write!(f, "nbd+unix:///{}?socket={}", self.export, p.display()),
+        }
+    }
+}
+
+/// What negotiation learned.
+#[derive(Debug, Clone, Copy)]
+pub struct ExportInfo {
+    /// Export size in bytes.
+    pub size: u64,
+    /// Transmission flags.
+    pub flags: u16,
+}
+
+fn read_u16(s: &mut Stream) -> io::Result<u16> {
+    let mut b = [0u8; 2];
+    s.read_exact(&mut b)?;
+    Ok(u16::from_be_bytes(b))
+}
+fn read_u32(s: &mut Stream) -> io::Result<u32> {
+    let mut b = [0u8; 4];
+    s.read_exact(&mut b)?;
+    Ok(u32::from_be_bytes(b))
+}
+fn read_u64(s: &mut Stream) -> io::Result<u64> {
+    let mut b = [0u8; 8];
+    s.read_exact(&mut b)?;
+    Ok(u64::from_be_bytes(b))
+}
+
+fn bad(msg: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg)
+}
+
+/// Connects and negotiates; returns the stream in transmission phase.
+pub fn connect(uri: &NbdUri, timeout: Duration) -> io::Result<(Stream, ExportInfo)> {
+    let mut s = match &uri.target {
+        NbdTarget::Tcp(hp) => {
+            let addr = std::net::ToSocketAddrs::to_socket_addrs(hp)?
+                .next()
+                .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("cannot resolve {hp}")))?;
+            let t = TcpStream::connect_timeout(&addr, timeout)?;
+            t.set_nodelay(true)?;
+            t.set_read_timeout(Some(timeout))?;
+            t.set_write_timeout(Some(timeout))?;
+            Stream::Tcp(t)
+        }
+        NbdTarget::Unix(p) => {
+            let u = UnixStream::connect(p)?;
+            u.set_read_timeout(Some(timeout))?;
+            u.set_write_timeout(Some(timeout))?;
+            Stream::Unix(u)
+        }
+    };
+    if read_u64(&mut s)? != NBD_MAGIC || read_u64(&mut s)? != IHAVEOPT {
+        return Err(bad("not a newstyle NBD server".into()));
+    }
+    let server_flags = read_u16(&mut s)?;
+    if server_flags & FLAG_FIXED_NEWSTYLE == 0 {
+        return Err(bad("server does not speak fixed newstyle".into()));
+    }
+    let no_zeroes = server_flags & FLAG_NO_ZEROES != 0;
+    let cflags = CLIENT_FIXED_NEWSTYLE | if no_zeroes { CLIENT_NO_ZEROES } else { 0 };
+    s.write_all(&cflags.to_be_bytes())?;
+    // OPT_GO: u32 name length, name, u16 number of info requests (none).
+    let name = uri.export.as_bytes();
+    let mut data = Vec::with_capacity(6 + name.len());
+    data.extend_from_slice(&(name.len() as u32).to_be_bytes());
+    data.extend_from_slice(name);
+    data.extend_from_slice(&0u16.to_be_bytes());
+    send_option(&mut s, OPT_GO, &data)?;
+    let mut info: Option<ExportInfo> = None;
+    loop {
+        if read_u64(&mut s)? != OPT_REPLY_MAGIC {
+            return Err(bad("bad option reply magic".into()));
+        }
+        let _opt = read_u32(&mut s)?;
+        let rtype = read_u32(&mut s)?;
+        let len = read_u32(&mut s)?;
+        if len > MAX_OPTION {
+            return Err(bad(format!("option reply of {len} bytes")));
+        }
+        let mut payload = vec![0u8; len as usize];
+        s.read_exact(&mut payload)?;
+        match rtype {
+            REP_ACK => break,
+            REP_INFO => {
+                if payload.len() >= 12 && u16::from_be_bytes([payload[0], payload[1]]) == INFO_EXPORT {
+                    let size = u64::from_be_bytes(payload[2..10].try_into().unwrap_or_default());
+                    let flags = u16::from_be_bytes([payload[10], payload[11]]);
+                    info = Some(ExportInfo { size, flags });
+                }
+            }
+            REP_ERR_UNSUP => {
+                // An old server: fall back to EXPORT_NAME, which answers with size + flags.
+                send_option(&mut s, OPT_EXPORT_NAME, name)?;
+                let size = read_u64(&mut s)?;
+                let flags = read_u16(&mut s)?;
+                if !no_zeroes {
+                    let mut z = [0u8; 124];
+                    s.read_exact(&mut z)?;
+                }
+                info = Some(ExportInfo { size, flags });
+                break;
+            }
+            t if t & (1 << 31) != 0 => {
+                return Err(io::Error::new(
+                    io::ErrorKind::ConnectionRefused,
+                    format!(
+                        "server refused export '{}' (reply {t:#x}: {})",
+                        uri.export,
+                        String::from_utf8_lossy(&payload)
+                    ),
+                ));
+            }
+            _ => {}
+        }
+    }
+    let info = info.ok_or_else(|| bad("server sent no export information".into()))?;
+    // Transmission: replies may take long (a slow secondary is the link timeout's business).
+    match &s {
+        Stream::Tcp(t) => t.set_read_timeout(None)?,
+        Stream::Unix(u) => u.set_read_timeout(None)?,
+    }
+    Ok((s, info))
+}
+
+fn send_option(s: &mut Stream, opt: u32, data: &[u8]) -> io::Result<()> {
+    let mut b = Vec::with_capacity(16 + data.len());
+    b.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    b.extend_from_slice(&opt.to_be_bytes());
+    b.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    b.extend_from_slice(data);
+    s.write_all(&b)
+}
+
+/// A decoded simple reply header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reply {
+    /// NBD error (0 = success).
+    pub error: u32,
+    /// The request's handle.
+    pub handle: u64,
+}
+
+/// Reads one simple reply header (no payload: the link never reads).
+pub fn read_reply(s: &mut Stream) -> io::Result<Reply> {
+    let mut b = [0u8; 16];
+    s.read_exact(&mut b)?;
+    let magic = u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+    if magic != SIMPLE_REPLY_MAGIC {
+        return Err(bad(format!("bad reply magic {magic:#x}")));
+    }
+    Ok(Reply {
+        error: u32::from_be_bytes([b[4], b[5], b[6], b[7]]),
+        handle: u64::from_be_bytes(b[8..16].try_into().unwrap_or_default()),
+    })
+}
+
+/// Writes one request (and its payload).
+pub fn send_request(s: &mut Stream, req: &Request, payload: &[u8]) -> io::Result<()> {
+    let hdr = req.encode();
+    if payload.is_empty() {
+        return s.write_all(&hdr);
+    }
+    // One write for small payloads keeps header and data in one segment.
+    if payload.len() <= 64 * 1024 {
+        let mut b = Vec::with_capacity(hdr.len() + payload.len());
+        b.extend_from_slice(&hdr);
+        b.extend_from_slice(payload);
+        s.write_all(&b)
+    } else {
+        s.write_all(&hdr)?;
+        s.write_all(payload)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_uris() {
+        let u: NbdUri = "nbd://127.0.0.1:9999/parent0".parse().unwrap();
+        assert_eq!(u, NbdUri { target: NbdTarget::Tcp("127.0.0.1:9999".into()), export: "parent0".into() });
+        let u: NbdUri = "nbd://host".parse().unwrap();
+        assert_eq!(u.target, NbdTarget::Tcp("host:10809".into()));
+        assert_eq!(u.export, "");
+        let u: NbdUri = "nbd+unix:///disk?socket=/run/x.sock".parse().unwrap();
+        assert_eq!(u, NbdUri { target: NbdTarget::Unix("/run/x.sock".into()), export: "disk".into() });
+        assert!("nbd+unix:///disk".parse::<NbdUri>().is_err());
+        assert!("http://x".parse::<NbdUri>().is_err());
+        assert!("nbd:///x".parse::<NbdUri>().is_err());
+    }
+}

@@ -1,0 +1,57 @@
+//! Continuous replication: a secondary that failed over (stage done) can become the primary
+//! for a new secondary without a restart (spec §1.2, "Continuous replication"). Until then
+//! every operation belongs to the secondary role; once `replication-start {"mode":"primary"}`
+//! succeeded on a done secondary, operations belong to the primary role.
+
+use std::sync::Arc;
+
+use serde_json::Value;
+
+use super::primary::{Mirror, MirrorControl};
+use super::secondary::{Secondary, SecondaryControl};
+use super::{Mode, ReplicationControl, ReplicationError, Stage, StartArgs};
+
+/// The control surface of a `--replication secondary` process.
+pub struct SecondaryThenPrimary {
+    /// The secondary role.
+    pub secondary: SecondaryControl,
+    /// The primary role it can take on after failover.
+    pub primary: MirrorControl,
+    /// The same mirror (to ask its stage).
+    pub mirror: Arc<Mirror>,
+    /// The same secondary (to ask its stage).
+    pub state: Arc<Secondary>,
+}
+
+impl SecondaryThenPrimary {
+    fn promoted(&self) -> bool {
+        self.mirror.stage() != Stage::None
+    }
+}
+
+impl ReplicationControl for SecondaryThenPrimary {
+    fn start(&self, args: &StartArgs) -> Result<(), ReplicationError> {
+        if args.mode == Mode::Primary && self.state.stage() == Stage::Done {
+            return self.primary.start(args);
+        }
+        self.secondary.start(args)
+    }
+    fn checkpoint(&self) -> Result<(), ReplicationError> {
+        if self.promoted() { self.primary.checkpoint() } else { self.secondary.checkpoint() }
+    }
+    fn get_error(&self) -> Result<(), ReplicationError> {
+        if self.promoted() { self.primary.get_error() } else { self.secondary.get_error() }
+    }
+    fn stop(&self, failover: bool, inject: bool) -> Result<(), ReplicationError> {
+        if self.promoted() { self.primary.stop(failover, inject) } else { self.secondary.stop(failover, inject) }
+    }
+    fn query(&self) -> Value {
+        if self.promoted() {
+            let mut q = self.primary.query();
+            q["previous"] = self.secondary.query();
+            q
+        } else {
+            self.secondary.query()
+        }
+    }
+}

@@ -1,0 +1,771 @@
+//! The primary: every guest write is also sent to the secondary over NBD, and the guest
+//! request completes when both the local write and the forwarded one have completed
+//! (DRBD's protocol C). A failed, dead or hung secondary never fails the guest: the error is
+//! recorded, the range goes into a dirty bitmap, the link is reconnected with backoff and the
+//! dirty ranges are copied again (incremental resync). `sync=full` copies the whole disk the
+//! same way, in the background, while guest writes keep being mirrored.
+//!
+//! Ordering rule for the resync: a chunk's dirty bits are cleared when its copy starts. A guest
+//! write whose lifetime (from being forwarded to completing locally) overlaps the copy of an
+//! overlapping chunk sets its bits again when it completes locally, because the chunk may have
+//! read the old data and may reach the secondary after the guest write did. So an older copy is
+//! never the last word on the secondary: the range is copied once more.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, mpsc};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use super::pool::DoneQueue;
+use super::{EventSink, Mode, ReplicationControl, ReplicationError, Stage, StartArgs, SyncMode};
+use crate::block::bitmap::SectorBitmap;
+use crate::block::{BlockDevice, BlockError, BlockQueue, Completion, IoEngineError, Op};
+use crate::io::iovecs_len;
+use crate::nbd::client::{self, NbdUri, Reply};
+use crate::nbd::server::Stream;
+use crate::nbd::wire::{CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, CMD_FLUSH, CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES, Request};
+
+const SECTOR: u64 = 512;
+/// Largest piece the resync copies at once.
+const RESYNC_CHUNK: u64 = 2048; // sectors = 1 MiB
+/// Reconnect backoff bounds.
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// Who waits for a forwarded request.
+enum Waiter {
+    /// A guest request: push a completion for `token` on a queue's done list.
+    Queue(Arc<DoneQueue>, u64),
+    /// The resync or a barrier: a channel.
+    Chan(mpsc::Sender<bool>),
+}
+
+struct Pending {
+    sectors: (u64, u64),
+    sent: Instant,
+    waiter: Waiter,
+}
+
+/// One NBD connection to the secondary.
+struct Link {
+    tx: mpsc::Sender<(Request, Vec<u8>)>,
+    ctl: Stream,
+    pending: Mutex<HashMap<u64, Pending>>,
+    drained: Condvar,
+    broken: AtomicBool,
+}
+
+/// Settings of the mirror.
+#[derive(Debug, Clone)]
+pub struct MirrorConfig {
+    /// The secondary (from `--secondary`; `replication-start` may give another).
+    pub secondary: Option<NbdUri>,
+    /// A forwarded request older than this breaks the link.
+    pub timeout: Duration,
+}
+
+/// The primary's replication state, shared by all queues.
+pub struct Mirror {
+    disk: Arc<File>,
+    size: u64,
+    cfg: Mutex<MirrorConfig>,
+    stage: Mutex<Stage>,
+    error: Mutex<Option<String>>,
+    link: Mutex<Option<Arc<Link>>>,
+    link_cv: Condvar,
+    dirty: SectorBitmap,
+    /// Chunks the resync copied or is copying: (start clock, end clock or MAX, sectors).
+    resync_log: Mutex<ResyncLog>,
+    /// Orders write lifetimes against chunk copies.
+    clock: AtomicU64,
+    next_handle: AtomicU64,
+    generation: AtomicU64,
+    events: Mutex<Option<EventSink>>,
+    ops: Mutex<()>,
+    manager: AtomicBool,
+    stats: MirrorStats,
+}
+
+#[derive(Default)]
+struct MirrorStats {
+    forwarded_ops: AtomicU64,
+    forwarded_bytes: AtomicU64,
+    failed_ops: AtomicU64,
+    resync_bytes: AtomicU64,
+    resync_total: AtomicU64,
+    connects: AtomicU64,
+    link_failures: AtomicU64,
+}
+
+/// Recent resync chunk copies, for the ordering rule.
+#[derive(Default)]
+struct ResyncLog {
+    entries: std::collections::VecDeque<(u64, u64, u64, u64)>,
+    /// Clock up to which entries were dropped: a write older than this re-dirties its range.
+    floor: u64,
+}
+
+const RESYNC_LOG_LEN: usize = 4096;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Mirror {
+    /// A mirror of `disk` (`size` bytes); idle until `replication-start {"mode":"primary"}`.
+    pub fn new(disk: Arc<File>, size: u64, cfg: MirrorConfig) -> Arc<Self> {
+        Arc::new(Mirror {
+            disk,
+            size,
+            cfg: Mutex::new(cfg),
+            stage: Mutex::new(Stage::None),
+            error: Mutex::new(None),
+            link: Mutex::new(None),
+            link_cv: Condvar::new(),
+            dirty: SectorBitmap::new(size / SECTOR),
+            resync_log: Mutex::new(ResyncLog::default()),
+            clock: AtomicU64::new(1),
+            next_handle: AtomicU64::new(1),
+            generation: AtomicU64::new(0),
+            events: Mutex::new(None),
+            ops: Mutex::new(()),
+            manager: AtomicBool::new(false),
+            stats: MirrorStats::default(),
+        })
+    }
+
+    /// Where stage, link and error events go.
+    pub fn set_events(&self, sink: EventSink) {
+        *lock(&self.events) = Some(sink);
+    }
+
+    fn emit(&self, name: &str, data: Value) {
+        let sink = lock(&self.events).clone();
+        if let Some(sink) = sink {
+            sink(name, data);
+        }
+    }
+
+    /// The current stage.
+    pub fn stage(&self) -> Stage {
+        *lock(&self.stage)
+    }
+
+    fn set_stage(&self, s: Stage) {
+        let old = std::mem::replace(&mut *lock(&self.stage), s);
+        if old != s {
+            log::info!("replication stage {} -> {}", old.name(), s.name());
+            self.emit("REPLICATION_STAGE", json!({"mode": "primary", "stage": s.name()}));
+        }
+    }
+
+    fn record_error(&self, msg: String) {
+        let first = lock(&self.error).is_none();
+        *lock(&self.error) = Some(msg.clone());
+        if first {
+            log::error!("replication error: {msg}");
+            self.emit("REPLICATION_ERROR", json!({"mode": "primary", "error": msg}));
+        }
+    }
+
+    fn running(&self) -> bool {
+        self.stage() == Stage::Running
+    }
+
+    // ---- the link ---------------------------------------------------------------------------
+
+    fn current_link(&self) -> Option<Arc<Link>> {
+        lock(&self.link).clone().filter(|l| !l.broken.load(Ordering::Acquire))
+    }
+
+    fn connect(self: &Arc<Self>, uri: &NbdUri) -> io::Result<Arc<Link>> {
+        let timeout = lock(&self.cfg).timeout;
+        let (stream, info) = client::connect(uri, timeout)?;
+        if info.size != self.size {
+            stream.shutdown();
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("secondary export size {} differs from the local disk size {}", info.size, self.size),
+            ));
+        }
+        let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
+        let (tx, rx) = mpsc::channel::<(Request, Vec<u8>)>();
+        let link = Arc::new(Link {
+            tx,
+            ctl: stream.try_clone()?,
+            pending: Mutex::new(HashMap::new()),
+            drained: Condvar::new(),
+            broken: AtomicBool::new(false),
+        });
+        let mut writer = stream.try_clone()?;
+        let l2 = link.clone();
+        std::thread::Builder::new().name("nbd-link-send".into()).spawn(move || {
+            while let Ok((req, payload)) = rx.recv() {
+                if let Err(e) = client::send_request(&mut writer, &req, &payload) {
+                    log::warn!("replication link: send failed: {e}");
+                    l2.ctl.shutdown();
+                    break;
+                }
+            }
+        })?;
+        let mut reader = stream;
+        let (l3, me) = (link.clone(), self.clone());
+        std::thread::Builder::new().name("nbd-link-recv".into()).spawn(move || {
+            loop {
+                match client::read_reply(&mut reader) {
+                    Ok(r) => me.on_reply(&l3, r),
+                    Err(e) => {
+                        me.fail_link(&l3, &format!("replication link lost: {e}"));
+                        break;
+                    }
+                }
+            }
+        })?;
+        self.stats.connects.fetch_add(1, Ordering::Relaxed);
+        log::info!("replication link to {uri} up (generation {generation})");
+        self.emit("REPLICATION_LINK", json!({"connected": true, "secondary": uri.to_string()}));
+        *lock(&self.link) = Some(link.clone());
+        Ok(link)
+    }
+
+    fn on_reply(&self, link: &Link, r: Reply) {
+        let p = lock(&link.pending).remove(&r.handle);
+        let Some(p) = p else {
+            // Not a handle we sent (or a duplicate): the peer is broken.
+            self.fail_link(link, &format!("replication link: reply for unknown handle {:#x}", r.handle));
+            return;
+        };
+        let ok = r.error == 0;
+        if !ok {
+            self.stats.failed_ops.fetch_add(1, Ordering::Relaxed);
+            self.dirty.set(p.sectors.0, p.sectors.1);
+            self.record_error(format!(
+                "secondary answered NBD error {} for sectors {}..{}",
+                r.error, p.sectors.0, p.sectors.1
+            ));
+        }
+        Self::wake(p.waiter, ok);
+        if lock(&link.pending).is_empty() {
+            link.drained.notify_all();
+        }
+    }
+
+    fn wake(w: Waiter, ok: bool) {
+        match w {
+            Waiter::Queue(done, token) => done.push(Completion { token, result: 0 }),
+            Waiter::Chan(tx) => {
+                let _ = tx.send(ok);
+            }
+        }
+    }
+
+    /// Breaks `link`: every forwarded request still pending goes into the dirty bitmap and
+    /// completes for the guest (successfully: the local write decides).
+    fn fail_link(&self, link: &Link, why: &str) {
+        if link.broken.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        link.ctl.shutdown();
+        self.stats.link_failures.fetch_add(1, Ordering::Relaxed);
+        let pending: Vec<Pending> = lock(&link.pending).drain().map(|(_, p)| p).collect();
+        for p in &pending {
+            self.dirty.set(p.sectors.0, p.sectors.1);
+        }
+        link.drained.notify_all();
+        if self.running() {
+            self.record_error(format!("{why} ({} requests pending)", pending.len()));
+            self.emit("REPLICATION_LINK", json!({"connected": false, "reason": why}));
+        }
+        for p in pending {
+            Self::wake(p.waiter, false);
+        }
+        self.link_cv.notify_all();
+    }
+
+    /// Sends one request on the current link; `false` if there is no usable link.
+    fn send(
+        &self,
+        cmd: u16,
+        flags: u16,
+        offset: u64,
+        length: u32,
+        payload: Vec<u8>,
+        waiter: Waiter,
+    ) -> Result<(), Waiter> {
+        let Some(link) = self.current_link() else { return Err(waiter) };
+        let handle = self.next_handle.fetch_add(1, Ordering::Relaxed);
+        let sectors = (offset / SECTOR, (offset + u64::from(length)).div_ceil(SECTOR));
+        lock(&link.pending).insert(handle, Pending { sectors, sent: Instant::now(), waiter });
+        let req = Request { flags, cmd, handle, offset, length };
+        if link.tx.send((req, payload)).is_err() {
+            let p = lock(&link.pending).remove(&handle);
+            self.fail_link(&link, "replication link sender stopped");
+            return Err(p.map_or(Waiter::Chan(mpsc::channel().0), |p| p.waiter));
+        }
+        Ok(())
+    }
+
+    /// Forwards a guest write-type operation (the local one is already submitted). The guest
+    /// completion for `token` is pushed on `done` when the secondary answered, the link broke,
+    /// or at once when there is no link (the range is then dirty).
+    fn forward(&self, op: &Op<'_>, token: u64, done: &Arc<DoneQueue>) {
+        let waiter = Waiter::Queue(done.clone(), token);
+        let (cmd, flags, offset, len, payload) = match *op {
+            Op::Write { offset, iovecs, dsync } => {
+                let len = iovecs_len(iovecs);
+                let mut data = Vec::with_capacity(len as usize);
+                for v in iovecs {
+                    // SAFETY: the worker keeps the guest buffers alive until this request's
+                    // completion is reaped; the copy happens now, before push returns.
+                    data.extend_from_slice(unsafe { std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len) });
+                }
+                (CMD_WRITE, if dsync { CMD_FLAG_FUA } else { 0 }, offset, len, data)
+            }
+            Op::WriteZeroes { offset, len, unmap } => {
+                (CMD_WRITE_ZEROES, if unmap { 0 } else { CMD_FLAG_NO_HOLE }, offset, len, Vec::new())
+            }
+            Op::Discard { offset, len } => (CMD_TRIM, 0, offset, len, Vec::new()),
+            Op::Flush => (CMD_FLUSH, 0, 0, 0, Vec::new()),
+            Op::Read { .. } => {
+                Self::wake(waiter, true);
+                return;
+            }
+        };
+        // NBD lengths are 32-bit: split larger discards / write-zeroes.
+        if len > u64::from(u32::MAX) || (cmd == CMD_WRITE && len > u64::from(crate::nbd::wire::MAX_PAYLOAD)) {
+            self.dirty.set(offset / SECTOR, (offset + len).div_ceil(SECTOR));
+            Self::wake(waiter, false);
+            return;
+        }
+        self.stats.forwarded_ops.fetch_add(1, Ordering::Relaxed);
+        self.stats.forwarded_bytes.fetch_add(len, Ordering::Relaxed);
+        if let Err(waiter) = self.send(cmd, flags, offset, len as u32, payload, waiter) {
+            if cmd != CMD_FLUSH {
+                self.dirty.set(offset / SECTOR, (offset + len).div_ceil(SECTOR));
+            }
+            Self::wake(waiter, false);
+        }
+    }
+
+    /// The clock value a forwarded write records when it starts.
+    fn now(&self) -> u64 {
+        self.clock.fetch_add(1, Ordering::AcqRel)
+    }
+
+    /// A forwarded guest write that started at `since` finished locally: if an overlapping
+    /// resync chunk was being copied at any time since, mark the range dirty again (see the
+    /// module documentation).
+    fn local_write_done(&self, offset: u64, len: u64, since: u64) {
+        let (s0, s1) = (offset / SECTOR, (offset + len).div_ceil(SECTOR));
+        let now = self.now();
+        let log = lock(&self.resync_log);
+        let overlapped = since < log.floor
+            || log.entries.iter().any(|&(start, end, a, b)| start < now && end > since && s0 < b && a < s1);
+        drop(log);
+        if overlapped {
+            self.dirty.set(s0, s1);
+        }
+    }
+
+    /// Sends one request and waits for its answer (resync, barrier).
+    fn send_and_wait(&self, cmd: u16, offset: u64, length: u32, payload: Vec<u8>) -> bool {
+        let (tx, rx) = mpsc::channel();
+        if self.send(cmd, 0, offset, length, payload, Waiter::Chan(tx)).is_err() {
+            return false;
+        }
+        let timeout = lock(&self.cfg).timeout;
+        rx.recv_timeout(timeout + Duration::from_secs(1)).unwrap_or(false)
+    }
+
+    // ---- background: reconnect, resync, watchdog ----------------------------------------------
+
+    fn spawn_manager(self: &Arc<Self>) {
+        if self.manager.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let me = self.clone();
+        let _ = std::thread::Builder::new().name("replication-link".into()).spawn(move || me.manage());
+    }
+
+    fn manage(self: Arc<Self>) {
+        let mut backoff = BACKOFF_MIN;
+        let mut in_sync_reported = false;
+        loop {
+            if self.stage() != Stage::Running {
+                self.manager.store(false, Ordering::Release);
+                return;
+            }
+            let link = self.current_link();
+            let link = match link {
+                Some(l) => l,
+                None => {
+                    let uri = lock(&self.cfg).secondary.clone();
+                    let Some(uri) = uri else { return };
+                    match self.connect(&uri) {
+                        Ok(l) => {
+                            backoff = BACKOFF_MIN;
+                            l
+                        }
+                        Err(e) => {
+                            log::warn!("replication link: reconnect to {uri} failed: {e}; retrying in {backoff:?}");
+                            let g = lock(&self.stage);
+                            let _ = self.link_cv.wait_timeout(g, backoff);
+                            backoff = (backoff * 2).min(BACKOFF_MAX);
+                            continue;
+                        }
+                    }
+                }
+            };
+            self.watchdog(&link);
+            if link.broken.load(Ordering::Acquire) {
+                continue;
+            }
+            // Link up: copy what the secondary missed.
+            if let Some((a, b)) = self.dirty.next_set_run(0, self.size / SECTOR) {
+                in_sync_reported = false;
+                let b = b.min(a + RESYNC_CHUNK);
+                if !self.copy_chunk(a, b) {
+                    continue;
+                }
+            } else if !in_sync_reported {
+                in_sync_reported = true;
+                log::info!(
+                    "secondary in sync ({} bytes copied so far)",
+                    self.stats.resync_bytes.load(Ordering::Relaxed)
+                );
+                self.emit(
+                    "REPLICATION_IN_SYNC",
+                    json!({"resync-bytes": self.stats.resync_bytes.load(Ordering::Relaxed)}),
+                );
+            } else {
+                let g = lock(&self.stage);
+                let _ = self.link_cv.wait_timeout(g, Duration::from_millis(100));
+            }
+        }
+    }
+
+    /// Breaks the link when a forwarded request waits longer than the timeout.
+    fn watchdog(&self, link: &Link) {
+        let timeout = lock(&self.cfg).timeout;
+        let oldest = lock(&link.pending).values().map(|p| p.sent).min();
+        if let Some(t) = oldest
+            && t.elapsed() > timeout
+        {
+            self.fail_link(link, &format!("secondary did not answer within {timeout:?}"));
+        }
+    }
+
+    fn copy_chunk(&self, a: u64, b: u64) -> bool {
+        let start = {
+            let mut log = lock(&self.resync_log);
+            let start = self.now();
+            if log.entries.len() >= RESYNC_LOG_LEN
+                && let Some((_, end, _, _)) = log.entries.pop_front()
+            {
+                log.floor = log.floor.max(end);
+            }
+            log.entries.push_back((start, u64::MAX, a, b));
+            start
+        };
+        self.dirty.clear(a, b);
+        let len = ((b - a) * SECTOR) as usize;
+        let mut buf = vec![0u8; len];
+        let ok = match self.disk.read_exact_at(&mut buf, a * SECTOR) {
+            Ok(()) => self.send_and_wait(CMD_WRITE, a * SECTOR, len as u32, buf),
+            Err(e) => {
+                self.record_error(format!("resync read of the local disk failed: {e}"));
+                false
+            }
+        };
+        {
+            let end = self.now();
+            let mut log = lock(&self.resync_log);
+            if let Some(e) = log.entries.iter_mut().rev().find(|e| e.0 == start) {
+                e.1 = end;
+            }
+        }
+        if ok {
+            self.stats.resync_bytes.fetch_add(len as u64, Ordering::Relaxed);
+        } else {
+            self.dirty.set(a, b);
+        }
+        ok
+    }
+
+    /// Waits until every forwarded request issued so far has been answered, then has the
+    /// secondary flush (the checkpoint barrier).
+    fn barrier(&self) -> Result<(), ReplicationError> {
+        let timeout = lock(&self.cfg).timeout;
+        let Some(link) = self.current_link() else {
+            return Err(ReplicationError(format!(
+                "replication link is down; {} bytes wait for resync",
+                self.dirty.count_all() * SECTOR
+            )));
+        };
+        let upto = self.next_handle.load(Ordering::Acquire);
+        let deadline = Instant::now() + timeout;
+        let mut g = lock(&link.pending);
+        while g.keys().any(|&h| h < upto) && !link.broken.load(Ordering::Acquire) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                drop(g);
+                self.fail_link(&link, "checkpoint barrier timed out");
+                return Err(ReplicationError("checkpoint barrier timed out".into()));
+            }
+            g = link.drained.wait_timeout(g, left.min(Duration::from_millis(50))).unwrap_or_else(|e| e.into_inner()).0;
+        }
+        drop(g);
+        if link.broken.load(Ordering::Acquire) || !self.send_and_wait(CMD_FLUSH, 0, 0, Vec::new()) {
+            return Err(ReplicationError("the secondary did not confirm the checkpoint barrier".into()));
+        }
+        Ok(())
+    }
+
+    fn disconnect(&self) {
+        if let Some(l) = lock(&self.link).take() {
+            l.broken.store(true, Ordering::Release);
+            l.ctl.shutdown();
+            let pending: Vec<Pending> = lock(&l.pending).drain().map(|(_, p)| p).collect();
+            for p in pending {
+                Self::wake(p.waiter, false);
+            }
+        }
+        self.link_cv.notify_all();
+    }
+}
+
+/// The control operations of a primary (spec §3, primary rows).
+pub struct MirrorControl(pub Arc<Mirror>);
+
+impl ReplicationControl for MirrorControl {
+    fn start(&self, args: &StartArgs) -> Result<(), ReplicationError> {
+        let m = &self.0;
+        let _op = lock(&m.ops);
+        match m.stage() {
+            Stage::Running | Stage::FailoverFailed => return Err(ReplicationError::running_or_done()),
+            Stage::None | Stage::Done | Stage::Failover => {}
+        }
+        if args.mode != Mode::Primary {
+            return Err(ReplicationError::mode_mismatch(Mode::Primary, args.mode));
+        }
+        if let Some(uri) = &args.secondary {
+            lock(&m.cfg).secondary = Some(uri.clone());
+        }
+        let Some(uri) = lock(&m.cfg).secondary.clone() else {
+            return Err(ReplicationError("no secondary given (--secondary or \"secondary\": URI)".into()));
+        };
+        m.disconnect();
+        m.connect(&uri).map_err(|e| ReplicationError(format!("cannot connect to the secondary {uri}: {e}")))?;
+        match args.sync {
+            SyncMode::None => m.dirty.clear_all(),
+            SyncMode::Full => m.dirty.set(0, m.size / SECTOR),
+            SyncMode::Incremental => {}
+        }
+        m.stats.resync_total.store(m.dirty.count_all() * SECTOR, Ordering::Relaxed);
+        m.stats.resync_bytes.store(0, Ordering::Relaxed);
+        *lock(&m.error) = None;
+        m.set_stage(Stage::Running);
+        m.spawn_manager();
+        Ok(())
+    }
+
+    fn checkpoint(&self) -> Result<(), ReplicationError> {
+        match self.0.stage() {
+            Stage::Running => self.0.barrier(),
+            // QEMU: a no-op for the primary in every other stage.
+            Stage::None | Stage::Failover | Stage::FailoverFailed | Stage::Done => Ok(()),
+        }
+    }
+
+    fn get_error(&self) -> Result<(), ReplicationError> {
+        if self.0.stage() == Stage::None {
+            return Err(ReplicationError::not_running());
+        }
+        if lock(&self.0.error).is_some() { Err(ReplicationError::io_error()) } else { Ok(()) }
+    }
+
+    fn stop(&self, _failover: bool, _inject: bool) -> Result<(), ReplicationError> {
+        let m = &self.0;
+        let _op = lock(&m.ops);
+        match m.stage() {
+            Stage::Done | Stage::Failover => return Ok(()),
+            Stage::None | Stage::FailoverFailed => return Err(ReplicationError::not_running()),
+            Stage::Running => {}
+        }
+        m.set_stage(Stage::Done);
+        *lock(&m.error) = None;
+        m.disconnect();
+        Ok(())
+    }
+
+    fn query(&self) -> Value {
+        let m = &self.0;
+        let link = m.current_link();
+        let st = &m.stats;
+        json!({
+            "mode": "primary",
+            "stage": m.stage().name(),
+            "error": lock(&m.error).clone(),
+            "secondary": lock(&m.cfg).secondary.as_ref().map(|u| u.to_string()),
+            "link": {
+                "connected": link.is_some(),
+                "inflight": link.map_or(0, |l| lock(&l.pending).len()),
+                "connects": st.connects.load(Ordering::Relaxed),
+                "failures": st.link_failures.load(Ordering::Relaxed),
+            },
+            "dirty-bytes": m.dirty.count_all() * SECTOR,
+            "forwarded-ops": st.forwarded_ops.load(Ordering::Relaxed),
+            "forwarded-bytes": st.forwarded_bytes.load(Ordering::Relaxed),
+            "failed-ops": st.failed_ops.load(Ordering::Relaxed),
+            "resync": {
+                "total-bytes": st.resync_total.load(Ordering::Relaxed),
+                "copied-bytes": st.resync_bytes.load(Ordering::Relaxed),
+                "remaining-bytes": m.dirty.count_all() * SECTOR,
+            },
+        })
+    }
+}
+
+// ---- the guest's view ------------------------------------------------------------------------
+
+/// A block device whose writes are mirrored while the mirror runs.
+pub struct MirrorDevice {
+    /// The local device.
+    pub inner: Arc<dyn BlockDevice>,
+    /// The mirror.
+    pub mirror: Arc<Mirror>,
+}
+
+impl BlockDevice for MirrorDevice {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read_only(&self) -> bool {
+        self.inner.read_only()
+    }
+    fn open_queue(&self, depth: u32) -> Result<Box<dyn BlockQueue>, BlockError> {
+        let inner = self.inner.open_queue(depth)?;
+        let done = DoneQueue::new(inner.notifier()).map_err(|e| BlockError::Engine(IoEngineError::Setup(e)))?;
+        Ok(Box::new(MirrorQueue {
+            inner,
+            mirror: self.mirror.clone(),
+            done,
+            joins: Vec::new(),
+            free: Vec::new(),
+            scratch: Vec::new(),
+        }))
+    }
+    fn flush(&self) -> io::Result<()> {
+        self.inner.flush()
+    }
+    fn describe(&self) -> String {
+        format!("{} (primary mirror)", self.inner.describe())
+    }
+}
+
+struct Join {
+    token: u64,
+    remaining: u8,
+    result: i32,
+    /// A forwarded write's range, to check against the resync when it completes locally.
+    range: Option<(u64, u64)>,
+    /// Clock when it was forwarded.
+    since: u64,
+}
+
+struct MirrorQueue {
+    inner: Box<dyn BlockQueue>,
+    mirror: Arc<Mirror>,
+    done: Arc<DoneQueue>,
+    joins: Vec<Option<Join>>,
+    free: Vec<usize>,
+    scratch: Vec<Completion>,
+}
+
+/// Internal tokens are slab indexes with this bit, to tell them from pass-through tokens.
+const JOINED: u64 = 1 << 63;
+
+impl MirrorQueue {
+    fn finish_part(&mut self, idx: usize, result: Option<i32>, out: &mut Vec<Completion>) {
+        let Some(Some(j)) = self.joins.get_mut(idx) else { return };
+        if let Some(r) = result {
+            j.result = r;
+            if let Some((off, len)) = j.range {
+                self.mirror.local_write_done(off, len, j.since);
+            }
+        }
+        j.remaining -= 1;
+        if j.remaining == 0 {
+            if let Some(j) = self.joins[idx].take() {
+                out.push(Completion { token: j.token, result: j.result });
+            }
+            self.free.push(idx);
+        }
+    }
+}
+
+impl BlockQueue for MirrorQueue {
+    unsafe fn push(&mut self, op: &Op<'_>, token: u64) -> Result<(), IoEngineError> {
+        let mirrored = self.mirror.running() && !matches!(op, Op::Read { .. });
+        if !mirrored {
+            // SAFETY: forwarded contract.
+            return unsafe { self.inner.push(op, token) };
+        }
+        let range = match *op {
+            Op::Write { offset, iovecs, .. } => Some((offset, iovecs_len(iovecs))),
+            Op::Discard { offset, len } | Op::WriteZeroes { offset, len, .. } => Some((offset, len)),
+            Op::Flush | Op::Read { .. } => None,
+        };
+        let join = Join { token, remaining: 2, result: 0, range, since: self.mirror.now() };
+        let idx = match self.free.pop() {
+            Some(i) => {
+                self.joins[i] = Some(join);
+                i
+            }
+            None => {
+                self.joins.push(Some(join));
+                self.joins.len() - 1
+            }
+        };
+        let itoken = JOINED | idx as u64;
+        // SAFETY: forwarded contract.
+        if let Err(e) = unsafe { self.inner.push(op, itoken) } {
+            self.joins[idx] = None;
+            self.free.push(idx);
+            return Err(e);
+        }
+        self.mirror.forward(op, itoken, &self.done);
+        Ok(())
+    }
+    fn submit(&mut self) -> Result<(), IoEngineError> {
+        self.inner.submit()
+    }
+    fn reap(&mut self, out: &mut Vec<Completion>) {
+        let mut local = std::mem::take(&mut self.scratch);
+        self.inner.reap(&mut local);
+        for c in local.drain(..) {
+            if c.token & JOINED != 0 {
+                self.finish_part((c.token & !JOINED) as usize, Some(c.result), out);
+            } else {
+                out.push(c);
+            }
+        }
+        self.done.drain_into(&mut local);
+        for c in local.drain(..) {
+            self.finish_part((c.token & !JOINED) as usize, None, out);
+        }
+        self.scratch = local;
+    }
+    fn notifier(&self) -> Option<std::os::fd::RawFd> {
+        Some(self.done.notifier())
+    }
+    fn clear_notifier(&self) {
+        self.done.clear();
+        self.inner.clear_notifier();
+    }
+}
