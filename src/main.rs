@@ -34,7 +34,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Serve a disk to a vhost-user-blk frontend (QEMU, cloud-hypervisor, libblkio).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Send one QMP command to a running colo-blk and print the answer.
     Ctl(CtlArgs),
     /// Measure a vhost-user-blk backend (any: colo-blk, qemu-storage-daemon) through libblkio.
@@ -155,7 +155,7 @@ fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
     match cli.command {
-        Cmd::Serve(args) => serve(args),
+        Cmd::Serve(args) => serve(*args),
         Cmd::Ctl(args) => ctl(args),
         Cmd::Bench(args) => match bench::run(args) {
             Ok(()) => ExitCode::SUCCESS,

@@ -149,12 +149,10 @@ pub fn connect(uri: &NbdUri, timeout: Duration) -> io::Result<(Stream, ExportInf
         s.read_exact(&mut payload)?;
         match rtype {
             REP_ACK => break,
-            REP_INFO => {
-                if payload.len() >= 12 && u16::from_be_bytes([payload[0], payload[1]]) == INFO_EXPORT {
-                    let size = u64::from_be_bytes(payload[2..10].try_into().unwrap_or_default());
-                    let flags = u16::from_be_bytes([payload[10], payload[11]]);
-                    info = Some(ExportInfo { size, flags });
-                }
+            REP_INFO if payload.len() >= 12 && u16::from_be_bytes([payload[0], payload[1]]) == INFO_EXPORT => {
+                let size = u64::from_be_bytes(payload[2..10].try_into().unwrap_or_default());
+                let flags = u16::from_be_bytes([payload[10], payload[11]]);
+                info = Some(ExportInfo { size, flags });
             }
             REP_ERR_UNSUP => {
                 // An old server: fall back to EXPORT_NAME, which answers with size + flags.
