@@ -158,3 +158,41 @@ fn guest_fio_on_secondary_across_checkpoints_and_failover() {
     assert_eq!(s.qmp_ok("query-replication")["stage"], "done");
     assert_eq!(s.qmp_ok("query-blockstats")["write"]["errors"], 0);
 }
+
+/// A QEMU guest runs fio verify on a primary whose secondary is a colo-blk secondary; after
+/// fio (and the checkpoint barrier), both disks are identical.
+#[test]
+fn guest_fio_on_primary_mirrored_to_a_colo_blk_secondary() {
+    if !guest_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let p = |n: &str| dir.path().join(n).display().to_string();
+    let (sdisk, active, hidden, nbd, pdisk) = (p("sec.img"), p("a.img"), p("h.img"), p("nbd.sock"), p("pri.img"));
+    let nbd_listen = format!("unix:{nbd}");
+    let sec = Server::start(
+        tempfile::tempdir().unwrap(),
+        &[
+            "--replication", "secondary", "--disk", &sdisk, "--size", "256M", "--active", &active, "--hidden",
+            &hidden, "--nbd-listen", &nbd_listen, "--nbd-export", "parent0",
+        ],
+    );
+    let args = |v: serde_json::Value| v.as_object().unwrap().clone();
+    sec.qmp().execute("replication-start", args(serde_json::json!({"mode": "secondary"}))).unwrap().unwrap();
+    let uri = format!("nbd+unix:///parent0?socket={nbd}");
+    let pri = Server::start(
+        tempfile::tempdir().unwrap(),
+        &["--replication", "primary", "--disk", &pdisk, "--size", "256M", "--secondary", &uri, "--num-queues", "2"],
+    );
+    pri.qmp().execute("replication-start", args(serde_json::json!({"mode": "primary"}))).unwrap().unwrap();
+    for job in ["verify", "trim"] {
+        let (ok, console) = run_fio(&pri.socket, job, &[]);
+        assert!(ok, "fio {job} failed on the primary:\n{console}");
+    }
+    pri.qmp_ok("replication-checkpoint");
+    pri.qmp().execute("replication-get-error", Default::default()).unwrap().expect("no replication error");
+    let (a, b) = (std::fs::read(&pdisk).unwrap(), std::fs::read(&sdisk).unwrap());
+    assert_eq!(a.len(), b.len());
+    assert!(a == b, "primary and secondary disks differ after the guest's fio run");
+    assert!(pri.qmp_ok("query-replication")["forwarded-ops"].as_u64().unwrap() > 1000);
+}
