@@ -173,8 +173,20 @@ fn guest_fio_on_primary_mirrored_to_a_colo_blk_secondary() {
     let sec = Server::start(
         tempfile::tempdir().unwrap(),
         &[
-            "--replication", "secondary", "--disk", &sdisk, "--size", "256M", "--active", &active, "--hidden",
-            &hidden, "--nbd-listen", &nbd_listen, "--nbd-export", "parent0",
+            "--replication",
+            "secondary",
+            "--disk",
+            &sdisk,
+            "--size",
+            "256M",
+            "--active",
+            &active,
+            "--hidden",
+            &hidden,
+            "--nbd-listen",
+            &nbd_listen,
+            "--nbd-export",
+            "parent0",
         ],
     );
     let args = |v: serde_json::Value| v.as_object().unwrap().clone();

@@ -1,0 +1,95 @@
+//! The QMP operations of the primary: start (with sync), checkpoint barrier, get-error, stop, query.
+
+use super::*;
+
+/// The control operations of a primary (spec §3, primary rows).
+pub struct MirrorControl(pub Arc<Mirror>);
+
+impl ReplicationControl for MirrorControl {
+    fn start(&self, args: &StartArgs) -> Result<(), ReplicationError> {
+        let m = &self.0;
+        let _op = lock(&m.ops);
+        match m.stage() {
+            Stage::Running | Stage::FailoverFailed => return Err(ReplicationError::running_or_done()),
+            Stage::None | Stage::Done | Stage::Failover => {}
+        }
+        if args.mode != Mode::Primary {
+            return Err(ReplicationError::mode_mismatch(Mode::Primary, args.mode));
+        }
+        if let Some(uri) = &args.secondary {
+            lock(&m.cfg).secondary = Some(uri.clone());
+        }
+        let Some(uri) = lock(&m.cfg).secondary.clone() else {
+            return Err(ReplicationError("no secondary given (--secondary or \"secondary\": URI)".into()));
+        };
+        m.disconnect();
+        m.connect(&uri).map_err(|e| ReplicationError(format!("cannot connect to the secondary {uri}: {e}")))?;
+        match args.sync {
+            SyncMode::None => m.dirty.clear_all(),
+            SyncMode::Full => m.dirty.set(0, m.size / SECTOR),
+            SyncMode::Incremental => {}
+        }
+        m.stats.resync_total.store(m.dirty.count_all() * SECTOR, Ordering::Relaxed);
+        m.stats.resync_bytes.store(0, Ordering::Relaxed);
+        *lock(&m.error) = None;
+        m.set_stage(Stage::Running);
+        m.spawn_manager();
+        Ok(())
+    }
+
+    fn checkpoint(&self) -> Result<(), ReplicationError> {
+        match self.0.stage() {
+            Stage::Running => self.0.barrier(),
+            // QEMU: a no-op for the primary in every other stage.
+            Stage::None | Stage::Failover | Stage::FailoverFailed | Stage::Done => Ok(()),
+        }
+    }
+
+    fn get_error(&self) -> Result<(), ReplicationError> {
+        if self.0.stage() == Stage::None {
+            return Err(ReplicationError::not_running());
+        }
+        if lock(&self.0.error).is_some() { Err(ReplicationError::io_error()) } else { Ok(()) }
+    }
+
+    fn stop(&self, _failover: bool, _inject: bool) -> Result<(), ReplicationError> {
+        let m = &self.0;
+        let _op = lock(&m.ops);
+        match m.stage() {
+            Stage::Done | Stage::Failover => return Ok(()),
+            Stage::None | Stage::FailoverFailed => return Err(ReplicationError::not_running()),
+            Stage::Running => {}
+        }
+        m.set_stage(Stage::Done);
+        *lock(&m.error) = None;
+        m.disconnect();
+        Ok(())
+    }
+
+    fn query(&self) -> Value {
+        let m = &self.0;
+        let link = m.current_link();
+        let st = &m.stats;
+        json!({
+            "mode": "primary",
+            "stage": m.stage().name(),
+            "error": lock(&m.error).clone(),
+            "secondary": lock(&m.cfg).secondary.as_ref().map(|u| u.to_string()),
+            "link": {
+                "connected": link.is_some(),
+                "inflight": link.map_or(0, |l| lock(&l.pending).len()),
+                "connects": st.connects.load(Ordering::Relaxed),
+                "failures": st.link_failures.load(Ordering::Relaxed),
+            },
+            "dirty-bytes": m.dirty.count_all() * SECTOR,
+            "forwarded-ops": st.forwarded_ops.load(Ordering::Relaxed),
+            "forwarded-bytes": st.forwarded_bytes.load(Ordering::Relaxed),
+            "failed-ops": st.failed_ops.load(Ordering::Relaxed),
+            "resync": {
+                "total-bytes": st.resync_total.load(Ordering::Relaxed),
+                "copied-bytes": st.resync_bytes.load(Ordering::Relaxed),
+                "remaining-bytes": m.dirty.count_all() * SECTOR,
+            },
+        })
+    }
+}

@@ -1,0 +1,47 @@
+//! The primary's view: the NBD export of the secondary disk, with copy-before-write.
+
+use super::*;
+
+/// The NBD export (wraps the shared state).
+pub struct SecondaryExport(pub Arc<Secondary>);
+
+impl NbdExport for SecondaryExport {
+    fn size(&self) -> u64 {
+        self.0.size
+    }
+
+    fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let _t = self.0.gate.enter();
+        self.0.disk.file().read_exact_at(buf, offset)
+    }
+
+    fn write(&self, offset: u64, data: &[u8], fua: bool) -> io::Result<()> {
+        self.0.nbd_modify(offset, data.len() as u64, |f| {
+            f.write_all_at(data, offset)?;
+            if fua { f.sync_data() } else { Ok(()) }
+        })
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        let _t = self.0.gate.enter();
+        self.0.hidden.sync_data()?;
+        self.0.disk.file().sync_data()
+    }
+
+    fn trim(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.0.nbd_modify(offset, len, |f| result(fallocate_with_fallback(f.as_raw_fd(), &Op::Discard { offset, len })))
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool) -> io::Result<()> {
+        self.0.nbd_modify(offset, len, |f| {
+            result(fallocate_with_fallback(f.as_raw_fd(), &Op::WriteZeroes { offset, len, unmap: may_trim }))
+        })
+    }
+
+    fn admit(&self) -> Result<(), String> {
+        match self.0.stage() {
+            Stage::None | Stage::Running => Ok(()),
+            s => Err(format!("replication stage is {}", s.name())),
+        }
+    }
+}
