@@ -1,7 +1,8 @@
 //! Continuous replication: a secondary that failed over (stage done) can become the primary
 //! for a new secondary without a restart (spec §1.2, "Continuous replication"). Until then
-//! every operation belongs to the secondary role; once `replication-start {"mode":"primary"}`
-//! succeeded on a done secondary, operations belong to the primary role.
+//! every operation belongs to the secondary role; once `replication-start {"mode":"primary",
+//! "secondary": URI}` succeeded on a done secondary, operations belong to the primary role.
+//! Without a URI the start is ignored, as QEMU ignores every start after failover.
 
 use std::sync::Arc;
 
@@ -31,7 +32,9 @@ impl SecondaryThenPrimary {
 
 impl ReplicationControl for SecondaryThenPrimary {
     fn start(&self, args: &StartArgs) -> Result<(), ReplicationError> {
-        if args.mode == Mode::Primary && self.state.stage() == Stage::Done {
+        // QEMU ignores a start after failover (its test #11, "continuous replication" there
+        // means the node must not get in the way). Naming a new secondary is what promotes.
+        if args.mode == Mode::Primary && self.state.stage() == Stage::Done && args.secondary.is_some() {
             return self.primary.start(args);
         }
         self.secondary.start(args)
