@@ -107,30 +107,36 @@ fn same(a: &Path, b: &Path) {
     }
 }
 
+/// A colo-blk secondary in `dir` (stage none), its disk and its NBD socket.
+fn colo_secondary(dir: &Path, size: &str, export: Option<&str>) -> (Server, PathBuf, PathBuf) {
+    let (sdisk, nbd) = (dir.join("sec.img"), dir.join("nbd.sock"));
+    let (a, h) = (dir.join("a.img"), dir.join("h.img"));
+    let listen = format!("unix:{}", nbd.display());
+    let (sd, ad, hd) = (sdisk.display().to_string(), a.display().to_string(), h.display().to_string());
+    let mut args = vec![
+        "--replication",
+        "secondary",
+        "--disk",
+        &sd,
+        "--size",
+        size,
+        "--active",
+        &ad,
+        "--hidden",
+        &hd,
+        "--nbd-listen",
+        &listen,
+    ];
+    if let Some(e) = export {
+        args.extend_from_slice(&["--nbd-export", e]);
+    }
+    (Server::start(tempfile::tempdir().unwrap(), &args), sdisk, nbd)
+}
+
 #[test]
 fn mirrors_to_a_colo_blk_secondary() {
     let dir = tempfile::tempdir().unwrap();
-    let (sdisk, nbd) = (dir.path().join("sec.img"), dir.path().join("nbd.sock"));
-    let (a, h) = (dir.path().join("a.img"), dir.path().join("h.img"));
-    let sec = Server::start(
-        tempfile::tempdir().unwrap(),
-        &[
-            "--replication",
-            "secondary",
-            "--disk",
-            sdisk.to_str().unwrap(),
-            "--size",
-            "32M",
-            "--active",
-            a.to_str().unwrap(),
-            "--hidden",
-            h.to_str().unwrap(),
-            "--nbd-listen",
-            &format!("unix:{}", nbd.display()),
-            "--nbd-export",
-            "parent0",
-        ],
-    );
+    let (sec, sdisk, nbd) = colo_secondary(dir.path(), "32M", Some("parent0"));
     qmp(&sec, "replication-start", json!({"mode": "secondary"})).unwrap();
     let pdisk = dir.path().join("pri.img");
     let uri = format!("nbd+unix:///parent0?socket={}", nbd.display());
@@ -239,25 +245,7 @@ fn full_initial_sync_under_concurrent_writes() {
 #[test]
 fn failed_over_secondary_becomes_primary_for_a_new_secondary() {
     let dir = tempfile::tempdir().unwrap();
-    let (sdisk, nbd) = (dir.path().join("sec.img"), dir.path().join("nbd.sock"));
-    let (a, h) = (dir.path().join("a.img"), dir.path().join("h.img"));
-    let sec = Server::start(
-        tempfile::tempdir().unwrap(),
-        &[
-            "--replication",
-            "secondary",
-            "--disk",
-            sdisk.to_str().unwrap(),
-            "--size",
-            "16M",
-            "--active",
-            a.to_str().unwrap(),
-            "--hidden",
-            h.to_str().unwrap(),
-            "--nbd-listen",
-            &format!("unix:{}", nbd.display()),
-        ],
-    );
+    let (sec, sdisk, nbd) = colo_secondary(dir.path(), "16M", None);
     qmp(&sec, "replication-start", json!({"mode": "secondary"})).unwrap();
     let mut c = Client::connect(&sec.socket, 2, false);
     random_writes(&mut c, 16 * MIB, 50, 6);
