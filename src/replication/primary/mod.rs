@@ -405,7 +405,10 @@ impl Mirror {
                 Some(l) => l,
                 None => {
                     let uri = lock(&self.cfg).secondary.clone();
-                    let Some(uri) = uri else { return };
+                    let Some(uri) = uri else {
+                        self.manager.store(false, Ordering::Release);
+                        return;
+                    };
                     match self.connect(&uri) {
                         Ok(l) => {
                             backoff = BACKOFF_MIN;
