@@ -38,7 +38,14 @@
 #   --bufdir DIR       where both keep active/hidden buffers (default /dev/shm)
 #   --only WHO         colo or qemu: skip the other's replication rows
 #   --no-rss           skip row 8
-#   --no-wait          don't wait for a running contrib/bench.sh to finish
+#   --wait-for REGEX   before every measurement, wait while `pgrep -f REGEX`
+#                      finds a process (default 'contrib/bench[.]sh': never run
+#                      together with contrib/bench.sh); write a letter in
+#                      brackets so the pattern does not match this script
+#   --no-wait          don't wait for anything
+# Every measurement also records the CPU time other processes used meanwhile
+# (% of one CPU, [in brackets] in the run table; for the short checkpoint and
+# merge timings: during the idle 0.5 s just before); > 25 % is listed as a problem.
 # env: COLO_BLK  colo-blk binary (default target/release/colo-blk of this repo)
 #      QEMU      qemu-system-x86_64, QSD qemu-storage-daemon, QEMU_NBD qemu-nbd,
 #      QEMU_IMG  qemu-img (defaults: from PATH)
@@ -57,7 +64,7 @@ qemu=${QEMU:-qemu-system-x86_64}
 qsd=${QSD:-qemu-storage-daemon}
 qnbd=${QEMU_NBD:-qemu-nbd}
 qimg=${QEMU_IMG:-qemu-img}
-runtime=5 repeat=2 cache=direct disk_mib=1024 only='' do_rss=1 do_wait=1
+runtime=5 repeat=2 cache=direct disk_mib=1024 only='' do_rss=1 do_wait=1 wait_re='contrib/bench[.]sh'
 workdir=${TMPDIR:-/tmp}/colo-blk-bench-rep
 bufroot=/dev/shm
 while [[ $# -gt 0 ]]; do
@@ -70,6 +77,7 @@ while [[ $# -gt 0 ]]; do
         --bufdir) bufroot=${2:?}; shift 2 ;;
         --only) only=${2:?}; shift 2 ;;
         --no-rss) do_rss=0; shift ;;
+        --wait-for) wait_re=${2:?}; shift 2 ;;
         --no-wait) do_wait=0; shift ;;
         -h | --help) usage ;;
         *) echo "bench-replication: unknown argument: $1" >&2; usage ;;
@@ -273,15 +281,51 @@ wait_for() {
 }
 colo_ready() { [[ -S $1 ]] && grep -q 'serving ' "$2"; }
 
-# Wait until no other benchmark (contrib/bench.sh) runs, polling every 30 s.
+# Wait while a process matching --wait-for runs (another benchmark, a build),
+# polling every 30 s.
 wait_idle() {
     [[ $do_wait == 1 ]] || return 0
     local said=0
-    while pgrep -f 'contrib/bench[.]sh' >/dev/null; do
-        [[ $said == 1 ]] || log "waiting for contrib/bench.sh to finish (polling every 30 s)"
+    while pgrep -f "$wait_re" >/dev/null; do
+        [[ $said == 1 ]] || log "waiting: $(pgrep -f "$wait_re" | head -n 1 | xargs -r ps -o args= -p | cut -c1-80) (polling every 30 s)"
         said=1
         sleep 30
     done
+}
+
+# CPU time used by anything but us (the daemon under test and every child this
+# shell reaped: load generators, QMP client) during a measurement, as % of one
+# CPU. Kernel threads doing our I/O count as "other", so a few % are normal.
+hz=$(getconf CLK_TCK)
+other_warn=25
+cpu_busy() { awk '/^cpu / { print $2 + $3 + $4 + $7 + $8; exit }' /proc/stat; }
+pid_ticks() {
+    local st
+    st=$(cat "/proc/$1/stat" 2>/dev/null) || { echo 0; return; }
+    st=${st##*) }
+    awk '{ print $12 + $13 }' <<<"$st"
+}
+child_ticks() {
+    local st
+    st=$(cat "/proc/$$/stat")
+    st=${st##*) }
+    awk '{ print $14 + $15 }' <<<"$st"
+}
+ours_ticks() { echo $(($(pid_ticks "${cur_pid:-0}") + $(child_ticks))); }
+meas_start() { wait_idle; m_t0=$(date +%s%N) m_busy=$(cpu_busy) m_ours=$(ours_ticks); }
+other=0
+meas_end() { # WHAT: sets other (%), complains when high
+    local busy ours t1
+    busy=$(cpu_busy) ours=$(ours_ticks) t1=$(date +%s%N)
+    other=$(awk -v b=$((busy - m_busy)) -v o=$((ours - m_ours)) -v ns=$((t1 - m_t0)) -v hz="$hz" \
+        'BEGIN { p = (b - o) * 100 / (ns / 1e9 * hz); if (p < 0) p = 0; printf "%.0f", p }')
+    ((other <= other_warn)) || problem "$1: other processes used $other % of a CPU meanwhile"
+}
+# Before a short timing: others' CPU over 0.5 s while our daemon is idle.
+pre_window() { # WHAT
+    meas_start
+    sleep 0.5
+    meas_end "$1 (0.5 s before)"
 }
 
 cur_pid='' cur_sock='' cur_qmp='' cur_nbd='' cur_log='' nstart=0
@@ -399,7 +443,11 @@ median() {
 }
 vals() { awk -v r="$1" -v i="$2" '$1 == r && $2 == i && $4 != "ERR" { print $4 }' "$results"; }
 med() { vals "$1" "$2" | median; }
-runs() { awk -v r="$1" -v i="$2" '$1 == r && $2 == i { printf "%s%s", (n++ ? ", " : ""), ($4 == "ERR" ? $4 : sprintf("%.10g", $4)) }' "$results"; }
+runs() {
+    awk -v r="$1" -v i="$2" '$1 == r && $2 == i {
+        o = ($NF ~ /^o=/) ? " [" substr($NF, 3) "%]" : ""
+        printf "%s%s%s", (n++ ? ", " : ""), ($4 == "ERR" ? $4 : sprintf("%.10g", $4)), o }' "$results"
+}
 nerr() { awk -v r="$1" -v i="$2" '$1 == r && $2 == i && $4 == "ERR" { n++ } END { print n + 0 }' "$results"; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a != "nan" && b != "nan" && b > 0) printf "%.2f", a / b; else print "n/a" }'; }
 fmt0() { awk -v v="$1" 'BEGIN { if (v == "nan") print "—"; else printf "%.0f", v }'; }
@@ -412,12 +460,14 @@ vm_ops=0
 vm() {
     local row=$1 impl=$2 rep=$3 rw=$4 bs=$5 qd=$6 q=$7 rt=$8 span=${9:-} out iops mib err
     vm_ops=0
+    meas_start
     if ! out=$(timeout $((rt + 60)) "$colo" bench --socket "$cur_sock" --rw "$rw" --bs "$bs" --iodepth "$qd" \
         --queues "$q" --runtime "$rt" ${span:+--span "$span"} --label "$impl:$row" --json 2>>"$run/bench.err"); then
         problem "$impl $row run $rep: colo-blk bench failed: $(tail -n 1 "$run/bench.err")"
         [[ $row == - ]] || rec "$row $impl $rep ERR"
         return 1
     fi
+    meas_end "$impl $row run $rep"
     echo "$out" >>"$run/bench.jsonl"
     iops=$(json_num iops "$out") mib=$(json_num mib_s "$out") err=$(json_num errors "$out")
     vm_ops=$(awk -v i="$iops" -v t="$rt" 'BEGIN { printf "%.0f", i * t }')
@@ -427,8 +477,8 @@ vm() {
         return 1
     fi
     [[ $row == - ]] && return 0
-    if [[ $bs == 4K ]]; then rec "$row $impl $rep $iops"; else rec "$row $impl $rep $mib"; fi
-    log "  $row $impl #$rep: $(fmt0 "$iops") IOPS, $mib MiB/s"
+    if [[ $bs == 4K ]]; then rec "$row $impl $rep $iops o=$other"; else rec "$row $impl $rep $mib o=$other"; fi
+    log "  $row $impl #$rep: $(fmt0 "$iops") IOPS, $mib MiB/s; others used $other % CPU"
 }
 
 # nbd ROW IMPL REP BS STEP QD COUNT [OFFSET]: qemu-img bench writes over cur_nbd;
@@ -436,35 +486,39 @@ vm() {
 nbd() {
     local row=$1 impl=$2 rep=$3 bs=$4 step=$5 qd=$6 count=$7 off=${8:-0} out secs v
     local url="nbd+unix:///$export_name?socket=$cur_nbd"
+    meas_start
     if ! out=$(timeout 600 "$qimg" bench -f raw -w -t none -s "$bs" -S "$step" -d "$qd" -c "$count" -o "$off" \
         "$url" 2>&1); then
         problem "$impl $row run $rep: qemu-img bench -s $bs -S $step -c $count -o $off failed: $(grep -m 1 'qemu-img:' <<<"$out" || tail -n 1 <<<"$out")"
         [[ $row == - ]] || rec "$row $impl $rep ERR"
         return 1
     fi
+    meas_end "$impl $row run $rep"
     [[ $row == - ]] && return 0
     secs=$(sed -n 's/^Run completed in \([0-9.]*\) seconds.*/\1/p' <<<"$out")
     [[ -n $secs ]] || { problem "unparsable qemu-img bench output: $out"; rec "$row $impl $rep ERR"; return 1; }
     if [[ $bs == 4096 ]]; then
         v=$(awk -v c="$count" -v s="$secs" 'BEGIN { printf "%.0f", c / (s > 0 ? s : 0.001) }')
-        log "  $row $impl #$rep: $v IOPS ($count in ${secs}s)"
+        log "  $row $impl #$rep: $v IOPS ($count in ${secs}s); others used $other % CPU"
     else
         v=$(awk -v c="$count" -v b="$bs" -v s="$secs" 'BEGIN { printf "%.1f", c * b / 1048576 / (s > 0 ? s : 0.001) }')
-        log "  $row $impl #$rep: $v MiB/s ($count in ${secs}s)"
+        log "  $row $impl #$rep: $v MiB/s ($count in ${secs}s); others used $other % CPU"
     fi
-    rec "$row $impl $rep $v"
+    rec "$row $impl $rep $v o=$other"
 }
 
-# ckpt IMPL: one checkpoint, prints its round trip in µs ("ERR" on failure).
+# ckpt IMPL: one checkpoint; sets ck_us to its round trip in µs ("ERR" on failure).
+ck_us=''
 ckpt() {
     local cmd out
     if [[ $1 == colo ]]; then cmd='{"execute":"replication-checkpoint"}'; else cmd='{"execute":"xen-colo-do-checkpoint"}'; fi
+    pre_window "$1 checkpoint"
     if ! out=$(qmp "$cur_qmp" "$cmd" 2>&1); then
         problem "$1: checkpoint failed: $out"
-        echo ERR
+        ck_us=ERR
         return 0
     fi
-    jget 'r["us"]' "$out"
+    ck_us=$(jget 'r["us"]' "$out")
 }
 
 start_replication() { # IMPL
@@ -514,14 +568,14 @@ phase_replication() { # IMPL REP
     # 1, 2: VM I/O with empty buffers, then while the active buffer fills.
     vm vm-4k-randread "$impl" "$rep" randread 4K 32 2 "$runtime" || true
     vm vm-4k-randwrite "$impl" "$rep" randwrite 4K 32 2 "$runtime" || true
-    ckpt "$impl" >/dev/null
+    ckpt "$impl"
     # 3, 4, 5: NBD writes with copy-before-write, a fresh epoch for each.
     nbd nbd-4k-seq "$impl" "$rep" 4096 4096 32 "$n_seq4k" || true
-    ckpt "$impl" >/dev/null
+    ckpt "$impl"
     nbd nbd-4k-step64k "$impl" "$rep" 4096 65536 32 "$n_step64k" || true
-    ckpt "$impl" >/dev/null
+    ckpt "$impl"
     nbd nbd-1m "$impl" "$rep" 1048576 1048576 8 "$n_1m" || true
-    ckpt "$impl" >/dev/null
+    ckpt "$impl"
     alive "$impl secondary"
     # 6: checkpoint with N dirty 4K blocks in each buffer.
     for n in "${fills[@]}"; do
@@ -538,7 +592,8 @@ phase_replication() { # IMPL REP
         else
             ad=$(($(stat -c %b "$bufdir/qemu-active.qcow2") * 512)) hd=$(($(stat -c %b "$bufdir/qemu-hidden.qcow2") * 512))
         fi
-        us=$(ckpt "$impl")
+        ckpt "$impl"
+        us=$ck_us
         if [[ $us == ERR ]]; then
             rec "checkpoint-$n $impl $rep ERR"
             continue
@@ -548,8 +603,8 @@ phase_replication() { # IMPL REP
             out=$(colo_q)
             lc=$(jget 'r["return"]["last-checkpoint-us"]' "$out")
         fi
-        rec "checkpoint-$n $impl $rep $(awk -v u="$us" 'BEGIN { printf "%.2f", u / 1000 }') ${lc:--} $ad $hd"
-        log "  checkpoint-$n $impl #$rep: round trip $us us${lc:+, internal $lc us}; buffers before: active $ad B, hidden $hd B"
+        rec "checkpoint-$n $impl $rep $(awk -v u="$us" 'BEGIN { printf "%.2f", u / 1000 }') ${lc:--} $ad $hd o=$other"
+        log "  checkpoint-$n $impl #$rep: round trip $us us${lc:+, internal $lc us}; buffers before: active $ad B, hidden $hd B; others used $other % CPU"
     done
     # 7: failover merge of 2 x merge_part bytes.
     span=$merge_part
@@ -562,10 +617,11 @@ phase_replication() { # IMPL REP
     else
         log "  before failover: active.qcow2 $(stat -c %b "$bufdir/qemu-active.qcow2") blocks, hidden.qcow2 $(stat -c %b "$bufdir/qemu-hidden.qcow2") blocks"
     fi
+    pre_window "$impl merge run $rep"
     if out=$(python3 "$run/qmp.py" "failover-$impl" "$cur_qmp" 300 2>&1); then
         us=$(jget 'r["us"]' "$out")
-        rec "merge $impl $rep $(awk -v b=$((2 * span)) -v u="$us" 'BEGIN { printf "%.1f", b / 1048576 / (u / 1e6) }') $us"
-        log "  merge $impl #$rep: $((2 * span >> 20)) MiB in $us us ($out)"
+        rec "merge $impl $rep $(awk -v b=$((2 * span)) -v u="$us" 'BEGIN { printf "%.1f", b / 1048576 / (u / 1e6) }') $us o=$other"
+        log "  merge $impl #$rep: $((2 * span >> 20)) MiB in $us us; others used $other % CPU ($out)"
         if [[ $impl == colo ]]; then
             local tot
             tot=$(jget 'r["commit"]["total-bytes"]' "$out")
@@ -630,7 +686,7 @@ report() {
     echo
     echo "- colo-blk: \`$colo\` ($colo_ver); QEMU: $qemu_ver; $("$qsd" --version | head -n 1)"
     echo "- host: $(nproc) vCPUs ($(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)), $(awk '/MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo) RAM, kernel $(uname -r); disk image on $(df -T "$workdir" | awk 'NR == 2 { print $2 " (" $1 ")" }'); buffers on $(df -T "$bufroot" | awk 'NR == 2 { print $2 }') ($bufroot)"
-    echo "- load average at start $load_start, at end $load_end; $repeat round(s), order colo-blk/QEMU alternating; medians shown, individual runs below"
+    echo "- load average at start $load_start, at end $load_end; $([[ $do_wait == 1 ]] && echo "waited before every measurement while \`pgrep -f '$wait_re'\` found a process; ")$repeat round(s), order colo-blk/QEMU alternating; medians shown, individual runs below"
     if [[ $cache == direct ]]; then
         echo "- cache: O_DIRECT everywhere: colo-blk \`--direct\` (disk and buffers), QEMU/QSD \`cache.direct=on\` on every node (disk, qcow2 buffers), qemu-nbd \`--cache=none\`; aio=io_uring"
     else
@@ -685,7 +741,7 @@ report() {
     echo "open connection; colo-blk's own \`last-checkpoint-us\` in brackets. Active fill: VM 4K sequential"
     echo "writes over the first N blocks; hidden fill: NBD 4K writes at 8 KiB + k x 16 KiB."
     echo
-    echo "Individual runs (in order; ERR = failed):"
+    echo "Individual runs (in order; ERR = failed; [CPU other processes used meanwhile, % of one CPU]):"
     echo
     echo "| row | colo-blk | QEMU | colo-blk none | QSD | qemu-nbd |"
     echo "| --- | --- | --- | --- | --- | --- |"

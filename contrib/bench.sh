@@ -7,7 +7,9 @@
 # QSD cache.direct=on, aio=io_uring), then a 1 GiB null device (colo-blk
 # --disk null, QSD null-co). Both offer 2 queues. Only one backend is under
 # load at any time: each row runs colo-blk, QSD, colo-blk, QSD, ... (--repeat
-# times each) and the table shows the median of the runs.
+# times each) and the table shows the median of the runs. Every run also
+# reports the CPU time used by each backend and by other processes (the
+# machine may be shared; see --retries and --quiet-wait).
 # Guest rows (--guest): boots the test guest of contrib/guest under QEMU TCG
 # on each backend in turn and runs contrib/guest/jobs/bench-randrw.fio
 # (4k randread, then 4k randwrite, libaio, iodepth 32, 2 jobs on 2 vCPUs).
@@ -17,6 +19,10 @@
 #   --repeat N        runs per backend and row, alternating (default 2)
 #   --rows REGEX      only host rows whose name matches REGEX (grep -E);
 #                     names look like img-4k-randread-qd32-q2, null-4k-randread-qd1-q1
+#   --retries N       when other processes used more than 25% of a CPU during
+#                     a run, redo that colo-blk/QSD pair up to N times (default 3)
+#   --quiet-wait S    before each pair, wait up to S seconds for the machine
+#                     to be idle (<25% of a CPU busy over 2 s; default 120, 0 = off)
 #   --guest           also run the guest fio job against both backends
 #   --guest-only      run only the guest fio job
 #   --guest-dir DIR   guest build dir for run-fio.sh (default: its default)
@@ -40,13 +46,15 @@ log() { echo "bench.sh: $*" >&2; }
 
 colo=${COLO_BLK:-$repo/target/release/colo-blk}
 qsd=${QSD:-qemu-storage-daemon}
-runtime=5 repeat=2 rows_re='' do_host=1 do_guest=0 guest_dir='' poll_us='' qsd_iothread=0 list=0
+runtime=5 repeat=2 retries=3 quiet_max=120 rows_re='' do_host=1 do_guest=0 guest_dir='' poll_us='' qsd_iothread=0 list=0
 workdir=${TMPDIR:-/tmp}/colo-blk-bench-work
 while [[ $# -gt 0 ]]; do
     case $1 in
         --runtime) runtime=${2:?}; shift 2 ;;
         --repeat) repeat=${2:?}; shift 2 ;;
         --rows) rows_re=${2:?}; shift 2 ;;
+        --retries) retries=${2:?}; shift 2 ;;
+        --quiet-wait) quiet_max=${2:?}; shift 2 ;;
         --guest) do_guest=1; shift ;;
         --guest-only) do_guest=1 do_host=0; shift ;;
         --guest-dir) guest_dir=${2:?}; shift 2 ;;
@@ -60,6 +68,8 @@ while [[ $# -gt 0 ]]; do
 done
 [[ $runtime =~ ^[1-9][0-9]*$ ]] || die "--runtime takes a positive integer"
 [[ $repeat =~ ^[1-9][0-9]*$ ]] || die "--repeat takes a positive integer"
+[[ $retries =~ ^[0-9]+$ ]] || die "--retries takes a number"
+[[ $quiet_max =~ ^[0-9]+$ ]] || die "--quiet-wait takes a number of seconds"
 
 # name|device|rw|bs|iodepth (per queue)|queues
 rows=()
@@ -178,8 +188,19 @@ stop_daemons() {
     fi
 }
 
+guest_pid=''
+# SIGTERM a process and all its descendants, children first.
+kill_tree() {
+    local c
+    for c in $(pgrep -P "$1" || true); do
+        kill_tree "$c"
+    done
+    kill -TERM "$1" 2>/dev/null || true
+}
+
 cleanup() {
     local p
+    [[ -z $guest_pid ]] || kill_tree "$guest_pid"
     for p in $colo_pid $qsd_pid; do
         kill -TERM "$p" 2>/dev/null || true
     done
@@ -250,11 +271,57 @@ meas_end() {
 }
 # after meas_end: "tested idle" CPU % for backend $1 under test
 cpu_split() { if [[ $1 == colo-blk ]]; then echo "$m_colo_cpu $m_qsd_cpu"; else echo "$m_qsd_cpu $m_colo_cpu"; fi; }
-check_cpu() { # what backend
+check_cpu() { # what backend; sets pair_busy when others used too much CPU
     local idle
     read -r _ idle < <(cpu_split "$2")
-    ((m_other <= other_warn)) || problem "$1 $2: other processes used ${m_other}% of a CPU"
+    ((m_other <= other_warn)) || pair_busy="$1 $2: other processes used ${m_other}% of a CPU"
     ((idle <= idle_warn)) || problem "$1 $2: the idle backend used ${idle}% of a CPU"
+}
+
+# Wait (at most --quiet-wait seconds) until less than other_warn % of one CPU
+# is busy over 2 s, so that a run does not start in the middle of someone
+# else's build. Our idle daemons use nothing.
+wait_quiet() {
+    ((quiet_max > 0)) || return 0
+    local start=$SECONDS b0 t0 pct
+    while :; do
+        b0=$(cpu_busy) t0=$(date +%s%N)
+        sleep 2
+        pct=$(awk -v b=$(($(cpu_busy) - b0)) -v ns=$(($(date +%s%N) - t0)) -v hz="$hz" \
+            'BEGIN { printf "%.0f", b * 100 / (ns / 1e9 * hz) }')
+        ((pct > other_warn)) || return 0
+        if ((SECONDS - start >= quiet_max)); then
+            log "still ${pct}% of a CPU busy after ${quiet_max}s of waiting; going on"
+            return 0
+        fi
+        log "waiting for a quiet machine: ${pct}% of a CPU busy"
+    done
+}
+
+# pair CMD...: run "CMD colo-blk" then "CMD QSD" (each appends its result
+# lines to $pair_out); keep them when no run saw other processes using more
+# than other_warn % of a CPU, else retry the pair (--retries times) and keep
+# the last attempt. Results go to file $pair_dst.
+pair() {
+    local attempt
+    for ((attempt = 0; ; attempt++)); do
+        wait_quiet
+        pair_busy='' pair_attempt=$attempt
+        : >"$pair_out"
+        check_alive
+        "$@" colo-blk
+        check_alive
+        "$@" QSD
+        if [[ -z $pair_busy ]]; then
+            break
+        elif ((attempt >= retries)); then
+            problem "$pair_busy (kept after $retries retries)"
+            break
+        fi
+        log "retrying this pair: $pair_busy"
+        retried=$((retried + 1))
+    done
+    cat "$pair_out" >>"$pair_dst"
 }
 
 # ----------------------------------------------------------------- helpers ---
@@ -282,11 +349,13 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else
 
 # ------------------------------------------------------------- host rows ---
 
+pair_out=$run/pair.txt pair_busy='' pair_attempt=0 pair_dst='' retried=0
 results=$run/host.txt # row backend rep iops mib_s p50 p99 errors other% cpu% idle-cpu%
 : >"$results"
 
-bench_one() { # backend sock name rw bs qd q rep
-    local backend=$1 sock=$2 name=$3 rw=$4 bs=$5 qd=$6 q=$7 rep=$8 out
+bench_one() { # name rw bs qd q rep backend
+    local name=$1 rw=$2 bs=$3 qd=$4 q=$5 rep=$6 backend=$7 out sock=$sock_qsd
+    [[ $backend == colo-blk ]] && sock=$sock_colo
     meas_start
     if ! out=$("$colo" bench --socket "$sock" --rw "$rw" --bs "$bs" --iodepth "$qd" --queues "$q" \
         --runtime "$runtime" --label "$backend:$name" --json 2>>"$run/bench.err"); then
@@ -300,7 +369,7 @@ bench_one() { # backend sock name rw bs qd q rep
     p50=$(json_num p50_us "$out") p99=$(json_num p99_us "$out") err=$(json_num errors "$out")
     [[ -n $iops && -n $mib ]] || { problem "unparsable bench output: $out"; return 0; }
     [[ ${err:-0} == 0 ]] || problem "$backend $name run $rep: $err I/O errors"
-    echo "$name $backend $rep $iops $mib ${p50:-nan} ${p99:-nan} ${err:-0} $m_other $(cpu_split "$backend")" >>"$results"
+    echo "$name $backend $rep $iops $mib ${p50:-nan} ${p99:-nan} ${err:-0} $m_other $(cpu_split "$backend")" >>"$pair_out"
     log "  $name $backend #$rep: $(fmt_iops "$iops") IOPS, $(fmt1 "$mib") MiB/s, p50 ${p50} us, p99 ${p99} us;" \
         "CPU % colo-blk $m_colo_cpu, QSD $m_qsd_cpu, other $m_other"
     check_cpu "$name run $rep" "$backend"
@@ -320,10 +389,7 @@ run_host() {
         for r in "${todo[@]}"; do
             IFS='|' read -r name d rw bs qd q <<<"$r"
             for ((rep = 1; rep <= repeat; rep++)); do
-                check_alive
-                bench_one colo-blk "$sock_colo" "$name" "$rw" "$bs" "$qd" "$q" "$rep"
-                check_alive
-                bench_one QSD "$sock_qsd" "$name" "$rw" "$bs" "$qd" "$q" "$rep"
+                pair_dst=$results pair bench_one "$name" "$rw" "$bs" "$qd" "$q" "$rep"
             done
         done
         stop_daemons
@@ -368,15 +434,15 @@ host_table() {
 gresults=$run/guest.txt # job backend rep iops other% cpu% idle-cpu%
 : >"$gresults"
 
-# Print "JOBNAME IOPS" for every fio group result in a console log. fio's
+# Print "JOBNAME IOPS IOS" for every fio group result in a console log. fio's
 # "IOPS=29.7k" has 3 digits; the count of issued I/Os over the run time
 # printed on the same line is exact, so prefer that.
 parse_fio() {
     tr -d '\r' <"$1" | awk '
         function flush() {
             if (job == "") return
-            if (ms > 0 && n > 0) printf "%s %.0f\n", job, n * 1000 / ms
-            else printf "%s %.0f\n", job, iops
+            if (ms > 0 && n > 0) printf "%s %.0f %d\n", job, n * 1000 / ms, n
+            else printf "%s %.0f 0\n", job, iops
             job = ""
         }
         /^[A-Za-z0-9_.-]+: \(groupid=/ { flush(); job = $1; sub(/:$/, "", job); iops = 0; ms = 0; n = 0 }
@@ -398,23 +464,34 @@ parse_fio() {
         END { flush() }'
 }
 
-guest_one() { # backend sock rep
-    local backend=$1 sock=$2 rep=$3 glog=$run/guest-$1-$3.log
+guest_one() { # rep backend
+    local rep=$1 backend=$2 sock=$sock_qsd
+    [[ $backend == colo-blk ]] && sock=$sock_colo
+    local glog=$run/guest-$backend-$rep.$pair_attempt.log
     local -a gargs=(--socket "$sock" --job bench-randrw --size 256m --quiet --log "$glog" --timeout 180)
     [[ -n $guest_dir ]] && gargs+=(--guest "$guest_dir")
     meas_start
-    if ! "$here/guest/run-fio.sh" "${gargs[@]}" >>"$run/guest.out" 2>&1; then
+    "$here/guest/run-fio.sh" "${gargs[@]}" >>"$run/guest.out" 2>&1 &
+    guest_pid=$!
+    if ! wait "$guest_pid"; then
+        guest_pid=''
         problem "guest run $backend #$rep did not PASS (log: $glog)"
         return 0
     fi
+    guest_pid=''
     meas_end
     check_cpu "guest run $rep" "$backend"
-    local job iops
-    while read -r job iops; do
-        echo "$job $backend $rep $iops $m_other $(cpu_split "$backend")" >>"$gresults"
+    # Interrupts the guest took on its request queues (whole boot, mostly fio).
+    local irqs ios=0 job iops n
+    irqs=$(tr -d '\r' <"$glog" | sed -n 's/^GUEST-INFO: interrupts per virtqueue://p' | tail -n1 \
+        | awk '{ for (i = 1; i <= NF; i++) { sub(/.*=/, "", $i); s += $i } } END { print s + 0 }')
+    while read -r job iops n; do
+        ios=$((ios + n))
+        echo "$job $backend $rep $iops $m_other $(cpu_split "$backend")" >>"$pair_out"
         log "  guest $job $backend #$rep: $iops IOPS; CPU % over the whole QEMU run:" \
             "colo-blk $m_colo_cpu, QSD $m_qsd_cpu, other $m_other"
     done < <(parse_fio "$glog")
+    echo "#irqs $backend $rep $irqs $ios" >>"$pair_out"
 }
 
 run_guest() {
@@ -424,18 +501,20 @@ run_guest() {
     # Build the guest (if needed) before anything is timed.
     "$here/guest/build.sh" ${guest_dir:+"$guest_dir"} >&2
     for ((rep = 1; rep <= repeat; rep++)); do
-        check_alive
-        guest_one colo-blk "$sock_colo" "$rep"
-        check_alive
-        guest_one QSD "$sock_qsd" "$rep"
+        pair_dst=$gresults pair guest_one "$rep"
     done
     stop_daemons
+}
+
+irq_list() {
+    awk -v b="$1" '$1 == "#irqs" && $2 == b {
+        printf "%s%d (%s)", (k++ ? ", " : ""), $4, ($5 > 0 ? sprintf("%.0f", $4 * 1000 / $5) : "n/a") }' "$gresults"
 }
 
 guest_table() {
     local job c q
     local -a gjobs
-    mapfile -t gjobs < <(awk '!seen[$1]++ { print $1 }' "$gresults")
+    mapfile -t gjobs < <(awk '$1 != "#irqs" && !seen[$1]++ { print $1 }' "$gresults")
     echo "| guest fio job (4k, libaio, iodepth 32, 2 jobs) | colo-blk IOPS | CPU | QSD IOPS | CPU | colo/QSD | colo-blk runs [others' CPU] | QSD runs [others' CPU] |"
     echo "| --- | ---: | ---: | ---: | ---: | ---: | --- | --- |"
     for job in "${gjobs[@]}"; do
@@ -446,6 +525,9 @@ guest_table() {
             "$(pick "$job" QSD 6 "$gresults" | median)" "$(ratio "$c" "$q")" \
             "$(runs "$job" colo-blk 4 "$gresults" 5)" "$(runs "$job" QSD 4 "$gresults" 5)"
     done
+    echo
+    echo "Interrupts on the guest's request virtqueues per boot, and per 1000 I/Os measured by fio: colo-blk" \
+        "$(irq_list colo-blk); QSD $(irq_list QSD)"
 }
 
 # -------------------------------------------------------------------- main ---
@@ -463,6 +545,8 @@ echo "- colo-blk: \`$colo\` ($("$colo" --version 2>/dev/null | head -n1))"
 echo "- QSD: $("$qsd" --version | head -n1)$([[ $qsd_iothread == 1 ]] && echo ', export in an iothread')"
 echo "- host: $(nproc) CPUs, kernel $(uname -r); load average at start $load_start, at end $load_end"
 echo "- runtime ${runtime}s per host run; $repeat run(s) per backend and row, alternating colo-blk, QSD, colo-blk, ...; medians shown"
+echo "- before each colo-blk/QSD pair the script waited for an idle machine (up to ${quiet_max}s); a pair during which" \
+    "other processes used more than ${other_warn}% of a CPU was redone (up to $retries times): $retried pair(s) redone"
 echo
 if [[ $do_host == 1 ]]; then
     echo "### Host (libblkio, \`colo-blk bench\`)"

@@ -156,7 +156,11 @@ impl Daemon {
             self.connected.store(false, Ordering::Release);
             match ended {
                 Ok(()) => log::info!("frontend disconnected"),
-                Err(e) => log::info!("frontend disconnected ({e})"),
+                // A frontend that simply closes its socket (QEMU, libblkio) ends up here too.
+                Err(vhost_user_backend::Error::HandleRequest(vhost::vhost_user::Error::Disconnected)) => {
+                    log::info!("frontend disconnected")
+                }
+                Err(e) => log::warn!("frontend connection ended: {e}"),
             }
             // The workers still run: let them finish what the old frontend submitted before
             // the connection's state goes away.
