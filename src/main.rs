@@ -256,7 +256,10 @@ fn serve(a: ServeArgs) -> ExitCode {
                     hidden: a.hidden.clone().unwrap_or_default(),
                     direct: a.direct,
                 };
-                let file = disk.file().clone();
+                let file = match disk.buffered_file() {
+                    Ok(f) => f,
+                    Err(e) => return usage_error(format!("--disk: {e}")),
+                };
                 let size = disk.size();
                 let sec = match Secondary::open(disk, files) {
                     Ok(s) => s,
@@ -273,7 +276,11 @@ fn serve(a: ServeArgs) -> ExitCode {
                 Arc::new(MirrorDevice { inner: Arc::new(SecondaryDevice(sec)), mirror: m })
             }
             Replication::Primary => {
-                let m = Mirror::new(disk.file().clone(), disk.size(), mirror_cfg);
+                let file = match disk.buffered_file() {
+                    Ok(f) => f,
+                    Err(e) => return usage_error(format!("--disk: {e}")),
+                };
+                let m = Mirror::new(file, disk.size(), mirror_cfg);
                 mirror = Some(m.clone());
                 Arc::new(MirrorDevice { inner: Arc::new(disk), mirror: m })
             }

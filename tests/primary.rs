@@ -245,7 +245,7 @@ fn full_initial_sync_under_concurrent_writes() {
 #[test]
 fn failed_over_secondary_becomes_primary_for_a_new_secondary() {
     let dir = tempfile::tempdir().unwrap();
-    let (sec, sdisk, nbd) = colo_secondary(dir.path(), "16M", None);
+    let (sec, sdisk, _nbd) = colo_secondary(dir.path(), "16M", None);
     qmp(&sec, "replication-start", json!({"mode": "secondary"})).unwrap();
     let mut c = Client::connect(&sec.socket, 2, false);
     random_writes(&mut c, 16 * MIB, 50, 6);
@@ -371,4 +371,24 @@ fn start_errors() {
     assert!(
         qmp(&pri, "replication-start", json!({"mode": "primary", "sync": "sometimes"})).unwrap_err().contains("sync")
     );
+}
+
+#[test]
+fn direct_io_primary_full_sync_and_mirroring() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sdisk, nbd) = (dir.path().join("sec.img"), dir.path().join("nbd.sock"));
+    make_disk(&sdisk, 16 * MIB, None);
+    let pdisk = dir.path().join("pri.img");
+    make_disk(&pdisk, 16 * MIB, Some(0x3c));
+    let qn = QemuNbd::start(&sdisk, &nbd);
+    let pri = start_primary(tempfile::tempdir().unwrap(), &pdisk, 16 * MIB, &["--direct"]);
+    let mut c = Client::connect(&pri.socket, 2, false);
+    let mut events = pri.qmp();
+    qmp(&pri, "replication-start", json!({"mode": "primary", "secondary": qn.uri(), "sync": "full"})).unwrap();
+    random_writes(&mut c, 16 * MIB, 100, 9);
+    events.wait_event("REPLICATION_IN_SYNC", WAIT).unwrap();
+    wait_until("sync", || synced(&pri));
+    qmp(&pri, "replication-checkpoint", json!({})).unwrap();
+    qmp(&pri, "replication-get-error", json!({})).expect("no error under --direct");
+    same(&pdisk, &sdisk);
 }

@@ -25,6 +25,10 @@ struct Pair {
 }
 
 fn start_secondary(size: u64) -> Pair {
+    start_secondary_with(size, &[])
+}
+
+fn start_secondary_with(size: u64, extra: &[&str]) -> Pair {
     let dir = tempfile::tempdir().unwrap();
     let disk = dir.path().join("secondary.img");
     let active = dir.path().join("active.img");
@@ -46,7 +50,8 @@ fn start_secondary(size: u64) -> Pair {
         "--num-queues".into(),
         "2".into(),
     ];
-    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    argv.extend_from_slice(extra);
     let s = Server::start(dir, &argv);
     Pair { s, disk, active, hidden, nbd }
 }
@@ -566,4 +571,29 @@ fn query_reports_progress_fields() {
         assert!(q.get(k).is_some(), "missing {k} in {q}");
     }
     assert_eq!(q["mode"], "secondary");
+}
+
+#[test]
+fn direct_io_secondary_serves_unaligned_nbd_and_fails_over() {
+    let p = start_secondary_with(4 * MIB, &["--direct"]);
+    fill_a(&p, 4 * MIB);
+    assert!(p.primary(&["write -P 0x44 100 10".into(), "read -P 0x44 100 10".into()]));
+    p.primary_write(A, 0, 4096);
+    p.start();
+    let mut c = Client::connect(&p.s.socket, 1, false);
+    p.primary_write(B, MIB, MIB);
+    assert!(p.primary(&["write -P 0x22 3000 1000".into()]));
+    vm_write(&mut c, C, 2 * MIB, MIB);
+    assert!(all(&read_all(&mut c, 0, 2 * MIB), A));
+    let q = p.qmp("query-replication", json!({})).unwrap();
+    assert_eq!(q["error"], Value::Null, "{q}");
+    p.failover();
+    let mut want = vec![A; 4 * MIB as usize];
+    want[2 * MIB as usize..3 * MIB as usize].fill(C);
+    assert!(std::fs::read(&p.disk).unwrap() == want, "merged disk differs under --direct");
+    let q = p.qmp("query-replication", json!({})).unwrap();
+    assert_eq!(q["commit"]["done-bytes"], q["commit"]["total-bytes"], "{q}");
+    // After the merge the VM runs on the O_DIRECT disk queue.
+    vm_write(&mut c, B, 0, 4096);
+    assert!(all(&read_all(&mut c, 0, 4096), B));
 }

@@ -100,6 +100,16 @@ impl RawDisk {
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// A second descriptor on the same disk that goes through the page cache (no O_DIRECT),
+    /// for paths whose buffers or ranges need not be block-aligned (NBD requests,
+    /// copy-before-write, merges, resync reads). Without `--direct` it is the same file.
+    pub fn buffered_file(&self) -> io::Result<Arc<File>> {
+        if !self.direct {
+            return Ok(self.file.clone());
+        }
+        Ok(Arc::new(OpenOptions::new().read(true).write(!self.read_only).open(&self.path)?))
+    }
 }
 
 /// Creates a sparse file of `size` bytes; fails if the path exists.

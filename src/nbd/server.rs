@@ -514,7 +514,10 @@ fn execute(job: Job, writer: &Mutex<Stream>, shared: &Shared) -> io::Result<()> 
             let mut buf = vec![0u8; r.length as usize];
             match e.read(r.offset, &mut buf) {
                 Ok(()) => reply(writer, 0, r.handle, Some(&buf)),
-                Err(err) => fail(errno_to_nbd(&err)),
+                Err(err) => {
+                    log::warn!("nbd: read at {}+{} failed: {err}", r.offset, r.length);
+                    fail(errno_to_nbd(&err))
+                }
             }
         }
         Job::Write(r, data) => done(e.write(r.offset, &data, fua)),

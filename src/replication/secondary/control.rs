@@ -91,7 +91,16 @@ impl ReplicationControl for SecondaryControl {
             s.set_stage(Stage::Done);
             return Ok(());
         }
-        let total = (s.active_map.count_all() + s.saved_map.count_all()) * SECTOR;
+        // Sectors the merge will copy: active ones, plus saved ones not overwritten in active.
+        let sectors = s.size / SECTOR;
+        let hidden_only: u64 = s
+            .active_map
+            .runs(0, sectors)
+            .into_iter()
+            .filter(|&(_, _, in_active)| !in_active)
+            .map(|(a, b, _)| s.saved_map.count(a, b))
+            .sum();
+        let total = (s.active_map.count_all() + hidden_only) * SECTOR;
         s.merge_total.store(total, Ordering::Relaxed);
         s.merge_done.store(0, Ordering::Relaxed);
         s.merging.store(true, Ordering::Release);

@@ -12,7 +12,7 @@ impl NbdExport for SecondaryExport {
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         let _t = self.0.gate.enter();
-        self.0.disk.file().read_exact_at(buf, offset)
+        self.0.file.read_exact_at(buf, offset)
     }
 
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> io::Result<()> {
@@ -25,7 +25,7 @@ impl NbdExport for SecondaryExport {
     fn flush(&self) -> io::Result<()> {
         let _t = self.0.gate.enter();
         self.0.hidden.sync_data()?;
-        self.0.disk.file().sync_data()
+        self.0.file.sync_data()
     }
 
     fn trim(&self, offset: u64, len: u64) -> io::Result<()> {

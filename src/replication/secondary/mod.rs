@@ -58,6 +58,9 @@ pub struct SecondaryFiles {
 /// The secondary's shared state.
 pub struct Secondary {
     disk: RawDisk,
+    /// The disk through the page cache: what every replication path uses (see
+    /// [`RawDisk::buffered_file`]); only the done stage's queues use `disk` itself.
+    file: Arc<File>,
     active: Arc<File>,
     hidden: Arc<File>,
     files: SecondaryFiles,
@@ -138,11 +141,18 @@ impl Secondary {
     /// Opens the buffers (creating them sparse with the disk's size when missing).
     pub fn open(disk: RawDisk, files: SecondaryFiles) -> Result<Arc<Self>, BlockError> {
         let size = disk.size();
-        let active = open_buffer(&files.active, size, files.direct)?;
-        let hidden = open_buffer(&files.hidden, size, files.direct)?;
+        // The buffers never use O_DIRECT: NBD requests may be unaligned and the copies go
+        // through plain heap buffers. `--direct` still applies to the disk once replication
+        // is done.
+        let active = open_buffer(&files.active, size, false)?;
+        let hidden = open_buffer(&files.hidden, size, false)?;
+        let file = disk
+            .buffered_file()
+            .map_err(|source| BlockError::Open { path: disk.path().display().to_string(), source })?;
         let sectors = size / SECTOR;
         Ok(Arc::new(Secondary {
             disk,
+            file,
             active: Arc::new(active),
             hidden: Arc::new(hidden),
             files,
@@ -231,7 +241,7 @@ impl Secondary {
             if saved {
                 continue;
             }
-            let n = copy_sectors(self.disk.file(), &self.hidden, a, b, &mut buf)?;
+            let n = copy_sectors(&self.file, &self.hidden, a, b, &mut buf)?;
             self.saved_map.set(a, b);
             self.cow_bytes.fetch_add(n, Ordering::Relaxed);
         }
@@ -253,10 +263,10 @@ impl Secondary {
         if stage == Stage::Running {
             let _g = self.locks.exclusive(s0, s1);
             self.copy_before_write(s0, s1)?;
-            f(self.disk.file())
+            f(&self.file)
         } else {
             // Stage none: the initial synchronisation writes straight to the disk.
-            f(self.disk.file())
+            f(&self.file)
         }
     }
 
@@ -280,7 +290,7 @@ impl Secondary {
     }
 
     fn disk_execute(&self, op: &Op<'_>) -> i32 {
-        let fd = self.disk.file().as_raw_fd();
+        let fd = self.file.as_raw_fd();
         match *op {
             // SAFETY: the worker keeps the buffers alive until the request completes, which
             // happens after this call returns.
@@ -289,7 +299,7 @@ impl Secondary {
                 // SAFETY: as above.
                 unsafe { transfer(fd, offset, iovecs, true, dsync) }
             }
-            Op::Flush => self.disk.file().sync_data().map_or(-libc::EIO, |()| 0),
+            Op::Flush => self.file.sync_data().map_or(-libc::EIO, |()| 0),
             Op::Discard { .. } | Op::WriteZeroes { .. } => fallocate_with_fallback(fd, op),
         }
     }
@@ -306,9 +316,7 @@ impl Secondary {
                 self.saved_map
                     .runs(a, b)
                     .into_iter()
-                    .map(|(c, d, saved)| {
-                        (c, d, if saved { self.hidden.as_raw_fd() } else { self.disk.file().as_raw_fd() })
-                    })
+                    .map(|(c, d, saved)| (c, d, if saved { self.hidden.as_raw_fd() } else { self.file.as_raw_fd() }))
                     .collect()
             };
             for (c, d, fd) in pieces {
@@ -341,7 +349,7 @@ impl Secondary {
                 // The merge is copying the buffers into the disk: newer data goes straight to
                 // the disk and the sectors leave the buffers, so the merge cannot overwrite it.
                 // SAFETY: as above.
-                let r = unsafe { transfer(self.disk.file().as_raw_fd(), offset, iovecs, true, dsync) };
+                let r = unsafe { transfer(self.file.as_raw_fd(), offset, iovecs, true, dsync) };
                 if r >= 0 {
                     self.active_map.clear(s0, s1);
                     self.saved_map.clear(s0, s1);
@@ -353,8 +361,7 @@ impl Secondary {
                 let mut sub = Vec::new();
                 for (a, b, in_active) in self.active_map.runs(s0, s1) {
                     for (c, d, saved) in self.saved_map.runs(a, b) {
-                        let fd =
-                            if in_active || saved { self.active.as_raw_fd() } else { self.disk.file().as_raw_fd() };
+                        let fd = if in_active || saved { self.active.as_raw_fd() } else { self.file.as_raw_fd() };
                         slice_iovecs(iovecs, c * SECTOR - offset, (d - c) * SECTOR, &mut sub);
                         // SAFETY: as above.
                         let r = unsafe { transfer(fd, c * SECTOR, &sub, true, dsync) };
@@ -386,10 +393,7 @@ impl Secondary {
                 r
             }
             Stage::Failover => {
-                let r = fallocate_with_fallback(
-                    self.disk.file().as_raw_fd(),
-                    &Op::WriteZeroes { offset, len, unmap: true },
-                );
+                let r = fallocate_with_fallback(self.file.as_raw_fd(), &Op::WriteZeroes { offset, len, unmap: true });
                 if r >= 0 {
                     self.active_map.clear(s0, s1);
                     self.saved_map.clear(s0, s1);
@@ -403,7 +407,7 @@ impl Secondary {
     fn flush_all(&self) -> io::Result<()> {
         self.active.sync_data()?;
         self.hidden.sync_data()?;
-        self.disk.file().sync_data()
+        self.file.sync_data()
     }
 
     // ---- failover merge -------------------------------------------------------------------
@@ -417,14 +421,14 @@ impl Secondary {
             }
             for (c, d, saved) in self.saved_map.runs(a, b) {
                 if saved {
-                    let n = copy_sectors(&self.hidden, self.disk.file(), c, d, buf)?;
+                    let n = copy_sectors(&self.hidden, &self.file, c, d, buf)?;
                     self.merge_done.fetch_add(n, Ordering::Relaxed);
                 }
             }
         }
         for (a, b, in_active) in self.active_map.runs(s0, s1) {
             if in_active {
-                let n = copy_sectors(&self.active, self.disk.file(), a, b, buf)?;
+                let n = copy_sectors(&self.active, &self.file, a, b, buf)?;
                 self.merge_done.fetch_add(n, Ordering::Relaxed);
             }
         }
@@ -458,7 +462,7 @@ impl Secondary {
             // Final pass with everything quiet, then switch the VM to the disk.
             let closed = self.gate.close(QUIESCE_TIMEOUT).ok_or_else(|| io::Error::other("quiesce timed out"))?;
             self.merge_pass(false, false)?;
-            self.disk.file().sync_data()?;
+            self.file.sync_data()?;
             self.set_stage(Stage::Done);
             *lock(&self.error) = None;
             drop(closed);

@@ -30,7 +30,7 @@ fn vm_read_waits_for_a_primary_write_in_progress() {
     // already on the disk.
     let guard = s.locks.exclusive(0, 8);
     s.copy_before_write(0, 8).unwrap();
-    s.disk.file().write_all_at(&[0x22u8; 4096], 0).unwrap();
+    s.file.write_all_at(&[0x22u8; 4096], 0).unwrap();
     let (tx, rx) = mpsc::channel();
     let s2 = s.clone();
     let reader = std::thread::spawn(move || {
