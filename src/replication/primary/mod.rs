@@ -33,6 +33,8 @@ use crate::nbd::wire::{CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, CMD_FLUSH, CMD_TRIM, CMD_
 const SECTOR: u64 = 512;
 /// Largest piece the resync copies at once.
 const RESYNC_CHUNK: u64 = 2048; // sectors = 1 MiB
+/// Resync chunks in flight at once (the copy's queue depth).
+const RESYNC_DEPTH: usize = 8;
 /// Reconnect backoff bounds.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
@@ -429,10 +431,9 @@ impl Mirror {
                 continue;
             }
             // Link up: copy what the secondary missed.
-            if let Some((a, b)) = self.dirty.next_set_run(0, self.size / SECTOR) {
+            if let Some(run) = self.dirty.next_set_run(0, self.size / SECTOR) {
                 in_sync_reported = false;
-                let b = b.min(a + RESYNC_CHUNK);
-                if !self.copy_chunk(a, b) {
+                if !self.copy_chunks(run) {
                     continue;
                 }
             } else if !in_sync_reported {
@@ -463,41 +464,60 @@ impl Mirror {
         }
     }
 
-    fn copy_chunk(&self, a: u64, b: u64) -> bool {
-        let start = {
-            let mut log = lock(&self.resync_log);
-            let start = self.now();
-            if log.entries.len() >= RESYNC_LOG_LEN
-                && let Some((_, end, _, _)) = log.entries.pop_front()
-            {
-                log.floor = log.floor.max(end);
+    /// Copies up to [`RESYNC_DEPTH`] dirty chunks starting at `first`, all in flight at once;
+    /// returns whether every one was acknowledged.
+    fn copy_chunks(&self, first: (u64, u64)) -> bool {
+        let sectors = self.size / SECTOR;
+        let timeout = lock(&self.cfg).timeout;
+        let mut inflight = Vec::with_capacity(RESYNC_DEPTH);
+        let mut next = Some(first);
+        while let Some((a, run_end)) = next {
+            if inflight.len() == RESYNC_DEPTH {
+                break;
             }
-            log.entries.push_back((start, u64::MAX, a, b));
-            start
-        };
-        self.dirty.clear(a, b);
-        let len = ((b - a) * SECTOR) as usize;
-        let mut buf = vec![0u8; len];
-        let ok = match self.disk.read_exact_at(&mut buf, a * SECTOR) {
-            Ok(()) => self.send_and_wait(CMD_WRITE, a * SECTOR, len as u32, buf),
-            Err(e) => {
-                self.record_error(format!("resync read of the local disk failed: {e}"));
-                false
-            }
-        };
-        {
+            let b = run_end.min(a + RESYNC_CHUNK);
+            let start = {
+                let mut log = lock(&self.resync_log);
+                let start = self.now();
+                if log.entries.len() >= RESYNC_LOG_LEN
+                    && let Some((_, end, _, _)) = log.entries.pop_front()
+                {
+                    log.floor = log.floor.max(end);
+                }
+                log.entries.push_back((start, u64::MAX, a, b));
+                start
+            };
+            self.dirty.clear(a, b);
+            let len = ((b - a) * SECTOR) as usize;
+            let mut buf = vec![0u8; len];
+            let rx = match self.disk.read_exact_at(&mut buf, a * SECTOR) {
+                Ok(()) => {
+                    let (tx, rx) = mpsc::channel();
+                    self.send(CMD_WRITE, 0, a * SECTOR, len as u32, buf, Waiter::Chan(tx)).ok().map(|()| rx)
+                }
+                Err(e) => {
+                    self.record_error(format!("resync read of the local disk failed: {e}"));
+                    None
+                }
+            };
+            inflight.push((start, a, b, rx));
+            next = self.dirty.next_set_run(b, sectors);
+        }
+        let mut all_ok = true;
+        for (start, a, b, rx) in inflight {
+            let ok = rx.is_some_and(|rx| rx.recv_timeout(timeout + Duration::from_secs(1)).unwrap_or(false));
             let end = self.now();
-            let mut log = lock(&self.resync_log);
-            if let Some(e) = log.entries.iter_mut().rev().find(|e| e.0 == start) {
+            if let Some(e) = lock(&self.resync_log).entries.iter_mut().rev().find(|e| e.0 == start) {
                 e.1 = end;
             }
+            if ok {
+                self.stats.resync_bytes.fetch_add((b - a) * SECTOR, Ordering::Relaxed);
+            } else {
+                self.dirty.set(a, b);
+                all_ok = false;
+            }
         }
-        if ok {
-            self.stats.resync_bytes.fetch_add(len as u64, Ordering::Relaxed);
-        } else {
-            self.dirty.set(a, b);
-        }
-        ok
+        all_ok
     }
 
     /// Waits until every forwarded request issued so far has been answered, then has the
