@@ -35,6 +35,9 @@
 #   --sync-timeout S   give up on a sync/resync after S seconds, or after 20 s
 #                      without progress while an error is reported (default 600)
 #   --workdir DIR      images and logs (default ${TMPDIR:-/tmp}/colo-blk-bench-pri)
+#   --secondary-dir D  where the secondary's image lives (default: --workdir,
+#                      i.e. the same disk as the primary's); on tmpfs qemu-nbd
+#                      uses --cache=writeback (tmpfs has no O_DIRECT)
 #   --no-wait          don't wait for other contrib/bench* scripts or cargo
 #   --max-build-wait S wait at most S seconds for cargo/rustc to finish
 #                      (default 1800; other contrib/bench* are always waited for)
@@ -55,6 +58,7 @@ qemu=${QEMU:-qemu-system-x86_64}
 qnbd=${QEMU_NBD:-qemu-nbd}
 runtime=5 repeat=2 cache=direct disk_mib=1024 rows=1234 sync_timeout=600 do_wait=1 max_build_wait=1800
 workdir=${TMPDIR:-/tmp}/colo-blk-bench-pri
+secdir=''
 while [[ $# -gt 0 ]]; do
     case $1 in
         --runtime) runtime=${2:?}; shift 2 ;;
@@ -64,6 +68,7 @@ while [[ $# -gt 0 ]]; do
         --rows) rows=${2:?}; shift 2 ;;
         --sync-timeout) sync_timeout=${2:?}; shift 2 ;;
         --workdir) workdir=${2:?}; shift 2 ;;
+        --secondary-dir) secdir=${2:?}; shift 2 ;;
         --no-wait) do_wait=0; shift ;;
         --max-build-wait) max_build_wait=${2:?}; shift 2 ;;
         -h | --help) usage ;;
@@ -85,8 +90,12 @@ want() { [[ $rows == *$1* ]]; }
 mkdir -p "$workdir"
 workdir=$(cd "$workdir" && pwd)
 run=$(mktemp -d "$workdir/run.XXXXXX")
+secdir=${secdir:-$workdir}
+mkdir -p "$secdir"
+secdir=$(cd "$secdir" && pwd)
 pri=$workdir/primary-${disk_mib}m.img
-sec=$workdir/secondary-${disk_mib}m.img
+sec=$secdir/secondary-${disk_mib}m.img
+sec_fs=$(df -T "$secdir" | awk 'NR == 2 { print $2 }')
 size=$((disk_mib << 20))
 export_name=exp
 
@@ -94,6 +103,9 @@ if [[ $cache == direct ]]; then
     colo_cache=(--direct) qdirect=true nbd_cache=none dd_in=(iflag=direct) dd_out=(oflag=direct)
 else
     colo_cache=() qdirect=false nbd_cache=writeback dd_in=() dd_out=()
+fi
+if [[ $sec_fs == tmpfs ]]; then
+    nbd_cache=writeback dd_out=()
 fi
 
 # ------------------------------------------------------------ QMP helper ---
@@ -337,20 +349,22 @@ wait_for() {
 # Other benchmarks (contrib/bench*.sh but this one) must not overlap with ours;
 # a cargo build/test is waited for at most --max-build-wait seconds in total.
 build_waited=0
-others() {
-    local p
+others() { # prints their command lines
+    local p c
     for p in $(pgrep -f 'contrib/bench' || true); do
         [[ $p == "$$" ]] && continue
-        grep -q 'bench-primary' "/proc/$p/cmdline" 2>/dev/null && continue
-        [[ -e /proc/$p ]] && echo "$p"
+        # read again: a fork of this script may have exec'd something else meanwhile
+        c=$(tr '\0' ' ' 2>/dev/null <"/proc/$p/cmdline") || continue
+        [[ $c == *contrib/bench* && $c != *bench-primary* ]] && echo "$c"
     done
+    return 0
 }
 building() { pgrep -x cargo >/dev/null || pgrep -x rustc >/dev/null; }
 # overlap WHAT: after a phase, flag other benchmarks that started meanwhile.
 overlap() {
     [[ $do_wait == 1 ]] || return 0
     local o
-    o=$(others | xargs -r ps -o args= -p | sort -u | paste -sd';')
+    o=$(others | sort -u | paste -sd';')
     [[ -z $o ]] || problem "$1 may have overlapped with another benchmark: $o"
 }
 wait_idle() {
@@ -358,7 +372,7 @@ wait_idle() {
     local said=0
     while true; do
         if [[ -n $(others) ]]; then
-            [[ $said == 1 ]] || log "waiting for $(others | xargs -r ps -o args= -p | sort -u | paste -sd';') (polling every 30 s)"
+            [[ $said == 1 ]] || log "waiting for $(others | sort -u | paste -sd';') (polling every 30 s)"
             said=1
             sleep 30
             continue
@@ -509,14 +523,29 @@ fmt0() { awk -v v="$1" 'BEGIN { if (v == "nan" || v == "") print "—"; else pri
 fmt1() { awk -v v="$1" 'BEGIN { if (v == "nan" || v == "") print "—"; else printf "%.1f", v }'; }
 errs() { local e; e=$(nerr "$1" "$2"); [[ $e == 0 ]] || echo " ($e ERR)"; }
 
+hz=$(getconf CLK_TCK)
+pid_ticks() { # utime + stime of all threads (0 if no such process)
+    local st
+    [[ -n $1 ]] && st=$(cat "/proc/$1/stat" 2>/dev/null) || { echo 0; return 0; }
+    st=${st##*) }
+    awk '{ print $12 + $13 }' <<<"$st"
+}
+sys_ticks() { awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 + $9; exit }' /proc/stat; }
+
 # vm ROW IMPL REP RW BS QD QUEUES RUNTIME: one colo-blk bench run on cur_sock;
 # records IOPS (4K) or MiB/s (else) unless ROW is -; sets vm_iops, vm_json.
 vm_iops=0 vm_json=''
 vm() {
-    local row=$1 impl=$2 rep=$3 rw=$4 bs=$5 qd=$6 q=$7 rt=$8 out err
+    local row=$1 impl=$2 rep=$3 rw=$4 bs=$5 qd=$6 q=$7 rt=$8 out err b0 n0 s0 w0 rc=0
     vm_iops=0 vm_json=''
-    if ! out=$(timeout $((rt + 60)) "$colo" bench --socket "$cur_sock" --rw "$rw" --bs "$bs" --iodepth "$qd" \
-        --queues "$q" --runtime "$rt" --label "$impl:$row:$rep" --json 2>>"$run/bench.err"); then
+    b0=$(pid_ticks "$cur_pid") n0=$(pid_ticks "${nbd_pid:-}") s0=$(sys_ticks) w0=$(date +%s%N)
+    out=$(timeout $((rt + 60)) "$colo" bench --socket "$cur_sock" --rw "$rw" --bs "$bs" --iodepth "$qd" \
+        --queues "$q" --runtime "$rt" --label "$impl:$row:$rep" --json 2>>"$run/bench.err") || rc=$?
+    # CPU while it ran, in % of one CPU: the backend, qemu-nbd, the whole host.
+    [[ $row == - ]] || rec "cpu-$row $impl $rep $(awk -v b=$(($(pid_ticks "$cur_pid") - b0)) -v n=$(($(pid_ticks "${nbd_pid:-}") - n0)) \
+        -v s="$(sys_ticks) $s0" -v w=$(($(date +%s%N) - w0)) -v hz="$hz" \
+        'BEGIN { split(s, a, " "); t = w / 1e9 * hz; printf "%.0f %.0f %.0f", 100 * b / t, 100 * n / t, 100 * (a[1] - a[2]) / t }')"
+    if ((rc != 0)); then
         problem "$impl $row run $rep: colo-blk bench failed: $(tail -n 1 "$run/bench.err")"
         [[ $row == - ]] || rec "$row $impl $rep ERR"
         return 1
@@ -571,6 +600,7 @@ phase_io() { # colo|qemu REP
     wait_idle
     if [[ $impl == colo ]]; then start_colo none; else start_qemu plain; fi
     want 1 && { vm 4k-randwrite "$base" "$rep" randwrite 4K 32 2 "$runtime" || true; }
+    want 1 && { vm 4k-randwrite-qd8 "$base" "$rep" randwrite 4K 8 2 "$runtime" || true; }
     want 2 && { vm 1m-write "$base" "$rep" write 1M 8 2 "$runtime" || true; }
     alive
     stop_cur
@@ -579,6 +609,7 @@ phase_io() { # colo|qemu REP
     if [[ $impl == colo ]]; then start_colo primary; else start_qemu primary; fi
     start_replication "$impl"
     want 1 && { vm 4k-randwrite "$impl" "$rep" randwrite 4K 32 2 "$runtime" || true; }
+    want 1 && { vm 4k-randwrite-qd8 "$impl" "$rep" randwrite 4K 8 2 "$runtime" || true; }
     want 2 && { vm 1m-write "$impl" "$rep" write 1M 8 2 "$runtime" || true; }
     alive
     if [[ $impl == colo ]]; then
@@ -592,6 +623,24 @@ phase_io() { # colo|qemu REP
     check_state "$impl" "after rows 1-2 run $rep"
     stop_cur
     kill -0 "$nbd_pid" 2>/dev/null || problem "qemu-nbd died during $impl rows 1-2 (log: $nbd_log)"
+    stop_nbd
+}
+
+# What the secondary takes over one NBD connection: qemu-img bench, 4K
+# sequential writes, QD32 (QEMU's NBD client and server both allow 16 in flight).
+phase_ceiling() { # REP
+    local rep=$1 out secs count=$((size / 4096 < 200000 ? size / 4096 : 200000))
+    command -v qemu-img >/dev/null || return 0
+    wait_idle
+    start_nbd
+    if out=$(timeout 300 qemu-img bench -f raw -w -t none -s 4096 -d 32 -c "$count" \
+        "nbd+unix:///$export_name?socket=$nbd_sock" 2>&1); then
+        secs=$(sed -n 's/^Run completed in \([0-9.]*\) seconds.*/\1/p' <<<"$out")
+        rec "nbd-ceiling qemu-nbd $rep $(awk -v c="$count" -v s="$secs" 'BEGIN { printf "%.0f", c / s }')"
+        log "  secondary ceiling #$rep: $count 4K writes in ${secs}s"
+    else
+        problem "qemu-img bench against qemu-nbd failed: $(tail -n 1 <<<"$out")"
+    fi
     stop_nbd
 }
 
@@ -676,9 +725,16 @@ phase_resync() { # colo|qemu kill|stop
         dirty=$(jget 'r["return"]["dirty-bytes"]' "$out")
         log "  row 4 $tag: dirty-bytes $dirty, error $(jget 'r["return"]["error"]' "$out")"
         local back
+        # The waiter connects first, so it sees the link come back (REPLICATION_LINK).
+        local wpid rc=0
         back=$(date +%s%N)
+        python3 "$run/qmp.py" wait-colo "$cur_qmp" "$sync_timeout" "$back" >"$run/wait.out" 2>&1 &
+        wpid=$!
+        sleep 0.5
         if [[ $how == kill ]]; then start_nbd; else kill -CONT "$nbd_pid"; fi
-        if out=$(python3 "$run/qmp.py" wait-colo "$cur_qmp" "$sync_timeout" "$back" 2>&1); then
+        wait "$wpid" || rc=$?
+        out=$(cat "$run/wait.out")
+        if ((rc == 0)); then
             copied=$(($(jget 'r["copied"]' "$out") - c0))
             rec "resync $tag 1 $dirty $copied $(jget 'r["us"]' "$out") $(jget 'r.get("copy_us", "-")' "$out")"
             log "  row 4 $tag: resync copied $copied bytes in $(jget 'r["us"]' "$out") us ($out)"
@@ -710,13 +766,13 @@ report() {
     echo "## Replication (primary)"
     echo
     echo "colo-blk \`--replication primary\` against QEMU's own primary data path (quorum + replication + nbd), $started."
-    echo "Rerun: \`contrib/bench-primary.sh --cache $cache --repeat $repeat --runtime $runtime$([[ $disk_mib != 1024 ]] && echo " --disk-size $disk_mib")$([[ $rows != 1234 ]] && echo " --rows $rows")\` (report on stdout; raw data in \`$run\`)."
+    echo "Rerun: \`contrib/bench-primary.sh --cache $cache --repeat $repeat --runtime $runtime$([[ $disk_mib != 1024 ]] && echo " --disk-size $disk_mib")$([[ $rows != 1234 ]] && echo " --rows $rows")$([[ $secdir != "$workdir" ]] && echo " --secondary-dir $secdir")\` (report on stdout; raw data in \`$run\`)."
     echo
     echo "- colo-blk: \`$colo\` ($("$colo" --version 2>/dev/null | head -n 1)); $("$qemu" --version | head -n 1); $("$qnbd" --version | head -n 1)"
-    echo "- host: $(nproc) vCPUs ($(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)), $(awk '/MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo) RAM, kernel $(uname -r); images on $(df -T "$workdir" | awk 'NR == 2 { print $2 " (" $1 ")" }'); secondary = qemu-nbd on the same host over a UNIX socket"
+    echo "- host: $(nproc) vCPUs ($(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)), $(awk '/MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo) RAM, kernel $(uname -r); primary image on $(df -T "$workdir" | awk 'NR == 2 { print $2 " (" $1 ")" }'), secondary image on $(df -T "$secdir" | awk 'NR == 2 { print $2 " (" $1 ")" }'); secondary = qemu-nbd \`--cache=$nbd_cache\` on the same host over a UNIX socket"
     echo "- load average at start $load_start, at end $load_end; $repeat round(s), colo-blk/QEMU order alternating; medians, individual runs below"
     if [[ $cache == direct ]]; then
-        echo "- cache: O_DIRECT: colo-blk \`--direct\`, QEMU \`cache.direct=on\` on every node (local file/raw, nbd), qemu-nbd \`--cache=none\`; aio=io_uring; dd \`iflag=direct oflag=direct\`"
+        echo "- cache: O_DIRECT: colo-blk \`--direct\`, QEMU \`cache.direct=on\` on every node (local file/raw, nbd), qemu-nbd \`--cache=$nbd_cache\`; aio=io_uring; dd \`${dd_in[*]:-} ${dd_out[*]:-}\`"
     else
         echo "- cache: page cache: colo-blk without \`--direct\`, QEMU \`cache.direct=off\`, qemu-nbd \`--cache=writeback\`; aio=io_uring"
     fi
@@ -728,6 +784,11 @@ report() {
         c=$(med 4k-randwrite colo) q=$(med 4k-randwrite qemu) cb=$(med 4k-randwrite colo-none) qb=$(med 4k-randwrite qemu-plain)
         printf '| 1. 4K randwrite QD32 x 2 queues | %s IOPS%s | %s | %s IOPS%s | %s | %s / %s IOPS | ≥ 0.7 |\n' \
             "$(fmt0 "$c")" "$(errs 4k-randwrite colo)" "$(ratio "$c" "$cb")" "$(fmt0 "$q")" "$(errs 4k-randwrite qemu)" "$(ratio "$q" "$qb")" "$(fmt0 "$cb")" "$(fmt0 "$qb")"
+    fi
+    if want 1; then
+        c=$(med 4k-randwrite-qd8 colo) q=$(med 4k-randwrite-qd8 qemu) cb=$(med 4k-randwrite-qd8 colo-none) qb=$(med 4k-randwrite-qd8 qemu-plain)
+        printf '| 1b. (extra) 4K randwrite QD8 x 2 queues (16 in flight) | %s IOPS%s | %s | %s IOPS%s | %s | %s / %s IOPS | — |\n' \
+            "$(fmt0 "$c")" "$(errs 4k-randwrite-qd8 colo)" "$(ratio "$c" "$cb")" "$(fmt0 "$q")" "$(errs 4k-randwrite-qd8 qemu)" "$(ratio "$q" "$qb")" "$(fmt0 "$cb")" "$(fmt0 "$qb")"
     fi
     if want 2; then
         c=$(med 1m-write colo) q=$(med 1m-write qemu) cb=$(med 1m-write colo-none) qb=$(med 1m-write qemu-plain)
@@ -782,10 +843,31 @@ report() {
     echo "| row | colo-blk | colo-blk none | QEMU | QEMU plain |"
     echo "| --- | --- | --- | --- | --- |"
     local r
-    for r in 4k-randwrite 1m-write sync; do
+    for r in 4k-randwrite 4k-randwrite-qd8 1m-write sync; do
         grep -q "^$r " "$results" || continue
         printf '| %s | %s | %s | %s | %s |\n' "$r" "$(runs "$r" colo)" "$(runs "$r" colo-none)" "$(runs "$r" qemu)" "$(runs "$r" qemu-plain)"
     done
+    if grep -q '^cpu-' "$results"; then
+        echo
+        echo "CPU during rows 1-2 (% of one CPU, medians; the host has $(nproc) CPUs; host = all busy time incl. the load generator):"
+        echo
+        echo "| row | impl | backend | qemu-nbd | host |"
+        echo "| --- | --- | ---: | ---: | ---: |"
+        local i
+        for r in 4k-randwrite 4k-randwrite-qd8 1m-write; do
+            for i in colo-none colo qemu-plain qemu; do
+                grep -q "^cpu-$r $i " "$results" || continue
+                printf '| %s | %s | %s | %s | %s |\n' "$r" "$i" \
+                    "$(awk -v r="cpu-$r" -v i="$i" '$1 == r && $2 == i { print $4 }' "$results" | median)" \
+                    "$(awk -v r="cpu-$r" -v i="$i" '$1 == r && $2 == i { print $5 }' "$results" | median)" \
+                    "$(awk -v r="cpu-$r" -v i="$i" '$1 == r && $2 == i { print $6 }' "$results" | median)"
+            done
+        done
+    fi
+    if grep -q '^nbd-ceiling ' "$results"; then
+        echo
+        echo "Secondary ceiling over one NBD connection (plain qemu-nbd, \`qemu-img bench -w -t none -s 4096 -d 32\`, 4K sequential writes; QEMU's NBD client and server both keep at most 16 requests in flight): $(runs nbd-ceiling qemu-nbd) IOPS."
+    fi
     if grep -q '^checkpoint ' "$results"; then
         echo
         echo "colo-blk replication-checkpoint right after rows 1-2 (µs): $(runs checkpoint colo)"
@@ -803,14 +885,15 @@ report() {
 
 started=$(date -u '+%Y-%m-%d %H:%M UTC')
 log "logs in $run"
-make_disks
 wait_idle
+make_disks
 load_start=$(cut -d' ' -f1-3 /proc/loadavg)
 for ((rep = 1; rep <= repeat; rep++)); do
     if ((rep % 2)); then order="colo qemu"; else order="qemu colo"; fi
     log "round $rep of $repeat ($order)"
     if want 1 || want 2; then
         for impl in $order; do phase_io "$impl" "$rep"; overlap "rows 1-2 $impl round $rep"; done
+        if want 1; then phase_ceiling "$rep"; overlap "secondary ceiling round $rep"; fi
     fi
     if want 3; then
         for impl in $order; do phase_sync "$impl" "$rep"; overlap "row 3 $impl round $rep"; done
