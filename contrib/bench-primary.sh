@@ -626,14 +626,15 @@ phase_io() { # colo|qemu REP
     stop_nbd
 }
 
-# What the secondary takes over one NBD connection: qemu-img bench, 4K
-# sequential writes, QD32 (QEMU's NBD client and server both allow 16 in flight).
+# What the secondary takes over one NBD connection: qemu-img bench, 4K writes
+# QD32 (QEMU's NBD client and server both allow 16 in flight), offsets
+# strided by 7919 x 4 KiB modulo the disk size (scattered like random writes).
 phase_ceiling() { # REP
     local rep=$1 out secs count=$((size / 4096 < 200000 ? size / 4096 : 200000))
     command -v qemu-img >/dev/null || return 0
     wait_idle
     start_nbd
-    if out=$(timeout 300 qemu-img bench -f raw -w -t none -s 4096 -d 32 -c "$count" \
+    if out=$(timeout 300 qemu-img bench -f raw -w -t none -s 4096 -S $((4096 * 7919)) -d 32 -c "$count" \
         "nbd+unix:///$export_name?socket=$nbd_sock" 2>&1); then
         secs=$(sed -n 's/^Run completed in \([0-9.]*\) seconds.*/\1/p' <<<"$out")
         rec "nbd-ceiling qemu-nbd $rep $(awk -v c="$count" -v s="$secs" 'BEGIN { printf "%.0f", c / s }')"
@@ -866,7 +867,7 @@ report() {
     fi
     if grep -q '^nbd-ceiling ' "$results"; then
         echo
-        echo "Secondary ceiling over one NBD connection (plain qemu-nbd, \`qemu-img bench -w -t none -s 4096 -d 32\`, 4K sequential writes; QEMU's NBD client and server both keep at most 16 requests in flight): $(runs nbd-ceiling qemu-nbd) IOPS."
+        echo "Secondary ceiling over one NBD connection (plain qemu-nbd, \`qemu-img bench -w -t none -s 4096 -S 32436224 -d 32\` (step 7919 x 4 KiB): 4K writes scattered over the disk; QEMU's NBD client and server both keep at most 16 requests in flight): $(runs nbd-ceiling qemu-nbd) IOPS."
     fi
     if grep -q '^checkpoint ' "$results"; then
         echo
