@@ -12,8 +12,10 @@
 # only the local raw node). Secondary for both: qemu-nbd on a raw file over a
 # UNIX socket. Guest load: `colo-blk bench` (libblkio).
 #
-# Rows: 1 4K randwrite QD32 x 2 queues; 2 1M sequential write QD8 x 2
-# queues; 3 full sync of the whole disk (colo-blk: replication-start
+# Rows: 1 4K randwrite QD32 x 2 queues (plus 1b: QD8 x 2, and a "secondary
+# ceiling": qemu-img bench 4K writes QD32 straight into plain qemu-nbd);
+# 2 1M sequential write QD8 x 2 queues (CPU of backend, qemu-nbd and host
+# recorded for rows 1-2); 3 full sync of the whole disk (colo-blk: replication-start
 # sync=full until REPLICATION_IN_SYNC; QEMU has no such mode, its documented
 # re-protection is a full drive-mirror, so: blockdev-mirror sync=full to the
 # nbd node until BLOCK_JOB_READY) vs the backend's 1M write rate of row 2;
@@ -30,8 +32,8 @@
 #                      cache.direct=on, qemu-nbd --cache=none; buffered:
 #                      page cache everywhere (qemu-nbd --cache=writeback)
 #   --disk-size MIB    disk size in MiB (default 1024; small for smoke tests)
-#   --rows LIST        rows to run, any of 1 2 3 4 (default 1234; row 3 and 4
-#                      use rows 2's baselines when present)
+#   --rows LIST        rows to run, any of 1 2 3 4 (default 1234; rows 3 and 4
+#                      use row 2's baselines when present)
 #   --sync-timeout S   give up on a sync/resync after S seconds, or after 20 s
 #                      without progress while an error is reported (default 600)
 #   --workdir DIR      images and logs (default ${TMPDIR:-/tmp}/colo-blk-bench-pri)
