@@ -434,8 +434,14 @@ impl Mirror {
             if let Some(run) = self.dirty.next_set_run(0, self.size / SECTOR) {
                 in_sync_reported = false;
                 if !self.copy_chunks(run) {
+                    // A failed copy (local read error, NBD error) must not spin: back off
+                    // like a reconnect does before trying again.
+                    let g = lock(&self.stage);
+                    let _ = self.link_cv.wait_timeout(g, backoff);
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
                     continue;
                 }
+                backoff = BACKOFF_MIN;
             } else if !in_sync_reported {
                 in_sync_reported = true;
                 log::info!(
