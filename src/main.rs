@@ -15,7 +15,7 @@ use colo_blk::nbd::client::NbdUri;
 use colo_blk::nbd::{NbdAddress, NbdServer, NbdServerConfig};
 use colo_blk::qmp::client;
 use colo_blk::replication::continuous::SecondaryThenPrimary;
-use colo_blk::replication::primary::{Mirror, MirrorConfig, MirrorControl, MirrorDevice};
+use colo_blk::replication::primary::{ColoHook, HOOK_EXPORT, Mirror, MirrorConfig, MirrorControl, MirrorDevice};
 use colo_blk::replication::secondary::{Secondary, SecondaryControl, SecondaryDevice, SecondaryExport, SecondaryFiles};
 use colo_blk::replication::{NoReplication, ReplicationControl};
 use colo_blk::size::parse_size;
@@ -117,6 +117,11 @@ struct ServeArgs {
     /// write completes, the range is resynced later).
     #[arg(long, default_value_t = 5.0)]
     secondary_timeout: f64,
+    /// Primary (or a secondary that may become one): serve the COLO VM-stop hook, an NBD
+    /// export named "hook" whose FLUSH sends a checkpoint barrier to the secondary
+    /// (HOST:PORT or unix:PATH; see docs/colo.md).
+    #[arg(long)]
+    colo_hook: Option<NbdAddress>,
     /// Secondary: most NBD clients connected at once.
     #[arg(long, default_value_t = 8)]
     nbd_max_clients: usize,
@@ -204,6 +209,9 @@ fn serve(a: ServeArgs) -> ExitCode {
             }
         }
         Replication::None => {
+            if a.colo_hook.is_some() {
+                return usage_error("--colo-hook: only valid with --replication primary or secondary".into());
+            }
             if let Some((name, _)) = secondary_opts.iter().find(|(_, given)| *given) {
                 return usage_error(format!("{name}: only valid with --replication secondary"));
             }
@@ -315,6 +323,13 @@ fn serve(a: ServeArgs) -> ExitCode {
     if let Some(m) = &mirror {
         let events = daemon.events();
         m.set_events(Arc::new(move |name: &str, data| events.emit(name, data)));
+    }
+    if let (Some(m), Some(addr)) = (&mirror, &a.colo_hook) {
+        let cfg = NbdServerConfig { export_name: HOOK_EXPORT.into(), max_clients: 4, threads_per_client: 1 };
+        match NbdServer::start(addr, cfg, Arc::new(ColoHook(m.clone()))) {
+            Ok(_) => log::info!("COLO VM-stop hook listening on {addr:?} (export '{HOOK_EXPORT}')"),
+            Err(e) => return usage_error(format!("--colo-hook: cannot listen on {addr:?}: {e}")),
+        }
     }
     if let (Some(sec), Some(addr)) = (&secondary, &a.nbd_listen) {
         let events = daemon.events();

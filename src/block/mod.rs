@@ -65,6 +65,10 @@ pub trait BlockDevice: Send + Sync {
     fn flush(&self) -> io::Result<()>;
     /// A one-line description for logs and `query-block`.
     fn describe(&self) -> String;
+    /// The frontend is (re)starting the device: it just acknowledged its features, and gets
+    /// no answer before this returns. `dirty_logging`: it asked for dirty-page logging (live
+    /// migration or COLO). The COLO secondary commits a pending checkpoint here.
+    fn frontend_starting(&self, _dirty_logging: bool) {}
 }
 
 /// Errors at the block layer's edge.

@@ -133,7 +133,7 @@ impl Daemon {
         loop {
             let shared = Arc::new(Shared::new(self.cfg.device.clone(), self.quiescing.clone(), self.cfg.poll));
             let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-            let backend = Arc::new(BlkBackend::new(shared, &*self.device, mem.clone(), &self.stats)?);
+            let backend = Arc::new(BlkBackend::new(shared, &self.device, mem.clone(), &self.stats)?);
             let mut daemon = VhostUserDaemon::new("colo-blk".into(), backend.clone(), mem)
                 .map_err(|e| DaemonError::Vhost(e.to_string()))?;
             let event = u64::from(completion_event_id(usize::from(self.cfg.device.num_queues)));
@@ -240,7 +240,9 @@ impl QmpHandler for Daemon {
             Command::QmpCapabilities | Command::Quit => Ok(json!({})),
             Command::QueryReplication => Ok(self.replication.query()),
             Command::ReplicationStart(args) => self.replication.start(args).map(|()| json!({})).map_err(generic),
-            Command::ReplicationCheckpoint => self.replication.checkpoint().map(|()| json!({})).map_err(generic),
+            Command::ReplicationCheckpoint { barrier } => {
+                self.replication.checkpoint(*barrier).map(|()| json!({})).map_err(generic)
+            }
             Command::ReplicationGetError => self.replication.get_error().map(|()| json!({})).map_err(generic),
             Command::ReplicationStop { failover, inject_commit_error } => {
                 self.replication.stop(*failover, *inject_commit_error).map(|()| json!({})).map_err(generic)

@@ -75,6 +75,8 @@ pub struct ExportInfo {
     pub size: u64,
     /// Transmission flags.
     pub flags: u16,
+    /// The server acknowledged [`OPT_COLO`]: checkpoint barriers can be sent.
+    pub colo: bool,
 }
 
 fn read_u16(s: &mut Stream) -> io::Result<u16> {
@@ -127,6 +129,7 @@ pub fn connect(uri: &NbdUri, timeout: Duration) -> io::Result<(Stream, ExportInf
     let no_zeroes = server_flags & FLAG_NO_ZEROES != 0;
     let cflags = CLIENT_FIXED_NEWSTYLE | if no_zeroes { CLIENT_NO_ZEROES } else { 0 };
     s.write_all(&cflags.to_be_bytes())?;
+    let colo = ask_colo(&mut s)?;
     // OPT_GO: u32 name length, name, u16 number of info requests (none).
     let name = uri.export.as_bytes();
     let mut data = Vec::with_capacity(6 + name.len());
@@ -152,7 +155,7 @@ pub fn connect(uri: &NbdUri, timeout: Duration) -> io::Result<(Stream, ExportInf
             REP_INFO if payload.len() >= 12 && u16::from_be_bytes([payload[0], payload[1]]) == INFO_EXPORT => {
                 let size = u64::from_be_bytes(payload[2..10].try_into().unwrap_or_default());
                 let flags = u16::from_be_bytes([payload[10], payload[11]]);
-                info = Some(ExportInfo { size, flags });
+                info = Some(ExportInfo { size, flags, colo });
             }
             REP_ERR_UNSUP => {
                 // An old server: fall back to EXPORT_NAME, which answers with size + flags.
@@ -163,7 +166,7 @@ pub fn connect(uri: &NbdUri, timeout: Duration) -> io::Result<(Stream, ExportInf
                     let mut z = [0u8; 124];
                     s.read_exact(&mut z)?;
                 }
-                info = Some(ExportInfo { size, flags });
+                info = Some(ExportInfo { size, flags, colo });
                 break;
             }
             t if t & (1 << 31) != 0 => {
@@ -186,6 +189,21 @@ pub fn connect(uri: &NbdUri, timeout: Duration) -> io::Result<(Stream, ExportInf
         Stream::Unix(u) => u.set_read_timeout(None)?,
     }
     Ok((s, info))
+}
+
+/// Asks for the colo-blk barrier extension; any error reply means a plain NBD server.
+fn ask_colo(s: &mut Stream) -> io::Result<bool> {
+    send_option(s, OPT_COLO, &[])?;
+    if read_u64(s)? != OPT_REPLY_MAGIC {
+        return Err(bad("bad option reply magic".into()));
+    }
+    let (opt, rtype, len) = (read_u32(s)?, read_u32(s)?, read_u32(s)?);
+    if opt != OPT_COLO || len > MAX_OPTION {
+        return Err(bad(format!("unexpected reply to option {opt:#x} ({len} bytes)")));
+    }
+    let mut payload = vec![0u8; len as usize];
+    s.read_exact(&mut payload)?;
+    Ok(rtype == REP_ACK)
 }
 
 fn send_option(s: &mut Stream, opt: u32, data: &[u8]) -> io::Result<()> {

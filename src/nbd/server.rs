@@ -34,6 +34,15 @@ pub trait NbdExport: Send + Sync + 'static {
     fn admit(&self) -> Result<(), String> {
         Ok(())
     }
+    /// Whether the export takes COLO checkpoint barriers ([`OPT_COLO`] is acknowledged).
+    fn colo_barriers(&self) -> bool {
+        false
+    }
+    /// A checkpoint barrier with sequence number `seq` (see [`CMD_COLO_BARRIER`]). Runs after
+    /// every earlier request of the connection completed and before any later one starts.
+    fn barrier(&self, _seq: u64) -> io::Result<()> {
+        Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP))
+    }
 }
 
 /// Where the server listens.
@@ -264,8 +273,16 @@ fn protocol_error(msg: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg)
 }
 
-/// Negotiation; returns true when the client entered transmission.
-fn negotiate(s: &mut Stream, shared: &Shared) -> io::Result<bool> {
+/// What negotiation ended with.
+enum Negotiated {
+    /// The client left (ABORT).
+    Aborted,
+    /// Transmission phase; `colo`: the client enabled the barrier extension.
+    Transmission { colo: bool },
+}
+
+/// Negotiation up to the transmission phase (or an abort).
+fn negotiate(s: &mut Stream, shared: &Shared) -> io::Result<Negotiated> {
     let mut hello = Vec::with_capacity(18);
     hello.extend_from_slice(&NBD_MAGIC.to_be_bytes());
     hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
@@ -278,6 +295,7 @@ fn negotiate(s: &mut Stream, shared: &Shared) -> io::Result<bool> {
     let no_zeroes = client_flags & CLIENT_NO_ZEROES != 0;
     let export = &shared.export;
     let tflags = transmission_flags(&**export);
+    let mut colo = false;
     loop {
         let hdr = read_exact::<16>(s)?;
         if u64::from_be_bytes(hdr[0..8].try_into().unwrap_or_default()) != IHAVEOPT {
@@ -305,11 +323,15 @@ fn negotiate(s: &mut Stream, shared: &Shared) -> io::Result<bool> {
                     b.extend_from_slice(&[0u8; 124]);
                 }
                 s.write_all(&b)?;
-                return Ok(true);
+                return Ok(Negotiated::Transmission { colo });
             }
             OPT_ABORT => {
                 let _ = s.write_all(&option_reply(opt, REP_ACK, &[]));
-                return Ok(false);
+                return Ok(Negotiated::Aborted);
+            }
+            OPT_COLO if export.colo_barriers() && data.is_empty() => {
+                colo = true;
+                s.write_all(&option_reply(opt, REP_ACK, &[]))?;
             }
             OPT_LIST => {
                 if !data.is_empty() {
@@ -351,7 +373,7 @@ fn negotiate(s: &mut Stream, shared: &Shared) -> io::Result<bool> {
                 s.write_all(&option_reply(opt, REP_INFO, &bs))?;
                 s.write_all(&option_reply(opt, REP_ACK, &[]))?;
                 if opt == OPT_GO {
-                    return Ok(true);
+                    return Ok(Negotiated::Transmission { colo });
                 }
             }
             OPT_STARTTLS => s.write_all(&option_reply(opt, REP_ERR_POLICY, b"TLS is not configured"))?,
@@ -383,27 +405,59 @@ enum Job {
     Other(Request),
 }
 
-fn serve_client(mut s: Stream, shared: &Arc<Shared>) -> io::Result<()> {
-    if !negotiate(&mut s, shared)? {
-        return Ok(());
+/// Requests of one connection handed to its workers and not yet answered.
+#[derive(Default)]
+struct Inflight {
+    count: Mutex<usize>,
+    idle: std::sync::Condvar,
+}
+
+impl Inflight {
+    fn add(&self) {
+        *lock(&self.count) += 1;
     }
+    fn done(&self) {
+        let mut c = lock(&self.count);
+        *c = c.saturating_sub(1);
+        if *c == 0 {
+            self.idle.notify_all();
+        }
+    }
+    fn wait_idle(&self) {
+        let mut c = lock(&self.count);
+        while *c > 0 {
+            c = self.idle.wait(c).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
+
+fn serve_client(mut s: Stream, shared: &Arc<Shared>) -> io::Result<()> {
+    let colo = match negotiate(&mut s, shared)? {
+        Negotiated::Aborted => return Ok(()),
+        Negotiated::Transmission { colo } => colo,
+    };
     let writer = Arc::new(Mutex::new(s.try_clone()?));
+    let inflight = Arc::new(Inflight::default());
     let (tx, rx) = mpsc::sync_channel::<Job>(shared.cfg.threads_per_client * 2);
     let rx = Arc::new(Mutex::new(rx));
     let mut workers = Vec::new();
     for _ in 0..shared.cfg.threads_per_client.max(1) {
-        let (rx, writer, shared) = (rx.clone(), writer.clone(), shared.clone());
+        let (rx, writer, shared, inflight) = (rx.clone(), writer.clone(), shared.clone(), inflight.clone());
         workers.push(std::thread::spawn(move || {
             loop {
                 let job = lock(&rx).recv();
                 let Ok(job) = job else { break };
-                if execute(job, &writer, &shared).is_err() {
+                let sent = execute(job, &writer, &shared);
+                inflight.done();
+                if sent.is_err() {
                     break;
                 }
             }
         }));
     }
-    let result = read_requests(&mut s, &tx);
+    let barriers =
+        colo.then(|| Barriers { writer: writer.clone(), inflight: inflight.clone(), shared: shared.clone() });
+    let result = read_requests(&mut s, &tx, &inflight, barriers.as_ref());
     drop(tx);
     for w in workers {
         let _ = w.join();
@@ -418,8 +472,45 @@ fn serve_client(mut s: Stream, shared: &Arc<Shared>) -> io::Result<()> {
     result
 }
 
+/// What the reader needs to run COLO barriers in order (only when the client enabled them).
+struct Barriers {
+    writer: Arc<Mutex<Stream>>,
+    inflight: Arc<Inflight>,
+    shared: Arc<Shared>,
+}
+
+impl Barriers {
+    /// Runs a barrier in the reader's thread: every earlier request is answered first, and no
+    /// later one is read before it is done, so the barrier splits the stream into epochs.
+    fn run(&self, req: &Request) -> io::Result<()> {
+        self.inflight.wait_idle();
+        let code = match self.shared.export.barrier(req.offset) {
+            Ok(()) => 0,
+            Err(e) => {
+                log::warn!("nbd: checkpoint barrier {} failed: {e}", req.offset);
+                self.shared.stats.errors.fetch_add(1, Ordering::Relaxed);
+                errno_to_nbd(&e)
+            }
+        };
+        reply(&self.writer, code, req.handle, None)
+    }
+}
+
 /// Reads requests and hands them to the workers; returns on DISC, EOF or a protocol error.
-fn read_requests(s: &mut Stream, tx: &mpsc::SyncSender<Job>) -> io::Result<()> {
+fn read_requests(
+    s: &mut Stream,
+    tx: &mpsc::SyncSender<Job>,
+    inflight: &Inflight,
+    barriers: Option<&Barriers>,
+) -> io::Result<()> {
+    let send = |job: Job| {
+        inflight.add();
+        let sent = tx.send(job).is_ok();
+        if !sent {
+            inflight.done();
+        }
+        sent
+    };
     loop {
         let raw = match read_exact::<REQUEST_LEN>(s) {
             Ok(r) => r,
@@ -438,17 +529,22 @@ fn read_requests(s: &mut Stream, tx: &mpsc::SyncSender<Job>) -> io::Result<()> {
                 }
                 let mut data = vec![0u8; req.length as usize];
                 s.read_exact(&mut data)?;
-                if tx.send(Job::Write(req, data)).is_err() {
+                if !send(Job::Write(req, data)) {
                     return Ok(());
                 }
             }
             CMD_READ => {
-                if tx.send(Job::Read(req)).is_err() {
+                if !send(Job::Read(req)) {
                     return Ok(());
                 }
             }
+            CMD_COLO_BARRIER if barriers.is_some() && req.length == 0 && req.flags == 0 => {
+                if let Some(b) = barriers {
+                    b.run(&req)?;
+                }
+            }
             _ => {
-                if tx.send(Job::Other(req)).is_err() {
+                if !send(Job::Other(req)) {
                     return Ok(());
                 }
             }

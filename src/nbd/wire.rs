@@ -33,6 +33,10 @@ pub const OPT_STARTTLS: u32 = 5;
 pub const OPT_INFO: u32 = 6;
 /// Export info and enter transmission.
 pub const OPT_GO: u32 = 7;
+/// colo-blk extension ("COLO"): the client asks whether the server understands
+/// [`CMD_COLO_BARRIER`]. Only a colo-blk secondary acknowledges it; every other server answers
+/// `REP_ERR_UNSUP` and the link stays plain NBD. Sent only between colo-blk instances.
+pub const OPT_COLO: u32 = 0x434f_4c4f;
 
 /// Option replies.
 pub const REP_ACK: u32 = 1;
@@ -83,6 +87,11 @@ pub const CMD_FLUSH: u16 = 3;
 pub const CMD_TRIM: u16 = 4;
 /// Write zeroes.
 pub const CMD_WRITE_ZEROES: u16 = 6;
+/// colo-blk extension, only after [`OPT_COLO`] was acknowledged: a checkpoint barrier. Every
+/// write sent before it was answered; `offset` carries the barrier's sequence number, `length`
+/// is 0. The server flushes, records the barrier and answers; writes after it belong to the
+/// next checkpoint epoch.
+pub const CMD_COLO_BARRIER: u16 = 0x4342;
 
 /// Command flags.
 pub const CMD_FLAG_FUA: u16 = 1;

@@ -17,8 +17,11 @@ pub enum Command {
     QueryReplication,
     /// `replication-start {"mode": ..., "secondary": URI, "sync": "none|full|incremental"}`.
     ReplicationStart(crate::replication::StartArgs),
-    /// `replication-checkpoint`.
-    ReplicationCheckpoint,
+    /// `replication-checkpoint {"barrier": N}` (barrier optional, secondary only).
+    ReplicationCheckpoint {
+        /// Commit only this pending COLO barrier (a relayed RESUME), instead of emptying now.
+        barrier: Option<u64>,
+    },
     /// `replication-get-error`.
     ReplicationGetError,
     /// `replication-stop {"failover": bool}`.
@@ -79,7 +82,16 @@ impl Command {
             "query-blockstats" => no_args(Command::QueryBlockstats),
             "quit" => no_args(Command::Quit),
             "query-replication" => no_args(Command::QueryReplication),
-            "replication-checkpoint" => no_args(Command::ReplicationCheckpoint),
+            "replication-checkpoint" => {
+                only(args, &["barrier"])?;
+                let barrier = match args.get("barrier") {
+                    None => None,
+                    Some(v) => Some(v.as_u64().ok_or_else(|| {
+                        QmpError::Generic("Invalid parameter type for 'barrier', expected: integer".into())
+                    })?),
+                };
+                Ok(Command::ReplicationCheckpoint { barrier })
+            }
             "replication-get-error" => no_args(Command::ReplicationGetError),
             "replication-start" => {
                 use crate::replication::{Mode, StartArgs, SyncMode};
@@ -169,6 +181,14 @@ mod tests {
         assert_eq!(Command::parse("quit", &Map::new()), Ok(Command::Quit));
         assert_eq!(Command::parse("query-block", &Map::new()), Ok(Command::QueryBlock));
         assert_eq!(Command::parse("qmp_capabilities", &obj(json!({"enable": []}))), Ok(Command::QmpCapabilities));
+        assert_eq!(
+            Command::parse("replication-checkpoint", &obj(json!({"barrier": 7}))),
+            Ok(Command::ReplicationCheckpoint { barrier: Some(7) })
+        );
+        assert_eq!(
+            Command::parse("replication-checkpoint", &obj(json!({"barrier": "7"}))),
+            Err(QmpError::Generic("Invalid parameter type for 'barrier', expected: integer".into()))
+        );
     }
 
     #[test]

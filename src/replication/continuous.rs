@@ -39,8 +39,8 @@ impl ReplicationControl for SecondaryThenPrimary {
         }
         self.secondary.start(args)
     }
-    fn checkpoint(&self) -> Result<(), ReplicationError> {
-        if self.promoted() { self.primary.checkpoint() } else { self.secondary.checkpoint() }
+    fn checkpoint(&self, barrier: Option<u64>) -> Result<(), ReplicationError> {
+        if self.promoted() { self.primary.checkpoint(barrier) } else { self.secondary.checkpoint(barrier) }
     }
     fn get_error(&self) -> Result<(), ReplicationError> {
         if self.promoted() { self.primary.get_error() } else { self.secondary.get_error() }

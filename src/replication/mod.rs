@@ -132,8 +132,8 @@ impl StartArgs {
 pub trait ReplicationControl: Send + Sync {
     /// `replication-start`.
     fn start(&self, args: &StartArgs) -> Result<(), ReplicationError>;
-    /// `replication-checkpoint`.
-    fn checkpoint(&self) -> Result<(), ReplicationError>;
+    /// `replication-checkpoint`; `barrier` (secondary): commit that pending COLO barrier only.
+    fn checkpoint(&self, barrier: Option<u64>) -> Result<(), ReplicationError>;
     /// `replication-get-error`.
     fn get_error(&self) -> Result<(), ReplicationError>;
     /// `replication-stop`; `inject_commit_error` makes the failover commit fail (tests).
@@ -156,7 +156,7 @@ impl ReplicationControl for NoReplication {
             args.mode.name()
         )))
     }
-    fn checkpoint(&self) -> Result<(), ReplicationError> {
+    fn checkpoint(&self, _barrier: Option<u64>) -> Result<(), ReplicationError> {
         Err(ReplicationError::not_running())
     }
     fn get_error(&self) -> Result<(), ReplicationError> {

@@ -117,6 +117,7 @@ struct QueueSlot {
 pub struct BlkBackend {
     shared: Arc<Shared>,
     queues: Vec<QueueSlot>,
+    device: Arc<dyn BlockDevice>,
 }
 
 /// Event id of a worker's block-queue completion notifier (ids up to `num_queues` are taken
@@ -129,7 +130,7 @@ impl BlkBackend {
     /// Builds the backend for a new connection: one worker (and one block queue) per queue.
     pub fn new(
         shared: Arc<Shared>,
-        device: &dyn BlockDevice,
+        device: &Arc<dyn BlockDevice>,
         mem: AtomicMem,
         stats: &[Arc<QueueStats>],
     ) -> Result<Self, BlockError> {
@@ -141,7 +142,7 @@ impl BlkBackend {
             let worker = QueueWorker::new(i, io, shared.clone(), mem.clone(), stats.clone(), drain.clone());
             queues.push(QueueSlot { worker: Mutex::new(worker), drain });
         }
-        Ok(BlkBackend { shared, queues })
+        Ok(BlkBackend { shared, queues, device: device.clone() })
     }
 
     /// The completion notifier of each queue (index = worker thread), for epoll registration.
@@ -189,6 +190,7 @@ impl VhostUserBackend for BlkBackend {
         self.shared.acked.store(features, Ordering::Release);
         log::info!("features negotiated: {features:#x}");
         self.shared.update_writeback();
+        self.device.frontend_starting(self.shared.logging());
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {

@@ -1,6 +1,8 @@
 //! Test support: run `colo-blk serve` as a process and drive it through libblkio.
 #![allow(dead_code)]
 
+pub mod pair;
+
 use std::io::{BufRead, BufReader};
 use std::mem::MaybeUninit;
 use std::path::{Path, PathBuf};

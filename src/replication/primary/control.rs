@@ -37,9 +37,12 @@ impl ReplicationControl for MirrorControl {
         Ok(())
     }
 
-    fn checkpoint(&self) -> Result<(), ReplicationError> {
+    fn checkpoint(&self, barrier: Option<u64>) -> Result<(), ReplicationError> {
+        if barrier.is_some() {
+            return Err(ReplicationError("Parameter 'barrier' is only for mode secondary".into()));
+        }
         match self.0.stage() {
-            Stage::Running => self.0.barrier(),
+            Stage::Running => self.0.barrier().map(|_| ()),
             // QEMU: a no-op for the primary in every other stage.
             Stage::None | Stage::Failover | Stage::FailoverFailed | Stage::Done => Ok(()),
         }
@@ -77,9 +80,16 @@ impl ReplicationControl for MirrorControl {
             "secondary": lock(&m.cfg).secondary.as_ref().map(|u| u.to_string()),
             "link": {
                 "connected": link.is_some(),
-                "inflight": link.map_or(0, |l| lock(&l.pending).len()),
+                "inflight": link.as_ref().map_or(0, |l| lock(&l.pending).len()),
                 "connects": st.connects.load(Ordering::Relaxed),
                 "failures": st.link_failures.load(Ordering::Relaxed),
+                "colo-barriers": link.as_ref().is_some_and(|l| l.colo),
+            },
+            "barriers": {
+                "sent": st.barriers.load(Ordering::Relaxed),
+                "failed": st.barrier_failures.load(Ordering::Relaxed),
+                "last-us": st.last_barrier_us.load(Ordering::Relaxed),
+                "hook-flushes": st.hook_flushes.load(Ordering::Relaxed),
             },
             "dirty-bytes": m.dirty.count_all() * SECTOR,
             "forwarded-ops": st.forwarded_ops.load(Ordering::Relaxed),

@@ -36,6 +36,10 @@ impl BlockDevice for MirrorDevice {
     fn describe(&self) -> String {
         format!("{} (primary mirror)", self.inner.describe())
     }
+    fn frontend_starting(&self, dirty_logging: bool) {
+        self.mirror.device_started();
+        self.inner.frontend_starting(dirty_logging)
+    }
 }
 
 struct Join {

@@ -28,7 +28,9 @@ use crate::block::{BlockDevice, BlockError, BlockQueue, Completion, IoEngineErro
 use crate::io::iovecs_len;
 use crate::nbd::client::{self, NbdUri, Reply};
 use crate::nbd::server::Stream;
-use crate::nbd::wire::{CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, CMD_FLUSH, CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES, Request};
+use crate::nbd::wire::{
+    CMD_COLO_BARRIER, CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, CMD_FLUSH, CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES, Request,
+};
 
 const SECTOR: u64 = 512;
 /// Largest piece the resync copies at once.
@@ -60,6 +62,8 @@ struct Link {
     pending: Mutex<HashMap<u64, Pending>>,
     drained: Condvar,
     broken: AtomicBool,
+    /// The secondary is a colo-blk secondary that takes checkpoint barriers.
+    colo: bool,
 }
 
 /// Settings of the mirror.
@@ -102,6 +106,14 @@ struct MirrorStats {
     resync_total: AtomicU64,
     connects: AtomicU64,
     link_failures: AtomicU64,
+    barriers: AtomicU64,
+    last_barrier_us: AtomicU64,
+    barrier_failures: AtomicU64,
+    hook_flushes: AtomicU64,
+    /// The VM device (re)started since the last hook barrier (see `hook_flush`).
+    started_since_barrier: AtomicBool,
+    /// `forwarded_ops` when the last hook barrier was sent.
+    ops_at_barrier: AtomicU64,
 }
 
 /// Recent resync chunk copies, for the ordering rule.
@@ -203,6 +215,7 @@ impl Mirror {
             pending: Mutex::new(HashMap::new()),
             drained: Condvar::new(),
             broken: AtomicBool::new(false),
+            colo: info.colo,
         });
         let mut writer = stream.try_clone()?;
         let l2 = link.clone();
@@ -301,7 +314,10 @@ impl Mirror {
     ) -> Result<(), Waiter> {
         let Some(link) = self.current_link() else { return Err(waiter) };
         let handle = self.next_handle.fetch_add(1, Ordering::Relaxed);
-        let sectors = (offset / SECTOR, (offset + u64::from(length)).div_ceil(SECTOR));
+        let sectors = match cmd {
+            CMD_FLUSH | CMD_COLO_BARRIER => (0, 0),
+            _ => (offset / SECTOR, (offset + u64::from(length)).div_ceil(SECTOR)),
+        };
         lock(&link.pending).insert(handle, Pending { sectors, sent: Instant::now(), waiter });
         let req = Request { flags, cmd, handle, offset, length };
         if link.tx.send((req, payload)).is_err() {
@@ -526,9 +542,29 @@ impl Mirror {
         all_ok
     }
 
-    /// Waits until every forwarded request issued so far has been answered, then has the
-    /// secondary flush (the checkpoint barrier).
-    fn barrier(&self) -> Result<(), ReplicationError> {
+    /// The checkpoint barrier: waits until every forwarded request issued so far has been
+    /// answered, then has the secondary flush — with a COLO barrier (which also marks the
+    /// checkpoint pending there) when the secondary is colo-blk, a plain FLUSH otherwise.
+    /// Returns the barrier's sequence number. Writes issued while it runs may land on either
+    /// side of it: callers stop the VM first (COLO does).
+    pub fn barrier(&self) -> Result<u64, ReplicationError> {
+        let t0 = Instant::now();
+        let r = self.barrier_inner();
+        match &r {
+            Ok(seq) => {
+                let us = u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX);
+                self.stats.last_barrier_us.store(us, Ordering::Relaxed);
+                log::info!("checkpoint barrier {seq} confirmed by the secondary in {:.1} ms", us as f64 / 1000.0);
+            }
+            Err(e) => {
+                self.stats.barrier_failures.fetch_add(1, Ordering::Relaxed);
+                log::warn!("checkpoint barrier failed: {e}");
+            }
+        }
+        r
+    }
+
+    fn barrier_inner(&self) -> Result<u64, ReplicationError> {
         let timeout = lock(&self.cfg).timeout;
         let Some(link) = self.current_link() else {
             return Err(ReplicationError(format!(
@@ -549,10 +585,13 @@ impl Mirror {
             g = link.drained.wait_timeout(g, left.min(Duration::from_millis(50))).unwrap_or_else(|e| e.into_inner()).0;
         }
         drop(g);
-        if link.broken.load(Ordering::Acquire) || !self.send_and_wait(CMD_FLUSH, 0, 0, Vec::new()) {
+        let seq = self.stats.barriers.fetch_add(1, Ordering::AcqRel) + 1;
+        let cmd = if link.colo { CMD_COLO_BARRIER } else { CMD_FLUSH };
+        let offset = if link.colo { seq } else { 0 };
+        if link.broken.load(Ordering::Acquire) || !self.send_and_wait(cmd, offset, 0, Vec::new()) {
             return Err(ReplicationError("the secondary did not confirm the checkpoint barrier".into()));
         }
-        Ok(())
+        Ok(seq)
     }
 
     fn disconnect(&self) {
@@ -570,6 +609,8 @@ impl Mirror {
 
 mod control;
 mod device;
+mod hook;
 
 pub use control::MirrorControl;
 pub use device::MirrorDevice;
+pub use hook::{ColoHook, HOOK_EXPORT};

@@ -28,38 +28,23 @@ impl ReplicationControl for SecondaryControl {
         Ok(())
     }
 
-    fn checkpoint(&self) -> Result<(), ReplicationError> {
+    fn checkpoint(&self, barrier: Option<u64>) -> Result<(), ReplicationError> {
         let s = &self.0;
+        if let Some(seq) = barrier {
+            // An orchestrator relaying the secondary VM's RESUME: commit exactly that barrier
+            // if it is still pending; anything else is already settled.
+            s.commit_pending(CommitTrigger::Command, Some(seq));
+            return Ok(());
+        }
         let _op = lock(&s.ops);
         match s.stage() {
             Stage::Done | Stage::Failover => return Ok(()),
             Stage::None | Stage::FailoverFailed => return Err(ReplicationError::backup_cancelled()),
             Stage::Running => {}
         }
-        let t0 = Instant::now();
-        let closed = s.quiesce()?;
-        let dirty = (s.active_map.count_all(), s.saved_map.count_all());
-        let r = s.empty_buffers();
-        drop(closed);
-        let us = u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX);
-        s.last_checkpoint_us.store(us, Ordering::Relaxed);
-        s.checkpoints.fetch_add(1, Ordering::Relaxed);
-        match r {
-            Ok(()) => {
-                log::info!(
-                    "checkpoint took {:.1} ms ({} active + {} hidden sectors dropped)",
-                    us as f64 / 1000.0,
-                    dirty.0,
-                    dirty.1
-                );
-                Ok(())
-            }
-            Err(e) => {
-                let msg = format!("Failed to empty buffers: {e}");
-                s.set_error(msg.clone());
-                Err(ReplicationError(msg))
-            }
-        }
+        // An explicit checkpoint supersedes a pending barrier: the buffers are emptied anyway.
+        s.discard_pending_silently();
+        s.checkpoint_locked().map(|_| ())
     }
 
     fn get_error(&self) -> Result<(), ReplicationError> {
@@ -83,6 +68,7 @@ impl ReplicationControl for SecondaryControl {
         }
         // No primary write may land once the buffers are being dropped or merged.
         s.close_nbd();
+        s.discard_pending();
         let closed = s.quiesce()?;
         if !failover {
             // QEMU's version of this path fails and keeps the buffers (spec §3.5); the
@@ -126,6 +112,7 @@ impl ReplicationControl for SecondaryControl {
             "cow-bytes": s.cow_bytes.load(Ordering::Relaxed),
             "checkpoints": s.checkpoints.load(Ordering::Relaxed),
             "last-checkpoint-us": s.last_checkpoint_us.load(Ordering::Relaxed),
+            "colo": s.colo_query(),
             "commit": {
                 "active": s.merging.load(Ordering::Acquire),
                 "total-bytes": s.merge_total.load(Ordering::Relaxed),
@@ -141,5 +128,36 @@ impl ReplicationControl for SecondaryControl {
             "active": s.files.active.display().to_string(),
             "hidden": s.files.hidden.display().to_string(),
         })
+    }
+}
+
+impl Secondary {
+    /// Empties both buffers now (a checkpoint); returns how long it took in µs. Callers hold
+    /// `ops` and checked that the stage is running.
+    pub(super) fn checkpoint_locked(&self) -> Result<u64, ReplicationError> {
+        let t0 = Instant::now();
+        let closed = self.quiesce()?;
+        let dirty = (self.active_map.count_all(), self.saved_map.count_all());
+        let r = self.empty_buffers();
+        drop(closed);
+        let us = u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.last_checkpoint_us.store(us, Ordering::Relaxed);
+        self.checkpoints.fetch_add(1, Ordering::Relaxed);
+        match r {
+            Ok(()) => {
+                log::info!(
+                    "checkpoint took {:.1} ms ({} active + {} hidden sectors dropped)",
+                    us as f64 / 1000.0,
+                    dirty.0,
+                    dirty.1
+                );
+                Ok(us)
+            }
+            Err(e) => {
+                let msg = format!("Failed to empty buffers: {e}");
+                self.set_error(msg.clone());
+                Err(ReplicationError(msg))
+            }
+        }
     }
 }

@@ -20,6 +20,13 @@ impl BlockDevice for SecondaryDevice {
     fn flush(&self) -> io::Result<()> {
         self.0.flush_all()
     }
+    fn frontend_starting(&self, dirty_logging: bool) {
+        // QEMU restarts the secondary's device with logging on right after loading a COLO
+        // checkpoint; at failover it restarts it with logging off, and then nothing commits.
+        if dirty_logging {
+            self.0.commit_pending(CommitTrigger::DeviceStart, None);
+        }
+    }
     fn describe(&self) -> String {
         format!(
             "{} (secondary; active {}, hidden {})",

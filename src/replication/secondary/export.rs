@@ -38,6 +38,14 @@ impl NbdExport for SecondaryExport {
         })
     }
 
+    fn colo_barriers(&self) -> bool {
+        true
+    }
+
+    fn barrier(&self, seq: u64) -> io::Result<()> {
+        self.0.colo_barrier(seq)
+    }
+
     fn admit(&self) -> Result<(), String> {
         match self.0.stage() {
             Stage::None | Stage::Running => Ok(()),

@@ -82,6 +82,9 @@ pub struct Secondary {
     merge_done: AtomicU64,
     merging: AtomicBool,
     pool: Pool,
+    colo: Mutex<colo::ColoState>,
+    /// Fast check for the write path: a barrier waits for its commit.
+    barrier_pending: AtomicBool,
 }
 
 impl std::fmt::Debug for Secondary {
@@ -172,6 +175,8 @@ impl Secondary {
             merge_total: AtomicU64::new(0),
             merge_done: AtomicU64::new(0),
             merging: AtomicBool::new(false),
+            colo: Mutex::new(colo::ColoState::default()),
+            barrier_pending: AtomicBool::new(false),
             pool: Pool::new(POOL_THREADS).map_err(|e| BlockError::Engine(IoEngineError::Setup(e)))?,
         }))
     }
@@ -257,6 +262,8 @@ impl Secondary {
 
     /// A write-type NBD request: copy-before-write while running, then apply `f` to the disk.
     fn nbd_modify(&self, offset: u64, len: u64, f: impl FnOnce(&File) -> io::Result<()>) -> io::Result<()> {
+        // A primary write after a barrier proves the secondary loaded that checkpoint.
+        self.commit_pending(CommitTrigger::PrimaryWrite, None);
         let _t = self.gate.enter();
         let stage = self.nbd_stage_check()?;
         let (s0, s1) = Self::sectors(offset, len);
@@ -505,12 +512,14 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+mod colo;
 mod control;
 mod device;
 mod export;
 #[cfg(test)]
 mod tests;
 
+pub use colo::CommitTrigger;
 pub use control::SecondaryControl;
 pub use device::SecondaryDevice;
 pub use export::SecondaryExport;

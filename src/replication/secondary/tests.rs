@@ -58,7 +58,7 @@ fn checkpoint_reports_and_empties() {
     SecondaryExport(s.clone()).write(65536, &[0x22u8; 512], false).unwrap();
     assert_eq!(s.active_map.count_all(), 16);
     assert_eq!(s.saved_map.count_all(), 1);
-    SecondaryControl(s.clone()).checkpoint().unwrap();
+    SecondaryControl(s.clone()).checkpoint(None).unwrap();
     assert_eq!(s.active_map.count_all() + s.saved_map.count_all(), 0);
     let q = SecondaryControl(s.clone()).query();
     assert_eq!(q["checkpoints"], 1);

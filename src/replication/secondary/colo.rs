@@ -1,0 +1,145 @@
+//! COLO checkpoint barriers on the secondary.
+//!
+//! A colo-blk primary sends a barrier over the replication link when its VM stops for a
+//! checkpoint (see docs/colo.md). The barrier only marks the checkpoint *pending*: the buffers
+//! must not be emptied before the secondary VM has really loaded the checkpoint, because if
+//! the transfer fails the secondary carries on from its previous state, which matches the
+//! buffers as they are. The checkpoint is committed (buffers emptied) at the first of:
+//! - the secondary VM's next device start with dirty logging on (QEMU restarts the vhost
+//!   device right after loading a checkpoint, and waits for our reply to SET_FEATURES);
+//! - a primary write after the barrier (the primary only resumes once the secondary loaded
+//!   the checkpoint, so such a write proves it);
+//! - the next barrier (no device start and no write in between: nothing to lose);
+//! - `replication-checkpoint {"barrier": N}` (an orchestrator relaying the secondary's
+//!   RESUME event).
+//!
+//! A failover while a checkpoint is pending discards the barrier: the buffers are merged.
+
+use super::*;
+
+/// Barrier bookkeeping, shown by `query-replication`.
+#[derive(Debug, Default)]
+pub(super) struct ColoState {
+    /// The barrier received and not committed yet.
+    pending: Option<u64>,
+    /// Barriers received.
+    barriers: u64,
+    /// Barriers committed.
+    commits: u64,
+    /// The last commit: barrier, what triggered it, how long emptying took (µs).
+    last: Option<(u64, &'static str, u64)>,
+}
+
+/// What made a pending checkpoint commit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommitTrigger {
+    /// The secondary VM's device restarted with dirty logging on.
+    DeviceStart,
+    /// A primary write arrived after the barrier.
+    PrimaryWrite,
+    /// Another barrier arrived.
+    NextBarrier,
+    /// `replication-checkpoint {"barrier": N}`.
+    Command,
+}
+
+impl CommitTrigger {
+    fn name(self) -> &'static str {
+        match self {
+            CommitTrigger::DeviceStart => "device-start",
+            CommitTrigger::PrimaryWrite => "primary-write",
+            CommitTrigger::NextBarrier => "next-barrier",
+            CommitTrigger::Command => "command",
+        }
+    }
+}
+
+impl Secondary {
+    /// A barrier from the primary: earlier writes are on the disk; make them durable and mark
+    /// checkpoint `seq` pending.
+    pub(super) fn colo_barrier(&self, seq: u64) -> io::Result<()> {
+        if self.stage() != Stage::Running {
+            return Err(io::Error::from_raw_os_error(libc::ESHUTDOWN));
+        }
+        self.commit_pending(CommitTrigger::NextBarrier, None);
+        {
+            let _t = self.gate.enter();
+            self.hidden.sync_data()?;
+            self.file.sync_data()?;
+        }
+        let mut c = lock(&self.colo);
+        c.pending = Some(seq);
+        c.barriers += 1;
+        self.barrier_pending.store(true, Ordering::Release);
+        drop(c);
+        log::info!("checkpoint barrier {seq} from the primary: pending until the secondary VM resumes");
+        self.emit("COLO_BARRIER", json!({"barrier": seq}));
+        Ok(())
+    }
+
+    /// Commits the pending checkpoint (empties the buffers) if there is one and, when `only`
+    /// is given, if it is that barrier. Returns the committed barrier.
+    pub fn commit_pending(&self, trigger: CommitTrigger, only: Option<u64>) -> Option<u64> {
+        if !self.barrier_pending.load(Ordering::Acquire) {
+            return None;
+        }
+        let _op = lock(&self.ops);
+        let seq = {
+            let mut c = lock(&self.colo);
+            match (c.pending, only) {
+                (Some(p), Some(o)) if p != o => return None,
+                (None, _) => return None,
+                (Some(p), _) => {
+                    c.pending = None;
+                    self.barrier_pending.store(false, Ordering::Release);
+                    p
+                }
+            }
+        };
+        if self.stage() != Stage::Running {
+            return None;
+        }
+        match self.checkpoint_locked() {
+            Ok(us) => {
+                let mut c = lock(&self.colo);
+                c.commits += 1;
+                c.last = Some((seq, trigger.name(), us));
+                drop(c);
+                log::info!("checkpoint {seq} committed ({}, {:.1} ms)", trigger.name(), us as f64 / 1000.0);
+                self.emit("COLO_CHECKPOINT", json!({"barrier": seq, "trigger": trigger.name(), "duration-us": us}));
+                Some(seq)
+            }
+            Err(e) => {
+                log::error!("checkpoint {seq} could not be committed: {e}");
+                None
+            }
+        }
+    }
+
+    /// Forgets a pending barrier without committing it (failover, stop). Callers hold `ops`.
+    pub(super) fn discard_pending(&self) {
+        let mut c = lock(&self.colo);
+        if let Some(seq) = c.pending.take() {
+            log::warn!("checkpoint barrier {seq} was never committed: the buffers are kept");
+            self.emit("COLO_BARRIER_DISCARDED", json!({"barrier": seq}));
+        }
+        self.barrier_pending.store(false, Ordering::Release);
+    }
+
+    /// Forgets a pending barrier because the buffers are emptied anyway. Callers hold `ops`.
+    pub(super) fn discard_pending_silently(&self) {
+        lock(&self.colo).pending = None;
+        self.barrier_pending.store(false, Ordering::Release);
+    }
+
+    /// The barrier part of `query-replication`.
+    pub(super) fn colo_query(&self) -> Value {
+        let c = lock(&self.colo);
+        json!({
+            "barriers": c.barriers,
+            "pending-barrier": c.pending,
+            "commits": c.commits,
+            "last-commit": c.last.map(|(b, t, us)| json!({"barrier": b, "trigger": t, "duration-us": us})),
+        })
+    }
+}

@@ -1,0 +1,118 @@
+//! Helpers for tests that run a replication pair: QMP shorthands, qemu-nbd, disks.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Map, Value, json};
+
+use super::*;
+
+pub const MIB: u64 = 1 << 20;
+
+pub fn qmp(s: &Server, cmd: &str, args: Value) -> Result<Value, String> {
+    let args: Map<String, Value> = args.as_object().cloned().unwrap_or_default();
+    s.qmp().execute(cmd, args).expect("qmp io")
+}
+
+/// qemu-nbd serving `disk` on a UNIX socket (export "exp"); killed on drop.
+pub struct QemuNbd {
+    pub child: Child,
+    pub socket: PathBuf,
+}
+
+impl QemuNbd {
+    pub fn start(disk: &Path, socket: &Path) -> QemuNbd {
+        let _ = std::fs::remove_file(socket);
+        let child = Command::new("qemu-nbd")
+            .args(["-f", "raw", "-x", "exp", "-t", "-e", "8", "--cache=writeback", "-k"])
+            .arg(socket)
+            .arg(disk)
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("qemu-nbd");
+        // qemu-nbd has no readiness signal but its socket; wait for it to accept.
+        let deadline = Instant::now() + WAIT;
+        while std::os::unix::net::UnixStream::connect(socket).is_err() {
+            assert!(Instant::now() < deadline, "qemu-nbd did not come up");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        QemuNbd { child, socket: socket.to_path_buf() }
+    }
+
+    pub fn uri(&self) -> String {
+        format!("nbd+unix:///exp?socket={}", self.socket.display())
+    }
+}
+
+impl Drop for QemuNbd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn start_primary(dir: tempfile::TempDir, disk: &Path, size: u64, extra: &[&str]) -> Server {
+    let d = disk.display().to_string();
+    let size = size.to_string();
+    let mut args = vec!["--replication", "primary", "--disk", &d, "--size", &size, "--num-queues", "2"];
+    args.extend_from_slice(extra);
+    Server::start(dir, &args)
+}
+
+pub fn make_disk(path: &Path, size: u64, fill: Option<u8>) {
+    let f = std::fs::File::create(path).unwrap();
+    f.set_len(size).unwrap();
+    if let Some(b) = fill {
+        std::os::unix::fs::FileExt::write_all_at(&f, &vec![b; size as usize], 0).unwrap();
+    }
+}
+
+pub fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        // Polling query-replication: the state has no event for "nothing in flight".
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub fn synced(s: &Server) -> bool {
+    let q = qmp(s, "query-replication", json!({})).unwrap();
+    q["dirty-bytes"] == 0 && q["link"]["connected"] == true && q["link"]["inflight"] == 0
+}
+
+pub fn same(a: &Path, b: &Path) {
+    let (x, y) = (std::fs::read(a).unwrap(), std::fs::read(b).unwrap());
+    assert_eq!(x.len(), y.len());
+    if let Some(i) = x.iter().zip(&y).position(|(p, q)| p != q) {
+        panic!("disks differ first at byte {i}");
+    }
+}
+
+/// A colo-blk secondary in `dir` (stage none), its disk and its NBD socket.
+pub fn colo_secondary(dir: &Path, size: &str, export: Option<&str>) -> (Server, PathBuf, PathBuf) {
+    let (sdisk, nbd) = (dir.join("sec.img"), dir.join("nbd.sock"));
+    let (a, h) = (dir.join("a.img"), dir.join("h.img"));
+    let listen = format!("unix:{}", nbd.display());
+    let (sd, ad, hd) = (sdisk.display().to_string(), a.display().to_string(), h.display().to_string());
+    let mut args = vec![
+        "--replication",
+        "secondary",
+        "--disk",
+        &sd,
+        "--size",
+        size,
+        "--active",
+        &ad,
+        "--hidden",
+        &hd,
+        "--nbd-listen",
+        &listen,
+    ];
+    if let Some(e) = export {
+        args.extend_from_slice(&["--nbd-export", e]);
+    }
+    (Server::start(tempfile::tempdir().unwrap(), &args), sdisk, nbd)
+}
