@@ -4,9 +4,6 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::Command;
-
 use common::pair::*;
 use common::*;
 use serde_json::{Value, json};
@@ -35,13 +32,6 @@ fn colo_pair() -> ColoPair {
         start_primary(tempfile::tempdir().unwrap(), &pdisk, SIZE, &["--secondary", &uri, "--colo-hook", &hook_arg]);
     qmp(&pri, "replication-start", json!({"mode": "primary"})).unwrap();
     ColoPair { sec, pri, sdisk, pdisk, hook, _dir: dir }
-}
-
-/// What QEMU does at every VM stop: flush the hook node.
-fn hook_flush(hook: &Path) {
-    let uri = format!("nbd+unix:///hook?socket={}", hook.display());
-    let out = Command::new("qemu-io").args(["-f", "raw", &uri, "-c", "flush"]).output().expect("qemu-io");
-    assert!(out.status.success(), "qemu-io flush: {}", String::from_utf8_lossy(&out.stderr));
 }
 
 fn colo_state(sec: &Server) -> Value {
@@ -195,4 +185,113 @@ fn plain_nbd_secondary_gets_a_flush_and_hook_without_replication_is_harmless() {
     assert_eq!(q["barriers"]["sent"], 1, "{q}");
     assert_eq!(q["error"], Value::Null, "{q}");
     same(&pdisk, &sdisk);
+}
+
+// ---- QEMU's checkpoint message sequence, replayed by a vhost-user frontend -------------------
+
+use common::frontend::{BlkFrontend, T_IN, T_OUT};
+use std::time::Duration;
+
+const T: Duration = Duration::from_secs(30);
+
+#[test]
+fn checkpoint_restart_sequence_keeps_the_ring_and_logs_every_page_a_read_wrote() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("d.img").display().to_string();
+    let s = Server::start(tempfile::tempdir().unwrap(), &["--disk", &disk, "--size", "16M"]);
+    let mut fe = BlkFrontend::connect(&s.socket);
+    for i in 0..3u64 {
+        let d = fe.io(T_OUT, i * 16, &pattern(i * 8192, 8192, 1));
+        assert_eq!(d.status, 0);
+    }
+    // Stop (SET_VRING_ENABLE 0, GET_VRING_BASE): the backend reports the next avail index.
+    assert_eq!(fe.stop(), 3);
+    // Nothing logged before dirty logging was asked for.
+    assert!(!fe.logged(BlkFrontend::used_gpa()));
+    // Restart the way QEMU does after a COLO checkpoint, with logging.
+    fe.restart(3, true);
+    let slot = fe.queue(T_IN, 16, &[0u8; 8192]);
+    fe.kick();
+    fe.wait_all(T);
+    let r = fe.result(slot, 8192);
+    assert_eq!(r.status, 0);
+    assert!(r.data == pattern(8192, 8192, 1), "read after restart returned wrong data");
+    // Every page the read wrote: both data pages, the status byte's page, the used ring.
+    let gpa = BlkFrontend::data_gpa(slot);
+    for (what, page) in [("data 0", gpa), ("data 1", gpa + 4096), ("status", gpa - 0x1000 + 0xF000)] {
+        assert!(fe.logged(page), "{what} page {page:#x} not in the dirty log");
+    }
+    assert!(fe.logged(BlkFrontend::used_gpa()), "used ring not in the dirty log");
+    // A page nobody wrote stays clean (the log is not simply all ones).
+    assert!(!fe.logged(0x300000));
+    // Another stop/start cycle continues from the same index; a restart without logging
+    // (QEMU after a failover) works too.
+    assert_eq!(fe.stop(), 4);
+    fe.restart(4, false);
+    assert_eq!(fe.io(T_OUT, 100, &pattern(100 * 512, 4096, 2)).status, 0);
+    assert!(fe.io(T_IN, 100, &[0u8; 4096]).data == pattern(100 * 512, 4096, 2));
+    assert_eq!(fe.stop(), 6);
+}
+
+#[test]
+fn colo_checkpoint_replay_commits_at_device_start_and_failover_keeps_the_last_checkpoint() {
+    let p = colo_pair();
+    let mut fp = BlkFrontend::connect(&p.pri.socket);
+    let mut fs = BlkFrontend::connect(&p.sec.socket);
+    // Epoch 1. The primary VM writes (mirrored); the secondary VM diverges with its own write.
+    let w1 = pattern(0, 8192, 11);
+    for i in 0..4u64 {
+        fp.queue(T_OUT, i * 16, &pattern(i * 8192, 8192, 11));
+    }
+    fp.kick();
+    assert_eq!(fs.io(T_OUT, 1000, &pattern(1000 * 512, 4096, 12)).status, 0);
+    // Checkpoint, primary side: the stop drains everything popped, mirrored copies included.
+    let base = fp.stop();
+    assert_eq!(fp.mem.read_u16(0x3002), base, "GET_VRING_BASE answered with requests in flight");
+    for i in 0..u64::from(base) {
+        assert!(file_range(&p.sdisk, i * 8192, 8192) == pattern(i * 8192, 8192, 11), "write {i} not mirrored");
+    }
+    hook_flush(&p.hook);
+    assert_eq!(colo_state(&p.sec)["pending-barrier"], 1);
+    // Secondary side: stop, load the primary's RAM, restart on the primary's index.
+    fs.stop();
+    fs.mem.copy_from(&fp.mem);
+    fs.adopt_ring_state(&fp);
+    let mut ev = p.sec.qmp();
+    fs.restart(base, true);
+    // SET_FEATURES with LOG_ALL committed the checkpoint before the device ran again.
+    let c = colo_state(&p.sec);
+    assert_eq!(c["commits"], 1, "{c}");
+    assert_eq!(c["last-commit"]["trigger"], "device-start", "{c}");
+    ev.wait_event("COLO_CHECKPOINT", WAIT).unwrap();
+    fp.restart(base, true);
+    // Requests the primary had not popped before the stop are in both rings: both sides run
+    // them (the secondary's copies go to its active buffer).
+    fp.wait_all(T);
+    fs.wait_all(T);
+    // The secondary VM sees the primary's disk, not its dropped write.
+    assert!(fs.io(T_IN, 0, &[0u8; 8192]).data == w1);
+    assert!(fs.io(T_IN, 1000, &[0u8; 4096]).data == vec![0u8; 4096], "dropped write still visible");
+    fp.io(T_IN, 0, &[0u8; 512]);
+
+    // Epoch 2: both VMs run; the primary stops for checkpoint 2 and dies before the
+    // secondary loads it. The orchestrator fails the secondary over first.
+    assert_eq!(fp.io(T_OUT, 64, &pattern(64 * 512, 4096, 21)).status, 0);
+    assert_eq!(fs.io(T_OUT, 2000, &pattern(2000 * 512, 4096, 22)).status, 0);
+    let _ = fp.stop();
+    hook_flush(&p.hook);
+    assert_eq!(colo_state(&p.sec)["pending-barrier"], 2);
+    drop(fp);
+    drop(p.pri);
+    qmp(&p.sec, "replication-stop", json!({"failover": true})).unwrap();
+    // QEMU's failover restart: no LOG_ALL, the secondary's own ring index.
+    let own = fs.stop();
+    fs.restart(own, false);
+    ev.wait_event("REPLICATION_FAILOVER_DONE", WAIT).unwrap();
+    assert_eq!(colo_state(&p.sec)["commits"], 1, "the failover restart committed barrier 2");
+    // Survivor = checkpoint 1 + the secondary VM's own epoch-2 write.
+    assert!(file_range(&p.sdisk, 0, 8192) == w1);
+    assert!(file_range(&p.sdisk, 64 * 512, 4096) == vec![0u8; 4096], "lost checkpoint's write kept");
+    assert!(file_range(&p.sdisk, 2000 * 512, 4096) == pattern(2000 * 512, 4096, 22), "VM write lost");
+    assert!(fs.io(T_IN, 2000, &[0u8; 4096]).data == pattern(2000 * 512, 4096, 22));
 }

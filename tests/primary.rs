@@ -173,25 +173,34 @@ fn bad_server(socket: &Path, size: u64) -> std::thread::JoinHandle<()> {
         s.write_all(&hello).unwrap();
         let mut b4 = [0u8; 4];
         s.read_exact(&mut b4).unwrap();
-        let mut hdr = [0u8; 16];
-        s.read_exact(&mut hdr).unwrap();
-        let len = u32::from_be_bytes(hdr[12..16].try_into().unwrap()) as usize;
-        let mut data = vec![0u8; len];
-        s.read_exact(&mut data).unwrap();
-        let reply = |t: u32, d: &[u8]| {
+        let reply = |opt: u32, t: u32, d: &[u8]| {
             let mut r = Vec::new();
             r.extend_from_slice(&0x3e889045565a9u64.to_be_bytes());
-            r.extend_from_slice(&7u32.to_be_bytes());
+            r.extend_from_slice(&opt.to_be_bytes());
             r.extend_from_slice(&t.to_be_bytes());
             r.extend_from_slice(&(d.len() as u32).to_be_bytes());
             r.extend_from_slice(d);
             r
         };
-        let mut info = vec![0u8, 0];
-        info.extend_from_slice(&size.to_be_bytes());
-        info.extend_from_slice(&1u16.to_be_bytes());
-        s.write_all(&reply(3, &info)).unwrap();
-        s.write_all(&reply(1, &[])).unwrap();
+        // Options until GO; anything else (the colo-blk extension) is unsupported here.
+        loop {
+            let mut hdr = [0u8; 16];
+            s.read_exact(&mut hdr).unwrap();
+            let opt = u32::from_be_bytes(hdr[8..12].try_into().unwrap());
+            let len = u32::from_be_bytes(hdr[12..16].try_into().unwrap()) as usize;
+            let mut data = vec![0u8; len];
+            s.read_exact(&mut data).unwrap();
+            if opt != 7 {
+                s.write_all(&reply(opt, 0x8000_0001, &[])).unwrap();
+                continue;
+            }
+            let mut info = vec![0u8, 0];
+            info.extend_from_slice(&size.to_be_bytes());
+            info.extend_from_slice(&1u16.to_be_bytes());
+            s.write_all(&reply(7, 3, &info)).unwrap();
+            s.write_all(&reply(7, 1, &[])).unwrap();
+            break;
+        }
         loop {
             let mut req = [0u8; 28];
             if s.read_exact(&mut req).is_err() {

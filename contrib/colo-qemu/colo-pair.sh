@@ -6,6 +6,8 @@
 #
 # Usage:
 #   colo-pair.sh --qsd                       # test mode: start two qemu-storage-daemon exports
+#   colo-pair.sh --colo-blk BIN              # a colo-blk primary + secondary pair (replicated),
+#                                            # with the VM-stop hook; fails on any disk mismatch
 #   colo-pair.sh --psock P.sock --ssock S.sock   # external vhost-user-blk backends (e.g. colo-blk)
 #   colo-pair.sh --make-image OUT            # write the initial disk image and exit
 #
@@ -23,6 +25,9 @@
 #                       WORKDIR/hook.sock and use it as --hook; trace its requests
 #   --trace PATTERNS    comma-separated -trace patterns for both QEMUs (logs in WORKDIR/{p,s}.trace)
 #   --keep              leave processes running at the end (default: clean up)
+#   --no-hook           (control experiment) with --colo-blk, do not give QEMU the hook node:
+#                       no barriers, so the secondary never commits a checkpoint and the
+#                       disk check must fail
 # Env:
 #   QEMU72              QEMU 7.2 wrapper (default: output of fetch-qemu72.sh)
 #   SIZE                image size for --qsd / --make-image (default 16M)
@@ -35,12 +40,13 @@ set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
 QSD=0 PSOCK= SSOCK= WORKDIR= IMAGE= K=5 DELAY_MS=1000 AFTER=5 MEM=128 PORT=9998
-HOOK=${COLO_HOOK_SOCK:-} HOOK_NBD=0 TRACE= KEEP=0 MAKE_IMAGE=
+HOOK=${COLO_HOOK_SOCK:-} HOOK_NBD=0 TRACE= KEEP=0 MAKE_IMAGE= COLOBLK= NO_HOOK=0
 SIZE=${SIZE:-16M}
 
 while [[ $# -gt 0 ]]; do
     case $1 in
     --qsd) QSD=1 ;;
+    --colo-blk) COLOBLK=$2; shift ;;
     --psock) PSOCK=$2; shift ;;
     --ssock) SSOCK=$2; shift ;;
     --workdir) WORKDIR=$2; shift ;;
@@ -54,6 +60,7 @@ while [[ $# -gt 0 ]]; do
     --hook-qemu-nbd) HOOK_NBD=1 ;;
     --trace) TRACE=$2; shift ;;
     --keep) KEEP=1 ;;
+    --no-hook) NO_HOOK=1 ;;
     --make-image) MAKE_IMAGE=$2; shift ;;
     -h|--help) sed -n '2,/^set -e/p' "$0" | sed 's/^# \{0,1\}//; /^set -e/d'; exit 0 ;;
     *) echo "colo-pair.sh: unknown option $1" >&2; exit 2 ;;
@@ -78,8 +85,8 @@ if [[ -n $MAKE_IMAGE ]]; then
     exit 0
 fi
 
-if [[ $QSD == 0 && ( -z $PSOCK || -z $SSOCK ) ]]; then
-    echo "colo-pair.sh: need --qsd or both --psock and --ssock" >&2
+if [[ $QSD == 0 && -z $COLOBLK && ( -z $PSOCK || -z $SSOCK ) ]]; then
+    echo "colo-pair.sh: need --qsd, --colo-blk BIN, or both --psock and --ssock" >&2
     exit 2
 fi
 
@@ -136,6 +143,37 @@ if [[ $QSD == 1 ]]; then
     wait_socket "$SSOCK" 10
 fi
 
+ctl() { # SIDE COMMAND [ARGS...]
+    local side=$1
+    shift
+    "$COLOBLK" ctl --qmp "$WORKDIR/$side.blk.qmp" "$@"
+}
+
+if [[ -n $COLOBLK ]]; then
+    if [[ -z $IMAGE ]]; then
+        IMAGE=$WORKDIR/base.img
+        make_image "$IMAGE"
+    fi
+    cp --sparse=always "$IMAGE" p.img
+    cp --sparse=always "$IMAGE" s.img
+    PSOCK=$WORKDIR/p.vhost.sock SSOCK=$WORKDIR/s.vhost.sock HOOK=$WORKDIR/hook.sock
+    rm -f s.active.img s.hidden.img
+    RUST_LOG=${RUST_LOG:-info} "$COLOBLK" serve --socket "$SSOCK" --qmp "$WORKDIR/s.blk.qmp" --disk s.img \
+        --num-queues 1 --replication secondary --active s.active.img --hidden s.hidden.img \
+        --nbd-listen "unix:$WORKDIR/s.nbd.sock" --nbd-export colo >s.blk.log 2>&1 &
+    PIDS+=($!)
+    wait_socket "$WORKDIR/s.blk.qmp" 10
+    ctl s replication-start mode=secondary >/dev/null
+    RUST_LOG=${RUST_LOG:-info} "$COLOBLK" serve --socket "$PSOCK" --qmp "$WORKDIR/p.blk.qmp" --disk p.img \
+        --num-queues 1 --replication primary --secondary "nbd+unix:///colo?socket=$WORKDIR/s.nbd.sock" \
+        --colo-hook "unix:$HOOK" >p.blk.log 2>&1 &
+    PIDS+=($!)
+    wait_socket "$WORKDIR/p.blk.qmp" 10
+    wait_socket "$HOOK" 10
+    ctl p replication-start mode=primary >/dev/null
+    log "colo-blk pair replicating (logs: p.blk.log, s.blk.log)"
+fi
+
 if [[ $HOOK_NBD == 1 ]]; then
     HOOK=$WORKDIR/hook.sock
     rm -f "$HOOK"
@@ -176,7 +214,7 @@ start_qemu() { # SIDE VHOST_SOCK [extra args...]
 
 start_qemu s "$SSOCK" -incoming "tcp:127.0.0.1:$PORT"
 PEXTRA=()
-if [[ -n $HOOK ]]; then
+if [[ -n $HOOK && $NO_HOOK == 0 ]]; then
     PEXTRA+=(-blockdev "driver=nbd,node-name=colohook,server.type=unix,server.path=$HOOK,export=hook")
 fi
 start_qemu p "$PSOCK" "${PEXTRA[@]}"
@@ -198,6 +236,10 @@ ON_FREEZE=
 if [[ $QSD == 1 ]]; then
     ON_FREEZE="cp --sparse=always s.img s.failover.img"
 fi
+if [[ -n $COLOBLK ]]; then
+    # The orchestrator's duty at failover: tell the secondary colo-blk before QEMU resumes.
+    ON_FREEZE="'$COLOBLK' ctl --qmp '$WORKDIR/s.blk.qmp' replication-stop failover=true"
+fi
 set +e
 python3 "$here/colo_drive.py" --pqmp p.qmp --sqmp s.qmp --ppid "$(cat p.pid)" --port "$PORT" \
     --checkpoints "$K" --delay "$DELAY_MS" --after "$AFTER" --out result.json \
@@ -207,6 +249,26 @@ set -e
 log "colo_drive.py exit $rc"
 
 # ---- disks --------------------------------------------------------------------
+if [[ -n $COLOBLK && -f result.json ]]; then
+    for ((i = 0; i < 600; i++)); do
+        ctl s query-replication 2>/dev/null | grep -q '"stage": "done"' && break
+        sleep 0.05
+    done
+    ctl s query-replication >s.replication.json || true
+    ctl p query-replication >p.replication.json 2>/dev/null || true
+    python3 -c 'import json; r = json.load(open("result.json")); print(json.dumps(r["secondary_final"]))' \
+        >final_state.json
+    log "secondary colo-blk after failover: $(python3 -c 'import json; q = json.load(open("s.replication.json")); print(q["stage"], json.dumps(q["colo"]))')"
+    log "survivor disk vs the secondary VM's final RAM state:"
+    if python3 "$here/checkdisk.py" s.img --state final_state.json >check.txt 2>&1; then
+        sed 's/^/  /' check.txt >&2
+        log "PASS: the survivor's disk matches the VM state it resumed with"
+    else
+        sed 's/^/  /' check.txt >&2
+        log "FAIL: the survivor's disk does not match its VM state"
+        rc=1
+    fi
+fi
 if [[ $QSD == 1 && -f result.json ]]; then
     python3 - <<'EOF' >final_state.json
 import json

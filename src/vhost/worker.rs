@@ -44,8 +44,8 @@ impl Drain {
         self.inflight.fetch_add(1, Ordering::AcqRel);
     }
 
-    fn end(&self) {
-        if self.inflight.fetch_sub(1, Ordering::AcqRel) == 1 && self.waiters.load(Ordering::SeqCst) > 0 {
+    fn end(&self, n: usize) {
+        if n > 0 && self.inflight.fetch_sub(n, Ordering::AcqRel) == n && self.waiters.load(Ordering::SeqCst) > 0 {
             let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
             self.cv.notify_all();
         }
@@ -140,6 +140,8 @@ pub struct QueueWorker {
     slots: Vec<Slot>,
     completions: Vec<Completion>,
     pending_used: Vec<(u16, u32)>,
+    /// Requests finished whose used entries are in `pending_used`, not yet published.
+    finished: usize,
     bad_input: LogBudget,
     io_errors: LogBudget,
 }
@@ -165,6 +167,7 @@ impl QueueWorker {
             slots,
             completions: Vec::with_capacity(256),
             pending_used: Vec::with_capacity(256),
+            finished: 0,
             bad_input: LogBudget::default(),
             io_errors: LogBudget::default(),
         }
@@ -454,7 +457,9 @@ impl QueueWorker {
         let used_len = if ok { slot.used_len } else { 1 };
         slot.busy = false;
         self.pending_used.push((head, used_len));
-        self.drain.end();
+        // The drain counter drops only once the used entry is published (`flush_used`):
+        // GET_VRING_BASE must not be answered while a completion is not in the ring yet.
+        self.finished += 1;
     }
 
     fn used(&mut self, head: u16, len: u32) {
@@ -473,6 +478,7 @@ impl QueueWorker {
             }
         }
         self.pending_used.clear();
+        self.drain.end(std::mem::take(&mut self.finished));
         let notify = if self.shared.event_idx() { state.needs_notification().unwrap_or(true) } else { true };
         if notify && let Err(e) = state.signal_used_queue() {
             log::error!("queue {}: cannot signal the driver: {e}", self.index);

@@ -1,6 +1,7 @@
 //! Test support: run `colo-blk serve` as a process and drive it through libblkio.
 #![allow(dead_code)]
 
+pub mod frontend;
 pub mod pair;
 
 use std::io::{BufRead, BufReader};

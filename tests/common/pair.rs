@@ -116,3 +116,10 @@ pub fn colo_secondary(dir: &Path, size: &str, export: Option<&str>) -> (Server, 
     }
     (Server::start(tempfile::tempdir().unwrap(), &args), sdisk, nbd)
 }
+
+/// What QEMU does at every VM stop: flush the hook node.
+pub fn hook_flush(hook: &Path) {
+    let uri = format!("nbd+unix:///hook?socket={}", hook.display());
+    let out = std::process::Command::new("qemu-io").args(["-f", "raw", &uri, "-c", "flush"]).output().expect("qemu-io");
+    assert!(out.status.success(), "qemu-io flush: {}", String::from_utf8_lossy(&out.stderr));
+}

@@ -1,0 +1,351 @@
+//! A minimal virtio-blk driver + vhost-user frontend built on the `vhost` crate's frontend
+//! side, for replaying exactly the message sequences QEMU sends (COLO checkpoints restart
+//! the device with dirty logging) and for checking the dirty log the backend writes.
+//!
+//! Guest memory is a memfd shared with the backend (guest physical address 0 = offset 0); the
+//! test writes descriptors and rings into it by hand, so every byte the backend reads or
+//! writes can be inspected.
+#![allow(dead_code)]
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::path::Path;
+use std::sync::atomic::{Ordering, fence};
+use std::time::Duration;
+
+use vhost::vhost_user::message::{VhostUserHeaderFlag, VhostUserProtocolFeatures};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserDirtyLogRegion, VhostUserMemoryRegionInfo, VringConfigData};
+use vmm_sys_util::eventfd::EventFd;
+
+/// Guest RAM size.
+pub const MEM: u64 = 4 << 20;
+/// Virtqueue size.
+pub const QSIZE: u16 = 16;
+const DESC: u64 = 0x1000;
+const AVAIL: u64 = 0x2000;
+const USED: u64 = 0x3000;
+/// Request slots: header at +0, data at +0x1000 (up to 56 KiB), status at +0xF000.
+const SLOT_BASE: u64 = 0x10000;
+const SLOT_SIZE: u64 = 0x10000;
+const SLOTS: u16 = 5;
+/// Dirty log granularity (vhost-user: one bit per 4 KiB page).
+pub const PAGE: u64 = 4096;
+
+const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+const PROTOCOL_FEATURES: u64 = 1 << 30;
+/// VHOST_F_LOG_ALL.
+pub const LOG_ALL: u64 = 1 << 26;
+const DESC_NEXT: u16 = 1;
+const DESC_WRITE: u16 = 2;
+
+/// virtio-blk request types.
+pub const T_IN: u32 = 0;
+/// Write.
+pub const T_OUT: u32 = 1;
+
+/// A shared memory file mapped into the test.
+pub struct SharedMem {
+    pub file: File,
+    ptr: *mut u8,
+    size: u64,
+}
+
+impl SharedMem {
+    pub fn new(size: u64) -> SharedMem {
+        // SAFETY: plain syscalls with valid arguments; the fd is owned by `file`.
+        unsafe {
+            let fd = libc::memfd_create(c"colo-blk-test".as_ptr(), libc::MFD_CLOEXEC);
+            assert!(fd >= 0, "memfd_create");
+            let file = File::from_raw_fd(fd);
+            assert_eq!(libc::ftruncate(fd, size as i64), 0);
+            let ptr = libc::mmap(
+                std::ptr::null_mut(),
+                size as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            );
+            assert_ne!(ptr, libc::MAP_FAILED);
+            SharedMem { file, ptr: ptr as *mut u8, size }
+        }
+    }
+
+    pub fn addr(&self) -> u64 {
+        self.ptr as u64
+    }
+
+    pub fn write(&self, off: u64, data: &[u8]) {
+        assert!(off + data.len() as u64 <= self.size);
+        // SAFETY: in bounds of the mapping.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.add(off as usize), data.len()) }
+    }
+
+    pub fn read(&self, off: u64, len: usize) -> Vec<u8> {
+        assert!(off + len as u64 <= self.size);
+        let mut v = vec![0u8; len];
+        // SAFETY: in bounds of the mapping.
+        unsafe { std::ptr::copy_nonoverlapping(self.ptr.add(off as usize), v.as_mut_ptr(), len) }
+        v
+    }
+
+    /// Volatile 16-bit read (ring indexes the backend updates).
+    pub fn read_u16(&self, off: u64) -> u16 {
+        // SAFETY: in bounds, 2-aligned.
+        unsafe { std::ptr::read_volatile(self.ptr.add(off as usize) as *const u16) }
+    }
+
+    pub fn write_u16(&self, off: u64, v: u16) {
+        // SAFETY: in bounds, 2-aligned.
+        unsafe { std::ptr::write_volatile(self.ptr.add(off as usize) as *mut u16, v) }
+    }
+
+    /// Copies all of `other` (what a checkpoint does to the secondary's RAM).
+    pub fn copy_from(&self, other: &SharedMem) {
+        assert_eq!(self.size, other.size);
+        self.write(0, &other.read(0, other.size as usize));
+    }
+
+    /// Clears every byte.
+    pub fn clear(&self) {
+        self.write(0, &vec![0u8; self.size as usize]);
+    }
+}
+
+impl Drop for SharedMem {
+    fn drop(&mut self) {
+        // SAFETY: unmaps what `new` mapped.
+        unsafe { libc::munmap(self.ptr as *mut libc::c_void, self.size as usize) };
+    }
+}
+
+/// One virtio-blk device driven through vhost-user, queue 0 only.
+pub struct BlkFrontend {
+    pub fe: Frontend,
+    pub mem: SharedMem,
+    pub log: SharedMem,
+    kick: EventFd,
+    call: EventFd,
+    features: u64,
+    next_avail: u16,
+    used_seen: u16,
+    seq: u64,
+}
+
+/// A completed request: its status byte and (for reads) the data.
+#[derive(Debug)]
+pub struct Done {
+    pub status: u8,
+    pub data: Vec<u8>,
+}
+
+impl BlkFrontend {
+    /// Connects and initialises the device the way QEMU does for a fresh VM.
+    pub fn connect(socket: &Path) -> BlkFrontend {
+        let mut fe = Frontend::connect(socket, 16).expect("vhost-user connect");
+        fe.set_owner().unwrap();
+        let offered = fe.get_features().unwrap();
+        assert!(offered & LOG_ALL != 0, "backend does not offer VHOST_F_LOG_ALL");
+        let features = offered & (VIRTIO_F_VERSION_1 | PROTOCOL_FEATURES);
+        fe.set_features(features).unwrap();
+        let pf = fe.get_protocol_features().unwrap();
+        assert!(pf.contains(VhostUserProtocolFeatures::LOG_SHMFD), "backend lacks LOG_SHMFD");
+        let want = VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::LOG_SHMFD;
+        fe.set_protocol_features(pf & want).unwrap();
+        // Every later message waits for the backend's answer, as QEMU's do while logging.
+        fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+        let mem = SharedMem::new(MEM);
+        let region = VhostUserMemoryRegionInfo {
+            guest_phys_addr: 0,
+            memory_size: MEM,
+            userspace_addr: mem.addr(),
+            mmap_offset: 0,
+            mmap_handle: mem.file.as_raw_fd(),
+        };
+        fe.set_mem_table(&[region]).unwrap();
+        let log = SharedMem::new(PAGE);
+        let mut f = BlkFrontend {
+            fe,
+            mem,
+            log,
+            kick: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            call: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            features,
+            next_avail: 0,
+            used_seen: 0,
+            seq: 0,
+        };
+        f.start_queue(0, false);
+        f
+    }
+
+    /// `SET_VRING_NUM .. SET_VRING_ENABLE 1` for queue 0 starting at `base`.
+    fn start_queue(&mut self, base: u16, logging: bool) {
+        let fe = &mut self.fe;
+        fe.set_vring_num(0, QSIZE).unwrap();
+        fe.set_vring_base(0, base).unwrap();
+        let cfg = VringConfigData {
+            queue_max_size: QSIZE,
+            queue_size: QSIZE,
+            flags: u32::from(logging),
+            desc_table_addr: self.mem.addr() + DESC,
+            used_ring_addr: self.mem.addr() + USED,
+            avail_ring_addr: self.mem.addr() + AVAIL,
+            log_addr: logging.then_some(USED),
+        };
+        fe.set_vring_addr(0, &cfg).unwrap();
+        fe.set_vring_kick(0, &self.kick).unwrap();
+        fe.set_vring_call(0, &self.call).unwrap();
+        fe.set_vring_enable(0, true).unwrap();
+    }
+
+    /// What QEMU sends when it stops the VM: returns the backend's next avail index.
+    pub fn stop(&mut self) -> u16 {
+        self.fe.set_vring_enable(0, false).unwrap();
+        let base = self.fe.get_vring_base(0).unwrap();
+        u16::try_from(base).expect("vring base fits u16")
+    }
+
+    /// QEMU's restart after a COLO checkpoint load (migration/colo.c, 7.2 and 10.0 traces):
+    /// SET_FEATURES (with LOG_ALL when logging), SET_VRING_CALL, SET_FEATURES, SET_VRING_NUM,
+    /// SET_VRING_BASE with `base` (the primary's index), SET_VRING_ADDR (log flag),
+    /// SET_VRING_KICK, SET_LOG_BASE, SET_VRING_ENABLE 1.
+    pub fn restart(&mut self, base: u16, logging: bool) {
+        let features = if logging { self.features | LOG_ALL } else { self.features };
+        self.fe.set_features(features).unwrap();
+        self.fe.set_vring_call(0, &self.call).unwrap();
+        self.fe.set_features(features).unwrap();
+        self.fe.set_vring_num(0, QSIZE).unwrap();
+        self.fe.set_vring_base(0, base).unwrap();
+        let cfg = VringConfigData {
+            queue_max_size: QSIZE,
+            queue_size: QSIZE,
+            flags: u32::from(logging),
+            desc_table_addr: self.mem.addr() + DESC,
+            used_ring_addr: self.mem.addr() + USED,
+            avail_ring_addr: self.mem.addr() + AVAIL,
+            log_addr: logging.then_some(USED),
+        };
+        self.fe.set_vring_addr(0, &cfg).unwrap();
+        self.fe.set_vring_kick(0, &self.kick).unwrap();
+        if logging {
+            let region =
+                VhostUserDirtyLogRegion { mmap_size: PAGE, mmap_offset: 0, mmap_handle: self.log.file.as_raw_fd() };
+            self.fe.set_log_base(0, Some(region)).unwrap();
+        }
+        self.fe.set_vring_enable(0, true).unwrap();
+        self.next_avail = base;
+        self.used_seen = self.mem.read_u16(USED + 2);
+    }
+
+    /// Takes over the ring state of `other` (the driver's view lives in guest RAM, which a
+    /// checkpoint copies): the indexes this driver tracks follow.
+    pub fn adopt_ring_state(&mut self, other: &BlkFrontend) {
+        self.next_avail = other.next_avail;
+        self.used_seen = other.used_seen;
+        self.seq = other.seq;
+    }
+
+    /// Places one request in the avail ring (not kicked). `data`: write payload, or the read
+    /// length as zeroes. Returns the slot.
+    pub fn queue(&mut self, rtype: u32, sector: u64, data: &[u8]) -> u64 {
+        let slot = self.seq % u64::from(SLOTS);
+        self.seq += 1;
+        let base = SLOT_BASE + slot * SLOT_SIZE;
+        let (hdr, buf, status) = (base, base + 0x1000, base + 0xF000);
+        let mut h = Vec::with_capacity(16);
+        h.extend_from_slice(&rtype.to_le_bytes());
+        h.extend_from_slice(&0u32.to_le_bytes());
+        h.extend_from_slice(&sector.to_le_bytes());
+        self.mem.write(hdr, &h);
+        assert!(data.len() <= 0xE000);
+        self.mem.write(buf, data);
+        self.mem.write(status, &[0xFF]);
+        let d0 = (slot * 3) as u16;
+        let data_flags = if rtype == T_IN { DESC_WRITE } else { 0 };
+        let descs = [
+            (hdr, 16u32, DESC_NEXT, d0 + 1),
+            (buf, data.len() as u32, DESC_NEXT | data_flags, d0 + 2),
+            (status, 1u32, DESC_WRITE, 0),
+        ];
+        for (i, (addr, len, flags, next)) in descs.iter().enumerate() {
+            let mut d = Vec::with_capacity(16);
+            d.extend_from_slice(&addr.to_le_bytes());
+            d.extend_from_slice(&len.to_le_bytes());
+            d.extend_from_slice(&flags.to_le_bytes());
+            d.extend_from_slice(&next.to_le_bytes());
+            self.mem.write(DESC + (u64::from(d0) + i as u64) * 16, &d);
+        }
+        self.mem.write_u16(AVAIL + 4 + 2 * u64::from(self.next_avail % QSIZE), d0);
+        fence(Ordering::Release);
+        self.next_avail = self.next_avail.wrapping_add(1);
+        self.mem.write_u16(AVAIL + 2, self.next_avail);
+        slot
+    }
+
+    /// Kicks the queue.
+    pub fn kick(&self) {
+        self.kick.write(1).unwrap();
+    }
+
+    /// Waits until the used index reaches the avail index; returns the completions in order.
+    pub fn wait_all(&mut self, timeout: Duration) -> Vec<(u16, u32)> {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut out = Vec::new();
+        while self.used_seen != self.next_avail {
+            let used = self.mem.read_u16(USED + 2);
+            fence(Ordering::Acquire);
+            while self.used_seen != used {
+                let e = USED + 4 + 8 * u64::from(self.used_seen % QSIZE);
+                let id = u32::from_le_bytes(self.mem.read(e, 4).try_into().unwrap());
+                let len = u32::from_le_bytes(self.mem.read(e + 4, 4).try_into().unwrap());
+                out.push((id as u16, len));
+                self.used_seen = self.used_seen.wrapping_add(1);
+            }
+            if self.used_seen == self.next_avail {
+                break;
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            assert!(!left.is_zero(), "requests not completed in {timeout:?}");
+            let mut pfd = libc::pollfd { fd: self.call.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+            // SAFETY: one valid pollfd.
+            unsafe { libc::poll(&mut pfd, 1, left.as_millis().min(100) as i32) };
+            let _ = self.call.read();
+        }
+        out
+    }
+
+    /// Status byte and data of slot `slot` after completion.
+    pub fn result(&self, slot: u64, len: usize) -> Done {
+        let base = SLOT_BASE + slot * SLOT_SIZE;
+        Done { status: self.mem.read(base + 0xF000, 1)[0], data: self.mem.read(base + 0x1000, len) }
+    }
+
+    /// One synchronous request.
+    pub fn io(&mut self, rtype: u32, sector: u64, data: &[u8]) -> Done {
+        let slot = self.queue(rtype, sector, data);
+        self.kick();
+        self.wait_all(Duration::from_secs(30));
+        self.result(slot, data.len())
+    }
+
+    /// Guest physical address of a slot's data buffer.
+    pub fn data_gpa(slot: u64) -> u64 {
+        SLOT_BASE + slot * SLOT_SIZE + 0x1000
+    }
+
+    /// The used ring's guest physical address.
+    pub fn used_gpa() -> u64 {
+        USED
+    }
+
+    /// Whether the dirty log marks the page holding `gpa`.
+    pub fn logged(&self, gpa: u64) -> bool {
+        let page = gpa / PAGE;
+        self.log.read(page / 8, 1)[0] & (1 << (page % 8)) != 0
+    }
+}
