@@ -7,13 +7,13 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand, ValueEnum};
 
 mod bench;
+mod ctl;
 
 use colo_blk::block::BlockDevice;
 use colo_blk::block::raw::{EngineKind, NullDisk, RawDisk, RawOptions};
 use colo_blk::daemon::{Daemon, ServeConfig};
 use colo_blk::nbd::client::NbdUri;
 use colo_blk::nbd::{NbdAddress, NbdServer, NbdServerConfig};
-use colo_blk::qmp::client;
 use colo_blk::replication::continuous::SecondaryThenPrimary;
 use colo_blk::replication::primary::{ColoHook, HOOK_EXPORT, Mirror, MirrorConfig, MirrorControl, MirrorDevice};
 use colo_blk::replication::secondary::{Secondary, SecondaryControl, SecondaryDevice, SecondaryExport, SecondaryFiles};
@@ -36,7 +36,7 @@ enum Cmd {
     /// Serve a disk to a vhost-user-blk frontend (QEMU, cloud-hypervisor, libblkio).
     Serve(Box<ServeArgs>),
     /// Send one QMP command to a running colo-blk and print the answer.
-    Ctl(CtlArgs),
+    Ctl(ctl::CtlArgs),
     /// Measure a vhost-user-blk backend (any: colo-blk, qemu-storage-daemon) through libblkio.
     Bench(bench::BenchArgs),
 }
@@ -127,17 +127,6 @@ struct ServeArgs {
     nbd_max_clients: usize,
 }
 
-#[derive(clap::Args)]
-struct CtlArgs {
-    /// The daemon's control socket.
-    #[arg(long)]
-    qmp: PathBuf,
-    /// Command name, e.g. query-block.
-    command: String,
-    /// Arguments as KEY=VALUE (VALUE is parsed as JSON when it can be, else taken as a string).
-    args: Vec<String>,
-}
-
 fn parse_block_size(s: &str) -> Result<u32, String> {
     match s {
         "512" => Ok(512),
@@ -161,7 +150,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Cmd::Serve(args) => serve(*args),
-        Cmd::Ctl(args) => ctl(args),
+        Cmd::Ctl(args) => ctl::run(args),
         Cmd::Bench(args) => match bench::run(args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -350,31 +339,6 @@ fn serve(a: ServeArgs) -> ExitCode {
         Err(e) => {
             eprintln!("colo-blk: {}", error_chain(&e));
             ExitCode::FAILURE
-        }
-    }
-}
-
-fn ctl(a: CtlArgs) -> ExitCode {
-    let mut args = serde_json::Map::new();
-    for kv in &a.args {
-        let Some((k, v)) = kv.split_once('=') else {
-            return usage_error(format!("argument '{kv}' is not KEY=VALUE"));
-        };
-        let value = serde_json::from_str(v).unwrap_or_else(|_| serde_json::Value::String(v.to_string()));
-        args.insert(k.to_string(), value);
-    }
-    match client::execute(&a.qmp, &a.command, args) {
-        Ok(Ok(ret)) => {
-            println!("{}", serde_json::to_string_pretty(&ret).unwrap_or_default());
-            ExitCode::SUCCESS
-        }
-        Ok(Err(desc)) => {
-            eprintln!("error: {desc}");
-            ExitCode::from(1)
-        }
-        Err(e) => {
-            eprintln!("colo-blk ctl: {e}");
-            ExitCode::from(1)
         }
     }
 }

@@ -103,7 +103,20 @@ fn failover_with_a_pending_barrier_merges_instead_of_emptying() {
     // Failover: the secondary VM carries on from its own (pre-barrier-2) state, so its write
     // must survive and nothing may be emptied.
     let mut ev = p.sec.qmp();
-    qmp(&p.sec, "replication-stop", json!({"failover": true})).unwrap();
+    // Through the operator's CLI, following the commit to its end.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_colo-blk"))
+        .args(["ctl", "--wait", "--qmp"])
+        .arg(&p.sec.qmp)
+        .args(["replication-stop", "failover=true"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("done: stage \"done\""), "{err}");
+    let q = qmp(&p.sec, "query-replication", json!({})).unwrap();
+    assert_eq!(q["stage"], "done", "{q}");
+    assert_eq!(q["commit"]["done-bytes"], q["commit"]["total-bytes"], "{q}");
+    assert!(q["commit"]["total-bytes"].as_u64().unwrap() >= 8192, "{q}");
     let e = ev.wait_event("COLO_BARRIER_DISCARDED", WAIT).unwrap();
     assert_eq!(e["data"]["barrier"], 2, "{e}");
     ev.wait_event("REPLICATION_FAILOVER_DONE", WAIT).unwrap();

@@ -6,6 +6,7 @@ pub mod continuous;
 pub mod gate;
 pub mod pool;
 pub mod primary;
+pub mod progress;
 pub mod secondary;
 
 use serde_json::Value;

@@ -32,6 +32,7 @@ impl ReplicationControl for MirrorControl {
         m.stats.resync_total.store(m.dirty.count_all() * SECTOR, Ordering::Relaxed);
         m.stats.resync_bytes.store(0, Ordering::Relaxed);
         *lock(&m.error) = None;
+        m.error_at.clear();
         m.set_stage(Stage::Running);
         m.spawn_manager();
         Ok(())
@@ -65,6 +66,8 @@ impl ReplicationControl for MirrorControl {
         }
         m.set_stage(Stage::Done);
         *lock(&m.error) = None;
+        m.error_at.clear();
+        m.resync_clock.stop();
         m.disconnect();
         Ok(())
     }
@@ -77,6 +80,7 @@ impl ReplicationControl for MirrorControl {
             "mode": "primary",
             "stage": m.stage().name(),
             "error": lock(&m.error).clone(),
+            "error-time": m.error_at.json(),
             "secondary": lock(&m.cfg).secondary.as_ref().map(|u| u.to_string()),
             "link": {
                 "connected": link.is_some(),
@@ -99,6 +103,7 @@ impl ReplicationControl for MirrorControl {
                 "total-bytes": st.resync_total.load(Ordering::Relaxed),
                 "copied-bytes": st.resync_bytes.load(Ordering::Relaxed),
                 "remaining-bytes": m.dirty.count_all() * SECTOR,
+                "progress": m.resync_clock.json(st.resync_bytes.load(Ordering::Relaxed), m.dirty.count_all() * SECTOR),
             },
         })
     }

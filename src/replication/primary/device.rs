@@ -34,7 +34,11 @@ impl BlockDevice for MirrorDevice {
         self.inner.flush()
     }
     fn describe(&self) -> String {
-        format!("{} (primary mirror)", self.inner.describe())
+        match self.mirror.stage() {
+            // A secondary's idle mirror (continuous replication) is not worth mentioning.
+            Stage::None => self.inner.describe(),
+            s => format!("{} (mirror {})", self.inner.describe(), s.name()),
+        }
     }
     fn frontend_starting(&self, dirty_logging: bool) {
         self.mirror.device_started();

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use super::pool::DoneQueue;
+use super::progress::{ErrorTime, JobClock};
 use super::{EventSink, Mode, ReplicationControl, ReplicationError, Stage, StartArgs, SyncMode};
 use crate::block::bitmap::SectorBitmap;
 use crate::block::{BlockDevice, BlockError, BlockQueue, Completion, IoEngineError, Op};
@@ -95,6 +96,8 @@ pub struct Mirror {
     ops: Mutex<()>,
     manager: AtomicBool,
     stats: MirrorStats,
+    resync_clock: JobClock,
+    error_at: ErrorTime,
 }
 
 #[derive(Default)]
@@ -150,6 +153,8 @@ impl Mirror {
             ops: Mutex::new(()),
             manager: AtomicBool::new(false),
             stats: MirrorStats::default(),
+            resync_clock: JobClock::default(),
+            error_at: ErrorTime::default(),
         })
     }
 
@@ -181,6 +186,7 @@ impl Mirror {
     fn record_error(&self, msg: String) {
         let first = lock(&self.error).is_none();
         *lock(&self.error) = Some(msg.clone());
+        self.error_at.mark();
         if first {
             log::error!("replication error: {msg}");
             self.emit("REPLICATION_ERROR", json!({"mode": "primary", "error": msg}));
@@ -448,6 +454,9 @@ impl Mirror {
             }
             // Link up: copy what the secondary missed.
             if let Some(run) = self.dirty.next_set_run(0, self.size / SECTOR) {
+                if in_sync_reported || !self.resync_clock.running() {
+                    self.resync_clock.start(self.stats.resync_bytes.load(Ordering::Relaxed));
+                }
                 in_sync_reported = false;
                 if !self.copy_chunks(run) {
                     // A failed copy (local read error, NBD error) must not spin: back off
@@ -460,6 +469,7 @@ impl Mirror {
                 backoff = BACKOFF_MIN;
             } else if !in_sync_reported {
                 in_sync_reported = true;
+                self.resync_clock.stop();
                 log::info!(
                     "secondary in sync ({} bytes copied so far)",
                     self.stats.resync_bytes.load(Ordering::Relaxed)

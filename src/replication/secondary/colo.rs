@@ -61,7 +61,7 @@ impl Secondary {
         if self.stage() != Stage::Running {
             return Err(io::Error::from_raw_os_error(libc::ESHUTDOWN));
         }
-        self.commit_pending(CommitTrigger::NextBarrier, None);
+        self.commit_pending(CommitTrigger::NextBarrier, None).map_err(io::Error::other)?;
         {
             let _t = self.gate.enter();
             self.hidden.sync_data()?;
@@ -78,40 +78,36 @@ impl Secondary {
     }
 
     /// Commits the pending checkpoint (empties the buffers) if there is one and, when `only`
-    /// is given, if it is that barrier. Returns the committed barrier.
-    pub fn commit_pending(&self, trigger: CommitTrigger, only: Option<u64>) -> Option<u64> {
+    /// is given, if it is that barrier. Returns the committed barrier; on failure the barrier
+    /// stays pending and the error is returned (and recorded for get-error).
+    pub fn commit_pending(&self, trigger: CommitTrigger, only: Option<u64>) -> Result<Option<u64>, ReplicationError> {
         if !self.barrier_pending.load(Ordering::Acquire) {
-            return None;
+            return Ok(None);
         }
         let _op = lock(&self.ops);
-        let seq = {
-            let mut c = lock(&self.colo);
-            match (c.pending, only) {
-                (Some(p), Some(o)) if p != o => return None,
-                (None, _) => return None,
-                (Some(p), _) => {
-                    c.pending = None;
-                    self.barrier_pending.store(false, Ordering::Release);
-                    p
-                }
-            }
+        let seq = match (lock(&self.colo).pending, only) {
+            (Some(p), Some(o)) if p != o => return Ok(None),
+            (None, _) => return Ok(None),
+            (Some(p), _) => p,
         };
         if self.stage() != Stage::Running {
-            return None;
+            return Ok(None);
         }
         match self.checkpoint_locked() {
             Ok(us) => {
                 let mut c = lock(&self.colo);
                 c.commits += 1;
                 c.last = Some((seq, trigger.name(), us));
+                c.pending = None;
+                self.barrier_pending.store(false, Ordering::Release);
                 drop(c);
                 log::info!("checkpoint {seq} committed ({}, {:.1} ms)", trigger.name(), us as f64 / 1000.0);
                 self.emit("COLO_CHECKPOINT", json!({"barrier": seq, "trigger": trigger.name(), "duration-us": us}));
-                Some(seq)
+                Ok(Some(seq))
             }
             Err(e) => {
                 log::error!("checkpoint {seq} could not be committed: {e}");
-                None
+                Err(e)
             }
         }
     }

@@ -23,6 +23,7 @@ impl ReplicationControl for SecondaryControl {
         let closed = s.quiesce()?;
         s.empty_buffers().map_err(|e| ReplicationError(format!("Failed to empty buffers: {e}")))?;
         *lock(&s.error) = None;
+        s.error_at.clear();
         s.set_stage(Stage::Running);
         drop(closed);
         Ok(())
@@ -33,8 +34,10 @@ impl ReplicationControl for SecondaryControl {
         if let Some(seq) = barrier {
             // An orchestrator relaying the secondary VM's RESUME: commit exactly that barrier
             // if it is still pending; anything else is already settled.
-            s.commit_pending(CommitTrigger::Command, Some(seq));
-            return Ok(());
+            return match s.stage() {
+                Stage::None | Stage::FailoverFailed => Err(ReplicationError::backup_cancelled()),
+                _ => s.commit_pending(CommitTrigger::Command, Some(seq)).map(|_| ()),
+            };
         }
         let _op = lock(&s.ops);
         match s.stage() {
@@ -90,6 +93,7 @@ impl ReplicationControl for SecondaryControl {
         s.merge_total.store(total, Ordering::Relaxed);
         s.merge_done.store(0, Ordering::Relaxed);
         s.merging.store(true, Ordering::Release);
+        s.merge_clock.start(0);
         s.set_stage(Stage::Failover);
         drop(closed);
         let me = s.clone();
@@ -107,6 +111,7 @@ impl ReplicationControl for SecondaryControl {
             "mode": "secondary",
             "stage": s.stage().name(),
             "error": lock(&s.error).clone(),
+            "error-time": s.error_at.json(),
             "active-dirty-bytes": s.active_map.count_all() * SECTOR,
             "hidden-dirty-bytes": s.saved_map.count_all() * SECTOR,
             "cow-bytes": s.cow_bytes.load(Ordering::Relaxed),
@@ -117,6 +122,10 @@ impl ReplicationControl for SecondaryControl {
                 "active": s.merging.load(Ordering::Acquire),
                 "total-bytes": s.merge_total.load(Ordering::Relaxed),
                 "done-bytes": s.merge_done.load(Ordering::Relaxed),
+                "progress": s.merge_clock.json(
+                    s.merge_done.load(Ordering::Relaxed),
+                    s.merge_total.load(Ordering::Relaxed).saturating_sub(s.merge_done.load(Ordering::Relaxed)),
+                ),
             },
             "nbd": nbd.map(|n| json!({
                 "clients": n.clients.load(Ordering::Relaxed),

@@ -24,7 +24,9 @@ impl BlockDevice for SecondaryDevice {
         // QEMU restarts the secondary's device with logging on right after loading a COLO
         // checkpoint; at failover it restarts it with logging off, and then nothing commits.
         if dirty_logging {
-            self.0.commit_pending(CommitTrigger::DeviceStart, None);
+            // A failure is logged and recorded; the VM restarts on the uncommitted buffers,
+            // which is what a failover would keep anyway.
+            let _ = self.0.commit_pending(CommitTrigger::DeviceStart, None);
         }
     }
     fn describe(&self) -> String {

@@ -27,6 +27,7 @@ use serde_json::{Value, json};
 
 use super::gate::Gate;
 use super::pool::{DoneQueue, Pool, SendOp};
+use super::progress::{ErrorTime, JobClock};
 use super::{EventSink, Mode, ReplicationControl, ReplicationError, Stage, StartArgs};
 use crate::block::bitmap::SectorBitmap;
 use crate::block::range_lock::RangeLock;
@@ -81,6 +82,8 @@ pub struct Secondary {
     merge_total: AtomicU64,
     merge_done: AtomicU64,
     merging: AtomicBool,
+    merge_clock: JobClock,
+    error_at: ErrorTime,
     pool: Pool,
     colo: Mutex<colo::ColoState>,
     /// Fast check for the write path: a barrier waits for its commit.
@@ -175,6 +178,8 @@ impl Secondary {
             merge_total: AtomicU64::new(0),
             merge_done: AtomicU64::new(0),
             merging: AtomicBool::new(false),
+            merge_clock: JobClock::default(),
+            error_at: ErrorTime::default(),
             colo: Mutex::new(colo::ColoState::default()),
             barrier_pending: AtomicBool::new(false),
             pool: Pool::new(POOL_THREADS).map_err(|e| BlockError::Engine(IoEngineError::Setup(e)))?,
@@ -220,6 +225,7 @@ impl Secondary {
     fn set_error(&self, msg: String) {
         log::error!("replication error: {msg}");
         *lock(&self.error) = Some(msg.clone());
+        self.error_at.mark();
         self.emit("REPLICATION_ERROR", json!({"mode": "secondary", "error": msg}));
     }
 
@@ -263,7 +269,7 @@ impl Secondary {
     /// A write-type NBD request: copy-before-write while running, then apply `f` to the disk.
     fn nbd_modify(&self, offset: u64, len: u64, f: impl FnOnce(&File) -> io::Result<()>) -> io::Result<()> {
         // A primary write after a barrier proves the secondary loaded that checkpoint.
-        self.commit_pending(CommitTrigger::PrimaryWrite, None);
+        self.commit_pending(CommitTrigger::PrimaryWrite, None).map_err(io::Error::other)?;
         let _t = self.gate.enter();
         let stage = self.nbd_stage_check()?;
         let (s0, s1) = Self::sectors(offset, len);
@@ -472,10 +478,12 @@ impl Secondary {
             self.file.sync_data()?;
             self.set_stage(Stage::Done);
             *lock(&self.error) = None;
+            self.error_at.clear();
             drop(closed);
             Ok(())
         });
         self.merging.store(false, Ordering::Release);
+        self.merge_clock.stop();
         match outcome {
             Ok(()) => {
                 log::info!(
