@@ -82,7 +82,7 @@ mod tests {
         assert_eq!(c.json(10, 10), Value::Null);
         c.start(100);
         std::thread::sleep(std::time::Duration::from_millis(20));
-        let j = c.json(100 + 1_000_000, 2_000_000);
+        let j = c.json(100 + 1_000_000, 200_000_000);
         let rate = j["rate-bytes-per-s"].as_u64().unwrap();
         assert!(rate > 0 && rate <= 1_000_000 * 50, "{j}");
         let eta = j["eta-s"].as_f64().unwrap();
