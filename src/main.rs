@@ -10,6 +10,7 @@ mod bench;
 mod ctl;
 
 use colo_blk::block::BlockDevice;
+use colo_blk::block::fault::{FaultPlan, FaultyDevice};
 use colo_blk::block::raw::{EngineKind, NullDisk, RawDisk, RawOptions};
 use colo_blk::daemon::{Daemon, ServeConfig};
 use colo_blk::nbd::client::NbdUri;
@@ -122,6 +123,10 @@ struct ServeArgs {
     /// (HOST:PORT or unix:PATH; see docs/colo.md).
     #[arg(long)]
     colo_hook: Option<NbdAddress>,
+    /// Testing: wrap the disk in a fault-injection layer driven by the control socket's
+    /// `x-inject-fault` / `x-clear-faults` (failing chosen requests with EIO, ENOSPC, ...).
+    #[arg(long)]
+    x_fault_injection: bool,
     /// Secondary: most NBD clients connected at once.
     #[arg(long, default_value_t = 8)]
     nbd_max_clients: usize,
@@ -294,6 +299,11 @@ fn serve(a: ServeArgs) -> ExitCode {
         (None, Some(m)) => Arc::new(MirrorControl(m.clone())),
         _ => Arc::new(NoReplication),
     };
+    let faults = a.x_fault_injection.then(|| Arc::new(FaultPlan::default()));
+    let device: Arc<dyn BlockDevice> = match &faults {
+        Some(plan) => Arc::new(FaultyDevice { inner: device, plan: plan.clone() }),
+        None => device,
+    };
     let cfg = ServeConfig {
         socket: a.socket,
         qmp: a.qmp,
@@ -307,6 +317,7 @@ fn serve(a: ServeArgs) -> ExitCode {
         },
         direct: a.direct,
         poll: std::time::Duration::from_micros(a.poll_us),
+        faults,
     };
     let daemon = Daemon::new(cfg, device, replication);
     if let Some(m) = &mirror {

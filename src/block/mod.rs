@@ -7,6 +7,7 @@
 //! start-up, so the virtio side never changes.
 
 pub mod bitmap;
+pub mod fault;
 pub mod range_lock;
 pub mod raw;
 

@@ -34,6 +34,8 @@ pub struct ServeConfig {
     pub direct: bool,
     /// Busy-poll window of each queue worker after its last work (zero: never poll).
     pub poll: Duration,
+    /// The fault-injection rules, when `--x-fault-injection` wrapped the device.
+    pub faults: Option<Arc<crate::block::fault::FaultPlan>>,
 }
 
 /// Errors that stop the daemon.
@@ -244,6 +246,20 @@ impl QmpHandler for Daemon {
                 self.replication.checkpoint(*barrier).map(|()| json!({})).map_err(generic)
             }
             Command::ReplicationGetError => self.replication.get_error().map(|()| json!({})).map_err(generic),
+            Command::InjectFault(rule) => match &self.cfg.faults {
+                Some(plan) => {
+                    plan.add(rule.clone());
+                    Ok(json!({}))
+                }
+                None => Err(QmpError::Generic("fault injection is off (start with --x-fault-injection)".into())),
+            },
+            Command::ClearFaults => match &self.cfg.faults {
+                Some(plan) => {
+                    plan.clear();
+                    Ok(json!({"injected": plan.injected()}))
+                }
+                None => Err(QmpError::Generic("fault injection is off (start with --x-fault-injection)".into())),
+            },
             Command::ReplicationStop { failover, inject_commit_error } => {
                 self.replication.stop(*failover, *inject_commit_error).map(|()| json!({})).map_err(generic)
             }

@@ -24,6 +24,11 @@ pub enum Command {
     },
     /// `replication-get-error`.
     ReplicationGetError,
+    /// `x-inject-fault {"op", "offset", "length", "errno", "count"}` (needs
+    /// `--x-fault-injection`).
+    InjectFault(crate::block::fault::FaultRule),
+    /// `x-clear-faults`.
+    ClearFaults,
     /// `replication-stop {"failover": bool}`.
     ReplicationStop {
         /// Commit the buffers (secondary) instead of dropping them.
@@ -138,6 +143,29 @@ impl Command {
                 };
                 Ok(Command::ReplicationStop { failover, inject_commit_error })
             }
+            "x-inject-fault" => {
+                use crate::block::fault::{FaultRule, parse_errno};
+                only(args, &["op", "offset", "length", "errno", "count"])?;
+                let op =
+                    required_str(args, "op")?.parse().map_err(|e| QmpError::Generic(format!("Parameter 'op': {e}")))?;
+                let errno = match args.get("errno") {
+                    None => libc::EIO,
+                    Some(_) => parse_errno(required_str(args, "errno")?)
+                        .map_err(|e| QmpError::Generic(format!("Parameter 'errno': {e}")))?,
+                };
+                let start = optional_u64(args, "offset")?.unwrap_or(0);
+                let end = match optional_u64(args, "length")? {
+                    None => u64::MAX,
+                    Some(0) => return Err(QmpError::Generic("Parameter 'length' must be positive".into())),
+                    Some(l) => start.saturating_add(l),
+                };
+                let count = match optional_u64(args, "count")? {
+                    Some(0) => return Err(QmpError::Generic("Parameter 'count' must be positive".into())),
+                    c => c,
+                };
+                Ok(Command::InjectFault(FaultRule { op, start, end, errno, count }))
+            }
+            "x-clear-faults" => no_args(Command::ClearFaults),
             other => Err(QmpError::CommandNotFound(format!("The command {other} has not been found"))),
         }
     }
@@ -156,6 +184,16 @@ fn required_str<'a>(args: &'a Map<String, Value>, name: &str) -> Result<&'a str,
         None => Err(QmpError::Generic(format!("Parameter '{name}' is missing"))),
         Some(Value::String(s)) => Ok(s),
         Some(_) => Err(QmpError::Generic(format!("Invalid parameter type for '{name}', expected: string"))),
+    }
+}
+
+fn optional_u64(args: &Map<String, Value>, name: &str) -> Result<Option<u64>, QmpError> {
+    match args.get(name) {
+        None => Ok(None),
+        Some(v) => v
+            .as_u64()
+            .map(Some)
+            .ok_or_else(|| QmpError::Generic(format!("Invalid parameter type for '{name}', expected: integer"))),
     }
 }
 

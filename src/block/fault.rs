@@ -1,0 +1,216 @@
+//! Fault injection: a layer on top of the block stack that fails chosen operations with a
+//! chosen errno (EIO, ENOSPC, ...), as a failing disk would. Enabled only with
+//! `--x-fault-injection`; rules are added over the control socket (`x-inject-fault`), so tests
+//! can make exactly one request fail and check that only that request fails, the daemon keeps
+//! serving and the error is counted.
+
+use std::io;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use super::{BlockDevice, BlockError, BlockQueue, Completion, IoEngineError, Op};
+
+/// Which operations a rule matches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultOp {
+    /// Reads.
+    Read,
+    /// Writes.
+    Write,
+    /// Flushes.
+    Flush,
+    /// Discards and write-zeroes.
+    Discard,
+    /// Everything.
+    Any,
+}
+
+impl std::str::FromStr for FaultOp {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "read" => FaultOp::Read,
+            "write" => FaultOp::Write,
+            "flush" => FaultOp::Flush,
+            "discard" => FaultOp::Discard,
+            "any" => FaultOp::Any,
+            _ => return Err(format!("'{s}' is not read, write, flush, discard or any")),
+        })
+    }
+}
+
+/// One injected fault: operations of `op` overlapping [start, end) fail with `errno`, for
+/// the next `count` matches (None: until cleared).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FaultRule {
+    /// Matched operation kind.
+    pub op: FaultOp,
+    /// First byte.
+    pub start: u64,
+    /// End (exclusive).
+    pub end: u64,
+    /// Positive errno the operation completes with.
+    pub errno: i32,
+    /// Matches left.
+    pub count: Option<u64>,
+}
+
+/// Names of the errnos a rule may use.
+pub fn parse_errno(s: &str) -> Result<i32, String> {
+    Ok(match s {
+        "EIO" => libc::EIO,
+        "ENOSPC" => libc::ENOSPC,
+        "EDQUOT" => libc::EDQUOT,
+        "EROFS" => libc::EROFS,
+        "ENOMEM" => libc::ENOMEM,
+        _ => return Err(format!("'{s}' is not EIO, ENOSPC, EDQUOT, EROFS or ENOMEM")),
+    })
+}
+
+/// The rules, shared by every queue.
+#[derive(Debug, Default)]
+pub struct FaultPlan {
+    rules: Mutex<Vec<FaultRule>>,
+    armed: AtomicBool,
+    injected: AtomicU64,
+}
+
+impl FaultPlan {
+    /// Adds a rule.
+    pub fn add(&self, rule: FaultRule) {
+        let mut r = self.rules.lock().unwrap_or_else(|e| e.into_inner());
+        r.push(rule);
+        self.armed.store(true, Ordering::Release);
+    }
+
+    /// Removes every rule.
+    pub fn clear(&self) {
+        let mut r = self.rules.lock().unwrap_or_else(|e| e.into_inner());
+        r.clear();
+        self.armed.store(false, Ordering::Release);
+    }
+
+    /// Operations failed on purpose so far.
+    pub fn injected(&self) -> u64 {
+        self.injected.load(Ordering::Relaxed)
+    }
+
+    /// The errno `op` must fail with, if a rule matches (consuming one of its matches).
+    pub fn check(&self, op: &Op<'_>) -> Option<i32> {
+        if !self.armed.load(Ordering::Acquire) {
+            return None;
+        }
+        let (kind, start, len) = match *op {
+            Op::Read { offset, iovecs } => (FaultOp::Read, offset, crate::io::iovecs_len(iovecs)),
+            Op::Write { offset, iovecs, .. } => (FaultOp::Write, offset, crate::io::iovecs_len(iovecs)),
+            Op::Flush => (FaultOp::Flush, 0, u64::MAX),
+            Op::Discard { offset, len } | Op::WriteZeroes { offset, len, .. } => (FaultOp::Discard, offset, len),
+        };
+        let end = start.saturating_add(len.max(1));
+        let mut rules = self.rules.lock().unwrap_or_else(|e| e.into_inner());
+        let i = rules.iter().position(|r| (r.op == kind || r.op == FaultOp::Any) && r.start < end && start < r.end)?;
+        let errno = rules[i].errno;
+        if let Some(c) = rules[i].count.as_mut() {
+            *c = c.saturating_sub(1);
+            if *c == 0 {
+                rules.remove(i);
+            }
+        }
+        if rules.is_empty() {
+            self.armed.store(false, Ordering::Release);
+        }
+        self.injected.fetch_add(1, Ordering::Relaxed);
+        log::warn!("fault injection: {kind:?} at {start}+{len} fails with errno {errno}");
+        Some(errno)
+    }
+}
+
+/// A device whose operations go through a [`FaultPlan`] first.
+pub struct FaultyDevice {
+    /// The real stack.
+    pub inner: Arc<dyn BlockDevice>,
+    /// The rules.
+    pub plan: Arc<FaultPlan>,
+}
+
+impl BlockDevice for FaultyDevice {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read_only(&self) -> bool {
+        self.inner.read_only()
+    }
+    fn open_queue(&self, depth: u32) -> Result<Box<dyn BlockQueue>, BlockError> {
+        Ok(Box::new(FaultyQueue { inner: self.inner.open_queue(depth)?, plan: self.plan.clone(), failed: Vec::new() }))
+    }
+    fn flush(&self) -> io::Result<()> {
+        self.inner.flush()
+    }
+    fn describe(&self) -> String {
+        format!("{} (fault injection)", self.inner.describe())
+    }
+    fn frontend_starting(&self, dirty_logging: bool) {
+        self.inner.frontend_starting(dirty_logging)
+    }
+}
+
+struct FaultyQueue {
+    inner: Box<dyn BlockQueue>,
+    plan: Arc<FaultPlan>,
+    /// Completions of failed operations, handed out at the next reap (the worker reaps
+    /// after every submit, so they need no notifier).
+    failed: Vec<Completion>,
+}
+
+impl BlockQueue for FaultyQueue {
+    unsafe fn push(&mut self, op: &Op<'_>, token: u64) -> Result<(), IoEngineError> {
+        if let Some(errno) = self.plan.check(op) {
+            self.failed.push(Completion { token, result: -errno });
+            return Ok(());
+        }
+        // SAFETY: forwarded contract.
+        unsafe { self.inner.push(op, token) }
+    }
+    fn submit(&mut self) -> Result<(), IoEngineError> {
+        self.inner.submit()
+    }
+    fn reap(&mut self, out: &mut Vec<Completion>) {
+        self.inner.reap(out);
+        out.append(&mut self.failed);
+    }
+    fn notifier(&self) -> Option<std::os::fd::RawFd> {
+        self.inner.notifier()
+    }
+    fn clear_notifier(&self) {
+        self.inner.clear_notifier()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rules_match_ranges_kinds_and_counts() {
+        let p = FaultPlan::default();
+        let buf = [0u8; 4096];
+        let iov = [libc::iovec { iov_base: buf.as_ptr() as *mut _, iov_len: 4096 }];
+        let w = |offset| Op::Write { offset, iovecs: &iov, dsync: false };
+        assert_eq!(p.check(&w(0)), None);
+        p.add(FaultRule { op: FaultOp::Write, start: 8192, end: 8192 + 512, errno: libc::ENOSPC, count: Some(2) });
+        assert_eq!(p.check(&w(0)), None);
+        assert_eq!(p.check(&Op::Read { offset: 8192, iovecs: &iov }), None);
+        assert_eq!(p.check(&w(8192)), Some(libc::ENOSPC));
+        assert_eq!(p.check(&w(6144)), Some(libc::ENOSPC)); // overlaps
+        assert_eq!(p.check(&w(8192)), None); // count used up
+        p.add(FaultRule { op: FaultOp::Any, start: 0, end: u64::MAX, errno: libc::EIO, count: None });
+        assert_eq!(p.check(&Op::Flush), Some(libc::EIO));
+        assert_eq!(p.check(&Op::Flush), Some(libc::EIO));
+        p.clear();
+        assert_eq!(p.check(&Op::Flush), None);
+        assert_eq!(p.injected(), 4);
+        assert_eq!("write".parse::<FaultOp>(), Ok(FaultOp::Write));
+        assert!(parse_errno("EPERM").is_err());
+    }
+}
