@@ -12,7 +12,8 @@ mod ctl;
 use colo_blk::block::BlockDevice;
 use colo_blk::block::fault::{FaultPlan, FaultyDevice};
 use colo_blk::block::raw::{EngineKind, NullDisk, RawDisk, RawOptions};
-use colo_blk::daemon::{Daemon, ServeConfig};
+use colo_blk::daemon::{Daemon, ServeConfig, SocketPerms};
+use colo_blk::nbd::allow::AllowList;
 use colo_blk::nbd::client::NbdUri;
 use colo_blk::nbd::{NbdAddress, NbdServer, NbdServerConfig};
 use colo_blk::replication::continuous::SecondaryThenPrimary;
@@ -127,6 +128,17 @@ struct ServeArgs {
     /// `x-inject-fault` / `x-clear-faults` (failing chosen requests with EIO, ENOSPC, ...).
     #[arg(long)]
     x_fault_injection: bool,
+    /// TCP peers allowed to connect to the NBD server (--nbd-listen) and the COLO hook:
+    /// `ADDR[/BITS],...` (default: any). UNIX sockets are protected by their mode instead.
+    #[arg(long)]
+    nbd_allow: Option<AllowList>,
+    /// Mode of the UNIX sockets colo-blk creates (vhost-user, control, NBD, hook), octal.
+    #[arg(long, default_value = "600", value_parser = parse_mode)]
+    socket_mode: u32,
+    /// Owner of those sockets: `UID[:GID]` (numeric), e.g. to let a QEMU running as another
+    /// user connect with --socket-mode 660.
+    #[arg(long, value_parser = parse_owner)]
+    socket_owner: Option<(u32, Option<u32>)>,
     /// Secondary: most NBD clients connected at once.
     #[arg(long, default_value_t = 8)]
     nbd_max_clients: usize,
@@ -138,6 +150,31 @@ fn parse_block_size(s: &str) -> Result<u32, String> {
         "4096" => Ok(4096),
         _ => Err("must be 512 or 4096".into()),
     }
+}
+
+/// Gives a UNIX listening socket the configured mode and owner (TCP: nothing to do).
+fn apply_perms(addr: &NbdAddress, perms: &SocketPerms) -> std::io::Result<()> {
+    match addr {
+        NbdAddress::Unix(p) => perms.apply(p),
+        NbdAddress::Tcp(_) => Ok(()),
+    }
+}
+
+fn parse_mode(s: &str) -> Result<u32, String> {
+    match u32::from_str_radix(s.trim_start_matches("0o"), 8) {
+        Ok(m) if m <= 0o777 && m & 0o600 == 0o600 => Ok(m),
+        Ok(_) => Err("must be an octal mode up to 777 that the owner can read and write".into()),
+        Err(_) => Err(format!("'{s}' is not an octal mode")),
+    }
+}
+
+fn parse_owner(s: &str) -> Result<(u32, Option<u32>), String> {
+    let (u, g) = match s.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (s, None),
+    };
+    let num = |v: &str| v.parse::<u32>().map_err(|_| format!("'{v}' is not a numeric id"));
+    Ok((num(u)?, g.map(num).transpose()?))
 }
 
 fn usage_error(msg: String) -> ExitCode {
@@ -213,6 +250,12 @@ fn serve(a: ServeArgs) -> ExitCode {
                 return usage_error("--secondary: only valid with --replication primary".into());
             }
         }
+    }
+    if a.nbd_allow.is_some()
+        && !matches!(&a.nbd_listen, Some(NbdAddress::Tcp(_)))
+        && !matches!(&a.colo_hook, Some(NbdAddress::Tcp(_)))
+    {
+        return usage_error("--nbd-allow: only applies to TCP listeners (--nbd-listen / --colo-hook HOST:PORT)".into());
     }
     if a.queue_size == 0 || !a.queue_size.is_power_of_two() {
         return usage_error(format!("--queue-size: {} is not a power of two", a.queue_size));
@@ -299,6 +342,7 @@ fn serve(a: ServeArgs) -> ExitCode {
         (None, Some(m)) => Arc::new(MirrorControl(m.clone())),
         _ => Arc::new(NoReplication),
     };
+    let socket_perms = SocketPerms { mode: a.socket_mode, owner: a.socket_owner };
     let faults = a.x_fault_injection.then(|| Arc::new(FaultPlan::default()));
     let device: Arc<dyn BlockDevice> = match &faults {
         Some(plan) => Arc::new(FaultyDevice { inner: device, plan: plan.clone() }),
@@ -317,6 +361,7 @@ fn serve(a: ServeArgs) -> ExitCode {
         },
         direct: a.direct,
         poll: std::time::Duration::from_micros(a.poll_us),
+        socket_perms,
         faults,
     };
     let daemon = Daemon::new(cfg, device, replication);
@@ -325,9 +370,19 @@ fn serve(a: ServeArgs) -> ExitCode {
         m.set_events(Arc::new(move |name: &str, data| events.emit(name, data)));
     }
     if let (Some(m), Some(addr)) = (&mirror, &a.colo_hook) {
-        let cfg = NbdServerConfig { export_name: HOOK_EXPORT.into(), max_clients: 4, threads_per_client: 1 };
+        let cfg = NbdServerConfig {
+            export_name: HOOK_EXPORT.into(),
+            max_clients: 4,
+            threads_per_client: 1,
+            allow: a.nbd_allow.clone().unwrap_or_default(),
+        };
         match NbdServer::start(addr, cfg, Arc::new(ColoHook(m.clone()))) {
-            Ok(_) => log::info!("COLO VM-stop hook listening on {addr:?} (export '{HOOK_EXPORT}')"),
+            Ok(_) => {
+                if let Err(e) = apply_perms(addr, &socket_perms) {
+                    return usage_error(format!("--colo-hook: {e}"));
+                }
+                log::info!("COLO VM-stop hook listening on {addr:?} (export '{HOOK_EXPORT}')")
+            }
             Err(e) => return usage_error(format!("--colo-hook: cannot listen on {addr:?}: {e}")),
         }
     }
@@ -338,9 +393,15 @@ fn serve(a: ServeArgs) -> ExitCode {
             export_name: a.nbd_export.clone(),
             max_clients: a.nbd_max_clients,
             threads_per_client: 4,
+            allow: a.nbd_allow.clone().unwrap_or_default(),
         };
         match NbdServer::start(addr, cfg, Arc::new(SecondaryExport(sec.clone()))) {
-            Ok(server) => sec.set_nbd_server(server),
+            Ok(server) => {
+                if let Err(e) = apply_perms(addr, &socket_perms) {
+                    return usage_error(format!("--nbd-listen: {e}"));
+                }
+                sec.set_nbd_server(server)
+            }
             Err(e) => return usage_error(format!("--nbd-listen: cannot listen on {addr:?}: {e}")),
         }
         log::info!("NBD server for the primary listening on {addr:?} (export '{}')", a.nbd_export);

@@ -34,6 +34,8 @@ pub struct ServeConfig {
     pub direct: bool,
     /// Busy-poll window of each queue worker after its last work (zero: never poll).
     pub poll: Duration,
+    /// Mode and owner of the vhost-user and control sockets.
+    pub socket_perms: SocketPerms,
     /// The fault-injection rules, when `--x-fault-injection` wrapped the device.
     pub faults: Option<Arc<crate::block::fault::FaultPlan>>,
 }
@@ -105,6 +107,12 @@ impl Daemon {
             Some(p) => Some(sockets::bind_private(p)?),
             None => None,
         };
+        for path in std::iter::once(&self.cfg.socket).chain(self.cfg.qmp.as_ref()) {
+            self.cfg
+                .socket_perms
+                .apply(path)
+                .map_err(|source| DaemonError::Bind { path: path.display().to_string(), source })?;
+        }
         let me = self.clone();
         std::thread::Builder::new()
             .name("signals".into())
@@ -275,4 +283,4 @@ fn generic(e: crate::replication::ReplicationError) -> QmpError {
     QmpError::Generic(e.0)
 }
 
-pub use sockets::block_termination_signals;
+pub use sockets::{SocketPerms, block_termination_signals};

@@ -25,6 +25,32 @@ pub fn bind_private(path: &Path) -> Result<UnixListener, DaemonError> {
     res.map_err(err)
 }
 
+/// Who may use the UNIX sockets colo-blk creates. They are created 0600 (no window where
+/// another user could connect), then given this mode and owner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SocketPerms {
+    /// Permission bits (the owner always has read and write).
+    pub mode: u32,
+    /// New owner uid and optional gid.
+    pub owner: Option<(u32, Option<u32>)>,
+}
+
+impl Default for SocketPerms {
+    fn default() -> Self {
+        SocketPerms { mode: 0o600, owner: None }
+    }
+}
+
+impl SocketPerms {
+    /// Applies the owner, then the mode, to the socket at `path`.
+    pub fn apply(&self, path: &Path) -> std::io::Result<()> {
+        if let Some((uid, gid)) = self.owner {
+            std::os::unix::fs::chown(path, Some(uid), gid)?;
+        }
+        std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(self.mode))
+    }
+}
+
 fn termination_set() -> libc::sigset_t {
     // SAFETY: sigset_t is plain data; sigemptyset initialises it before use.
     let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };

@@ -2,6 +2,7 @@
 //! uses NBD between primary and secondary, so QEMU, qemu-nbd, qemu-io and libnbd's tools are
 //! all peers.
 
+pub mod allow;
 pub mod client;
 pub mod server;
 pub mod wire;

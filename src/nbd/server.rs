@@ -123,14 +123,15 @@ enum Listener {
 }
 
 impl Listener {
-    fn accept(&self) -> io::Result<Stream> {
+    /// The next connection and, for TCP, the peer's address.
+    fn accept(&self) -> io::Result<(Stream, Option<std::net::IpAddr>)> {
         Ok(match self {
             Listener::Tcp(l) => {
-                let (s, _) = l.accept()?;
+                let (s, peer) = l.accept()?;
                 s.set_nodelay(true)?;
-                Stream::Tcp(s)
+                (Stream::Tcp(s), Some(peer.ip()))
             }
-            Listener::Unix(l) => Stream::Unix(l.accept()?.0),
+            Listener::Unix(l) => (Stream::Unix(l.accept()?.0), None),
         })
     }
 }
@@ -144,6 +145,8 @@ pub struct NbdServerConfig {
     pub max_clients: usize,
     /// Threads serving one connection's requests (the pipelining depth served in parallel).
     pub threads_per_client: usize,
+    /// TCP peers allowed to connect (empty: all).
+    pub allow: super::allow::AllowList,
 }
 
 /// Counters shown by `query-replication`.
@@ -159,6 +162,8 @@ pub struct NbdStats {
     pub errors: AtomicU64,
     /// Clients disconnected for protocol violations.
     pub bad_clients: AtomicU64,
+    /// Connections refused (allow-list, client limit, server closed).
+    pub refused: AtomicU64,
 }
 
 struct Shared {
@@ -225,7 +230,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 fn accept_loop(listener: Listener, shared: Arc<Shared>) {
     let mut next_id = 0u64;
     loop {
-        let stream = match listener.accept() {
+        let (stream, peer) = match listener.accept() {
             Ok(s) => s,
             Err(e) => {
                 log::warn!("nbd: accept failed: {e}");
@@ -233,11 +238,21 @@ fn accept_loop(listener: Listener, shared: Arc<Shared>) {
             }
         };
         if shared.closed.load(Ordering::Acquire) {
+            shared.stats.refused.fetch_add(1, Ordering::Relaxed);
+            stream.shutdown();
+            continue;
+        }
+        if let Some(ip) = peer
+            && !shared.cfg.allow.permits(&ip)
+        {
+            log::warn!("nbd: refusing a connection from {ip}: not in the allow-list");
+            shared.stats.refused.fetch_add(1, Ordering::Relaxed);
             stream.shutdown();
             continue;
         }
         if shared.stats.clients.load(Ordering::Acquire) >= shared.cfg.max_clients {
             log::warn!("nbd: client limit {} reached, refusing a connection", shared.cfg.max_clients);
+            shared.stats.refused.fetch_add(1, Ordering::Relaxed);
             stream.shutdown();
             continue;
         }

@@ -133,6 +133,7 @@ impl ReplicationControl for SecondaryControl {
                 "bytes-written": n.bytes_written.load(Ordering::Relaxed),
                 "errors": n.errors.load(Ordering::Relaxed),
                 "bad-clients": n.bad_clients.load(Ordering::Relaxed),
+                "refused": n.refused.load(Ordering::Relaxed),
             })),
             "active": s.files.active.display().to_string(),
             "hidden": s.files.hidden.display().to_string(),
