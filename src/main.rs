@@ -9,9 +9,9 @@ use clap::{Parser, Subcommand, ValueEnum};
 mod bench;
 mod ctl;
 
-use colo_blk::block::BlockDevice;
 use colo_blk::block::fault::{FaultPlan, FaultyDevice};
 use colo_blk::block::raw::{EngineKind, NullDisk, RawDisk, RawOptions};
+use colo_blk::block::{BlockDevice, BlockError};
 use colo_blk::daemon::{Daemon, ServeConfig, SocketPerms};
 use colo_blk::nbd::allow::AllowList;
 use colo_blk::nbd::client::NbdUri;
@@ -308,6 +308,10 @@ fn serve(a: ServeArgs) -> ExitCode {
                 let size = disk.size();
                 let sec = match Secondary::open(disk, files) {
                     Ok(s) => s,
+                    Err(e @ BlockError::Refused(_)) => {
+                        eprintln!("colo-blk: {e}");
+                        return ExitCode::FAILURE;
+                    }
                     Err(e) => return usage_error(format!("--active/--hidden: {}", error_chain(&e))),
                 };
                 if let Err(e) = sec.check_lengths() {

@@ -97,6 +97,9 @@ pub enum BlockError {
         /// The logical block size it must be a multiple of.
         block_size: u32,
     },
+    /// The disk must not be served as it is (the message says why and what to do).
+    #[error("{0}")]
+    Refused(String),
     /// The I/O engine could not be set up.
     #[error("cannot set up I/O for a queue")]
     Engine(#[source] IoEngineError),

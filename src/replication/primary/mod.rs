@@ -582,6 +582,11 @@ impl Mirror {
                 self.dirty.count_all() * SECTOR
             )));
         };
+        // A checkpoint is only consistent on a secondary that has every write.
+        let behind = self.dirty.count_all() * SECTOR;
+        if behind > 0 {
+            return Err(ReplicationError(format!("the secondary is not in sync yet: {behind} bytes to copy")));
+        }
         let upto = self.next_handle.load(Ordering::Acquire);
         let deadline = Instant::now() + timeout;
         let mut g = lock(&link.pending);

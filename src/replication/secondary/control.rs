@@ -20,6 +20,7 @@ impl ReplicationControl for SecondaryControl {
             return Err(ReplicationError::mode_mismatch(Mode::Secondary, args.mode));
         }
         s.check_lengths()?;
+        s.state.write(DiskState::Replicating).map_err(|e| ReplicationError(format!("cannot record the state: {e}")))?;
         let closed = s.quiesce()?;
         s.empty_buffers().map_err(|e| ReplicationError(format!("Failed to empty buffers: {e}")))?;
         *lock(&s.error) = None;
@@ -69,6 +70,14 @@ impl ReplicationControl for SecondaryControl {
             Stage::None | Stage::FailoverFailed => return Err(ReplicationError::not_running()),
             Stage::Running => {}
         }
+        if failover && s.unclean.load(Ordering::Acquire) {
+            return Err(ReplicationError(format!(
+                "The secondary disk is not consistent: colo-blk stopped while replicating ({}) and no \
+                 checkpoint has passed since. Let the primary resynchronise it and take a checkpoint, \
+                 or restore the disk, before failing over",
+                s.state.path().display()
+            )));
+        }
         // No primary write may land once the buffers are being dropped or merged.
         s.close_nbd();
         s.discard_pending();
@@ -77,6 +86,7 @@ impl ReplicationControl for SecondaryControl {
             // QEMU's version of this path fails and keeps the buffers (spec §3.5); the
             // documented intent is to drop them and stop, which is what happens here.
             s.empty_buffers().map_err(|e| ReplicationError(format!("Failed to empty buffers: {e}")))?;
+            s.state.write(DiskState::Clean).map_err(|e| ReplicationError(format!("cannot record the state: {e}")))?;
             s.set_stage(Stage::Done);
             return Ok(());
         }
@@ -92,6 +102,7 @@ impl ReplicationControl for SecondaryControl {
         let total = (s.active_map.count_all() + hidden_only) * SECTOR;
         s.merge_total.store(total, Ordering::Relaxed);
         s.merge_done.store(0, Ordering::Relaxed);
+        s.state.write(DiskState::Merging).map_err(|e| ReplicationError(format!("cannot record the state: {e}")))?;
         s.merging.store(true, Ordering::Release);
         s.merge_clock.start(0);
         s.set_stage(Stage::Failover);
@@ -118,6 +129,8 @@ impl ReplicationControl for SecondaryControl {
             "checkpoints": s.checkpoints.load(Ordering::Relaxed),
             "last-checkpoint-us": s.last_checkpoint_us.load(Ordering::Relaxed),
             "colo": s.colo_query(),
+            "disk-consistent": !s.unclean.load(Ordering::Acquire),
+            "state-file": s.state.path().display().to_string(),
             "commit": {
                 "active": s.merging.load(Ordering::Acquire),
                 "total-bytes": s.merge_total.load(Ordering::Relaxed),
@@ -153,6 +166,9 @@ impl Secondary {
         let us = u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX);
         self.last_checkpoint_us.store(us, Ordering::Relaxed);
         self.checkpoints.fetch_add(1, Ordering::Relaxed);
+        if r.is_ok() && self.unclean.swap(false, Ordering::AcqRel) {
+            log::info!("checkpoint passed: the secondary disk is consistent again");
+        }
         match r {
             Ok(()) => {
                 log::info!(

@@ -88,6 +88,10 @@ pub struct Secondary {
     colo: Mutex<colo::ColoState>,
     /// Fast check for the write path: a barrier waits for its commit.
     barrier_pending: AtomicBool,
+    /// The crash marker next to the disk.
+    state: StateFile,
+    /// colo-blk stopped while replicating and no checkpoint passed since: no failover.
+    unclean: AtomicBool,
 }
 
 impl std::fmt::Debug for Secondary {
@@ -156,6 +160,28 @@ impl Secondary {
             .buffered_file()
             .map_err(|source| BlockError::Open { path: disk.path().display().to_string(), source })?;
         let sectors = size / SECTOR;
+        let state = StateFile::for_disk(disk.path());
+        let unclean = match state.read().map_err(|e| BlockError::Refused(e.to_string()))? {
+            DiskState::Clean => false,
+            DiskState::Replicating => {
+                log::warn!(
+                    "{} says colo-blk stopped while replicating: the disk is not a checkpoint; \
+                     failover is refused until the primary resynchronised it and a checkpoint passed",
+                    state.path().display()
+                );
+                true
+            }
+            DiskState::Merging => {
+                return Err(BlockError::Refused(format!(
+                    "{} says colo-blk stopped during a failover commit: the disk is half merged and \
+                     the merge cannot be resumed (the buffer maps were in memory). Restore the disk \
+                     from the primary or a backup (e.g. serve it as a fresh secondary and let the \
+                     primary copy it with sync=full), then remove {} to serve it",
+                    disk.path().display(),
+                    state.path().display()
+                )));
+            }
+        };
         Ok(Arc::new(Secondary {
             disk,
             file,
@@ -182,6 +208,8 @@ impl Secondary {
             error_at: ErrorTime::default(),
             colo: Mutex::new(colo::ColoState::default()),
             barrier_pending: AtomicBool::new(false),
+            state,
+            unclean: AtomicBool::new(unclean),
             pool: Pool::new(POOL_THREADS).map_err(|e| BlockError::Engine(IoEngineError::Setup(e)))?,
         }))
     }
@@ -476,6 +504,7 @@ impl Secondary {
             let closed = self.gate.close(QUIESCE_TIMEOUT).ok_or_else(|| io::Error::other("quiesce timed out"))?;
             self.merge_pass(false, false)?;
             self.file.sync_data()?;
+            self.state.write(DiskState::Clean).map_err(io::Error::other)?;
             self.set_stage(Stage::Done);
             *lock(&self.error) = None;
             self.error_at.clear();
@@ -524,6 +553,7 @@ mod colo;
 mod control;
 mod device;
 mod export;
+mod state;
 #[cfg(test)]
 mod tests;
 
@@ -531,3 +561,4 @@ pub use colo::CommitTrigger;
 pub use control::SecondaryControl;
 pub use device::SecondaryDevice;
 pub use export::SecondaryExport;
+pub use state::{DiskState, StateFile};
