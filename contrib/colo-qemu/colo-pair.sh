@@ -28,6 +28,9 @@
 #   --no-hook           (control experiment) with --colo-blk, do not give QEMU the hook node:
 #                       no barriers, so the secondary never commits a checkpoint and the
 #                       disk check must fail
+#   --kill-primary-blk  with --colo-blk, also kill -9 the primary colo-blk at the failover
+#                       freeze point, before the secondary is told to fail over (a primary
+#                       host failure takes the backend down with QEMU)
 # Env:
 #   QEMU72              QEMU 7.2 wrapper (default: output of fetch-qemu72.sh)
 #   SIZE                image size for --qsd / --make-image (default 16M)
@@ -41,6 +44,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 QSD=0 PSOCK= SSOCK= WORKDIR= IMAGE= K=5 DELAY_MS=1000 AFTER=5 MEM=128 PORT=9998
 HOOK=${COLO_HOOK_SOCK:-} HOOK_NBD=0 TRACE= KEEP=0 MAKE_IMAGE= COLOBLK= NO_HOOK=0
+KILL_PBLK=0
 SIZE=${SIZE:-16M}
 
 while [[ $# -gt 0 ]]; do
@@ -61,6 +65,7 @@ while [[ $# -gt 0 ]]; do
     --trace) TRACE=$2; shift ;;
     --keep) KEEP=1 ;;
     --no-hook) NO_HOOK=1 ;;
+    --kill-primary-blk) KILL_PBLK=1 ;;
     --make-image) MAKE_IMAGE=$2; shift ;;
     -h|--help) sed -n '2,/^set -e/p' "$0" | sed 's/^# \{0,1\}//; /^set -e/d'; exit 0 ;;
     *) echo "colo-pair.sh: unknown option $1" >&2; exit 2 ;;
@@ -162,12 +167,14 @@ if [[ -n $COLOBLK ]]; then
         --num-queues 1 --replication secondary --active s.active.img --hidden s.hidden.img \
         --nbd-listen "unix:$WORKDIR/s.nbd.sock" --nbd-export colo >s.blk.log 2>&1 &
     PIDS+=($!)
+    echo $! >s.blk.pid
     wait_socket "$WORKDIR/s.blk.qmp" 10
     ctl s replication-start mode=secondary >/dev/null
     RUST_LOG=${RUST_LOG:-info} "$COLOBLK" serve --socket "$PSOCK" --qmp "$WORKDIR/p.blk.qmp" --disk p.img \
         --num-queues 1 --replication primary --secondary "nbd+unix:///colo?socket=$WORKDIR/s.nbd.sock" \
         --colo-hook "unix:$HOOK" >p.blk.log 2>&1 &
     PIDS+=($!)
+    echo $! >p.blk.pid
     wait_socket "$WORKDIR/p.blk.qmp" 10
     wait_socket "$HOOK" 10
     ctl p replication-start mode=primary >/dev/null
@@ -239,6 +246,9 @@ fi
 if [[ -n $COLOBLK ]]; then
     # The orchestrator's duty at failover: tell the secondary colo-blk before QEMU resumes.
     ON_FREEZE="'$COLOBLK' ctl --qmp '$WORKDIR/s.blk.qmp' replication-stop failover=true"
+    if [[ $KILL_PBLK == 1 ]]; then
+        ON_FREEZE="kill -9 $(cat p.blk.pid); date +%s.%N >p.blk.killed; $ON_FREEZE"
+    fi
 fi
 set +e
 python3 "$here/colo_drive.py" --pqmp p.qmp --sqmp s.qmp --ppid "$(cat p.pid)" --port "$PORT" \

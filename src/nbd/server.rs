@@ -216,6 +216,19 @@ impl NbdServer {
         }
     }
 
+    /// Serves one already-connected client on the calling thread until it leaves (used by
+    /// the fuzz target `fuzz/fuzz_targets/nbd_server.rs` over a socket pair).
+    pub fn serve_stream(stream: Stream, cfg: NbdServerConfig, export: Arc<dyn NbdExport>) -> io::Result<()> {
+        let shared = Arc::new(Shared {
+            cfg,
+            export,
+            conns: Mutex::new(Vec::new()),
+            stats: Arc::new(NbdStats::default()),
+            closed: AtomicBool::new(false),
+        });
+        serve_client(stream, &shared)
+    }
+
     /// Stops accepting for good and disconnects everyone.
     pub fn close(&self) {
         self.shared.closed.store(true, Ordering::Release);

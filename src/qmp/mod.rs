@@ -7,7 +7,7 @@
 
 pub mod client;
 mod command;
-mod server;
+pub mod server;
 
 pub use command::{Command, QmpError};
 pub use server::{EventBus, QmpServer};

@@ -110,6 +110,32 @@ fn ok_reply(ret: Value, id: Option<&Value>) -> Value {
     v
 }
 
+/// Decodes one QMP message into a command and its `id` (echoed in the answer), or the error
+/// answer to send. Never panics, whatever the input (fuzzed: fuzz/fuzz_targets/qmp.rs).
+pub fn decode(msg: &Value) -> Result<(Command, Option<Value>), (QmpError, Option<Value>)> {
+    let Some(obj) = msg.as_object() else {
+        return Err((QmpError::Generic("QMP input must be a JSON object".into()), None));
+    };
+    let req_id = obj.get("id").cloned();
+    let name = match obj.get("execute") {
+        Some(Value::String(s)) => s.as_str(),
+        Some(_) => return Err((QmpError::Generic("QMP input member 'execute' must be a string".into()), req_id)),
+        None => return Err((QmpError::Generic("QMP input lacks member 'execute'".into()), req_id)),
+    };
+    let empty = Map::new();
+    let args = match obj.get("arguments") {
+        None => &empty,
+        Some(Value::Object(a)) => a,
+        Some(_) => {
+            return Err((QmpError::Generic("QMP input member 'arguments' must be an object".into()), req_id));
+        }
+    };
+    match Command::parse(name, args) {
+        Ok(c) => Ok((c, req_id)),
+        Err(e) => Err((e, req_id)),
+    }
+}
+
 fn serve_client(stream: UnixStream, id: usize, handler: &dyn QmpHandler, events: &EventBus) -> std::io::Result<()> {
     stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
     let writer: Writer = Arc::new(Mutex::new(stream.try_clone()?));
@@ -131,44 +157,14 @@ fn serve_client(stream: UnixStream, id: usize, handler: &dyn QmpHandler, events:
                 return Ok(());
             }
         };
-        let Some(obj) = msg.as_object() else {
-            send(&writer, &error_reply(&QmpError::Generic("QMP input must be a JSON object".into()), None))?;
-            continue;
-        };
-        let req_id = obj.get("id");
-        let name = match obj.get("execute") {
-            Some(Value::String(s)) => s.as_str(),
-            Some(_) => {
-                send(
-                    &writer,
-                    &error_reply(&QmpError::Generic("QMP input member 'execute' must be a string".into()), req_id),
-                )?;
-                continue;
-            }
-            None => {
-                send(&writer, &error_reply(&QmpError::Generic("QMP input lacks member 'execute'".into()), req_id))?;
+        let (cmd, req_id) = match decode(&msg) {
+            Ok(ok) => ok,
+            Err((e, id)) => {
+                send(&writer, &error_reply(&e, id.as_ref()))?;
                 continue;
             }
         };
-        let empty = Map::new();
-        let args = match obj.get("arguments") {
-            None => &empty,
-            Some(Value::Object(a)) => a,
-            Some(_) => {
-                send(
-                    &writer,
-                    &error_reply(&QmpError::Generic("QMP input member 'arguments' must be an object".into()), req_id),
-                )?;
-                continue;
-            }
-        };
-        let cmd = match Command::parse(name, args) {
-            Ok(c) => c,
-            Err(e) => {
-                send(&writer, &error_reply(&e, req_id))?;
-                continue;
-            }
-        };
+        let req_id = req_id.as_ref();
         let reply = match (&cmd, negotiated) {
             (Command::QmpCapabilities, false) => {
                 negotiated = true;
