@@ -188,7 +188,9 @@ fn main() -> ExitCode {
         eprintln!("colo-blk: cannot block signals: {e}");
         return ExitCode::FAILURE;
     }
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_timestamp_millis()
+        .init();
     let cli = Cli::parse();
     match cli.command {
         Cmd::Serve(args) => serve(*args),

@@ -187,8 +187,12 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn acked_features(&self, features: u64) {
-        self.shared.acked.store(features, Ordering::Release);
-        log::info!("features negotiated: {features:#x}");
+        // QEMU re-sends the same features at every VM stop/start (COLO: every checkpoint).
+        if self.shared.acked.swap(features, Ordering::AcqRel) != features {
+            log::info!("features negotiated: {features:#x}");
+        } else {
+            log::debug!("features acknowledged again: {features:#x}");
+        }
         self.shared.update_writeback();
         self.device.frontend_starting(self.shared.logging());
     }
