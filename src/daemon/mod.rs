@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use vhost::vhost_user::Listener;
+
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
@@ -20,6 +20,7 @@ use crate::block::{BlockDevice, BlockError};
 use crate::qmp::{Command, EventBus, QmpError, QmpHandler, QmpServer};
 use crate::replication::ReplicationControl;
 use crate::stats::{QueueStats, snapshot};
+use crate::vhost::proxy::{DeviceShape, relay};
 use crate::vhost::{BlkBackend, DRAIN_TIMEOUT, DeviceConfig, Shared, completion_event_id};
 
 /// Everything `colo-blk serve` needs, already validated by the CLI.
@@ -139,7 +140,11 @@ impl Daemon {
     }
 
     fn serve_loop(&self, listener: UnixListener) -> Result<(), DaemonError> {
-        let mut listener = Listener::from(listener);
+        // The handler's end of each connection is reached through a private socket next to
+        // the public one; the relay (vhost::proxy) sits between the two.
+        let mut inner_path = self.cfg.socket.clone().into_os_string();
+        inner_path.push(".handler");
+        let inner_path = std::path::PathBuf::from(inner_path);
         loop {
             let shared = Arc::new(Shared::new(self.cfg.device.clone(), self.quiescing.clone(), self.cfg.poll));
             let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
@@ -155,10 +160,32 @@ impl Daemon {
                 }
             }
             *self.current.lock().unwrap_or_else(|e| e.into_inner()) = Some(backend.clone());
-            if let Err(e) = daemon.start(&mut listener) {
-                log::error!("accepting a frontend failed: {e}");
-                continue;
-            }
+            let frontend = match listener.accept() {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    log::error!("accepting a frontend failed: {e}");
+                    continue;
+                }
+            };
+            let relay = match self.connect_handler(&mut daemon, &inner_path) {
+                Ok(handler_side) => {
+                    let shape =
+                        DeviceShape { num_queues: self.cfg.device.num_queues, queue_size: self.cfg.device.queue_size };
+                    let slot = backend.shared().inflight_slot();
+                    std::thread::Builder::new()
+                        .name("vhost-relay".into())
+                        .spawn(move || {
+                            if let Err(e) = relay(frontend, handler_side, shape, slot) {
+                                log::debug!("vhost-user relay ended: {e}");
+                            }
+                        })
+                        .map_err(DaemonError::Signals)?
+                }
+                Err(e) => {
+                    log::error!("cannot start the request handler: {e}");
+                    continue;
+                }
+            };
             self.connected.store(true, Ordering::Release);
             log::info!("frontend connected");
             self.events.emit("FRONTEND_CONNECTED", json!({}));
@@ -179,8 +206,29 @@ impl Daemon {
             }
             *self.current.lock().unwrap_or_else(|e| e.into_inner()) = None;
             self.events.emit("FRONTEND_DISCONNECTED", json!({}));
+            let _ = relay.join();
             drop(daemon);
         }
+    }
+
+    /// Starts the vhost-user-backend handler on a private socket and returns our end of it.
+    fn connect_handler(
+        &self,
+        daemon: &mut VhostUserDaemon<Arc<BlkBackend>>,
+        path: &std::path::Path,
+    ) -> Result<std::os::unix::net::UnixStream, DaemonError> {
+        let inner = sockets::bind_private(path)?;
+        let started = daemon
+            .start_client(&path.to_string_lossy())
+            .map_err(|e| DaemonError::Vhost(format!("cannot start the request handler: {e}")));
+        let accepted = started.and_then(|()| {
+            inner
+                .accept()
+                .map(|(s, _)| s)
+                .map_err(|source| DaemonError::Bind { path: path.display().to_string(), source })
+        });
+        let _ = std::fs::remove_file(path);
+        accepted
     }
 
     /// Stops taking requests, drains in-flight I/O, flushes the disk and exits the process.

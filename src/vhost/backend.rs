@@ -37,6 +37,7 @@ pub struct Shared {
     event_idx: AtomicBool,
     quiescing: Arc<AtomicBool>,
     poll: Duration,
+    inflight: super::proxy::InflightSlot,
 }
 
 impl Shared {
@@ -50,7 +51,13 @@ impl Shared {
             event_idx: AtomicBool::new(false),
             quiescing,
             poll,
+            inflight: Default::default(),
         }
+    }
+
+    /// Where the connection's inflight-tracking region is put once the frontend set it up.
+    pub fn inflight_slot(&self) -> super::proxy::InflightSlot {
+        self.inflight.clone()
     }
 
     /// The features the driver acked.

@@ -3,6 +3,8 @@
 
 pub mod backend;
 pub mod config;
+pub mod inflight;
+pub mod proxy;
 pub mod request;
 pub mod worker;
 

@@ -17,6 +17,7 @@ use vm_memory::bitmap::Bitmap;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::backend::Shared;
+use super::inflight::{InflightRegion, read_chain};
 use super::request::{self, ID_LEN, Request, RequestKind, Scratch};
 use crate::block::{BlockQueue, Completion, Op};
 use crate::stats::{OpClass, QueueStats};
@@ -142,6 +143,10 @@ pub struct QueueWorker {
     pending_used: Vec<(u16, u32)>,
     /// Requests finished whose used entries are in `pending_used`, not yet published.
     finished: usize,
+    /// The inflight-tracking region, once the frontend set one up (INFLIGHT_SHMFD).
+    inflight: Option<Arc<InflightRegion>>,
+    /// Orders pops in the inflight region.
+    inflight_counter: u64,
     bad_input: LogBudget,
     io_errors: LogBudget,
 }
@@ -168,6 +173,8 @@ impl QueueWorker {
             completions: Vec::with_capacity(256),
             pending_used: Vec::with_capacity(256),
             finished: 0,
+            inflight: None,
+            inflight_counter: 1,
             bad_input: LogBudget::default(),
             io_errors: LogBudget::default(),
         }
@@ -228,8 +235,42 @@ impl QueueWorker {
         }
     }
 
+    /// Picks up the inflight region the frontend set up; the first time, resubmits what the
+    /// previous process left in flight (a reconnect after a crash).
+    fn sync_inflight(&mut self, vring: &Vring, mem: &Arc<Mem>) {
+        if self.inflight.is_some() {
+            return;
+        }
+        let Some(region) = self.shared.inflight_slot().lock().unwrap_or_else(|e| e.into_inner()).clone() else {
+            return;
+        };
+        let Some(q) = u16::try_from(self.index).ok().and_then(|i| region.queue(i)) else { return };
+        let (ring_used, table, size) = {
+            let state = vring.get_ref();
+            let queue = state.get_queue();
+            (queue.used_idx(&**mem, Ordering::Acquire).map_or(0, |w| w.0), queue.desc_table(), queue.size())
+        };
+        let (heads, max) = q.recover(ring_used);
+        self.inflight_counter = max + 1;
+        self.inflight = Some(region.clone());
+        if heads.is_empty() {
+            return;
+        }
+        log::warn!(
+            "queue {}: resubmitting {} requests left in flight by the previous process",
+            self.index,
+            heads.len()
+        );
+        vring.get_mut().get_queue_mut().set_next_avail(ring_used.wrapping_add(heads.len() as u16));
+        for head in heads {
+            let chain = read_chain(&**mem, table, size, head);
+            self.start(head, chain.into_iter(), mem);
+        }
+    }
+
     fn run_queue(&mut self, vring: &Vring) {
         let mem = self.mem.memory().into_inner();
+        self.sync_inflight(vring, &mem);
         let event_idx = self.shared.event_idx();
         loop {
             if event_idx && let Err(e) = vring.disable_notification() {
@@ -283,6 +324,10 @@ impl QueueWorker {
             }
             self.stats.record_dropped();
             return;
+        }
+        if let Some(q) = self.inflight.as_ref().and_then(|r| r.queue(self.index as u16)) {
+            q.begin(head, self.inflight_counter);
+            self.inflight_counter += 1;
         }
         let limits = self.shared.limits();
         let req = match request::parse(chain, &**mem, &limits, &mut slot.scratch) {
@@ -472,9 +517,16 @@ impl QueueWorker {
             return;
         }
         let mut state = vring.get_mut();
+        let inflight = self.inflight.as_ref().and_then(|r| r.queue(self.index as u16));
         for &(head, len) in &self.pending_used {
+            if let Some(q) = inflight {
+                q.before_used(head);
+            }
             if let Err(e) = state.add_used(head, len) {
                 log::error!("queue {}: cannot add used entry {head}: {e}", self.index);
+            }
+            if let Some(q) = inflight {
+                q.after_used(head, state.get_queue().next_used());
             }
         }
         self.pending_used.clear();

@@ -13,7 +13,7 @@ use std::path::Path;
 use std::sync::atomic::{Ordering, fence};
 use std::time::Duration;
 
-use vhost::vhost_user::message::{VhostUserHeaderFlag, VhostUserProtocolFeatures};
+use vhost::vhost_user::message::{VhostUserHeaderFlag, VhostUserInflight, VhostUserProtocolFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserDirtyLogRegion, VhostUserMemoryRegionInfo, VringConfigData};
 use vmm_sys_util::eventfd::EventFd;
@@ -131,6 +131,8 @@ pub struct BlkFrontend {
     next_avail: u16,
     used_seen: u16,
     seq: u64,
+    /// The inflight-tracking region the backend gave us (kept across its restarts).
+    inflight: Option<(VhostUserInflight, File)>,
 }
 
 /// A completed request: its status byte and (for reads) the data.
@@ -143,6 +145,65 @@ pub struct Done {
 impl BlkFrontend {
     /// Connects and initialises the device the way QEMU does for a fresh VM.
     pub fn connect(socket: &Path) -> BlkFrontend {
+        Self::connect_with(socket, false)
+    }
+
+    /// Like [`connect`], also setting up inflight tracking as QEMU's vhost-user-blk does
+    /// (GET_INFLIGHT_FD, then SET_INFLIGHT_FD, before the rings start).
+    pub fn connect_inflight(socket: &Path) -> BlkFrontend {
+        Self::connect_with(socket, true)
+    }
+
+    fn handshake(socket: &Path, inflight: bool) -> (Frontend, u64) {
+        let mut fe = Frontend::connect(socket, 16).expect("vhost-user connect");
+        fe.set_owner().unwrap();
+        let offered = fe.get_features().unwrap();
+        let features = offered & (VIRTIO_F_VERSION_1 | PROTOCOL_FEATURES);
+        fe.set_features(features).unwrap();
+        let pf = fe.get_protocol_features().unwrap();
+        let mut want = VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::LOG_SHMFD;
+        if inflight {
+            assert!(pf.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD), "backend lacks INFLIGHT_SHMFD");
+            want |= VhostUserProtocolFeatures::INFLIGHT_SHMFD;
+        }
+        fe.set_protocol_features(pf & want).unwrap();
+        fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+        (fe, features)
+    }
+
+    fn set_mem(&mut self) {
+        let region = VhostUserMemoryRegionInfo {
+            guest_phys_addr: 0,
+            memory_size: MEM,
+            userspace_addr: self.mem.addr(),
+            mmap_offset: 0,
+            mmap_handle: self.mem.file.as_raw_fd(),
+        };
+        self.fe.set_mem_table(&[region]).unwrap();
+    }
+
+    /// The backend died and was restarted: reconnect the way QEMU does with
+    /// `reconnect-ms`: same guest memory, the saved inflight region handed back, and each
+    /// queue restarted at the used index (the backend resubmits what it had in flight).
+    pub fn reconnect(self, socket: &Path) -> BlkFrontend {
+        let BlkFrontend { mem, log, kick, call, features: _, next_avail, used_seen: _, seq, inflight, fe: old } = self;
+        drop(old);
+        let (fe, features) = Self::handshake(socket, inflight.is_some());
+        let mut f = BlkFrontend { fe, mem, log, kick, call, features, next_avail, used_seen: 0, seq, inflight };
+        f.set_mem();
+        if let Some((info, file)) = &f.inflight {
+            f.fe.set_inflight_fd(info, file.as_raw_fd()).unwrap();
+        }
+        let used = f.mem.read_u16(USED + 2);
+        f.used_seen = used;
+        f.start_queue(used, false);
+        f
+    }
+
+    fn connect_with(socket: &Path, inflight: bool) -> BlkFrontend {
         let mut fe = Frontend::connect(socket, 16).expect("vhost-user connect");
         fe.set_owner().unwrap();
         let offered = fe.get_features().unwrap();
@@ -155,9 +216,16 @@ impl BlkFrontend {
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::LOG_SHMFD;
+        let want = if inflight { want | VhostUserProtocolFeatures::INFLIGHT_SHMFD } else { want };
         fe.set_protocol_features(pf & want).unwrap();
         // Every later message waits for the backend's answer, as QEMU's do while logging.
         fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+        let inflight = inflight.then(|| {
+            let (info, file) = fe.get_inflight_fd(&VhostUserInflight::new(0, 0, 1, QSIZE)).expect("GET_INFLIGHT_FD");
+            assert!(info.mmap_size > 0, "no inflight region");
+            fe.set_inflight_fd(&info, file.as_raw_fd()).expect("SET_INFLIGHT_FD");
+            (info, file)
+        });
         let mem = SharedMem::new(MEM);
         let region = VhostUserMemoryRegionInfo {
             guest_phys_addr: 0,
@@ -178,6 +246,7 @@ impl BlkFrontend {
             next_avail: 0,
             used_seen: 0,
             seq: 0,
+            inflight,
         };
         f.start_queue(0, false);
         f

@@ -31,6 +31,13 @@ impl Server {
     /// logs that it is serving.
     pub fn start(dir: tempfile::TempDir, args: &[&str]) -> Server {
         let socket = dir.path().join("vhost.sock");
+        Self::start_at(dir, &socket, args)
+    }
+
+    /// Like [`Server::start`] with a given vhost-user socket path (a restart on the same
+    /// socket, as a frontend reconnecting expects).
+    pub fn start_at(dir: tempfile::TempDir, socket: &Path, args: &[&str]) -> Server {
+        let socket = socket.to_path_buf();
         let qmp = dir.path().join("qmp.sock");
         let mut child = Command::new(env!("CARGO_BIN_EXE_colo-blk"))
             .arg("serve")
