@@ -20,9 +20,6 @@ fuzz_target!(|data: &[u8]| {
     let (ctl, rest) = data.split_at(8);
     let mem: GuestMemoryMmap = GuestMemoryMmap::from_ranges(&[(GuestAddress(R0.0), R0.1), (GuestAddress(R1.0), R1.1)])
         .expect("guest memory");
-    // Memory content: the first part of the input (headers, segments, ids live here).
-    let fill = rest.len().min(R0.1);
-    mem.write_slice(&rest[..fill], GuestAddress(0)).expect("fill");
     let limits = Limits {
         capacity_sectors: u64::from(u16::from_le_bytes([ctl[0], ctl[1]])) + if ctl[2] & 1 != 0 { u64::MAX / 1024 } else { 0 },
         block_size: if ctl[2] & 2 != 0 { 4096 } else { 512 },
@@ -30,13 +27,14 @@ fuzz_target!(|data: &[u8]| {
         discard: ctl[2] & 8 != 0,
         write_zeroes: ctl[2] & 16 != 0,
     };
-    // Descriptors: 14 bytes each from the rest of the input.
-    let descs: Vec<Descriptor> = rest[fill..]
+    // Descriptors first (14 bytes each, up to 300), then guest memory content.
+    let n = (usize::from(u16::from_le_bytes([ctl[4], ctl[5]])) % 301).min(rest.len() / 14);
+    let (desc_bytes, content) = rest.split_at(n * 14);
+    let descs: Vec<Descriptor> = desc_bytes
         .chunks_exact(14)
-        .take(300)
         .map(|c| {
             let addr = u64::from_le_bytes(c[0..8].try_into().unwrap());
-            // Bias addresses towards the regions so the interesting paths are reached.
+            // Mostly addresses near the regions, so the interesting paths are reached.
             let addr = if ctl[3] & 1 != 0 { addr } else { addr % 0x10000 };
             let len = u32::from_le_bytes(c[8..12].try_into().unwrap());
             let len = if ctl[3] & 2 != 0 { len } else { len % 0x2000 };
@@ -44,10 +42,26 @@ fuzz_target!(|data: &[u8]| {
             Descriptor::new(addr, len, flags, 0)
         })
         .collect();
+    // Guest memory content (headers, segments live here); repeated to fill the first region.
+    if !content.is_empty() {
+        let mut fill = Vec::with_capacity(R0.1);
+        while fill.len() < R0.1 {
+            fill.extend_from_slice(content);
+        }
+        fill.truncate(R0.1);
+        mem.write_slice(&fill, GuestAddress(0)).expect("fill");
+        mem.write_slice(&fill, GuestAddress(R1.0)).expect("fill");
+    }
     let mut scratch = Scratch::default();
     if let Ok(req) = parse(descs.into_iter(), &mem, &limits, &mut scratch) {
         let end = req.offset.checked_add(req.data_len).expect("offset + length overflows");
-        assert!(end <= limits.capacity_sectors.saturating_mul(512) || req.data_len == 0 || matches!(req.kind, colo_blk::vhost::request::RequestKind::GetId));
+        // Reads and writes stay inside the disk (a flush may carry ignored data, as QEMU
+        // accepts it too; GET_ID's buffer is not disk data).
+        use colo_blk::vhost::request::RequestKind;
+        if matches!(req.kind, RequestKind::Read | RequestKind::Write) {
+            assert!(end <= limits.capacity_sectors.saturating_mul(512), "{req:?} {limits:?}");
+            assert!(req.data_len % u64::from(limits.block_size) == 0, "{req:?} {limits:?}");
+        }
         for seg in &scratch.segments {
             assert!(seg.offset.checked_add(seg.len).is_some_and(|e| e <= limits.capacity_sectors.saturating_mul(512)));
         }
