@@ -273,3 +273,16 @@ fn kernel_filled_buffers_are_logged_dirty() {
     assert!(!dirty(0x5000));
     assert!(!dirty((1 << 20) + 8192));
 }
+
+/// Regression input from fuzzing (fuzz/fuzz_targets/virtio_request.rs): a FLUSH chain that
+/// also carries an odd-sized data buffer is a flush — the data is ignored, never read or
+/// written, whatever its length, and the sector field does not matter (QEMU does the same).
+#[test]
+fn flush_with_data_descriptors_is_a_plain_flush() {
+    let m = mem();
+    header(&m, VIRTIO_BLK_T_FLUSH, 7);
+    let (r, _) = run(&m, &rw(&[(DATA, 8191, false)]), &Limits { capacity_sectors: 12, ..limits() });
+    let r = r.unwrap();
+    assert_eq!(r.kind, RequestKind::Flush);
+    assert_eq!(r.status, GuestAddress(STATUS));
+}
