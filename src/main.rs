@@ -15,6 +15,7 @@ use colo_blk::block::{BlockDevice, BlockError};
 use colo_blk::daemon::{Daemon, ServeConfig, SocketPerms};
 use colo_blk::nbd::allow::AllowList;
 use colo_blk::nbd::client::NbdUri;
+use colo_blk::nbd::tls;
 use colo_blk::nbd::{NbdAddress, NbdServer, NbdServerConfig};
 use colo_blk::replication::continuous::SecondaryThenPrimary;
 use colo_blk::replication::primary::{ColoHook, HOOK_EXPORT, Mirror, MirrorConfig, MirrorControl, MirrorDevice};
@@ -132,6 +133,14 @@ struct ServeArgs {
     /// `ADDR[/BITS],...` (default: any). UNIX sockets are protected by their mode instead.
     #[arg(long)]
     nbd_allow: Option<AllowList>,
+    /// Secondary: require TLS with a client certificate on the NBD server. DIR holds
+    /// ca-cert.pem, server-cert.pem and server-key.pem (QEMU's tls-creds-x509 layout).
+    #[arg(long)]
+    nbd_tls_creds: Option<PathBuf>,
+    /// Primary: connect to the secondary with TLS. DIR holds ca-cert.pem, client-cert.pem and
+    /// client-key.pem (QEMU's tls-creds-x509 layout).
+    #[arg(long)]
+    secondary_tls_creds: Option<PathBuf>,
     /// Mode of the UNIX sockets colo-blk creates (vhost-user, control, NBD, hook), octal.
     #[arg(long, default_value = "600", value_parser = parse_mode)]
     socket_mode: u32,
@@ -259,6 +268,12 @@ fn serve(a: ServeArgs) -> ExitCode {
     {
         return usage_error("--nbd-allow: only applies to TCP listeners (--nbd-listen / --colo-hook HOST:PORT)".into());
     }
+    if a.nbd_tls_creds.is_some() && !matches!(&a.nbd_listen, Some(NbdAddress::Tcp(_))) {
+        return usage_error("--nbd-tls-creds: needs a TCP --nbd-listen HOST:PORT".into());
+    }
+    if a.secondary_tls_creds.is_some() && a.replication == Replication::None {
+        return usage_error("--secondary-tls-creds: only valid with --replication primary or secondary".into());
+    }
     if a.queue_size == 0 || !a.queue_size.is_power_of_two() {
         return usage_error(format!("--queue-size: {} is not a power of two", a.queue_size));
     }
@@ -274,7 +289,22 @@ fn serve(a: ServeArgs) -> ExitCode {
     }
     let mut secondary: Option<Arc<Secondary>> = None;
     let mut mirror: Option<Arc<Mirror>> = None;
+    let secondary_tls = match &a.secondary_tls_creds {
+        None => None,
+        Some(dir) => match tls::client_config(dir) {
+            Ok(c) => Some(c),
+            Err(e) => return usage_error(format!("--secondary-tls-creds: {e}")),
+        },
+    };
+    let nbd_tls = match &a.nbd_tls_creds {
+        None => None,
+        Some(dir) => match tls::server_config(dir) {
+            Ok(c) => Some(c),
+            Err(e) => return usage_error(format!("--nbd-tls-creds: {e}")),
+        },
+    };
     let mirror_cfg = MirrorConfig {
+        tls: secondary_tls,
         secondary: a.secondary.clone(),
         timeout: std::time::Duration::from_secs_f64(a.secondary_timeout),
     };
@@ -381,6 +411,7 @@ fn serve(a: ServeArgs) -> ExitCode {
             max_clients: 4,
             threads_per_client: 1,
             allow: a.nbd_allow.clone().unwrap_or_default(),
+            tls: None,
         };
         match NbdServer::start(addr, cfg, Arc::new(ColoHook(m.clone()))) {
             Ok(_) => {
@@ -400,6 +431,7 @@ fn serve(a: ServeArgs) -> ExitCode {
             max_clients: a.nbd_max_clients,
             threads_per_client: 4,
             allow: a.nbd_allow.clone().unwrap_or_default(),
+            tls: nbd_tls.clone(),
         };
         match NbdServer::start(addr, cfg, Arc::new(SecondaryExport(sec.clone()))) {
             Ok(server) => {

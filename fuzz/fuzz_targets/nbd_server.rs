@@ -54,6 +54,7 @@ fuzz_target!(|data: &[u8]| {
         max_clients: 1,
         threads_per_client: 2,
         allow: Default::default(),
+        tls: None,
     };
     let export = Arc::new(MemExport(Mutex::new(vec![0u8; SIZE])));
     let t = std::thread::spawn(move || NbdServer::serve_stream(Stream::Unix(server), cfg, export));

@@ -99,8 +99,13 @@ fn bad(msg: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg)
 }
 
-/// Connects and negotiates; returns the stream in transmission phase.
-pub fn connect(uri: &NbdUri, timeout: Duration) -> io::Result<(Stream, ExportInfo)> {
+/// Connects and negotiates (STARTTLS first when `tls` is given); returns the stream in
+/// transmission phase.
+pub fn connect(
+    uri: &NbdUri,
+    timeout: Duration,
+    tls: Option<&std::sync::Arc<rustls::ClientConfig>>,
+) -> io::Result<(Stream, ExportInfo)> {
     let mut s = match &uri.target {
         NbdTarget::Tcp(hp) => {
             let addr = std::net::ToSocketAddrs::to_socket_addrs(hp)?
@@ -129,6 +134,26 @@ pub fn connect(uri: &NbdUri, timeout: Duration) -> io::Result<(Stream, ExportInf
     let no_zeroes = server_flags & FLAG_NO_ZEROES != 0;
     let cflags = CLIENT_FIXED_NEWSTYLE | if no_zeroes { CLIENT_NO_ZEROES } else { 0 };
     s.write_all(&cflags.to_be_bytes())?;
+    if let Some(cfg) = tls {
+        let NbdTarget::Tcp(hp) = &uri.target else {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "TLS needs a TCP secondary (nbd://HOST:PORT)"));
+        };
+        send_option(&mut s, OPT_STARTTLS, &[])?;
+        if read_u64(&mut s)? != OPT_REPLY_MAGIC {
+            return Err(bad("bad option reply magic".into()));
+        }
+        let (_opt, rtype, len) = (read_u32(&mut s)?, read_u32(&mut s)?, read_u32(&mut s)?);
+        let mut payload = vec![0u8; len.min(MAX_OPTION) as usize];
+        s.read_exact(&mut payload)?;
+        if rtype != REP_ACK {
+            return Err(io::Error::new(
+                io::ErrorKind::ConnectionRefused,
+                format!("server refused TLS (reply {rtype:#x}: {})", String::from_utf8_lossy(&payload)),
+            ));
+        }
+        let host = hp.rsplit_once(':').map_or(hp.as_str(), |(h, _)| h).trim_start_matches('[').trim_end_matches(']');
+        s = super::tls::connect(s, cfg.clone(), host)?;
+    }
     let colo = ask_colo(&mut s)?;
     // OPT_GO: u32 name length, name, u16 number of info requests (none).
     let name = uri.export.as_bytes();

@@ -147,6 +147,8 @@ pub struct NbdServerConfig {
     pub threads_per_client: usize,
     /// TCP peers allowed to connect (empty: all).
     pub allow: super::allow::AllowList,
+    /// Require TLS (STARTTLS first) with these credentials.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 /// Counters shown by `query-replication`.
@@ -324,6 +326,7 @@ fn negotiate(s: &mut Stream, shared: &Shared) -> io::Result<Negotiated> {
     let export = &shared.export;
     let tflags = transmission_flags(&**export);
     let mut colo = false;
+    let mut tls_up = false;
     loop {
         let hdr = read_exact::<16>(s)?;
         if u64::from_be_bytes(hdr[0..8].try_into().unwrap_or_default()) != IHAVEOPT {
@@ -336,6 +339,25 @@ fn negotiate(s: &mut Stream, shared: &Shared) -> io::Result<Negotiated> {
         }
         let mut data = vec![0u8; len as usize];
         s.read_exact(&mut data)?;
+        if let Some(cfg) = &shared.cfg.tls
+            && !tls_up
+        {
+            match opt {
+                OPT_STARTTLS if data.is_empty() => {
+                    s.write_all(&option_reply(opt, REP_ACK, &[]))?;
+                    let tcp = std::mem::replace(s, s.try_clone()?);
+                    *s = super::tls::accept(tcp, cfg.clone())?;
+                    tls_up = true;
+                }
+                OPT_EXPORT_NAME => return Err(protocol_error("EXPORT_NAME without TLS".into())),
+                OPT_ABORT => {
+                    let _ = s.write_all(&option_reply(opt, REP_ACK, &[]));
+                    return Ok(Negotiated::Aborted);
+                }
+                _ => s.write_all(&option_reply(opt, REP_ERR_TLS_REQD, b"TLS is required"))?,
+            }
+            continue;
+        }
         match opt {
             OPT_EXPORT_NAME => {
                 if data != shared.cfg.export_name.as_bytes() {
@@ -404,6 +426,7 @@ fn negotiate(s: &mut Stream, shared: &Shared) -> io::Result<Negotiated> {
                     return Ok(Negotiated::Transmission { colo });
                 }
             }
+            OPT_STARTTLS if tls_up => s.write_all(&option_reply(opt, REP_ERR_INVALID, b"TLS is already up"))?,
             OPT_STARTTLS => s.write_all(&option_reply(opt, REP_ERR_POLICY, b"TLS is not configured"))?,
             _ => s.write_all(&option_reply(opt, REP_ERR_UNSUP, &[]))?,
         }

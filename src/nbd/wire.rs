@@ -52,6 +52,8 @@ pub const REP_ERR_POLICY: u32 = 2 | 1 << 31;
 pub const REP_ERR_INVALID: u32 = 3 | 1 << 31;
 /// The export is unknown.
 pub const REP_ERR_UNKNOWN: u32 = 6 | 1 << 31;
+/// TLS is required before this option.
+pub const REP_ERR_TLS_REQD: u32 = 5 | 1 << 31;
 /// The server is shutting down.
 pub const REP_ERR_SHUTDOWN: u32 = 7 | 1 << 31;
 

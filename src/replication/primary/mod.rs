@@ -74,6 +74,8 @@ pub struct MirrorConfig {
     pub secondary: Option<NbdUri>,
     /// A forwarded request older than this breaks the link.
     pub timeout: Duration,
+    /// TLS with a client certificate on the link (`--secondary-tls-creds`).
+    pub tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 /// The primary's replication state, shared by all queues.
@@ -204,8 +206,11 @@ impl Mirror {
     }
 
     fn connect(self: &Arc<Self>, uri: &NbdUri) -> io::Result<Arc<Link>> {
-        let timeout = lock(&self.cfg).timeout;
-        let (stream, info) = client::connect(uri, timeout)?;
+        let (timeout, tls) = {
+            let c = lock(&self.cfg);
+            (c.timeout, c.tls.clone())
+        };
+        let (stream, info) = client::connect(uri, timeout, tls.as_ref())?;
         if info.size != self.size {
             stream.shutdown();
             return Err(io::Error::new(

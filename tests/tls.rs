@@ -1,0 +1,190 @@
+//! TLS with client certificates on the replication link, interoperating with QEMU's
+//! `tls-creds-x509` (qemu-io as a TLS primary, qemu-nbd as a TLS secondary) and between two
+//! colo-blk instances. Only a peer with a certificate from the CA gets in.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use common::pair::*;
+use common::*;
+use serde_json::json;
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate, in QEMU's layout:
+/// `srv/` (ca-cert, server-cert, server-key) and `cli/` (ca-cert, client-cert, client-key).
+/// `rogue/` holds a client certificate from another CA.
+fn make_creds(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let script = r#"
+set -e
+ca() { openssl req -x509 -newkey rsa:2048 -nodes -keyout $1-key.pem -out $1-cert.pem -days 2 -subj "/CN=$1" 2>/dev/null; }
+leaf() { # NAME CA EXT
+  openssl req -newkey rsa:2048 -nodes -keyout $1-key.pem -out $1.csr -subj "/CN=$1" 2>/dev/null
+  printf "$3" > $1.ext
+  openssl x509 -req -in $1.csr -CA $2-cert.pem -CAkey $2-key.pem -CAcreateserial -out $1-cert.pem -days 2 -extfile $1.ext 2>/dev/null
+}
+ca ca; ca other
+leaf server ca "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\nkeyUsage=digitalSignature,keyEncipherment\n"
+leaf client ca "extendedKeyUsage=clientAuth\nkeyUsage=digitalSignature,keyEncipherment\n"
+leaf intruder other "extendedKeyUsage=clientAuth\nkeyUsage=digitalSignature,keyEncipherment\n"
+mkdir srv cli rogue
+cp ca-cert.pem server-cert.pem server-key.pem srv/
+cp ca-cert.pem client-cert.pem client-key.pem cli/
+cp ca-cert.pem rogue/; cp intruder-cert.pem rogue/client-cert.pem; cp intruder-key.pem rogue/client-key.pem
+"#;
+    let out = Command::new("bash").arg("-c").arg(script).current_dir(dir).output().unwrap();
+    assert!(out.status.success(), "openssl: {}", String::from_utf8_lossy(&out.stderr));
+    (dir.join("srv"), dir.join("cli"), dir.join("rogue"))
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn tls_secondary(dir: &Path, port: u16, srv: &Path) -> (Server, PathBuf) {
+    let p = |n: &str| dir.join(n).display().to_string();
+    let (d, a, h) = (p("sec.img"), p("a.img"), p("h.img"));
+    let listen = format!("127.0.0.1:{port}");
+    let creds = srv.display().to_string();
+    let s = Server::start(
+        tempfile::tempdir().unwrap(),
+        &[
+            "--replication",
+            "secondary",
+            "--disk",
+            &d,
+            "--size",
+            "16M",
+            "--active",
+            &a,
+            "--hidden",
+            &h,
+            "--nbd-listen",
+            &listen,
+            "--nbd-tls-creds",
+            &creds,
+        ],
+    );
+    qmp(&s, "replication-start", json!({"mode": "secondary"})).unwrap();
+    (s, dir.join("sec.img"))
+}
+
+fn qemu_io_tls(port: u16, creds: Option<&Path>, cmd: &str) -> (bool, String) {
+    let mut c = Command::new("qemu-io");
+    let tls = match creds {
+        Some(d) => {
+            c.arg("--object").arg(format!("tls-creds-x509,id=tls0,dir={},endpoint=client", d.display()));
+            ",tls-creds=tls0"
+        }
+        None => "",
+    };
+    c.arg("--image-opts")
+        .arg(format!("driver=nbd,server.type=inet,server.host=127.0.0.1,server.port={port}{tls}"))
+        .args(["-c", cmd]);
+    let out = c.output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.success() && !text.contains("failed"), text)
+}
+
+#[test]
+fn qemu_tls_client_gets_in_only_with_a_certificate_from_the_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let (srv, cli, rogue) = make_creds(dir.path());
+    let port = free_port();
+    let (sec, sdisk) = tls_secondary(dir.path(), port, &srv);
+    let (ok, out) = qemu_io_tls(port, Some(&cli), "write -P 0x5a 1M 64k");
+    assert!(ok, "{out}");
+    assert!(file_range(&sdisk, MIB, 65536) == vec![0x5a; 65536]);
+    let (ok, out) = qemu_io_tls(port, None, "write -P 0x66 0 4k");
+    assert!(!ok && out.contains("TLS is required"), "{out}");
+    let (ok, out) = qemu_io_tls(port, Some(&rogue), "write -P 0x66 0 4k");
+    assert!(!ok, "a certificate from another CA got in: {out}");
+    assert!(file_range(&sdisk, 0, 4096) == vec![0u8; 4096], "a refused client wrote");
+    let q = qmp(&sec, "query-replication", json!({})).unwrap();
+    assert_eq!(q["nbd"]["writes"], 1, "{q}");
+}
+
+#[test]
+fn colo_blk_primary_mirrors_over_tls_to_colo_blk_and_to_qemu_nbd() {
+    let dir = tempfile::tempdir().unwrap();
+    let (srv, cli, _) = make_creds(dir.path());
+    // colo-blk -> colo-blk, barrier extension included.
+    let port = free_port();
+    let (sec, sdisk) = tls_secondary(dir.path(), port, &srv);
+    let pdisk = dir.path().join("pri.img");
+    let uri = format!("nbd://127.0.0.1:{port}/");
+    let creds = cli.display().to_string();
+    let pri = start_primary(
+        tempfile::tempdir().unwrap(),
+        &pdisk,
+        16 * MIB,
+        &["--secondary", &uri, "--secondary-tls-creds", &creds],
+    );
+    qmp(&pri, "replication-start", json!({"mode": "primary"})).unwrap();
+    let mut c = Client::connect(&pri.socket, 1, false);
+    for i in 0..64u64 {
+        assert_eq!(c.write(0, i * 200_704 % (15 * MIB), &pattern(i * 200_704 % (15 * MIB), 65536, i as u32 + 1)), 0);
+    }
+    qmp(&pri, "replication-checkpoint", json!({})).unwrap();
+    let q = qmp(&pri, "query-replication", json!({})).unwrap();
+    assert_eq!(q["link"]["colo-barriers"], true, "{q}");
+    assert_eq!(q["error"], serde_json::Value::Null, "{q}");
+    assert_eq!(qmp(&sec, "query-replication", json!({})).unwrap()["colo"]["pending-barrier"], 1);
+    same(&pdisk, &sdisk);
+    drop(c);
+    drop(pri);
+
+    // colo-blk -> qemu-nbd with QEMU's TLS server.
+    let ndisk = dir.path().join("nbd.img");
+    make_disk(&ndisk, 16 * MIB, None);
+    let nport = free_port();
+    let mut qn: Child = Command::new("qemu-nbd")
+        .arg("--object")
+        .arg(format!("tls-creds-x509,id=tls0,dir={},endpoint=server", srv.display()))
+        .args(["--tls-creds", "tls0", "-f", "raw", "-x", "exp", "-t", "-b", "127.0.0.1", "-p", &nport.to_string()])
+        .arg(&ndisk)
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    wait_until("qemu-nbd", || std::net::TcpStream::connect(("127.0.0.1", nport)).is_ok());
+    let p2 = dir.path().join("pri2.img");
+    let uri = format!("nbd://127.0.0.1:{nport}/exp");
+    let pri = start_primary(
+        tempfile::tempdir().unwrap(),
+        &p2,
+        16 * MIB,
+        &["--secondary", &uri, "--secondary-tls-creds", &creds],
+    );
+    qmp(&pri, "replication-start", json!({"mode": "primary"})).unwrap();
+    let mut c = Client::connect(&pri.socket, 1, false);
+    assert_eq!(c.write(0, 3 * MIB, &pattern(3 * MIB, 131072, 9)), 0);
+    qmp(&pri, "replication-checkpoint", json!({})).unwrap();
+    let q = qmp(&pri, "query-replication", json!({})).unwrap();
+    assert_eq!(
+        (q["link"]["connected"].clone(), q["link"]["colo-barriers"].clone()),
+        (json!(true), json!(false)),
+        "{q}"
+    );
+    same(&p2, &ndisk);
+    let _ = qn.kill();
+    let _ = qn.wait();
+}
+
+#[test]
+fn tls_options_are_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("x.img").display().to_string();
+    for (args, needle) in [
+        (vec!["--nbd-tls-creds", "/nonexistent"], "--nbd-tls-creds"),
+        (vec!["--secondary-tls-creds", "/nonexistent"], "--secondary-tls-creds"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_colo-blk"))
+            .args(["serve", "--disk", &d, "--size", "8M", "--socket"])
+            .arg(dir.path().join("s.sock"))
+            .args(&args)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains(needle), "{args:?}");
+    }
+}
