@@ -21,6 +21,10 @@ declare -A plain=(
     [xz-utils]=xz
     [zstd]=zstd
     [kmod]=depmod
+    [openssl]=openssl
+    [python3]=python3
+    [gcc]=gcc
+    [binutils]=objcopy
 )
 
 qemu_ok() {
