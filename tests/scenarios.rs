@@ -14,9 +14,6 @@
 mod common;
 
 use std::collections::HashMap;
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 
 use common::pair::*;
 use common::*;
@@ -26,42 +23,6 @@ const BLOCK: u64 = 4096;
 /// Blocks the scenarios touch (small, so operations collide often).
 const BLOCKS: u64 = 192;
 const DISK: u64 = 8 * MIB;
-
-/// A UNIX-socket proxy between the primary and the secondary's NBD server; `cut` severs
-/// every connection through it (the primary then reconnects through it again).
-struct Proxy {
-    path: PathBuf,
-    conns: Arc<Mutex<Vec<UnixStream>>>,
-}
-
-impl Proxy {
-    fn start(path: &Path, target: PathBuf) -> Proxy {
-        let l = UnixListener::bind(path).unwrap();
-        let conns: Arc<Mutex<Vec<UnixStream>>> = Arc::default();
-        let c2 = conns.clone();
-        std::thread::spawn(move || {
-            for client in l.incoming() {
-                let Ok(client) = client else { return };
-                let Ok(server) = UnixStream::connect(&target) else { continue };
-                c2.lock().unwrap().extend([client.try_clone().unwrap(), server.try_clone().unwrap()]);
-                for (mut from, mut to) in [(client.try_clone().unwrap(), server.try_clone().unwrap()), (server, client)]
-                {
-                    std::thread::spawn(move || {
-                        let _ = std::io::copy(&mut from, &mut to);
-                        let _ = to.shutdown(std::net::Shutdown::Both);
-                    });
-                }
-            }
-        });
-        Proxy { path: path.to_path_buf(), conns }
-    }
-
-    fn cut(&self) {
-        for c in self.conns.lock().unwrap().drain(..) {
-            let _ = c.shutdown(std::net::Shutdown::Both);
-        }
-    }
-}
 
 /// xorshift64*: a small deterministic generator (the seed names the scenario).
 struct Rng(u64);

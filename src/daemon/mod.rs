@@ -20,6 +20,7 @@ use crate::block::{BlockDevice, BlockError};
 use crate::qmp::{Command, EventBus, QmpError, QmpHandler, QmpServer};
 use crate::replication::ReplicationControl;
 use crate::stats::{QueueStats, snapshot};
+use crate::vhost::backend::ExitEvents;
 use crate::vhost::proxy::{DeviceShape, relay};
 use crate::vhost::{BlkBackend, DRAIN_TIMEOUT, DeviceConfig, Shared, completion_event_id};
 
@@ -62,6 +63,9 @@ pub enum DaemonError {
     /// Signal setup failed.
     #[error("cannot set up signal handling")]
     Signals(#[source] std::io::Error),
+    /// Creating per-connection resources (threads, eventfds) failed.
+    #[error("cannot set up the connection's resources")]
+    Resources(#[source] std::io::Error),
 }
 
 /// The state the serve loop, the signal thread and the control socket share.
@@ -145,10 +149,12 @@ impl Daemon {
         let mut inner_path = self.cfg.socket.clone().into_os_string();
         inner_path.push(".handler");
         let inner_path = std::path::PathBuf::from(inner_path);
+        let exit_events = ExitEvents::new(usize::from(self.cfg.device.num_queues)).map_err(DaemonError::Resources)?;
         loop {
             let shared = Arc::new(Shared::new(self.cfg.device.clone(), self.quiescing.clone(), self.cfg.poll));
             let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-            let backend = Arc::new(BlkBackend::new(shared, &self.device, mem.clone(), &self.stats)?);
+            let backend =
+                Arc::new(BlkBackend::new(shared, &self.device, mem.clone(), &self.stats, exit_events.clone())?);
             let mut daemon = VhostUserDaemon::new("colo-blk".into(), backend.clone(), mem)
                 .map_err(|e| DaemonError::Vhost(e.to_string()))?;
             let event = u64::from(completion_event_id(usize::from(self.cfg.device.num_queues)));
@@ -179,7 +185,7 @@ impl Daemon {
                                 log::debug!("vhost-user relay ended: {e}");
                             }
                         })
-                        .map_err(DaemonError::Signals)?
+                        .map_err(DaemonError::Resources)?
                 }
                 Err(e) => {
                     log::error!("cannot start the request handler: {e}");

@@ -5,6 +5,7 @@
 //! queues run in parallel. Device-wide negotiated state lives in [`Shared`] as atomics.
 
 use std::io;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -120,11 +121,41 @@ struct QueueSlot {
     drain: Arc<Drain>,
 }
 
+/// One exit eventfd per worker thread, created once and lent to every connection's
+/// handler. vhost-user-backend turns the consumer into a raw descriptor for its epoll and
+/// never closes it, so a fresh pair per connection would leak one descriptor per queue at
+/// every reconnect.
+#[derive(Debug)]
+pub struct ExitEvents(Vec<(EventConsumer, EventNotifier)>);
+
+impl ExitEvents {
+    /// `threads` pairs.
+    pub fn new(threads: usize) -> io::Result<Arc<Self>> {
+        let v = (0..threads)
+            .map(|_| new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC))
+            .collect::<io::Result<Vec<_>>>()?;
+        Ok(Arc::new(ExitEvents(v)))
+    }
+
+    fn lend(&self, thread: usize) -> Option<(EventConsumer, EventNotifier)> {
+        let (consumer, notifier) = self.0.get(thread)?;
+        // The previous connection's exit notification may still be pending.
+        let _ = consumer.consume();
+        let notifier = notifier.try_clone().ok()?;
+        // SAFETY: an alias of a descriptor this value keeps open for the daemon's lifetime.
+        // The handler immediately converts it back with `into_raw_fd` (it never closes it),
+        // so the alias is never dropped as an owner.
+        let alias = unsafe { EventConsumer::from_raw_fd(consumer.as_raw_fd()) };
+        Some((alias, notifier))
+    }
+}
+
 /// The backend of one frontend connection.
 pub struct BlkBackend {
     shared: Arc<Shared>,
     queues: Vec<QueueSlot>,
     device: Arc<dyn BlockDevice>,
+    exit_events: Arc<ExitEvents>,
 }
 
 /// Event id of a worker's block-queue completion notifier (ids up to `num_queues` are taken
@@ -140,6 +171,7 @@ impl BlkBackend {
         device: &Arc<dyn BlockDevice>,
         mem: AtomicMem,
         stats: &[Arc<QueueStats>],
+        exit_events: Arc<ExitEvents>,
     ) -> Result<Self, BlockError> {
         let n = usize::from(shared.cfg.num_queues);
         let mut queues = Vec::with_capacity(n);
@@ -149,7 +181,7 @@ impl BlkBackend {
             let worker = QueueWorker::new(i, io, shared.clone(), mem.clone(), stats.clone(), drain.clone());
             queues.push(QueueSlot { worker: Mutex::new(worker), drain });
         }
-        Ok(BlkBackend { shared, queues, device: device.clone() })
+        Ok(BlkBackend { shared, queues, device: device.clone(), exit_events })
     }
 
     /// The completion notifier of each queue (index = worker thread), for epoll registration.
@@ -237,8 +269,8 @@ impl VhostUserBackend for BlkBackend {
         (0..self.queues.len()).map(|i| 1u64 << i).collect()
     }
 
-    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC).ok()
+    fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        self.exit_events.lend(thread_index)
     }
 
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {

@@ -1,8 +1,10 @@
 //! Helpers for tests that run a replication pair: QMP shorthands, qemu-nbd, disks.
 #![allow(dead_code)]
 
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value, json};
@@ -122,4 +124,40 @@ pub fn hook_flush(hook: &Path) {
     let uri = format!("nbd+unix:///hook?socket={}", hook.display());
     let out = std::process::Command::new("qemu-io").args(["-f", "raw", &uri, "-c", "flush"]).output().expect("qemu-io");
     assert!(out.status.success(), "qemu-io flush: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A UNIX-socket proxy between the primary and the secondary's NBD server; `cut` severs
+/// every connection through it (the primary then reconnects through it again).
+pub struct Proxy {
+    pub path: PathBuf,
+    conns: Arc<Mutex<Vec<UnixStream>>>,
+}
+
+impl Proxy {
+    pub fn start(path: &Path, target: PathBuf) -> Proxy {
+        let l = UnixListener::bind(path).unwrap();
+        let conns: Arc<Mutex<Vec<UnixStream>>> = Arc::default();
+        let c2 = conns.clone();
+        std::thread::spawn(move || {
+            for client in l.incoming() {
+                let Ok(client) = client else { return };
+                let Ok(server) = UnixStream::connect(&target) else { continue };
+                c2.lock().unwrap().extend([client.try_clone().unwrap(), server.try_clone().unwrap()]);
+                for (mut from, mut to) in [(client.try_clone().unwrap(), server.try_clone().unwrap()), (server, client)]
+                {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Proxy { path: path.to_path_buf(), conns }
+    }
+
+    pub fn cut(&self) {
+        for c in self.conns.lock().unwrap().drain(..) {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
+    }
 }

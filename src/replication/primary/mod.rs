@@ -229,12 +229,16 @@ impl Mirror {
             colo: info.colo,
         });
         let mut writer = stream.try_clone()?;
-        let l2 = link.clone();
+        // The sender holds the socket, not the link: the link owns the channel's sending
+        // half, so the thread ends (rx.recv fails) once the link is dropped.
+        let ctl = stream.try_clone()?;
         std::thread::Builder::new().name("nbd-link-send".into()).spawn(move || {
             while let Ok((req, payload)) = rx.recv() {
                 if let Err(e) = client::send_request(&mut writer, &req, &payload) {
-                    log::warn!("replication link: send failed: {e}");
-                    l2.ctl.shutdown();
+                    let why =
+                        if e.kind() == io::ErrorKind::WouldBlock { "timed out".to_string() } else { e.to_string() };
+                    log::warn!("replication link: send failed: {why}");
+                    ctl.shutdown();
                     break;
                 }
             }

@@ -124,9 +124,12 @@ fn file_len(f: &File) -> io::Result<u64> {
     }
 }
 
-fn punch(f: &File, offset: u64, len: u64) -> io::Result<()> {
-    let r = fallocate_with_fallback(f.as_raw_fd(), &Op::Discard { offset, len });
-    if r < 0 { Err(io::Error::from_raw_os_error(-r)) } else { Ok(()) }
+/// Drops a whole buffer's content. Truncating (rather than punching a hole over the whole
+/// file) discards dirty page-cache pages without writing them back first, which ext4's
+/// hole punching does: seconds instead of milliseconds for a few hundred MB of buffer.
+fn clear(f: &File, size: u64) -> io::Result<()> {
+    f.set_len(0)?;
+    f.set_len(size)
 }
 
 fn result(r: i32) -> io::Result<()> {
@@ -266,8 +269,8 @@ impl Secondary {
         // Re-arm copy-before-write first, as QEMU does, then drop active, then hidden.
         self.saved_map.clear_all();
         self.active_map.clear_all();
-        punch(&self.active, 0, self.size)?;
-        punch(&self.hidden, 0, self.size)
+        clear(&self.active, self.size)?;
+        clear(&self.hidden, self.size)
     }
 
     // ---- copy-before-write (NBD side) --------------------------------------------------
@@ -522,8 +525,8 @@ impl Secondary {
                 );
                 self.emit("REPLICATION_FAILOVER_DONE", json!({"mode": "secondary"}));
                 // Reclaim the buffers' space; their content is in the disk now.
-                let _ = punch(&self.active, 0, self.size);
-                let _ = punch(&self.hidden, 0, self.size);
+                let _ = clear(&self.active, self.size);
+                let _ = clear(&self.hidden, self.size);
             }
             Err(e) => {
                 self.set_stage(Stage::FailoverFailed);

@@ -1,0 +1,574 @@
+#!/usr/bin/env bash
+# shellcheck disable=SC2317 # functions called through trap, poll and eval
+# Soak run of a colo-blk primary + secondary pair on loopback under fio load.
+#
+# A secondary (--replication secondary, NBD server on a UNIX socket) and a
+# primary (--replication primary, --secondary-timeout 2, 2 queues) replicate
+# through contrib/soak-proxy.py, a UNIX-socket proxy that severs every link
+# connection on SIGUSR1 (the primary then sees the link drop, reconnects and
+# resyncs the ranges the secondary missed). Meanwhile:
+#   load        the test guest (contrib/guest/run-fio.sh, QEMU TCG) runs fio jobs
+#               with crc32c verify against the primary's vhost-user socket, one
+#               boot after another until --duration is over (verify and mixed,
+#               alternating, region sizes rotating); each boot must PASS.
+#   checkpoint  every --checkpoint-every s: wait (bounded) until the primary is
+#               in sync (link connected, dirty-bytes 0, inflight 0); skipped when
+#               the link is down or a resync runs; else replication-checkpoint on
+#               the primary (barrier N) and replication-checkpoint barrier=N on the
+#               secondary (a no-op if a primary write committed it already).
+#   link cut    every --cut-every s: SIGUSR1 to the proxy; measures the time until
+#               the primary's link is connected again and until dirty-bytes is 0,
+#               and the bytes the resync copied.
+#   resources   every 10 s: RSS, fds and threads of both colo-blk processes
+#               (resources.csv).
+# At the end: the load stops, the primary gets in sync, a last checkpoint is
+# committed on the secondary, the secondary fails over (replication-stop
+# failover=true: merges its buffers, which must be empty), and its disk must be
+# byte-identical to the primary's. The summary flags: failed guest runs, verify
+# errors, a failed cut recovery, a failed final checkpoint/failover, the disks
+# differing, fd or thread growth between the idle states before and after the
+# load, private RSS (VmRSS - RssShmem; guest RAM mapped by vhost-user is
+# shmem) growing > 20% after the first 2 minutes, a daemon dying or not
+# shutting down cleanly. Exit 0 only if nothing was flagged.
+#
+# usage: contrib/soak.sh [options]
+#   --duration S          load duration, seconds (default 1800); the guest run
+#                         in progress at the end finishes first
+#   --workdir DIR         images, logs, CSVs (default ${TMPDIR:-/tmp}/colo-blk-soak;
+#                         the images and logs of an earlier soak in DIR are removed)
+#   --colo-blk BIN        colo-blk binary (default target/release/colo-blk of this
+#                         repo); copied into DIR so a rebuild does not disturb the run
+#   --checkpoint-every S  checkpoint period (default 5)
+#   --cut-every S         link cut period (default 60; 0 = no cuts)
+#   --size SIZE           disk size, sparse files (default 2G)
+#   --bufdir DIR          where the secondary's active and hidden buffers go
+#                         (default: the workdir; e.g. /dev/shm for tmpfs buffers)
+#   --guest-timeout S     a guest boot that runs longer is killed: FAIL (default 900)
+#   --keep                keep the disk images (default: removed after a PASS)
+# Needs python3, jq, qemu-system-x86_64 and the guest build of contrib/guest
+# (built on demand by its build.sh).
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+repo=$(cd "$here/.." && pwd)
+
+usage() { sed -n '3,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}"; exit 2; }
+die() { echo "soak: error: $*" >&2; exit 2; }
+
+duration=1800 workdir=${TMPDIR:-/tmp}/colo-blk-soak bin=$repo/target/release/colo-blk
+ckpt_every=5 cut_every=60 size=2G guest_timeout=900 keep=0 bufdir=''
+while [[ $# -gt 0 ]]; do
+    case $1 in
+        --duration) duration=${2:?}; shift 2 ;;
+        --workdir) workdir=${2:?}; shift 2 ;;
+        --colo-blk) bin=${2:?}; shift 2 ;;
+        --checkpoint-every) ckpt_every=${2:?}; shift 2 ;;
+        --cut-every) cut_every=${2:?}; shift 2 ;;
+        --size) size=${2:?}; shift 2 ;;
+        --bufdir) bufdir=${2:?}; shift 2 ;;
+        --guest-timeout) guest_timeout=${2:?}; shift 2 ;;
+        --keep) keep=1; shift ;;
+        -h | --help) usage ;;
+        *) echo "soak: unknown argument: $1" >&2; usage ;;
+    esac
+done
+for v in duration ckpt_every cut_every guest_timeout; do
+    [[ ${!v} =~ ^[0-9]+$ ]] || die "--${v//_/-} takes whole seconds"
+done
+((ckpt_every > 0)) || die "--checkpoint-every must be > 0"
+[[ -x $bin ]] || die "$bin is not executable"
+for t in python3 jq qemu-system-x86_64 cmp; do
+    command -v "$t" >/dev/null || die "$t not found"
+done
+
+mkdir -p "$workdir"
+W=$(cd "$workdir" && pwd)
+# Leftovers of an earlier soak in W (only the names this script uses).
+rm -f "$W"/{p,s,s.active,s.hidden}.img "$W"/s.img.colo-state "$W"/*.sock "$W"/*.qmp "$W"/*.nbd \
+    "$W"/*.log "$W"/*.events "$W"/*.csv "$W"/summary.txt "$W"/stop-load "$W"/colo-blk
+rm -rf "$W/guest"
+if [[ -n $bufdir ]]; then
+    mkdir -p "$bufdir"
+    BUF=$(cd "$bufdir" && pwd)
+    rm -f "$BUF"/{s.active,s.hidden}.img
+else
+    BUF=$W
+fi
+mkdir -p "$W/guest"
+cp "$bin" "$W/colo-blk"
+B=$W/colo-blk
+version=$("$B" --version 2>/dev/null || echo '?')
+
+log() { printf '%s soak: %s\n' "$(date +%T)" "$*" | tee -a "$W/soak.log" >&2; }
+
+# ---------------------------------------------------------------- time, QMP
+now_ms() { local t=${EPOCHREALTIME/./}; echo $((t / 1000)); }
+t_start=$(now_ms)
+rel() { echo $((($(now_ms) - t_start) / 1000)); }
+
+# ctl QMP CMD [ARGS]: one command, bounded (ctl itself has no timeout).
+ctl() { local q=$1; shift; timeout 60 "$B" ctl --qmp "$q" "$@"; }
+# Primary state in one line: connected dirty inflight connects failures copied sent error
+pstate() {
+    ctl "$W/p.qmp" query-replication 2>/dev/null | jq -r '[.link.connected, ."dirty-bytes", .link.inflight,
+        .link.connects, .link.failures, .resync."copied-bytes", .barriers.sent, (.error // "-")] | @tsv'
+}
+squery() { ctl "$W/s.qmp" query-replication; }
+
+# ---------------------------------------------------------------- processes
+s_pid='' p_pid='' proxy_pid='' load_pid='' ev_pids=()
+# The descendants of PID (children first-level and deeper), by /proc.
+descendants() {
+    local p c
+    for p in "$@"; do
+        for c in $(ps -o pid= --ppid "$p" 2>/dev/null); do
+            echo "$c"
+            descendants "$c"
+        done
+    done
+}
+kill_tree() {
+    local all
+    all=$(descendants "$@")
+    # shellcheck disable=SC2086
+    kill -TERM "$@" $all 2>/dev/null || true
+}
+cleaned=0
+cleanup() {
+    ((cleaned)) && return
+    cleaned=1
+    set +e
+    [[ -n $load_pid ]] && kill -0 "$load_pid" 2>/dev/null && { touch "$W/stop-load"; kill_tree "$load_pid"; }
+    for q in p s; do
+        [[ -S $W/$q.qmp ]] && timeout 10 "$B" ctl --qmp "$W/$q.qmp" quit >/dev/null 2>&1
+    done
+    for p in $p_pid $s_pid; do
+        for _ in $(seq 100); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+        kill -KILL "$p" 2>/dev/null
+    done
+    # shellcheck disable=SC2086
+    kill -TERM $proxy_pid "${ev_pids[@]}" 2>/dev/null
+    wait 2>/dev/null
+}
+trap cleanup EXIT
+trap 'log "interrupted"; exit 130' INT TERM
+
+# Poll until COND (a shell command) succeeds; at most T seconds. 0/1.
+poll() {
+    local t=$1 end; shift
+    end=$(($(now_ms) + t * 1000))
+    until "$@"; do
+        (($(now_ms) < end)) || return 1
+        sleep 0.05
+    done
+}
+qmp_up() { "$B" ctl --qmp "$1" query-replication >/dev/null 2>&1; }
+
+# ---------------------------------------------------------------- start the pair
+log "workdir $W, colo-blk $version ($bin), duration ${duration}s, checkpoint every ${ckpt_every}s, cut every ${cut_every}s, disk $size, buffers in $BUF"
+"$here/guest/build.sh" >>"$W/soak.log" 2>&1 || die "contrib/guest/build.sh failed (see $W/soak.log)"
+
+RUST_LOG=info "$B" serve --replication secondary --disk "$W/s.img" --size "$size" \
+    --active "$BUF/s.active.img" --hidden "$BUF/s.hidden.img" \
+    --nbd-listen "unix:$W/s.nbd" --nbd-export soak \
+    --socket "$W/s.sock" --qmp "$W/s.qmp" >"$W/secondary.log" 2>&1 &
+s_pid=$!
+poll 30 qmp_up "$W/s.qmp" || die "secondary did not come up (see $W/secondary.log)"
+python3 "$here/soak-proxy.py" events --qmp "$W/s.qmp" --out "$W/secondary.events" &
+ev_pids+=($!)
+ctl "$W/s.qmp" replication-start mode=secondary >/dev/null
+
+python3 "$here/soak-proxy.py" proxy --listen "$W/proxy.sock" --target "$W/s.nbd" --log "$W/proxy.log" &
+proxy_pid=$!
+poll 10 test -S "$W/proxy.sock" || die "proxy did not come up (see $W/proxy.log)"
+
+RUST_LOG=info "$B" serve --replication primary --disk "$W/p.img" --size "$size" \
+    --secondary "nbd+unix:///soak?socket=$W/proxy.sock" --secondary-timeout 2 --num-queues 2 \
+    --socket "$W/p.sock" --qmp "$W/p.qmp" >"$W/primary.log" 2>&1 &
+p_pid=$!
+poll 30 qmp_up "$W/p.qmp" || die "primary did not come up (see $W/primary.log)"
+python3 "$here/soak-proxy.py" events --qmp "$W/p.qmp" --out "$W/primary.events" &
+ev_pids+=($!)
+# Both images were created sparse and empty: identical, no full sync needed.
+ctl "$W/p.qmp" replication-start mode=primary >/dev/null
+
+in_sync() {
+    local c d i
+    read -r c d i _ < <(pstate) || return 1
+    [[ $c == true && $d == 0 && $i == 0 ]]
+}
+poll 60 in_sync || die "the primary did not get in sync after replication-start"
+log "pair up: secondary pid $s_pid, primary pid $p_pid, proxy pid $proxy_pid"
+
+# ---------------------------------------------------------------- resources
+# sample TAG: one CSV row per process: t,tag,role,VmRSS,RssAnon,RssFile,RssShmem,fds,threads
+echo "t_s,tag,role,vmrss_kb,rssanon_kb,rssfile_kb,rssshmem_kb,fds,threads" >"$W/resources.csv"
+sample() {
+    local tag=$1 role pid f
+    for role in primary secondary; do
+        [[ $role == primary ]] && pid=$p_pid || pid=$s_pid
+        f=/proc/$pid/status
+        [[ -r $f ]] || continue
+        local rss anon file shm thr fds
+        rss=$(awk '/^VmRSS:/ {print $2}' "$f")
+        anon=$(awk '/^RssAnon:/ {print $2}' "$f")
+        file=$(awk '/^RssFile:/ {print $2}' "$f")
+        shm=$(awk '/^RssShmem:/ {print $2}' "$f")
+        thr=$(awk '/^Threads:/ {print $2}' "$f")
+        fds=$(find "/proc/$pid/fd" -mindepth 1 -maxdepth 1 2>/dev/null | wc -l)
+        echo "$(rel),$tag,$role,$rss,$anon,$file,$shm,$fds,$thr" >>"$W/resources.csv"
+    done
+}
+sample idle-start
+
+# ---------------------------------------------------------------- load
+deadline=$(($(now_ms) + duration * 1000))
+echo "run,job,size,rc,secs,verify_errors,log" >"$W/runs.csv"
+load_loop() {
+    local n=0 job sz lg rc t0 secs ve
+    local jobs=(verify mixed) sizes=(256m 128m 512m)
+    trap 'exit 0' TERM
+    while [[ ! -e $W/stop-load ]] && (($(now_ms) < deadline)); do
+        job=${jobs[n % 2]} sz=${sizes[(n / 2) % 3]}
+        n=$((n + 1))
+        lg=$W/guest/run-$(printf %03d $n)-$job-$sz.log
+        t0=$(now_ms)
+        rc=0
+        "$here/guest/run-fio.sh" --socket "$W/p.sock" --job "$job" --size "$sz" --queues 2 \
+            --timeout "$guest_timeout" --log "$lg" --quiet >>"$W/load.log" 2>&1 || rc=$?
+        secs=$((($(now_ms) - t0) / 1000))
+        # fio's verify failures: "verify: bad magic header", "crc32c: verify failed", ...
+        ve=$(tr -d '\r' <"$lg" | grep -aciE 'verify failed|bad magic|bad header|verify type mismatch|verify: bad' || true)
+        echo "$n,$job,$sz,$rc,$secs,$ve,$lg" >>"$W/runs.csv"
+    done
+}
+load_loop &
+load_pid=$!
+log "load started (pid $load_pid); guest consoles in $W/guest/"
+
+# ---------------------------------------------------------------- checkpoints
+echo "t_s,result,seq,wait_ms,primary_ms,barrier_us,commit_trigger,commit_us,detail" >"$W/checkpoints.csv"
+ck_done=0 ck_skipped=0 ck_failed=0 ck_busy=0
+ckpt_row() { echo "$(rel),$*" >>"$W/checkpoints.csv"; }
+# checkpoint: one periodic checkpoint. Returns nothing; records a CSV row.
+checkpoint() {
+    local t0 end c d i seq wait_ms t1 pms bus sq pend lc trig cus out
+    t0=$(now_ms)
+    end=$((t0 + 3000))
+    while :; do
+        read -r c d i _ < <(pstate) || { c=x d=x i=x; }
+        [[ $c == true && $d == 0 && $i == 0 ]] && break
+        (($(now_ms) < end)) || break
+        sleep 0.02
+    done
+    wait_ms=$(($(now_ms) - t0))
+    if [[ $c != true ]]; then
+        ck_skipped=$((ck_skipped + 1)); ckpt_row "skipped-link-down,,$wait_ms,,,,,"; return
+    fi
+    if [[ $d != 0 ]]; then
+        ck_skipped=$((ck_skipped + 1)); ckpt_row "skipped-resyncing,,$wait_ms,,,,,dirty=$d"; return
+    fi
+    # Connected and clean, but forwarded writes in flight whenever we looked: the
+    # barrier itself waits for them, so go on (counted).
+    [[ $i == 0 ]] || ck_busy=$((ck_busy + 1))
+    t1=$(now_ms)
+    if ! out=$(ctl "$W/p.qmp" replication-checkpoint 2>&1); then
+        ck_failed=$((ck_failed + 1))
+        ckpt_row "failed,,$wait_ms,$(($(now_ms) - t1)),,,,\"${out//\"/\'}\""
+        log "checkpoint failed: $out"
+        return
+    fi
+    pms=$(($(now_ms) - t1))
+    read -r _ _ _ _ _ _ seq _ < <(pstate)
+    bus=$(ctl "$W/p.qmp" query-replication | jq -r '.barriers."last-us"')
+    sq=$(squery)
+    pend=$(jq -r '.colo."pending-barrier" // "null"' <<<"$sq")
+    if [[ $pend != null ]]; then
+        ctl "$W/s.qmp" replication-checkpoint barrier="$pend" >/dev/null
+        sq=$(squery)
+    fi
+    lc=$(jq -r '.colo."last-commit" | if . == null then "null" else "\(.barrier) \(.trigger) \(."duration-us")" end' <<<"$sq")
+    read -r lcb trig cus <<<"$lc"
+    if [[ $pend != null && $pend != "$seq" ]]; then
+        ck_failed=$((ck_failed + 1))
+        ckpt_row "failed,$seq,$wait_ms,$pms,$bus,$trig,$cus,secondary pending $pend != primary barrier $seq"
+        log "checkpoint $seq: the secondary had barrier $pend pending"
+    elif [[ $lcb != "$seq" ]]; then
+        # A later barrier cannot exist (only this script sends barriers).
+        ck_failed=$((ck_failed + 1))
+        ckpt_row "failed,$seq,$wait_ms,$pms,$bus,$trig,$cus,secondary last commit $lc"
+        log "checkpoint $seq not committed on the secondary: last-commit $lc"
+    else
+        ck_done=$((ck_done + 1))
+        ckpt_row "ok,$seq,$wait_ms,$pms,$bus,$trig,$cus,"
+    fi
+}
+
+# ---------------------------------------------------------------- link cuts
+echo "t_s,cut,reconnect_ms,in_sync_ms,resync_bytes,max_dirty_bytes,result" >"$W/cuts.csv"
+cut_n=0 cut_failed=0 cut_state=0 cut_t0=0 cut_conn_ms='' cut_connects0=0 cut_copied0=0 cut_maxdirty=0
+cut_start() {
+    local c d i cn cp
+    read -r c d i cn _ cp _ < <(pstate)
+    cut_connects0=$cn cut_copied0=$cp cut_maxdirty=0 cut_conn_ms=''
+    cut_n=$((cut_n + 1))
+    cut_t0=$(now_ms)
+    kill -USR1 "$proxy_pid"
+    cut_state=1
+}
+# cut_poll: called every 50 ms while a cut is being measured.
+cut_poll() {
+    local c d i cn cp el
+    read -r c d i cn _ cp _ < <(pstate) || return 0
+    el=$(($(now_ms) - cut_t0))
+    [[ $d =~ ^[0-9]+$ ]] && ((d > cut_maxdirty)) && cut_maxdirty=$d
+    if [[ -z $cut_conn_ms && $c == true && $cn -gt $cut_connects0 ]]; then
+        cut_conn_ms=$el
+    fi
+    if [[ -n $cut_conn_ms && $c == true && $d == 0 ]]; then
+        echo "$(rel),$cut_n,$cut_conn_ms,$el,$((cp - cut_copied0)),$cut_maxdirty,ok" >>"$W/cuts.csv"
+        log "cut $cut_n: reconnected after ${cut_conn_ms} ms, in sync after ${el} ms, resync $((cp - cut_copied0)) bytes"
+        cut_state=0
+    elif ((el > 120000)); then
+        echo "$(rel),$cut_n,${cut_conn_ms:-},,,$cut_maxdirty,timeout" >>"$W/cuts.csv"
+        log "cut $cut_n: not recovered after 120 s (connected=$c dirty=$d)"
+        cut_failed=$((cut_failed + 1))
+        cut_state=0
+    fi
+}
+
+# ---------------------------------------------------------------- main loop
+dead='' nbd_clients=''
+alive() {
+    kill -0 "$p_pid" 2>/dev/null || { dead="primary (pid $p_pid)"; return 1; }
+    kill -0 "$s_pid" 2>/dev/null || { dead="secondary (pid $s_pid)"; return 1; }
+    kill -0 "$proxy_pid" 2>/dev/null || { dead="proxy (pid $proxy_pid)"; return 1; }
+}
+t0=$(now_ms)
+next_ck=$((t0 + ckpt_every * 1000))
+next_cut=$((cut_every > 0 ? t0 + cut_every * 1000 : 1 << 62))
+next_sample=$((t0 + 10000))
+next_report=$((t0 + 60000))
+while kill -0 "$load_pid" 2>/dev/null || ((cut_state)); do
+    alive || break
+    now=$(now_ms)
+    if ((cut_state)); then
+        cut_poll
+        sleep 0.05
+    else
+        nxt=$((next_ck < next_sample ? next_ck : next_sample))
+        ((next_cut < nxt && now < deadline)) && nxt=$next_cut
+        wait_ms=$((nxt - now))
+        ((wait_ms > 500)) && wait_ms=500
+        ((wait_ms > 0)) && sleep "$(printf '%d.%03d' $((wait_ms / 1000)) $((wait_ms % 1000)))"
+    fi
+    now=$(now_ms)
+    if ((now >= next_sample)); then
+        sample load
+        next_sample=$((next_sample + 10000))
+    fi
+    if ((now >= next_ck)); then
+        if ((cut_state)); then
+            ck_skipped=$((ck_skipped + 1)); ckpt_row "skipped-cut-recovery,,,,,,,"
+        else
+            checkpoint
+        fi
+        next_ck=$((next_ck + ckpt_every * 1000))
+        now=$(now_ms)
+        ((next_ck > now)) || next_ck=$((now + ckpt_every * 1000))
+    fi
+    if ((cut_every > 0 && now >= next_cut && now < deadline && !cut_state)); then
+        cut_start
+        next_cut=$((next_cut + cut_every * 1000))
+    fi
+    if ((now >= next_report)); then
+        runs=$(($(wc -l <"$W/runs.csv") - 1))
+        log "t=$(rel)s: guest runs $runs, checkpoints ok $ck_done skipped $ck_skipped failed $ck_failed, cuts $cut_n"
+        next_report=$((next_report + 60000))
+    fi
+done
+if [[ -n $dead ]]; then
+    log "FAIL: $dead died; see its log in $W"
+fi
+
+# ---------------------------------------------------------------- final phase
+touch "$W/stop-load"
+if kill -0 "$load_pid" 2>/dev/null; then
+    kill_tree "$load_pid"
+fi
+wait "$load_pid" 2>/dev/null || true
+t_load_end=$(rel)
+final_ok=1 final_notes=()
+note() { final_notes+=("$*"); log "$*"; }
+no_frontend() { [[ $(ctl "$W/p.qmp" query-block 2>/dev/null | jq -r '."frontend-connected"') == false ]]; }
+if [[ -z $dead ]]; then
+    poll 30 no_frontend || note "note: the primary still reports a frontend connected 30 s after the load"
+    if poll 120 in_sync; then
+        sample idle-end
+    else
+        final_ok=0; note "FAIL: the primary did not get in sync after the load ($(pstate))"
+        sample idle-end
+    fi
+    if ((final_ok)); then
+        if ! out=$(ctl "$W/p.qmp" replication-checkpoint 2>&1); then
+            final_ok=0; note "FAIL: final checkpoint on the primary: $out"
+        else
+            read -r _ _ _ _ _ _ fseq _ < <(pstate)
+            pend=$(squery | jq -r '.colo."pending-barrier" // "null"')
+            if [[ $pend != "$fseq" ]]; then
+                final_ok=0; note "FAIL: final barrier $fseq: the secondary has pending-barrier $pend"
+            else
+                ctl "$W/s.qmp" replication-checkpoint barrier="$fseq" >/dev/null
+            fi
+            sq=$(squery)
+            read -r lcb trig ad hd < <(jq -r '[(.colo."last-commit".barrier // "null"), (.colo."last-commit".trigger // "null"),
+                ."active-dirty-bytes", ."hidden-dirty-bytes"] | @tsv' <<<"$sq")
+            if [[ $lcb != "$fseq" || $ad != 0 || $hd != 0 ]]; then
+                final_ok=0; note "FAIL: final commit: last-commit $lcb ($trig), active-dirty $ad, hidden-dirty $hd"
+            else
+                log "final checkpoint: barrier $fseq committed on the secondary (trigger $trig)"
+            fi
+        fi
+    fi
+    nbd_clients=$(squery | jq -r '.nbd.clients')
+    # Failover: the secondary merges its (empty) buffers into its disk.
+    fo_t0=$(now_ms)
+    if out=$(ctl "$W/s.qmp" replication-stop failover=true 2>&1); then
+        stage_done() { [[ $(squery 2>/dev/null | jq -r .stage) == "done" ]]; }
+        if poll 300 stage_done; then
+            log "failover done in $(($(now_ms) - fo_t0)) ms"
+        else
+            final_ok=0; note "FAIL: failover did not reach stage done: $(squery | jq -c '{stage, error, commit}')"
+        fi
+    else
+        final_ok=0; note "FAIL: replication-stop failover=true: $out"
+    fi
+    log "comparing p.img and s.img"
+    if cmp_out=$(cmp "$W/p.img" "$W/s.img" 2>&1); then
+        cmp_result="identical"
+    else
+        cmp_result="DIFFER: $cmp_out"
+        final_ok=0
+    fi
+    log "final cmp: $cmp_result"
+    pfinal=$(ctl "$W/p.qmp" query-replication 2>/dev/null || echo '{}')
+    sfinal=$(squery 2>/dev/null || echo '{}')
+    echo "$pfinal" >"$W/primary-final.json"
+    echo "$sfinal" >"$W/secondary-final.json"
+    # Clean shutdown of both daemons.
+    for r in primary secondary; do
+        if [[ $r == primary ]]; then q=$W/p.qmp pid=$p_pid; else q=$W/s.qmp pid=$s_pid; fi
+        ctl "$q" quit >/dev/null 2>&1 || true
+        rc=0
+        if poll 60 eval '! kill -0 '"$pid"' 2>/dev/null'; then
+            wait "$pid" || rc=$?
+        else
+            rc=timeout
+        fi
+        [[ $rc == 0 ]] || { final_ok=0; note "FAIL: $r quit: exit $rc"; }
+    done
+else
+    final_ok=0
+    cmp_result="not done ($dead died)"
+    pfinal='{}' sfinal='{}'
+fi
+t_end=$(rel)
+
+# ---------------------------------------------------------------- summary
+fail=0
+flag() { fail=1; echo "  FAIL: $*"; }
+{
+    echo "=== colo-blk soak summary ==="
+    echo "workdir: $W"
+    echo "colo-blk: $version ($bin)"
+    echo "options: duration ${duration}s, checkpoint every ${ckpt_every}s, cut every ${cut_every}s, disk $size, buffers in $BUF"
+    echo "wall time: ${t_end}s (load ran ${t_load_end}s)"
+    echo
+    # guest runs
+    read -r nruns npass nfail nve secs_min secs_avg secs_max < <(awk -F, 'NR > 1 {
+        n++; if ($4 == 0) p++; else f++; v += $6; s += $5
+        if (min == "" || $5 < min) min = $5; if ($5 > max) max = $5 }
+        END { printf "%d %d %d %d %s %s %s\n", n, p, f, v, (n ? min : "-"), (n ? int(s / n) : "-"), (n ? max : "-") }' "$W/runs.csv")
+    echo "guest fio runs: $nruns (pass $npass, fail $nfail), run time min/avg/max ${secs_min}/${secs_avg}/${secs_max} s"
+    awk -F, 'NR > 1 { k = $2 " " $3; n[k]++; if ($4 == 0) p[k]++ } END { for (k in n) printf "  %-14s %d runs, %d pass\n", k, n[k], p[k] }' "$W/runs.csv" | sort
+    echo "verify errors: $nve"
+    ((nruns > 0)) || flag "no guest run completed"
+    ((nfail == 0)) || { flag "$nfail guest run(s) failed:"; awk -F, 'NR > 1 && $4 != 0 { print "    run " $1 " " $2 " " $3 " rc=" $4 " " $7 }' "$W/runs.csv"; }
+    ((nve == 0)) || flag "$nve verify error line(s) in the guest consoles"
+    echo
+    # checkpoints
+    echo "checkpoints: ok $ck_done, skipped $ck_skipped, failed $ck_failed (proceeded with writes in flight: $ck_busy)"
+    awk -F, 'NR > 1 && $2 ~ /^skipped/ { n[$2]++ } END { for (k in n) printf "  %s: %d\n", k, n[k] }' "$W/checkpoints.csv"
+    awk -F, 'NR > 1 && $2 == "ok" { n++; s += $5; if (min == "" || $5 < min) min = $5; if ($5 > max) max = $5
+            b += $6; if (bmin == "" || $6 < bmin) bmin = $6; if ($6 > bmax) bmax = $6
+            w += $4; if ($4 > wmax) wmax = $4; t[$7]++
+            c += $8; if (cmin == "" || $8 < cmin) cmin = $8; if ($8 > cmax) cmax = $8 }
+        END { if (n) {
+            printf "  primary replication-checkpoint round trip min/avg/max: %d/%.1f/%d ms\n", min, s / n, max
+            printf "  barrier (barriers.last-us)             min/avg/max: %.1f/%.1f/%.1f ms\n", bmin / 1000, b / n / 1000, bmax / 1000
+            printf "  wait for in-sync before it             avg/max: %.0f/%d ms\n", w / n, wmax
+            printf "  secondary commit (emptying the buffers) min/avg/max: %.1f/%.1f/%.1f ms\n", cmin / 1000, c / n / 1000, cmax / 1000
+            printf "  committed on the secondary by:"; for (k in t) printf " %s=%d", k, t[k]; printf "\n" } }' "$W/checkpoints.csv"
+    ((ck_failed == 0)) || { flag "$ck_failed periodic checkpoint(s) failed:"; awk -F, 'NR > 1 && $2 == "failed" { print "    t=" $1 "s " $0 }' "$W/checkpoints.csv" | head -10; }
+    ((ck_done > 0)) || flag "no periodic checkpoint succeeded"
+    echo
+    # cuts
+    echo "link cuts: $cut_n (recovered $(awk -F, 'NR > 1 && $7 == "ok"' "$W/cuts.csv" | wc -l), not recovered $cut_failed)"
+    awk -F, 'NR > 1 && $7 == "ok" { n++; r += $3; s += $4; b += $5
+            if (rmin == "" || $3 < rmin) rmin = $3; if ($3 > rmax) rmax = $3
+            if (smin == "" || $4 < smin) smin = $4; if ($4 > smax) smax = $4
+            if (bmin == "" || $5 < bmin) bmin = $5; if ($5 > bmax) bmax = $5 }
+        END { if (n) {
+            printf "  reconnect   min/avg/max: %d/%.0f/%d ms\n", rmin, r / n, rmax
+            printf "  in sync     min/avg/max: %d/%.0f/%d ms\n", smin, s / n, smax
+            printf "  resync bytes min/avg/max: %d/%.0f/%d (total %d)\n", bmin, b / n, bmax, b } }' "$W/cuts.csv"
+    ((cut_failed == 0)) || flag "$cut_failed link cut(s) not recovered within 120 s"
+    pf=$(jq -r '.link.failures // "?"' <<<"$pfinal") pc=$(jq -r '.link.connects // "?"' <<<"$pfinal")
+    echo "  primary link: connects $pc, failures $pf (cuts $cut_n, +1 for the final failover)"
+    if [[ $pf =~ ^[0-9]+$ ]] && ((pf > cut_n + 1)); then
+        echo "  note: $((pf - cut_n - 1)) link failure(s) not caused by a cut (see primary.events / primary.log)"
+    fi
+    echo "  link-down reasons (primary REPLICATION_LINK events):"
+    jq -r 'select(.event == "REPLICATION_LINK" and .data.connected == false) | .data.reason' "$W/primary.events" 2>/dev/null |
+        sort | uniq -c | sed 's/^ */    /'
+    echo "  secondary NBD clients before the failover: ${nbd_clients:-?} (1 expected: the primary's current link)"
+    echo
+    # resources
+    echo "resources (resources.csv; private RSS = VmRSS - RssShmem, the guest RAM mapped by vhost-user is shmem):"
+    base_t=$((t_load_end < 240 ? t_load_end / 2 : 120))
+    for role in primary secondary; do
+        awk -F, -v role="$role" -v bt="$base_t" '
+            $3 != role { next }
+            { priv = $4 - $7 }
+            $2 == "idle-start" { s_rss = $4; s_priv = priv; s_fd = $8; s_thr = $9 }
+            $2 == "idle-end" { e_rss = $4; e_priv = priv; e_fd = $8; e_thr = $9 }
+            $2 == "load" { if (priv > maxpriv) maxpriv = priv; if ($4 > maxrss) maxrss = $4; if ($8 > maxfd) maxfd = $8; if ($9 > maxthr) maxthr = $9
+                if (b_priv == "" && $1 >= bt) { b_priv = priv; b_t = $1 }
+                l_priv = priv; l_t = $1 }
+            END {
+                printf "  %-9s VmRSS start %d kB, end %d kB, max %d kB | private start %d kB, at %ds %d kB, last under load (%ds) %d kB, end %d kB, max %d kB\n",
+                    role, s_rss, e_rss, maxrss, s_priv, b_t, b_priv, l_t, l_priv, e_priv, maxpriv
+                printf "  %-9s fds start %d, end %d, max %d | threads start %d, end %d, max %d\n", role, s_fd, e_fd, maxfd, s_thr, e_thr, maxthr
+                if (b_priv != "" && (l_priv > 1.2 * b_priv || e_priv > 1.2 * b_priv))
+                    printf "GROWTH %s private RSS grew > 20%% after %ds: %d kB -> last %d kB, end %d kB\n", role, b_t, b_priv, l_priv, e_priv
+                if (e_fd > s_fd) printf "GROWTH %s fds grew: %d -> %d (idle before vs after the load)\n", role, s_fd, e_fd
+                if (e_thr > s_thr) printf "GROWTH %s threads grew: %d -> %d (idle before vs after the load)\n", role, s_thr, e_thr
+            }' "$W/resources.csv"
+    done >"$W/resources.txt"
+    grep -v '^GROWTH' "$W/resources.txt" || true
+    while read -r _ msg; do flag "$msg"; done < <(grep '^GROWTH' "$W/resources.txt" || true)
+    echo
+    echo "final: sync + checkpoint + commit + failover: $([[ $final_ok == 1 ]] && echo ok || echo FAILED)"
+    for n in "${final_notes[@]}"; do echo "  $n"; done
+    echo "final cmp p.img s.img: $cmp_result"
+    [[ $cmp_result == identical ]] || flag "the secondary's disk differs from the primary's"
+    ((final_ok)) || flag "final phase failed"
+    [[ -z $dead ]] || flag "$dead died"
+    echo
+    ((fail == 0)) && echo "RESULT: PASS" || echo "RESULT: FAIL"
+} | tee "$W/summary.txt"
+grep -q '^RESULT: PASS' "$W/summary.txt" && fail=0 || fail=1
+if ((fail == 0 && keep == 0)); then
+    rm -f "$W"/{p,s}.img "$BUF"/{s.active,s.hidden}.img
+fi
+exit $fail

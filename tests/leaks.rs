@@ -1,0 +1,76 @@
+//! Nothing grows with reconnects: a frontend connecting again and again, and the replication
+//! link being cut and re-established, leave the daemon's descriptors and threads where they
+//! were (both leaked before: an exit eventfd per queue per frontend session, and a sender
+//! thread plus its socket per link reconnect — found by contrib/soak.sh).
+
+mod common;
+
+use common::pair::*;
+use common::*;
+use serde_json::json;
+
+fn fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
+}
+
+fn threads(pid: u32, name: &str) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|c| name.is_empty() || c.trim() == name)
+        .count()
+}
+
+#[test]
+fn frontend_reconnects_leak_no_descriptors() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("d.img").display().to_string();
+    let mut s = Server::start(tempfile::tempdir().unwrap(), &["--disk", &disk, "--size", "16M", "--num-queues", "2"]);
+    let pid = s.child.id();
+    let mut session = |s: &mut Server| {
+        let mut c = Client::connect(&s.socket, 2, false);
+        assert_eq!(c.write(1, 0, &[3u8; 4096]), 0);
+        drop(c);
+        s.wait_log("frontend disconnected");
+    };
+    session(&mut s);
+    let (f0, t0) = (fds(pid), threads(pid, ""));
+    for _ in 0..6 {
+        session(&mut s);
+    }
+    assert_eq!(fds(pid), f0, "descriptors grew over 6 frontend sessions");
+    assert_eq!(threads(pid, ""), t0, "threads grew over 6 frontend sessions");
+}
+
+#[test]
+fn link_reconnects_leak_no_threads_or_descriptors() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sec, _sdisk, nbd) = colo_secondary(dir.path(), "16M", Some("l"));
+    qmp(&sec, "replication-start", json!({"mode": "secondary"})).unwrap();
+    let proxy = Proxy::start(&dir.path().join("proxy.sock"), nbd);
+    let uri = format!("nbd+unix:///l?socket={}", proxy.path.display());
+    let pdisk = dir.path().join("pri.img");
+    let pri = start_primary(tempfile::tempdir().unwrap(), &pdisk, 16 * MIB, &["--secondary", &uri]);
+    qmp(&pri, "replication-start", json!({"mode": "primary"})).unwrap();
+    let pid = pri.child.id();
+    let mut c = Client::connect(&pri.socket, 2, false);
+    let connects =
+        |pri: &Server| qmp(pri, "query-replication", json!({})).unwrap()["link"]["connects"].as_u64().unwrap();
+    let mut cut = |round: u64| {
+        let before = connects(&pri);
+        proxy.cut();
+        assert_eq!(c.write(0, round * 65536, &pattern(round * 65536, 65536, round as u32)), 0);
+        wait_until("link back and in sync", || connects(&pri) > before && synced(&pri));
+    };
+    cut(1);
+    let (f0, t0) = (fds(pid), threads(pid, ""));
+    for round in 2..8 {
+        cut(round);
+    }
+    assert_eq!(threads(pid, "nbd-link-send"), 1, "sender threads of dead links are left behind");
+    assert_eq!(threads(pid, ""), t0, "threads grew over 6 link reconnects");
+    assert_eq!(fds(pid), f0, "descriptors grew over 6 link reconnects");
+    // The secondary let every old connection go (it keeps one client: the current link).
+    let q = qmp(&sec, "query-replication", json!({})).unwrap();
+    assert_eq!(q["nbd"]["clients"], 1, "{q}");
+}
