@@ -27,7 +27,7 @@ fn frontend_reconnects_leak_no_descriptors() {
     let disk = dir.path().join("d.img").display().to_string();
     let mut s = Server::start(tempfile::tempdir().unwrap(), &["--disk", &disk, "--size", "16M", "--num-queues", "2"]);
     let pid = s.child.id();
-    let mut session = |s: &mut Server| {
+    let session = |s: &mut Server| {
         let mut c = Client::connect(&s.socket, 2, false);
         assert_eq!(c.write(1, 0, &[3u8; 4096]), 0);
         drop(c);
