@@ -203,9 +203,23 @@ log "pair up: secondary pid $s_pid, primary pid $p_pid, proxy pid $proxy_pid"
 # ---------------------------------------------------------------- resources
 # sample TAG: one CSV row per process: t,tag,role,VmRSS,RssAnon,RssFile,RssShmem,fds,threads
 echo "t_s,tag,role,vmrss_kb,rssanon_kb,rssfile_kb,rssshmem_kb,fds,threads" >"$W/resources.csv"
+# Threads and fds of PID once two readings 100 ms apart agree (a control-socket client the
+# script itself just used keeps a thread and two descriptors for a moment after it hangs up).
+settle() {
+    local pid=$1 i prev='' cur
+    for ((i = 0; i < 50; i++)); do
+        cur="$(awk '/^Threads:/ {print $2}' "/proc/$pid/status" 2>/dev/null) $(find "/proc/$pid/fd" -mindepth 1 -maxdepth 1 2>/dev/null | wc -l)"
+        [[ $cur == "$prev" ]] && return 0
+        prev=$cur
+        sleep 0.1
+    done
+}
 sample() {
     local tag=$1 role pid f
     for role in primary secondary; do
+        if [[ $tag == idle-* ]]; then
+            [[ $role == primary ]] && settle "$p_pid" || settle "$s_pid"
+        fi
         [[ $role == primary ]] && pid=$p_pid || pid=$s_pid
         f=/proc/$pid/status
         [[ -r $f ]] || continue

@@ -21,6 +21,33 @@ fn threads(pid: u32, name: &str) -> usize {
         .count()
 }
 
+fn thread_names(pid: u32) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|c| c.trim().to_string())
+        .collect();
+    v.sort();
+    v
+}
+
+/// Threads and descriptors once the daemon is idle again: the serve loop has set up the
+/// next connection (its queue workers exist) and no control-socket client is around.
+fn settled(pid: u32, queues: usize) -> (usize, usize) {
+    let mut last = (0, 0);
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let now = (fds(pid), threads(pid, ""));
+        if threads(pid, "vring_worker") == queues && now == last {
+            return now;
+        }
+        assert!(std::time::Instant::now() < deadline, "never settled: {:?}", thread_names(pid));
+        last = now;
+        // Idleness has no event: sample until two readings agree.
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
 #[test]
 fn frontend_reconnects_leak_no_descriptors() {
     let dir = tempfile::tempdir().unwrap();
@@ -34,12 +61,43 @@ fn frontend_reconnects_leak_no_descriptors() {
         s.wait_log("frontend disconnected");
     };
     session(&mut s);
-    let (f0, t0) = (fds(pid), threads(pid, ""));
+    let (f0, t0) = settled(pid, 2);
     for _ in 0..6 {
         session(&mut s);
     }
-    assert_eq!(fds(pid), f0, "descriptors grew over 6 frontend sessions");
-    assert_eq!(threads(pid, ""), t0, "threads grew over 6 frontend sessions");
+    let (f1, t1) = settled(pid, 2);
+    assert_eq!(f1, f0, "descriptors grew over 6 frontend sessions");
+    assert_eq!(t1, t0, "threads grew over 6 frontend sessions");
+}
+
+#[test]
+fn frontend_sessions_on_a_replicating_primary_leak_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sec, _sdisk, nbd) = colo_secondary(dir.path(), "16M", Some("f"));
+    qmp(&sec, "replication-start", json!({"mode": "secondary"})).unwrap();
+    let uri = format!("nbd+unix:///f?socket={}", nbd.display());
+    let pdisk = dir.path().join("pri.img");
+    let mut pri = start_primary(tempfile::tempdir().unwrap(), &pdisk, 16 * MIB, &["--secondary", &uri]);
+    qmp(&pri, "replication-start", json!({"mode": "primary"})).unwrap();
+    let pid = pri.child.id();
+    let session = |s: &mut Server, i: u64| {
+        let mut c = Client::connect(&s.socket, 2, false);
+        assert_eq!(c.write((i % 2) as usize, i * 4096, &pattern(i * 4096, 4096, i as u32)), 0);
+        drop(c);
+        s.wait_log("frontend disconnected");
+        // Control-socket traffic between sessions, as an orchestrator polls.
+        qmp(s, "query-replication", json!({})).unwrap();
+    };
+    session(&mut pri, 0);
+    wait_until("in sync", || synced(&pri));
+    let (f0, t0) = settled(pid, 2);
+    for i in 1..8 {
+        session(&mut pri, i);
+    }
+    wait_until("in sync", || synced(&pri));
+    let (f1, t1) = settled(pid, 2);
+    assert_eq!(t1, t0, "threads grew over 7 sessions on a replicating primary: {:?}", thread_names(pid));
+    assert_eq!(f1, f0, "descriptors grew over 7 sessions on a replicating primary");
 }
 
 #[test]
@@ -63,13 +121,14 @@ fn link_reconnects_leak_no_threads_or_descriptors() {
         wait_until("link back and in sync", || connects(&pri) > before && synced(&pri));
     };
     cut(1);
-    let (f0, t0) = (fds(pid), threads(pid, ""));
+    let (f0, t0) = settled(pid, 2);
     for round in 2..8 {
         cut(round);
     }
+    let (f1, t1) = settled(pid, 2);
     assert_eq!(threads(pid, "nbd-link-send"), 1, "sender threads of dead links are left behind");
-    assert_eq!(threads(pid, ""), t0, "threads grew over 6 link reconnects");
-    assert_eq!(fds(pid), f0, "descriptors grew over 6 link reconnects");
+    assert_eq!(t1, t0, "threads grew over 6 link reconnects");
+    assert_eq!(f1, f0, "descriptors grew over 6 link reconnects");
     // The secondary let every old connection go (it keeps one client: the current link).
     let q = qmp(&sec, "query-replication", json!({})).unwrap();
     assert_eq!(q["nbd"]["clients"], 1, "{q}");
