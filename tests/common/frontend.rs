@@ -158,9 +158,11 @@ impl BlkFrontend {
         let mut fe = Frontend::connect(socket, 16).expect("vhost-user connect");
         fe.set_owner().unwrap();
         let offered = fe.get_features().unwrap();
+        assert!(offered & LOG_ALL != 0, "backend does not offer VHOST_F_LOG_ALL");
         let features = offered & (VIRTIO_F_VERSION_1 | PROTOCOL_FEATURES);
         fe.set_features(features).unwrap();
         let pf = fe.get_protocol_features().unwrap();
+        assert!(pf.contains(VhostUserProtocolFeatures::LOG_SHMFD), "backend lacks LOG_SHMFD");
         let mut want = VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIG
@@ -170,6 +172,7 @@ impl BlkFrontend {
             want |= VhostUserProtocolFeatures::INFLIGHT_SHMFD;
         }
         fe.set_protocol_features(pf & want).unwrap();
+        // Every later message waits for the backend's answer, as QEMU's do while logging.
         fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
         (fe, features)
     }
@@ -204,42 +207,17 @@ impl BlkFrontend {
     }
 
     fn connect_with(socket: &Path, inflight: bool) -> BlkFrontend {
-        let mut fe = Frontend::connect(socket, 16).expect("vhost-user connect");
-        fe.set_owner().unwrap();
-        let offered = fe.get_features().unwrap();
-        assert!(offered & LOG_ALL != 0, "backend does not offer VHOST_F_LOG_ALL");
-        let features = offered & (VIRTIO_F_VERSION_1 | PROTOCOL_FEATURES);
-        fe.set_features(features).unwrap();
-        let pf = fe.get_protocol_features().unwrap();
-        assert!(pf.contains(VhostUserProtocolFeatures::LOG_SHMFD), "backend lacks LOG_SHMFD");
-        let want = VhostUserProtocolFeatures::MQ
-            | VhostUserProtocolFeatures::REPLY_ACK
-            | VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::LOG_SHMFD;
-        let want = if inflight { want | VhostUserProtocolFeatures::INFLIGHT_SHMFD } else { want };
-        fe.set_protocol_features(pf & want).unwrap();
-        // Every later message waits for the backend's answer, as QEMU's do while logging.
-        fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+        let (mut fe, features) = Self::handshake(socket, inflight);
         let inflight = inflight.then(|| {
             let (info, file) = fe.get_inflight_fd(&VhostUserInflight::new(0, 0, 1, QSIZE)).expect("GET_INFLIGHT_FD");
             assert!(info.mmap_size > 0, "no inflight region");
             fe.set_inflight_fd(&info, file.as_raw_fd()).expect("SET_INFLIGHT_FD");
             (info, file)
         });
-        let mem = SharedMem::new(MEM);
-        let region = VhostUserMemoryRegionInfo {
-            guest_phys_addr: 0,
-            memory_size: MEM,
-            userspace_addr: mem.addr(),
-            mmap_offset: 0,
-            mmap_handle: mem.file.as_raw_fd(),
-        };
-        fe.set_mem_table(&[region]).unwrap();
-        let log = SharedMem::new(PAGE);
         let mut f = BlkFrontend {
             fe,
-            mem,
-            log,
+            mem: SharedMem::new(MEM),
+            log: SharedMem::new(PAGE),
             kick: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
             call: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
             features,
@@ -248,16 +226,14 @@ impl BlkFrontend {
             seq: 0,
             inflight,
         };
+        f.set_mem();
         f.start_queue(0, false);
         f
     }
 
-    /// `SET_VRING_NUM .. SET_VRING_ENABLE 1` for queue 0 starting at `base`.
-    fn start_queue(&mut self, base: u16, logging: bool) {
-        let fe = &mut self.fe;
-        fe.set_vring_num(0, QSIZE).unwrap();
-        fe.set_vring_base(0, base).unwrap();
-        let cfg = VringConfigData {
+    /// Queue 0's ring addresses (frontend virtual addresses), with the log flag if logging.
+    fn ring_config(&self, logging: bool) -> VringConfigData {
+        VringConfigData {
             queue_max_size: QSIZE,
             queue_size: QSIZE,
             flags: u32::from(logging),
@@ -265,7 +241,15 @@ impl BlkFrontend {
             used_ring_addr: self.mem.addr() + USED,
             avail_ring_addr: self.mem.addr() + AVAIL,
             log_addr: logging.then_some(USED),
-        };
+        }
+    }
+
+    /// `SET_VRING_NUM .. SET_VRING_ENABLE 1` for queue 0 starting at `base`.
+    fn start_queue(&mut self, base: u16, logging: bool) {
+        let cfg = self.ring_config(logging);
+        let fe = &mut self.fe;
+        fe.set_vring_num(0, QSIZE).unwrap();
+        fe.set_vring_base(0, base).unwrap();
         fe.set_vring_addr(0, &cfg).unwrap();
         fe.set_vring_kick(0, &self.kick).unwrap();
         fe.set_vring_call(0, &self.call).unwrap();
@@ -290,15 +274,7 @@ impl BlkFrontend {
         self.fe.set_features(features).unwrap();
         self.fe.set_vring_num(0, QSIZE).unwrap();
         self.fe.set_vring_base(0, base).unwrap();
-        let cfg = VringConfigData {
-            queue_max_size: QSIZE,
-            queue_size: QSIZE,
-            flags: u32::from(logging),
-            desc_table_addr: self.mem.addr() + DESC,
-            used_ring_addr: self.mem.addr() + USED,
-            avail_ring_addr: self.mem.addr() + AVAIL,
-            log_addr: logging.then_some(USED),
-        };
+        let cfg = self.ring_config(logging);
         self.fe.set_vring_addr(0, &cfg).unwrap();
         self.fe.set_vring_kick(0, &self.kick).unwrap();
         if logging {

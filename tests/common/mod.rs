@@ -261,3 +261,25 @@ pub fn allocated(path: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
     std::fs::metadata(path).unwrap().blocks() * 512
 }
+
+/// Runs `colo-blk serve` on a fresh disk path with `args` added; it must refuse them with exit
+/// code 2, a message naming `needle`, and without creating the disk.
+pub fn expect_usage_error(args: &[&str], needle: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("never.img");
+    let out = Command::new(env!("CARGO_BIN_EXE_colo-blk"))
+        .args(["serve", "--size", "8M", "--disk"])
+        .arg(&disk)
+        .arg("--socket")
+        .arg(dir.path().join("x.sock"))
+        .args(args)
+        .output()
+        .expect("run colo-blk");
+    assert_eq!(out.status.code(), Some(2), "{args:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(needle),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!disk.exists(), "{args:?} created the disk");
+}
