@@ -9,10 +9,6 @@ use common::pair::*;
 use common::*;
 use serde_json::json;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 fn secondary_tcp(dir: &std::path::Path, port: u16, allow: &str) -> Server {
     let p = |n: &str| dir.join(n).display().to_string();
     let listen = format!("127.0.0.1:{port}");

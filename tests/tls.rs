@@ -37,10 +37,6 @@ cp ca-cert.pem rogue/; cp intruder-cert.pem rogue/client-cert.pem; cp intruder-k
     (dir.join("srv"), dir.join("cli"), dir.join("rogue"))
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 fn tls_secondary(dir: &Path, port: u16, srv: &Path) -> (Server, PathBuf) {
     let p = |n: &str| dir.join(n).display().to_string();
     let (d, a, h) = (p("sec.img"), p("a.img"), p("h.img"));

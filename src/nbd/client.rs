@@ -139,12 +139,7 @@ pub fn connect(
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "TLS needs a TCP secondary (nbd://HOST:PORT)"));
         };
         send_option(&mut s, OPT_STARTTLS, &[])?;
-        if read_u64(&mut s)? != OPT_REPLY_MAGIC {
-            return Err(bad("bad option reply magic".into()));
-        }
-        let (_opt, rtype, len) = (read_u32(&mut s)?, read_u32(&mut s)?, read_u32(&mut s)?);
-        let mut payload = vec![0u8; len.min(MAX_OPTION) as usize];
-        s.read_exact(&mut payload)?;
+        let (_, rtype, payload) = read_option_reply(&mut s)?;
         if rtype != REP_ACK {
             return Err(io::Error::new(
                 io::ErrorKind::ConnectionRefused,
@@ -164,17 +159,7 @@ pub fn connect(
     send_option(&mut s, OPT_GO, &data)?;
     let mut info: Option<ExportInfo> = None;
     loop {
-        if read_u64(&mut s)? != OPT_REPLY_MAGIC {
-            return Err(bad("bad option reply magic".into()));
-        }
-        let _opt = read_u32(&mut s)?;
-        let rtype = read_u32(&mut s)?;
-        let len = read_u32(&mut s)?;
-        if len > MAX_OPTION {
-            return Err(bad(format!("option reply of {len} bytes")));
-        }
-        let mut payload = vec![0u8; len as usize];
-        s.read_exact(&mut payload)?;
+        let (_, rtype, payload) = read_option_reply(&mut s)?;
         match rtype {
             REP_ACK => break,
             REP_INFO if payload.len() >= 12 && u16::from_be_bytes([payload[0], payload[1]]) == INFO_EXPORT => {
@@ -219,16 +204,26 @@ pub fn connect(
 /// Asks for the colo-blk barrier extension; any error reply means a plain NBD server.
 fn ask_colo(s: &mut Stream) -> io::Result<bool> {
     send_option(s, OPT_COLO, &[])?;
+    let (opt, rtype, _) = read_option_reply(s)?;
+    if opt != OPT_COLO {
+        return Err(bad(format!("reply to option {opt:#x} instead of the COLO option")));
+    }
+    Ok(rtype == REP_ACK)
+}
+
+/// Reads one option reply: (option, reply type, payload). A payload longer than
+/// [`MAX_OPTION`] breaks the negotiation (it could not be skipped safely).
+fn read_option_reply(s: &mut Stream) -> io::Result<(u32, u32, Vec<u8>)> {
     if read_u64(s)? != OPT_REPLY_MAGIC {
         return Err(bad("bad option reply magic".into()));
     }
     let (opt, rtype, len) = (read_u32(s)?, read_u32(s)?, read_u32(s)?);
-    if opt != OPT_COLO || len > MAX_OPTION {
-        return Err(bad(format!("unexpected reply to option {opt:#x} ({len} bytes)")));
+    if len > MAX_OPTION {
+        return Err(bad(format!("option reply of {len} bytes")));
     }
     let mut payload = vec![0u8; len as usize];
     s.read_exact(&mut payload)?;
-    Ok(rtype == REP_ACK)
+    Ok((opt, rtype, payload))
 }
 
 fn send_option(s: &mut Stream, opt: u32, data: &[u8]) -> io::Result<()> {

@@ -194,13 +194,7 @@ impl NbdServer {
                 Listener::Unix(l)
             }
         };
-        let shared = Arc::new(Shared {
-            cfg,
-            export,
-            conns: Mutex::new(Vec::new()),
-            stats: Arc::new(NbdStats::default()),
-            closed: AtomicBool::new(false),
-        });
+        let shared = Shared::new(cfg, export);
         let s2 = shared.clone();
         std::thread::Builder::new().name("nbd-accept".into()).spawn(move || accept_loop(listener, s2))?;
         Ok(NbdServer { shared })
@@ -221,13 +215,7 @@ impl NbdServer {
     /// Serves one already-connected client on the calling thread until it leaves (used by
     /// the fuzz target `fuzz/fuzz_targets/nbd_server.rs` over a socket pair).
     pub fn serve_stream(stream: Stream, cfg: NbdServerConfig, export: Arc<dyn NbdExport>) -> io::Result<()> {
-        let shared = Arc::new(Shared {
-            cfg,
-            export,
-            conns: Mutex::new(Vec::new()),
-            stats: Arc::new(NbdStats::default()),
-            closed: AtomicBool::new(false),
-        });
+        let shared = Shared::new(cfg, export);
         serve_client(stream, &shared)
     }
 
@@ -235,6 +223,18 @@ impl NbdServer {
     pub fn close(&self) {
         self.shared.closed.store(true, Ordering::Release);
         self.disconnect_all();
+    }
+}
+
+impl Shared {
+    fn new(cfg: NbdServerConfig, export: Arc<dyn NbdExport>) -> Arc<Shared> {
+        Arc::new(Shared {
+            cfg,
+            export,
+            conns: Mutex::new(Vec::new()),
+            stats: Arc::new(NbdStats::default()),
+            closed: AtomicBool::new(false),
+        })
     }
 }
 
@@ -456,29 +456,35 @@ enum Job {
     Other(Request),
 }
 
-/// Requests of one connection handed to its workers and not yet answered.
+/// Requests of one connection handed to its workers and not yet answered. Counting is two
+/// atomic operations per request; the lock and the wake-up are only paid while a barrier
+/// waits for the count to reach zero.
 #[derive(Default)]
 struct Inflight {
-    count: Mutex<usize>,
+    count: AtomicUsize,
+    waiting: AtomicBool,
+    lock: Mutex<()>,
     idle: std::sync::Condvar,
 }
 
 impl Inflight {
     fn add(&self) {
-        *lock(&self.count) += 1;
+        self.count.fetch_add(1, Ordering::SeqCst);
     }
     fn done(&self) {
-        let mut c = lock(&self.count);
-        *c = c.saturating_sub(1);
-        if *c == 0 {
+        if self.count.fetch_sub(1, Ordering::SeqCst) == 1 && self.waiting.load(Ordering::SeqCst) {
+            let _g = lock(&self.lock);
             self.idle.notify_all();
         }
     }
     fn wait_idle(&self) {
-        let mut c = lock(&self.count);
-        while *c > 0 {
-            c = self.idle.wait(c).unwrap_or_else(|e| e.into_inner());
+        self.waiting.store(true, Ordering::SeqCst);
+        let mut g = lock(&self.lock);
+        while self.count.load(Ordering::SeqCst) > 0 {
+            g = self.idle.wait(g).unwrap_or_else(|e| e.into_inner());
         }
+        drop(g);
+        self.waiting.store(false, Ordering::SeqCst);
     }
 }
 

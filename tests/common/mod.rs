@@ -283,3 +283,8 @@ pub fn expect_usage_error(args: &[&str], needle: &str) {
     );
     assert!(!disk.exists(), "{args:?} created the disk");
 }
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}

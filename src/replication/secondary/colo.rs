@@ -112,20 +112,16 @@ impl Secondary {
         }
     }
 
-    /// Forgets a pending barrier without committing it (failover, stop). Callers hold `ops`.
-    pub(super) fn discard_pending(&self) {
-        let mut c = lock(&self.colo);
-        if let Some(seq) = c.pending.take() {
+    /// Forgets a pending barrier without committing it. Callers hold `ops`. `kept`: the
+    /// buffers stay as they are (failover, stop), which is worth an event; otherwise they
+    /// are about to be emptied anyway (an explicit checkpoint).
+    pub(super) fn discard_pending(&self, kept: bool) {
+        let seq = lock(&self.colo).pending.take();
+        self.barrier_pending.store(false, Ordering::Release);
+        if let (Some(seq), true) = (seq, kept) {
             log::warn!("checkpoint barrier {seq} was never committed: the buffers are kept");
             self.emit("COLO_BARRIER_DISCARDED", json!({"barrier": seq}));
         }
-        self.barrier_pending.store(false, Ordering::Release);
-    }
-
-    /// Forgets a pending barrier because the buffers are emptied anyway. Callers hold `ops`.
-    pub(super) fn discard_pending_silently(&self) {
-        lock(&self.colo).pending = None;
-        self.barrier_pending.store(false, Ordering::Release);
     }
 
     /// The barrier part of `query-replication`.

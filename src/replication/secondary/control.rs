@@ -47,7 +47,7 @@ impl ReplicationControl for SecondaryControl {
             Stage::Running => {}
         }
         // An explicit checkpoint supersedes a pending barrier: the buffers are emptied anyway.
-        s.discard_pending_silently();
+        s.discard_pending(false);
         s.checkpoint_locked().map(|_| ())
     }
 
@@ -80,7 +80,7 @@ impl ReplicationControl for SecondaryControl {
         }
         // No primary write may land once the buffers are being dropped or merged.
         s.close_nbd();
-        s.discard_pending();
+        s.discard_pending(true);
         let closed = s.quiesce()?;
         if !failover {
             // QEMU's version of this path fails and keeps the buffers (spec §3.5); the
