@@ -118,7 +118,7 @@ fn a_half_merged_disk_is_refused_on_restart() {
     };
     let out = run();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("half merged") && err.contains("colo-state"), "{err}");
     assert!(!sock.exists(), "it listened anyway");
     // Once the operator restored the disk and removed the marker, it serves again.

@@ -8,6 +8,8 @@
 
 pub mod bitmap;
 pub mod fault;
+pub mod lock;
+pub mod probe;
 pub mod range_lock;
 pub mod raw;
 

@@ -2,7 +2,9 @@
 //! time, listening again after each disconnect), answers the control socket, and shuts down
 //! cleanly on SIGTERM/SIGINT or QMP `quit` (drain in-flight I/O, flush, exit 0).
 
+pub mod preflight;
 mod sockets;
+mod systemd;
 
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
@@ -24,9 +26,14 @@ use crate::vhost::backend::ExitEvents;
 use crate::vhost::proxy::{DeviceShape, relay};
 use crate::vhost::{BlkBackend, DRAIN_TIMEOUT, DeviceConfig, Shared, completion_event_id};
 
+/// The export's id in `query-block-exports` (colo-blk serves exactly one).
+pub const EXPORT_ID: &str = "export0";
+/// The name of the node the export serves in `query-block-exports`.
+pub const NODE_NAME: &str = "disk0";
+
 /// Everything `colo-blk serve` needs, already validated by the CLI.
 pub struct ServeConfig {
-    /// The vhost-user socket path.
+    /// The vhost-user socket path (for an inherited socket: the path it is bound to, if any).
     pub socket: PathBuf,
     /// The control socket path.
     pub qmp: Option<PathBuf>,
@@ -36,8 +43,6 @@ pub struct ServeConfig {
     pub direct: bool,
     /// Busy-poll window of each queue worker after its last work (zero: never poll).
     pub poll: Duration,
-    /// Mode and owner of the vhost-user and control sockets.
-    pub socket_perms: SocketPerms,
     /// The fault-injection rules, when `--x-fault-injection` wrapped the device.
     pub faults: Option<Arc<crate::block::fault::FaultPlan>>,
 }
@@ -45,6 +50,12 @@ pub struct ServeConfig {
 /// Errors that stop the daemon.
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
+    /// A live server already answers on the socket path.
+    #[error("{path} is in use: a running server answers on it (another colo-blk?); stop it or choose another path")]
+    InUse {
+        /// The socket path.
+        path: String,
+    },
     /// A socket could not be created.
     #[error("cannot listen on {path}")]
     Bind {
@@ -79,6 +90,27 @@ pub struct Daemon {
     events: EventBus,
     shutting_down: AtomicBool,
     connected: AtomicBool,
+    owned_sockets: Mutex<Vec<OwnedSocket>>,
+    pidfile: Mutex<Option<PidFile>>,
+}
+
+/// The listening sockets a daemon serves on, bound before the disk is opened so that a
+/// socket problem is found before anything is created.
+#[derive(Debug)]
+pub struct BoundSockets {
+    /// The vhost-user listener (bound here, or inherited).
+    pub vhost: UnixListener,
+    /// The control socket listener.
+    pub qmp: Option<UnixListener>,
+    /// Socket files this process created (removed at exit if still its own).
+    pub owned: Vec<OwnedSocket>,
+}
+
+impl BoundSockets {
+    /// Removes the socket files created so far (a start that failed after binding).
+    pub fn remove_files(&self) {
+        self.owned.iter().for_each(OwnedSocket::remove);
+    }
 }
 
 impl Daemon {
@@ -95,6 +127,8 @@ impl Daemon {
             events: EventBus::default(),
             shutting_down: AtomicBool::new(false),
             connected: AtomicBool::new(false),
+            owned_sockets: Mutex::new(Vec::new()),
+            pidfile: Mutex::new(None),
         })
     }
 
@@ -103,21 +137,11 @@ impl Daemon {
         self.events.clone()
     }
 
-    /// Binds the sockets, then serves frontends until shutdown (which exits the process).
-    pub fn run(self: &Arc<Self>) -> Result<(), DaemonError> {
-        // Sockets are bound before any thread exists, so the restrictive umask used for
-        // mode 0600 cannot leak into files other threads create.
-        let vhost_listener = sockets::bind_private(&self.cfg.socket)?;
-        let qmp_listener = match &self.cfg.qmp {
-            Some(p) => Some(sockets::bind_private(p)?),
-            None => None,
-        };
-        for path in std::iter::once(&self.cfg.socket).chain(self.cfg.qmp.as_ref()) {
-            self.cfg
-                .socket_perms
-                .apply(path)
-                .map_err(|source| DaemonError::Bind { path: path.display().to_string(), source })?;
-        }
+    /// Serves frontends on the already bound sockets until shutdown (which exits the
+    /// process).
+    pub fn run(self: &Arc<Self>, sockets: BoundSockets, pidfile: Option<PidFile>) -> Result<(), DaemonError> {
+        *self.owned_sockets.lock().unwrap_or_else(|e| e.into_inner()) = sockets.owned;
+        *self.pidfile.lock().unwrap_or_else(|e| e.into_inner()) = pidfile;
         let me = self.clone();
         std::thread::Builder::new()
             .name("signals".into())
@@ -127,7 +151,7 @@ impl Daemon {
                 me.shutdown();
             })
             .map_err(DaemonError::Signals)?;
-        if let Some(l) = qmp_listener {
+        if let Some(l) = sockets.qmp {
             QmpServer::spawn(l, self.clone(), self.events.clone()).map_err(|source| DaemonError::Bind {
                 path: self.cfg.qmp.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
                 source,
@@ -140,7 +164,11 @@ impl Daemon {
             self.cfg.device.num_queues,
             self.cfg.device.queue_size
         );
-        self.serve_loop(vhost_listener)
+        // Every listener is up (the NBD server and the hook were started before `run`).
+        if let Err(e) = systemd::notify_ready() {
+            log::warn!("cannot notify the service manager (NOTIFY_SOCKET): {e}");
+        }
+        self.serve_loop(sockets.vhost)
     }
 
     fn serve_loop(&self, listener: UnixListener) -> Result<(), DaemonError> {
@@ -255,9 +283,11 @@ impl Daemon {
             log::error!("shutdown: flush failed: {e}");
             code = 1;
         }
-        let _ = std::fs::remove_file(&self.cfg.socket);
-        if let Some(q) = &self.cfg.qmp {
-            let _ = std::fs::remove_file(q);
+        for socket in self.owned_sockets.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            socket.remove();
+        }
+        if let Some(p) = self.pidfile.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            p.remove();
         }
         self.events.emit("SHUTDOWN", json!({}));
         log::info!("shut down cleanly");
@@ -302,6 +332,16 @@ impl QmpHandler for Daemon {
             Command::QueryBlockstats => serde_json::to_value(snapshot(self.stats.iter().map(|s| &**s)))
                 .map_err(|e| QmpError::Generic(e.to_string())),
             Command::QmpCapabilities | Command::Quit => Ok(json!({})),
+            Command::QueryVersion => Ok(crate::qmp::command::version()),
+            Command::QueryCommands => {
+                Ok(Value::Array(crate::qmp::command::COMMAND_NAMES.iter().map(|n| json!({"name": n})).collect()))
+            }
+            Command::QueryBlockExports => Ok(json!([{
+                "type": "vhost-user-blk",
+                "id": EXPORT_ID,
+                "node-name": NODE_NAME,
+                "shutting-down": self.shutting_down.load(Ordering::Acquire),
+            }])),
             Command::QueryReplication => Ok(self.replication.query()),
             Command::ReplicationStart(args) => self.replication.start(args).map(|()| json!({})).map_err(generic),
             Command::ReplicationCheckpoint { barrier } => {
@@ -337,4 +377,5 @@ fn generic(e: crate::replication::ReplicationError) -> QmpError {
     QmpError::Generic(e.0)
 }
 
-pub use sockets::{SocketPerms, block_termination_signals};
+pub use sockets::{OwnedSocket, SocketPerms, bind_owned, block_termination_signals, check_free};
+pub use systemd::{PidFile, activated_fd, inherited_listener};

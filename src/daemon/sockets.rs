@@ -1,7 +1,8 @@
 //! Private sockets and termination signals.
 
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixListener;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use super::DaemonError;
 
@@ -23,6 +24,73 @@ pub fn bind_private(path: &Path) -> Result<UnixListener, DaemonError> {
     // SAFETY: as above, restoring the previous mask.
     unsafe { libc::umask(old) };
     res.map_err(err)
+}
+
+/// Checks that `path` can become a listening socket of ours without taking anything from
+/// anyone: missing, or a stale socket file that no server answers on. A live server there
+/// (a second colo-blk started by mistake, the VMM's own socket) is refused.
+pub fn check_free(path: &Path) -> Result<(), DaemonError> {
+    let err = |source| DaemonError::Bind { path: path.display().to_string(), source };
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()) => {
+            match std::os::unix::net::UnixStream::connect(path) {
+                Ok(_) => Err(DaemonError::InUse { path: path.display().to_string() }),
+                // Nobody listens: a leftover of a process that died.
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Ok(()),
+                Err(e) => Err(err(e)),
+            }
+        }
+        Ok(_) => Err(err(std::io::Error::new(std::io::ErrorKind::AlreadyExists, "path exists and is not a socket"))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => match path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() && !dir.is_dir() => {
+                Err(err(std::io::Error::new(std::io::ErrorKind::NotFound, "its directory does not exist")))
+            }
+            _ => Ok(()),
+        },
+        Err(e) => Err(err(e)),
+    }
+}
+
+/// A socket file this process created. At exit it is removed only if the path still names
+/// that very file: a second instance that replaced it keeps its own.
+#[derive(Debug)]
+pub struct OwnedSocket {
+    path: PathBuf,
+    dev: u64,
+    ino: u64,
+}
+
+impl OwnedSocket {
+    /// Records the socket file now at `path`.
+    pub fn new(path: &Path) -> std::io::Result<OwnedSocket> {
+        let m = std::fs::symlink_metadata(path)?;
+        Ok(OwnedSocket { path: path.to_path_buf(), dev: m.dev(), ino: m.ino() })
+    }
+
+    /// The socket's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Removes the file if it is still the one this process created.
+    pub fn remove(&self) {
+        if let Ok(m) = std::fs::symlink_metadata(&self.path)
+            && m.dev() == self.dev
+            && m.ino() == self.ino
+        {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Binds `path` as a private (0600) listening socket after [`check_free`], and returns the
+/// record that lets the process remove exactly this file later.
+pub fn bind_owned(path: &Path) -> Result<(UnixListener, OwnedSocket), DaemonError> {
+    check_free(path)?;
+    let listener = bind_private(path)?;
+    let owned =
+        OwnedSocket::new(path).map_err(|source| DaemonError::Bind { path: path.display().to_string(), source })?;
+    Ok((listener, owned))
 }
 
 /// Who may use the UNIX sockets colo-blk creates. They are created 0600 (no window where

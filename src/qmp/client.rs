@@ -6,6 +6,9 @@ use std::path::Path;
 
 use serde_json::{Map, Value, json};
 
+/// How long a server may take to greet and accept `qmp_capabilities`.
+pub const GREETING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// A connected, negotiated QMP session.
 pub struct QmpClient {
     reader: BufReader<UnixStream>,
@@ -16,13 +19,34 @@ impl QmpClient {
     /// Connects, reads the greeting and negotiates capabilities.
     pub fn connect(path: &Path) -> std::io::Result<Self> {
         let writer = UnixStream::connect(path)?;
+        // A peer that is not a QMP server (the vhost-user socket, say) never greets: give up
+        // rather than wait (and hold its connection) for ever.
+        writer.set_read_timeout(Some(GREETING_TIMEOUT))?;
         let mut c = QmpClient { reader: BufReader::new(writer.try_clone()?), writer };
-        let greeting = c.read_message()?;
+        let not_qmp = |e: std::io::Error| match e.kind() {
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "{} did not greet within {} s: not a QMP control socket?",
+                    path.display(),
+                    GREETING_TIMEOUT.as_secs()
+                ),
+            ),
+            std::io::ErrorKind::UnexpectedEof => std::io::Error::new(
+                e.kind(),
+                format!("{} closed the connection without a QMP greeting", path.display()),
+            ),
+            _ => e,
+        };
+        let greeting = c.read_message().map_err(not_qmp)?;
         if greeting.get("QMP").is_none() {
             return Err(std::io::Error::other(format!("unexpected greeting {greeting}")));
         }
-        c.execute("qmp_capabilities", Map::new())?
+        c.execute("qmp_capabilities", Map::new())
+            .map_err(not_qmp)?
             .map_err(|e| std::io::Error::other(format!("qmp_capabilities: {e}")))?;
+        // Commands such as a failover may take long; they are awaited without a deadline.
+        c.writer.set_read_timeout(None)?;
         Ok(c)
     }
 

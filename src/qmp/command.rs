@@ -13,6 +13,12 @@ pub enum Command {
     QueryBlockstats,
     /// Drain, flush and exit.
     Quit,
+    /// colo-blk's version in QEMU's `query-version` shape.
+    QueryVersion,
+    /// The names of every command.
+    QueryCommands,
+    /// The export, in qemu-storage-daemon's `query-block-exports` shape.
+    QueryBlockExports,
     /// Stage, error and statistics of replication.
     QueryReplication,
     /// `replication-start {"mode": ..., "secondary": URI, "sync": "none|full|incremental"}`.
@@ -86,6 +92,9 @@ impl Command {
             "query-block" => no_args(Command::QueryBlock),
             "query-blockstats" => no_args(Command::QueryBlockstats),
             "quit" => no_args(Command::Quit),
+            "query-version" => no_args(Command::QueryVersion),
+            "query-commands" => no_args(Command::QueryCommands),
+            "query-block-exports" => no_args(Command::QueryBlockExports),
             "query-replication" => no_args(Command::QueryReplication),
             "replication-checkpoint" => {
                 only(args, &["barrier"])?;
@@ -171,6 +180,37 @@ impl Command {
     }
 }
 
+/// Every command name [`Command::parse`] accepts (the answer of `query-commands`).
+pub const COMMAND_NAMES: &[&str] = &[
+    "qmp_capabilities",
+    "query-version",
+    "query-commands",
+    "query-block",
+    "query-blockstats",
+    "query-block-exports",
+    "query-replication",
+    "replication-start",
+    "replication-checkpoint",
+    "replication-get-error",
+    "replication-stop",
+    "x-inject-fault",
+    "x-clear-faults",
+    "quit",
+];
+
+/// colo-blk's version in QEMU's `query-version` shape (also carried by the greeting).
+pub fn version() -> Value {
+    let num = |s: &str| s.parse::<u64>().unwrap_or(0);
+    serde_json::json!({
+        "qemu": {
+            "major": num(env!("CARGO_PKG_VERSION_MAJOR")),
+            "minor": num(env!("CARGO_PKG_VERSION_MINOR")),
+            "micro": num(env!("CARGO_PKG_VERSION_PATCH")),
+        },
+        "package": concat!("colo-blk ", env!("CARGO_PKG_VERSION")),
+    })
+}
+
 /// Refuses arguments not in `allowed`.
 fn only(args: &Map<String, Value>, allowed: &[&str]) -> Result<(), QmpError> {
     match args.keys().find(|k| !allowed.contains(&k.as_str())) {
@@ -227,6 +267,14 @@ mod tests {
             Command::parse("replication-checkpoint", &obj(json!({"barrier": "7"}))),
             Err(QmpError::Generic("Invalid parameter type for 'barrier', expected: integer".into()))
         );
+    }
+
+    #[test]
+    fn every_listed_command_parses() {
+        for name in COMMAND_NAMES {
+            let e = Command::parse(name, &Map::new()).err();
+            assert!(!matches!(e, Some(QmpError::CommandNotFound(_))), "{name} is listed but unknown");
+        }
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //! daemon implements; replication commands slot in as new `Command` variants.
 
 pub mod client;
-mod command;
+pub mod command;
 pub mod server;
 
 pub use command::{Command, QmpError};

@@ -139,12 +139,7 @@ pub fn decode(msg: &Value) -> Result<(Command, Option<Value>), (QmpError, Option
 fn serve_client(stream: UnixStream, id: usize, handler: &dyn QmpHandler, events: &EventBus) -> std::io::Result<()> {
     stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
     let writer: Writer = Arc::new(Mutex::new(stream.try_clone()?));
-    send(
-        &writer,
-        &json!({"QMP": {"version": {"qemu": {"major": 0, "minor": 1, "micro": 0},
-                                     "package": concat!("colo-blk ", env!("CARGO_PKG_VERSION"))},
-                         "capabilities": []}}),
-    )?;
+    send(&writer, &json!({"QMP": {"version": super::command::version(), "capabilities": []}}))?;
     let mut negotiated = false;
     let reader = BufReader::new(stream);
     for msg in serde_json::Deserializer::from_reader(reader).into_iter::<Value>() {
