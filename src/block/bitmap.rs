@@ -414,7 +414,7 @@ mod tests {
             for step in 0..600 {
                 let s = if step % 7 == 0 { GROUP_SECTORS - 50 + rng.next() % 100 } else { rng.next() % n };
                 let e = (s + 1 + rng.next() % 3000).min(n);
-                let set = rng.next() % 3 != 0;
+                let set = !rng.next().is_multiple_of(3);
                 if set {
                     b.set(s, e)
                 } else {
