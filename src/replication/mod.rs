@@ -1,6 +1,9 @@
 //! Replication: stages and operations as QEMU's `replication` filter defines them
 //! (replication-spec.md §2–§3), and the two roles: [`secondary`] (NBD target with
-//! copy-before-write into the hidden buffer, the VM on the active buffer) and, later, primary.
+//! copy-before-write into the hidden buffer, the VM on the active buffer) and [`primary`]
+//! (every guest write mirrored over NBD, dirty bitmap, reconnect and resync, checkpoint
+//! barriers, the COLO VM-stop hook). [`continuous`] lets a failed-over secondary become the
+//! primary of a new secondary.
 
 pub mod continuous;
 pub mod gate;
