@@ -543,12 +543,12 @@ fn serve(a: ServeArgs) -> ExitCode {
                     undo.sockets.push(owned);
                 }
                 if let Err(e) = apply_perms(addr, &socket_perms) {
-                    return daemon_fail(&daemon, undo, format!("--colo-hook: {e}"));
+                    return undo.fail(format!("--colo-hook: {e}"));
                 }
                 log::info!("COLO VM-stop hook listening on {} (export '{HOOK_EXPORT}')", show(addr))
             }
             Err(e) => {
-                return daemon_fail(&daemon, undo, format!("--colo-hook: cannot listen on {}: {e}", show(addr)));
+                return undo.fail(format!("--colo-hook: cannot listen on {}: {e}", show(addr)));
             }
         }
     }
@@ -570,12 +570,12 @@ fn serve(a: ServeArgs) -> ExitCode {
                     undo.sockets.push(owned);
                 }
                 if let Err(e) = apply_perms(addr, &socket_perms) {
-                    return daemon_fail(&daemon, undo, format!("--nbd-listen: {e}"));
+                    return undo.fail(format!("--nbd-listen: {e}"));
                 }
                 sec.set_nbd_server(server)
             }
             Err(e) => {
-                return daemon_fail(&daemon, undo, format!("--nbd-listen: cannot listen on {}: {e}", show(addr)));
+                return undo.fail(format!("--nbd-listen: cannot listen on {}: {e}", show(addr)));
             }
         }
         log::info!("NBD server for the primary listening on {} (export '{}')", show(addr), a.nbd_export);
@@ -590,11 +590,6 @@ fn serve(a: ServeArgs) -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-/// A start that fails after the daemon object exists: its pid file is the daemon's now.
-fn daemon_fail(_daemon: &Daemon, undo: Undo, msg: String) -> ExitCode {
-    undo.fail(msg)
 }
 
 /// An NBD address as people write it.

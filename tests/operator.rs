@@ -216,6 +216,12 @@ fn a_live_socket_is_never_taken_and_only_own_sockets_are_removed() {
     let other_disk = dir.path().join("b.img").display().to_string();
     refused(&["--disk", &other_disk, "--size", "4M", "--socket", &socket.display().to_string()], "in use");
     assert!(!Path::new(&other_disk).exists(), "the refused start created its disk");
+    // Telling that the socket is live did not look like a frontend to the running instance.
+    assert!(
+        !first.log().iter().any(|l| l.contains("frontend connected")),
+        "the liveness probe connected as a frontend: {:?}",
+        first.log()
+    );
     // Same QMP socket as the live one.
     let qmp = first.qmp.display().to_string();
     refused(

@@ -43,7 +43,7 @@ pub fn distinct_files(files: &[(&str, &Path)]) -> Result<(), String> {
         let id = identity(path).map_err(|e| format!("{opt}: cannot examine {}: {e}", path.display()))?;
         if let Some((other, other_path, _)) = seen.iter().find(|(_, _, i)| *i == id) {
             return Err(format!(
-                "{opt} {} and {other} {} are the same file or device; they must be three different ones",
+                "{opt} {} and {other} {} are the same file or device; each option needs its own",
                 path.display(),
                 other_path.display()
             ));

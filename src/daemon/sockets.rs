@@ -33,6 +33,11 @@ pub fn check_free(path: &Path) -> Result<(), DaemonError> {
     let err = |source| DaemonError::Bind { path: path.display().to_string(), source };
     match std::fs::symlink_metadata(path) {
         Ok(m) if std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()) => {
+            // Asking the kernel first avoids connecting to a live colo-blk, which would take
+            // the probe for a frontend (and, with a VMM attached, queue it as the next one).
+            if listening_on(path) {
+                return Err(DaemonError::InUse { path: path.display().to_string() });
+            }
             match std::os::unix::net::UnixStream::connect(path) {
                 Ok(_) => Err(DaemonError::InUse { path: path.display().to_string() }),
                 // Nobody listens: a leftover of a process that died.
@@ -49,6 +54,26 @@ pub fn check_free(path: &Path) -> Result<(), DaemonError> {
         },
         Err(e) => Err(err(e)),
     }
+}
+
+/// Whether a socket of this network namespace listens on `path` (`/proc/net/unix`; the
+/// listening flag is `__SO_ACCEPTCON`, 0x10000). A server in another namespace is not seen
+/// here; the caller's connect test covers that case.
+fn listening_on(path: &Path) -> bool {
+    const ACCEPTCON: u32 = 0x10000;
+    let Ok(table) = std::fs::read_to_string("/proc/net/unix") else {
+        return false;
+    };
+    let absolute = std::path::absolute(path).ok();
+    table.lines().skip(1).any(|line| {
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        let (Some(flags), Some(bound)) = (cols.get(3), cols.get(7)) else {
+            return false;
+        };
+        let listening = u32::from_str_radix(flags, 16).is_ok_and(|f| f & ACCEPTCON != 0);
+        let bound = Path::new(bound);
+        listening && (bound == path || absolute.as_deref() == Some(bound))
+    })
 }
 
 /// A socket file this process created. At exit it is removed only if the path still names
