@@ -439,17 +439,9 @@ fn serve(a: ServeArgs) -> ExitCode {
                     hidden: a.hidden.clone().unwrap_or_default(),
                     direct: a.direct,
                 };
-                for (opt, path) in [("--active", &files.active), ("--hidden", &files.hidden)] {
+                for path in [&files.active, &files.hidden] {
                     if !path.exists() {
                         undo.files.push(path.clone());
-                    }
-                    // Locked before Secondary::open touches them when they exist; a new one
-                    // is locked right after it is created.
-                    if path.exists() {
-                        match ImageLock::acquire(path, true) {
-                            Ok(l) => locks.push(l),
-                            Err(e) => return undo.fail(format!("{opt}: {}", error_chain(&e))),
-                        }
                     }
                 }
                 let file = match disk.buffered_file() {
@@ -462,14 +454,7 @@ fn serve(a: ServeArgs) -> ExitCode {
                     Err(e @ BlockError::Refused(_)) => return undo.fail(e.to_string()),
                     Err(e) => return undo.fail(format!("--active/--hidden: {}", error_chain(&e))),
                 };
-                for (opt, path) in [("--active", &files.active), ("--hidden", &files.hidden)] {
-                    if !locks.iter().any(|l| l.path() == path.as_path()) {
-                        match ImageLock::acquire(path, true) {
-                            Ok(l) => locks.push(l),
-                            Err(e) => return undo.fail(format!("{opt}: {}", error_chain(&e))),
-                        }
-                    }
-                }
+                // Secondary::open locked the buffers (re-locked whenever a checkpoint replaces them).
                 if let Err(e) = sec.check_lengths() {
                     return undo.fail(format!("--active/--hidden: {e}"));
                 }

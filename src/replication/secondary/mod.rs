@@ -64,6 +64,10 @@ pub struct Secondary {
     file: Arc<File>,
     active: Arc<File>,
     hidden: Arc<File>,
+    /// The buffers' real paths and locks, for emptying them by replacement.
+    active_buf: reclaim::Buffer,
+    hidden_buf: reclaim::Buffer,
+    reclaimer: reclaim::Reclaimer,
     files: SecondaryFiles,
     size: u64,
     active_map: SectorBitmap,
@@ -124,14 +128,6 @@ fn file_len(f: &File) -> io::Result<u64> {
     }
 }
 
-/// Drops a whole buffer's content. Truncating (rather than punching a hole over the whole
-/// file) discards dirty page-cache pages without writing them back first, which ext4's
-/// hole punching does: seconds instead of milliseconds for a few hundred MB of buffer.
-fn clear(f: &File, size: u64) -> io::Result<()> {
-    f.set_len(0)?;
-    f.set_len(size)
-}
-
 fn result(r: i32) -> io::Result<()> {
     if r < 0 { Err(io::Error::from_raw_os_error(-r)) } else { Ok(()) }
 }
@@ -159,6 +155,11 @@ impl Secondary {
         // is done.
         let active = open_buffer(&files.active, size, false)?;
         let hidden = open_buffer(&files.hidden, size, false)?;
+        let active_buf =
+            reclaim::Buffer::new(&active, &files.active).map_err(|e| BlockError::Refused(format!("--active: {e}")))?;
+        let hidden_buf =
+            reclaim::Buffer::new(&hidden, &files.hidden).map_err(|e| BlockError::Refused(format!("--hidden: {e}")))?;
+        let reclaimer = reclaim::Reclaimer::new().map_err(|e| BlockError::Engine(IoEngineError::Setup(e)))?;
         let file = disk
             .buffered_file()
             .map_err(|source| BlockError::Open { path: disk.path().display().to_string(), source })?;
@@ -190,6 +191,9 @@ impl Secondary {
             file,
             active: Arc::new(active),
             hidden: Arc::new(hidden),
+            active_buf,
+            hidden_buf,
+            reclaimer,
             files,
             size,
             active_map: SectorBitmap::new(sectors),
@@ -269,8 +273,8 @@ impl Secondary {
         // Re-arm copy-before-write first, as QEMU does, then drop active, then hidden.
         self.saved_map.clear_all();
         self.active_map.clear_all();
-        clear(&self.active, self.size)?;
-        clear(&self.hidden, self.size)
+        self.reclaimer.empty(&self.active, &self.active_buf, self.size)?;
+        self.reclaimer.empty(&self.hidden, &self.hidden_buf, self.size)
     }
 
     // ---- copy-before-write (NBD side) --------------------------------------------------
@@ -525,8 +529,8 @@ impl Secondary {
                 );
                 self.emit("REPLICATION_FAILOVER_DONE", json!({"mode": "secondary"}));
                 // Reclaim the buffers' space; their content is in the disk now.
-                let _ = clear(&self.active, self.size);
-                let _ = clear(&self.hidden, self.size);
+                let _ = self.reclaimer.empty(&self.active, &self.active_buf, self.size);
+                let _ = self.reclaimer.empty(&self.hidden, &self.hidden_buf, self.size);
             }
             Err(e) => {
                 self.set_stage(Stage::FailoverFailed);
@@ -556,6 +560,7 @@ mod colo;
 mod control;
 mod device;
 mod export;
+mod reclaim;
 mod state;
 #[cfg(test)]
 mod tests;
