@@ -38,6 +38,8 @@
 #   --bufdir DIR       where both keep active/hidden buffers (default /dev/shm)
 #   --only WHO         colo or qemu: skip the other's replication rows
 #   --no-rss           skip row 8
+#   --checkpoint-only  run only row 6 (checkpoint with 0 / 1k / 50k dirty blocks per
+#                      buffer); no baselines, no merge, no RSS
 #   --wait-for REGEX   before every measurement, wait while `pgrep -f REGEX`
 #                      finds a process (default 'contrib/bench[.]sh': never run
 #                      together with contrib/bench.sh); write a letter in
@@ -64,7 +66,7 @@ qemu=${QEMU:-qemu-system-x86_64}
 qsd=${QSD:-qemu-storage-daemon}
 qnbd=${QEMU_NBD:-qemu-nbd}
 qimg=${QEMU_IMG:-qemu-img}
-runtime=5 repeat=2 cache=direct disk_mib=1024 only='' do_rss=1 do_wait=1 wait_re='contrib/bench[.]sh'
+runtime=5 repeat=2 cache=direct disk_mib=1024 only='' do_rss=1 ckpt_only=0 do_wait=1 wait_re='contrib/bench[.]sh'
 workdir=${TMPDIR:-/tmp}/colo-blk-bench-rep
 bufroot=/dev/shm
 while [[ $# -gt 0 ]]; do
@@ -77,6 +79,7 @@ while [[ $# -gt 0 ]]; do
         --bufdir) bufroot=${2:?}; shift 2 ;;
         --only) only=${2:?}; shift 2 ;;
         --no-rss) do_rss=0; shift ;;
+        --checkpoint-only) ckpt_only=1; do_rss=0; shift ;;
         --wait-for) wait_re=${2:?}; shift 2 ;;
         --no-wait) do_wait=0; shift ;;
         -h | --help) usage ;;
@@ -538,6 +541,7 @@ colo_q() { qmp "$cur_qmp" '{"execute":"query-replication"}'; }
 
 phase_baselines() { # REP: mode-none VM baselines (colo-blk, QSD) and qemu-nbd
     local rep=$1 impl first second
+    ((ckpt_only == 0)) || return 0
     if ((rep % 2)); then first=colo second=qsd; else first=qsd second=colo; fi
     for impl in $first $second; do
         wait_idle
@@ -565,6 +569,7 @@ phase_replication() { # IMPL REP
     if [[ $impl == colo ]]; then start_colo secondary "$disk"; else start_qemu "$disk" "$size"; fi
     start_replication "$impl"
     log "$impl: replication started (pid $cur_pid)"
+    if ((ckpt_only == 0)); then
     # 1, 2: VM I/O with empty buffers, then while the active buffer fills.
     vm vm-4k-randread "$impl" "$rep" randread 4K 32 2 "$runtime" || true
     vm vm-4k-randwrite "$impl" "$rep" randwrite 4K 32 2 "$runtime" || true
@@ -576,6 +581,7 @@ phase_replication() { # IMPL REP
     ckpt "$impl"
     nbd nbd-1m "$impl" "$rep" 1048576 1048576 8 "$n_1m" || true
     ckpt "$impl"
+    fi
     alive "$impl secondary"
     # 6: checkpoint with N dirty 4K blocks in each buffer.
     for n in "${fills[@]}"; do
@@ -606,6 +612,12 @@ phase_replication() { # IMPL REP
         rec "checkpoint-$n $impl $rep $(awk -v u="$us" 'BEGIN { printf "%.2f", u / 1000 }') ${lc:--} $ad $hd o=$other"
         log "  checkpoint-$n $impl #$rep: round trip $us us${lc:+, internal $lc us}; buffers before: active $ad B, hidden $hd B; others used $other % CPU"
     done
+    if ((ckpt_only)); then
+        alive "$impl secondary"
+        stop_cur "$impl secondary"
+        sync
+        return 0
+    fi
     # 7: failover merge of 2 x merge_part bytes.
     span=$merge_part
     vm - "$impl" "$rep" write 1M 8 1 1 "$span" || true
