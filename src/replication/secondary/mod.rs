@@ -271,8 +271,8 @@ impl Secondary {
     /// Empties both buffers and clears their bitmaps. Callers hold the gate closed.
     fn empty_buffers(&self) -> io::Result<()> {
         // Re-arm copy-before-write first, as QEMU does, then drop active, then hidden.
-        self.saved_map.clear_all();
-        self.active_map.clear_all();
+        self.reclaimer.free_bits(self.saved_map.take_all());
+        self.reclaimer.free_bits(self.active_map.take_all());
         self.reclaimer.empty(&self.active, &self.active_buf, self.size)?;
         self.reclaimer.empty(&self.hidden, &self.hidden_buf, self.size)
     }

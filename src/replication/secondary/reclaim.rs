@@ -24,6 +24,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::mpsc::{SyncSender, sync_channel};
 
+use crate::block::bitmap::ClearedBits;
 use crate::block::lock::{ImageLock, LockError};
 
 /// Old buffer files the background thread may be behind by.
@@ -49,26 +50,50 @@ impl Buffer {
     }
 }
 
-/// Empties buffers and frees the old files' space in the background.
+/// What the background thread frees.
+#[derive(Debug)]
+#[expect(dead_code, reason = "the values are held only to be dropped on the reclaim thread")]
+enum Garbage {
+    /// The last descriptor of an unlinked buffer file.
+    File(File),
+    /// The extents of cleared buffer maps.
+    Bits(ClearedBits),
+}
+
+/// Empties buffers and frees the old files' space (and the maps' memory) in the background.
 #[derive(Debug)]
 pub struct Reclaimer {
-    tx: SyncSender<File>,
+    tx: SyncSender<Garbage>,
     warned: std::sync::atomic::AtomicBool,
 }
 
 impl Reclaimer {
     /// Starts the background thread.
     pub fn new() -> io::Result<Reclaimer> {
-        let (tx, rx) = sync_channel::<File>(BACKLOG);
+        let (tx, rx) = sync_channel::<Garbage>(BACKLOG);
         std::thread::Builder::new().name("buffer-reclaim".into()).spawn(move || {
-            for old in rx {
+            for garbage in rx {
                 let t = std::time::Instant::now();
-                // The last reference to an unlinked file: closing it frees its blocks.
-                drop(old);
-                log::debug!("reclaimed an old buffer file in {} ms", t.elapsed().as_millis());
+                // For a file: the last reference to an unlinked file, closing it frees its blocks.
+                let what = if matches!(garbage, Garbage::File(_)) { "an old buffer file" } else { "cleared maps" };
+                drop(garbage);
+                log::debug!("reclaimed {what} in {} ms", t.elapsed().as_millis());
             }
         })?;
         Ok(Reclaimer { tx, warned: Default::default() })
+    }
+
+    /// Frees the memory of cleared maps in the background.
+    pub fn free_bits(&self, bits: ClearedBits) {
+        self.dispose(Garbage::Bits(bits));
+    }
+
+    fn dispose(&self, garbage: Garbage) {
+        // Blocks only while the reclaimer is BACKLOG items behind; if its thread is gone the
+        // item is freed right here.
+        if let Err(e) = self.tx.send(garbage) {
+            drop(e.0);
+        }
     }
 
     /// Empties `file`, the buffer `buf` of `size` bytes. Callers hold every I/O on it stopped.
@@ -78,10 +103,7 @@ impl Reclaimer {
         }
         match swap_fresh(file, buf, size) {
             Ok(old) => {
-                // Blocks only while the reclaimer is BACKLOG files behind.
-                if let Err(e) = self.tx.send(old) {
-                    drop(e.0);
-                }
+                self.dispose(Garbage::File(old));
                 Ok(())
             }
             Err(e) => {
