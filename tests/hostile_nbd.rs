@@ -225,10 +225,24 @@ fn idle_connections_cannot_lock_the_primary_out() {
     }
     assert_eq!(file_range(&sdisk, MIB, 65536), vec![0x32; 65536]);
     // A connection that stays idle is closed by the server's negotiation deadline.
+    // So is a slow-loris one that sends a byte a second (each read makes progress).
     let late = colo_blk::nbd::server::Stream::Tcp(std::net::TcpStream::connect(("127.0.0.1", port)).unwrap());
+    let loris = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let mut drip = loris.try_clone().unwrap();
+    std::thread::spawn(move || {
+        for _ in 0..60 {
+            if std::io::Write::write_all(&mut drip, &[0]).is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(1000));
+        }
+    });
+    let loris = colo_blk::nbd::server::Stream::Tcp(loris);
     let t0 = Instant::now();
     assert!(wait_hung_up(&late, Duration::from_secs(20)), "an idle connection was never closed");
     assert!(t0.elapsed() >= Duration::from_secs(9), "closed after {:?}", t0.elapsed());
+    assert!(wait_hung_up(&loris, Duration::from_secs(5)), "a slow-loris connection was never closed");
+    assert!(t0.elapsed() < Duration::from_secs(15), "slow loris closed after {:?}", t0.elapsed());
     drop(idle);
     // An established connection has keepalive on (the kernel's timer shows it).
     let uri: colo_blk::nbd::client::NbdUri = format!("nbd://127.0.0.1:{port}/").parse().unwrap();

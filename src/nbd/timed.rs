@@ -94,3 +94,45 @@ impl Deadline {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixStream;
+
+    #[test]
+    fn a_trickling_peer_cannot_stretch_the_deadline() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let mut s = Stream::Unix(a);
+        let t = std::thread::spawn(move || {
+            // One byte every 50 ms: each read makes progress, the whole never arrives in time.
+            for _ in 0..40 {
+                if b.write_all(&[0]).is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        let d = Deadline::after(Duration::from_millis(300), "the test");
+        let t0 = Instant::now();
+        let mut buf = [0u8; 16];
+        let e = d.read_exact(&mut s, &mut buf).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        assert!(e.to_string().contains("the test did not finish within 300ms"), "{e}");
+        assert!(t0.elapsed() < Duration::from_millis(600), "{:?}", t0.elapsed());
+        s.shutdown();
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn a_closed_peer_is_named() {
+        let (a, b) = UnixStream::pair().unwrap();
+        drop(b);
+        let mut s = Stream::Unix(a);
+        let d = Deadline::after(Duration::from_secs(5), "the test");
+        let e = d.read_exact(&mut s, &mut [0u8; 4]).unwrap_err();
+        assert_eq!(e.to_string(), "the peer closed the connection");
+        let e = read_exact(&mut s, &mut [0u8; 4]).unwrap_err();
+        assert_eq!(e.to_string(), "the peer closed the connection");
+    }
+}
