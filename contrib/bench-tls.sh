@@ -52,6 +52,7 @@ colo_secondary() { # PORT TLS DIR
   local t=(); [ "$2" = 1 ] && t=(--nbd-tls-creds "$W/srv")
   "$BIN" serve --socket "$3/v.sock" --qmp "$3/q.sock" --replication secondary --disk "$3/sec.img" --size ${SIZE_MIB}M \
     --active "$3/a.img" --hidden "$3/h.img" --nbd-listen 127.0.0.1:$1 "${t[@]}" 2>"$3/log" &
+  SEC_PID=$!
   wait_port $1
   qmp "$3/q.sock" '{"execute":"replication-start","arguments":{"mode":"secondary"}}' >/dev/null
 }
@@ -75,7 +76,7 @@ sync_time() { # TLS -> seconds for a full sync of SIZE to a fresh colo-blk secon
   local t1; t1=$(date +%s.%N)
   local fails; fails=$(qmp "$d/pq.sock" '{"execute":"query-replication"}' | python3 -c 'import json,sys; print(json.load(sys.stdin)["return"]["link"]["failures"])')
   cmp -s "$d/pri.img" "$d/s/sec.img" || { echo "sync: disks differ" >&2; exit 1; }
-  kill $pid; wait $pid 2>/dev/null || true
+  kill $pid $SEC_PID; wait $pid $SEC_PID 2>/dev/null || true
   echo "$(echo "$t1 - $t0" | bc) $fails"
 }
 

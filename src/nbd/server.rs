@@ -976,9 +976,31 @@ fn in_range(req: &Request, size: u64) -> bool {
 
 fn reply(writer: &Mutex<Stream>, error: u32, handle: u64, data: Option<&[u8]>) -> io::Result<()> {
     let mut w = lock(writer);
-    w.write_all(&simple_reply(error, handle))?;
+    write_all_moving(&mut w, &simple_reply(error, handle))?;
     if let Some(d) = data {
-        w.write_all(d)?;
+        write_all_moving(&mut w, d)?;
+    }
+    Ok(())
+}
+
+/// Writes all of `buf` as long as the client keeps taking it: the socket's send timeout
+/// ([`REPLY_TIMEOUT`]) fails a write that moves nothing, and a write that moved only part
+/// after waiting that long counts as stalled too (otherwise each partial write would start
+/// the wait anew and a client taking a trickle could hold the reply far longer).
+fn write_all_moving(w: &mut Stream, mut buf: &[u8]) -> io::Result<()> {
+    while !buf.is_empty() {
+        let t0 = Instant::now();
+        match w.write(buf) {
+            Ok(0) => return Err(io::Error::from(io::ErrorKind::WriteZero)),
+            Ok(n) => {
+                buf = &buf[n..];
+                if !buf.is_empty() && t0.elapsed() >= REPLY_TIMEOUT {
+                    return Err(io::Error::from(io::ErrorKind::TimedOut));
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
     }
     Ok(())
 }

@@ -218,7 +218,7 @@ fn pump_loop(conn: &mut Connection, mut tcp: &std::net::TcpStream, mut plain: &U
                 Ok(n) if n > 0 => moved = true,
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) => return Err(e),
+                Err(e) => return ended(e, plain_open),
             }
             if !moved {
                 break;
@@ -276,7 +276,7 @@ fn pump_loop(conn: &mut Connection, mut tcp: &std::net::TcpStream, mut plain: &U
                 // Decrypted at the top of the loop.
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(e),
+                Err(e) => return ended(e, plain_open),
             }
         }
         if fds[0].revents & (libc::POLLHUP | libc::POLLERR) != 0 && conn.wants_write() {
@@ -284,7 +284,7 @@ fn pump_loop(conn: &mut Connection, mut tcp: &std::net::TcpStream, mut plain: &U
             if let Err(e) = conn.write_tls(&mut tcp)
                 && e.kind() != io::ErrorKind::WouldBlock
             {
-                return Err(e);
+                return ended(e, plain_open);
             }
         }
         if fds[1].revents & ready != 0 && plain_open && to_tls.is_empty() {
@@ -299,4 +299,13 @@ fn pump_loop(conn: &mut Connection, mut tcp: &std::net::TcpStream, mut plain: &U
             }
         }
     }
+}
+
+/// A TLS socket error: the session's end when the NBD side had closed already (the peer
+/// hanging up before our close_notify reached it is the normal end after NBD_CMD_DISC),
+/// else an error.
+fn ended(e: io::Error, plain_open: bool) -> io::Result<()> {
+    let gone =
+        matches!(e.kind(), io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset | io::ErrorKind::NotConnected);
+    if gone && !plain_open { Ok(()) } else { Err(e) }
 }
