@@ -2,13 +2,14 @@
 //! with OPT_GO (falling back to EXPORT_NAME), then a transmission phase where any thread may
 //! send requests and one reader thread matches replies to handles (out of order).
 
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use super::server::Stream;
+pub use super::timed::Deadline;
 use super::wire::*;
 
 /// Where the secondary's NBD server is.
@@ -79,19 +80,19 @@ pub struct ExportInfo {
     pub colo: bool,
 }
 
-fn read_u16(s: &mut Stream) -> io::Result<u16> {
+fn read_u16(d: &Deadline, s: &mut Stream) -> io::Result<u16> {
     let mut b = [0u8; 2];
-    s.read_exact(&mut b)?;
+    d.read_exact(s, &mut b)?;
     Ok(u16::from_be_bytes(b))
 }
-fn read_u32(s: &mut Stream) -> io::Result<u32> {
+fn read_u32(d: &Deadline, s: &mut Stream) -> io::Result<u32> {
     let mut b = [0u8; 4];
-    s.read_exact(&mut b)?;
+    d.read_exact(s, &mut b)?;
     Ok(u32::from_be_bytes(b))
 }
-fn read_u64(s: &mut Stream) -> io::Result<u64> {
+fn read_u64(d: &Deadline, s: &mut Stream) -> io::Result<u64> {
     let mut b = [0u8; 8];
-    s.read_exact(&mut b)?;
+    d.read_exact(s, &mut b)?;
     Ok(u64::from_be_bytes(b))
 }
 
@@ -100,66 +101,87 @@ fn bad(msg: String) -> io::Error {
 }
 
 /// Connects and negotiates (STARTTLS first when `tls` is given); returns the stream in
-/// transmission phase.
+/// transmission phase. The whole negotiation, TCP connect and TLS handshake included, must
+/// finish within `timeout`: a secondary that stalls at any step fails it instead of hanging.
 pub fn connect(
     uri: &NbdUri,
     timeout: Duration,
     tls: Option<&std::sync::Arc<rustls::ClientConfig>>,
 ) -> io::Result<(Stream, ExportInfo)> {
-    let mut s = match &uri.target {
+    let deadline = Deadline::after(timeout, "the NBD negotiation with the secondary");
+    let s = match &uri.target {
         NbdTarget::Tcp(hp) => {
             let addr = std::net::ToSocketAddrs::to_socket_addrs(hp)?
                 .next()
                 .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("cannot resolve {hp}")))?;
             let t = TcpStream::connect_timeout(&addr, timeout)?;
             t.set_nodelay(true)?;
-            t.set_read_timeout(Some(timeout))?;
-            t.set_write_timeout(Some(timeout))?;
+            super::server::set_keepalive(&t);
             Stream::Tcp(t)
         }
-        NbdTarget::Unix(p) => {
-            let u = UnixStream::connect(p)?;
-            u.set_read_timeout(Some(timeout))?;
-            u.set_write_timeout(Some(timeout))?;
-            Stream::Unix(u)
+        NbdTarget::Unix(p) => Stream::Unix(UnixStream::connect(p)?),
+    };
+    let tls = match (tls, &uri.target) {
+        (None, _) => None,
+        (Some(cfg), NbdTarget::Tcp(hp)) => {
+            let host =
+                hp.rsplit_once(':').map_or(hp.as_str(), |(h, _)| h).trim_start_matches('[').trim_end_matches(']');
+            Some((cfg.clone(), host.to_string()))
+        }
+        (Some(_), NbdTarget::Unix(_)) => {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "TLS needs a TCP secondary (nbd://HOST:PORT)"));
         }
     };
-    if read_u64(&mut s)? != NBD_MAGIC || read_u64(&mut s)? != IHAVEOPT {
+    let (s, info) = negotiate(s, &uri.export, &deadline, tls)?;
+    // Transmission: replies may take long (a slow secondary is the link timeout's business);
+    // a send that cannot progress for `timeout` fails.
+    s.set_timeouts(None, Some(timeout))?;
+    Ok((s, info))
+}
+
+/// Fixed newstyle negotiation on a connected stream, by `deadline`: STARTTLS first when `tls`
+/// (credentials, server name) is given, then the COLO option, then GO for `export` (or
+/// EXPORT_NAME with an old server). Public for the fuzz target
+/// `fuzz/fuzz_targets/nbd_client_reply.rs`, which plays the server.
+pub fn negotiate(
+    mut s: Stream,
+    export: &str,
+    deadline: &Deadline,
+    tls: Option<(std::sync::Arc<rustls::ClientConfig>, String)>,
+) -> io::Result<(Stream, ExportInfo)> {
+    let d = deadline;
+    if read_u64(d, &mut s)? != NBD_MAGIC || read_u64(d, &mut s)? != IHAVEOPT {
         return Err(bad("not a newstyle NBD server".into()));
     }
-    let server_flags = read_u16(&mut s)?;
+    let server_flags = read_u16(d, &mut s)?;
     if server_flags & FLAG_FIXED_NEWSTYLE == 0 {
         return Err(bad("server does not speak fixed newstyle".into()));
     }
     let no_zeroes = server_flags & FLAG_NO_ZEROES != 0;
     let cflags = CLIENT_FIXED_NEWSTYLE | if no_zeroes { CLIENT_NO_ZEROES } else { 0 };
-    s.write_all(&cflags.to_be_bytes())?;
-    if let Some(cfg) = tls {
-        let NbdTarget::Tcp(hp) = &uri.target else {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, "TLS needs a TCP secondary (nbd://HOST:PORT)"));
-        };
-        send_option(&mut s, OPT_STARTTLS, &[])?;
-        let (_, rtype, payload) = read_option_reply(&mut s)?;
+    d.write_all(&mut s, &cflags.to_be_bytes())?;
+    if let Some((cfg, host)) = tls {
+        send_option(d, &mut s, OPT_STARTTLS, &[])?;
+        let (_, rtype, payload) = read_option_reply(d, &mut s)?;
         if rtype != REP_ACK {
             return Err(io::Error::new(
                 io::ErrorKind::ConnectionRefused,
                 format!("server refused TLS (reply {rtype:#x}: {})", String::from_utf8_lossy(&payload)),
             ));
         }
-        let host = hp.rsplit_once(':').map_or(hp.as_str(), |(h, _)| h).trim_start_matches('[').trim_end_matches(']');
-        s = super::tls::connect(s, cfg.clone(), host)?;
+        s = super::tls::connect(s, cfg, &host, d.at())?;
     }
-    let colo = ask_colo(&mut s)?;
+    let colo = ask_colo(d, &mut s)?;
     // OPT_GO: u32 name length, name, u16 number of info requests (none).
-    let name = uri.export.as_bytes();
+    let name = export.as_bytes();
     let mut data = Vec::with_capacity(6 + name.len());
     data.extend_from_slice(&(name.len() as u32).to_be_bytes());
     data.extend_from_slice(name);
     data.extend_from_slice(&0u16.to_be_bytes());
-    send_option(&mut s, OPT_GO, &data)?;
+    send_option(d, &mut s, OPT_GO, &data)?;
     let mut info: Option<ExportInfo> = None;
     loop {
-        let (_, rtype, payload) = read_option_reply(&mut s)?;
+        let (_, rtype, payload) = read_option_reply(d, &mut s)?;
         match rtype {
             REP_ACK => break,
             REP_INFO if payload.len() >= 12 && u16::from_be_bytes([payload[0], payload[1]]) == INFO_EXPORT => {
@@ -169,12 +191,12 @@ pub fn connect(
             }
             REP_ERR_UNSUP => {
                 // An old server: fall back to EXPORT_NAME, which answers with size + flags.
-                send_option(&mut s, OPT_EXPORT_NAME, name)?;
-                let size = read_u64(&mut s)?;
-                let flags = read_u16(&mut s)?;
+                send_option(d, &mut s, OPT_EXPORT_NAME, name)?;
+                let size = read_u64(d, &mut s)?;
+                let flags = read_u16(d, &mut s)?;
                 if !no_zeroes {
                     let mut z = [0u8; 124];
-                    s.read_exact(&mut z)?;
+                    d.read_exact(&mut s, &mut z)?;
                 }
                 info = Some(ExportInfo { size, flags, colo });
                 break;
@@ -182,29 +204,20 @@ pub fn connect(
             t if t & (1 << 31) != 0 => {
                 return Err(io::Error::new(
                     io::ErrorKind::ConnectionRefused,
-                    format!(
-                        "server refused export '{}' (reply {t:#x}: {})",
-                        uri.export,
-                        String::from_utf8_lossy(&payload)
-                    ),
+                    format!("server refused export '{export}' (reply {t:#x}: {})", String::from_utf8_lossy(&payload)),
                 ));
             }
             _ => {}
         }
     }
     let info = info.ok_or_else(|| bad("server sent no export information".into()))?;
-    // Transmission: replies may take long (a slow secondary is the link timeout's business).
-    match &s {
-        Stream::Tcp(t) => t.set_read_timeout(None)?,
-        Stream::Unix(u) => u.set_read_timeout(None)?,
-    }
     Ok((s, info))
 }
 
 /// Asks for the colo-blk barrier extension; any error reply means a plain NBD server.
-fn ask_colo(s: &mut Stream) -> io::Result<bool> {
-    send_option(s, OPT_COLO, &[])?;
-    let (opt, rtype, _) = read_option_reply(s)?;
+fn ask_colo(d: &Deadline, s: &mut Stream) -> io::Result<bool> {
+    send_option(d, s, OPT_COLO, &[])?;
+    let (opt, rtype, _) = read_option_reply(d, s)?;
     if opt != OPT_COLO {
         return Err(bad(format!("reply to option {opt:#x} instead of the COLO option")));
     }
@@ -213,26 +226,26 @@ fn ask_colo(s: &mut Stream) -> io::Result<bool> {
 
 /// Reads one option reply: (option, reply type, payload). A payload longer than
 /// [`MAX_OPTION`] breaks the negotiation (it could not be skipped safely).
-fn read_option_reply(s: &mut Stream) -> io::Result<(u32, u32, Vec<u8>)> {
-    if read_u64(s)? != OPT_REPLY_MAGIC {
+fn read_option_reply(d: &Deadline, s: &mut Stream) -> io::Result<(u32, u32, Vec<u8>)> {
+    if read_u64(d, s)? != OPT_REPLY_MAGIC {
         return Err(bad("bad option reply magic".into()));
     }
-    let (opt, rtype, len) = (read_u32(s)?, read_u32(s)?, read_u32(s)?);
+    let (opt, rtype, len) = (read_u32(d, s)?, read_u32(d, s)?, read_u32(d, s)?);
     if len > MAX_OPTION {
         return Err(bad(format!("option reply of {len} bytes")));
     }
     let mut payload = vec![0u8; len as usize];
-    s.read_exact(&mut payload)?;
+    d.read_exact(s, &mut payload)?;
     Ok((opt, rtype, payload))
 }
 
-fn send_option(s: &mut Stream, opt: u32, data: &[u8]) -> io::Result<()> {
+fn send_option(d: &Deadline, s: &mut Stream, opt: u32, data: &[u8]) -> io::Result<()> {
     let mut b = Vec::with_capacity(16 + data.len());
     b.extend_from_slice(&IHAVEOPT.to_be_bytes());
     b.extend_from_slice(&opt.to_be_bytes());
     b.extend_from_slice(&(data.len() as u32).to_be_bytes());
     b.extend_from_slice(data);
-    s.write_all(&b)
+    d.write_all(s, &b)
 }
 
 /// A decoded simple reply header.
@@ -247,7 +260,7 @@ pub struct Reply {
 /// Reads one simple reply header (no payload: the link never reads).
 pub fn read_reply(s: &mut Stream) -> io::Result<Reply> {
     let mut b = [0u8; 16];
-    s.read_exact(&mut b)?;
+    super::timed::read_exact(s, &mut b)?;
     let magic = u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
     if magic != SIMPLE_REPLY_MAGIC {
         return Err(bad(format!("bad reply magic {magic:#x}")));

@@ -2,15 +2,50 @@
 //! transmission with pipelined requests served by a few threads per connection, so replies
 //! can go out of order. Every length and offset is checked against the export before any
 //! buffer is allocated; a client that breaks the framing is disconnected.
+//!
+//! What a peer can hold is bounded (docs/security.md, "Peer denial of service"):
+//! - negotiation must finish within [`HANDSHAKE_TIMEOUT`] (TLS handshake included), and at most
+//!   [`NEGOTIATING_MAX`] connections negotiate at once: a new one evicts the oldest, so idle
+//!   connections cannot keep the primary out; `max_clients` counts established connections;
+//! - TCP keepalive ends connections whose peer vanished (a partition, a power cut);
+//! - a connection's payload buffers (queued writes, reads being answered) stay within
+//!   [`CONN_BUDGET`] bytes, taken before a buffer is allocated, and a reply that cannot be sent
+//!   within [`REPLY_TIMEOUT`] disconnects the client (one that stops reading);
+//! - ordering across connections: when a connection ends, its requests not started yet are
+//!   dropped, and a connection entering transmission after another one ended waits until that
+//!   one's started requests finished, so a dead connection's write never lands after a newer
+//!   connection's acknowledged one, and a dead connection's barrier never runs.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
+use super::timed::{self, Deadline};
 use super::wire::*;
+
+/// How long a connection may take from accept to the transmission phase.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections negotiating at once; one more evicts the oldest.
+pub const NEGOTIATING_MAX: usize = 16;
+/// Payload bytes one connection may hold in memory (queued write payloads and read buffers).
+/// At least [`MAX_PAYLOAD`], so any valid request fits.
+pub const CONN_BUDGET: usize = 2 * MAX_PAYLOAD as usize;
+/// How long a reply may wait for the client to make room before the client is disconnected.
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long a connection entering transmission waits for an ended connection's started
+/// requests, and a barrier for the requests before it.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// TCP keepalive: first probe after this much silence, then every [`KEEPALIVE_INTERVAL`], and
+/// the connection fails after [`KEEPALIVE_PROBES`] unanswered probes (about 60 s in all).
+pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
+/// See [`KEEPALIVE_IDLE`].
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// See [`KEEPALIVE_IDLE`].
+pub const KEEPALIVE_PROBES: i32 = 3;
 
 /// What the server exports. Called from the server's threads, concurrently.
 pub trait NbdExport: Send + Sync + 'static {
@@ -54,6 +89,16 @@ pub enum NbdAddress {
     Unix(std::path::PathBuf),
 }
 
+impl std::fmt::Display for NbdAddress {
+    /// The address as given on the command line: `HOST:PORT` or `unix:PATH`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NbdAddress::Tcp(a) => f.write_str(a),
+            NbdAddress::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
 impl std::str::FromStr for NbdAddress {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
@@ -85,6 +130,33 @@ impl Stream {
             Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
             Stream::Unix(s) => Stream::Unix(s.try_clone()?),
         })
+    }
+
+    /// Sets the read and write timeouts (`None`: block forever).
+    pub fn set_timeouts(&self, read: Option<Duration>, write: Option<Duration>) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => {
+                s.set_read_timeout(read)?;
+                s.set_write_timeout(write)
+            }
+            Stream::Unix(s) => {
+                s.set_read_timeout(read)?;
+                s.set_write_timeout(write)
+            }
+        }
+    }
+
+    /// Whether the peer hung up: it closed or shut down its sending side, or the connection
+    /// failed. Data still queued does not count; this looks at the socket's state only.
+    pub fn hung_up(&self) -> bool {
+        let fd = match self {
+            Stream::Tcp(s) => std::os::fd::AsRawFd::as_raw_fd(s),
+            Stream::Unix(s) => std::os::fd::AsRawFd::as_raw_fd(s),
+        };
+        let mut p = libc::pollfd { fd, events: libc::POLLRDHUP, revents: 0 };
+        // SAFETY: one valid pollfd owned by this frame; a zero timeout never blocks.
+        let n = unsafe { libc::poll(&mut p, 1, 0) };
+        n > 0 && p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
     }
 
     /// Shuts both directions down (wakes a thread blocked reading it).
@@ -129,6 +201,7 @@ impl Listener {
             Listener::Tcp(l) => {
                 let (s, peer) = l.accept()?;
                 s.set_nodelay(true)?;
+                set_keepalive(&s);
                 (Stream::Tcp(s), Some(peer.ip()))
             }
             Listener::Unix(l) => (Stream::Unix(l.accept()?.0), None),
@@ -141,7 +214,8 @@ impl Listener {
 pub struct NbdServerConfig {
     /// The export name clients must ask for.
     pub export_name: String,
-    /// Most clients connected at once.
+    /// Most clients in the transmission phase at once (negotiating ones are limited apart,
+    /// see [`NEGOTIATING_MAX`]).
     pub max_clients: usize,
     /// Threads serving one connection's requests (the pipelining depth served in parallel).
     pub threads_per_client: usize,
@@ -154,8 +228,12 @@ pub struct NbdServerConfig {
 /// Counters shown by `query-replication`.
 #[derive(Debug, Default)]
 pub struct NbdStats {
-    /// Connected clients.
+    /// Clients in the transmission phase.
     pub clients: AtomicUsize,
+    /// Connections still negotiating.
+    pub negotiating: AtomicUsize,
+    /// Requests of ended connections dropped before they started.
+    pub dropped: AtomicU64,
     /// Write-type requests served.
     pub writes: AtomicU64,
     /// Bytes written.
@@ -164,14 +242,136 @@ pub struct NbdStats {
     pub errors: AtomicU64,
     /// Clients disconnected for protocol violations.
     pub bad_clients: AtomicU64,
-    /// Connections refused (allow-list, client limit, server closed).
+    /// Connections refused (allow-list, client limit, server closed, evicted while
+    /// negotiating, negotiation deadline).
     pub refused: AtomicU64,
+}
+
+/// Sets TCP keepalive on `s` (see [`KEEPALIVE_IDLE`]); failures are only logged.
+pub fn set_keepalive(s: &TcpStream) {
+    let fd = std::os::fd::AsRawFd::as_raw_fd(s);
+    let secs = |d: Duration| i32::try_from(d.as_secs()).unwrap_or(i32::MAX);
+    for (level, opt, val) in [
+        (libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, secs(KEEPALIVE_IDLE)),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, secs(KEEPALIVE_INTERVAL)),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPCNT, KEEPALIVE_PROBES),
+    ] {
+        // SAFETY: `val` is a live c_int and its size is passed; `fd` is an open socket.
+        let r = unsafe {
+            libc::setsockopt(fd, level, opt, (&val as *const i32).cast(), std::mem::size_of::<i32>() as libc::socklen_t)
+        };
+        if r != 0 {
+            log::warn!("nbd: cannot set TCP keepalive: {}", io::Error::last_os_error());
+            return;
+        }
+    }
+}
+
+/// One connection as the server tracks it.
+struct Conn {
+    id: u64,
+    /// In the transmission phase (counted in `clients`).
+    established: bool,
+    state: Arc<ConnState>,
+}
+
+/// What other connections and the connection's own threads share about it.
+struct ConnState {
+    /// The transport socket (TCP even under TLS): probed for a hang-up, shut down to end
+    /// the connection.
+    transport: Stream,
+    /// The connection is over: requests not started yet are dropped, none is read anymore.
+    dead: AtomicBool,
+    /// The reader stopped (DISC, end of file, error): no request is added anymore.
+    ended: AtomicBool,
+    /// Requests handed to the workers (or a barrier running) and not finished.
+    inflight: Inflight,
+    /// Payload bytes held by the connection.
+    budget: Budget,
+    /// Why the connection failed first (a reply that could not be sent).
+    failure: Mutex<Option<io::Error>>,
+}
+
+impl ConnState {
+    fn new(transport: Stream) -> ConnState {
+        ConnState {
+            transport,
+            dead: AtomicBool::new(false),
+            ended: AtomicBool::new(false),
+            inflight: Inflight::default(),
+            budget: Budget::new(CONN_BUDGET),
+            failure: Mutex::new(None),
+        }
+    }
+
+    fn is_dead(&self) -> bool {
+        self.dead.load(Ordering::SeqCst)
+    }
+
+    /// Marks the connection over and wakes its reader.
+    fn kill(&self) {
+        self.dead.store(true, Ordering::SeqCst);
+        self.budget.wake();
+    }
+
+    /// Records a failed reply and ends the connection.
+    fn fail(&self, e: io::Error) {
+        let mut f = lock(&self.failure);
+        if f.is_none() {
+            *f = Some(e);
+        }
+        drop(f);
+        self.kill();
+        self.transport.shutdown();
+    }
+}
+
+/// A byte budget: payload buffers are only allocated once their bytes are taken.
+struct Budget {
+    left: Mutex<usize>,
+    freed: Condvar,
+}
+
+impl Budget {
+    fn new(bytes: usize) -> Budget {
+        Budget { left: Mutex::new(bytes), freed: Condvar::new() }
+    }
+
+    /// Takes `n` bytes, waiting for them; `false` once `dead` says the connection is over.
+    fn take(&self, n: usize, dead: &AtomicBool) -> bool {
+        let mut left = lock(&self.left);
+        loop {
+            if dead.load(Ordering::SeqCst) {
+                return false;
+            }
+            if *left >= n {
+                *left -= n;
+                return true;
+            }
+            // The wait ends when bytes come back or the connection dies (both notify); the
+            // time limit only guards against a missed wake-up.
+            left = self.freed.wait_timeout(left, Duration::from_secs(1)).unwrap_or_else(|e| e.into_inner()).0;
+        }
+    }
+
+    fn give(&self, n: usize) {
+        if n > 0 {
+            *lock(&self.left) += n;
+            self.freed.notify_all();
+        }
+    }
+
+    fn wake(&self) {
+        let _g = lock(&self.left);
+        self.freed.notify_all();
+    }
 }
 
 struct Shared {
     cfg: NbdServerConfig,
     export: Arc<dyn NbdExport>,
-    conns: Mutex<Vec<(u64, Stream)>>,
+    conns: Mutex<Vec<Conn>>,
     stats: Arc<NbdStats>,
     closed: AtomicBool,
 }
@@ -207,8 +407,8 @@ impl NbdServer {
 
     /// Disconnects every client (their in-flight requests finish first on their threads).
     pub fn disconnect_all(&self) {
-        for (_, s) in lock(&self.shared.conns).iter() {
-            s.shutdown();
+        for c in lock(&self.shared.conns).iter() {
+            c.state.transport.shutdown();
         }
     }
 
@@ -216,7 +416,8 @@ impl NbdServer {
     /// the fuzz target `fuzz/fuzz_targets/nbd_server.rs` over a socket pair).
     pub fn serve_stream(stream: Stream, cfg: NbdServerConfig, export: Arc<dyn NbdExport>) -> io::Result<()> {
         let shared = Shared::new(cfg, export);
-        serve_client(stream, &shared)
+        let state = Arc::new(ConnState::new(stream.try_clone()?));
+        serve_client(stream, &shared, 0, &state)
     }
 
     /// Stops accepting for good and disconnects everyone.
@@ -238,17 +439,62 @@ impl Shared {
     }
 }
 
+impl Shared {
+    /// Moves connection `id` to the transmission phase if the client limit allows it.
+    fn establish(&self, id: u64) -> bool {
+        let mut conns = lock(&self.conns);
+        if conns.iter().filter(|c| c.established).count() >= self.cfg.max_clients {
+            return false;
+        }
+        if let Some(c) = conns.iter_mut().find(|c| c.id == id) {
+            c.established = true;
+            self.stats.negotiating.fetch_sub(1, Ordering::AcqRel);
+        }
+        self.stats.clients.fetch_add(1, Ordering::AcqRel);
+        true
+    }
+
+    /// Waits until every connection that ended before `id` entered transmission has finished
+    /// its started requests. A connection whose peer hung up counts as ended (its reader may
+    /// not have noticed yet, e.g. while it waits for a worker) and is killed first, so its
+    /// requests not started yet are dropped.
+    fn order_after_ended(&self, id: u64) -> io::Result<()> {
+        let earlier: Vec<(u64, Arc<ConnState>)> =
+            lock(&self.conns).iter().filter(|c| c.id != id && c.established).map(|c| (c.id, c.state.clone())).collect();
+        let deadline = Instant::now() + DRAIN_TIMEOUT;
+        for (other, st) in earlier {
+            if !st.ended.load(Ordering::SeqCst) && !st.is_dead() {
+                if !st.transport.hung_up() {
+                    continue;
+                }
+                log::info!("nbd: client {other} hung up; client {id} waits for its started requests");
+                st.kill();
+            }
+            if !st.inflight.wait_idle(deadline) {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("requests of the ended client {other} did not finish within {DRAIN_TIMEOUT:?}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn accept_loop(listener: Listener, shared: Arc<Shared>) {
     let mut next_id = 0u64;
+    let mut last_eviction_log: Option<Instant> = None;
     loop {
         let (stream, peer) = match listener.accept() {
             Ok(s) => s,
             Err(e) => {
                 log::warn!("nbd: accept failed: {e}");
+                // A persistent failure (out of descriptors) must not spin.
+                std::thread::sleep(Duration::from_millis(100));
                 continue;
             }
         };
@@ -265,38 +511,55 @@ fn accept_loop(listener: Listener, shared: Arc<Shared>) {
             stream.shutdown();
             continue;
         }
-        if shared.stats.clients.load(Ordering::Acquire) >= shared.cfg.max_clients {
-            log::warn!("nbd: client limit {} reached, refusing a connection", shared.cfg.max_clients);
-            shared.stats.refused.fetch_add(1, Ordering::Relaxed);
-            stream.shutdown();
-            continue;
-        }
-        next_id += 1;
-        let id = next_id;
-        let Ok(ctl) = stream.try_clone() else {
+        let Ok(transport) = stream.try_clone() else {
             continue;
         };
-        lock(&shared.conns).push((id, ctl));
-        shared.stats.clients.fetch_add(1, Ordering::AcqRel);
+        next_id += 1;
+        let id = next_id;
+        let state = Arc::new(ConnState::new(transport));
+        {
+            let mut conns = lock(&shared.conns);
+            // Negotiating connections are capped apart from established ones: the oldest
+            // gives way, so idle or slow peers cannot keep the primary from getting in.
+            let negotiating: Vec<&Conn> = conns.iter().filter(|c| !c.established && !c.state.is_dead()).collect();
+            if negotiating.len() >= NEGOTIATING_MAX
+                && let Some(oldest) = negotiating.iter().min_by_key(|c| c.id)
+            {
+                if last_eviction_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                    log::warn!(
+                        "nbd: {NEGOTIATING_MAX} connections are negotiating; closing the oldest (client {})",
+                        oldest.id
+                    );
+                    last_eviction_log = Some(Instant::now());
+                }
+                oldest.state.kill();
+                oldest.state.transport.shutdown();
+                shared.stats.refused.fetch_add(1, Ordering::Relaxed);
+            }
+            conns.push(Conn { id, established: false, state: state.clone() });
+        }
+        shared.stats.negotiating.fetch_add(1, Ordering::AcqRel);
         let s2 = shared.clone();
         let spawned = std::thread::Builder::new().name("nbd-client".into()).spawn(move || {
-            match serve_client(stream, &s2) {
+            match serve_client(stream, &s2, id, &state) {
                 Ok(()) => log::info!("nbd: client {id} disconnected"),
                 Err(e) => log::info!("nbd: client {id} ended: {e}"),
             }
-            lock(&s2.conns).retain(|(i, _)| *i != id);
-            s2.stats.clients.fetch_sub(1, Ordering::AcqRel);
+            state.transport.shutdown();
+            let mut conns = lock(&s2.conns);
+            if let Some(i) = conns.iter().position(|c| c.id == id) {
+                let c = conns.swap_remove(i);
+                let counter = if c.established { &s2.stats.clients } else { &s2.stats.negotiating };
+                counter.fetch_sub(1, Ordering::AcqRel);
+            }
         });
         if let Err(e) = spawned {
             log::error!("nbd: cannot start client thread: {e}");
+            let mut conns = lock(&shared.conns);
+            conns.retain(|c| c.id != id);
+            shared.stats.negotiating.fetch_sub(1, Ordering::AcqRel);
         }
     }
-}
-
-fn read_exact<const N: usize>(s: &mut Stream) -> io::Result<[u8; N]> {
-    let mut b = [0u8; N];
-    s.read_exact(&mut b)?;
-    Ok(b)
 }
 
 fn protocol_error(msg: String) -> io::Error {
@@ -312,13 +575,14 @@ enum Negotiated {
 }
 
 /// Negotiation up to the transmission phase (or an abort).
-fn negotiate(s: &mut Stream, shared: &Shared) -> io::Result<Negotiated> {
+/// Everything must finish by `d`.
+fn negotiate(s: &mut Stream, shared: &Shared, id: u64, d: &Deadline) -> io::Result<Negotiated> {
     let mut hello = Vec::with_capacity(18);
     hello.extend_from_slice(&NBD_MAGIC.to_be_bytes());
     hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
     hello.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
-    s.write_all(&hello)?;
-    let client_flags = u32::from_be_bytes(read_exact::<4>(s)?);
+    d.write_all(s, &hello)?;
+    let client_flags = u32::from_be_bytes(read_exact::<4>(s, d)?);
     if client_flags & !(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES) != 0 {
         return Err(protocol_error(format!("unknown client flags {client_flags:#x}")));
     }
@@ -328,7 +592,7 @@ fn negotiate(s: &mut Stream, shared: &Shared) -> io::Result<Negotiated> {
     let mut colo = false;
     let mut tls_up = false;
     loop {
-        let hdr = read_exact::<16>(s)?;
+        let hdr = read_exact::<16>(s, d)?;
         if u64::from_be_bytes(hdr[0..8].try_into().unwrap_or_default()) != IHAVEOPT {
             return Err(protocol_error("bad option magic".into()));
         }
@@ -338,23 +602,23 @@ fn negotiate(s: &mut Stream, shared: &Shared) -> io::Result<Negotiated> {
             return Err(protocol_error(format!("option {opt} too long ({len} bytes)")));
         }
         let mut data = vec![0u8; len as usize];
-        s.read_exact(&mut data)?;
+        d.read_exact(s, &mut data)?;
         if let Some(cfg) = &shared.cfg.tls
             && !tls_up
         {
             match opt {
                 OPT_STARTTLS if data.is_empty() => {
-                    s.write_all(&option_reply(opt, REP_ACK, &[]))?;
+                    d.write_all(s, &option_reply(opt, REP_ACK, &[]))?;
                     let tcp = std::mem::replace(s, s.try_clone()?);
-                    *s = super::tls::accept(tcp, cfg.clone())?;
+                    *s = super::tls::accept(tcp, cfg.clone(), d.at())?;
                     tls_up = true;
                 }
                 OPT_EXPORT_NAME => return Err(protocol_error("EXPORT_NAME without TLS".into())),
                 OPT_ABORT => {
-                    let _ = s.write_all(&option_reply(opt, REP_ACK, &[]));
+                    let _ = d.write_all(s, &option_reply(opt, REP_ACK, &[]));
                     return Ok(Negotiated::Aborted);
                 }
-                _ => s.write_all(&option_reply(opt, REP_ERR_TLS_REQD, b"TLS is required"))?,
+                _ => d.write_all(s, &option_reply(opt, REP_ERR_TLS_REQD, b"TLS is required"))?,
             }
             continue;
         }
@@ -366,69 +630,79 @@ fn negotiate(s: &mut Stream, shared: &Shared) -> io::Result<Negotiated> {
                 if let Err(why) = export.admit() {
                     return Err(protocol_error(format!("client refused: {why}")));
                 }
+                if !shared.establish(id) {
+                    shared.stats.refused.fetch_add(1, Ordering::Relaxed);
+                    return Err(protocol_error(format!("client limit {} reached", shared.cfg.max_clients)));
+                }
                 let mut b = Vec::with_capacity(134);
                 b.extend_from_slice(&export.size().to_be_bytes());
                 b.extend_from_slice(&tflags.to_be_bytes());
                 if !no_zeroes {
                     b.extend_from_slice(&[0u8; 124]);
                 }
-                s.write_all(&b)?;
+                d.write_all(s, &b)?;
                 return Ok(Negotiated::Transmission { colo });
             }
             OPT_ABORT => {
-                let _ = s.write_all(&option_reply(opt, REP_ACK, &[]));
+                let _ = d.write_all(s, &option_reply(opt, REP_ACK, &[]));
                 return Ok(Negotiated::Aborted);
             }
             OPT_COLO if export.colo_barriers() && data.is_empty() => {
                 colo = true;
-                s.write_all(&option_reply(opt, REP_ACK, &[]))?;
+                d.write_all(s, &option_reply(opt, REP_ACK, &[]))?;
             }
             OPT_LIST => {
                 if !data.is_empty() {
-                    s.write_all(&option_reply(opt, REP_ERR_INVALID, &[]))?;
+                    d.write_all(s, &option_reply(opt, REP_ERR_INVALID, &[]))?;
                     continue;
                 }
                 let name = shared.cfg.export_name.as_bytes();
-                let mut d = Vec::with_capacity(4 + name.len());
-                d.extend_from_slice(&(name.len() as u32).to_be_bytes());
-                d.extend_from_slice(name);
-                s.write_all(&option_reply(opt, REP_SERVER, &d))?;
-                s.write_all(&option_reply(opt, REP_ACK, &[]))?;
+                let mut list = Vec::with_capacity(4 + name.len());
+                list.extend_from_slice(&(name.len() as u32).to_be_bytes());
+                list.extend_from_slice(name);
+                d.write_all(s, &option_reply(opt, REP_SERVER, &list))?;
+                d.write_all(s, &option_reply(opt, REP_ACK, &[]))?;
             }
             OPT_INFO | OPT_GO => {
                 let Some(name) = parse_info_request(&data) else {
-                    s.write_all(&option_reply(opt, REP_ERR_INVALID, &[]))?;
+                    d.write_all(s, &option_reply(opt, REP_ERR_INVALID, &[]))?;
                     continue;
                 };
                 if name != shared.cfg.export_name.as_bytes() {
-                    s.write_all(&option_reply(opt, REP_ERR_UNKNOWN, b"unknown export"))?;
+                    d.write_all(s, &option_reply(opt, REP_ERR_UNKNOWN, b"unknown export"))?;
                     continue;
                 }
                 if opt == OPT_GO
                     && let Err(why) = export.admit()
                 {
-                    s.write_all(&option_reply(opt, REP_ERR_SHUTDOWN, why.as_bytes()))?;
+                    d.write_all(s, &option_reply(opt, REP_ERR_SHUTDOWN, why.as_bytes()))?;
+                    continue;
+                }
+                if opt == OPT_GO && !shared.establish(id) {
+                    shared.stats.refused.fetch_add(1, Ordering::Relaxed);
+                    log::warn!("nbd: client limit {} reached, refusing client {id}", shared.cfg.max_clients);
+                    d.write_all(s, &option_reply(opt, REP_ERR_POLICY, b"too many clients"))?;
                     continue;
                 }
                 let mut info = Vec::with_capacity(12);
                 info.extend_from_slice(&INFO_EXPORT.to_be_bytes());
                 info.extend_from_slice(&export.size().to_be_bytes());
                 info.extend_from_slice(&tflags.to_be_bytes());
-                s.write_all(&option_reply(opt, REP_INFO, &info))?;
+                d.write_all(s, &option_reply(opt, REP_INFO, &info))?;
                 let mut bs = Vec::with_capacity(14);
                 bs.extend_from_slice(&INFO_BLOCK_SIZE.to_be_bytes());
                 bs.extend_from_slice(&512u32.to_be_bytes());
                 bs.extend_from_slice(&4096u32.to_be_bytes());
                 bs.extend_from_slice(&MAX_PAYLOAD.to_be_bytes());
-                s.write_all(&option_reply(opt, REP_INFO, &bs))?;
-                s.write_all(&option_reply(opt, REP_ACK, &[]))?;
+                d.write_all(s, &option_reply(opt, REP_INFO, &bs))?;
+                d.write_all(s, &option_reply(opt, REP_ACK, &[]))?;
                 if opt == OPT_GO {
                     return Ok(Negotiated::Transmission { colo });
                 }
             }
-            OPT_STARTTLS if tls_up => s.write_all(&option_reply(opt, REP_ERR_INVALID, b"TLS is already up"))?,
-            OPT_STARTTLS => s.write_all(&option_reply(opt, REP_ERR_POLICY, b"TLS is not configured"))?,
-            _ => s.write_all(&option_reply(opt, REP_ERR_UNSUP, &[]))?,
+            OPT_STARTTLS if tls_up => d.write_all(s, &option_reply(opt, REP_ERR_INVALID, b"TLS is already up"))?,
+            OPT_STARTTLS => d.write_all(s, &option_reply(opt, REP_ERR_POLICY, b"TLS is not configured"))?,
+            _ => d.write_all(s, &option_reply(opt, REP_ERR_UNSUP, &[]))?,
         }
     }
 }
@@ -440,6 +714,12 @@ fn parse_info_request(d: &[u8]) -> Option<&[u8]> {
     let rest = d.get(4 + n..)?;
     let count = u16::from_be_bytes(rest.get(0..2)?.try_into().ok()?) as usize;
     (rest.len() == 2 + 2 * count).then_some(name)
+}
+
+fn read_exact<const N: usize>(s: &mut Stream, d: &Deadline) -> io::Result<[u8; N]> {
+    let mut b = [0u8; N];
+    d.read_exact(s, &mut b)?;
+    Ok(b)
 }
 
 fn transmission_flags(e: &dyn NbdExport) -> u16 {
@@ -457,14 +737,14 @@ enum Job {
 }
 
 /// Requests of one connection handed to its workers and not yet answered. Counting is two
-/// atomic operations per request; the lock and the wake-up are only paid while a barrier
-/// waits for the count to reach zero.
+/// atomic operations per request; the lock and the wake-up are only paid while someone (a
+/// barrier, a newer connection) waits for the count to reach zero.
 #[derive(Default)]
 struct Inflight {
     count: AtomicUsize,
-    waiting: AtomicBool,
+    waiting: AtomicUsize,
     lock: Mutex<()>,
-    idle: std::sync::Condvar,
+    idle: Condvar,
 }
 
 impl Inflight {
@@ -472,75 +752,134 @@ impl Inflight {
         self.count.fetch_add(1, Ordering::SeqCst);
     }
     fn done(&self) {
-        if self.count.fetch_sub(1, Ordering::SeqCst) == 1 && self.waiting.load(Ordering::SeqCst) {
+        if self.count.fetch_sub(1, Ordering::SeqCst) == 1 && self.waiting.load(Ordering::SeqCst) > 0 {
             let _g = lock(&self.lock);
             self.idle.notify_all();
         }
     }
-    fn wait_idle(&self) {
-        self.waiting.store(true, Ordering::SeqCst);
+    /// Waits until nothing is in flight; `false` if `deadline` passed first.
+    fn wait_idle(&self, deadline: Instant) -> bool {
+        self.waiting.fetch_add(1, Ordering::SeqCst);
         let mut g = lock(&self.lock);
+        let mut idle = true;
         while self.count.load(Ordering::SeqCst) > 0 {
-            g = self.idle.wait(g).unwrap_or_else(|e| e.into_inner());
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                idle = false;
+                break;
+            }
+            g = self.idle.wait_timeout(g, left).unwrap_or_else(|e| e.into_inner()).0;
         }
         drop(g);
-        self.waiting.store(false, Ordering::SeqCst);
+        self.waiting.fetch_sub(1, Ordering::SeqCst);
+        idle
     }
 }
 
-fn serve_client(mut s: Stream, shared: &Arc<Shared>) -> io::Result<()> {
-    let colo = match negotiate(&mut s, shared)? {
+/// A request handed to a worker, with the budget bytes it holds.
+struct Queued {
+    job: Job,
+    bytes: usize,
+}
+
+fn serve_client(mut s: Stream, shared: &Arc<Shared>, id: u64, state: &Arc<ConnState>) -> io::Result<()> {
+    let deadline = Deadline::after(HANDSHAKE_TIMEOUT, "the NBD negotiation");
+    let negotiated = negotiate(&mut s, shared, id, &deadline);
+    if let Err(e) = &negotiated
+        && e.kind() == io::ErrorKind::TimedOut
+    {
+        shared.stats.refused.fetch_add(1, Ordering::Relaxed);
+    }
+    let colo = match negotiated? {
         Negotiated::Aborted => return Ok(()),
         Negotiated::Transmission { colo } => colo,
     };
+    // Transmission: a client may stay idle (keepalive watches TCP peers), but a reply that
+    // cannot be sent within REPLY_TIMEOUT ends the connection.
+    s.set_timeouts(None, Some(REPLY_TIMEOUT))?;
+    shared.order_after_ended(id)?;
     let writer = Arc::new(Mutex::new(s.try_clone()?));
-    let inflight = Arc::new(Inflight::default());
-    let (tx, rx) = mpsc::sync_channel::<Job>(shared.cfg.threads_per_client * 2);
+    let (tx, rx) = mpsc::sync_channel::<Queued>(shared.cfg.threads_per_client * 2);
     let rx = Arc::new(Mutex::new(rx));
     let mut workers = Vec::new();
     for _ in 0..shared.cfg.threads_per_client.max(1) {
-        let (rx, writer, shared, inflight) = (rx.clone(), writer.clone(), shared.clone(), inflight.clone());
+        let (rx, writer, shared, state) = (rx.clone(), writer.clone(), shared.clone(), state.clone());
         workers.push(std::thread::spawn(move || {
             loop {
-                let job = lock(&rx).recv();
-                let Ok(job) = job else { break };
-                // A failed reply (the client went away) does not stop this worker: it keeps
+                let q = lock(&rx).recv();
+                let Ok(Queued { job, bytes }) = q else { break };
+                // A job of a connection that is over is dropped unstarted; the worker keeps
                 // taking jobs until the reader ends, so the channel never fills up behind a
                 // dead worker and a barrier never waits for a job nobody runs.
-                let _ = execute(job, &writer, &shared);
-                inflight.done();
+                if state.is_dead() {
+                    shared.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                } else if let Err(e) = execute(job, &writer, &shared) {
+                    state.fail(e);
+                }
+                state.budget.give(bytes);
+                state.inflight.done();
             }
         }));
     }
-    let barriers =
-        colo.then(|| Barriers { writer: writer.clone(), inflight: inflight.clone(), shared: shared.clone() });
-    let result = read_requests(&mut s, &tx, &inflight, barriers.as_ref());
+    let barriers = colo.then(|| Barriers { writer: writer.clone(), state: state.clone(), shared: shared.clone() });
+    let mut result = read_requests(&mut s, &tx, state, barriers.as_ref());
+    // End of file without DISC, or an error: the connection is over and what it queued is
+    // dropped. After DISC the queued requests still run (the protocol asks so).
+    if !matches!(result, Ok(true)) {
+        state.kill();
+    }
+    state.ended.store(true, Ordering::SeqCst);
     drop(tx);
     for w in workers {
         let _ = w.join();
+    }
+    if let Some(e) = lock(&state.failure).take() {
+        let why = if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) {
+            format!("the client did not take a reply within {REPLY_TIMEOUT:?}")
+        } else {
+            format!("a reply could not be sent: {e}")
+        };
+        result = Err(io::Error::new(e.kind(), why));
     }
     if let Err(e) = &result
         && e.kind() == io::ErrorKind::InvalidData
     {
         shared.stats.bad_clients.fetch_add(1, Ordering::Relaxed);
-        log::warn!("nbd: disconnecting client: {e}");
+        log::warn!("nbd: disconnecting client {id}: {e}");
     }
     s.shutdown();
-    result
+    result.map(|_| ())
 }
 
 /// What the reader needs to run COLO barriers in order (only when the client enabled them).
 struct Barriers {
     writer: Arc<Mutex<Stream>>,
-    inflight: Arc<Inflight>,
+    state: Arc<ConnState>,
     shared: Arc<Shared>,
 }
 
 impl Barriers {
     /// Runs a barrier in the reader's thread: every earlier request is answered first, and no
-    /// later one is read before it is done, so the barrier splits the stream into epochs.
+    /// later one is read before it is done, so the barrier splits the stream into epochs. A
+    /// barrier of a connection whose peer already hung up never runs: nobody would learn its
+    /// outcome, and its commit would wrongly be triggered by what follows.
     fn run(&self, req: &Request) -> io::Result<()> {
-        self.inflight.wait_idle();
+        let st = &self.state;
+        if !st.inflight.wait_idle(Instant::now() + DRAIN_TIMEOUT) {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("the requests before barrier {} did not finish within {DRAIN_TIMEOUT:?}", req.offset),
+            ));
+        }
+        // Counted while it runs, so a newer connection waits for it; checked after counting,
+        // so either that connection sees it running or it sees the connection dead.
+        st.inflight.add();
+        if st.is_dead() || st.transport.hung_up() {
+            st.kill();
+            st.inflight.done();
+            log::warn!("nbd: the client hung up before its checkpoint barrier {} ran: barrier dropped", req.offset);
+            return Err(timed::peer_closed());
+        }
         let code = match self.shared.export.barrier(req.offset) {
             Ok(()) => 0,
             Err(e) => {
@@ -549,50 +888,72 @@ impl Barriers {
                 errno_to_nbd(&e)
             }
         };
+        st.inflight.done();
         reply(&self.writer, code, req.handle, None)
     }
 }
 
-/// Reads requests and hands them to the workers; returns on DISC, EOF or a protocol error.
+/// Reads requests and hands them to the workers; returns `Ok(true)` on DISC, `Ok(false)` at
+/// end of file or when the connection is over, an error on a protocol violation.
 fn read_requests(
     s: &mut Stream,
-    tx: &mpsc::SyncSender<Job>,
-    inflight: &Inflight,
+    tx: &mpsc::SyncSender<Queued>,
+    state: &ConnState,
     barriers: Option<&Barriers>,
-) -> io::Result<()> {
-    let send = |job: Job| {
-        inflight.add();
-        let sent = tx.send(job).is_ok();
+) -> io::Result<bool> {
+    let send = |job: Job, bytes: usize| {
+        state.inflight.add();
+        let sent = tx.send(Queued { job, bytes }).is_ok();
         if !sent {
-            inflight.done();
+            state.budget.give(bytes);
+            state.inflight.done();
         }
         sent
     };
     loop {
-        let raw = match read_exact::<REQUEST_LEN>(s) {
-            Ok(r) => r,
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+        let mut raw = [0u8; REQUEST_LEN];
+        match timed::read_exact(s, &mut raw) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(false),
             Err(e) => return Err(e),
-        };
+        }
         let Some(req) = Request::decode(&raw) else {
             return Err(protocol_error("bad request magic".into()));
         };
+        if state.is_dead() {
+            return Ok(false);
+        }
+        // Payload bytes are taken from the budget before any buffer exists: a read's reply
+        // buffer (allocated by the worker) and a write's payload alike.
+        let bytes = match req.cmd {
+            CMD_READ | CMD_WRITE if req.length <= MAX_PAYLOAD => req.length as usize,
+            _ => 0,
+        };
         match req.cmd {
-            CMD_DISC => return Ok(()),
+            CMD_DISC => return Ok(true),
             CMD_WRITE => {
                 if req.length > MAX_PAYLOAD {
                     // The payload cannot be skipped safely: the framing is lost.
                     return Err(protocol_error(format!("write of {} bytes exceeds the limit", req.length)));
                 }
-                let mut data = vec![0u8; req.length as usize];
-                s.read_exact(&mut data)?;
-                if !send(Job::Write(req, data)) {
-                    return Ok(());
+                if !state.budget.take(bytes, &state.dead) {
+                    return Ok(false);
+                }
+                let mut data = vec![0u8; bytes];
+                if let Err(e) = timed::read_exact(s, &mut data) {
+                    state.budget.give(bytes);
+                    return Err(e);
+                }
+                if !send(Job::Write(req, data), bytes) {
+                    return Ok(false);
                 }
             }
             CMD_READ => {
-                if !send(Job::Read(req)) {
-                    return Ok(());
+                if !state.budget.take(bytes, &state.dead) {
+                    return Ok(false);
+                }
+                if !send(Job::Read(req), bytes) {
+                    return Ok(false);
                 }
             }
             CMD_COLO_BARRIER if barriers.is_some() && req.length == 0 && req.flags == 0 => {
@@ -601,8 +962,8 @@ fn read_requests(
                 }
             }
             _ => {
-                if !send(Job::Other(req)) {
-                    return Ok(());
+                if !send(Job::Other(req), 0) {
+                    return Ok(false);
                 }
             }
         }
@@ -615,9 +976,31 @@ fn in_range(req: &Request, size: u64) -> bool {
 
 fn reply(writer: &Mutex<Stream>, error: u32, handle: u64, data: Option<&[u8]>) -> io::Result<()> {
     let mut w = lock(writer);
-    w.write_all(&simple_reply(error, handle))?;
+    write_all_moving(&mut w, &simple_reply(error, handle))?;
     if let Some(d) = data {
-        w.write_all(d)?;
+        write_all_moving(&mut w, d)?;
+    }
+    Ok(())
+}
+
+/// Writes all of `buf` as long as the client keeps taking it: the socket's send timeout
+/// ([`REPLY_TIMEOUT`]) fails a write that moves nothing, and a write that moved only part
+/// after waiting that long counts as stalled too (otherwise each partial write would start
+/// the wait anew and a client taking a trickle could hold the reply far longer).
+fn write_all_moving(w: &mut Stream, mut buf: &[u8]) -> io::Result<()> {
+    while !buf.is_empty() {
+        let t0 = Instant::now();
+        match w.write(buf) {
+            Ok(0) => return Err(io::Error::from(io::ErrorKind::WriteZero)),
+            Ok(n) => {
+                buf = &buf[n..];
+                if !buf.is_empty() && t0.elapsed() >= REPLY_TIMEOUT {
+                    return Err(io::Error::from(io::ErrorKind::TimedOut));
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
     }
     Ok(())
 }

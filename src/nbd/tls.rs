@@ -16,6 +16,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
@@ -23,6 +24,7 @@ use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, ClientConnection, Connection, RootCertStore, ServerConfig, ServerConnection};
 
 use super::server::Stream;
+use super::timed;
 
 /// Errors loading credentials.
 #[derive(Debug, thiserror::Error)]
@@ -96,30 +98,46 @@ pub fn client_config(dir: &Path) -> Result<Arc<ClientConfig>, TlsError> {
     Ok(Arc::new(cfg))
 }
 
-/// Runs the server handshake on `tcp` and returns the plaintext stream.
-pub fn accept(tcp: Stream, cfg: Arc<ServerConfig>) -> io::Result<Stream> {
+/// Runs the server handshake on `tcp`, finishing by `deadline`, and returns the plaintext
+/// stream.
+pub fn accept(tcp: Stream, cfg: Arc<ServerConfig>, deadline: Instant) -> io::Result<Stream> {
     let conn = ServerConnection::new(cfg).map_err(io::Error::other)?;
-    start(tcp, Connection::Server(conn))
+    start(tcp, Connection::Server(conn), deadline)
 }
 
-/// Runs the client handshake on `tcp` (verifying the server as `host`) and returns the
-/// plaintext stream.
-pub fn connect(tcp: Stream, cfg: Arc<ClientConfig>, host: &str) -> io::Result<Stream> {
+/// Runs the client handshake on `tcp` (verifying the server as `host`), finishing by
+/// `deadline`, and returns the plaintext stream.
+pub fn connect(tcp: Stream, cfg: Arc<ClientConfig>, host: &str, deadline: Instant) -> io::Result<Stream> {
     let name = ServerName::try_from(host.to_string()).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     let conn = ClientConnection::new(cfg, name).map_err(io::Error::other)?;
-    start(tcp, Connection::Client(conn))
+    start(tcp, Connection::Client(conn), deadline)
 }
 
-fn start(tcp: Stream, mut conn: Connection) -> io::Result<Stream> {
+fn start(tcp: Stream, mut conn: Connection, deadline: Instant) -> io::Result<Stream> {
     let Stream::Tcp(mut sock) = tcp else {
         return Err(io::Error::new(io::ErrorKind::Unsupported, "TLS is only used over TCP"));
     };
-    // A peer that stalls the handshake must not hold the connection forever.
-    sock.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+    // A peer that stalls the handshake must not hold the connection (or the caller) past the
+    // deadline: every socket operation of the handshake gets the time that is left.
     while conn.is_handshaking() {
-        conn.complete_io(&mut sock)?;
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(handshake_timeout());
+        }
+        sock.set_read_timeout(Some(left))?;
+        sock.set_write_timeout(Some(left))?;
+        match conn.complete_io(&mut sock) {
+            Ok((0, 0)) => return Err(timed::peer_closed()),
+            Ok(_) => {}
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                return Err(handshake_timeout());
+            }
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Err(timed::peer_closed()),
+            Err(e) => return Err(e),
+        }
     }
     sock.set_read_timeout(None)?;
+    sock.set_write_timeout(None)?;
     if let Some(peer) = conn.peer_certificates().and_then(|c| c.first()) {
         log::info!("TLS session up ({} bytes peer certificate)", peer.len());
     }
@@ -132,17 +150,42 @@ fn start(tcp: Stream, mut conn: Connection) -> io::Result<Stream> {
     Ok(Stream::Unix(outer))
 }
 
+fn handshake_timeout() -> io::Error {
+    io::Error::new(io::ErrorKind::TimedOut, "the TLS handshake did not finish in time")
+}
+
+/// Plaintext the pump holds for the NBD side before it stops reading the TLS socket.
+const TO_PLAIN_MAX: usize = 1 << 20;
+/// How long the pump keeps flushing what it holds for the peer once the NBD side closed.
+const LINGER: Duration = Duration::from_secs(10);
+
 /// Moves bytes between the TLS session on `tcp` and the plaintext socket until either side
-/// closes.
-fn pump(mut conn: Connection, mut tcp: std::net::TcpStream, mut plain: UnixStream) -> io::Result<()> {
+/// closes, then shuts both down.
+fn pump(mut conn: Connection, tcp: std::net::TcpStream, plain: UnixStream) -> io::Result<()> {
+    let result = pump_loop(&mut conn, &tcp, &plain);
+    let _ = plain.shutdown(std::net::Shutdown::Both);
+    let _ = tcp.shutdown(std::net::Shutdown::Both);
+    result
+}
+
+/// The pump's loop. Flow control in both directions comes from rustls' own buffer limits:
+/// - towards the peer, plaintext read from the NBD side waits in `to_tls` until the rustls
+///   writer accepts it (it takes only what fits under its limit and answers 0 when full, which
+///   means "flush first", not an error), and the NBD side is read again only once `to_tls` is
+///   empty; so a slow or paused peer slows the NBD side down instead of breaking the session;
+/// - towards the NBD side, decrypted bytes wait in `to_plain` and the TLS socket is read only
+///   while `to_plain` holds less than [`TO_PLAIN_MAX`].
+fn pump_loop(conn: &mut Connection, mut tcp: &std::net::TcpStream, mut plain: &UnixStream) -> io::Result<()> {
     tcp.set_nonblocking(true)?;
     plain.set_nonblocking(true)?;
     let mut to_plain: Vec<u8> = Vec::new();
+    let mut to_tls: Vec<u8> = Vec::new();
     let mut buf = vec![0u8; 64 << 10];
-    let (mut plain_open, mut tcp_open) = (true, true);
-    let result = loop {
-        // Plaintext rustls already holds (possibly read during the handshake, or several
-        // records from one read) goes to the plaintext side before waiting for more.
+    let (mut plain_open, mut tcp_open, mut close_sent) = (true, true, false);
+    let mut linger_until: Option<Instant> = None;
+    loop {
+        // Decrypt every complete record rustls holds (possibly read during the handshake, or
+        // several from one read) before waiting for more.
         let state = conn.process_new_packets().map_err(io::Error::other)?;
         let n = state.plaintext_bytes_to_read();
         if n > 0 {
@@ -153,12 +196,32 @@ fn pump(mut conn: Connection, mut tcp: std::net::TcpStream, mut plain: UnixStrea
         if state.peer_has_closed() {
             tcp_open = false;
         }
-        // Everything TLS wants to send goes out first.
-        while conn.wants_write() {
+        // Plaintext into rustls and records onto the socket, for as long as either moves.
+        loop {
+            let mut moved = false;
+            while !to_tls.is_empty() {
+                let n = conn.writer().write(&to_tls)?;
+                if n == 0 {
+                    break;
+                }
+                to_tls.drain(..n);
+                moved = true;
+            }
+            if !plain_open && to_tls.is_empty() && !close_sent {
+                conn.send_close_notify();
+                close_sent = true;
+            }
+            if !conn.wants_write() {
+                break;
+            }
             match conn.write_tls(&mut tcp) {
+                Ok(n) if n > 0 => moved = true,
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) => return Err(e),
+                Err(e) => return ended(e, plain_open),
+            }
+            if !moved {
+                break;
             }
         }
         // Decrypted data waiting for the plaintext side.
@@ -172,55 +235,77 @@ fn pump(mut conn: Connection, mut tcp: std::net::TcpStream, mut plain: UnixStrea
             }
         }
         if !tcp_open && to_plain.is_empty() {
-            break Ok(());
+            return Ok(());
         }
-        if !plain_open && !conn.wants_write() {
-            break Ok(());
+        if !plain_open && close_sent && !conn.wants_write() {
+            return Ok(());
         }
-        let mut fds = [
-            libc::pollfd {
-                fd: tcp.as_raw_fd(),
-                events: (if tcp_open && to_plain.len() < (1 << 20) { libc::POLLIN } else { 0 })
-                    | if conn.wants_write() { libc::POLLOUT } else { 0 },
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: plain.as_raw_fd(),
-                events: (if plain_open { libc::POLLIN } else { 0 })
-                    | if to_plain.is_empty() { 0 } else { libc::POLLOUT },
-                revents: 0,
-            },
-        ];
+        let timeout_ms = match linger_until {
+            Some(t) => {
+                let left = t.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "the peer did not take the rest of the session in time",
+                    ));
+                }
+                i32::try_from(left.as_millis()).unwrap_or(i32::MAX).max(1)
+            }
+            None => -1,
+        };
+        let tcp_events = (if tcp_open && to_plain.len() < TO_PLAIN_MAX { libc::POLLIN } else { 0 })
+            | if conn.wants_write() { libc::POLLOUT } else { 0 };
+        let plain_events = (if plain_open && to_tls.is_empty() { libc::POLLIN } else { 0 })
+            | if to_plain.is_empty() { 0 } else { libc::POLLOUT };
+        // A socket nothing is wanted from is left out (a negative fd), so a hung-up one does
+        // not wake the loop over and over while the other side catches up.
+        let entry = |fd: i32, events: i16| libc::pollfd { fd: if events == 0 { -1 } else { fd }, events, revents: 0 };
+        let mut fds = [entry(tcp.as_raw_fd(), tcp_events), entry(plain.as_raw_fd(), plain_events)];
         // SAFETY: two valid pollfd entries owned by this frame.
-        if unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) } < 0 {
+        if unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout_ms) } < 0 {
             let e = io::Error::last_os_error();
             if e.kind() == io::ErrorKind::Interrupted {
                 continue;
             }
-            break Err(e);
+            return Err(e);
         }
-        if fds[0].revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 && tcp_open {
+        let ready = libc::POLLIN | libc::POLLHUP | libc::POLLERR;
+        if fds[0].revents & ready != 0 && tcp_open && to_plain.len() < TO_PLAIN_MAX {
             match conn.read_tls(&mut tcp) {
                 Ok(0) => tcp_open = false,
                 // Decrypted at the top of the loop.
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => break Err(e),
+                Err(e) => return ended(e, plain_open),
             }
         }
-        if fds[1].revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 && plain_open {
+        if fds[0].revents & (libc::POLLHUP | libc::POLLERR) != 0 && conn.wants_write() {
+            // The peer is gone: writing would fail; let write_tls report why.
+            if let Err(e) = conn.write_tls(&mut tcp)
+                && e.kind() != io::ErrorKind::WouldBlock
+            {
+                return ended(e, plain_open);
+            }
+        }
+        if fds[1].revents & ready != 0 && plain_open && to_tls.is_empty() {
             match plain.read(&mut buf) {
                 Ok(0) => {
                     plain_open = false;
-                    conn.send_close_notify();
+                    linger_until = Some(Instant::now() + LINGER);
                 }
-                Ok(n) => conn.writer().write_all(&buf[..n])?,
+                Ok(n) => to_tls.extend_from_slice(&buf[..n]),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => break Err(e),
+                Err(e) => return Err(e),
             }
         }
-    };
-    let _ = plain.shutdown(std::net::Shutdown::Both);
-    let _ = tcp.shutdown(std::net::Shutdown::Both);
-    result
+    }
+}
+
+/// A TLS socket error: the session's end when the NBD side had closed already (the peer
+/// hanging up before our close_notify reached it is the normal end after NBD_CMD_DISC),
+/// else an error.
+fn ended(e: io::Error, plain_open: bool) -> io::Result<()> {
+    let gone =
+        matches!(e.kind(), io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset | io::ErrorKind::NotConnected);
+    if gone && !plain_open { Ok(()) } else { Err(e) }
 }

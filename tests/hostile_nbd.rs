@@ -1,0 +1,364 @@
+//! The replication link and the secondary's NBD server under hostile or unlucky peers, all as
+//! processes: TLS under backpressure and a paused peer, a secondary that goes silent after
+//! STARTTLS, idle connections before the primary, clients that stop reading, and the writes
+//! of a dead connection racing a newer one.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::hostile::*;
+use common::pair::*;
+use common::*;
+use serde_json::json;
+
+/// A colo-blk secondary listening on 127.0.0.1:`port`, with TLS when `srv` is given, on a
+/// disk of `size` bytes in `dir`, replicating (stage running).
+fn tcp_secondary(dir: &Path, port: u16, size: u64, srv: Option<&Path>) -> (Server, PathBuf) {
+    let p = |n: &str| dir.join(n).display().to_string();
+    let (d, a, h) = (p("sec.img"), p("a.img"), p("h.img"));
+    if !dir.join("sec.img").exists() {
+        make_disk(&dir.join("sec.img"), size, None);
+    }
+    let listen = format!("127.0.0.1:{port}");
+    let size = size.to_string();
+    let mut args = vec![
+        "--replication",
+        "secondary",
+        "--disk",
+        &d,
+        "--size",
+        &size,
+        "--active",
+        &a,
+        "--hidden",
+        &h,
+        "--nbd-listen",
+        &listen,
+    ];
+    let creds = srv.map(|s| s.display().to_string());
+    if let Some(c) = &creds {
+        args.extend_from_slice(&["--nbd-tls-creds", c]);
+    }
+    let s = Server::start(tempfile::tempdir().unwrap(), &args);
+    qmp(&s, "replication-start", json!({"mode": "secondary"})).unwrap();
+    (s, dir.join("sec.img"))
+}
+
+/// qemu-io against 127.0.0.1:`port`, with QEMU's `tls-creds-x509` when `creds` is given.
+fn qemu_io(port: u16, creds: Option<&Path>, cmd: &str) -> (bool, String) {
+    let mut c = Command::new("qemu-io");
+    let tls = match creds {
+        Some(d) => {
+            c.arg("--object").arg(format!("tls-creds-x509,id=tls0,dir={},endpoint=client", d.display()));
+            ",tls-creds=tls0"
+        }
+        None => "",
+    };
+    c.arg("--image-opts")
+        .arg(format!("driver=nbd,server.type=inet,server.host=127.0.0.1,server.port={port}{tls}"))
+        .args(["-c", cmd]);
+    let out = c.output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.success() && !text.contains("failed") && !text.contains("Pattern verification"), text)
+}
+
+fn signal(s: &Server, sig: i32) {
+    // SAFETY: sending a signal to our own child process.
+    assert_eq!(unsafe { libc::kill(s.child.id() as i32, sig) }, 0);
+}
+
+/// Item: TLS flow control, server side. A 32 MiB NBD read over TLS is one 32 MiB reply the
+/// server's TLS pump must push through rustls' 64 KiB send buffer.
+#[test]
+fn tls_read_of_32_mib_arrives_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let (srv, cli, _) = make_creds(dir.path());
+    make_disk(&dir.path().join("sec.img"), 64 * MIB, Some(0x5a));
+    let port = free_port();
+    let (sec, _) = tcp_secondary(dir.path(), port, 64 * MIB, Some(&srv));
+    let (ok, out) = qemu_io(port, Some(&cli), "read -P 0x5a 0 32M");
+    assert!(ok, "{out}");
+    let (ok, out) = qemu_io(port, Some(&cli), "read -P 0x5a 16M 32M");
+    assert!(ok, "{out}");
+    // A reader that pauses 1.5 s before taking the reply: the server's pump must wait, not
+    // give up when rustls' buffer is full.
+    let uri: colo_blk::nbd::client::NbdUri = format!("nbd://127.0.0.1:{port}/").parse().unwrap();
+    let cfg = colo_blk::nbd::tls::client_config(&cli).unwrap();
+    let (mut s, _) = colo_blk::nbd::client::connect(&uri, Duration::from_secs(10), Some(&cfg)).unwrap();
+    send_request(&mut s, colo_blk::nbd::wire::CMD_READ, 1, 0, 32 << 20, &[]);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(read_reply(&mut s), (0, 1));
+    let mut data = vec![0u8; 32 << 20];
+    std::io::Read::read_exact(&mut s, &mut data).unwrap();
+    assert!(data.iter().all(|&b| b == 0x5a), "the 32 MiB reply is not the disk's content");
+    assert!(!sec.log().iter().any(|l| l.contains("TLS session ended")), "{:?}", sec.log());
+}
+
+/// Item: TLS flow control, client side and a paused peer. A full sync of 256 MiB from a
+/// colo-blk primary to a colo-blk secondary over TLS, with the secondary stopped (SIGSTOP)
+/// for 1.5 s in the middle: no link failure, identical disks.
+#[test]
+fn tls_full_sync_of_256_mib_with_a_paused_secondary_has_no_link_failure() {
+    let dir = tempfile::tempdir().unwrap();
+    let (srv, cli, _) = make_creds(dir.path());
+    let size = 256 * MIB;
+    let port = free_port();
+    let (sec, sdisk) = tcp_secondary(dir.path(), port, size, Some(&srv));
+    let pdisk = dir.path().join("pri.img");
+    {
+        let f = std::fs::File::create(&pdisk).unwrap();
+        for i in 0..(size / (8 * MIB)) {
+            std::os::unix::fs::FileExt::write_all_at(&f, &pattern(i * 8 * MIB, 8 << 20, 7), i * 8 * MIB).unwrap();
+        }
+    }
+    let uri = format!("nbd://127.0.0.1:{port}/");
+    let creds = cli.display().to_string();
+    let pri = start_primary(
+        tempfile::tempdir().unwrap(),
+        &pdisk,
+        size,
+        &["--secondary", &uri, "--secondary-tls-creds", &creds],
+    );
+    qmp(&pri, "replication-start", json!({"mode": "primary", "sync": "full"})).unwrap();
+    // Pause the secondary once the copy is under way (1.5 s, well under the 5 s timeout).
+    wait_until("the resync to start", || {
+        qmp(&pri, "query-replication", json!({})).unwrap()["resync"]["copied-bytes"].as_u64().unwrap() > 0
+    });
+    signal(&sec, libc::SIGSTOP);
+    std::thread::sleep(Duration::from_millis(1500));
+    signal(&sec, libc::SIGCONT);
+    wait_until("the full sync", || synced(&pri));
+    let q = qmp(&pri, "query-replication", json!({})).unwrap();
+    assert_eq!(q["link"]["failures"], 0, "{q}");
+    assert_eq!(q["link"]["connects"], 1, "{q}");
+    assert_eq!(q["error"], serde_json::Value::Null, "{q}");
+    assert_eq!(q["resync"]["copied-bytes"], size, "{q}");
+    same(&pdisk, &sdisk);
+}
+
+/// Runs QMP `cmd` on `qmp` in a thread; `None` if no answer came within `within`.
+fn qmp_within(
+    qmp: &Path,
+    cmd: &str,
+    args: serde_json::Value,
+    within: Duration,
+) -> Option<Result<serde_json::Value, String>> {
+    let (path, cmd) = (qmp.to_path_buf(), cmd.to_string());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let args = args.as_object().cloned().unwrap_or_default();
+        let _ = tx.send(colo_blk::qmp::client::execute(&path, &cmd, args).expect("qmp io"));
+    });
+    rx.recv_timeout(within).ok()
+}
+
+/// Item: deadlines after STARTTLS. A secondary that completes the TLS handshake and then says
+/// nothing: `replication-start` fails within about the link timeout instead of hanging, and
+/// the daemon keeps answering.
+#[test]
+fn a_secondary_silent_after_tls_fails_replication_start_within_the_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let (srv, cli, _) = make_creds(dir.path());
+    let silent = SilentTlsServer::start(&srv);
+    let pdisk = dir.path().join("pri.img");
+    make_disk(&pdisk, 16 * MIB, None);
+    let uri = format!("nbd://127.0.0.1:{}/", silent.port);
+    let creds = cli.display().to_string();
+    let pri = start_primary(
+        tempfile::tempdir().unwrap(),
+        &pdisk,
+        16 * MIB,
+        &["--secondary", &uri, "--secondary-tls-creds", &creds, "--secondary-timeout", "2"],
+    );
+    let t0 = Instant::now();
+    let r = qmp_within(&pri.qmp, "replication-start", json!({"mode": "primary"}), Duration::from_secs(10))
+        .expect("replication-start hung on a silent TLS secondary");
+    let err = r.expect_err("replication-start succeeded against a silent secondary");
+    assert!(err.contains("did not finish within 2s"), "{err}");
+    assert!(t0.elapsed() < Duration::from_secs(5), "took {:?}", t0.elapsed());
+    // The ops lock is free again: query and stop answer at once.
+    let q = qmp_within(&pri.qmp, "query-replication", json!({}), Duration::from_secs(5)).unwrap().unwrap();
+    assert_eq!(q["stage"], "none", "{q}");
+    drop(silent);
+}
+
+/// Item (messages): a secondary that closes in the middle of the greeting is reported as
+/// "the peer closed the connection", not as Rust's "failed to fill whole buffer".
+#[test]
+fn a_secondary_closing_mid_greeting_is_named_in_the_error() {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(mut c) = c else { return };
+            let _ = std::io::Write::write_all(&mut c, &colo_blk::nbd::wire::NBD_MAGIC.to_be_bytes()[..5]);
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let pdisk = dir.path().join("pri.img");
+    make_disk(&pdisk, 16 * MIB, None);
+    let uri = format!("nbd://127.0.0.1:{port}/");
+    let pri = start_primary(tempfile::tempdir().unwrap(), &pdisk, 16 * MIB, &["--secondary", &uri]);
+    let err = qmp(&pri, "replication-start", json!({"mode": "primary"})).unwrap_err();
+    assert!(err.contains("the peer closed the connection"), "{err}");
+    assert!(!err.contains("failed to fill whole buffer"), "{err}");
+}
+
+/// Item: client slots. Twenty idle TCP connections (before STARTTLS, TLS required) cannot
+/// keep a real TLS client out; an idle connection is closed after the handshake deadline;
+/// established connections have TCP keepalive on.
+#[test]
+fn idle_connections_cannot_lock_the_primary_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let (srv, cli, _) = make_creds(dir.path());
+    let port = free_port();
+    let (sec, sdisk) = tcp_secondary(dir.path(), port, 16 * MIB, Some(&srv));
+    let idle: Vec<std::net::TcpStream> =
+        (0..20).map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).unwrap()).collect();
+    // The real client gets in (and again: the idle ones do not come back).
+    for pat in [0x31, 0x32] {
+        let (ok, out) = qemu_io(port, Some(&cli), &format!("write -P {pat} 1M 64k"));
+        assert!(ok, "{out}");
+    }
+    assert_eq!(file_range(&sdisk, MIB, 65536), vec![0x32; 65536]);
+    // A connection that stays idle is closed by the server's negotiation deadline.
+    // So is a slow-loris one that sends a byte a second (each read makes progress).
+    let late = colo_blk::nbd::server::Stream::Tcp(std::net::TcpStream::connect(("127.0.0.1", port)).unwrap());
+    let loris = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let mut drip = loris.try_clone().unwrap();
+    std::thread::spawn(move || {
+        for _ in 0..60 {
+            if std::io::Write::write_all(&mut drip, &[0]).is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(1000));
+        }
+    });
+    let loris = colo_blk::nbd::server::Stream::Tcp(loris);
+    let t0 = Instant::now();
+    assert!(wait_hung_up(&late, Duration::from_secs(20)), "an idle connection was never closed");
+    assert!(t0.elapsed() >= Duration::from_secs(9), "closed after {:?}", t0.elapsed());
+    assert!(wait_hung_up(&loris, Duration::from_secs(5)), "a slow-loris connection was never closed");
+    assert!(t0.elapsed() < Duration::from_secs(15), "slow loris closed after {:?}", t0.elapsed());
+    drop(idle);
+    // An established connection has keepalive on (the kernel's timer shows it).
+    let uri: colo_blk::nbd::client::NbdUri = format!("nbd://127.0.0.1:{port}/").parse().unwrap();
+    let cfg = colo_blk::nbd::tls::client_config(&cli).unwrap();
+    let (s, _) = colo_blk::nbd::client::connect(&uri, Duration::from_secs(10), Some(&cfg)).unwrap();
+    // ss shows one timer per socket: a retransmission timer while data is unacknowledged,
+    // else the keepalive timer. Sample the kernel's view until it settles.
+    let ss = || {
+        let filter = format!("( sport = :{port} )");
+        let out = Command::new("ss").args(["-tnoH", "state", "established", &filter]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut text = ss();
+    while !text.contains("timer:(keepalive") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        text = ss();
+    }
+    assert!(text.contains("timer:(keepalive"), "no keepalive on the server's socket: {text}");
+    drop(s);
+    let q = qmp(&sec, "query-replication", json!({})).unwrap();
+    assert!(q["nbd"]["refused"].as_u64().unwrap() >= 4, "{q}");
+}
+
+/// Item: memory per connection. Two clients ask for 32 MiB reads and never read the replies:
+/// the daemon's memory stays within the per-connection budget and both are disconnected
+/// within the reply timeout; the daemon keeps serving.
+#[test]
+fn clients_that_stop_reading_cannot_pin_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sec, _, nbd) = colo_secondary(dir.path(), "64M", None);
+    let uri = format!("nbd+unix:///?socket={}", nbd.display());
+    let pid = sec.child.id();
+    let base = rss(pid);
+    let mut clients = Vec::new();
+    for _ in 0..2 {
+        let (mut s, _) = nbd_connect(&uri);
+        for h in 0..12 {
+            send_request(&mut s, colo_blk::nbd::wire::CMD_READ, h, 0, 32 << 20, &[]);
+        }
+        // Writes behind the reads: their payloads must not be buffered either.
+        let mut w = s.try_clone().unwrap();
+        w.set_timeouts(None, Some(Duration::from_secs(40))).unwrap();
+        std::thread::spawn(move || {
+            let payload = vec![0x77u8; 32 << 20];
+            for h in 100..104 {
+                let req = colo_blk::nbd::wire::Request {
+                    flags: 0,
+                    cmd: colo_blk::nbd::wire::CMD_WRITE,
+                    handle: h,
+                    offset: 0,
+                    length: 32 << 20,
+                };
+                if std::io::Write::write_all(&mut w, &req.encode()).is_err()
+                    || std::io::Write::write_all(&mut w, &payload).is_err()
+                {
+                    return;
+                }
+            }
+        });
+        clients.push(s);
+    }
+    let t0 = Instant::now();
+    let mut peak = 0;
+    let deadline = t0 + Duration::from_secs(45);
+    while !clients.iter().all(|c| wait_hung_up(c, Duration::ZERO)) {
+        assert!(Instant::now() < deadline, "clients that stopped reading were never disconnected");
+        peak = peak.max(rss(pid));
+        // Sampling the daemon's memory while it holds the clients.
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The reply timeout is 15 s; sampling and thread scheduling add a little.
+    assert!(t0.elapsed() < Duration::from_secs(25), "disconnected only after {:?}", t0.elapsed());
+    let held = peak.saturating_sub(base);
+    eprintln!("daemon RSS: base {} MiB, peak {} MiB, disconnected after {:?}", base >> 20, peak >> 20, t0.elapsed());
+    assert!(held < 2 * 64 * MIB + 48 * MIB, "two stalled clients held {} MiB", held >> 20);
+    // Still serving.
+    let out = Command::new("qemu-io").args(["-f", "raw", &uri, "-c", "read 0 4k"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Item: writes of a dead connection. Connection 1 sends large writes, a barrier and a 4 KiB
+/// write of A at X, then goes away; connection 2 writes B at X and gets its ack. Once the
+/// server let connection 1 go, X holds B, and connection 1's barrier never ran.
+#[test]
+fn a_dead_connections_writes_never_land_after_a_newer_connection() {
+    use colo_blk::nbd::wire::{CMD_COLO_BARRIER, CMD_WRITE};
+    let dir = tempfile::tempdir().unwrap();
+    let (sec, sdisk, nbd) = colo_secondary(dir.path(), "64M", None);
+    qmp(&sec, "replication-start", json!({"mode": "secondary"})).unwrap();
+    let uri = format!("nbd+unix:///?socket={}", nbd.display());
+    let x = 48 * MIB;
+    let (mut c1, info) = nbd_connect(&uri);
+    assert!(info.colo);
+    let big = vec![0x11u8; 32 << 20];
+    for h in 0..8 {
+        send_request(&mut c1, CMD_WRITE, h, 0, 32 << 20, &big);
+    }
+    send_request(&mut c1, CMD_COLO_BARRIER, 50, 1, 0, &[]);
+    send_request(&mut c1, CMD_WRITE, 51, x, 4096, &[0xAA; 4096]);
+    // Gone for the server (end of file after A), though this end could still read replies.
+    match &c1 {
+        colo_blk::nbd::server::Stream::Unix(u) => u.shutdown(std::net::Shutdown::Write).unwrap(),
+        colo_blk::nbd::server::Stream::Tcp(t) => t.shutdown(std::net::Shutdown::Write).unwrap(),
+    }
+    let (mut c2, _) = nbd_connect(&uri);
+    send_request(&mut c2, CMD_WRITE, 1, x, 4096, &[0xBB; 4096]);
+    assert_eq!(read_reply(&mut c2), (0, 1));
+    wait_until("connection 1 to be let go", || {
+        qmp(&sec, "query-replication", json!({})).unwrap()["nbd"]["clients"] == 1
+    });
+    assert_eq!(file_range(&sdisk, x, 4096), vec![0xBB; 4096], "a dead connection's write landed after a newer ack");
+    let q = qmp(&sec, "query-replication", json!({})).unwrap();
+    assert_eq!(q["colo"]["barriers"], 0, "a dead connection's barrier ran: {q}");
+    assert_eq!(q["colo"]["commits"], 0, "{q}");
+    // Connection 2 is served normally afterwards.
+    send_request(&mut c2, CMD_WRITE, 2, x + 4096, 4096, &[0xCC; 4096]);
+    assert_eq!(read_reply(&mut c2), (0, 2));
+}
