@@ -530,10 +530,10 @@ fn serve(a: ServeArgs) -> ExitCode {
                 if let Err(e) = apply_perms(addr, &socket_perms) {
                     return undo.fail(format!("--colo-hook: {e}"));
                 }
-                log::info!("COLO VM-stop hook listening on {} (export '{HOOK_EXPORT}')", show(addr))
+                log::info!("COLO VM-stop hook listening on {} (export '{HOOK_EXPORT}')", addr)
             }
             Err(e) => {
-                return undo.fail(format!("--colo-hook: cannot listen on {}: {e}", show(addr)));
+                return undo.fail(format!("--colo-hook: cannot listen on {}: {e}", addr));
             }
         }
     }
@@ -560,10 +560,10 @@ fn serve(a: ServeArgs) -> ExitCode {
                 sec.set_nbd_server(server)
             }
             Err(e) => {
-                return undo.fail(format!("--nbd-listen: cannot listen on {}: {e}", show(addr)));
+                return undo.fail(format!("--nbd-listen: cannot listen on {}: {e}", addr));
             }
         }
-        log::info!("NBD server for the primary listening on {} (export '{}')", show(addr), a.nbd_export);
+        log::info!("NBD server for the primary listening on {} (export '{}')", addr, a.nbd_export);
     }
     let bound = BoundSockets { vhost: vhost_listener, qmp: qmp_listener, owned: std::mem::take(&mut undo.sockets) };
     // The image locks live as long as the process; the daemon's shutdown exits the process.
@@ -574,14 +574,6 @@ fn serve(a: ServeArgs) -> ExitCode {
             eprintln!("colo-blk: {}", error_chain(&e));
             ExitCode::FAILURE
         }
-    }
-}
-
-/// An NBD address as people write it.
-fn show(addr: &NbdAddress) -> String {
-    match addr {
-        NbdAddress::Tcp(a) => a.clone(),
-        NbdAddress::Unix(p) => format!("unix:{}", p.display()),
     }
 }
 
