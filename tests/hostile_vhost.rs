@@ -9,6 +9,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use common::frontend::{BlkFrontend, EVENT_IDX, QSIZE, T_IN, T_OUT};
+use common::hostile::{RawFrontend, VERSION, req};
 use common::*;
 use vhost::VhostBackend;
 use vhost::vhost_user::VhostUserFrontend;
@@ -96,4 +97,36 @@ fn avail_index_far_ahead_breaks_the_queue_and_a_reset_recovers_it() {
     let mut fe = BlkFrontend::connect(&srv.socket);
     let r = fe.io(T_IN, 0, &[0u8; 4096]);
     assert_eq!((r.status, r.data == pattern(0, 4096, 1)), (0, true));
+}
+
+/// The daemon logs one of these when a frontend connection ends.
+const ENDED: [&str; 2] = ["frontend disconnected", "frontend connection ended"];
+
+/// A frontend that sends requests without reading the answers and then closes: the relay
+/// and the handler must not stay blocked writing to each other; the connection ends,
+/// `frontend-connected` goes false, and the next frontend is served.
+#[test]
+fn a_frontend_that_never_reads_answers_does_not_wedge_the_next_one() {
+    let mut srv = serve(tempfile::tempdir().unwrap());
+    let raw = RawFrontend::connect(&srv.socket);
+    raw.sock.set_write_timeout(Some(Duration::from_secs(1))).unwrap();
+    // GET_FEATURES until every buffer on the way is full: our writes then time out.
+    let mut sent = 0u32;
+    loop {
+        match raw.send(req::GET_FEATURES, VERSION, &[], &[]) {
+            Ok(()) => sent += 1,
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => break,
+            Err(e) => panic!("send: {e}"),
+        }
+        assert!(sent < 10_000_000, "the daemon keeps reading without answering?");
+    }
+    assert!(sent > 100, "only {sent} requests fit");
+    drop(raw);
+    srv.wait_log_any(&ENDED);
+    assert_eq!(srv.qmp_ok("query-block")["frontend-connected"], false);
+    let mut fe = BlkFrontend::connect(&srv.socket);
+    let w = fe.io(T_OUT, 8, &pattern(4096, 4096, 2));
+    assert_eq!(w.status, 0);
+    let r = fe.io(T_IN, 8, &[0u8; 4096]);
+    assert_eq!((r.status, r.data == pattern(4096, 4096, 2)), (0, true));
 }
