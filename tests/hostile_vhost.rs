@@ -8,11 +8,15 @@ mod common;
 use std::sync::mpsc;
 use std::time::Duration;
 
-use common::frontend::{BlkFrontend, EVENT_IDX, QSIZE, T_IN, T_OUT};
+use std::os::fd::{AsRawFd, FromRawFd};
+
+use common::frontend::{BlkFrontend, EVENT_IDX, QSIZE, SharedMem, T_IN, T_OUT};
 use common::hostile::{RawFrontend, VERSION, req};
 use common::*;
-use vhost::VhostBackend;
-use vhost::vhost_user::VhostUserFrontend;
+use vhost::vhost_user::message::{VhostUserHeaderFlag, VhostUserProtocolFeatures};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserDirtyLogRegion, VhostUserMemoryRegionInfo};
+use vmm_sys_util::eventfd::EventFd;
 
 /// How long a vhost-user answer may take before the test calls it a hang.
 const ANSWER: Duration = Duration::from_secs(10);
@@ -129,4 +133,155 @@ fn a_frontend_that_never_reads_answers_does_not_wedge_the_next_one() {
     assert_eq!(w.status, 0);
     let r = fe.io(T_IN, 8, &[0u8; 4096]);
     assert_eq!((r.status, r.data == pattern(4096, 4096, 2)), (0, true));
+}
+
+/// A vhost-user connection after the usual negotiation (no memory, no rings yet).
+fn negotiated(socket: &std::path::Path) -> Frontend {
+    let mut fe = Frontend::connect(socket, 1).expect("connect");
+    fe.set_owner().unwrap();
+    let offered = fe.get_features().unwrap();
+    fe.set_features(offered & ((1 << 32) | (1 << 30))).unwrap();
+    let pf = fe.get_protocol_features().unwrap();
+    fe.set_protocol_features(pf & (VhostUserProtocolFeatures::REPLY_ACK | VhostUserProtocolFeatures::LOG_SHMFD))
+        .unwrap();
+    fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+    fe
+}
+
+/// The connection was refused: a later request fails, the log says why, and the daemon
+/// serves the next frontend.
+fn assert_refused(srv: &mut Server, fe: Frontend, why: &str) {
+    srv.wait_log(why);
+    assert!(fe.get_features().is_err(), "connection still open after: {why}");
+    drop(fe);
+    let mut next = BlkFrontend::connect(&srv.socket);
+    assert_eq!(next.io(T_IN, 0, &[0u8; 512]).status, 0);
+}
+
+/// A memory region larger than its file would be mapped and SIGBUS the daemon at the first
+/// touch past the end: the relay refuses it.
+#[test]
+fn a_memory_region_larger_than_its_file_is_refused() {
+    let mut srv = serve(tempfile::tempdir().unwrap());
+    let fe = negotiated(&srv.socket);
+    let small = SharedMem::new(4096);
+    let region = VhostUserMemoryRegionInfo {
+        guest_phys_addr: 0,
+        memory_size: 8 << 20,
+        userspace_addr: small.addr(),
+        mmap_offset: 0,
+        mmap_handle: small.file.as_raw_fd(),
+    };
+    let _ = fe.set_mem_table(&[region]);
+    assert_refused(&mut srv, fe, "memory region 0: 8388608 bytes at offset 0 of a 4096-byte file");
+}
+
+/// The same for the dirty log (SET_LOG_BASE with a file smaller than `mmap_size`).
+#[test]
+fn a_dirty_log_larger_than_its_file_is_refused() {
+    let mut srv = serve(tempfile::tempdir().unwrap());
+    let fe = negotiated(&srv.socket);
+    let small = SharedMem::new(4096);
+    let region = VhostUserDirtyLogRegion { mmap_size: 1 << 20, mmap_offset: 0, mmap_handle: small.file.as_raw_fd() };
+    let _ = fe.set_log_base(0, Some(region));
+    assert_refused(&mut srv, fe, "dirty log: 1048576 bytes at offset 0 of a 4096-byte file");
+}
+
+/// A pipe as the kick descriptor would block the vring thread in an 8-byte read while it
+/// holds the vring lock: the relay accepts only eventfds.
+#[test]
+fn a_pipe_as_kick_descriptor_is_refused() {
+    let mut srv = serve(tempfile::tempdir().unwrap());
+    let fe = negotiated(&srv.socket);
+    let mut fds = [0; 2];
+    // SAFETY: a valid array for pipe2.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    // SAFETY: wraps the pipe's read end, owned from here on (EventFd closes it).
+    let pipe = unsafe { EventFd::from_raw_fd(fds[0]) };
+    // SAFETY: one byte into the write end, which is then closed.
+    unsafe {
+        libc::write(fds[1], b"x".as_ptr().cast(), 1);
+        libc::close(fds[1]);
+    }
+    let _ = fe.set_vring_num(0, 16);
+    let _ = fe.set_vring_kick(0, &pipe);
+    assert_refused(&mut srv, fe, "ring notifier is not an eventfd");
+}
+
+/// The inflight region colo-blk creates is sealed: the frontend cannot shrink it under the
+/// daemon's mapping (the next pop would SIGBUS the whole daemon).
+#[test]
+fn the_inflight_region_cannot_be_shrunk() {
+    let srv = serve(tempfile::tempdir().unwrap());
+    let mut fe = BlkFrontend::connect_inflight(&srv.socket);
+    let file = fe.inflight_file().expect("inflight region").try_clone().unwrap();
+    let len = file.metadata().unwrap().len();
+    let e = file.set_len(0).expect_err("the inflight memfd could be truncated");
+    assert_eq!(e.raw_os_error(), Some(libc::EPERM));
+    assert!(file.set_len(len + 4096).is_err(), "the inflight memfd could be grown");
+    let r = fe.io(T_IN, 0, &[0u8; 512]);
+    assert_eq!(r.status, 0);
+    assert!(srv.child.id() > 0 && srv.qmp_ok("query-block")["frontend-connected"] == true);
+}
+
+/// An indirect head whose table is refused goes back to the driver (used length 0) and so
+/// leaves the inflight region: after a daemon restart it is not resubmitted (the old code
+/// kept it in flight and walked a table of up to 2^28 entries at the reconnect).
+#[test]
+fn a_refused_indirect_head_is_answered_and_not_resubmitted_after_a_restart() {
+    let state = tempfile::tempdir().unwrap();
+    let socket = state.path().join("vhost.sock");
+    let disk = state.path().join("disk.img").display().to_string();
+    let args = ["--disk", disk.as_str(), "--size", "1M", "--num-queues", "1"];
+    let mut srv = Server::start_at(tempfile::tempdir().unwrap(), &socket, &args);
+    let mut fe = BlkFrontend::connect_inflight(&socket);
+    assert_eq!(fe.io(T_OUT, 0, &pattern(0, 4096, 7)).status, 0);
+    // Head 15: an indirect table of 2^28 - 1 entries whose first entry loops on itself.
+    let mut loop_desc = Vec::new();
+    loop_desc.extend_from_slice(&0x8000u64.to_le_bytes());
+    loop_desc.extend_from_slice(&16u32.to_le_bytes());
+    loop_desc.extend_from_slice(&1u16.to_le_bytes());
+    loop_desc.extend_from_slice(&0u16.to_le_bytes());
+    fe.poke(0x9000, &loop_desc);
+    fe.write_desc(15, 0x9000, 0xFFFF_FFF0, 4, 0);
+    let used = fe.used_idx();
+    fe.push_head(15);
+    fe.kick();
+    assert!(fe.wait_used(used.wrapping_add(1), ANSWER), "the refused head never came back");
+    assert_eq!(fe.used_entry(used), (15, 0));
+    // Crash and restart: nothing is left in flight.
+    srv.child.kill().unwrap();
+    srv.wait_exit();
+    let mut srv = Server::start_at(tempfile::tempdir().unwrap(), &socket, &args);
+    let mut fe = fe.reconnect(&socket);
+    let r = fe.io(T_IN, 0, &[0u8; 4096]);
+    assert_eq!((r.status, r.data == pattern(0, 4096, 7)), (0, true));
+    srv.wait_log("inflight tracking: restored region");
+    assert_eq!(count(&srv, "resubmitting"), 0, "{:?}", srv.log());
+}
+
+/// GET_INFLIGHT_FD is answered by the relay itself; its answer must not overtake the
+/// answers to requests pipelined before it.
+#[test]
+fn inflight_answers_keep_the_order_of_pipelined_requests() {
+    let srv = serve(tempfile::tempdir().unwrap());
+    let raw = RawFrontend::connect(&srv.socket);
+    raw.send(req::SET_OWNER, VERSION, &[], &[]).unwrap();
+    let pf = raw.get_u64(req::GET_PROTOCOL_FEATURES);
+    raw.set_u64(req::SET_PROTOCOL_FEATURES, VERSION, pf & (1 << 12)).unwrap();
+    let mut inflight = Vec::new();
+    inflight.extend_from_slice(&[0u8; 16]);
+    inflight.extend_from_slice(&1u16.to_le_bytes());
+    inflight.extend_from_slice(&16u16.to_le_bytes());
+    inflight.extend_from_slice(&[0u8; 4]);
+    for _ in 0..3 {
+        // Pipelined: the handler's answers and the relay's own, in request order.
+        raw.send(req::GET_FEATURES, VERSION, &[], &[]).unwrap();
+        raw.send(req::GET_PROTOCOL_FEATURES, VERSION, &[], &[]).unwrap();
+        raw.send(req::GET_INFLIGHT_FD, VERSION, &inflight, &[]).unwrap();
+        raw.send(req::GET_FEATURES, VERSION, &[], &[]).unwrap();
+        let got: Vec<u32> = (0..4).map(|_| raw.recv(ANSWER).expect("answer").0).collect();
+        assert_eq!(got, [req::GET_FEATURES, req::GET_PROTOCOL_FEATURES, req::GET_INFLIGHT_FD, req::GET_FEATURES]);
+    }
+    drop(srv);
 }

@@ -413,7 +413,13 @@ impl QueueWorker {
                             self.stats.record_dropped();
                         }
                     }
-                    None => self.stats.record_dropped(),
+                    None => {
+                        // Nowhere to put a status: the head still goes back to the driver
+                        // (used length 0), which also clears it from the inflight region, so
+                        // a reconnect does not resubmit it.
+                        self.stats.record_dropped();
+                        self.used(head, 0);
+                    }
                 }
                 return;
             }

@@ -447,6 +447,40 @@ impl BlkFrontend {
         self.mem.write_u16(AVAIL + 2, self.next_avail);
     }
 
+    /// The inflight region's descriptor the backend handed over (GET_INFLIGHT_FD).
+    pub fn inflight_file(&self) -> Option<&File> {
+        self.inflight.as_ref().map(|(_, f)| f)
+    }
+
+    /// Writes raw bytes into guest memory at `gpa`.
+    pub fn poke(&self, gpa: u64, data: &[u8]) {
+        self.mem.write(gpa, data);
+    }
+
+    /// Waits up to `timeout` for the used index to reach `idx`; returns whether it did.
+    pub fn wait_used(&self, idx: u16, timeout: Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        while self.mem.read_u16(USED + 2) != idx {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            let mut pfd = libc::pollfd { fd: self.call.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+            // SAFETY: one valid pollfd.
+            unsafe { libc::poll(&mut pfd, 1, left.as_millis().min(100) as i32) };
+            let _ = self.call.read();
+        }
+        true
+    }
+
+    /// The used ring entry at position `pos` (id, len).
+    pub fn used_entry(&self, pos: u16) -> (u32, u32) {
+        let e = USED + 4 + 8 * u64::from(pos % QSIZE);
+        let id = u32::from_le_bytes(self.mem.read(e, 4).try_into().unwrap());
+        let len = u32::from_le_bytes(self.mem.read(e + 4, 4).try_into().unwrap());
+        (id, len)
+    }
+
     /// The used index the backend published.
     pub fn used_idx(&self) -> u16 {
         self.mem.read_u16(USED + 2)
