@@ -285,3 +285,25 @@ fn inflight_answers_keep_the_order_of_pipelined_requests() {
     }
     drop(srv);
 }
+
+/// Any file where the handler socket used to be bound (`SOCKET.handler`, creatable by anyone
+/// in a shared directory) must not matter: the handler is reached privately.
+#[test]
+fn a_stray_file_next_to_the_socket_blocks_nothing() {
+    let srv = serve(tempfile::tempdir().unwrap());
+    let mut stray = srv.socket.clone().into_os_string();
+    stray.push(".handler");
+    std::fs::write(&stray, b"stray").unwrap();
+    for i in 0..2u32 {
+        let mut fe = BlkFrontend::connect(&srv.socket);
+        let w = fe.io(T_OUT, 0, &pattern(0, 4096, i));
+        assert_eq!(w.status, 0);
+        let r = fe.io(T_IN, 0, &[0u8; 4096]);
+        assert_eq!((r.status, r.data == pattern(0, 4096, i)), (0, true));
+    }
+    assert_eq!(std::fs::read(&stray).unwrap(), b"stray");
+    let mut names: Vec<String> =
+        std::fs::read_dir(srv.dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into()).collect();
+    names.sort();
+    assert_eq!(names, ["disk.img", "qmp.sock", "vhost.sock", "vhost.sock.handler"]);
+}
