@@ -166,7 +166,10 @@ impl Daemon {
             let frontend = match listener.accept() {
                 Ok((s, _)) => s,
                 Err(e) => {
-                    log::error!("accepting a frontend failed: {e}");
+                    static ACCEPT_FAILED: crate::vhost::ratelimit::LogLimit = crate::vhost::ratelimit::LogLimit::new();
+                    if ACCEPT_FAILED.allow() {
+                        log::error!("accepting a frontend failed: {e}");
+                    }
                     continue;
                 }
             };
@@ -185,7 +188,10 @@ impl Daemon {
                         .map_err(DaemonError::Resources)?
                 }
                 Err(e) => {
-                    log::error!("cannot start the request handler: {e}");
+                    static HANDLER_FAILED: crate::vhost::ratelimit::LogLimit = crate::vhost::ratelimit::LogLimit::new();
+                    if HANDLER_FAILED.allow() {
+                        log::error!("cannot start the request handler: {e}");
+                    }
                     continue;
                 }
             };

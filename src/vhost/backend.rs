@@ -291,7 +291,12 @@ impl VhostUserBackend for BlkBackend {
         // once makes sure a pop that raced with that has registered its request. The ring
         // the frontend starts next is a new one: a broken queue may run again.
         lock(&q.worker).reset_broken();
-        q.drain.wait_idle(&format!("stop queue {queue_index}"), DRAIN_TIMEOUT);
+        if !q.drain.wait_idle(&format!("stop queue {queue_index}"), DRAIN_TIMEOUT) {
+            // Answering would hand the frontend a ring index covering requests that have not
+            // completed; failing ends the connection instead (the frontend reconnects, and
+            // with inflight tracking resubmits them). The memory they use stays alive.
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "requests still in flight after the drain timeout"));
+        }
         Ok(())
     }
 

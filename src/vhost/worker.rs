@@ -5,6 +5,7 @@
 //! its own request slots, so queues never share a lock on the data path. Slots are indexed by
 //! the chain's head descriptor, which the driver cannot reuse while the request is in flight.
 
+use std::mem::ManuallyDrop;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -122,12 +123,15 @@ pub fn mark_written<B: Bitmap>(mem: &GuestMemoryMmap<B>, data: &[(GuestAddress, 
 /// The state of one queue's worker.
 pub struct QueueWorker {
     index: usize,
-    io: Box<dyn BlockQueue>,
+    /// Dropped only once nothing is in flight (see `Drop`).
+    io: ManuallyDrop<Box<dyn BlockQueue>>,
     shared: Arc<Shared>,
     mem: AtomicMem,
     stats: Arc<QueueStats>,
     drain: Arc<Drain>,
-    slots: Vec<Slot>,
+    /// Hold the scratch buffers and guest memory that I/O in flight points into; dropped
+    /// only once nothing is in flight (see `Drop`).
+    slots: ManuallyDrop<Vec<Slot>>,
     completions: Vec<Completion>,
     pending_used: Vec<(u16, u32)>,
     /// Requests finished whose used entries are in `pending_used`, not yet published.
@@ -144,6 +148,24 @@ pub struct QueueWorker {
     io_errors: LogLimit,
     /// Errors of the ring or the frontend's descriptors (memory gone, call fd refused).
     ring_errors: LogLimit,
+}
+
+impl Drop for QueueWorker {
+    fn drop(&mut self) {
+        let busy = self.slots.iter().filter(|s| s.busy).count();
+        if busy > 0 {
+            // The block layer may still write into these buffers and this guest memory
+            // (a drain that timed out): freeing them would be a use after free. They are
+            // leaked instead, with the queue that owns the operations.
+            log::error!("queue {}: {busy} requests still in flight at teardown; their memory is kept", self.index);
+            return;
+        }
+        // SAFETY: nothing is in flight, and neither field is used again.
+        unsafe {
+            ManuallyDrop::drop(&mut self.io);
+            ManuallyDrop::drop(&mut self.slots);
+        }
+    }
 }
 
 /// What one pop from the avail ring gave.
@@ -186,10 +208,10 @@ impl QueueWorker {
         stats: Arc<QueueStats>,
         drain: Arc<Drain>,
     ) -> Self {
-        let slots = (0..shared.cfg.queue_size).map(|_| Slot::default()).collect();
+        let slots = ManuallyDrop::new((0..shared.cfg.queue_size).map(|_| Slot::default()).collect());
         QueueWorker {
             index,
-            io,
+            io: ManuallyDrop::new(io),
             shared,
             mem,
             stats,
