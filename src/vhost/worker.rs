@@ -644,3 +644,71 @@ impl QueueWorker {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicBool;
+
+    use super::*;
+    use crate::block::IoEngineError;
+    use crate::vhost::DeviceConfig;
+
+    /// A block queue that records being dropped.
+    struct Tracked(Arc<AtomicBool>);
+
+    impl Drop for Tracked {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+
+    impl BlockQueue for Tracked {
+        unsafe fn push(&mut self, _op: &Op<'_>, _token: u64) -> Result<(), IoEngineError> {
+            Ok(())
+        }
+        fn submit(&mut self) -> Result<(), IoEngineError> {
+            Ok(())
+        }
+        fn reap(&mut self, _out: &mut Vec<Completion>) {}
+        fn notifier(&self) -> Option<std::os::fd::RawFd> {
+            None
+        }
+        fn clear_notifier(&self) {}
+    }
+
+    fn worker(dropped: &Arc<AtomicBool>) -> QueueWorker {
+        let cfg = DeviceConfig {
+            capacity_sectors: 2048,
+            block_size: 512,
+            read_only: false,
+            num_queues: 1,
+            queue_size: 4,
+            serial: "s".into(),
+        };
+        let shared = Arc::new(Shared::new(cfg, Arc::new(AtomicBool::new(false)), Duration::ZERO));
+        QueueWorker::new(
+            0,
+            Box::new(Tracked(dropped.clone())),
+            shared,
+            GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+            Arc::new(QueueStats::default()),
+            Arc::new(Drain::default()),
+        )
+    }
+
+    #[test]
+    fn teardown_keeps_the_queue_and_memory_of_requests_in_flight() {
+        let dropped = Arc::new(AtomicBool::new(false));
+        let mut w = worker(&dropped);
+        let mem: Arc<Mem> = Arc::new(GuestMemoryMmap::new());
+        w.slots[2].busy = true;
+        w.slots[2].mem = Some(mem.clone());
+        drop(w);
+        assert!(!dropped.load(Ordering::SeqCst), "block queue freed under I/O in flight");
+        assert_eq!(Arc::strong_count(&mem), 2, "guest memory released under I/O in flight");
+
+        let idle = Arc::new(AtomicBool::new(false));
+        drop(worker(&idle));
+        assert!(idle.load(Ordering::SeqCst), "an idle worker must free its queue");
+    }
+}
