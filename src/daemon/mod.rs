@@ -172,11 +172,8 @@ impl Daemon {
     }
 
     fn serve_loop(&self, listener: UnixListener) -> Result<(), DaemonError> {
-        // The handler's end of each connection is reached through a private socket next to
-        // the public one; the relay (vhost::proxy) sits between the two.
-        let mut inner_path = self.cfg.socket.clone().into_os_string();
-        inner_path.push(".handler");
-        let inner_path = std::path::PathBuf::from(inner_path);
+        // The relay (vhost::proxy) sits between the frontend and the handler; the handler's
+        // end is reached through a socket in a fresh private directory (`connect_handler`).
         let exit_events = ExitEvents::new(usize::from(self.cfg.device.num_queues)).map_err(DaemonError::Resources)?;
         loop {
             let shared = Arc::new(Shared::new(self.cfg.device.clone(), self.quiescing.clone(), self.cfg.poll));
@@ -197,11 +194,14 @@ impl Daemon {
             let frontend = match listener.accept() {
                 Ok((s, _)) => s,
                 Err(e) => {
-                    log::error!("accepting a frontend failed: {e}");
+                    static ACCEPT_FAILED: crate::vhost::ratelimit::LogLimit = crate::vhost::ratelimit::LogLimit::new();
+                    if ACCEPT_FAILED.allow() {
+                        log::error!("accepting a frontend failed: {e}");
+                    }
                     continue;
                 }
             };
-            let relay = match self.connect_handler(&mut daemon, &inner_path) {
+            let relay = match self.connect_handler(&mut daemon) {
                 Ok(handler_side) => {
                     let shape =
                         DeviceShape { num_queues: self.cfg.device.num_queues, queue_size: self.cfg.device.queue_size };
@@ -216,7 +216,10 @@ impl Daemon {
                         .map_err(DaemonError::Resources)?
                 }
                 Err(e) => {
-                    log::error!("cannot start the request handler: {e}");
+                    static HANDLER_FAILED: crate::vhost::ratelimit::LogLimit = crate::vhost::ratelimit::LogLimit::new();
+                    if HANDLER_FAILED.allow() {
+                        log::error!("cannot start the request handler: {e}");
+                    }
                     continue;
                 }
             };
@@ -245,24 +248,31 @@ impl Daemon {
         }
     }
 
-    /// Starts the vhost-user-backend handler on a private socket and returns our end of it.
+    /// Starts the vhost-user-backend handler and returns our end of its connection.
+    ///
+    /// vhost-user-backend 0.24 only takes a connection from a listener or a path, so a
+    /// listener is bound in a new private directory (mode 0700, random name), connected
+    /// to, and both names are removed before the handler accepts: no file near the public
+    /// socket is involved, and nobody else can reach the handler.
     fn connect_handler(
         &self,
         daemon: &mut VhostUserDaemon<Arc<BlkBackend>>,
-        path: &std::path::Path,
     ) -> Result<std::os::unix::net::UnixStream, DaemonError> {
-        let inner = sockets::bind_private(path)?;
-        let started = daemon
-            .start_client(&path.to_string_lossy())
-            .map_err(|e| DaemonError::Vhost(format!("cannot start the request handler: {e}")));
-        let accepted = started.and_then(|()| {
-            inner
-                .accept()
-                .map(|(s, _)| s)
-                .map_err(|source| DaemonError::Bind { path: path.display().to_string(), source })
+        let dir = private_dir().map_err(DaemonError::Resources)?;
+        let path = dir.join("handler.sock");
+        let bound = UnixListener::bind(&path).and_then(|l| {
+            let ours = std::os::unix::net::UnixStream::connect(&path)?;
+            Ok((l, ours))
         });
-        let _ = std::fs::remove_file(path);
-        accepted
+        let _ = std::fs::remove_file(&path);
+        let _ = std::fs::remove_dir(&dir);
+        let (listener, ours) =
+            bound.map_err(|source| DaemonError::Bind { path: path.display().to_string(), source })?;
+        let mut listener = vhost::vhost_user::Listener::from(listener);
+        daemon
+            .start(&mut listener)
+            .map_err(|e| DaemonError::Vhost(format!("cannot start the request handler: {e}")))?;
+        Ok(ours)
     }
 
     /// Stops taking requests, drains in-flight I/O, flushes the disk and exits the process.
@@ -375,6 +385,20 @@ impl QmpHandler for Daemon {
 
 fn generic(e: crate::replication::ReplicationError) -> QmpError {
     QmpError::Generic(e.0)
+}
+
+/// A new directory only this user can enter (mkdtemp: mode 0700, unpredictable name).
+fn private_dir() -> std::io::Result<PathBuf> {
+    use std::os::unix::ffi::OsStringExt;
+    let mut template = std::env::temp_dir().join("colo-blk-XXXXXX").into_os_string().into_vec();
+    template.push(0);
+    // SAFETY: `template` is a NUL-terminated buffer mkdtemp fills in place.
+    let p = unsafe { libc::mkdtemp(template.as_mut_ptr().cast()) };
+    if p.is_null() {
+        return Err(std::io::Error::last_os_error());
+    }
+    template.pop();
+    Ok(PathBuf::from(std::ffi::OsString::from_vec(template)))
 }
 
 pub use sockets::{OwnedSocket, SocketPerms, bind_owned, block_termination_signals, check_free};

@@ -18,6 +18,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier};
 
 use super::config::{DeviceConfig, WRITEBACK_OFFSET, writeback_mode};
+use super::ratelimit::LogLimit;
 use super::request::Limits;
 use super::worker::{AtomicMem, Drain, QueueWorker, Vring};
 use crate::block::{BlockDevice, BlockError};
@@ -240,6 +241,12 @@ impl VhostUserBackend for BlkBackend {
         DeviceConfig::protocol_features()
     }
 
+    fn reset_device(&self) {
+        for q in &self.queues {
+            lock(&q.worker).reset_broken();
+        }
+    }
+
     fn set_event_idx(&self, enabled: bool) {
         self.shared.event_idx.store(enabled, Ordering::Release);
     }
@@ -251,7 +258,10 @@ impl VhostUserBackend for BlkBackend {
     fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
         // Only the `writeback` byte is writable (virtio 1.2 §5.2.5).
         if offset != WRITEBACK_OFFSET || buf.len() != 1 {
-            log::warn!("refused config write of {} bytes at offset {offset}", buf.len());
+            static REFUSED: LogLimit = LogLimit::new();
+            if REFUSED.allow() {
+                log::warn!("refused config write of {} bytes at offset {offset}", buf.len());
+            }
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
         }
         self.shared.wce.store(if buf[0] != 0 { 2 } else { 1 }, Ordering::Release);
@@ -278,9 +288,15 @@ impl VhostUserBackend for BlkBackend {
             return Ok(());
         };
         // The handler marked the queue not ready before calling us; taking the worker lock
-        // once makes sure a pop that raced with that has registered its request.
-        drop(lock(&q.worker));
-        q.drain.wait_idle(&format!("stop queue {queue_index}"), DRAIN_TIMEOUT);
+        // once makes sure a pop that raced with that has registered its request. The ring
+        // the frontend starts next is a new one: a broken queue may run again.
+        lock(&q.worker).reset_broken();
+        if !q.drain.wait_idle(&format!("stop queue {queue_index}"), DRAIN_TIMEOUT) {
+            // Answering would hand the frontend a ring index covering requests that have not
+            // completed; failing ends the connection instead (the frontend reconnects, and
+            // with inflight tracking resubmits them). The memory they use stays alive.
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "requests still in flight after the drain timeout"));
+        }
         Ok(())
     }
 
@@ -297,7 +313,10 @@ impl VhostUserBackend for BlkBackend {
         } else if device_event == 0 {
             worker.process_queue(vring);
         } else {
-            log::warn!("queue {thread_id}: unexpected event {device_event}");
+            static UNEXPECTED: LogLimit = LogLimit::new();
+            if UNEXPECTED.allow() {
+                log::warn!("queue {thread_id}: unexpected event {device_event}");
+            }
         }
         Ok(())
     }

@@ -62,13 +62,27 @@ impl InflightRegion {
     pub fn create(num_queues: u16, queue_size: u16) -> io::Result<InflightRegion> {
         let len = usize::from(num_queues) * queue_region_size(queue_size);
         // SAFETY: plain syscall; the returned fd is owned by `file` below.
-        let fd = unsafe { libc::memfd_create(c"colo-blk-inflight".as_ptr(), libc::MFD_CLOEXEC) };
+        let fd =
+            unsafe { libc::memfd_create(c"colo-blk-inflight".as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
         if fd < 0 {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: fd is a fresh descriptor nobody else owns.
         let file = unsafe { File::from_raw_fd(fd) };
         file.set_len(len as u64)?;
+        // The frontend gets this descriptor: sealed, it cannot shrink the file under our
+        // mapping (a SIGBUS at the next pop) nor change the seals.
+        // SAFETY: plain fcntl on a descriptor `file` owns.
+        let rc = unsafe {
+            libc::fcntl(
+                file.as_raw_fd(),
+                libc::F_ADD_SEALS,
+                libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL,
+            )
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
         let r = Self::map(file, len, 0, num_queues, queue_size)?;
         for q in 0..num_queues {
             let base = usize::from(q) * queue_region_size(queue_size);
@@ -88,6 +102,15 @@ impl InflightRegion {
                 io::ErrorKind::InvalidInput,
                 format!("inflight region of {len} bytes, need {need}"),
             ));
+        }
+        // A region we created is sealed already; one the frontend made is sealed against
+        // shrinking where it allows it (best effort: QEMU seals its own).
+        // SAFETY: plain fcntl calls on a descriptor `file` owns.
+        unsafe {
+            let seals = libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS);
+            if seals >= 0 && seals & libc::F_SEAL_SHRINK == 0 {
+                libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_SHRINK);
+            }
         }
         let r = Self::map(file, len, offset, num_queues, queue_size)?;
         for q in 0..num_queues {
@@ -262,8 +285,9 @@ impl QueueInflight<'_> {
 
 /// Reads the descriptor chain of `head` from the descriptor table (what virtio-queue does
 /// when popping, for requests resubmitted after a reconnect): follows `next` and one level
-/// of indirect table, at most `queue_size` steps; stops at anything out of bounds (the
-/// request parser then refuses the short chain).
+/// of indirect table, at most `queue_size` steps in either; an indirect table longer than
+/// the queue (or not a whole number of descriptors) gives an empty chain; stops at anything
+/// out of bounds (the request parser then refuses the short chain).
 pub fn read_chain<M: GuestMemory + ?Sized>(mem: &M, table: u64, queue_size: u16, head: u16) -> Vec<Descriptor> {
     let read = |addr: u64| -> Option<Descriptor> {
         let mut b = [0u8; 16];
@@ -283,6 +307,11 @@ pub fn read_chain<M: GuestMemory + ?Sized>(mem: &M, table: u64, queue_size: u16,
         }
         let Some(d) = read(table + 16 * u64::from(idx)) else { break };
         if d.flags() & F_INDIRECT != 0 {
+            // As virtio-queue pops: a table of whole descriptors, and (virtio 1.2 §2.7.5.3.1)
+            // no chain longer than the queue. Anything else is refused here, not walked.
+            if d.len() % 16 != 0 || d.len() / 16 > u32::from(queue_size) || d.len() == 0 {
+                return Vec::new();
+            }
             let n = d.len() / 16;
             let mut i = 0u32;
             for _ in 0..n {
@@ -356,6 +385,30 @@ mod tests {
         assert_eq!(c.iter().map(|d| d.addr().0).collect::<Vec<_>>(), vec![0xa000, 0xb000]);
         // A loop stops after queue-size steps.
         put(0x1000, 0x8000, 16, F_NEXT, 0);
+        assert_eq!(read_chain(&mem, 0x1000, 8, 0).len(), 8);
+    }
+
+    #[test]
+    fn an_indirect_table_longer_than_the_queue_is_not_walked() {
+        use vm_memory::GuestMemoryMmap;
+        let mem: GuestMemoryMmap = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let put = |at: u64, addr: u64, len: u32, flags: u16, next: u16| {
+            let mut b = Vec::new();
+            b.extend_from_slice(&addr.to_le_bytes());
+            b.extend_from_slice(&len.to_le_bytes());
+            b.extend_from_slice(&flags.to_le_bytes());
+            b.extend_from_slice(&next.to_le_bytes());
+            mem.write_slice(&b, GuestAddress(at)).unwrap();
+        };
+        // A looping one-entry table claiming 2^28 - 1 entries, then 9 entries, then a
+        // table that is not a whole number of descriptors.
+        put(0x3000, 0xa000, 16, F_NEXT, 0);
+        for len in [0xFFFF_FFF0, 9 * 16, 20, 0] {
+            put(0x1000, 0x3000, len, F_INDIRECT, 0);
+            assert!(read_chain(&mem, 0x1000, 8, 0).is_empty(), "len {len}");
+        }
+        // A table of the queue's size that loops is walked at most that far.
+        put(0x1000, 0x3000, 8 * 16, F_INDIRECT, 0);
         assert_eq!(read_chain(&mem, 0x1000, 8, 0).len(), 8);
     }
 }

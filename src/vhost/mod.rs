@@ -5,6 +5,7 @@ pub mod backend;
 pub mod config;
 pub mod inflight;
 pub mod proxy;
+pub mod ratelimit;
 pub mod request;
 pub mod worker;
 

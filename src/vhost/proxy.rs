@@ -13,16 +13,26 @@
 //! Only control messages go through here; the data path (rings in shared memory, kick and
 //! call eventfds) never does.
 
+use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{FromRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use super::inflight::InflightRegion;
+use super::ratelimit::LogLimit;
 
+const GET_FEATURES: u32 = 1;
+const SET_MEM_TABLE: u32 = 5;
+const SET_LOG_BASE: u32 = 6;
+const SET_VRING_KICK: u32 = 12;
+const SET_VRING_CALL: u32 = 13;
+const SET_VRING_ERR: u32 = 14;
+const ADD_MEM_REG: u32 = 37;
 const GET_PROTOCOL_FEATURES: u32 = 15;
 const SET_PROTOCOL_FEATURES: u32 = 16;
 const GET_INFLIGHT_FD: u32 = 31;
@@ -32,6 +42,10 @@ const F_REPLY_ACK: u64 = 1 << 3;
 const HDR_VERSION: u32 = 0x1;
 const HDR_REPLY: u32 = 0x4;
 const HDR_NEED_REPLY: u32 = 0x8;
+/// A frontend that leaves answers unread this long (its socket buffer full) is dropped.
+const FRONTEND_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The handler may sit in `stop_vring` for the drain timeout before reading again.
+const HANDLER_WRITE_TIMEOUT: Duration = Duration::from_secs(super::backend::DRAIN_TIMEOUT.as_secs() + 15);
 /// Largest message accepted (the biggest real one, a full memory table, is ~ 300 bytes).
 const MAX_PAYLOAD: usize = 64 << 10;
 const MAX_FDS: usize = 32;
@@ -109,12 +123,46 @@ fn reply(request: u32, payload: Vec<u8>, fds: Vec<File>) -> Message {
     Message { request, flags: HDR_VERSION | HDR_REPLY, payload, fds }
 }
 
+/// What the answer thread does with the next GET_FEATURES answer of the handler.
+enum Pending {
+    /// The frontend asked: pass the answer on.
+    Pass,
+    /// The relay's barrier behind an inflight message: drop the handler's answer and send
+    /// this one (if any) in its place, so answers keep the order of the requests.
+    Answer(Option<Message>),
+}
+
+type PendingQueue = Arc<Mutex<VecDeque<Pending>>>;
+
+/// A message the relay refuses to pass on; the connection is closed.
+#[derive(Debug, thiserror::Error)]
+#[error("vhost-user message {request} refused: {why}")]
+struct Refused {
+    request: u32,
+    why: String,
+}
+
+fn refuse(request: u32, why: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, Refused { request, why })
+}
+
+fn shutdown_both(a: &UnixStream, b: &UnixStream) {
+    let _ = a.shutdown(std::net::Shutdown::Both);
+    let _ = b.shutdown(std::net::Shutdown::Both);
+}
+
 /// Relays one connection until either side closes it. `frontend` is the VMM's connection,
-/// `backend` the handler's.
+/// `backend` the handler's. Whichever side ends first ends the other (both sockets are shut
+/// down), and no write waits longer than its timeout, so a frontend that stops reading
+/// cannot wedge the relay and the handler against each other.
 pub fn relay(frontend: UnixStream, backend: UnixStream, shape: DeviceShape, slot: InflightSlot) -> io::Result<()> {
-    let to_frontend = Arc::new(Mutex::new(frontend.try_clone()?));
-    let (b_read, f_write) = (backend.try_clone()?, to_frontend.clone());
+    frontend.set_write_timeout(Some(FRONTEND_WRITE_TIMEOUT))?;
+    backend.set_write_timeout(Some(HANDLER_WRITE_TIMEOUT))?;
+    let pending: PendingQueue = Arc::default();
+    let (b_read, f_write, b_shut) = (backend.try_clone()?, frontend.try_clone()?, backend.try_clone()?);
+    let pending2 = pending.clone();
     // Backend -> frontend: answers (and the handler's own messages), patched where needed.
+    // The only writer to the frontend, so answers leave in the order the handler sent them.
     let answers = std::thread::Builder::new().name("vhost-relay".into()).spawn(move || -> io::Result<()> {
         let r = (|| {
             while let Some(mut m) = read_message(&b_read)? {
@@ -122,20 +170,30 @@ pub fn relay(frontend: UnixStream, backend: UnixStream, shape: DeviceShape, slot
                     let v = u64::from_le_bytes(m.payload[..8].try_into().unwrap_or_default()) | F_INFLIGHT_SHMFD;
                     m.payload = v.to_le_bytes().to_vec();
                 }
-                write_message(&f_write.lock().unwrap_or_else(|e| e.into_inner()), &m)?;
+                if m.request == GET_FEATURES && m.flags & HDR_REPLY != 0 {
+                    let next = pending2.lock().unwrap_or_else(|e| e.into_inner()).pop_front();
+                    match next {
+                        Some(Pending::Answer(None)) => continue,
+                        Some(Pending::Answer(Some(ours))) => m = ours,
+                        Some(Pending::Pass) | None => {}
+                    }
+                }
+                write_message(&f_write, &m)?;
             }
             Ok(())
         })();
-        // The handler ended the connection: end the frontend's side too.
-        let _ = f_write.lock().unwrap_or_else(|e| e.into_inner()).shutdown(std::net::Shutdown::Both);
+        // The handler ended the connection, or the frontend stopped taking answers: end
+        // both sides, which wakes the forwarding loop and the handler.
+        shutdown_both(&f_write, &b_shut);
         r
     })?;
     let mut reply_ack = false;
+    let inflight_log = LogLimit::new();
     let result = (|| -> io::Result<()> {
         while let Some(mut m) = read_message(&frontend)? {
             match m.request {
                 GET_INFLIGHT_FD | SET_INFLIGHT_FD => {
-                    let answer = inflight_message(&mut m, shape, &slot);
+                    let answer = inflight_message(&mut m, shape, &slot, &inflight_log);
                     let needs_ack = m.request == SET_INFLIGHT_FD && reply_ack && m.flags & HDR_NEED_REPLY != 0;
                     let out = match (m.request, answer) {
                         (GET_INFLIGHT_FD, Ok(Some(r))) => Some(r),
@@ -150,9 +208,12 @@ pub fn relay(frontend: UnixStream, backend: UnixStream, shape: DeviceShape, slot
                         }
                         _ => None,
                     };
-                    if let Some(out) = out {
-                        write_message(&to_frontend.lock().unwrap_or_else(|e| e.into_inner()), &out)?;
-                    }
+                    // The answer goes out behind the answers to every earlier message: a
+                    // GET_FEATURES barrier through the handler, whose answer it replaces.
+                    pending.lock().unwrap_or_else(|e| e.into_inner()).push_back(Pending::Answer(out));
+                    let barrier =
+                        Message { request: GET_FEATURES, flags: HDR_VERSION, payload: Vec::new(), fds: Vec::new() };
+                    write_message(&backend, &barrier)?;
                     continue;
                 }
                 SET_PROTOCOL_FEATURES if m.payload.len() == 8 => {
@@ -160,23 +221,94 @@ pub fn relay(frontend: UnixStream, backend: UnixStream, shape: DeviceShape, slot
                     reply_ack = v & F_REPLY_ACK != 0;
                     m.payload = (v & !F_INFLIGHT_SHMFD).to_le_bytes().to_vec();
                 }
-                _ => {}
+                GET_FEATURES => pending.lock().unwrap_or_else(|e| e.into_inner()).push_back(Pending::Pass),
+                _ => check_message(&m)?,
             }
             write_message(&backend, &m)?;
         }
         Ok(())
     })();
     // Either side ended: end the other, so both threads and the handler return.
-    let _ = backend.shutdown(std::net::Shutdown::Both);
-    let _ = frontend.shutdown(std::net::Shutdown::Both);
+    shutdown_both(&frontend, &backend);
     let _ = answers.join();
+    if let Err(e) = &result
+        && e.get_ref().is_some_and(|i| i.is::<Refused>())
+    {
+        static REFUSED: LogLimit = LogLimit::new();
+        if REFUSED.allow() {
+            log::error!("{e}; connection closed");
+        }
+    }
     result
 }
 
+/// Checks what the dependencies would map or read without checking: memory regions and the
+/// dirty log must lie inside their files (a shorter file means SIGBUS on first touch), and
+/// kick/call/err descriptors must be eventfds (a pipe would block the vring thread in an
+/// 8-byte read).
+pub fn check_message_parts(request: u32, payload: &[u8], fds: &[File]) -> Result<(), String> {
+    let u64_at = |off: usize| payload.get(off..off + 8).map(|b| u64::from_le_bytes(b.try_into().unwrap_or_default()));
+    let fits = |fd: &File, offset: u64, size: u64| -> Result<(), String> {
+        let len = fd.metadata().map_err(|e| format!("fstat: {e}"))?.len();
+        match offset.checked_add(size) {
+            Some(end) if end <= len => Ok(()),
+            _ => Err(format!("{size} bytes at offset {offset} of a {len}-byte file")),
+        }
+    };
+    match request {
+        SET_MEM_TABLE => {
+            let n = payload.get(0..4).map_or(0, |b| u32::from_le_bytes(b.try_into().unwrap_or_default())) as usize;
+            for (i, fd) in fds.iter().enumerate().take(n) {
+                let base = 8 + i * 32;
+                let (Some(size), Some(offset)) = (u64_at(base + 8), u64_at(base + 24)) else {
+                    return Err("memory table shorter than its region count".into());
+                };
+                fits(fd, offset, size).map_err(|e| format!("memory region {i}: {e}"))?;
+            }
+            Ok(())
+        }
+        ADD_MEM_REG => {
+            let (Some(size), Some(offset), Some(fd)) = (u64_at(16), u64_at(32), fds.first()) else {
+                return Ok(());
+            };
+            fits(fd, offset, size).map_err(|e| format!("memory region: {e}"))
+        }
+        SET_LOG_BASE => {
+            let (Some(size), Some(offset), Some(fd)) = (u64_at(0), u64_at(8), fds.first()) else {
+                return Ok(());
+            };
+            fits(fd, offset, size).map_err(|e| format!("dirty log: {e}"))
+        }
+        SET_VRING_KICK | SET_VRING_CALL | SET_VRING_ERR => match fds.first() {
+            Some(fd) if !is_eventfd(fd) => Err("ring notifier is not an eventfd".into()),
+            _ => Ok(()),
+        },
+        _ => Ok(()),
+    }
+}
+
+fn check_message(m: &Message) -> io::Result<()> {
+    check_message_parts(m.request, &m.payload, &m.fds).map_err(|why| refuse(m.request, why))
+}
+
+/// True when `fd` is an eventfd (an anonymous inode named so).
+fn is_eventfd(fd: &File) -> bool {
+    std::fs::read_link(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(fd)))
+        .is_ok_and(|p| p.as_os_str() == "anon_inode:[eventfd]")
+}
+
 /// Handles GET/SET_INFLIGHT_FD; returns the answer for GET.
-fn inflight_message(m: &mut Message, shape: DeviceShape, slot: &InflightSlot) -> io::Result<Option<Message>> {
+/// `log` limits the lines of one connection (a frontend may send as many as it likes).
+fn inflight_message(
+    m: &mut Message,
+    shape: DeviceShape,
+    slot: &InflightSlot,
+    log: &LogLimit,
+) -> io::Result<Option<Message>> {
     if m.payload.len() < INFLIGHT_MIN {
-        log::warn!("vhost-user: inflight message of {} bytes refused", m.payload.len());
+        if log.allow() {
+            log::warn!("vhost-user: inflight message of {} bytes refused", m.payload.len());
+        }
         return Err(io::Error::from_raw_os_error(libc::EINVAL));
     }
     let p = &m.payload;
@@ -185,14 +317,18 @@ fn inflight_message(m: &mut Message, shape: DeviceShape, slot: &InflightSlot) ->
     let num_queues = u16::from_le_bytes([p[16], p[17]]);
     let queue_size = u16::from_le_bytes([p[18], p[19]]);
     if num_queues == 0 || num_queues > shape.num_queues || queue_size == 0 || queue_size > shape.queue_size {
-        log::warn!("vhost-user: inflight region for {num_queues} queues of {queue_size} refused");
+        if log.allow() {
+            log::warn!("vhost-user: inflight region for {num_queues} queues of {queue_size} refused");
+        }
         return Err(io::Error::from_raw_os_error(libc::EINVAL));
     }
     let region = if m.request == GET_INFLIGHT_FD {
         InflightRegion::create(num_queues, queue_size)
     } else {
         let Some(file) = m.fds.pop() else {
-            log::warn!("vhost-user: SET_INFLIGHT_FD without a descriptor");
+            if log.allow() {
+                log::warn!("vhost-user: SET_INFLIGHT_FD without a descriptor");
+            }
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
         };
         InflightRegion::open(file, size, offset, num_queues, queue_size)
@@ -200,15 +336,19 @@ fn inflight_message(m: &mut Message, shape: DeviceShape, slot: &InflightSlot) ->
     let region = match region {
         Ok(r) => Arc::new(r),
         Err(e) => {
-            log::warn!("vhost-user: inflight region unusable: {e}");
+            if log.allow() {
+                log::warn!("vhost-user: inflight region unusable: {e}");
+            }
             return Err(e);
         }
     };
-    log::info!(
-        "inflight tracking: {} region for {num_queues} queues of {queue_size} ({} bytes)",
-        if m.request == GET_INFLIGHT_FD { "new" } else { "restored" },
-        region.len()
-    );
+    if log.allow() {
+        log::info!(
+            "inflight tracking: {} region for {num_queues} queues of {queue_size} ({} bytes)",
+            if m.request == GET_INFLIGHT_FD { "new" } else { "restored" },
+            region.len()
+        );
+    }
     *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(region.clone());
     if m.request != GET_INFLIGHT_FD {
         return Ok(None);

@@ -5,6 +5,7 @@
 //! its own request slots, so queues never share a lock on the data path. Slots are indexed by
 //! the chain's head descriptor, which the driver cannot reuse while the request is in flight.
 
+use std::mem::ManuallyDrop;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -12,12 +13,13 @@ use std::time::{Duration, Instant};
 use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
-use virtio_queue::QueueT;
+use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::bitmap::Bitmap;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::backend::Shared;
 use super::inflight::{InflightRegion, read_chain};
+use super::ratelimit::LogLimit;
 use super::request::{self, ID_LEN, Request, RequestKind, Scratch};
 use crate::block::{BlockQueue, Completion, Op};
 use crate::stats::{OpClass, QueueStats};
@@ -107,18 +109,6 @@ struct Slot {
 // only used by the thread that owns the worker (the Mutex around the worker serialises access).
 unsafe impl Send for Slot {}
 
-/// Limits the log lines a misbehaving guest can cause.
-#[derive(Debug, Default)]
-struct LogBudget(u64);
-
-impl LogBudget {
-    /// True for the first 20 events, then every 1000th.
-    fn allow(&mut self) -> bool {
-        self.0 += 1;
-        self.0 <= 20 || self.0.is_multiple_of(1000)
-    }
-}
-
 /// Marks the guest pages behind `data` dirty in the memory's log bitmap. Needed for every
 /// buffer the kernel (io_uring, preadv) filled directly, because only writes made through
 /// vm-memory are logged automatically.
@@ -133,12 +123,15 @@ pub fn mark_written<B: Bitmap>(mem: &GuestMemoryMmap<B>, data: &[(GuestAddress, 
 /// The state of one queue's worker.
 pub struct QueueWorker {
     index: usize,
-    io: Box<dyn BlockQueue>,
+    /// Dropped only once nothing is in flight (see `Drop`).
+    io: ManuallyDrop<Box<dyn BlockQueue>>,
     shared: Arc<Shared>,
     mem: AtomicMem,
     stats: Arc<QueueStats>,
     drain: Arc<Drain>,
-    slots: Vec<Slot>,
+    /// Hold the scratch buffers and guest memory that I/O in flight points into; dropped
+    /// only once nothing is in flight (see `Drop`).
+    slots: ManuallyDrop<Vec<Slot>>,
     completions: Vec<Completion>,
     pending_used: Vec<(u16, u32)>,
     /// Requests finished whose used entries are in `pending_used`, not yet published.
@@ -147,8 +140,62 @@ pub struct QueueWorker {
     inflight: Option<Arc<InflightRegion>>,
     /// Orders pops in the inflight region.
     inflight_counter: u64,
-    bad_input: LogBudget,
-    io_errors: LogBudget,
+    /// Set when the ring itself is unusable (virtio 1.2 §2.1.2: the device stops using a
+    /// queue it found in an inconsistent state); cleared when the frontend stops the ring
+    /// (GET_VRING_BASE) or resets the device, and a new connection starts afresh.
+    broken: bool,
+    bad_input: LogLimit,
+    io_errors: LogLimit,
+    /// Errors of the ring or the frontend's descriptors (memory gone, call fd refused).
+    ring_errors: LogLimit,
+}
+
+impl Drop for QueueWorker {
+    fn drop(&mut self) {
+        let busy = self.slots.iter().filter(|s| s.busy).count();
+        if busy > 0 {
+            // The block layer may still write into these buffers and this guest memory
+            // (a drain that timed out): freeing them would be a use after free. They are
+            // leaked instead, with the queue that owns the operations.
+            log::error!("queue {}: {busy} requests still in flight at teardown; their memory is kept", self.index);
+            return;
+        }
+        // SAFETY: nothing is in flight, and neither field is used again.
+        unsafe {
+            ManuallyDrop::drop(&mut self.io);
+            ManuallyDrop::drop(&mut self.slots);
+        }
+    }
+}
+
+/// What one pop from the avail ring gave.
+enum Pop<'a> {
+    Chain(virtio_queue::DescriptorChain<&'a Mem>),
+    Empty,
+    /// The ring is inconsistent (avail index too far ahead, ring not readable).
+    Broken(String),
+}
+
+/// Pops one chain. Unlike `pop_descriptor_chain` (which logs and returns nothing on an
+/// error, so a caller retrying on "there is more" spins), a ring error is reported.
+fn pop<'a>(q: &mut virtio_queue::Queue, mem: &'a Mem) -> Pop<'a> {
+    // Read first: a driver only moves the index forward, so if this read already shows
+    // work, an empty iterator below means a failure, not a race with the driver.
+    let idx = match q.avail_idx(mem, Ordering::Acquire) {
+        Ok(i) => i.0,
+        Err(e) => return Pop::Broken(format!("avail index unreadable: {e}")),
+    };
+    if idx == q.next_avail() {
+        return Pop::Empty;
+    }
+    let chain = match q.iter(mem) {
+        Ok(mut it) => it.next(),
+        Err(e) => return Pop::Broken(e.to_string()),
+    };
+    match chain {
+        Some(c) => Pop::Chain(c),
+        None => Pop::Broken(format!("avail entry {} unreadable", q.next_avail())),
+    }
 }
 
 impl QueueWorker {
@@ -161,10 +208,10 @@ impl QueueWorker {
         stats: Arc<QueueStats>,
         drain: Arc<Drain>,
     ) -> Self {
-        let slots = (0..shared.cfg.queue_size).map(|_| Slot::default()).collect();
+        let slots = ManuallyDrop::new((0..shared.cfg.queue_size).map(|_| Slot::default()).collect());
         QueueWorker {
             index,
-            io,
+            io: ManuallyDrop::new(io),
             shared,
             mem,
             stats,
@@ -175,14 +222,43 @@ impl QueueWorker {
             finished: 0,
             inflight: None,
             inflight_counter: 1,
-            bad_input: LogBudget::default(),
-            io_errors: LogBudget::default(),
+            broken: false,
+            bad_input: LogLimit::new(),
+            io_errors: LogLimit::new(),
+            ring_errors: LogLimit::new(),
         }
     }
 
     /// The block queue's completion notifier, to register on this worker's epoll.
     pub fn notifier(&self) -> Option<std::os::fd::RawFd> {
         self.io.notifier()
+    }
+
+    /// True once the ring was found inconsistent and the worker stopped using it.
+    pub fn broken(&self) -> bool {
+        self.broken
+    }
+
+    /// The frontend stopped the ring (GET_VRING_BASE) or reset the device: the ring it
+    /// starts next is a new one, so a broken queue may be used again.
+    pub fn reset_broken(&mut self) {
+        if std::mem::take(&mut self.broken) {
+            log::info!("queue {}: reset by the frontend; usable again", self.index);
+        }
+    }
+
+    fn mark_broken(&mut self, why: &str) {
+        if self.broken {
+            return;
+        }
+        self.broken = true;
+        self.stats.record_dropped();
+        if self.ring_errors.allow() {
+            log::error!(
+                "queue {}: {why}; the queue is broken and stays stopped until the frontend resets it",
+                self.index
+            );
+        }
     }
 
     /// Handles a kick: pops every available chain, submits, and completes what is done.
@@ -209,7 +285,7 @@ impl QueueWorker {
             return;
         }
         let mem = self.mem.memory();
-        while self.drain.inflight() == 0 && !self.shared.quiescing() {
+        while self.drain.inflight() == 0 && !self.shared.quiescing() && !self.broken {
             let start = Instant::now();
             let _ = vring.disable_notification();
             let found = loop {
@@ -273,33 +349,45 @@ impl QueueWorker {
         self.sync_inflight(vring, &mem);
         let event_idx = self.shared.event_idx();
         loop {
-            if event_idx && let Err(e) = vring.disable_notification() {
+            if event_idx
+                && let Err(e) = vring.disable_notification()
+                && self.ring_errors.allow()
+            {
                 log::error!("queue {}: cannot disable notifications: {e}", self.index);
             }
             loop {
-                if self.shared.quiescing() {
+                if self.shared.quiescing() || self.broken {
                     break;
                 }
-                let chain = {
+                let popped = {
                     let mut state = vring.get_mut();
                     let q = state.get_queue_mut();
-                    if !q.ready() { None } else { q.pop_descriptor_chain(&*mem) }
+                    if !q.ready() { Pop::Empty } else { pop(q, &mem) }
                 };
-                let Some(chain) = chain else { break };
-                let head = chain.head_index();
-                self.start(head, chain, &mem);
+                match popped {
+                    Pop::Chain(chain) => {
+                        let head = chain.head_index();
+                        self.start(head, chain, &mem);
+                    }
+                    Pop::Empty => break,
+                    Pop::Broken(why) => self.mark_broken(&why),
+                }
             }
-            if let Err(e) = self.io.submit() {
+            if let Err(e) = self.io.submit()
+                && self.io_errors.allow()
+            {
                 log::error!("queue {}: submit failed: {e}", self.index);
             }
-            if !event_idx || self.shared.quiescing() {
+            if !event_idx || self.shared.quiescing() || self.broken {
                 break;
             }
             match vring.enable_notification() {
                 Ok(true) => continue,
                 Ok(false) => break,
                 Err(e) => {
-                    log::error!("queue {}: cannot enable notifications: {e}", self.index);
+                    if self.ring_errors.allow() {
+                        log::error!("queue {}: cannot enable notifications: {e}", self.index);
+                    }
                     break;
                 }
             }
@@ -312,7 +400,9 @@ impl QueueWorker {
         I: Iterator<Item = virtio_queue::desc::split::Descriptor>,
     {
         let Some(slot) = self.slots.get_mut(usize::from(head)) else {
-            log::error!("queue {}: head {head} beyond queue size; dropped", self.index);
+            if self.bad_input.allow() {
+                log::error!("queue {}: head {head} beyond queue size; dropped", self.index);
+            }
             self.stats.record_dropped();
             return;
         };
@@ -345,7 +435,13 @@ impl QueueWorker {
                             self.stats.record_dropped();
                         }
                     }
-                    None => self.stats.record_dropped(),
+                    None => {
+                        // Nowhere to put a status: the head still goes back to the driver
+                        // (used length 0), which also clears it from the inflight region, so
+                        // a reconnect does not resubmit it.
+                        self.stats.record_dropped();
+                        self.used(head, 0);
+                    }
                 }
                 return;
             }
@@ -370,6 +466,8 @@ impl QueueWorker {
     fn submit_request(&mut self, head: u16, req: &Request, mem: &Arc<Mem>) {
         let writeback = self.shared.writeback();
         let slot = &mut self.slots[usize::from(head)];
+        let index = self.index;
+        let io_errors = &self.io_errors;
         let push = |io: &mut Box<dyn BlockQueue>, slot: &mut Slot, op: &Op<'_>| {
             // SAFETY: the iovecs live in `slot.scratch` and point into guest memory held alive
             // by `slot.mem`; neither changes until the slot's completions are reaped in
@@ -377,7 +475,9 @@ impl QueueWorker {
             match unsafe { io.push(op, u64::from(head)) } {
                 Ok(()) => slot.pending += 1,
                 Err(e) => {
-                    log::error!("queue: cannot queue I/O: {e}");
+                    if io_errors.allow() {
+                        log::error!("queue {index}: cannot queue I/O: {e}");
+                    }
                     slot.status = VIRTIO_BLK_S_IOERR as u8;
                 }
             }
@@ -452,7 +552,9 @@ impl QueueWorker {
                 continue;
             };
             if !slot.busy || slot.pending == 0 {
-                log::error!("queue {}: completion for idle slot {head}", self.index);
+                if self.io_errors.allow() {
+                    log::error!("queue {}: completion for idle slot {head}", self.index);
+                }
                 continue;
             }
             if c.result < 0 {
@@ -487,7 +589,7 @@ impl QueueWorker {
             // COLO. Marked at completion, once the data is really there.
             mark_written(&*mem, &slot.scratch.data);
         }
-        if mem.write_obj(slot.status, slot.status_addr).is_err() {
+        if mem.write_obj(slot.status, slot.status_addr).is_err() && self.ring_errors.allow() {
             log::error!("queue {}: status byte of head {head} no longer in guest memory", self.index);
         }
         let class = match kind {
@@ -522,7 +624,9 @@ impl QueueWorker {
             if let Some(q) = inflight {
                 q.before_used(head);
             }
-            if let Err(e) = state.add_used(head, len) {
+            if let Err(e) = state.add_used(head, len)
+                && self.ring_errors.allow()
+            {
                 log::error!("queue {}: cannot add used entry {head}: {e}", self.index);
             }
             if let Some(q) = inflight {
@@ -532,8 +636,79 @@ impl QueueWorker {
         self.pending_used.clear();
         self.drain.end(std::mem::take(&mut self.finished));
         let notify = if self.shared.event_idx() { state.needs_notification().unwrap_or(true) } else { true };
-        if notify && let Err(e) = state.signal_used_queue() {
+        if notify
+            && let Err(e) = state.signal_used_queue()
+            && self.ring_errors.allow()
+        {
             log::error!("queue {}: cannot signal the driver: {e}", self.index);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicBool;
+
+    use super::*;
+    use crate::block::IoEngineError;
+    use crate::vhost::DeviceConfig;
+
+    /// A block queue that records being dropped.
+    struct Tracked(Arc<AtomicBool>);
+
+    impl Drop for Tracked {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+
+    impl BlockQueue for Tracked {
+        unsafe fn push(&mut self, _op: &Op<'_>, _token: u64) -> Result<(), IoEngineError> {
+            Ok(())
+        }
+        fn submit(&mut self) -> Result<(), IoEngineError> {
+            Ok(())
+        }
+        fn reap(&mut self, _out: &mut Vec<Completion>) {}
+        fn notifier(&self) -> Option<std::os::fd::RawFd> {
+            None
+        }
+        fn clear_notifier(&self) {}
+    }
+
+    fn worker(dropped: &Arc<AtomicBool>) -> QueueWorker {
+        let cfg = DeviceConfig {
+            capacity_sectors: 2048,
+            block_size: 512,
+            read_only: false,
+            num_queues: 1,
+            queue_size: 4,
+            serial: "s".into(),
+        };
+        let shared = Arc::new(Shared::new(cfg, Arc::new(AtomicBool::new(false)), Duration::ZERO));
+        QueueWorker::new(
+            0,
+            Box::new(Tracked(dropped.clone())),
+            shared,
+            GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+            Arc::new(QueueStats::default()),
+            Arc::new(Drain::default()),
+        )
+    }
+
+    #[test]
+    fn teardown_keeps_the_queue_and_memory_of_requests_in_flight() {
+        let dropped = Arc::new(AtomicBool::new(false));
+        let mut w = worker(&dropped);
+        let mem: Arc<Mem> = Arc::new(GuestMemoryMmap::new());
+        w.slots[2].busy = true;
+        w.slots[2].mem = Some(mem.clone());
+        drop(w);
+        assert!(!dropped.load(Ordering::SeqCst), "block queue freed under I/O in flight");
+        assert_eq!(Arc::strong_count(&mem), 2, "guest memory released under I/O in flight");
+
+        let idle = Arc::new(AtomicBool::new(false));
+        drop(worker(&idle));
+        assert!(idle.load(Ordering::SeqCst), "an idle worker must free its queue");
     }
 }

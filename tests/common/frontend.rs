@@ -39,6 +39,13 @@ pub const LOG_ALL: u64 = 1 << 26;
 const DESC_NEXT: u16 = 1;
 const DESC_WRITE: u16 = 2;
 
+/// VIRTIO_RING_F_EVENT_IDX.
+pub const EVENT_IDX: u64 = 1 << 29;
+/// Guest physical address of the avail ring (queue 0).
+pub const AVAIL_GPA: u64 = AVAIL;
+/// Guest physical address of the descriptor table (queue 0).
+pub const DESC_GPA: u64 = DESC;
+
 /// virtio-blk request types.
 pub const T_IN: u32 = 0;
 /// Write.
@@ -155,11 +162,15 @@ impl BlkFrontend {
     }
 
     fn handshake(socket: &Path, inflight: bool) -> (Frontend, u64) {
+        Self::handshake_features(socket, inflight, 0)
+    }
+
+    fn handshake_features(socket: &Path, inflight: bool, extra: u64) -> (Frontend, u64) {
         let mut fe = Frontend::connect(socket, 16).expect("vhost-user connect");
         fe.set_owner().unwrap();
         let offered = fe.get_features().unwrap();
         assert!(offered & LOG_ALL != 0, "backend does not offer VHOST_F_LOG_ALL");
-        let features = offered & (VIRTIO_F_VERSION_1 | PROTOCOL_FEATURES);
+        let features = offered & (VIRTIO_F_VERSION_1 | PROTOCOL_FEATURES | extra);
         fe.set_features(features).unwrap();
         let pf = fe.get_protocol_features().unwrap();
         assert!(pf.contains(VhostUserProtocolFeatures::LOG_SHMFD), "backend lacks LOG_SHMFD");
@@ -207,7 +218,17 @@ impl BlkFrontend {
     }
 
     fn connect_with(socket: &Path, inflight: bool) -> BlkFrontend {
-        let (mut fe, features) = Self::handshake(socket, inflight);
+        Self::connect_full(socket, inflight, 0)
+    }
+
+    /// Like [`connect`], also negotiating the virtio feature bits `extra` (those the backend
+    /// offers), e.g. [`EVENT_IDX`].
+    pub fn connect_features(socket: &Path, extra: u64) -> BlkFrontend {
+        Self::connect_full(socket, false, extra)
+    }
+
+    fn connect_full(socket: &Path, inflight: bool, extra: u64) -> BlkFrontend {
+        let (mut fe, features) = Self::handshake_features(socket, inflight, extra);
         let inflight = inflight.then(|| {
             let (info, file) = fe.get_inflight_fd(&VhostUserInflight::new(0, 0, 1, QSIZE)).expect("GET_INFLIGHT_FD");
             assert!(info.mmap_size > 0, "no inflight region");
@@ -392,5 +413,86 @@ impl BlkFrontend {
     pub fn logged(&self, gpa: u64) -> bool {
         let page = gpa / PAGE;
         self.log.read(page / 8, 1)[0] & (1 << (page % 8)) != 0
+    }
+}
+
+/// Raw ring access for hostile-guest tests.
+impl BlkFrontend {
+    /// The driver's next avail index (what it published last).
+    pub fn avail_idx(&self) -> u16 {
+        self.next_avail
+    }
+
+    /// Publishes `idx` as the avail index without adding entries (a buggy or hostile guest).
+    pub fn publish_avail_idx(&self, idx: u16) {
+        fence(Ordering::Release);
+        self.mem.write_u16(AVAIL + 2, idx);
+    }
+
+    /// Writes descriptor `i` of the table.
+    pub fn write_desc(&self, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        let mut d = Vec::with_capacity(16);
+        d.extend_from_slice(&addr.to_le_bytes());
+        d.extend_from_slice(&len.to_le_bytes());
+        d.extend_from_slice(&flags.to_le_bytes());
+        d.extend_from_slice(&next.to_le_bytes());
+        self.mem.write(DESC + u64::from(i) * 16, &d);
+    }
+
+    /// Places head `head` in the avail ring and publishes it (not kicked).
+    pub fn push_head(&mut self, head: u16) {
+        self.mem.write_u16(AVAIL + 4 + 2 * u64::from(self.next_avail % QSIZE), head);
+        fence(Ordering::Release);
+        self.next_avail = self.next_avail.wrapping_add(1);
+        self.mem.write_u16(AVAIL + 2, self.next_avail);
+    }
+
+    /// The inflight region's descriptor the backend handed over (GET_INFLIGHT_FD).
+    pub fn inflight_file(&self) -> Option<&File> {
+        self.inflight.as_ref().map(|(_, f)| f)
+    }
+
+    /// Writes raw bytes into guest memory at `gpa`.
+    pub fn poke(&self, gpa: u64, data: &[u8]) {
+        self.mem.write(gpa, data);
+    }
+
+    /// Waits up to `timeout` for the used index to reach `idx`; returns whether it did.
+    pub fn wait_used(&self, idx: u16, timeout: Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        while self.mem.read_u16(USED + 2) != idx {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            let mut pfd = libc::pollfd { fd: self.call.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+            // SAFETY: one valid pollfd.
+            unsafe { libc::poll(&mut pfd, 1, left.as_millis().min(100) as i32) };
+            let _ = self.call.read();
+        }
+        true
+    }
+
+    /// The used ring entry at position `pos` (id, len).
+    pub fn used_entry(&self, pos: u16) -> (u32, u32) {
+        let e = USED + 4 + 8 * u64::from(pos % QSIZE);
+        let id = u32::from_le_bytes(self.mem.read(e, 4).try_into().unwrap());
+        let len = u32::from_le_bytes(self.mem.read(e + 4, 4).try_into().unwrap());
+        (id, len)
+    }
+
+    /// The used index the backend published.
+    pub fn used_idx(&self) -> u16 {
+        self.mem.read_u16(USED + 2)
+    }
+
+    /// Restarts queue 0 at `base` with consistent indexes (what a frontend's device reset
+    /// does after [`BlkFrontend::stop`]): the avail index is put back, then the start
+    /// sequence is sent again.
+    pub fn restart_at(&mut self, base: u16) {
+        self.mem.write_u16(AVAIL + 2, base);
+        self.next_avail = base;
+        self.used_seen = self.mem.read_u16(USED + 2);
+        self.start_queue(base, false);
     }
 }

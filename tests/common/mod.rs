@@ -3,6 +3,7 @@
 
 pub mod frontend;
 pub mod hostile;
+pub mod hostile_frontend;
 pub mod pair;
 
 use std::io::{BufRead, BufReader};
@@ -77,6 +78,19 @@ impl Server {
                 Ok(l) if l.contains(needle) => return l,
                 Ok(_) => continue,
                 Err(e) => panic!("no log line with '{needle}' ({e}); log: {:?}", self.log.lock().unwrap()),
+            }
+        }
+    }
+
+    /// Waits for a log line containing any of `needles`.
+    pub fn wait_log_any(&mut self, needles: &[&str]) -> String {
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) if needles.iter().any(|n| l.contains(n)) => return l,
+                Ok(_) => continue,
+                Err(e) => panic!("no log line with any of {needles:?} ({e}); log: {:?}", self.log.lock().unwrap()),
             }
         }
     }
