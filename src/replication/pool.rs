@@ -6,10 +6,8 @@
 //! boundary. A finished request is queued for its virtqueue worker and the worker's
 //! completion eventfd is signalled.
 
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::{Arc, Mutex, mpsc};
-
-use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::block::{Completion, Op};
 
@@ -73,40 +71,54 @@ impl SendOp {
 /// Where a queue's finished requests wait for its worker.
 pub struct DoneQueue {
     list: Mutex<Vec<Completion>>,
-    /// Signalled after each completion: the queue's io_uring eventfd when it has one (so one fd
-    /// wakes the worker for both kinds of completion), else our own.
-    notify: RawFd,
-    own: Option<EventFd>,
+    /// Signalled after each completion: a duplicate of the queue's io_uring eventfd when it has
+    /// one (so one fd wakes the worker for both kinds of completion), else our own eventfd.
+    /// Owned either way, so a pool thread finishing late never writes to a descriptor number
+    /// that was closed and reused meanwhile.
+    notify: OwnedFd,
+    /// Whether `notify` is our own eventfd (reset here) rather than the engine's (reset by it).
+    own: bool,
 }
 
 impl DoneQueue {
-    /// A queue signalling `notify`, or a fresh eventfd when `None`.
+    /// A queue signalling (a duplicate of) `notify`, or a fresh eventfd when `None`.
     pub fn new(notify: Option<RawFd>) -> std::io::Result<Arc<Self>> {
-        let own = match notify {
-            Some(_) => None,
-            None => Some(EventFd::new(EFD_NONBLOCK)?),
+        let own = notify.is_none();
+        let fd = match notify {
+            // SAFETY: F_DUPFD_CLOEXEC on a descriptor the caller keeps open for this call;
+            // the result is a new descriptor we own (checked below).
+            Some(fd) => unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) },
+            // SAFETY: plain eventfd creation; the result is a new descriptor we own.
+            None => unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) },
         };
-        let fd = notify.unwrap_or_else(|| own.as_ref().map_or(-1, |e| e.as_raw_fd()));
-        Ok(Arc::new(DoneQueue { list: Mutex::new(Vec::new()), notify: fd, own }))
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just created for us and nothing else owns it.
+        let notify = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(Arc::new(DoneQueue { list: Mutex::new(Vec::new()), notify, own }))
     }
 
     /// The fd the worker waits on.
     pub fn notifier(&self) -> RawFd {
-        self.notify
+        self.notify.as_raw_fd()
     }
 
     /// Resets our own eventfd (the io_uring one is reset by its engine).
     pub fn clear(&self) {
-        if let Some(e) = &self.own {
-            let _ = e.read();
+        if self.own {
+            let mut v = 0u64;
+            // SAFETY: reads 8 bytes into a local from a non-blocking eventfd we own.
+            let _ = unsafe { libc::read(self.notify.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
         }
     }
 
+    /// Queues a finished request and wakes the worker.
     pub fn push(&self, c: Completion) {
         self.list.lock().unwrap_or_else(|e| e.into_inner()).push(c);
         let one: u64 = 1;
-        // SAFETY: writes 8 bytes from a local to an eventfd that lives as long as the queue.
-        let _ = unsafe { libc::write(self.notify, (&one as *const u64).cast(), 8) };
+        // SAFETY: writes 8 bytes from a local to an eventfd this queue owns.
+        let _ = unsafe { libc::write(self.notify.as_raw_fd(), (&one as *const u64).cast(), 8) };
     }
 
     /// Moves finished requests into `out`.
@@ -144,5 +156,40 @@ impl Pool {
     /// Runs `task` on a pool thread; its result is queued on `done` with `token`.
     pub fn spawn(&self, task: Task, token: u64, done: &Arc<DoneQueue>) -> bool {
         self.tx.lock().unwrap_or_else(|e| e.into_inner()).send((task, token, done.clone())).is_ok()
+    }
+}
+
+#[cfg(test)]
+mod done_queue_tests {
+    use super::*;
+    use std::io::Read;
+
+    /// The engine's eventfd goes away while a pool thread still holds the queue; its number is
+    /// reused by a file. The late completion must not write into that file.
+    #[test]
+    fn a_late_completion_never_writes_to_a_reused_descriptor() {
+        // SAFETY: plain eventfd creation; owned right below.
+        let engine_fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        assert!(engine_fd >= 0);
+        // SAFETY: just created, owned here only.
+        let engine = unsafe { OwnedFd::from_raw_fd(engine_fd) };
+        let done = DoneQueue::new(Some(engine_fd)).unwrap();
+        drop(engine);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("victim");
+        std::fs::write(&path, b"").unwrap();
+        let file = std::fs::OpenOptions::new().read(true).write(true).open(&path).unwrap();
+        // Put the file exactly at the freed number (as the kernel's lowest-free rule would).
+        // SAFETY: dup2 onto a number this test just closed and owns again below.
+        assert_eq!(unsafe { libc::dup2(file.as_raw_fd(), engine_fd) }, engine_fd);
+        // SAFETY: engine_fd now names a duplicate of `file`, owned only here.
+        let victim = unsafe { std::fs::File::from_raw_fd(engine_fd) };
+        done.push(Completion { token: 1, result: 0 });
+        let mut content = Vec::new();
+        (&victim).read_to_end(&mut content).unwrap();
+        assert!(content.is_empty(), "the completion wrote into the reused descriptor");
+        let mut out = Vec::new();
+        done.drain_into(&mut out);
+        assert_eq!(out.len(), 1);
     }
 }
