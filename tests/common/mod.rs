@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod frontend;
+pub mod hostile;
 pub mod pair;
 
 use std::io::{BufRead, BufReader};

@@ -256,6 +256,8 @@ impl Mirror {
                 }
             }
         })?;
+        let (l4, me) = (link.clone(), self.clone());
+        std::thread::Builder::new().name("nbd-link-watch".into()).spawn(move || me.watch(&l4))?;
         self.stats.connects.fetch_add(1, Ordering::Relaxed);
         log::info!("replication link to {uri} up (generation {generation})");
         self.emit("REPLICATION_LINK", json!({"connected": true, "secondary": uri.to_string()}));
@@ -433,33 +435,22 @@ impl Mirror {
                 self.manager.store(false, Ordering::Release);
                 return;
             }
-            let link = self.current_link();
-            let link = match link {
-                Some(l) => l,
-                None => {
-                    let uri = lock(&self.cfg).secondary.clone();
-                    let Some(uri) = uri else {
-                        self.manager.store(false, Ordering::Release);
-                        return;
-                    };
-                    match self.connect(&uri) {
-                        Ok(l) => {
-                            backoff = BACKOFF_MIN;
-                            l
-                        }
-                        Err(e) => {
-                            log::warn!("replication link: reconnect to {uri} failed: {e}; retrying in {backoff:?}");
-                            let g = lock(&self.stage);
-                            let _ = self.link_cv.wait_timeout(g, backoff);
-                            backoff = (backoff * 2).min(BACKOFF_MAX);
-                            continue;
-                        }
+            if self.current_link().is_none() {
+                let uri = lock(&self.cfg).secondary.clone();
+                let Some(uri) = uri else {
+                    self.manager.store(false, Ordering::Release);
+                    return;
+                };
+                match self.connect(&uri) {
+                    Ok(_) => backoff = BACKOFF_MIN,
+                    Err(e) => {
+                        log::warn!("replication link: reconnect to {uri} failed: {e}; retrying in {backoff:?}");
+                        let g = lock(&self.stage);
+                        let _ = self.link_cv.wait_timeout(g, backoff);
+                        backoff = (backoff * 2).min(BACKOFF_MAX);
+                        continue;
                     }
                 }
-            };
-            self.watchdog(&link);
-            if link.broken.load(Ordering::Acquire) {
-                continue;
             }
             // Link up: copy what the secondary missed.
             if let Some(run) = self.dirty.next_set_run(0, self.size / SECTOR) {
@@ -494,14 +485,25 @@ impl Mirror {
         }
     }
 
-    /// Breaks the link when a forwarded request waits longer than the timeout.
-    fn watchdog(&self, link: &Link) {
+    /// The link's watchdog, a thread of its own: breaks the link as soon as any forwarded
+    /// request — guest write, resync chunk or barrier — waits longer than the timeout. It
+    /// checks a few times per timeout, so the cut comes within about 1.25 timeouts whatever
+    /// the manager, the resync or a barrier is waiting for. It ends with the link.
+    fn watch(&self, link: &Link) {
         let timeout = lock(&self.cfg).timeout;
-        let oldest = lock(&link.pending).values().map(|p| p.sent).min();
-        if let Some(t) = oldest
-            && t.elapsed() > timeout
-        {
-            self.fail_link(link, &format!("secondary did not answer within {timeout:?}"));
+        let period = (timeout / 4).clamp(Duration::from_millis(10), Duration::from_millis(500));
+        let mut g = lock(&link.pending);
+        loop {
+            if link.broken.load(Ordering::Acquire) {
+                return;
+            }
+            let oldest = g.values().map(|p| p.sent).min();
+            if oldest.is_some_and(|t| t.elapsed() > timeout) {
+                drop(g);
+                self.fail_link(link, &format!("secondary did not answer within {timeout:?}"));
+                return;
+            }
+            g = link.drained.wait_timeout(g, period).unwrap_or_else(|e| e.into_inner()).0;
         }
     }
 
@@ -544,9 +546,13 @@ impl Mirror {
             inflight.push((start, a, b, rx));
             next = self.dirty.next_set_run(b, sectors);
         }
+        // The link's watchdog answers every chunk within about the timeout (a cut wakes them
+        // all); this deadline is only a backstop, shared by the whole batch.
+        let deadline = Instant::now() + timeout + Duration::from_secs(1);
         let mut all_ok = true;
         for (start, a, b, rx) in inflight {
-            let ok = rx.is_some_and(|rx| rx.recv_timeout(timeout + Duration::from_secs(1)).unwrap_or(false));
+            let left = deadline.saturating_duration_since(Instant::now());
+            let ok = rx.is_some_and(|rx| rx.recv_timeout(left).unwrap_or(false));
             let end = self.now();
             if let Some(e) = lock(&self.resync_log).entries.iter_mut().rev().find(|e| e.0 == start) {
                 e.1 = end;
