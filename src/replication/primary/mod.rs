@@ -58,7 +58,7 @@ struct Pending {
 
 /// One NBD connection to the secondary.
 struct Link {
-    tx: mpsc::Sender<(Request, Vec<u8>)>,
+    tx: mpsc::Sender<(Request, Payload)>,
     ctl: Stream,
     pending: Mutex<HashMap<u64, Pending>>,
     drained: Condvar,
@@ -130,6 +130,10 @@ struct ResyncLog {
 }
 
 const RESYNC_LOG_LEN: usize = 4096;
+
+/// The data of a forwarded write: for a guest write, the one copy of the guest's buffers that
+/// both the local write and the forwarded one are written from (see [`MirrorDevice`]).
+type Payload = Arc<AlignedBuf>;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -219,7 +223,7 @@ impl Mirror {
             ));
         }
         let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
-        let (tx, rx) = mpsc::channel::<(Request, Vec<u8>)>();
+        let (tx, rx) = mpsc::channel::<(Request, Payload)>();
         let link = Arc::new(Link {
             tx,
             ctl: stream.try_clone()?,
@@ -326,7 +330,7 @@ impl Mirror {
         flags: u16,
         offset: u64,
         length: u32,
-        payload: Vec<u8>,
+        payload: Payload,
         waiter: Waiter,
     ) -> Result<(), Waiter> {
         let Some(link) = self.current_link() else { return Err(waiter) };
@@ -345,34 +349,43 @@ impl Mirror {
         Ok(())
     }
 
-    /// Forwards a guest write-type operation (the local one is already submitted). The guest
-    /// completion for `token` is pushed on `done` when the secondary answered, the link broke,
-    /// or at once when there is no link (the range is then dirty).
-    fn forward(&self, op: &Op<'_>, token: u64, done: &Arc<DoneQueue>) {
+    /// Whether a write-type operation of `len` bytes can be forwarded (NBD lengths are 32-bit
+    /// and a write's payload is bounded); one that cannot only marks its range dirty.
+    fn forwardable(cmd: u16, len: u64) -> bool {
+        len <= u64::from(u32::MAX) && (cmd != CMD_WRITE || len <= u64::from(crate::nbd::wire::MAX_PAYLOAD))
+    }
+
+    /// Forwards a guest write-type operation (the local one is already submitted). `data` is
+    /// a write's payload: the copy of the guest buffers the local write was submitted from.
+    /// The guest completion for `token` is pushed on `done` when the secondary answered, the
+    /// link broke, or at once when there is no link (the range is then dirty).
+    fn forward(&self, op: &Op<'_>, data: Option<Payload>, token: u64, done: &Arc<DoneQueue>) {
         let waiter = Waiter::Queue(done.clone(), token);
-        let (cmd, flags, offset, len, payload) = match *op {
+        let (cmd, flags, offset, len) = match *op {
             Op::Write { offset, iovecs, dsync } => {
-                let len = iovecs_len(iovecs);
-                let mut data = Vec::with_capacity(len as usize);
-                for v in iovecs {
-                    // SAFETY: the worker keeps the guest buffers alive until this request's
-                    // completion is reaped; the copy happens now, before push returns.
-                    data.extend_from_slice(unsafe { std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len) });
-                }
-                (CMD_WRITE, if dsync { CMD_FLAG_FUA } else { 0 }, offset, len, data)
+                (CMD_WRITE, if dsync { CMD_FLAG_FUA } else { 0 }, offset, iovecs_len(iovecs))
             }
             Op::WriteZeroes { offset, len, unmap } => {
-                (CMD_WRITE_ZEROES, if unmap { 0 } else { CMD_FLAG_NO_HOLE }, offset, len, Vec::new())
+                (CMD_WRITE_ZEROES, if unmap { 0 } else { CMD_FLAG_NO_HOLE }, offset, len)
             }
-            Op::Discard { offset, len } => (CMD_TRIM, 0, offset, len, Vec::new()),
-            Op::Flush => (CMD_FLUSH, 0, 0, 0, Vec::new()),
+            Op::Discard { offset, len } => (CMD_TRIM, 0, offset, len),
+            Op::Flush => (CMD_FLUSH, 0, 0, 0),
             Op::Read { .. } => {
                 Self::wake(waiter, true);
                 return;
             }
         };
-        // NBD lengths are 32-bit: split larger discards / write-zeroes.
-        if len > u64::from(u32::MAX) || (cmd == CMD_WRITE && len > u64::from(crate::nbd::wire::MAX_PAYLOAD)) {
+        let payload = match (cmd, data) {
+            (CMD_WRITE, Some(d)) if d.len() as u64 == len => d,
+            (CMD_WRITE, _) => {
+                // Too large to forward (no copy was made): the resync copies it.
+                self.dirty.set(offset / SECTOR, (offset + len).div_ceil(SECTOR));
+                Self::wake(waiter, false);
+                return;
+            }
+            _ => Payload::default(),
+        };
+        if !Self::forwardable(cmd, len) {
             self.dirty.set(offset / SECTOR, (offset + len).div_ceil(SECTOR));
             Self::wake(waiter, false);
             return;
@@ -408,7 +421,7 @@ impl Mirror {
     }
 
     /// Sends one request and waits for its answer (resync, barrier).
-    fn send_and_wait(&self, cmd: u16, offset: u64, length: u32, payload: Vec<u8>) -> bool {
+    fn send_and_wait(&self, cmd: u16, offset: u64, length: u32, payload: Payload) -> bool {
         let (tx, rx) = mpsc::channel();
         if self.send(cmd, 0, offset, length, payload, Waiter::Chan(tx)).is_err() {
             return false;
@@ -532,11 +545,11 @@ impl Mirror {
             };
             self.dirty.clear(a, b);
             let len = ((b - a) * SECTOR) as usize;
-            let mut buf = vec![0u8; len];
+            let mut buf = AlignedBuf::zeroed(len);
             let rx = match self.disk.read_exact_at(&mut buf, a * SECTOR) {
                 Ok(()) => {
                     let (tx, rx) = mpsc::channel();
-                    self.send(CMD_WRITE, 0, a * SECTOR, len as u32, buf, Waiter::Chan(tx)).ok().map(|()| rx)
+                    self.send(CMD_WRITE, 0, a * SECTOR, len as u32, Arc::new(buf), Waiter::Chan(tx)).ok().map(|()| rx)
                 }
                 Err(e) => {
                     self.record_error(format!("resync read of the local disk failed: {e}"));
@@ -618,7 +631,7 @@ impl Mirror {
         let seq = self.stats.barriers.fetch_add(1, Ordering::AcqRel) + 1;
         let cmd = if link.colo { CMD_COLO_BARRIER } else { CMD_FLUSH };
         let offset = if link.colo { seq } else { 0 };
-        if link.broken.load(Ordering::Acquire) || !self.send_and_wait(cmd, offset, 0, Vec::new()) {
+        if link.broken.load(Ordering::Acquire) || !self.send_and_wait(cmd, offset, 0, Payload::default()) {
             return Err(ReplicationError("the secondary did not confirm the checkpoint barrier".into()));
         }
         Ok(seq)
@@ -637,8 +650,11 @@ impl Mirror {
     }
 }
 
+mod buf;
 mod control;
 mod device;
+
+use buf::AlignedBuf;
 mod hook;
 
 pub use control::MirrorControl;
