@@ -270,16 +270,22 @@ impl Mirror {
     }
 
     fn on_reply(&self, link: &Link, r: Reply) {
-        let p = lock(&link.pending).remove(&r.handle);
-        let Some(p) = p else {
+        let ok = r.error == 0;
+        let mut g = lock(&link.pending);
+        let Some(p) = g.remove(&r.handle) else {
+            drop(g);
             // Not a handle we sent (or a duplicate): the peer is broken.
             self.fail_link(link, &format!("replication link: reply for unknown handle {:#x}", r.handle));
             return;
         };
-        let ok = r.error == 0;
+        if !ok {
+            // Dirty before the request leaves `pending`: a barrier waiting for the link to
+            // drain then sees the range behind (see `barrier_inner`).
+            self.dirty.set(p.sectors.0, p.sectors.1);
+        }
+        drop(g);
         if !ok {
             self.stats.failed_ops.fetch_add(1, Ordering::Relaxed);
-            self.dirty.set(p.sectors.0, p.sectors.1);
             self.record_error(format!(
                 "secondary answered NBD error {} for sectors {}..{}",
                 r.error, p.sectors.0, p.sectors.1
@@ -302,16 +308,24 @@ impl Mirror {
 
     /// Breaks `link`: every forwarded request still pending goes into the dirty bitmap and
     /// completes for the guest (successfully: the local write decides).
+    ///
+    /// `broken` is set and `pending` drained under the `pending` lock, the lock [`Mirror::send`]
+    /// checks `broken` and inserts under: a request is either drained here or refused there,
+    /// never inserted into a drained map (where nobody would wake it or mark it dirty).
     fn fail_link(&self, link: &Link, why: &str) {
-        if link.broken.swap(true, Ordering::AcqRel) {
-            return;
-        }
+        let pending: Vec<Pending> = {
+            let mut g = lock(&link.pending);
+            if link.broken.swap(true, Ordering::AcqRel) {
+                return;
+            }
+            let pending: Vec<Pending> = g.drain().map(|(_, p)| p).collect();
+            for p in &pending {
+                self.dirty.set(p.sectors.0, p.sectors.1);
+            }
+            pending
+        };
         link.ctl.shutdown();
         self.stats.link_failures.fetch_add(1, Ordering::Relaxed);
-        let pending: Vec<Pending> = lock(&link.pending).drain().map(|(_, p)| p).collect();
-        for p in &pending {
-            self.dirty.set(p.sectors.0, p.sectors.1);
-        }
         link.drained.notify_all();
         if self.running() {
             self.record_error(format!("{why} ({} requests pending)", pending.len()));
@@ -339,7 +353,14 @@ impl Mirror {
             CMD_FLUSH | CMD_COLO_BARRIER => (0, 0),
             _ => (offset / SECTOR, (offset + u64::from(length)).div_ceil(SECTOR)),
         };
-        lock(&link.pending).insert(handle, Pending { sectors, sent: Instant::now(), waiter });
+        {
+            let mut g = lock(&link.pending);
+            // Checked under the lock `fail_link` drains under (see there).
+            if link.broken.load(Ordering::Acquire) {
+                return Err(waiter);
+            }
+            g.insert(handle, Pending { sectors, sent: Instant::now(), waiter });
+        }
         let req = Request { flags, cmd, handle, offset, length };
         if link.tx.send((req, payload)).is_err() {
             let p = lock(&link.pending).remove(&handle);
@@ -639,10 +660,14 @@ impl Mirror {
 
     fn disconnect(&self) {
         if let Some(l) = lock(&self.link).take() {
-            l.broken.store(true, Ordering::Release);
+            let pending: Vec<Pending> = {
+                let mut g = lock(&l.pending);
+                l.broken.store(true, Ordering::Release);
+                g.drain().map(|(_, p)| p).collect()
+            };
             l.ctl.shutdown();
-            let pending: Vec<Pending> = lock(&l.pending).drain().map(|(_, p)| p).collect();
             for p in pending {
+                self.dirty.set(p.sectors.0, p.sectors.1);
                 Self::wake(p.waiter, false);
             }
         }
@@ -660,3 +685,76 @@ mod hook;
 pub use control::MirrorControl;
 pub use device::MirrorDevice;
 pub use hook::{ColoHook, HOOK_EXPORT};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A link whose sender side is a socket pair and whose request channel is drained by a
+    /// thread that never answers (the test breaks the link itself).
+    fn idle_link() -> (Arc<Link>, std::os::unix::net::UnixStream) {
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let (tx, rx) = mpsc::channel::<(Request, Payload)>();
+        std::thread::spawn(move || while rx.recv().is_ok() {});
+        let link = Arc::new(Link {
+            tx,
+            ctl: Stream::Unix(a),
+            pending: Mutex::new(HashMap::new()),
+            drained: Condvar::new(),
+            broken: AtomicBool::new(false),
+            colo: false,
+        });
+        (link, b)
+    }
+
+    /// Issue 10 item A: requests sent while the link breaks are either refused by `send` or
+    /// drained by `fail_link` — never inserted into a drained map, where nobody wakes them
+    /// (a hung guest request) or marks their range dirty (a silent gap).
+    #[test]
+    fn send_racing_fail_link_never_loses_a_request() {
+        const THREADS: u64 = 3;
+        const PER: u64 = 300;
+        let f = tempfile::tempfile().unwrap();
+        let size = THREADS * PER * SECTOR;
+        f.set_len(size).unwrap();
+        let cfg = MirrorConfig { secondary: None, timeout: Duration::from_secs(5), tls: None };
+        let m = Mirror::new(Arc::new(f), size, cfg);
+        for round in 0..300u64 {
+            m.dirty.clear_all();
+            let (link, _peer) = idle_link();
+            *lock(&m.link) = Some(link.clone());
+            let go = Arc::new(std::sync::Barrier::new(THREADS as usize + 1));
+            let senders: Vec<_> = (0..THREADS)
+                .map(|t| {
+                    let (m, go) = (m.clone(), go.clone());
+                    std::thread::spawn(move || {
+                        go.wait();
+                        let mut accepted = Vec::new();
+                        for i in 0..PER {
+                            let sector = t * PER + i;
+                            let (tx, rx) = mpsc::channel();
+                            let payload = Payload::new(AlignedBuf::zeroed(SECTOR as usize));
+                            if m.send(CMD_WRITE, 0, sector * SECTOR, SECTOR as u32, payload, Waiter::Chan(tx)).is_ok() {
+                                accepted.push((sector, rx));
+                            }
+                        }
+                        accepted
+                    })
+                })
+                .collect();
+            go.wait();
+            // Let the senders get going, then break the link under them.
+            for _ in 0..(round % 50) * 20 {
+                std::hint::spin_loop();
+            }
+            m.fail_link(&link, "cut by the test");
+            for s in senders {
+                for (sector, rx) in s.join().unwrap() {
+                    let woken = rx.recv_timeout(Duration::from_secs(5));
+                    assert_eq!(woken, Ok(false), "round {round}: request at sector {sector} was never woken");
+                    assert_eq!(m.dirty.count(sector, sector + 1), 1, "round {round}: sector {sector} not dirty");
+                }
+            }
+        }
+    }
+}
