@@ -92,6 +92,10 @@ pub struct Mirror {
     resync_log: Mutex<ResyncLog>,
     /// Orders write lifetimes against chunk copies.
     clock: AtomicU64,
+    /// Resync chunks whose dirty bits were cleared and whose copy has not finished: counted
+    /// before the bits are cleared and released after a failed copy set them again, so
+    /// "bitmap empty and nothing in flight" means the secondary has every write.
+    resync_inflight: AtomicU64,
     next_handle: AtomicU64,
     generation: AtomicU64,
     events: Mutex<Option<EventSink>>,
@@ -153,6 +157,7 @@ impl Mirror {
             dirty: SectorBitmap::new(size / SECTOR),
             resync_log: Mutex::new(ResyncLog::default()),
             clock: AtomicU64::new(1),
+            resync_inflight: AtomicU64::new(0),
             next_handle: AtomicU64::new(1),
             generation: AtomicU64::new(0),
             events: Mutex::new(None),
@@ -564,6 +569,7 @@ impl Mirror {
                 log.entries.push_back((start, u64::MAX, a, b));
                 start
             };
+            self.resync_inflight.fetch_add(1, Ordering::SeqCst);
             self.dirty.clear(a, b);
             let len = ((b - a) * SECTOR) as usize;
             let mut buf = AlignedBuf::zeroed(len);
@@ -597,6 +603,7 @@ impl Mirror {
                 self.dirty.set(a, b);
                 all_ok = false;
             }
+            self.resync_inflight.fetch_sub(1, Ordering::SeqCst);
         }
         all_ok
     }
@@ -647,6 +654,29 @@ impl Mirror {
                 return Err(ReplicationError("checkpoint barrier timed out".into()));
             }
             g = link.drained.wait_timeout(g, left.min(Duration::from_millis(50))).unwrap_or_else(|e| e.into_inner()).0;
+        }
+        // Again now that every earlier request was answered: one answered with an error
+        // re-dirtied its range after the first check, and a checkpoint that lacks it must not
+        // be committed by the secondary. A resync chunk in flight (its bits already cleared,
+        // perhaps even taken from such a re-dirtied range) must finish first: if it fails,
+        // its range is behind too. Bitmap read before the counter: a chunk counts itself
+        // before clearing its bits, so one of the two shows it.
+        loop {
+            let behind = self.dirty.count_all() * SECTOR;
+            if behind > 0 {
+                return Err(ReplicationError(format!("the secondary is not in sync yet: {behind} bytes to copy")));
+            }
+            if self.resync_inflight.load(Ordering::SeqCst) == 0 {
+                break;
+            }
+            if link.broken.load(Ordering::Acquire) {
+                break;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(ReplicationError("checkpoint barrier timed out waiting for the resync".into()));
+            }
+            g = link.drained.wait_timeout(g, left.min(Duration::from_millis(20))).unwrap_or_else(|e| e.into_inner()).0;
         }
         drop(g);
         let seq = self.stats.barriers.fetch_add(1, Ordering::AcqRel) + 1;
