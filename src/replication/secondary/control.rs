@@ -20,9 +20,12 @@ impl ReplicationControl for SecondaryControl {
             return Err(ReplicationError::mode_mismatch(Mode::Secondary, args.mode));
         }
         s.check_lengths()?;
-        s.state.write(DiskState::Replicating).map_err(|e| ReplicationError(format!("cannot record the state: {e}")))?;
         let closed = s.quiesce()?;
         s.empty_buffers().map_err(|e| ReplicationError(format!("Failed to empty buffers: {e}")))?;
+        // The marker last: a start that fails before this point leaves the disk as it was
+        // (stage none, no primary write applied under copy-before-write), so it must not be
+        // flagged as stopped while replicating.
+        s.state.write(DiskState::Replicating).map_err(|e| ReplicationError(format!("cannot record the state: {e}")))?;
         *lock(&s.error) = None;
         s.error_at.clear();
         s.set_stage(Stage::Running);

@@ -124,10 +124,24 @@ fn file_len(f: &File) -> io::Result<u64> {
     }
 }
 
+fn is_block_device(f: &File) -> io::Result<bool> {
+    Ok(std::os::unix::fs::FileTypeExt::is_block_device(&f.metadata()?.file_type()))
+}
+
 /// Drops a whole buffer's content. Truncating (rather than punching a hole over the whole
 /// file) discards dirty page-cache pages without writing them back first, which ext4's
 /// hole punching does: seconds instead of milliseconds for a few hundred MB of buffer.
+///
+/// A block device cannot be truncated (EINVAL) and is left as it is: emptying a buffer is
+/// resetting its sector map (the callers do that), and no path reads a buffer sector whose
+/// map bit is clear — reads resolve through the maps, the merge copies mapped runs only,
+/// and every write into a buffer sets the bit after writing the sector whole. Stale bytes
+/// in an unmapped sector are therefore never seen, and zeroing them would only cost time
+/// inside the checkpoint pause.
 fn clear(f: &File, size: u64) -> io::Result<()> {
+    if is_block_device(f)? {
+        return Ok(());
+    }
     f.set_len(0)?;
     f.set_len(size)
 }
