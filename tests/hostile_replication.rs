@@ -196,3 +196,36 @@ fn block_devices_work_as_buffers() {
     drop(c);
     drop(sec);
 }
+
+/// Issue 10 item C: a failover whose commit failed must be retryable, so the only surviving
+/// replica never stays half merged (its crash marker would refuse it at the next start).
+#[test]
+fn a_failed_failover_commit_can_be_retried() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sec, sdisk, nbd) = colo_secondary(dir.path(), "32M", Some("exp"));
+    qmp(&sec, "replication-start", json!({"mode": "secondary"})).unwrap();
+    let mut c = Client::connect(&sec.socket, 1, false);
+    assert_eq!(c.write(0, 0, &[0x5A; 65536]), 0);
+    qemu_io(&format!("nbd+unix:///exp?socket={}", nbd.display()), "write -P 0xbb 1M 64k");
+    let marker = format!("{}.colo-state", sdisk.display());
+    let mut ev = sec.qmp();
+    qmp(&sec, "replication-stop", json!({"failover": true, "x-inject-commit-error": true})).unwrap();
+    ev.wait_event("REPLICATION_ERROR", WAIT).expect("error event");
+    assert_eq!(qmp(&sec, "query-replication", json!({})).unwrap()["stage"], "failover-failed");
+    assert_eq!(std::fs::read_to_string(&marker).unwrap(), "merging");
+    // Writes in failover-failed are kept (sectors in a buffer go to active).
+    assert_eq!(c.write(0, 4096, &[0x77; 4096]), 0);
+    // The retry merges and ends in done; the disk is the VM's view, the marker clean.
+    qmp(&sec, "replication-stop", json!({"failover": true})).expect("retry the failover commit");
+    ev.wait_event("REPLICATION_FAILOVER_DONE", WAIT).expect("failover done after the retry");
+    let q = qmp(&sec, "query-replication", json!({})).unwrap();
+    assert_eq!(q["stage"], "done", "{q}");
+    assert_eq!(q["error"], Value::Null, "{q}");
+    assert!(all(&file_range(&sdisk, 0, 4096), 0x5A));
+    assert!(all(&file_range(&sdisk, 4096, 4096), 0x77));
+    assert!(all(&file_range(&sdisk, 8192, 65536 - 8192), 0x5A));
+    // The primary's write of the uncommitted epoch is rolled back from the hidden buffer.
+    assert!(all(&file_range(&sdisk, MIB, 65536), 0));
+    assert_eq!(std::fs::read_to_string(&marker).unwrap(), "clean");
+    assert!(all(&c.read(0, 0, 4096).1, 0x5A));
+}
