@@ -135,6 +135,34 @@ struct ResyncLog {
 
 const RESYNC_LOG_LEN: usize = 4096;
 
+impl ResyncLog {
+    /// Whether a chunk copy of sectors overlapping [s0, s1) ran at any time in the clock
+    /// interval (since, now); also returns how many entries it looked at.
+    ///
+    /// Entries are in start order and their end clocks never decrease: only the manager
+    /// copies, one batch at a time, and a batch's copies end in order (`copy_chunks`); the
+    /// copies still running are the last ones, with end `u64::MAX`. So the scan walks back
+    /// from the newest and stops at the first entry that ended before `since`: it looks at
+    /// the copies that overlap the write's lifetime, not at the whole log (up to 4,096
+    /// entries after a large resync) on every mirrored write.
+    fn overlaps(&self, s0: u64, s1: u64, since: u64, now: u64) -> (bool, usize) {
+        if since < self.floor {
+            return (true, 0);
+        }
+        let mut seen = 0;
+        for &(start, end, a, b) in self.entries.iter().rev() {
+            seen += 1;
+            if end <= since {
+                break;
+            }
+            if start < now && s0 < b && a < s1 {
+                return (true, seen);
+            }
+        }
+        (false, seen)
+    }
+}
+
 /// The data of a forwarded write: for a guest write, the one copy of the guest's buffers that
 /// both the local write and the forwarded one are written from (see [`MirrorDevice`]).
 type Payload = Arc<AlignedBuf>;
@@ -437,10 +465,7 @@ impl Mirror {
     fn local_write_done(&self, offset: u64, len: u64, since: u64) {
         let (s0, s1) = (offset / SECTOR, (offset + len).div_ceil(SECTOR));
         let now = self.now();
-        let log = lock(&self.resync_log);
-        let overlapped = since < log.floor
-            || log.entries.iter().any(|&(start, end, a, b)| start < now && end > since && s0 < b && a < s1);
-        drop(log);
+        let (overlapped, _) = lock(&self.resync_log).overlaps(s0, s1, since, now);
         if overlapped {
             self.dirty.set(s0, s1);
         }
@@ -595,6 +620,8 @@ impl Mirror {
             let ok = rx.is_some_and(|rx| rx.recv_timeout(left).unwrap_or(false));
             let end = self.now();
             if let Some(e) = lock(&self.resync_log).entries.iter_mut().rev().find(|e| e.0 == start) {
+                // Ends are assigned in start order from an increasing clock (see
+                // `ResyncLog::overlaps`, which relies on it).
                 e.1 = end;
             }
             if ok {
@@ -735,6 +762,31 @@ mod tests {
             colo: false,
         });
         (link, b)
+    }
+
+    /// Issue 10 item F: with the log full after a large resync, a write that started after
+    /// every logged copy ended looks at one entry, not 4,096; overlap detection still works.
+    #[test]
+    fn resync_log_scan_is_bounded_by_the_write_lifetime() {
+        let mut log = ResyncLog::default();
+        for i in 0..RESYNC_LOG_LEN as u64 {
+            log.entries.push_back((2 * i, 2 * i + 1, i * 8, i * 8 + 8));
+        }
+        let since = 2 * RESYNC_LOG_LEN as u64 + 10;
+        assert_eq!(log.overlaps(0, 8, since, since + 5), (false, 1));
+        // A copy of sectors 0..8 in flight while the write runs: overlapped.
+        log.entries.push_back((since + 1, u64::MAX, 0, 8));
+        assert_eq!(log.overlaps(0, 8, since, since + 5), (true, 1));
+        // A write that started before the last 3 copies ended looks at 4 entries at most.
+        let since = 2 * (RESYNC_LOG_LEN as u64 - 3);
+        let (hit, seen) = log.overlaps(1_000_000, 1_000_008, since, 3 * RESYNC_LOG_LEN as u64);
+        assert!(!hit && seen <= 5, "{seen}");
+        // An overlapping copy that ended during the write's lifetime is found.
+        let last = RESYNC_LOG_LEN as u64 - 1;
+        assert!(log.overlaps(last * 8, last * 8 + 1, 2 * last, 3 * RESYNC_LOG_LEN as u64).0);
+        // A write older than the dropped entries is always treated as overlapped.
+        log.floor = 100;
+        assert_eq!(log.overlaps(1_000_000, 1_000_008, 50, 60), (true, 0));
     }
 
     /// Issue 10 item A: requests sent while the link breaks are either refused by `send` or
