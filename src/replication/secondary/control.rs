@@ -77,10 +77,9 @@ impl ReplicationControl for SecondaryControl {
         }
         if failover && s.unclean.load(Ordering::Acquire) {
             return Err(ReplicationError(format!(
-                "The secondary disk is not consistent: colo-blk stopped while replicating ({}) and no \
-                 checkpoint has passed since. Let the primary resynchronise it and take a checkpoint, \
-                 or restore the disk, before failing over",
-                s.state.path().display()
+                "The secondary disk is not consistent: {} and no checkpoint has passed since. Let the \
+                 primary resynchronise it and take a checkpoint, or restore the disk, before failing over",
+                lock(&s.unclean_why)
             )));
         }
         // Quiesce first: if it times out nothing has changed (stage running, the NBD server
