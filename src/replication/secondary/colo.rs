@@ -80,11 +80,12 @@ impl Secondary {
         }
         self.commit_pending(CommitTrigger::NextBarrier, None).map_err(io::Error::other)?;
         let starts = lock(&self.colo).device_starts;
-        {
-            let _t = self.gate.enter();
-            self.hidden.sync_data()?;
-            self.file.sync_data()?;
-        }
+        // The ticket is held until the barrier is pending: a stop or failover quiesces the
+        // gate first, so it either sees this barrier pending (and discards it) or the barrier
+        // runs after it and finds the new stage.
+        let _t = self.gate.enter();
+        self.hidden.sync_data()?;
+        self.file.sync_data()?;
         let mut c = lock(&self.colo);
         if c.device_starts != starts {
             drop(c);
@@ -94,6 +95,11 @@ impl Secondary {
             self.emit("COLO_BARRIER_DISCARDED", json!({"barrier": seq}));
             self.mark_inconsistent(format!("checkpoint barrier {seq} arrived after the secondary VM restarted"));
             return Err(io::Error::other("stale checkpoint barrier"));
+        }
+        if self.stage() != Stage::Running {
+            // A failover or stop began while the barrier flushed: it must not become pending
+            // (nor be announced) in a stage where nothing will ever commit it.
+            return Err(io::Error::from_raw_os_error(libc::ESHUTDOWN));
         }
         c.pending = Some(seq);
         c.barriers += 1;
@@ -134,7 +140,14 @@ impl Secondary {
                 Ok(Some(seq))
             }
             Err(e) => {
+                // Emptying failed half way (the maps may already be cleared): the buffers are
+                // no checkpoint any more. Forget the barrier — committing it again later would
+                // drop the writes the VM makes meanwhile — and refuse failover until the next
+                // checkpoint commits.
                 log::error!("checkpoint {seq} could not be committed: {e}");
+                lock(&self.colo).pending = None;
+                self.barrier_pending.store(false, Ordering::Release);
+                self.mark_inconsistent(format!("checkpoint {seq} could not be committed ({e})"));
                 Err(e)
             }
         }
