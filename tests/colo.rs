@@ -308,3 +308,51 @@ fn colo_checkpoint_replay_commits_at_device_start_and_failover_keeps_the_last_ch
     assert!(file_range(&p.sdisk, 2000 * 512, 4096) == pattern(2000 * 512, 4096, 22), "VM write lost");
     assert!(fs.io(T_IN, 2000, &[0u8; 4096]).data == pattern(2000 * 512, 4096, 22));
 }
+
+/// Issue 10 item 9: a checkpoint loaded without its barrier (the hook's barrier failed or
+/// was lost, and QEMU went on) leaves a secondary disk that does not match the loaded
+/// checkpoint. The LOG_ALL device start that follows finds nothing pending and nothing
+/// committed since the previous start: the secondary must say it is inconsistent and
+/// refuse failover until a checkpoint commits again.
+#[test]
+fn a_checkpoint_loaded_without_its_barrier_marks_the_secondary_inconsistent() {
+    let p = colo_pair();
+    let mut fp = BlkFrontend::connect(&p.pri.socket);
+    let mut fs = BlkFrontend::connect(&p.sec.socket);
+    let consistent = |s: &Server| qmp(s, "query-replication", json!({})).unwrap()["disk-consistent"].clone();
+    // Checkpoint 1, the normal way: barrier, then the secondary's restart commits it.
+    assert_eq!(fp.io(T_OUT, 0, &pattern(0, 4096, 1)).status, 0);
+    let base = fp.stop();
+    hook_flush(&p.hook);
+    fs.stop();
+    fs.mem.copy_from(&fp.mem);
+    fs.adopt_ring_state(&fp);
+    fs.restart(base, true);
+    assert_eq!(colo_state(&p.sec)["commits"], 1);
+    fp.restart(base, true);
+    assert_eq!(consistent(&p.sec), true);
+    // Checkpoint 2 without a barrier: the primary writes, stops, its hook is never flushed
+    // (the barrier is lost), and the secondary loads the checkpoint anyway.
+    assert_eq!(fp.io(T_OUT, 8, &pattern(4096, 4096, 2)).status, 0);
+    let base = fp.stop();
+    fs.stop();
+    fs.mem.copy_from(&fp.mem);
+    fs.adopt_ring_state(&fp);
+    fs.restart(base, true);
+    assert_eq!(colo_state(&p.sec)["commits"], 1);
+    assert_eq!(consistent(&p.sec), false, "a checkpoint without barrier left the disk marked consistent");
+    let e = qmp(&p.sec, "replication-stop", json!({"failover": true})).unwrap_err();
+    assert!(e.contains("not consistent") && e.contains("barrier never arrived"), "{e}");
+    // The next checkpoint with its barrier makes it consistent again.
+    fp.restart(base, true);
+    assert_eq!(fp.io(T_OUT, 16, &pattern(8192, 4096, 3)).status, 0);
+    let base = fp.stop();
+    hook_flush(&p.hook);
+    fs.stop();
+    fs.mem.copy_from(&fp.mem);
+    fs.adopt_ring_state(&fp);
+    fs.restart(base, true);
+    assert_eq!(colo_state(&p.sec)["commits"], 2);
+    assert_eq!(consistent(&p.sec), true);
+    assert_eq!(qmp(&p.sec, "query-replication", json!({})).unwrap()["stage"], "running");
+}

@@ -371,7 +371,7 @@ fn c9_failover_failed_routes_writes() {
     events.wait_event("REPLICATION_ERROR", WAIT).expect("error event");
     assert_eq!(p.stage(), "failover-failed");
     assert_eq!(p.qmp("replication-get-error", json!({})).unwrap_err(), "I/O error occurred");
-    assert_eq!(p.qmp("replication-stop", json!({"failover": true})).unwrap_err(), "Block replication is not running");
+    assert_eq!(p.qmp("replication-stop", json!({"failover": false})).unwrap_err(), "Block replication is not running");
     // A write over sectors allocated in active goes to active; over unallocated sectors
     // (never written this epoch) straight to the disk; over hidden-saved sectors to active.
     vm_write(&mut c, B, 0, 4096);

@@ -4,6 +4,7 @@
 pub mod frontend;
 pub mod hostile;
 pub mod hostile_frontend;
+pub mod hostile_secondary;
 pub mod pair;
 
 use std::io::{BufRead, BufReader};

@@ -1,5 +1,10 @@
 //! The guest's view: each write-type request goes to the local disk and to the secondary; it
 //! completes when both halves did.
+//!
+//! A guest may change a buffer while its write is in flight (Linux and Windows both do, e.g.
+//! for pages under writeback). A write is therefore copied out of guest memory once, before
+//! anything is submitted, and both halves are written from that copy: the local disk and the
+//! secondary always get the same bytes, whatever the guest does to its buffer meanwhile.
 
 use super::*;
 
@@ -54,7 +59,17 @@ struct Join {
     range: Option<(u64, u64)>,
     /// Clock when it was forwarded.
     since: u64,
+    /// A write's copy of the guest data and the iovec the local write was submitted with
+    /// (boxed: it must not move while the local write is in flight).
+    copy: Option<(Payload, LocalIov)>,
 }
+
+/// The iovec a copied write is submitted with locally; it points into the join's [`Payload`].
+struct LocalIov(Box<libc::iovec>);
+
+// SAFETY: the iovec points into an `Arc<Vec<u8>>` owned by the same join, which is only
+// touched by the queue's worker; moving both to another thread keeps the pointer valid.
+unsafe impl Send for LocalIov {}
 
 struct MirrorQueue {
     inner: Box<dyn BlockQueue>,
@@ -99,7 +114,20 @@ impl BlockQueue for MirrorQueue {
             Op::Discard { offset, len } | Op::WriteZeroes { offset, len, .. } => Some((offset, len)),
             Op::Flush | Op::Read { .. } => None,
         };
-        let join = Join { token, remaining: 2, result: 0, range, since: self.mirror.now() };
+        // A forwarded write is copied out of guest memory now, once; the local write below
+        // and the forwarded one are both written from this copy.
+        let copy = match *op {
+            Op::Write { iovecs, .. } if Mirror::forwardable(CMD_WRITE, iovecs_len(iovecs)) => {
+                // SAFETY: the caller keeps the guest buffers alive until this request's
+                // completion is reaped; they are read here, during the call.
+                let data = Payload::new(unsafe { AlignedBuf::copy_of(iovecs) });
+                let iov = Box::new(libc::iovec { iov_base: data.as_ptr() as *mut libc::c_void, iov_len: data.len() });
+                Some((data, LocalIov(iov)))
+            }
+            _ => None,
+        };
+        let data = copy.as_ref().map(|(d, _)| d.clone());
+        let join = Join { token, remaining: 2, result: 0, range, since: self.mirror.now(), copy };
         let idx = match self.free.pop() {
             Some(i) => {
                 self.joins[i] = Some(join);
@@ -111,13 +139,21 @@ impl BlockQueue for MirrorQueue {
             }
         };
         let itoken = JOINED | idx as u64;
-        // SAFETY: forwarded contract.
-        if let Err(e) = unsafe { self.inner.push(op, itoken) } {
+        let local = match (self.joins[idx].as_ref().and_then(|j| j.copy.as_ref()), *op) {
+            (Some((_, iov)), Op::Write { offset, dsync, .. }) => {
+                Op::Write { offset, iovecs: std::slice::from_ref(&*iov.0), dsync }
+            }
+            _ => *op,
+        };
+        // SAFETY: a write's iovec and data live in the join, which is dropped only once this
+        // token's local completion was reaped (or the push failed); other operations are
+        // forwarded under the caller's contract.
+        if let Err(e) = unsafe { self.inner.push(&local, itoken) } {
             self.joins[idx] = None;
             self.free.push(idx);
             return Err(e);
         }
-        self.mirror.forward(op, itoken, &self.done);
+        self.mirror.forward(op, data, itoken, &self.done);
         Ok(())
     }
     fn submit(&mut self) -> Result<(), IoEngineError> {
@@ -145,5 +181,91 @@ impl BlockQueue for MirrorQueue {
     fn clear_notifier(&self) {
         self.done.clear();
         self.inner.clear_notifier();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A local queue that, like the kernel, reads a write's buffers only when it performs
+    /// it — here at reap time, after the guest changed its buffer.
+    #[derive(Default)]
+    struct LateQueue {
+        queued: Vec<(u64, Vec<libc::iovec>)>,
+        written: Arc<Mutex<Vec<u8>>>,
+    }
+
+    // SAFETY: test-only; the iovecs point into buffers the test keeps alive and only this
+    // queue's owner touches them.
+    unsafe impl Send for LateQueue {}
+
+    impl BlockQueue for LateQueue {
+        unsafe fn push(&mut self, op: &Op<'_>, token: u64) -> Result<(), IoEngineError> {
+            if let Op::Write { iovecs, .. } = *op {
+                self.queued.push((token, iovecs.to_vec()));
+            }
+            Ok(())
+        }
+        fn submit(&mut self) -> Result<(), IoEngineError> {
+            Ok(())
+        }
+        fn reap(&mut self, out: &mut Vec<Completion>) {
+            for (token, iovecs) in self.queued.drain(..) {
+                for v in &iovecs {
+                    // SAFETY: the push contract keeps them valid until this completion is reaped.
+                    let b = unsafe { std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len) };
+                    lock(&self.written).extend_from_slice(b);
+                }
+                out.push(Completion { token, result: 0 });
+            }
+        }
+        fn notifier(&self) -> Option<std::os::fd::RawFd> {
+            None
+        }
+        fn clear_notifier(&self) {}
+    }
+
+    /// Issue 10 item 8: the local half of a mirrored write is written from the copy taken
+    /// at submission, not from guest memory the guest may change while the write is in flight.
+    #[test]
+    fn local_write_uses_the_copy_taken_at_submission() {
+        let f = tempfile::tempfile().unwrap();
+        f.set_len(1 << 20).unwrap();
+        let cfg = MirrorConfig { secondary: None, timeout: Duration::from_secs(1), tls: None };
+        let mirror = Mirror::new(Arc::new(f), 1 << 20, cfg);
+        mirror.set_stage(Stage::Running);
+        let written = Arc::new(Mutex::new(Vec::new()));
+        let inner = LateQueue { queued: Vec::new(), written: written.clone() };
+        let mut q = MirrorQueue {
+            inner: Box::new(inner),
+            mirror: mirror.clone(),
+            done: DoneQueue::new(None).unwrap(),
+            joins: Vec::new(),
+            free: Vec::new(),
+            scratch: Vec::new(),
+        };
+        let mut guest = vec![0xAAu8; 8192];
+        let iov = [
+            libc::iovec { iov_base: guest.as_mut_ptr().cast(), iov_len: 4096 },
+            libc::iovec { iov_base: guest[4096..].as_mut_ptr().cast(), iov_len: 4096 },
+        ];
+        // SAFETY: `guest` and `iov` outlive the reap below.
+        unsafe { q.push(&Op::Write { offset: 0, iovecs: &iov, dsync: false }, 7) }.unwrap();
+        // The guest rewrites its buffer while the write is in flight.
+        guest.fill(0x55);
+        let mut out = Vec::new();
+        q.reap(&mut out);
+        assert_eq!(out.len(), 1, "both halves completed (no link: the range went dirty)");
+        assert_eq!(out[0].token, 7);
+        let w = lock(&written);
+        assert_eq!(w.len(), 8192);
+        assert!(
+            w.iter().all(|&b| b == 0xAA),
+            "the local write used guest memory changed after submission, not the copy"
+        );
+        drop(w);
+        // No link: the range is remembered for the resync, which reads the local disk.
+        assert_eq!(mirror.dirty.count_all(), 16);
     }
 }

@@ -58,7 +58,7 @@ struct Pending {
 
 /// One NBD connection to the secondary.
 struct Link {
-    tx: mpsc::Sender<(Request, Vec<u8>)>,
+    tx: mpsc::Sender<(Request, Payload)>,
     ctl: Stream,
     pending: Mutex<HashMap<u64, Pending>>,
     drained: Condvar,
@@ -92,6 +92,10 @@ pub struct Mirror {
     resync_log: Mutex<ResyncLog>,
     /// Orders write lifetimes against chunk copies.
     clock: AtomicU64,
+    /// Resync chunks whose dirty bits were cleared and whose copy has not finished: counted
+    /// before the bits are cleared and released after a failed copy set them again, so
+    /// "bitmap empty and nothing in flight" means the secondary has every write.
+    resync_inflight: AtomicU64,
     next_handle: AtomicU64,
     generation: AtomicU64,
     events: Mutex<Option<EventSink>>,
@@ -131,6 +135,38 @@ struct ResyncLog {
 
 const RESYNC_LOG_LEN: usize = 4096;
 
+impl ResyncLog {
+    /// Whether a chunk copy of sectors overlapping [s0, s1) ran at any time in the clock
+    /// interval (since, now); also returns how many entries it looked at.
+    ///
+    /// Entries are in start order and their end clocks never decrease: only the manager
+    /// copies, one batch at a time, and a batch's copies end in order (`copy_chunks`); the
+    /// copies still running are the last ones, with end `u64::MAX`. So the scan walks back
+    /// from the newest and stops at the first entry that ended before `since`: it looks at
+    /// the copies that overlap the write's lifetime, not at the whole log (up to 4,096
+    /// entries after a large resync) on every mirrored write.
+    fn overlaps(&self, s0: u64, s1: u64, since: u64, now: u64) -> (bool, usize) {
+        if since < self.floor {
+            return (true, 0);
+        }
+        let mut seen = 0;
+        for &(start, end, a, b) in self.entries.iter().rev() {
+            seen += 1;
+            if end <= since {
+                break;
+            }
+            if start < now && s0 < b && a < s1 {
+                return (true, seen);
+            }
+        }
+        (false, seen)
+    }
+}
+
+/// The data of a forwarded write: for a guest write, the one copy of the guest's buffers that
+/// both the local write and the forwarded one are written from (see [`MirrorDevice`]).
+type Payload = Arc<AlignedBuf>;
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -149,6 +185,7 @@ impl Mirror {
             dirty: SectorBitmap::new(size / SECTOR),
             resync_log: Mutex::new(ResyncLog::default()),
             clock: AtomicU64::new(1),
+            resync_inflight: AtomicU64::new(0),
             next_handle: AtomicU64::new(1),
             generation: AtomicU64::new(0),
             events: Mutex::new(None),
@@ -219,7 +256,7 @@ impl Mirror {
             ));
         }
         let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
-        let (tx, rx) = mpsc::channel::<(Request, Vec<u8>)>();
+        let (tx, rx) = mpsc::channel::<(Request, Payload)>();
         let link = Arc::new(Link {
             tx,
             ctl: stream.try_clone()?,
@@ -256,6 +293,8 @@ impl Mirror {
                 }
             }
         })?;
+        let (l4, me) = (link.clone(), self.clone());
+        std::thread::Builder::new().name("nbd-link-watch".into()).spawn(move || me.watch(&l4))?;
         self.stats.connects.fetch_add(1, Ordering::Relaxed);
         log::info!("replication link to {uri} up (generation {generation})");
         self.emit("REPLICATION_LINK", json!({"connected": true, "secondary": uri.to_string()}));
@@ -264,16 +303,22 @@ impl Mirror {
     }
 
     fn on_reply(&self, link: &Link, r: Reply) {
-        let p = lock(&link.pending).remove(&r.handle);
-        let Some(p) = p else {
+        let ok = r.error == 0;
+        let mut g = lock(&link.pending);
+        let Some(p) = g.remove(&r.handle) else {
+            drop(g);
             // Not a handle we sent (or a duplicate): the peer is broken.
             self.fail_link(link, &format!("replication link: reply for unknown handle {:#x}", r.handle));
             return;
         };
-        let ok = r.error == 0;
+        if !ok {
+            // Dirty before the request leaves `pending`: a barrier waiting for the link to
+            // drain then sees the range behind (see `barrier_inner`).
+            self.dirty.set(p.sectors.0, p.sectors.1);
+        }
+        drop(g);
         if !ok {
             self.stats.failed_ops.fetch_add(1, Ordering::Relaxed);
-            self.dirty.set(p.sectors.0, p.sectors.1);
             self.record_error(format!(
                 "secondary answered NBD error {} for sectors {}..{}",
                 r.error, p.sectors.0, p.sectors.1
@@ -296,16 +341,24 @@ impl Mirror {
 
     /// Breaks `link`: every forwarded request still pending goes into the dirty bitmap and
     /// completes for the guest (successfully: the local write decides).
+    ///
+    /// `broken` is set and `pending` drained under the `pending` lock, the lock [`Mirror::send`]
+    /// checks `broken` and inserts under: a request is either drained here or refused there,
+    /// never inserted into a drained map (where nobody would wake it or mark it dirty).
     fn fail_link(&self, link: &Link, why: &str) {
-        if link.broken.swap(true, Ordering::AcqRel) {
-            return;
-        }
+        let pending: Vec<Pending> = {
+            let mut g = lock(&link.pending);
+            if link.broken.swap(true, Ordering::AcqRel) {
+                return;
+            }
+            let pending: Vec<Pending> = g.drain().map(|(_, p)| p).collect();
+            for p in &pending {
+                self.dirty.set(p.sectors.0, p.sectors.1);
+            }
+            pending
+        };
         link.ctl.shutdown();
         self.stats.link_failures.fetch_add(1, Ordering::Relaxed);
-        let pending: Vec<Pending> = lock(&link.pending).drain().map(|(_, p)| p).collect();
-        for p in &pending {
-            self.dirty.set(p.sectors.0, p.sectors.1);
-        }
         link.drained.notify_all();
         if self.running() {
             self.record_error(format!("{why} ({} requests pending)", pending.len()));
@@ -324,7 +377,7 @@ impl Mirror {
         flags: u16,
         offset: u64,
         length: u32,
-        payload: Vec<u8>,
+        payload: Payload,
         waiter: Waiter,
     ) -> Result<(), Waiter> {
         let Some(link) = self.current_link() else { return Err(waiter) };
@@ -333,7 +386,14 @@ impl Mirror {
             CMD_FLUSH | CMD_COLO_BARRIER => (0, 0),
             _ => (offset / SECTOR, (offset + u64::from(length)).div_ceil(SECTOR)),
         };
-        lock(&link.pending).insert(handle, Pending { sectors, sent: Instant::now(), waiter });
+        {
+            let mut g = lock(&link.pending);
+            // Checked under the lock `fail_link` drains under (see there).
+            if link.broken.load(Ordering::Acquire) {
+                return Err(waiter);
+            }
+            g.insert(handle, Pending { sectors, sent: Instant::now(), waiter });
+        }
         let req = Request { flags, cmd, handle, offset, length };
         if link.tx.send((req, payload)).is_err() {
             let p = lock(&link.pending).remove(&handle);
@@ -343,34 +403,43 @@ impl Mirror {
         Ok(())
     }
 
-    /// Forwards a guest write-type operation (the local one is already submitted). The guest
-    /// completion for `token` is pushed on `done` when the secondary answered, the link broke,
-    /// or at once when there is no link (the range is then dirty).
-    fn forward(&self, op: &Op<'_>, token: u64, done: &Arc<DoneQueue>) {
+    /// Whether a write-type operation of `len` bytes can be forwarded (NBD lengths are 32-bit
+    /// and a write's payload is bounded); one that cannot only marks its range dirty.
+    fn forwardable(cmd: u16, len: u64) -> bool {
+        len <= u64::from(u32::MAX) && (cmd != CMD_WRITE || len <= u64::from(crate::nbd::wire::MAX_PAYLOAD))
+    }
+
+    /// Forwards a guest write-type operation (the local one is already submitted). `data` is
+    /// a write's payload: the copy of the guest buffers the local write was submitted from.
+    /// The guest completion for `token` is pushed on `done` when the secondary answered, the
+    /// link broke, or at once when there is no link (the range is then dirty).
+    fn forward(&self, op: &Op<'_>, data: Option<Payload>, token: u64, done: &Arc<DoneQueue>) {
         let waiter = Waiter::Queue(done.clone(), token);
-        let (cmd, flags, offset, len, payload) = match *op {
+        let (cmd, flags, offset, len) = match *op {
             Op::Write { offset, iovecs, dsync } => {
-                let len = iovecs_len(iovecs);
-                let mut data = Vec::with_capacity(len as usize);
-                for v in iovecs {
-                    // SAFETY: the worker keeps the guest buffers alive until this request's
-                    // completion is reaped; the copy happens now, before push returns.
-                    data.extend_from_slice(unsafe { std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len) });
-                }
-                (CMD_WRITE, if dsync { CMD_FLAG_FUA } else { 0 }, offset, len, data)
+                (CMD_WRITE, if dsync { CMD_FLAG_FUA } else { 0 }, offset, iovecs_len(iovecs))
             }
             Op::WriteZeroes { offset, len, unmap } => {
-                (CMD_WRITE_ZEROES, if unmap { 0 } else { CMD_FLAG_NO_HOLE }, offset, len, Vec::new())
+                (CMD_WRITE_ZEROES, if unmap { 0 } else { CMD_FLAG_NO_HOLE }, offset, len)
             }
-            Op::Discard { offset, len } => (CMD_TRIM, 0, offset, len, Vec::new()),
-            Op::Flush => (CMD_FLUSH, 0, 0, 0, Vec::new()),
+            Op::Discard { offset, len } => (CMD_TRIM, 0, offset, len),
+            Op::Flush => (CMD_FLUSH, 0, 0, 0),
             Op::Read { .. } => {
                 Self::wake(waiter, true);
                 return;
             }
         };
-        // NBD lengths are 32-bit: split larger discards / write-zeroes.
-        if len > u64::from(u32::MAX) || (cmd == CMD_WRITE && len > u64::from(crate::nbd::wire::MAX_PAYLOAD)) {
+        let payload = match (cmd, data) {
+            (CMD_WRITE, Some(d)) if d.len() as u64 == len => d,
+            (CMD_WRITE, _) => {
+                // Too large to forward (no copy was made): the resync copies it.
+                self.dirty.set(offset / SECTOR, (offset + len).div_ceil(SECTOR));
+                Self::wake(waiter, false);
+                return;
+            }
+            _ => Payload::default(),
+        };
+        if !Self::forwardable(cmd, len) {
             self.dirty.set(offset / SECTOR, (offset + len).div_ceil(SECTOR));
             Self::wake(waiter, false);
             return;
@@ -396,17 +465,14 @@ impl Mirror {
     fn local_write_done(&self, offset: u64, len: u64, since: u64) {
         let (s0, s1) = (offset / SECTOR, (offset + len).div_ceil(SECTOR));
         let now = self.now();
-        let log = lock(&self.resync_log);
-        let overlapped = since < log.floor
-            || log.entries.iter().any(|&(start, end, a, b)| start < now && end > since && s0 < b && a < s1);
-        drop(log);
+        let (overlapped, _) = lock(&self.resync_log).overlaps(s0, s1, since, now);
         if overlapped {
             self.dirty.set(s0, s1);
         }
     }
 
     /// Sends one request and waits for its answer (resync, barrier).
-    fn send_and_wait(&self, cmd: u16, offset: u64, length: u32, payload: Vec<u8>) -> bool {
+    fn send_and_wait(&self, cmd: u16, offset: u64, length: u32, payload: Payload) -> bool {
         let (tx, rx) = mpsc::channel();
         if self.send(cmd, 0, offset, length, payload, Waiter::Chan(tx)).is_err() {
             return false;
@@ -433,33 +499,22 @@ impl Mirror {
                 self.manager.store(false, Ordering::Release);
                 return;
             }
-            let link = self.current_link();
-            let link = match link {
-                Some(l) => l,
-                None => {
-                    let uri = lock(&self.cfg).secondary.clone();
-                    let Some(uri) = uri else {
-                        self.manager.store(false, Ordering::Release);
-                        return;
-                    };
-                    match self.connect(&uri) {
-                        Ok(l) => {
-                            backoff = BACKOFF_MIN;
-                            l
-                        }
-                        Err(e) => {
-                            log::warn!("replication link: reconnect to {uri} failed: {e}; retrying in {backoff:?}");
-                            let g = lock(&self.stage);
-                            let _ = self.link_cv.wait_timeout(g, backoff);
-                            backoff = (backoff * 2).min(BACKOFF_MAX);
-                            continue;
-                        }
+            if self.current_link().is_none() {
+                let uri = lock(&self.cfg).secondary.clone();
+                let Some(uri) = uri else {
+                    self.manager.store(false, Ordering::Release);
+                    return;
+                };
+                match self.connect(&uri) {
+                    Ok(_) => backoff = BACKOFF_MIN,
+                    Err(e) => {
+                        log::warn!("replication link: reconnect to {uri} failed: {e}; retrying in {backoff:?}");
+                        let g = lock(&self.stage);
+                        let _ = self.link_cv.wait_timeout(g, backoff);
+                        backoff = (backoff * 2).min(BACKOFF_MAX);
+                        continue;
                     }
                 }
-            };
-            self.watchdog(&link);
-            if link.broken.load(Ordering::Acquire) {
-                continue;
             }
             // Link up: copy what the secondary missed.
             if let Some(run) = self.dirty.next_set_run(0, self.size / SECTOR) {
@@ -494,14 +549,25 @@ impl Mirror {
         }
     }
 
-    /// Breaks the link when a forwarded request waits longer than the timeout.
-    fn watchdog(&self, link: &Link) {
+    /// The link's watchdog, a thread of its own: breaks the link as soon as any forwarded
+    /// request — guest write, resync chunk or barrier — waits longer than the timeout. It
+    /// checks a few times per timeout, so the cut comes within about 1.25 timeouts whatever
+    /// the manager, the resync or a barrier is waiting for. It ends with the link.
+    fn watch(&self, link: &Link) {
         let timeout = lock(&self.cfg).timeout;
-        let oldest = lock(&link.pending).values().map(|p| p.sent).min();
-        if let Some(t) = oldest
-            && t.elapsed() > timeout
-        {
-            self.fail_link(link, &format!("secondary did not answer within {timeout:?}"));
+        let period = (timeout / 4).clamp(Duration::from_millis(10), Duration::from_millis(500));
+        let mut g = lock(&link.pending);
+        loop {
+            if link.broken.load(Ordering::Acquire) {
+                return;
+            }
+            let oldest = g.values().map(|p| p.sent).min();
+            if oldest.is_some_and(|t| t.elapsed() > timeout) {
+                drop(g);
+                self.fail_link(link, &format!("secondary did not answer within {timeout:?}"));
+                return;
+            }
+            g = link.drained.wait_timeout(g, period).unwrap_or_else(|e| e.into_inner()).0;
         }
     }
 
@@ -528,13 +594,14 @@ impl Mirror {
                 log.entries.push_back((start, u64::MAX, a, b));
                 start
             };
+            self.resync_inflight.fetch_add(1, Ordering::SeqCst);
             self.dirty.clear(a, b);
             let len = ((b - a) * SECTOR) as usize;
-            let mut buf = vec![0u8; len];
+            let mut buf = AlignedBuf::zeroed(len);
             let rx = match self.disk.read_exact_at(&mut buf, a * SECTOR) {
                 Ok(()) => {
                     let (tx, rx) = mpsc::channel();
-                    self.send(CMD_WRITE, 0, a * SECTOR, len as u32, buf, Waiter::Chan(tx)).ok().map(|()| rx)
+                    self.send(CMD_WRITE, 0, a * SECTOR, len as u32, Arc::new(buf), Waiter::Chan(tx)).ok().map(|()| rx)
                 }
                 Err(e) => {
                     self.record_error(format!("resync read of the local disk failed: {e}"));
@@ -544,11 +611,17 @@ impl Mirror {
             inflight.push((start, a, b, rx));
             next = self.dirty.next_set_run(b, sectors);
         }
+        // The link's watchdog answers every chunk within about the timeout (a cut wakes them
+        // all); this deadline is only a backstop, shared by the whole batch.
+        let deadline = Instant::now() + timeout + Duration::from_secs(1);
         let mut all_ok = true;
         for (start, a, b, rx) in inflight {
-            let ok = rx.is_some_and(|rx| rx.recv_timeout(timeout + Duration::from_secs(1)).unwrap_or(false));
+            let left = deadline.saturating_duration_since(Instant::now());
+            let ok = rx.is_some_and(|rx| rx.recv_timeout(left).unwrap_or(false));
             let end = self.now();
             if let Some(e) = lock(&self.resync_log).entries.iter_mut().rev().find(|e| e.0 == start) {
+                // Ends are assigned in start order from an increasing clock (see
+                // `ResyncLog::overlaps`, which relies on it).
                 e.1 = end;
             }
             if ok {
@@ -557,6 +630,7 @@ impl Mirror {
                 self.dirty.set(a, b);
                 all_ok = false;
             }
+            self.resync_inflight.fetch_sub(1, Ordering::SeqCst);
         }
         all_ok
     }
@@ -608,11 +682,34 @@ impl Mirror {
             }
             g = link.drained.wait_timeout(g, left.min(Duration::from_millis(50))).unwrap_or_else(|e| e.into_inner()).0;
         }
+        // Again now that every earlier request was answered: one answered with an error
+        // re-dirtied its range after the first check, and a checkpoint that lacks it must not
+        // be committed by the secondary. A resync chunk in flight (its bits already cleared,
+        // perhaps even taken from such a re-dirtied range) must finish first: if it fails,
+        // its range is behind too. Bitmap read before the counter: a chunk counts itself
+        // before clearing its bits, so one of the two shows it.
+        loop {
+            let behind = self.dirty.count_all() * SECTOR;
+            if behind > 0 {
+                return Err(ReplicationError(format!("the secondary is not in sync yet: {behind} bytes to copy")));
+            }
+            if self.resync_inflight.load(Ordering::SeqCst) == 0 {
+                break;
+            }
+            if link.broken.load(Ordering::Acquire) {
+                break;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(ReplicationError("checkpoint barrier timed out waiting for the resync".into()));
+            }
+            g = link.drained.wait_timeout(g, left.min(Duration::from_millis(20))).unwrap_or_else(|e| e.into_inner()).0;
+        }
         drop(g);
         let seq = self.stats.barriers.fetch_add(1, Ordering::AcqRel) + 1;
         let cmd = if link.colo { CMD_COLO_BARRIER } else { CMD_FLUSH };
         let offset = if link.colo { seq } else { 0 };
-        if link.broken.load(Ordering::Acquire) || !self.send_and_wait(cmd, offset, 0, Vec::new()) {
+        if link.broken.load(Ordering::Acquire) || !self.send_and_wait(cmd, offset, 0, Payload::default()) {
             return Err(ReplicationError("the secondary did not confirm the checkpoint barrier".into()));
         }
         Ok(seq)
@@ -620,10 +717,14 @@ impl Mirror {
 
     fn disconnect(&self) {
         if let Some(l) = lock(&self.link).take() {
-            l.broken.store(true, Ordering::Release);
+            let pending: Vec<Pending> = {
+                let mut g = lock(&l.pending);
+                l.broken.store(true, Ordering::Release);
+                g.drain().map(|(_, p)| p).collect()
+            };
             l.ctl.shutdown();
-            let pending: Vec<Pending> = lock(&l.pending).drain().map(|(_, p)| p).collect();
             for p in pending {
+                self.dirty.set(p.sectors.0, p.sectors.1);
                 Self::wake(p.waiter, false);
             }
         }
@@ -631,10 +732,111 @@ impl Mirror {
     }
 }
 
+mod buf;
 mod control;
 mod device;
+
+use buf::AlignedBuf;
 mod hook;
 
 pub use control::MirrorControl;
 pub use device::MirrorDevice;
 pub use hook::{ColoHook, HOOK_EXPORT};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A link whose sender side is a socket pair and whose request channel is drained by a
+    /// thread that never answers (the test breaks the link itself).
+    fn idle_link() -> (Arc<Link>, std::os::unix::net::UnixStream) {
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let (tx, rx) = mpsc::channel::<(Request, Payload)>();
+        std::thread::spawn(move || while rx.recv().is_ok() {});
+        let link = Arc::new(Link {
+            tx,
+            ctl: Stream::Unix(a),
+            pending: Mutex::new(HashMap::new()),
+            drained: Condvar::new(),
+            broken: AtomicBool::new(false),
+            colo: false,
+        });
+        (link, b)
+    }
+
+    /// Issue 10 item F: with the log full after a large resync, a write that started after
+    /// every logged copy ended looks at one entry, not 4,096; overlap detection still works.
+    #[test]
+    fn resync_log_scan_is_bounded_by_the_write_lifetime() {
+        let mut log = ResyncLog::default();
+        for i in 0..RESYNC_LOG_LEN as u64 {
+            log.entries.push_back((2 * i, 2 * i + 1, i * 8, i * 8 + 8));
+        }
+        let since = 2 * RESYNC_LOG_LEN as u64 + 10;
+        assert_eq!(log.overlaps(0, 8, since, since + 5), (false, 1));
+        // A copy of sectors 0..8 in flight while the write runs: overlapped.
+        log.entries.push_back((since + 1, u64::MAX, 0, 8));
+        assert_eq!(log.overlaps(0, 8, since, since + 5), (true, 1));
+        // A write that started before the last 3 copies ended looks at 4 entries at most.
+        let since = 2 * (RESYNC_LOG_LEN as u64 - 3);
+        let (hit, seen) = log.overlaps(1_000_000, 1_000_008, since, 3 * RESYNC_LOG_LEN as u64);
+        assert!(!hit && seen <= 5, "{seen}");
+        // An overlapping copy that ended during the write's lifetime is found.
+        let last = RESYNC_LOG_LEN as u64 - 1;
+        assert!(log.overlaps(last * 8, last * 8 + 1, 2 * last, 3 * RESYNC_LOG_LEN as u64).0);
+        // A write older than the dropped entries is always treated as overlapped.
+        log.floor = 100;
+        assert_eq!(log.overlaps(1_000_000, 1_000_008, 50, 60), (true, 0));
+    }
+
+    /// Issue 10 item A: requests sent while the link breaks are either refused by `send` or
+    /// drained by `fail_link` — never inserted into a drained map, where nobody wakes them
+    /// (a hung guest request) or marks their range dirty (a silent gap).
+    #[test]
+    fn send_racing_fail_link_never_loses_a_request() {
+        const THREADS: u64 = 3;
+        const PER: u64 = 300;
+        let f = tempfile::tempfile().unwrap();
+        let size = THREADS * PER * SECTOR;
+        f.set_len(size).unwrap();
+        let cfg = MirrorConfig { secondary: None, timeout: Duration::from_secs(5), tls: None };
+        let m = Mirror::new(Arc::new(f), size, cfg);
+        for round in 0..300u64 {
+            m.dirty.clear_all();
+            let (link, _peer) = idle_link();
+            *lock(&m.link) = Some(link.clone());
+            let go = Arc::new(std::sync::Barrier::new(THREADS as usize + 1));
+            let senders: Vec<_> = (0..THREADS)
+                .map(|t| {
+                    let (m, go) = (m.clone(), go.clone());
+                    std::thread::spawn(move || {
+                        go.wait();
+                        let mut accepted = Vec::new();
+                        for i in 0..PER {
+                            let sector = t * PER + i;
+                            let (tx, rx) = mpsc::channel();
+                            let payload = Payload::new(AlignedBuf::zeroed(SECTOR as usize));
+                            if m.send(CMD_WRITE, 0, sector * SECTOR, SECTOR as u32, payload, Waiter::Chan(tx)).is_ok() {
+                                accepted.push((sector, rx));
+                            }
+                        }
+                        accepted
+                    })
+                })
+                .collect();
+            go.wait();
+            // Let the senders get going, then break the link under them.
+            for _ in 0..(round % 50) * 20 {
+                std::hint::spin_loop();
+            }
+            m.fail_link(&link, "cut by the test");
+            for s in senders {
+                for (sector, rx) in s.join().unwrap() {
+                    let woken = rx.recv_timeout(Duration::from_secs(5));
+                    assert_eq!(woken, Ok(false), "round {round}: request at sector {sector} was never woken");
+                    assert_eq!(m.dirty.count(sector, sector + 1), 1, "round {round}: sector {sector} not dirty");
+                }
+            }
+        }
+    }
+}

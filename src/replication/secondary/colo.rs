@@ -14,6 +14,16 @@
 //!   RESUME event).
 //!
 //! A failover while a checkpoint is pending discards the barrier: the buffers are merged.
+//!
+//! Lost and late barriers. QEMU never fails a checkpoint because colo-blk's hook flush did
+//! (the hook cannot fail the flush), so a checkpoint can be loaded whose barrier failed on
+//! the primary (link down, not in sync, no answer in time). The secondary sees it as a
+//! device start with dirty logging while no barrier is pending and none was committed since
+//! the previous start: its disk is then not the loaded checkpoint, and it is marked
+//! inconsistent (`disk-consistent` false, failover refused) until the next checkpoint
+//! commits. A barrier still running (its flushes outlasting the primary's timeout) when the
+//! device restarts is stale: it is refused when it completes instead of becoming pending,
+//! where the next primary write would commit it and drop the running VM's writes.
 
 use super::*;
 
@@ -28,6 +38,13 @@ pub(super) struct ColoState {
     commits: u64,
     /// The last commit: barrier, what triggered it, how long emptying took (µs).
     last: Option<(u64, &'static str, u64)>,
+    /// Device starts with dirty logging so far (a barrier that saw one start while it ran
+    /// is stale).
+    device_starts: u64,
+    /// A checkpoint was committed since the last device start with dirty logging.
+    committed_since_start: bool,
+    /// `primary_writes` at the last device start with dirty logging.
+    writes_at_start: u64,
 }
 
 /// What made a pending checkpoint commit.
@@ -62,12 +79,28 @@ impl Secondary {
             return Err(io::Error::from_raw_os_error(libc::ESHUTDOWN));
         }
         self.commit_pending(CommitTrigger::NextBarrier, None).map_err(io::Error::other)?;
-        {
-            let _t = self.gate.enter();
-            self.hidden.sync_data()?;
-            self.file.sync_data()?;
-        }
+        let starts = lock(&self.colo).device_starts;
+        // The ticket is held until the barrier is pending: a stop or failover quiesces the
+        // gate first, so it either sees this barrier pending (and discards it) or the barrier
+        // runs after it and finds the new stage.
+        let _t = self.gate.enter();
+        self.hidden.sync_data()?;
+        self.file.sync_data()?;
         let mut c = lock(&self.colo);
+        if c.device_starts != starts {
+            drop(c);
+            // The secondary VM already restarted (it loaded a checkpoint the primary sent
+            // without waiting for this barrier): committing it now would drop its writes.
+            log::error!("checkpoint barrier {seq} completed after the secondary VM restarted: refused");
+            self.emit("COLO_BARRIER_DISCARDED", json!({"barrier": seq}));
+            self.mark_inconsistent(format!("checkpoint barrier {seq} arrived after the secondary VM restarted"));
+            return Err(io::Error::other("stale checkpoint barrier"));
+        }
+        if self.stage() != Stage::Running {
+            // A failover or stop began while the barrier flushed: it must not become pending
+            // (nor be announced) in a stage where nothing will ever commit it.
+            return Err(io::Error::from_raw_os_error(libc::ESHUTDOWN));
+        }
         c.pending = Some(seq);
         c.barriers += 1;
         self.barrier_pending.store(true, Ordering::Release);
@@ -97,6 +130,7 @@ impl Secondary {
             Ok(us) => {
                 let mut c = lock(&self.colo);
                 c.commits += 1;
+                c.committed_since_start = true;
                 c.last = Some((seq, trigger.name(), us));
                 c.pending = None;
                 self.barrier_pending.store(false, Ordering::Release);
@@ -106,10 +140,55 @@ impl Secondary {
                 Ok(Some(seq))
             }
             Err(e) => {
+                // Emptying failed half way (the maps may already be cleared): the buffers are
+                // no checkpoint any more. Forget the barrier — committing it again later would
+                // drop the writes the VM makes meanwhile — and refuse failover until the next
+                // checkpoint commits.
                 log::error!("checkpoint {seq} could not be committed: {e}");
+                lock(&self.colo).pending = None;
+                self.barrier_pending.store(false, Ordering::Release);
+                self.mark_inconsistent(format!("checkpoint {seq} could not be committed ({e})"));
                 Err(e)
             }
         }
+    }
+
+    /// The secondary VM's device (re)started with dirty logging on: QEMU loaded a checkpoint
+    /// (it announces the restart with two SET_FEATURES; both land here). Commits the pending
+    /// barrier. With none pending, none committed since the previous start, barriers in use
+    /// and primary writes applied since the previous start, the checkpoint's barrier was lost:
+    /// the disk holds primary writes the loaded checkpoint's buffers were never settled for,
+    /// so the secondary is marked inconsistent. (A lost barrier in an epoch where only the
+    /// secondary VM wrote is not detected: its writes stay in active.)
+    pub fn colo_device_started(&self) {
+        let writes = self.primary_writes.load(Ordering::Acquire);
+        let (pending, committed, seen, wrote) = {
+            let mut c = lock(&self.colo);
+            c.device_starts += 1;
+            let wrote = writes != std::mem::replace(&mut c.writes_at_start, writes);
+            (c.pending.is_some(), std::mem::take(&mut c.committed_since_start), c.barriers > 0, wrote)
+        };
+        if pending {
+            // A failure is logged and recorded; the VM restarts on the uncommitted buffers.
+            let _ = self.commit_pending(CommitTrigger::DeviceStart, None);
+            let mut c = lock(&self.colo);
+            c.committed_since_start = false;
+            c.writes_at_start = self.primary_writes.load(Ordering::Acquire);
+        } else if seen && !committed && wrote && self.stage() == Stage::Running {
+            self.mark_inconsistent(
+                "the secondary VM loaded a checkpoint whose barrier never arrived (failed or lost on the \
+                 primary)"
+                    .into(),
+            );
+        }
+    }
+
+    /// The disk no longer matches the secondary VM's checkpoint: refuse failover until a
+    /// checkpoint commits (`checkpoint_locked` clears it).
+    pub(super) fn mark_inconsistent(&self, why: String) {
+        log::error!("secondary disk not consistent: {why}; failover is refused until the next checkpoint");
+        *lock(&self.unclean_why) = why;
+        self.unclean.store(true, Ordering::Release);
     }
 
     /// Forgets a pending barrier without committing it. Callers hold `ops`. `kept`: the

@@ -20,9 +20,12 @@ impl ReplicationControl for SecondaryControl {
             return Err(ReplicationError::mode_mismatch(Mode::Secondary, args.mode));
         }
         s.check_lengths()?;
-        s.state.write(DiskState::Replicating).map_err(|e| ReplicationError(format!("cannot record the state: {e}")))?;
         let closed = s.quiesce()?;
         s.empty_buffers().map_err(|e| ReplicationError(format!("Failed to empty buffers: {e}")))?;
+        // The marker last: a start that fails before this point leaves the disk as it was
+        // (stage none, no primary write applied under copy-before-write), so it must not be
+        // flagged as stopped while replicating.
+        s.state.write(DiskState::Replicating).map_err(|e| ReplicationError(format!("cannot record the state: {e}")))?;
         *lock(&s.error) = None;
         s.error_at.clear();
         s.set_stage(Stage::Running);
@@ -67,21 +70,26 @@ impl ReplicationControl for SecondaryControl {
         let _op = lock(&s.ops);
         match s.stage() {
             Stage::Done | Stage::Failover => return Ok(()),
+            // A failed failover commit is retried: the maps still say what is left to merge.
+            Stage::FailoverFailed if failover => return s.retry_failover(inject_commit_error),
             Stage::None | Stage::FailoverFailed => return Err(ReplicationError::not_running()),
             Stage::Running => {}
         }
         if failover && s.unclean.load(Ordering::Acquire) {
             return Err(ReplicationError(format!(
-                "The secondary disk is not consistent: colo-blk stopped while replicating ({}) and no \
-                 checkpoint has passed since. Let the primary resynchronise it and take a checkpoint, \
-                 or restore the disk, before failing over",
-                s.state.path().display()
+                "The secondary disk is not consistent: {} and no checkpoint has passed since. Let the \
+                 primary resynchronise it and take a checkpoint, or restore the disk, before failing over",
+                lock(&s.unclean_why)
             )));
         }
-        // No primary write may land once the buffers are being dropped or merged.
+        // Quiesce first: if it times out nothing has changed (stage running, the NBD server
+        // still serving the primary) and the stop can simply be retried. Once it succeeded no
+        // request runs; closing the server then makes sure no primary write lands once the
+        // buffers are being dropped or merged (requests queued at the gate find the new stage
+        // and are refused).
+        let closed = s.quiesce()?;
         s.close_nbd();
         s.discard_pending(true);
-        let closed = s.quiesce()?;
         if !failover {
             // QEMU's version of this path fails and keeps the buffers (spec §3.5); the
             // documented intent is to drop them and stop, which is what happens here.
@@ -107,12 +115,7 @@ impl ReplicationControl for SecondaryControl {
         s.merge_clock.start(0);
         s.set_stage(Stage::Failover);
         drop(closed);
-        let me = s.clone();
-        std::thread::Builder::new()
-            .name("failover-commit".into())
-            .spawn(move || me.run_failover(inject_commit_error))
-            .map_err(|e| ReplicationError(format!("cannot start the failover commit: {e}")))?;
-        Ok(())
+        s.spawn_failover(inject_commit_error)
     }
 
     fn query(&self) -> Value {
@@ -155,6 +158,31 @@ impl ReplicationControl for SecondaryControl {
 }
 
 impl Secondary {
+    fn spawn_failover(self: &Arc<Self>, inject_commit_error: bool) -> Result<(), ReplicationError> {
+        let me = self.clone();
+        std::thread::Builder::new()
+            .name("failover-commit".into())
+            .spawn(move || me.run_failover(inject_commit_error))
+            .map(|_| ())
+            .map_err(|e| {
+                self.merging.store(false, Ordering::Release);
+                self.set_stage(Stage::FailoverFailed);
+                ReplicationError(format!("cannot start the failover commit: {e}"))
+            })
+    }
+
+    /// `replication-stop {"failover": true}` in stage failover-failed: run the merge again.
+    /// The maps are exact (the merge clears a range's bits only after copying it, and writes
+    /// in failover-failed keep buffered sectors in the active buffer), so a second pass
+    /// finishes what the first one left. Callers hold `ops`.
+    fn retry_failover(self: &Arc<Self>, inject_commit_error: bool) -> Result<(), ReplicationError> {
+        log::warn!("retrying the failover commit");
+        self.merging.store(true, Ordering::Release);
+        self.merge_clock.start(self.merge_done.load(Ordering::Relaxed));
+        self.set_stage(Stage::Failover);
+        self.spawn_failover(inject_commit_error)
+    }
+
     /// Empties both buffers now (a checkpoint); returns how long it took in µs. Callers hold
     /// `ops` and checked that the stage is running.
     pub(super) fn checkpoint_locked(&self) -> Result<u64, ReplicationError> {

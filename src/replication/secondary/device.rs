@@ -24,9 +24,7 @@ impl BlockDevice for SecondaryDevice {
         // QEMU restarts the secondary's device with logging on right after loading a COLO
         // checkpoint; at failover it restarts it with logging off, and then nothing commits.
         if dirty_logging {
-            // A failure is logged and recorded; the VM restarts on the uncommitted buffers,
-            // which is what a failover would keep anyway.
-            let _ = self.0.commit_pending(CommitTrigger::DeviceStart, None);
+            self.0.colo_device_started();
         }
     }
     fn describe(&self) -> String {

@@ -96,6 +96,11 @@ pub struct Secondary {
     state: StateFile,
     /// colo-blk stopped while replicating and no checkpoint passed since: no failover.
     unclean: AtomicBool,
+    /// Why the disk is not consistent, when `unclean` (for the failover refusal).
+    unclean_why: Mutex<String>,
+    /// Primary writes applied while running (a device start after some, with no barrier in
+    /// between, loaded a checkpoint whose barrier was lost; see `colo_device_started`).
+    primary_writes: AtomicU64,
 }
 
 impl std::fmt::Debug for Secondary {
@@ -186,6 +191,11 @@ impl Secondary {
                 )));
             }
         };
+        let unclean_why = if unclean {
+            format!("colo-blk stopped while replicating ({})", state.path().display())
+        } else {
+            String::new()
+        };
         Ok(Arc::new(Secondary {
             disk,
             file,
@@ -217,6 +227,8 @@ impl Secondary {
             barrier_pending: AtomicBool::new(false),
             state,
             unclean: AtomicBool::new(unclean),
+            unclean_why: Mutex::new(unclean_why),
+            primary_writes: AtomicU64::new(0),
             pool: Pool::new(POOL_THREADS).map_err(|e| BlockError::Engine(IoEngineError::Setup(e)))?,
         }))
     }
@@ -311,6 +323,7 @@ impl Secondary {
         if stage == Stage::Running {
             let _g = self.locks.exclusive(s0, s1);
             self.copy_before_write(s0, s1)?;
+            self.primary_writes.fetch_add(1, Ordering::AcqRel);
             f(&self.file)
         } else {
             // Stage none: the initial synchronisation writes straight to the disk.
