@@ -356,3 +356,21 @@ fn a_checkpoint_loaded_without_its_barrier_marks_the_secondary_inconsistent() {
     assert_eq!(consistent(&p.sec), true);
     assert_eq!(qmp(&p.sec, "query-replication", json!({})).unwrap()["stage"], "running");
 }
+
+/// A checkpoint on the primary while the secondary was never started (stage none) says what
+/// is wrong and what to run, not an NBD error number.
+#[test]
+fn a_barrier_to_a_secondary_in_stage_none_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_sec, _sdisk, nbd) = colo_secondary(dir.path(), "32M", Some("colo"));
+    let pdisk = dir.path().join("pri.img");
+    let uri = format!("nbd+unix:///colo?socket={}", nbd.display());
+    let pri = start_primary(tempfile::tempdir().unwrap(), &pdisk, SIZE, &["--secondary", &uri]);
+    qmp(&pri, "replication-start", json!({"mode": "primary"})).unwrap();
+    let e = qmp(&pri, "replication-checkpoint", json!({})).unwrap_err();
+    assert!(e.contains("not replicating") && e.contains("replication-start mode=secondary"), "{e}");
+    let q = qmp(&pri, "query-replication", json!({})).unwrap();
+    let err = q["error"].as_str().unwrap_or_default().to_string();
+    assert!(!err.contains("NBD error 108"), "{err}");
+    assert!(!pri.log().iter().any(|l| l.contains("NBD error 108")), "{:?}", pri.log());
+}

@@ -108,6 +108,8 @@ pub struct Mirror {
 
 #[derive(Default)]
 struct MirrorStats {
+    /// NBD error code of the last refused barrier (0: none yet).
+    barrier_refusal: std::sync::atomic::AtomicU32,
     forwarded_ops: AtomicU64,
     forwarded_bytes: AtomicU64,
     failed_ops: AtomicU64,
@@ -319,10 +321,18 @@ impl Mirror {
         drop(g);
         if !ok {
             self.stats.failed_ops.fetch_add(1, Ordering::Relaxed);
-            self.record_error(format!(
-                "secondary answered NBD error {} for sectors {}..{}",
-                r.error, p.sectors.0, p.sectors.1
-            ));
+            if p.sectors.0 == p.sectors.1 {
+                // A barrier (or flush): it covers no sectors.
+                self.stats.barrier_refusal.store(r.error, Ordering::Relaxed);
+                self.record_error(format!("secondary refused the checkpoint barrier: {}", nbd_error_text(r.error)));
+            } else {
+                self.record_error(format!(
+                    "secondary answered {} for sectors {}..{}",
+                    nbd_error_text(r.error),
+                    p.sectors.0,
+                    p.sectors.1
+                ));
+            }
         }
         Self::wake(p.waiter, ok);
         if lock(&link.pending).is_empty() {
@@ -709,8 +719,19 @@ impl Mirror {
         let seq = self.stats.barriers.fetch_add(1, Ordering::AcqRel) + 1;
         let cmd = if link.colo { CMD_COLO_BARRIER } else { CMD_FLUSH };
         let offset = if link.colo { seq } else { 0 };
+        self.stats.barrier_refusal.store(0, Ordering::Relaxed);
         if link.broken.load(Ordering::Acquire) || !self.send_and_wait(cmd, offset, 0, Payload::default()) {
-            return Err(ReplicationError("the secondary did not confirm the checkpoint barrier".into()));
+            return Err(match self.stats.barrier_refusal.load(Ordering::Relaxed) {
+                crate::nbd::wire::ESHUTDOWN => ReplicationError(
+                    "the secondary refused the checkpoint barrier: it is not replicating (stage none: \
+                     run replication-start mode=secondary there; or it failed over)"
+                        .into(),
+                ),
+                0 => ReplicationError("the secondary did not confirm the checkpoint barrier".into()),
+                code => {
+                    ReplicationError(format!("the secondary refused the checkpoint barrier: {}", nbd_error_text(code)))
+                }
+            });
         }
         Ok(seq)
     }
@@ -742,6 +763,22 @@ mod hook;
 pub use control::MirrorControl;
 pub use device::MirrorDevice;
 pub use hook::{ColoHook, HOOK_EXPORT};
+
+/// An NBD error code as an operator reads it.
+fn nbd_error_text(code: u32) -> String {
+    use crate::nbd::wire;
+    let what = match code {
+        wire::ESHUTDOWN => "ESHUTDOWN (the secondary is not replicating: stage none, or it failed over)",
+        wire::EIO => "EIO (an I/O error on the secondary)",
+        wire::ENOSPC => "ENOSPC (the secondary is out of space)",
+        wire::EINVAL => "EINVAL (the secondary refused the request as invalid)",
+        wire::EPERM => "EPERM (the secondary refused writing)",
+        wire::ENOMEM => "ENOMEM (the secondary is out of memory)",
+        wire::ENOTSUP => "ENOTSUP (the secondary does not support the request)",
+        _ => return format!("NBD error {code}"),
+    };
+    what.to_string()
+}
 
 #[cfg(test)]
 mod tests {
