@@ -5,7 +5,8 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Client, Server, pattern};
+use common::pair::colo_secondary;
+use common::{Client, pattern};
 
 fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -31,29 +32,7 @@ impl Lcg {
 fn scattered_writes_over_a_terabyte_cost_memory_by_the_write() {
     const TIB: u64 = 1 << 40;
     let dir = tempfile::tempdir().unwrap();
-    let p = |n: &str| dir.path().join(n).display().to_string();
-    let (disk, active, hidden) = (p("disk.img"), p("active.img"), p("hidden.img"));
-    let nbd = format!("unix:{}", p("nbd.sock"));
-    let size = TIB.to_string();
-    let s = Server::start(
-        tempfile::tempdir().unwrap(),
-        &[
-            "--replication",
-            "secondary",
-            "--disk",
-            &disk,
-            "--size",
-            &size,
-            "--active",
-            &active,
-            "--hidden",
-            &hidden,
-            "--nbd-listen",
-            &nbd,
-            "--num-queues",
-            "1",
-        ],
-    );
+    let (s, _, _) = colo_secondary(dir.path(), &TIB.to_string(), None);
     let mut q = s.qmp();
     let start: serde_json::Map<String, serde_json::Value> = serde_json::from_str(r#"{"mode": "secondary"}"#).unwrap();
     q.execute("replication-start", start).unwrap().expect("replication-start");
@@ -94,27 +73,8 @@ fn scattered_writes_over_a_terabyte_cost_memory_by_the_write() {
 fn a_checkpoint_with_a_large_dirty_set_stays_fast() {
     const BLOCKS: u64 = 20_000;
     let dir = tempfile::tempdir().unwrap();
-    let p = |n: &str| dir.path().join(n).display().to_string();
-    let (disk, active, hidden, nbd) = (p("disk.img"), p("active.img"), p("hidden.img"), p("nbd.sock"));
-    let s = Server::start(
-        tempfile::tempdir().unwrap(),
-        &[
-            "--replication",
-            "secondary",
-            "--disk",
-            &disk,
-            "--size",
-            "1G",
-            "--active",
-            &active,
-            "--hidden",
-            &hidden,
-            "--nbd-listen",
-            &format!("unix:{nbd}"),
-            "--num-queues",
-            "1",
-        ],
-    );
+    let (s, _, nbd) = colo_secondary(dir.path(), "1G", None);
+    let (nbd, active, hidden) = (nbd.display().to_string(), dir.path().join("a.img"), dir.path().join("h.img"));
     let mut q = s.qmp();
     let start: serde_json::Map<String, serde_json::Value> = serde_json::from_str(r#"{"mode": "secondary"}"#).unwrap();
     q.execute("replication-start", start).unwrap().expect("replication-start");
@@ -159,7 +119,7 @@ fn a_checkpoint_with_a_large_dirty_set_stays_fast() {
     assert_eq!(st, 0);
     assert_eq!(back, vec![0u8; 4096]);
     assert_eq!(std::fs::metadata(&active).unwrap().len(), 1 << 30);
-    assert_eq!(common::allocated(std::path::Path::new(&hidden)), 0, "hidden buffer still allocated");
+    assert_eq!(common::allocated(&hidden), 0, "hidden buffer still allocated");
     // The next epoch works on the fresh files.
     assert_eq!(c.write(0, 8192, &data), 0);
     assert_eq!(s.qmp_ok("query-replication")["active-dirty-bytes"], 4096);

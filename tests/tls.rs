@@ -7,35 +7,10 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
+use common::hostile::make_creds;
 use common::pair::*;
 use common::*;
 use serde_json::json;
-
-/// A CA, a server certificate for 127.0.0.1 and a client certificate, in QEMU's layout:
-/// `srv/` (ca-cert, server-cert, server-key) and `cli/` (ca-cert, client-cert, client-key).
-/// `rogue/` holds a client certificate from another CA.
-fn make_creds(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
-    let script = r#"
-set -e
-ca() { openssl req -x509 -newkey rsa:2048 -nodes -keyout $1-key.pem -out $1-cert.pem -days 2 -subj "/CN=$1" 2>/dev/null; }
-leaf() { # NAME CA EXT
-  openssl req -newkey rsa:2048 -nodes -keyout $1-key.pem -out $1.csr -subj "/CN=$1" 2>/dev/null
-  printf "$3" > $1.ext
-  openssl x509 -req -in $1.csr -CA $2-cert.pem -CAkey $2-key.pem -CAcreateserial -out $1-cert.pem -days 2 -extfile $1.ext 2>/dev/null
-}
-ca ca; ca other
-leaf server ca "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\nkeyUsage=digitalSignature,keyEncipherment\n"
-leaf client ca "extendedKeyUsage=clientAuth\nkeyUsage=digitalSignature,keyEncipherment\n"
-leaf intruder other "extendedKeyUsage=clientAuth\nkeyUsage=digitalSignature,keyEncipherment\n"
-mkdir srv cli rogue
-cp ca-cert.pem server-cert.pem server-key.pem srv/
-cp ca-cert.pem client-cert.pem client-key.pem cli/
-cp ca-cert.pem rogue/; cp intruder-cert.pem rogue/client-cert.pem; cp intruder-key.pem rogue/client-key.pem
-"#;
-    let out = Command::new("bash").arg("-c").arg(script).current_dir(dir).output().unwrap();
-    assert!(out.status.success(), "openssl: {}", String::from_utf8_lossy(&out.stderr));
-    (dir.join("srv"), dir.join("cli"), dir.join("rogue"))
-}
 
 fn tls_secondary(dir: &Path, port: u16, srv: &Path) -> (Server, PathBuf) {
     let p = |n: &str| dir.join(n).display().to_string();
