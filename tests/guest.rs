@@ -28,6 +28,10 @@ fn run_fio(socket: &Path, job: &str, extra: &[&str]) -> (bool, String) {
         .arg("--job")
         .arg(job)
         .arg("--quiet")
+        // The five guest tests boot TCG guests in parallel on a 2-core CI machine: the script's
+        // default of 120 s per guest was exceeded there once (a 64 MiB verify on the
+        // secondary). A test that wants another bound passes its own --timeout after this one.
+        .args(["--timeout", "300"])
         .args(extra)
         .output()
         .expect("run-fio.sh");
