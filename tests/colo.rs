@@ -34,6 +34,15 @@ fn colo_pair() -> ColoPair {
     ColoPair { sec, pri, sdisk, pdisk, hook, _dir: dir }
 }
 
+/// What the secondary QEMU does at a checkpoint: stop its device, load the primary's RAM and
+/// ring state, restart on the primary's index with dirty logging.
+fn load_checkpoint(fs: &mut BlkFrontend, fp: &BlkFrontend, base: u16) {
+    fs.stop();
+    fs.mem.copy_from(&fp.mem);
+    fs.adopt_ring_state(fp);
+    fs.restart(base, true);
+}
+
 fn colo_state(sec: &Server) -> Value {
     qmp(sec, "query-replication", json!({})).unwrap()["colo"].clone()
 }
@@ -324,10 +333,7 @@ fn a_checkpoint_loaded_without_its_barrier_marks_the_secondary_inconsistent() {
     assert_eq!(fp.io(T_OUT, 0, &pattern(0, 4096, 1)).status, 0);
     let base = fp.stop();
     hook_flush(&p.hook);
-    fs.stop();
-    fs.mem.copy_from(&fp.mem);
-    fs.adopt_ring_state(&fp);
-    fs.restart(base, true);
+    load_checkpoint(&mut fs, &fp, base);
     assert_eq!(colo_state(&p.sec)["commits"], 1);
     fp.restart(base, true);
     assert_eq!(consistent(&p.sec), true);
@@ -335,10 +341,7 @@ fn a_checkpoint_loaded_without_its_barrier_marks_the_secondary_inconsistent() {
     // (the barrier is lost), and the secondary loads the checkpoint anyway.
     assert_eq!(fp.io(T_OUT, 8, &pattern(4096, 4096, 2)).status, 0);
     let base = fp.stop();
-    fs.stop();
-    fs.mem.copy_from(&fp.mem);
-    fs.adopt_ring_state(&fp);
-    fs.restart(base, true);
+    load_checkpoint(&mut fs, &fp, base);
     assert_eq!(colo_state(&p.sec)["commits"], 1);
     assert_eq!(consistent(&p.sec), false, "a checkpoint without barrier left the disk marked consistent");
     let e = qmp(&p.sec, "replication-stop", json!({"failover": true})).unwrap_err();
@@ -348,10 +351,7 @@ fn a_checkpoint_loaded_without_its_barrier_marks_the_secondary_inconsistent() {
     assert_eq!(fp.io(T_OUT, 16, &pattern(8192, 4096, 3)).status, 0);
     let base = fp.stop();
     hook_flush(&p.hook);
-    fs.stop();
-    fs.mem.copy_from(&fp.mem);
-    fs.adopt_ring_state(&fp);
-    fs.restart(base, true);
+    load_checkpoint(&mut fs, &fp, base);
     assert_eq!(colo_state(&p.sec)["commits"], 2);
     assert_eq!(consistent(&p.sec), true);
     assert_eq!(qmp(&p.sec, "query-replication", json!({})).unwrap()["stage"], "running");

@@ -47,24 +47,6 @@ fn tcp_secondary(dir: &Path, port: u16, size: u64, srv: Option<&Path>) -> (Serve
     (s, dir.join("sec.img"))
 }
 
-/// qemu-io against 127.0.0.1:`port`, with QEMU's `tls-creds-x509` when `creds` is given.
-fn qemu_io(port: u16, creds: Option<&Path>, cmd: &str) -> (bool, String) {
-    let mut c = Command::new("qemu-io");
-    let tls = match creds {
-        Some(d) => {
-            c.arg("--object").arg(format!("tls-creds-x509,id=tls0,dir={},endpoint=client", d.display()));
-            ",tls-creds=tls0"
-        }
-        None => "",
-    };
-    c.arg("--image-opts")
-        .arg(format!("driver=nbd,server.type=inet,server.host=127.0.0.1,server.port={port}{tls}"))
-        .args(["-c", cmd]);
-    let out = c.output().unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    (out.status.success() && !text.contains("failed") && !text.contains("Pattern verification"), text)
-}
-
 fn signal(s: &Server, sig: i32) {
     // SAFETY: sending a signal to our own child process.
     assert_eq!(unsafe { libc::kill(s.child.id() as i32, sig) }, 0);
@@ -79,9 +61,9 @@ fn tls_read_of_32_mib_arrives_whole() {
     make_disk(&dir.path().join("sec.img"), 64 * MIB, Some(0x5a));
     let port = free_port();
     let (sec, _) = tcp_secondary(dir.path(), port, 64 * MIB, Some(&srv));
-    let (ok, out) = qemu_io(port, Some(&cli), "read -P 0x5a 0 32M");
+    let (ok, out) = qemu_io_tcp(port, Some(&cli), "read -P 0x5a 0 32M");
     assert!(ok, "{out}");
-    let (ok, out) = qemu_io(port, Some(&cli), "read -P 0x5a 16M 32M");
+    let (ok, out) = qemu_io_tcp(port, Some(&cli), "read -P 0x5a 16M 32M");
     assert!(ok, "{out}");
     // A reader that pauses 1.5 s before taking the reply: the server's pump must wait, not
     // give up when rustls' buffer is full.
@@ -220,7 +202,7 @@ fn idle_connections_cannot_lock_the_primary_out() {
         (0..20).map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).unwrap()).collect();
     // The real client gets in (and again: the idle ones do not come back).
     for pat in [0x31, 0x32] {
-        let (ok, out) = qemu_io(port, Some(&cli), &format!("write -P {pat} 1M 64k"));
+        let (ok, out) = qemu_io_tcp(port, Some(&cli), &format!("write -P {pat} 1M 64k"));
         assert!(ok, "{out}");
     }
     assert_eq!(file_range(&sdisk, MIB, 65536), vec![0x32; 65536]);

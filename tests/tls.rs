@@ -7,7 +7,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
-use common::hostile::make_creds;
+use common::hostile::{make_creds, qemu_io_tcp};
 use common::pair::*;
 use common::*;
 use serde_json::json;
@@ -40,35 +40,18 @@ fn tls_secondary(dir: &Path, port: u16, srv: &Path) -> (Server, PathBuf) {
     (s, dir.join("sec.img"))
 }
 
-fn qemu_io_tls(port: u16, creds: Option<&Path>, cmd: &str) -> (bool, String) {
-    let mut c = Command::new("qemu-io");
-    let tls = match creds {
-        Some(d) => {
-            c.arg("--object").arg(format!("tls-creds-x509,id=tls0,dir={},endpoint=client", d.display()));
-            ",tls-creds=tls0"
-        }
-        None => "",
-    };
-    c.arg("--image-opts")
-        .arg(format!("driver=nbd,server.type=inet,server.host=127.0.0.1,server.port={port}{tls}"))
-        .args(["-c", cmd]);
-    let out = c.output().unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    (out.status.success() && !text.contains("failed"), text)
-}
-
 #[test]
 fn qemu_tls_client_gets_in_only_with_a_certificate_from_the_ca() {
     let dir = tempfile::tempdir().unwrap();
     let (srv, cli, rogue) = make_creds(dir.path());
     let port = free_port();
     let (sec, sdisk) = tls_secondary(dir.path(), port, &srv);
-    let (ok, out) = qemu_io_tls(port, Some(&cli), "write -P 0x5a 1M 64k");
+    let (ok, out) = qemu_io_tcp(port, Some(&cli), "write -P 0x5a 1M 64k");
     assert!(ok, "{out}");
     assert!(file_range(&sdisk, MIB, 65536) == vec![0x5a; 65536]);
-    let (ok, out) = qemu_io_tls(port, None, "write -P 0x66 0 4k");
+    let (ok, out) = qemu_io_tcp(port, None, "write -P 0x66 0 4k");
     assert!(!ok && out.contains("TLS is required"), "{out}");
-    let (ok, out) = qemu_io_tls(port, Some(&rogue), "write -P 0x66 0 4k");
+    let (ok, out) = qemu_io_tcp(port, Some(&rogue), "write -P 0x66 0 4k");
     assert!(!ok, "a certificate from another CA got in: {out}");
     assert!(file_range(&sdisk, 0, 4096) == vec![0u8; 4096], "a refused client wrote");
     let q = qmp(&sec, "query-replication", json!({})).unwrap();

@@ -361,18 +361,21 @@ mod tests {
         assert!(again.queue(2).is_none());
     }
 
+    /// Writes one split-ring descriptor (16 bytes, little endian) at guest address `at`.
+    fn put_desc(mem: &vm_memory::GuestMemoryMmap, at: u64, addr: u64, len: u32, flags: u16, next: u16) {
+        let mut b = Vec::with_capacity(16);
+        b.extend_from_slice(&addr.to_le_bytes());
+        b.extend_from_slice(&len.to_le_bytes());
+        b.extend_from_slice(&flags.to_le_bytes());
+        b.extend_from_slice(&next.to_le_bytes());
+        mem.write_slice(&b, GuestAddress(at)).unwrap();
+    }
+
     #[test]
     fn reads_direct_and_indirect_chains() {
         use vm_memory::GuestMemoryMmap;
         let mem: GuestMemoryMmap = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
-        let put = |at: u64, addr: u64, len: u32, flags: u16, next: u16| {
-            let mut b = Vec::new();
-            b.extend_from_slice(&addr.to_le_bytes());
-            b.extend_from_slice(&len.to_le_bytes());
-            b.extend_from_slice(&flags.to_le_bytes());
-            b.extend_from_slice(&next.to_le_bytes());
-            mem.write_slice(&b, GuestAddress(at)).unwrap();
-        };
+        let put = |at: u64, addr: u64, len: u32, flags: u16, next: u16| put_desc(&mem, at, addr, len, flags, next);
         // head 2 -> 4 -> end; head 6 indirect with 2 entries.
         put(0x1000 + 32, 0x8000, 16, F_NEXT, 4);
         put(0x1000 + 64, 0x9000, 512, 0, 0);
@@ -392,14 +395,7 @@ mod tests {
     fn an_indirect_table_longer_than_the_queue_is_not_walked() {
         use vm_memory::GuestMemoryMmap;
         let mem: GuestMemoryMmap = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
-        let put = |at: u64, addr: u64, len: u32, flags: u16, next: u16| {
-            let mut b = Vec::new();
-            b.extend_from_slice(&addr.to_le_bytes());
-            b.extend_from_slice(&len.to_le_bytes());
-            b.extend_from_slice(&flags.to_le_bytes());
-            b.extend_from_slice(&next.to_le_bytes());
-            mem.write_slice(&b, GuestAddress(at)).unwrap();
-        };
+        let put = |at: u64, addr: u64, len: u32, flags: u16, next: u16| put_desc(&mem, at, addr, len, flags, next);
         // A looping one-entry table claiming 2^28 - 1 entries, then 9 entries, then a
         // table that is not a whole number of descriptors.
         put(0x3000, 0xa000, 16, F_NEXT, 0);

@@ -149,3 +149,21 @@ impl Drop for SilentTlsServer {
         let _ = TcpStream::connect(("127.0.0.1", self.port));
     }
 }
+
+/// qemu-io against 127.0.0.1:`port`, with QEMU's `tls-creds-x509` when `creds` is given.
+pub fn qemu_io_tcp(port: u16, creds: Option<&Path>, cmd: &str) -> (bool, String) {
+    let mut c = Command::new("qemu-io");
+    let tls = match creds {
+        Some(d) => {
+            c.arg("--object").arg(format!("tls-creds-x509,id=tls0,dir={},endpoint=client", d.display()));
+            ",tls-creds=tls0"
+        }
+        None => "",
+    };
+    c.arg("--image-opts")
+        .arg(format!("driver=nbd,server.type=inet,server.host=127.0.0.1,server.port={port}{tls}"))
+        .args(["-c", cmd]);
+    let out = c.output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.success() && !text.contains("failed"), text)
+}
