@@ -374,3 +374,85 @@ fn a_barrier_to_a_secondary_in_stage_none_says_so() {
     assert!(!err.contains("NBD error 108"), "{err}");
     assert!(!pri.log().iter().any(|l| l.contains("NBD error 108")), "{:?}", pri.log());
 }
+
+/// Epoch 2 of a replayed COLO pair, up to the primary's death: checkpoint 1 committed, then
+/// the primary VM writes at sector 64, the secondary VM at sector 2000, the primary stops
+/// (barrier 2 pending) and dies; the secondary QEMU has stopped its device to load
+/// checkpoint 2 when the failover comes. Returns the secondary's frontend and the primary's
+/// ring index (the loaded checkpoint's), and the directory the secondary's files live in.
+type LoadWindow = (Server, std::path::PathBuf, BlkFrontend, BlkFrontend, u16, tempfile::TempDir);
+fn failover_in_the_load_window(p: ColoPair) -> LoadWindow {
+    let mut fp = BlkFrontend::connect(&p.pri.socket);
+    let mut fs = BlkFrontend::connect(&p.sec.socket);
+    assert_eq!(fp.io(T_OUT, 0, &pattern(0, 4096, 1)).status, 0);
+    let base = fp.stop();
+    hook_flush(&p.hook);
+    load_checkpoint(&mut fs, &fp, base);
+    assert_eq!(colo_state(&p.sec)["commits"], 1);
+    fp.restart(base, true);
+    assert_eq!(fp.io(T_OUT, 64, &pattern(64 * 512, 4096, 21)).status, 0);
+    assert_eq!(fs.io(T_OUT, 2000, &pattern(2000 * 512, 4096, 22)).status, 0);
+    let base = fp.stop();
+    hook_flush(&p.hook);
+    assert_eq!(colo_state(&p.sec)["pending-barrier"], 2);
+    // The secondary QEMU stops its VM for the load, then the primary dies.
+    fs.stop();
+    drop(p.pri);
+    qmp(&p.sec, "replication-stop", json!({"failover": true})).unwrap();
+    let q = qmp(&p.sec, "query-replication", json!({})).unwrap();
+    assert_eq!(q["stage"], "failover", "{q}");
+    assert_eq!(q["colo"]["failover-awaits-load"], true, "{q}");
+    assert_eq!(q["colo"]["pending-barrier"], 2, "{q}");
+    (p.sec, p.sdisk, fs, fp, base, p._dir)
+}
+
+/// Issue 10 item 11, first order: the failover arrives in the load window and QEMU then
+/// completes the load (its device restarts with dirty logging on the primary's index). The
+/// VM's RAM is checkpoint 2, so the disk must be checkpoint 2: the primary's epoch-2 write
+/// stays, the secondary VM's dropped write is gone.
+#[test]
+fn a_failover_in_the_load_window_commits_the_checkpoint_the_vm_then_loads() {
+    let p = colo_pair();
+    let mut ev = p.sec.qmp();
+    let (sec, sdisk, mut fs, fp, base, _dir) = failover_in_the_load_window(p);
+    fs.mem.copy_from(&fp.mem);
+    fs.adopt_ring_state(&fp);
+    fs.restart(base, true);
+    let e = ev.wait_event("COLO_CHECKPOINT", WAIT).unwrap();
+    assert_eq!(e["data"]["barrier"], 1, "{e}");
+    let e = ev.wait_event("COLO_CHECKPOINT", WAIT).unwrap();
+    assert_eq!(e["data"]["barrier"], 2, "{e}");
+    assert_eq!(e["data"]["trigger"], "device-start", "{e}");
+    ev.wait_event("REPLICATION_FAILOVER_DONE", WAIT).unwrap();
+    let q = qmp(&sec, "query-replication", json!({})).unwrap();
+    assert_eq!(q["stage"], "done", "{q}");
+    assert_eq!(q["colo"]["commits"], 2, "{q}");
+    assert_eq!(q["colo"]["failover-awaits-load"], false, "{q}");
+    assert!(file_range(&sdisk, 0, 4096) == pattern(0, 4096, 1), "checkpoint 1 data lost");
+    assert!(file_range(&sdisk, 64 * 512, 4096) == pattern(64 * 512, 4096, 21), "checkpoint 2's write rolled back");
+    assert!(file_range(&sdisk, 2000 * 512, 4096) == vec![0u8; 4096], "a write the loaded RAM never made survived");
+    assert!(fs.io(T_IN, 64, &[0u8; 4096]).data == pattern(64 * 512, 4096, 21));
+}
+
+/// Issue 10 item 11, second order: the failover arrives in the load window and the load
+/// does not happen (QEMU resumes the VM from checkpoint 1: its device restarts without
+/// dirty logging on its own index). The barrier is discarded and the merge keeps the VM's
+/// own write; the primary's epoch-2 write is rolled back.
+#[test]
+fn a_failover_in_the_load_window_discards_the_checkpoint_the_vm_never_loaded() {
+    let p = colo_pair();
+    let mut ev = p.sec.qmp();
+    let (sec, sdisk, mut fs, _fp, _base, _dir) = failover_in_the_load_window(p);
+    let own = fs.mem.read_u16(0x3002);
+    fs.restart(own, false);
+    let e = ev.wait_event("COLO_BARRIER_DISCARDED", WAIT).unwrap();
+    assert_eq!(e["data"]["barrier"], 2, "{e}");
+    ev.wait_event("REPLICATION_FAILOVER_DONE", WAIT).unwrap();
+    let q = qmp(&sec, "query-replication", json!({})).unwrap();
+    assert_eq!(q["stage"], "done", "{q}");
+    assert_eq!(q["colo"]["commits"], 1, "{q}");
+    assert!(file_range(&sdisk, 0, 4096) == pattern(0, 4096, 1), "checkpoint 1 data lost");
+    assert!(file_range(&sdisk, 64 * 512, 4096) == vec![0u8; 4096], "the unloaded checkpoint's write kept");
+    assert!(file_range(&sdisk, 2000 * 512, 4096) == pattern(2000 * 512, 4096, 22), "VM write lost");
+    assert!(fs.io(T_IN, 2000, &[0u8; 4096]).data == pattern(2000 * 512, 4096, 22));
+}

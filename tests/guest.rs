@@ -261,8 +261,25 @@ fn guest_fio_survives_a_backend_kill_and_reconnect() {
     // Freeze the secondary: the guest's next writes stay in flight on the primary.
     // SAFETY: signalling a child process we own.
     unsafe { libc::kill(sec.child.id() as i32, libc::SIGSTOP) };
-    wait("writes in flight", &mut || {
-        qmp(&s, "query-replication", json!({})).unwrap()["link"]["inflight"].as_u64().unwrap_or(0) >= 2
+    // Guest writes are stuck once mirrored writes stay unanswered while no write completes
+    // for a while: replies the secondary sent just before it stopped are read within
+    // milliseconds, and fio's verify pass (reads only) leaves nothing unanswered.
+    let mut last: Option<(u64, std::time::Instant)> = None;
+    wait("guest writes stuck in flight", &mut || {
+        let link = qmp(&s, "query-replication", json!({})).unwrap()["link"]["inflight"].as_u64().unwrap_or(0);
+        let guest = s.qmp_ok("query-block")["inflight"].as_u64().unwrap_or(0);
+        let writes = s.qmp_ok("query-blockstats")["write"]["ops"].as_u64().unwrap_or(0);
+        if link < 2 || guest < 2 {
+            last = None;
+            return false;
+        }
+        match last {
+            Some((w, since)) if w == writes => since.elapsed() >= std::time::Duration::from_millis(500),
+            _ => {
+                last = Some((writes, std::time::Instant::now()));
+                false
+            }
+        }
     });
     s.child.kill().unwrap();
     s.child.wait().unwrap();

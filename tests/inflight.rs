@@ -67,6 +67,8 @@ fn requests_in_flight_at_a_crash_complete_exactly_once_after_reconnect() {
     // SAFETY: as above.
     unsafe { libc::kill(sec.child.id() as i32, libc::SIGCONT) };
     let _keep = state;
+    // The guest has nothing more to submit: no kick is pending for the restarted daemon.
+    fe.clear_kick();
 
     // Restart (same disk, same socket) and reconnect as QEMU does.
     let again = Server::start_at(tempfile::tempdir().unwrap(), &socket, &args);

@@ -153,6 +153,9 @@ impl BlockDevice for FaultyDevice {
     fn frontend_starting(&self, dirty_logging: bool) {
         self.inner.frontend_starting(dirty_logging)
     }
+    fn frontend_stopped(&self) {
+        self.inner.frontend_stopped()
+    }
 }
 
 struct FaultyQueue {

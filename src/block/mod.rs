@@ -72,6 +72,10 @@ pub trait BlockDevice: Send + Sync {
     /// no answer before this returns. `dirty_logging`: it asked for dirty-page logging (live
     /// migration or COLO). The COLO secondary commits a pending checkpoint here.
     fn frontend_starting(&self, _dirty_logging: bool) {}
+    /// The frontend stopped a queue (GET_VRING_BASE, after its requests drained) or went
+    /// away: the guest is not running on this device until the next start. The COLO
+    /// secondary learns here that its VM is loading a checkpoint.
+    fn frontend_stopped(&self) {}
 }
 
 /// Errors at the block layer's edge.

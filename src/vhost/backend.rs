@@ -297,6 +297,7 @@ impl VhostUserBackend for BlkBackend {
             // with inflight tracking resubmits them). The memory they use stays alive.
             return Err(io::Error::new(io::ErrorKind::TimedOut, "requests still in flight after the drain timeout"));
         }
+        self.device.frontend_stopped();
         Ok(())
     }
 

@@ -150,6 +150,12 @@ pub struct Done {
 }
 
 impl BlkFrontend {
+    /// Consumes any kick the backend has not read yet (as if the backend that died had
+    /// read it): a restarted backend must then find the ring's work without one.
+    pub fn clear_kick(&self) {
+        let _ = self.kick.read();
+    }
+
     /// Connects and initialises the device the way QEMU does for a fresh VM.
     pub fn connect(socket: &Path) -> BlkFrontend {
         Self::connect_with(socket, false)

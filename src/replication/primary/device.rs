@@ -49,6 +49,9 @@ impl BlockDevice for MirrorDevice {
         self.mirror.device_started();
         self.inner.frontend_starting(dirty_logging)
     }
+    fn frontend_stopped(&self) {
+        self.inner.frontend_stopped()
+    }
 }
 
 struct Join {

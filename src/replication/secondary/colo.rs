@@ -13,7 +13,14 @@
 //! - `replication-checkpoint {"barrier": N}` (an orchestrator relaying the secondary's
 //!   RESUME event).
 //!
-//! A failover while a checkpoint is pending discards the barrier: the buffers are merged.
+//! A failover while a checkpoint is pending and the secondary VM runs discards the barrier:
+//! the VM carries on from the checkpoint it runs on, so the buffers are merged. A failover
+//! in the *load window* — the barrier pending and the VM's device stopped, as QEMU stops it
+//! to load a checkpoint — cannot know yet which state the VM will resume from: QEMU finishes
+//! a load it has started before it honours a lost heartbeat. The decision waits for the
+//! device's next start: with dirty logging the checkpoint was loaded and is committed (the
+//! buffers' bits are dropped, the merge then has nothing to copy); without, the load did not
+//! happen and the barrier is discarded. No start within [`LOAD_DECISION_TIMEOUT`]: discarded.
 //!
 //! Lost and late barriers. QEMU never fails a checkpoint because colo-blk's hook flush did
 //! (the hook cannot fail the flush), so a checkpoint can be loaded whose barrier failed on
@@ -45,6 +52,24 @@ pub(super) struct ColoState {
     committed_since_start: bool,
     /// `primary_writes` at the last device start with dirty logging.
     writes_at_start: u64,
+    /// The secondary VM's device is stopped (a queue stopped since the last start): QEMU
+    /// stops it while it loads a checkpoint.
+    device_stopped: bool,
+    /// A failover came in the load window: the next device start decides the pending
+    /// barrier (see the module comment).
+    failover_deferred: bool,
+}
+
+/// How long a failover in the load window waits for the secondary VM's device to restart
+/// before it decides that the checkpoint was not loaded. QEMU loads a checkpoint from
+/// memory (it received all of it before it stopped the VM): seconds at most.
+pub(super) const LOAD_DECISION_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl ColoState {
+    /// A failover waits for the device's restart to decide the pending barrier.
+    pub(super) fn failover_deferred(&self) -> bool {
+        self.failover_deferred
+    }
 }
 
 /// What made a pending checkpoint commit.
@@ -126,6 +151,11 @@ impl Secondary {
         if self.stage() != Stage::Running {
             return Ok(None);
         }
+        self.commit_barrier(seq, trigger)
+    }
+
+    /// Empties the buffers for barrier `seq` and records the commit. Callers hold `ops`.
+    fn commit_barrier(&self, seq: u64, trigger: CommitTrigger) -> Result<Option<u64>, ReplicationError> {
         match self.checkpoint_locked() {
             Ok(us) => {
                 let mut c = lock(&self.colo);
@@ -151,6 +181,92 @@ impl Secondary {
                 Err(e)
             }
         }
+    }
+
+    /// The secondary VM's device stopped (a queue's GET_VRING_BASE, or the frontend left).
+    pub fn colo_device_stopped(&self) {
+        lock(&self.colo).device_stopped = true;
+    }
+
+    /// The secondary VM's device is (re)starting; `logging`: with dirty logging on. Settles a
+    /// failover's deferred checkpoint decision first.
+    pub fn colo_frontend_starting(&self, logging: bool) {
+        let deferred = {
+            let mut c = lock(&self.colo);
+            c.device_stopped = false;
+            std::mem::take(&mut c.failover_deferred)
+        };
+        if deferred {
+            self.settle_deferred(logging);
+        } else if logging {
+            self.colo_device_started();
+        }
+    }
+
+    /// At a failover (callers hold `ops`, the stage is still running): whether the pending
+    /// barrier's fate must wait for the device's next start (the load window). If so, it
+    /// is marked deferred and stays pending.
+    pub(super) fn defer_for_load(&self) -> Option<u64> {
+        let mut c = lock(&self.colo);
+        match c.pending {
+            Some(seq) if c.device_stopped => {
+                c.failover_deferred = true;
+                Some(seq)
+            }
+            _ => None,
+        }
+    }
+
+    /// The failover commit thread: waits until a deferred decision is made, at most
+    /// [`LOAD_DECISION_TIMEOUT`]; then (or at once if nothing was deferred) returns.
+    pub(super) fn await_load_decision(&self) {
+        let c = lock(&self.colo);
+        if !c.failover_deferred {
+            return;
+        }
+        let (mut c, _) = self
+            .colo_decided
+            .wait_timeout_while(c, LOAD_DECISION_TIMEOUT, |c| c.failover_deferred)
+            .unwrap_or_else(|e| e.into_inner());
+        if std::mem::take(&mut c.failover_deferred) {
+            drop(c);
+            log::warn!(
+                "failover: the secondary VM's device did not restart within {LOAD_DECISION_TIMEOUT:?}; taking the \
+                 checkpoint as not loaded"
+            );
+            self.settle_deferred(false);
+        }
+    }
+
+    /// Decides a deferred barrier: `loaded` commits it (drops the buffers' bits, so the merge
+    /// keeps the disk as the primary left it), otherwise it is discarded (the merge brings
+    /// back the previous checkpoint plus the VM's writes).
+    fn settle_deferred(&self, loaded: bool) {
+        let _op = lock(&self.ops);
+        let seq = lock(&self.colo).pending;
+        match seq {
+            Some(seq) if loaded => {
+                // The NBD server is closed and the device stopped: nothing writes. The disk
+                // holds every primary write up to the barrier, which is checkpoint `seq`.
+                let t0 = Instant::now();
+                self.reclaimer.free_bits(self.saved_map.take_all());
+                self.reclaimer.free_bits(self.active_map.take_all());
+                let us = u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX);
+                let mut c = lock(&self.colo);
+                c.commits += 1;
+                c.last = Some((seq, CommitTrigger::DeviceStart.name(), us));
+                c.pending = None;
+                self.barrier_pending.store(false, Ordering::Release);
+                drop(c);
+                log::info!("checkpoint {seq} committed at the failover's device start: the VM loaded it");
+                self.emit(
+                    "COLO_CHECKPOINT",
+                    json!({"barrier": seq, "trigger": CommitTrigger::DeviceStart.name(), "duration-us": us}),
+                );
+            }
+            _ => self.discard_pending(true),
+        }
+        self.colo_decided.notify_all();
     }
 
     /// The secondary VM's device (re)started with dirty logging on: QEMU loaded a checkpoint
@@ -211,6 +327,7 @@ impl Secondary {
             "pending-barrier": c.pending,
             "commits": c.commits,
             "last-commit": c.last.map(|(b, t, us)| json!({"barrier": b, "trigger": t, "duration-us": us})),
+            "failover-awaits-load": c.failover_deferred,
         })
     }
 }

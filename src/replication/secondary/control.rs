@@ -89,7 +89,12 @@ impl ReplicationControl for SecondaryControl {
         // and are refused).
         let closed = s.quiesce()?;
         s.close_nbd();
-        s.discard_pending(true);
+        match failover.then(|| s.defer_for_load()).flatten() {
+            Some(seq) => log::warn!(
+                "failover while the secondary VM loads checkpoint {seq}: its barrier is decided at the device's restart"
+            ),
+            None => s.discard_pending(true),
+        }
         if !failover {
             // QEMU's version of this path fails and keeps the buffers (spec §3.5); the
             // documented intent is to drop them and stop, which is what happens here.
@@ -98,18 +103,7 @@ impl ReplicationControl for SecondaryControl {
             s.set_stage(Stage::Done);
             return Ok(());
         }
-        // Sectors the merge will copy: active ones, plus saved ones not overwritten in active.
-        let sectors = s.size / SECTOR;
-        let hidden_only: u64 = s
-            .active_map
-            .runs(0, sectors)
-            .into_iter()
-            .filter(|&(_, _, in_active)| !in_active)
-            .map(|(a, b, _)| s.saved_map.count(a, b))
-            .sum();
-        let total = (s.active_map.count_all() + hidden_only) * SECTOR;
-        s.merge_total.store(total, Ordering::Relaxed);
-        s.merge_done.store(0, Ordering::Relaxed);
+        s.measure_merge();
         s.state.write(DiskState::Merging).map_err(|e| ReplicationError(format!("cannot record the state: {e}")))?;
         s.merging.store(true, Ordering::Release);
         s.merge_clock.start(0);
@@ -169,6 +163,22 @@ impl Secondary {
                 self.set_stage(Stage::FailoverFailed);
                 ReplicationError(format!("cannot start the failover commit: {e}"))
             })
+    }
+
+    /// Sets the merge's progress total: active sectors, plus saved ones not overwritten in
+    /// active.
+    pub(super) fn measure_merge(&self) {
+        let sectors = self.size / SECTOR;
+        let hidden_only: u64 = self
+            .active_map
+            .runs(0, sectors)
+            .into_iter()
+            .filter(|&(_, _, in_active)| !in_active)
+            .map(|(a, b, _)| self.saved_map.count(a, b))
+            .sum();
+        let total = (self.active_map.count_all() + hidden_only) * SECTOR;
+        self.merge_total.store(total, Ordering::Relaxed);
+        self.merge_done.store(0, Ordering::Relaxed);
     }
 
     /// `replication-stop {"failover": true}` in stage failover-failed: run the merge again.

@@ -23,9 +23,10 @@ impl BlockDevice for SecondaryDevice {
     fn frontend_starting(&self, dirty_logging: bool) {
         // QEMU restarts the secondary's device with logging on right after loading a COLO
         // checkpoint; at failover it restarts it with logging off, and then nothing commits.
-        if dirty_logging {
-            self.0.colo_device_started();
-        }
+        self.0.colo_frontend_starting(dirty_logging);
+    }
+    fn frontend_stopped(&self) {
+        self.0.colo_device_stopped();
     }
     fn describe(&self) -> String {
         format!(

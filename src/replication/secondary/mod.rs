@@ -20,7 +20,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -90,6 +90,8 @@ pub struct Secondary {
     error_at: ErrorTime,
     pool: Pool,
     colo: Mutex<colo::ColoState>,
+    /// Signalled when a failover's deferred checkpoint decision is made.
+    colo_decided: Condvar,
     /// Fast check for the write path: a barrier waits for its commit.
     barrier_pending: AtomicBool,
     /// The crash marker next to the disk.
@@ -224,6 +226,7 @@ impl Secondary {
             merge_clock: JobClock::default(),
             error_at: ErrorTime::default(),
             colo: Mutex::new(colo::ColoState::default()),
+            colo_decided: Condvar::new(),
             barrier_pending: AtomicBool::new(false),
             state,
             unclean: AtomicBool::new(unclean),
@@ -518,6 +521,12 @@ impl Secondary {
     }
 
     fn run_failover(self: &Arc<Self>, fail: bool) {
+        // A failover in the load window first learns whether the VM loaded the pending
+        // checkpoint (colo.rs); the merge then copies what is left to copy.
+        if lock(&self.colo).failover_deferred() {
+            self.await_load_decision();
+            self.measure_merge();
+        }
         let started = Instant::now();
         let outcome = self.merge_pass(true, fail).and_then(|()| {
             // Final pass with everything quiet, then switch the VM to the disk.
