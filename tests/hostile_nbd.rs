@@ -344,3 +344,84 @@ fn a_dead_connections_writes_never_land_after_a_newer_connection() {
     send_request(&mut c2, CMD_WRITE, 2, x + 4096, 4096, &[0xCC; 4096]);
     assert_eq!(read_reply(&mut c2), (0, 2));
 }
+
+/// Issue 10 item 12: barrier numbers only grow. The secondary tells a connecting client the
+/// highest number it received; a replayed or older number is refused (EINVAL) and never
+/// becomes pending; a colo-blk primary restarted against the same secondary numbers its
+/// barriers above the old ones instead of starting again at 1.
+#[test]
+fn barrier_numbers_only_grow_across_connections_and_primary_restarts() {
+    use colo_blk::nbd::wire::CMD_COLO_BARRIER;
+    let dir = tempfile::tempdir().unwrap();
+    let (sec, _sdisk, nbd) = colo_secondary(dir.path(), "32M", None);
+    qmp(&sec, "replication-start", json!({"mode": "secondary"})).unwrap();
+    let uri = format!("nbd+unix:///?socket={}", nbd.display());
+    let (mut c, info) = nbd_connect(&uri);
+    assert!(info.colo);
+    assert_eq!(info.colo_last_barrier, 0);
+    send_request(&mut c, CMD_COLO_BARRIER, 1, 5, 0, &[]);
+    assert_eq!(read_reply(&mut c), (0, 1));
+    drop(c);
+    let (mut c, info) = nbd_connect(&uri);
+    assert_eq!(info.colo_last_barrier, 5, "the acknowledgement does not carry the last barrier");
+    for (handle, number) in [(2, 3), (3, 5)] {
+        send_request(&mut c, CMD_COLO_BARRIER, handle, number, 0, &[]);
+        assert_eq!(read_reply(&mut c), (libc::EINVAL as u32, handle), "barrier {number} after 5 was accepted");
+    }
+    let q = qmp(&sec, "query-replication", json!({})).unwrap();
+    assert_eq!(q["colo"]["pending-barrier"], 5, "{q}");
+    assert_eq!(q["colo"]["barriers"], 1, "{q}");
+    assert_eq!(q["colo"]["last-barrier-number"], 5, "{q}");
+    send_request(&mut c, CMD_COLO_BARRIER, 4, 6, 0, &[]);
+    assert_eq!(read_reply(&mut c), (0, 4));
+    drop(c);
+
+    // A colo-blk primary connecting now numbers its first barrier 7, and a restarted one
+    // continues above that.
+    let pdisk = dir.path().join("pri.img");
+    for want in [7, 8] {
+        let pri = start_primary(tempfile::tempdir().unwrap(), &pdisk, 32 * MIB, &["--secondary", &uri]);
+        qmp(&pri, "replication-start", json!({"mode": "primary"})).unwrap();
+        wait_until("the primary in sync", || {
+            let q = qmp(&pri, "query-replication", json!({})).unwrap();
+            q["link"]["connected"] == true && q["dirty-bytes"] == 0 && q["resync"]["active"] != true
+        });
+        qmp(&pri, "replication-checkpoint", json!({})).unwrap();
+        let q = qmp(&sec, "query-replication", json!({})).unwrap();
+        assert_eq!(q["colo"]["last-barrier-number"], want, "{q}");
+        drop(pri);
+    }
+}
+
+/// A client that sends a write's header and then trickles its payload (a byte a second) is
+/// disconnected once the payload's deadline passes (15 s for a small write), nothing of it
+/// lands, and other clients are served meanwhile.
+#[test]
+fn a_trickled_write_payload_is_cut_off_at_its_deadline() {
+    use colo_blk::nbd::wire::CMD_WRITE;
+    let dir = tempfile::tempdir().unwrap();
+    let (sec, sdisk, nbd) = colo_secondary(dir.path(), "16M", None);
+    qmp(&sec, "replication-start", json!({"mode": "secondary"})).unwrap();
+    let uri = format!("nbd+unix:///?socket={}", nbd.display());
+    let (mut c, _) = nbd_connect(&uri);
+    // Header and the first 100 bytes of a 64 KiB write, then one byte a second.
+    send_request(&mut c, CMD_WRITE, 1, MIB, 65536, &[0x77; 100]);
+    let mut drip = c.try_clone().unwrap();
+    std::thread::spawn(move || {
+        for _ in 0..60 {
+            if std::io::Write::write_all(&mut drip, &[0x77]).is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    });
+    let t0 = Instant::now();
+    // Another client is served while the trickle goes on.
+    let out = Command::new("qemu-io").args(["-f", "raw", &uri, "-c", "write -P 0x42 0 4k"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(wait_hung_up(&c, Duration::from_secs(25)), "a trickling client was never disconnected");
+    let after = t0.elapsed();
+    assert!(after >= Duration::from_secs(12) && after < Duration::from_secs(20), "disconnected after {after:?}");
+    assert_eq!(file_range(&sdisk, MIB, 65536), vec![0u8; 65536], "part of a never-completed write landed");
+    assert_eq!(file_range(&sdisk, 0, 4096), vec![0x42; 4096]);
+}

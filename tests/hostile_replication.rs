@@ -229,3 +229,44 @@ fn a_failed_failover_commit_can_be_retried() {
     assert_eq!(std::fs::read_to_string(&marker).unwrap(), "clean");
     assert!(all(&c.read(0, 0, 4096).1, 0x5A));
 }
+
+/// A link that hangs without FIN or RST (a network partition, through a proxy that stops
+/// forwarding and closes nothing): a guest write waits at most about the timeout, the link
+/// is cut, the write's range is remembered; once the network heals, the primary reconnects
+/// on its own, resyncs, and a checkpoint finds both disks equal.
+#[test]
+fn a_link_that_hangs_without_fin_is_cut_in_time_and_resynced_after_it_heals() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 32 * MIB;
+    let (sec, sdisk, nbd) = colo_secondary(dir.path(), "32M", None);
+    qmp(&sec, "replication-start", json!({"mode": "secondary"})).unwrap();
+    let proxy = Proxy::start(&dir.path().join("proxy.sock"), nbd);
+    let uri = format!("nbd+unix:///?socket={}", proxy.path.display());
+    let pdisk = dir.path().join("pri.img");
+    let pri =
+        start_primary(tempfile::tempdir().unwrap(), &pdisk, size, &["--secondary", &uri, "--secondary-timeout", "2"]);
+    qmp(&pri, "replication-start", json!({"mode": "primary"})).unwrap();
+    let mut c = Client::connect(&pri.socket, 1, false);
+    assert_eq!(c.write(0, 0, &pattern(0, 65536, 1)), 0);
+    let mut ev = pri.qmp();
+
+    proxy.hang();
+    let t0 = Instant::now();
+    assert_eq!(c.write(0, MIB, &pattern(MIB, 65536, 2)), 0, "guest write across the partition");
+    let waited = t0.elapsed();
+    let down = wait_link_down(&mut ev);
+    assert!(waited < Duration::from_secs(5), "guest write waited {waited:?} (timeout 2 s)");
+    assert!(down["data"]["reason"].as_str().unwrap_or_default().contains("did not answer"), "{down}");
+    // Writes while partitioned complete at local speed and are remembered.
+    assert_eq!(c.write(0, 2 * MIB, &pattern(2 * MIB, 65536, 3)), 0);
+    let q = qmp(&pri, "query-replication", json!({})).unwrap();
+    assert!(q["dirty-bytes"].as_u64().unwrap() >= 2 * 65536, "{q}");
+
+    proxy.heal();
+    wait_until("the primary back in sync", || {
+        let q = qmp(&pri, "query-replication", json!({})).unwrap();
+        q["link"]["connected"] == true && q["dirty-bytes"] == 0
+    });
+    qmp(&pri, "replication-checkpoint", json!({})).unwrap();
+    assert!(std::fs::read(&pdisk).unwrap() == std::fs::read(&sdisk).unwrap(), "disks differ after the partition");
+}

@@ -78,6 +78,9 @@ pub struct ExportInfo {
     pub flags: u16,
     /// The server acknowledged [`OPT_COLO`]: checkpoint barriers can be sent.
     pub colo: bool,
+    /// The highest barrier number the server received so far (from its [`OPT_COLO`]
+    /// acknowledgement; 0 when none or not said): later barriers must be numbered above it.
+    pub colo_last_barrier: u64,
 }
 
 fn read_u16(d: &Deadline, s: &mut Stream) -> io::Result<u16> {
@@ -171,7 +174,7 @@ pub fn negotiate(
         }
         s = super::tls::connect(s, cfg, &host, d.at())?;
     }
-    let colo = ask_colo(d, &mut s)?;
+    let (colo, colo_last_barrier) = ask_colo(d, &mut s)?;
     // OPT_GO: u32 name length, name, u16 number of info requests (none).
     let name = export.as_bytes();
     let mut data = Vec::with_capacity(6 + name.len());
@@ -187,7 +190,7 @@ pub fn negotiate(
             REP_INFO if payload.len() >= 12 && u16::from_be_bytes([payload[0], payload[1]]) == INFO_EXPORT => {
                 let size = u64::from_be_bytes(payload[2..10].try_into().unwrap_or_default());
                 let flags = u16::from_be_bytes([payload[10], payload[11]]);
-                info = Some(ExportInfo { size, flags, colo });
+                info = Some(ExportInfo { size, flags, colo, colo_last_barrier });
             }
             REP_ERR_UNSUP => {
                 // An old server: fall back to EXPORT_NAME, which answers with size + flags.
@@ -198,7 +201,7 @@ pub fn negotiate(
                     let mut z = [0u8; 124];
                     d.read_exact(&mut s, &mut z)?;
                 }
-                info = Some(ExportInfo { size, flags, colo });
+                info = Some(ExportInfo { size, flags, colo, colo_last_barrier });
                 break;
             }
             t if t & (1 << 31) != 0 => {
@@ -215,13 +218,16 @@ pub fn negotiate(
 }
 
 /// Asks for the colo-blk barrier extension; any error reply means a plain NBD server.
-fn ask_colo(d: &Deadline, s: &mut Stream) -> io::Result<bool> {
+/// Returns whether it was acknowledged and the last barrier number the acknowledgement
+/// carries (8 bytes, big-endian; absent: 0).
+fn ask_colo(d: &Deadline, s: &mut Stream) -> io::Result<(bool, u64)> {
     send_option(d, s, OPT_COLO, &[])?;
-    let (opt, rtype, _) = read_option_reply(d, s)?;
+    let (opt, rtype, payload) = read_option_reply(d, s)?;
     if opt != OPT_COLO {
         return Err(bad(format!("reply to option {opt:#x} instead of the COLO option")));
     }
-    Ok(rtype == REP_ACK)
+    let last = payload.get(..8).map_or(0, |b| u64::from_be_bytes(b.try_into().unwrap_or_default()));
+    Ok((rtype == REP_ACK, if rtype == REP_ACK { last } else { 0 }))
 }
 
 /// Reads one option reply: (option, reply type, payload). A payload longer than

@@ -10,7 +10,9 @@
 //! - TCP keepalive ends connections whose peer vanished (a partition, a power cut);
 //! - a connection's payload buffers (queued writes, reads being answered) stay within
 //!   [`CONN_BUDGET`] bytes, taken before a buffer is allocated, and a reply that cannot be sent
-//!   within [`REPLY_TIMEOUT`] disconnects the client (one that stops reading);
+//!   within [`REPLY_TIMEOUT`] disconnects the client (one that stops reading); a write's
+//!   payload must arrive within [`PAYLOAD_GRACE`] plus its length at [`MIN_PAYLOAD_RATE`]
+//!   (a client trickling it is disconnected);
 //! - ordering across connections: when a connection ends, its requests not started yet are
 //!   dropped, and a connection entering transmission after another one ended waits until that
 //!   one's started requests finished, so a dead connection's write never lands after a newer
@@ -39,6 +41,17 @@ pub const REPLY_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long a connection entering transmission waits for an ended connection's started
 /// requests, and a barrier for the requests before it.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A write's payload must arrive within this plus its length at [`MIN_PAYLOAD_RATE`].
+pub const PAYLOAD_GRACE: Duration = Duration::from_secs(15);
+
+/// The slowest payload transfer a client may keep a write open with, in bytes per second.
+pub const MIN_PAYLOAD_RATE: u64 = 1 << 20;
+
+/// The deadline for a write payload of `bytes` that starts arriving now.
+fn payload_deadline(bytes: usize) -> Deadline {
+    Deadline::after(PAYLOAD_GRACE + Duration::from_secs(bytes as u64 / MIN_PAYLOAD_RATE), "a write's payload")
+}
 /// TCP keepalive: first probe after this much silence, then every [`KEEPALIVE_INTERVAL`], and
 /// the connection fails after [`KEEPALIVE_PROBES`] unanswered probes (about 60 s in all).
 pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
@@ -72,6 +85,11 @@ pub trait NbdExport: Send + Sync + 'static {
     /// Whether the export takes COLO checkpoint barriers ([`OPT_COLO`] is acknowledged).
     fn colo_barriers(&self) -> bool {
         false
+    }
+    /// The highest barrier number received so far (0: none), told to a client in the
+    /// [`OPT_COLO`] acknowledgement so a restarted primary numbers its barriers above it.
+    fn last_barrier(&self) -> u64 {
+        0
     }
     /// A checkpoint barrier with sequence number `seq` (see [`CMD_COLO_BARRIER`]). Runs after
     /// every earlier request of the connection completed and before any later one starts.
@@ -130,6 +148,14 @@ impl Stream {
             Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
             Stream::Unix(s) => Stream::Unix(s.try_clone()?),
         })
+    }
+
+    /// Sets the read timeout only (`None`: block forever).
+    pub fn set_read_timeout(&self, read: Option<Duration>) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.set_read_timeout(read),
+            Stream::Unix(s) => s.set_read_timeout(read),
+        }
     }
 
     /// Sets the read and write timeouts (`None`: block forever).
@@ -649,7 +675,7 @@ fn negotiate(s: &mut Stream, shared: &Shared, id: u64, d: &Deadline) -> io::Resu
             }
             OPT_COLO if export.colo_barriers() && data.is_empty() => {
                 colo = true;
-                d.write_all(s, &option_reply(opt, REP_ACK, &[]))?;
+                d.write_all(s, &option_reply(opt, REP_ACK, &export.last_barrier().to_be_bytes()))?;
             }
             OPT_LIST => {
                 if !data.is_empty() {
@@ -940,7 +966,9 @@ fn read_requests(
                     return Ok(false);
                 }
                 let mut data = vec![0u8; bytes];
-                if let Err(e) = timed::read_exact(s, &mut data) {
+                // A header promises its payload: a client trickling it (slow-loris) would
+                // hold the payload budget and its connection slot for good.
+                if let Err(e) = payload_deadline(bytes).read_exact_reading_only(s, &mut data) {
                     state.budget.give(bytes);
                     return Err(e);
                 }

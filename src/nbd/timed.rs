@@ -64,6 +64,33 @@ impl Deadline {
         }
     }
 
+    /// Reads exactly `buf.len()` bytes by the deadline, arming only the read timeout (in the
+    /// transmission phase other threads write replies on the same socket under their own
+    /// send timeout); the socket reads without a timeout again afterwards.
+    pub fn read_exact_reading_only(&self, s: &mut Stream, buf: &mut [u8]) -> io::Result<()> {
+        let mut got = 0;
+        let r = loop {
+            if got == buf.len() {
+                break Ok(());
+            }
+            let left = self.at.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break Err(self.expired());
+            }
+            if let Err(e) = s.set_read_timeout(Some(left)) {
+                break Err(e);
+            }
+            match s.read(&mut buf[got..]) {
+                Ok(0) => break Err(peer_closed()),
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => break Err(self.map(e)),
+            }
+        };
+        s.set_read_timeout(None)?;
+        r
+    }
+
     /// Reads exactly `buf.len()` bytes by the deadline.
     pub fn read_exact(&self, s: &mut Stream, buf: &mut [u8]) -> io::Result<()> {
         let mut got = 0;

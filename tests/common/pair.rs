@@ -127,32 +127,68 @@ pub fn hook_flush(hook: &Path) {
 }
 
 /// A UNIX-socket proxy between the primary and the secondary's NBD server; `cut` severs
-/// every connection through it (the primary then reconnects through it again).
+/// every connection through it (the primary then reconnects through it again); `hang`
+/// stops every byte in both directions and closes nothing, as a network partition does
+/// (no FIN, no RST), until `heal`.
 pub struct Proxy {
     pub path: PathBuf,
     conns: Arc<Mutex<Vec<UnixStream>>>,
+    hung: Arc<(Mutex<bool>, std::sync::Condvar)>,
+}
+
+/// Blocks while the proxy is hung.
+fn pass(hung: &(Mutex<bool>, std::sync::Condvar)) {
+    let mut h = hung.0.lock().unwrap();
+    while *h {
+        h = hung.1.wait(h).unwrap();
+    }
 }
 
 impl Proxy {
     pub fn start(path: &Path, target: PathBuf) -> Proxy {
         let l = UnixListener::bind(path).unwrap();
         let conns: Arc<Mutex<Vec<UnixStream>>> = Arc::default();
-        let c2 = conns.clone();
+        let hung: Arc<(Mutex<bool>, std::sync::Condvar)> = Arc::default();
+        let (c2, h2) = (conns.clone(), hung.clone());
         std::thread::spawn(move || {
             for client in l.incoming() {
                 let Ok(client) = client else { return };
+                // A partitioned network lets nobody through, new connections included.
+                pass(&h2);
                 let Ok(server) = UnixStream::connect(&target) else { continue };
                 c2.lock().unwrap().extend([client.try_clone().unwrap(), server.try_clone().unwrap()]);
                 for (mut from, mut to) in [(client.try_clone().unwrap(), server.try_clone().unwrap()), (server, client)]
                 {
+                    let h = h2.clone();
                     std::thread::spawn(move || {
-                        let _ = std::io::copy(&mut from, &mut to);
+                        let mut buf = vec![0u8; 64 << 10];
+                        loop {
+                            let n = match std::io::Read::read(&mut from, &mut buf) {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => n,
+                            };
+                            pass(&h);
+                            if std::io::Write::write_all(&mut to, &buf[..n]).is_err() {
+                                break;
+                            }
+                        }
                         let _ = to.shutdown(std::net::Shutdown::Both);
                     });
                 }
             }
         });
-        Proxy { path: path.to_path_buf(), conns }
+        Proxy { path: path.to_path_buf(), conns, hung }
+    }
+
+    /// Stops forwarding anything, closing nothing.
+    pub fn hang(&self) {
+        *self.hung.0.lock().unwrap() = true;
+    }
+
+    /// Forwards again (connections the primary gave up on meanwhile end as it closes them).
+    pub fn heal(&self) {
+        *self.hung.0.lock().unwrap() = false;
+        self.hung.1.notify_all();
     }
 
     pub fn cut(&self) {

@@ -97,6 +97,9 @@ pub struct Mirror {
     /// "bitmap empty and nothing in flight" means the secondary has every write.
     resync_inflight: AtomicU64,
     next_handle: AtomicU64,
+    /// The last checkpoint barrier number used; raised to the secondary's last one at each
+    /// connection, so numbers keep growing across restarts of this process.
+    barrier_number: AtomicU64,
     generation: AtomicU64,
     events: Mutex<Option<EventSink>>,
     ops: Mutex<()>,
@@ -189,6 +192,7 @@ impl Mirror {
             clock: AtomicU64::new(1),
             resync_inflight: AtomicU64::new(0),
             next_handle: AtomicU64::new(1),
+            barrier_number: AtomicU64::new(0),
             generation: AtomicU64::new(0),
             events: Mutex::new(None),
             ops: Mutex::new(()),
@@ -267,6 +271,7 @@ impl Mirror {
             broken: AtomicBool::new(false),
             colo: info.colo,
         });
+        self.barrier_number.fetch_max(info.colo_last_barrier, Ordering::AcqRel);
         let mut writer = stream.try_clone()?;
         // The sender holds the socket, not the link: the link owns the channel's sending
         // half, so the thread ends (rx.recv fails) once the link is dropped.
@@ -716,7 +721,8 @@ impl Mirror {
             g = link.drained.wait_timeout(g, left.min(Duration::from_millis(20))).unwrap_or_else(|e| e.into_inner()).0;
         }
         drop(g);
-        let seq = self.stats.barriers.fetch_add(1, Ordering::AcqRel) + 1;
+        self.stats.barriers.fetch_add(1, Ordering::AcqRel);
+        let seq = self.barrier_number.fetch_add(1, Ordering::AcqRel) + 1;
         let cmd = if link.colo { CMD_COLO_BARRIER } else { CMD_FLUSH };
         let offset = if link.colo { seq } else { 0 };
         self.stats.barrier_refusal.store(0, Ordering::Relaxed);

@@ -41,6 +41,9 @@ pub(super) struct ColoState {
     pending: Option<u64>,
     /// Barriers received.
     barriers: u64,
+    /// The highest barrier number received (accepted or not): a barrier must be numbered
+    /// above it.
+    last_number: u64,
     /// Barriers committed.
     commits: u64,
     /// The last commit: barrier, what triggered it, how long emptying took (µs).
@@ -102,6 +105,20 @@ impl Secondary {
     pub(super) fn colo_barrier(&self, seq: u64) -> io::Result<()> {
         if self.stage() != Stage::Running {
             return Err(io::Error::from_raw_os_error(libc::ESHUTDOWN));
+        }
+        {
+            // Numbers only grow (a restarted primary learns the last one when it connects):
+            // an older or repeated number is a replayed or stale barrier, and a relayed
+            // `replication-checkpoint {"barrier": N}` must never name two checkpoints.
+            let mut c = lock(&self.colo);
+            if seq <= c.last_number {
+                let last = c.last_number;
+                drop(c);
+                log::error!("checkpoint barrier {seq} is not newer than barrier {last}: refused");
+                self.emit("COLO_BARRIER_DISCARDED", json!({"barrier": seq}));
+                return Err(io::Error::from_raw_os_error(libc::EINVAL));
+            }
+            c.last_number = seq;
         }
         self.commit_pending(CommitTrigger::NextBarrier, None).map_err(io::Error::other)?;
         let starts = lock(&self.colo).device_starts;
@@ -181,6 +198,11 @@ impl Secondary {
                 Err(e)
             }
         }
+    }
+
+    /// The highest barrier number received so far (0: none).
+    pub(super) fn colo_last_barrier(&self) -> u64 {
+        lock(&self.colo).last_number
     }
 
     /// The secondary VM's device stopped (a queue's GET_VRING_BASE, or the frontend left).
@@ -324,6 +346,7 @@ impl Secondary {
         let c = lock(&self.colo);
         json!({
             "barriers": c.barriers,
+            "last-barrier-number": c.last_number,
             "pending-barrier": c.pending,
             "commits": c.commits,
             "last-commit": c.last.map(|(b, t, us)| json!({"barrier": b, "trigger": t, "duration-us": us})),

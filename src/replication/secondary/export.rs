@@ -46,6 +46,10 @@ impl NbdExport for SecondaryExport {
         self.0.colo_barrier(seq)
     }
 
+    fn last_barrier(&self) -> u64 {
+        self.0.colo_last_barrier()
+    }
+
     fn admit(&self) -> Result<(), String> {
         match self.0.stage() {
             Stage::None | Stage::Running => Ok(()),
