@@ -355,6 +355,11 @@ fn c8_vm_reads_never_see_racing_primary_writes() {
         expect = pat;
         assert!(all(&read_all(&mut c, 0, DISK), expect));
     }
+    // Reads of sectors in neither buffer went straight to the disk's queue (and were checked
+    // against the racing writes when they completed).
+    let q = p.qmp("query-replication", json!({})).unwrap();
+    eprintln!("direct VM reads {}, redone {}", q["vm-direct-reads"], q["vm-direct-retries"]);
+    assert!(q["vm-direct-reads"].as_u64().unwrap() > 0, "{q}");
     p.failover();
 }
 

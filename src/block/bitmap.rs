@@ -139,6 +139,29 @@ impl Group {
         }
     }
 
+    /// Whether any sector of [a, b) is set (no allocation: the VM read path asks this).
+    fn any(&self, a: u32, b: u32) -> bool {
+        match self {
+            Group::Sparse(_, 0) | Group::Dense { set: 0, .. } => false,
+            Group::Sparse(map, _) => {
+                map.range(..a).next_back().is_some_and(|(_, &e)| e > a) || map.range(a..b).next().is_some()
+            }
+            Group::Dense { words, .. } => {
+                let (a, b) = (u64::from(a), u64::from(b));
+                let mut s = a;
+                while s < b {
+                    let w = s / 64;
+                    let hi = ((w + 1) * 64).min(b);
+                    if words[w as usize] & mask(s % 64, hi - w * 64) != 0 {
+                        return true;
+                    }
+                    s = hi;
+                }
+                false
+            }
+        }
+    }
+
     /// The set extents overlapping [a, b), clipped to it, in order.
     fn set_runs(&self, a: u32, b: u32, out: &mut Vec<(u32, u32)>) {
         match self {
@@ -268,6 +291,13 @@ impl SectorBitmap {
             }
         }
         ClearedBits { _groups: groups }
+    }
+
+    /// Whether any sector of [start, end) is set.
+    pub fn any(&self, start: u64, end: u64) -> bool {
+        let mut found = false;
+        self.each_group(start, end, |g, a, b| found = found || self.group(g).any(a, b));
+        found
     }
 
     /// Number of set sectors in [start, end).
@@ -416,6 +446,13 @@ mod tests {
             from = e;
         }
         assert_eq!(seen, b.count_all());
+        // `any` over windows of every size class, across group ends.
+        let mut rng = Lcg(n);
+        for _ in 0..400 {
+            let s = rng.next() % n;
+            let e = (s + 1 + rng.next() % 5000).min(n);
+            assert_eq!(b.any(s, e), model[s as usize..e as usize].iter().any(|&m| m), "any {s}..{e}");
+        }
     }
 
     /// Random sets and clears, across group boundaries, in both representations, against a

@@ -2,6 +2,7 @@
 //! start, stop and the end of failover close the gate (new requests wait), wait for the
 //! tickets out, act, and reopen it.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -16,6 +17,10 @@ struct State {
 pub struct Gate {
     m: Mutex<State>,
     cv: Condvar,
+    /// Bumped when the gate closes and when it opens again: a request that ran without a
+    /// ticket (the VM's direct disk reads) compares it before and after to learn whether a
+    /// checkpoint or stage change overlapped it.
+    generation: AtomicU64,
 }
 
 /// A running request; leaving drops it.
@@ -51,10 +56,12 @@ impl Gate {
             g = self.cv.wait(g).unwrap_or_else(|e| e.into_inner());
         }
         g.closed = true;
+        self.generation.fetch_add(1, Ordering::AcqRel);
         while g.inflight > 0 {
             let now = Instant::now();
             if now >= deadline {
                 g.closed = false;
+                self.generation.fetch_add(1, Ordering::AcqRel);
                 drop(g);
                 self.cv.notify_all();
                 return None;
@@ -62,6 +69,11 @@ impl Gate {
             g = self.cv.wait_timeout(g, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
         }
         Some(Closed(self))
+    }
+
+    /// See the `generation` field.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 }
 
@@ -79,7 +91,10 @@ impl Drop for Ticket<'_> {
 
 impl Drop for Closed<'_> {
     fn drop(&mut self) {
-        self.0.lock().closed = false;
+        let mut g = self.0.lock();
+        g.closed = false;
+        self.0.generation.fetch_add(1, Ordering::AcqRel);
+        drop(g);
         self.0.cv.notify_all();
     }
 }

@@ -123,6 +123,8 @@ impl ReplicationControl for SecondaryControl {
             "active-dirty-bytes": s.active_map.count_all() * SECTOR,
             "hidden-dirty-bytes": s.saved_map.count_all() * SECTOR,
             "cow-bytes": s.cow_bytes.load(Ordering::Relaxed),
+            "vm-direct-reads": s.direct_reads.load(Ordering::Relaxed),
+            "vm-direct-retries": s.direct_retries.load(Ordering::Relaxed),
             "checkpoints": s.checkpoints.load(Ordering::Relaxed),
             "last-checkpoint-us": s.last_checkpoint_us.load(Ordering::Relaxed),
             "colo": s.colo_query(),

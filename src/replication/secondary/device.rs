@@ -15,7 +15,14 @@ impl BlockDevice for SecondaryDevice {
     fn open_queue(&self, depth: u32) -> Result<Box<dyn BlockQueue>, BlockError> {
         let inner = self.0.disk.open_queue(depth)?;
         let done = DoneQueue::new(inner.notifier()).map_err(|e| BlockError::Engine(IoEngineError::Setup(e)))?;
-        Ok(Box::new(SecondaryQueue { sec: self.0.clone(), inner, done }))
+        Ok(Box::new(SecondaryQueue {
+            sec: self.0.clone(),
+            inner,
+            done,
+            direct: Vec::new(),
+            free: Vec::new(),
+            scratch: Vec::new(),
+        }))
     }
     fn flush(&self) -> io::Result<()> {
         self.0.flush_all()
@@ -38,21 +45,37 @@ impl BlockDevice for SecondaryDevice {
     }
 }
 
-/// A worker's queue: while replicating, requests run synchronously through the buffer logic;
-/// once the stage is done they go to the disk's own (io_uring) queue.
+/// A worker's queue: while replicating, a VM read none of whose sectors is in a buffer goes
+/// to the disk's own (io_uring) queue and is checked when it completes; every other request
+/// runs synchronously through the buffer logic on the pool. Once the stage is done every
+/// request goes to the disk's queue.
 struct SecondaryQueue {
     sec: Arc<Secondary>,
     inner: Box<dyn BlockQueue>,
     done: Arc<DoneQueue>,
+    /// Direct reads in flight, by slab index (their inner token is `DIRECT | index`).
+    direct: Vec<Option<DirectRead>>,
+    free: Vec<usize>,
+    scratch: Vec<Completion>,
 }
 
-impl BlockQueue for SecondaryQueue {
-    unsafe fn push(&mut self, op: &Op<'_>, token: u64) -> Result<(), IoEngineError> {
-        if self.sec.stage() == Stage::Done {
-            // SAFETY: forwarded contract.
-            return unsafe { self.inner.push(op, token) };
-        }
-        let op = SendOp::new(op);
+/// A VM read sent straight to the disk's queue.
+struct DirectRead {
+    token: u64,
+    sectors: (u64, u64),
+    generation: u64,
+    /// To redo it on the buffer path; the worker keeps its iovecs alive until `token`
+    /// completes.
+    op: SendOp,
+}
+
+/// Marks the inner tokens of direct reads. The worker's own tokens are slot numbers and the
+/// mirror above sets only bit 63, so bit 62 is free.
+const DIRECT: u64 = 1 << 62;
+
+impl SecondaryQueue {
+    /// Runs `op` on the pool (the buffer path); its completion comes through `done`.
+    fn spawn(&self, op: SendOp, token: u64) -> Result<(), IoEngineError> {
         let sec = self.sec.clone();
         let task = Box::new(move || {
             // SAFETY: the worker keeps the iovecs and buffers alive until it reaps this
@@ -61,12 +84,67 @@ impl BlockQueue for SecondaryQueue {
         });
         if self.sec.pool.spawn(task, token, &self.done) { Ok(()) } else { Err(IoEngineError::QueueFull) }
     }
+}
+
+impl BlockQueue for SecondaryQueue {
+    unsafe fn push(&mut self, op: &Op<'_>, token: u64) -> Result<(), IoEngineError> {
+        if self.sec.stage() == Stage::Done {
+            // SAFETY: forwarded contract.
+            return unsafe { self.inner.push(op, token) };
+        }
+        if let Op::Read { offset, iovecs } = *op {
+            let (s0, s1) = Secondary::sectors(offset, crate::io::iovecs_len(iovecs));
+            if let Some(generation) = self.sec.direct_read_start(s0, s1) {
+                let read = DirectRead { token, sectors: (s0, s1), generation, op: SendOp::new(op) };
+                let index = match self.free.pop() {
+                    Some(i) => {
+                        self.direct[i] = Some(read);
+                        i
+                    }
+                    None => {
+                        self.direct.push(Some(read));
+                        self.direct.len() - 1
+                    }
+                };
+                // SAFETY: forwarded contract (the same op, buffers alive until completion).
+                match unsafe { self.inner.push(op, DIRECT | index as u64) } {
+                    Ok(()) => return Ok(()),
+                    Err(_) => {
+                        // The disk's queue is full: the buffer path takes it.
+                        self.direct[index] = None;
+                        self.free.push(index);
+                    }
+                }
+            }
+        }
+        self.spawn(SendOp::new(op), token)
+    }
     fn submit(&mut self) -> Result<(), IoEngineError> {
         self.inner.submit()
     }
     fn reap(&mut self, out: &mut Vec<Completion>) {
         self.done.drain_into(out);
-        self.inner.reap(out);
+        let mut scratch = std::mem::take(&mut self.scratch);
+        self.inner.reap(&mut scratch);
+        for c in scratch.drain(..) {
+            if c.token & DIRECT == 0 {
+                out.push(c);
+                continue;
+            }
+            let index = (c.token & !DIRECT) as usize;
+            let Some(read) = self.direct.get_mut(index).and_then(Option::take) else { continue };
+            self.free.push(index);
+            let (s0, s1) = read.sectors;
+            // A failed direct read is redone too: an O_DIRECT read of a guest buffer that is
+            // not aligned fails where the buffer path (page cache) succeeds; a real disk
+            // error fails again there and is answered then.
+            if c.result >= 0 && self.sec.direct_read_valid(s0, s1, read.generation) {
+                out.push(Completion { token: read.token, result: c.result });
+            } else if self.spawn(read.op, read.token).is_err() {
+                out.push(Completion { token: read.token, result: -libc::EIO });
+            }
+        }
+        self.scratch = scratch;
     }
     fn notifier(&self) -> Option<RawFd> {
         Some(self.done.notifier())
@@ -74,5 +152,133 @@ impl BlockQueue for SecondaryQueue {
     fn clear_notifier(&self) {
         self.done.clear();
         self.inner.clear_notifier()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::block::raw::{EngineKind, RawDisk, RawOptions};
+    use crate::nbd::server::NbdExport;
+    use crate::replication::{Mode, ReplicationControl, StartArgs};
+    use std::os::unix::fs::FileExt;
+
+    /// A disk queue whose reads happen late: the bytes are read from the file only when the
+    /// completion is reaped, as a slow device would, so a test can let a primary write land
+    /// in between.
+    struct LateReads {
+        fd: RawFd,
+        held: Vec<(u64, u64, libc::iovec)>,
+    }
+
+    // SAFETY: the iovec points into the test's buffer, alive for the whole test.
+    unsafe impl Send for LateReads {}
+
+    impl BlockQueue for LateReads {
+        unsafe fn push(&mut self, op: &Op<'_>, token: u64) -> Result<(), IoEngineError> {
+            let Op::Read { offset, iovecs } = *op else { panic!("only reads reach the disk here") };
+            self.held.push((token, offset, iovecs[0]));
+            Ok(())
+        }
+        fn submit(&mut self) -> Result<(), IoEngineError> {
+            Ok(())
+        }
+        fn reap(&mut self, out: &mut Vec<Completion>) {
+            for (token, offset, iov) in self.held.drain(..) {
+                // SAFETY: the test's buffer is alive.
+                let result = unsafe { crate::io::transfer(self.fd, offset, &[iov], false, false) };
+                out.push(Completion { token, result });
+            }
+        }
+        fn notifier(&self) -> Option<RawFd> {
+            None
+        }
+        fn clear_notifier(&self) {}
+    }
+
+    fn setup(dir: &std::path::Path) -> (Arc<Secondary>, SecondaryQueue) {
+        let size = 1 << 20;
+        let disk = RawDisk::open(&RawOptions {
+            path: dir.join("d.img"),
+            create_size: Some(size),
+            read_only: false,
+            direct: false,
+            block_size: 512,
+            engine: EngineKind::Sync,
+        })
+        .unwrap();
+        disk.file().write_all_at(&vec![0x11u8; size as usize], 0).unwrap();
+        let files = SecondaryFiles { active: dir.join("a.img"), hidden: dir.join("h.img"), direct: false };
+        let s = Secondary::open(disk, files).unwrap();
+        SecondaryControl(s.clone()).start(&StartArgs::mode(Mode::Secondary)).unwrap();
+        let inner = Box::new(LateReads { fd: s.file.as_raw_fd(), held: Vec::new() });
+        let q = SecondaryQueue {
+            sec: s.clone(),
+            inner,
+            done: DoneQueue::new(None).unwrap(),
+            direct: Vec::new(),
+            free: Vec::new(),
+            scratch: Vec::new(),
+        };
+        (s, q)
+    }
+
+    /// Reaps until `token` completes (the redo runs on a pool thread).
+    fn wait_for(q: &mut SecondaryQueue, token: u64) -> i32 {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut out = Vec::new();
+        loop {
+            q.reap(&mut out);
+            if let Some(c) = out.iter().find(|c| c.token == token) {
+                return c.result;
+            }
+            assert!(Instant::now() < deadline, "token {token} never completed");
+            std::thread::yield_now();
+        }
+    }
+
+    /// A direct read overtaken by a primary write to its sectors (copy-before-write, then the
+    /// new data on the disk) must not answer with the new data: it is redone on the buffer
+    /// path, which reads the saved old data from hidden.
+    #[test]
+    fn a_direct_read_overtaken_by_a_primary_write_is_redone_from_the_buffers() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, mut q) = setup(dir.path());
+        let mut buf = vec![0u8; 4096];
+        let iov = [libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: 4096 }];
+        // SAFETY: `buf` and `iov` outlive the completion, reaped below.
+        unsafe { q.push(&Op::Read { offset: 0, iovecs: &iov }, 7) }.unwrap();
+        assert_eq!(q.direct.iter().flatten().count(), 1, "the read did not go to the disk's queue");
+        SecondaryExport(s.clone()).write(0, &[0x22u8; 4096], false).unwrap();
+        assert_eq!(wait_for(&mut q, 7), 4096);
+        assert!(buf.iter().all(|&b| b == 0x11), "the VM read saw the primary's next-epoch data");
+        assert_eq!(s.direct_retries.load(Ordering::Relaxed), 1);
+
+        // A read of untouched sectors completes directly.
+        // SAFETY: as above.
+        unsafe { q.push(&Op::Read { offset: 65536, iovecs: &iov }, 8) }.unwrap();
+        assert_eq!(wait_for(&mut q, 8), 4096);
+        assert_eq!(s.direct_reads.load(Ordering::Relaxed), 1);
+        // Sectors in a buffer never go direct.
+        // SAFETY: as above.
+        unsafe { q.push(&Op::Read { offset: 0, iovecs: &iov }, 9) }.unwrap();
+        assert_eq!(q.direct.iter().flatten().count(), 0);
+        assert_eq!(wait_for(&mut q, 9), 4096);
+        assert!(buf.iter().all(|&b| b == 0x11));
+    }
+
+    /// A checkpoint overlapping a direct read makes it redo (the generation changed).
+    #[test]
+    fn a_direct_read_overlapping_a_checkpoint_is_redone() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, mut q) = setup(dir.path());
+        let mut buf = vec![0u8; 4096];
+        let iov = [libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: 4096 }];
+        // SAFETY: `buf` and `iov` outlive the completion, reaped below.
+        unsafe { q.push(&Op::Read { offset: 8192, iovecs: &iov }, 1) }.unwrap();
+        SecondaryControl(s.clone()).checkpoint(None).unwrap();
+        assert_eq!(wait_for(&mut q, 1), 4096);
+        assert_eq!(s.direct_retries.load(Ordering::Relaxed), 1);
+        assert!(buf.iter().all(|&b| b == 0x11));
     }
 }

@@ -81,6 +81,10 @@ pub struct Secondary {
     nbd: Mutex<Option<NbdServer>>,
     events: Mutex<Option<EventSink>>,
     cow_bytes: AtomicU64,
+    /// VM reads sent straight to the disk's queue, and those redone on the buffer path
+    /// because a primary write or a checkpoint overlapped them (see `direct_read_start`).
+    direct_reads: AtomicU64,
+    direct_retries: AtomicU64,
     checkpoints: AtomicU64,
     last_checkpoint_us: AtomicU64,
     merge_total: AtomicU64,
@@ -218,6 +222,8 @@ impl Secondary {
             nbd: Mutex::new(None),
             events: Mutex::new(None),
             cow_bytes: AtomicU64::new(0),
+            direct_reads: AtomicU64::new(0),
+            direct_retries: AtomicU64::new(0),
             checkpoints: AtomicU64::new(0),
             last_checkpoint_us: AtomicU64::new(0),
             merge_total: AtomicU64::new(0),
@@ -335,6 +341,35 @@ impl Secondary {
     }
 
     // ---- secondary VM side ---------------------------------------------------------------
+
+    /// Whether a VM read of sectors [s0, s1) may go straight to the disk's own queue (the
+    /// worker's io_uring, no pool thread, no lock): replicating, the gate open, and no sector
+    /// of it in either buffer, so the disk holds exactly what the VM must see. Returns the
+    /// gate generation for [`Secondary::direct_read_valid`].
+    ///
+    /// Why that is safe without the range lock: a primary write marks its sectors saved
+    /// (after copying them to hidden) *before* it writes the disk, and every checkpoint or
+    /// stage change closes the gate, which bumps the generation. A read that still finds its
+    /// sectors unsaved and the generation unchanged once it completed read no byte of a
+    /// newer epoch; otherwise it is redone on the buffer path.
+    pub(super) fn direct_read_start(&self, s0: u64, s1: u64) -> Option<u64> {
+        let generation = self.gate.generation();
+        let open = generation.is_multiple_of(2);
+        (open && self.stage() == Stage::Running && !self.active_map.any(s0, s1) && !self.saved_map.any(s0, s1))
+            .then_some(generation)
+    }
+
+    /// Whether a direct read started at `generation` may be answered (see
+    /// [`Secondary::direct_read_start`]).
+    pub(super) fn direct_read_valid(&self, s0: u64, s1: u64, generation: u64) -> bool {
+        let valid = !self.saved_map.any(s0, s1) && self.gate.generation() == generation;
+        if valid {
+            self.direct_reads.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.direct_retries.fetch_add(1, Ordering::Relaxed);
+        }
+        valid
+    }
 
     /// Executes one VM request synchronously; returns bytes or -errno.
     fn vm_execute(&self, op: &Op<'_>) -> i32 {
