@@ -38,6 +38,9 @@
 #   --bufdir DIR       where both keep active/hidden buffers (default /dev/shm)
 #   --only WHO         colo or qemu: skip the other's replication rows
 #   --no-rss           skip row 8
+#   --vm-only          run only the VM rows: 1, 2 and 2b (4K randread with 256 MiB
+#                      in the active buffer) and their mode-none baselines; no NBD
+#                      rows, checkpoints, merge or RSS
 #   --checkpoint-only  run only row 6 (checkpoint with 0 / 1k / 50k dirty blocks per
 #                      buffer); no baselines, no merge, no RSS
 #   --wait-for REGEX   before every measurement, wait while `pgrep -f REGEX`
@@ -66,7 +69,7 @@ qemu=${QEMU:-qemu-system-x86_64}
 qsd=${QSD:-qemu-storage-daemon}
 qnbd=${QEMU_NBD:-qemu-nbd}
 qimg=${QEMU_IMG:-qemu-img}
-runtime=5 repeat=2 cache=direct disk_mib=1024 only='' do_rss=1 ckpt_only=0 do_wait=1 wait_re='contrib/bench[.]sh'
+runtime=5 repeat=2 cache=direct disk_mib=1024 only='' do_rss=1 ckpt_only=0 vm_only=0 do_wait=1 wait_re='contrib/bench[.]sh'
 workdir=${TMPDIR:-/tmp}/colo-blk-bench-rep
 bufroot=/dev/shm
 while [[ $# -gt 0 ]]; do
@@ -80,6 +83,7 @@ while [[ $# -gt 0 ]]; do
         --only) only=${2:?}; shift 2 ;;
         --no-rss) do_rss=0; shift ;;
         --checkpoint-only) ckpt_only=1; do_rss=0; shift ;;
+        --vm-only) vm_only=1; do_rss=0; shift ;;
         --wait-for) wait_re=${2:?}; shift 2 ;;
         --no-wait) do_wait=0; shift ;;
         -h | --help) usage ;;
@@ -553,6 +557,7 @@ phase_baselines() { # REP: mode-none VM baselines (colo-blk, QSD) and qemu-nbd
         stop_cur "$impl mode none"
         sync
     done
+    ((vm_only == 0)) || return 0
     wait_idle
     start_qnbd "$disk"
     nbd nbd-4k-seq qemu-nbd "$rep" 4096 4096 32 "$n_seq4k" || true
@@ -573,6 +578,17 @@ phase_replication() { # IMPL REP
     # 1, 2: VM I/O with empty buffers, then while the active buffer fills.
     vm vm-4k-randread "$impl" "$rep" randread 4K 32 2 "$runtime" || true
     vm vm-4k-randwrite "$impl" "$rep" randwrite 4K 32 2 "$runtime" || true
+    if ((vm_only)); then
+        # 2b: reads with 256 MiB of the disk in the active buffer (a fresh epoch, the
+        # first quarter of the disk written by the VM).
+        ckpt "$impl"
+        vm - "$impl" "$rep" write 1M 8 1 2 $((256 << 20)) || true
+        vm vm-4k-randread-active256 "$impl" "$rep" randread 4K 32 2 "$runtime" || true
+        alive "$impl secondary"
+        stop_cur "$impl secondary"
+        sync
+        return 0
+    fi
     ckpt "$impl"
     # 3, 4, 5: NBD writes with copy-before-write, a fresh epoch for each.
     nbd nbd-4k-seq "$impl" "$rep" 4096 4096 32 "$n_seq4k" || true
@@ -711,13 +727,14 @@ report() {
     echo "| --- | ---: | ---: | ---: | ---: | --- | --- |"
     for r in "vm-4k-randread|1. VM 4K randread QD32x2, empty buffers|IOPS|vm|≥ 0.98" \
         "vm-4k-randwrite|2. VM 4K randwrite QD32x2, buffers filling|IOPS|vm|≥ 0.9" \
+        "vm-4k-randread-active256|2b. VM 4K randread QD32x2, 256 MiB in active (--vm-only)|IOPS|vm|≥ 0.9" \
         "nbd-4k-seq|3. NBD 4K sequential writes (CBW)|IOPS|nbd|≥ 0.9" \
         "nbd-4k-step64k|4. NBD 4K writes, one per 64 KiB|IOPS|nbd|≥ 0.7" \
         "nbd-1m|5. NBD 1M writes QD8|MiB/s|nbd|≥ 0.8"; do
         IFS='|' read -r row label unit kind tgt <<<"$r"
         c=$(med "$row" colo) q=$(med "$row" qemu)
         if [[ $kind == vm ]]; then
-            cb=$(med "$row" colo-none) qb=$(med "$row" qsd-none)
+            cb=$(med "${row%-active256}" colo-none) qb=$(med "${row%-active256}" qsd-none)
             base="$(fmt0 "$cb") / $(fmt0 "$qb") / —"
         else
             cb=$(med "$row" qemu-nbd) qb=$cb

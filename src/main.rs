@@ -132,8 +132,9 @@ struct ServeArgs {
     /// Replication mode.
     #[arg(long, value_enum, default_value_t = Replication::None)]
     replication: Replication,
-    /// After handling work, a queue worker keeps polling its ring for this many microseconds
-    /// before sleeping (saves kicks and wake-ups under load; 0 disables polling).
+    /// After handling work, a queue worker keeps polling its ring for up to this many
+    /// microseconds before sleeping (saves kicks and wake-ups under load; the window adapts
+    /// to the driver's pace; 0 disables polling).
     #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(0..=10_000))]
     poll_us: u64,
     /// I/O engine (io_uring falls back to sync if the kernel refuses it).

@@ -120,6 +120,9 @@ pub fn mark_written<B: Bitmap>(mem: &GuestMemoryMmap<B>, data: &[(GuestAddress, 
     }
 }
 
+/// The smallest nonzero poll window (QEMU's adaptive polling starts there too).
+const POLL_MIN: Duration = Duration::from_micros(4);
+
 /// The state of one queue's worker.
 pub struct QueueWorker {
     index: usize,
@@ -144,6 +147,10 @@ pub struct QueueWorker {
     /// queue it found in an inconsistent state); cleared when the frontend stops the ring
     /// (GET_VRING_BASE) or resets the device, and a new connection starts afresh.
     broken: bool,
+    /// The adaptive poll window (at most [`Shared::poll`]; see [`QueueWorker::adapt_poll`]).
+    poll_window: Duration,
+    /// When this worker last went to sleep with nothing in flight, having polled in vain.
+    idle_since: Option<Instant>,
     bad_input: LogLimit,
     io_errors: LogLimit,
     /// Errors of the ring or the frontend's descriptors (memory gone, call fd refused).
@@ -223,6 +230,8 @@ impl QueueWorker {
             inflight: None,
             inflight_counter: 1,
             broken: false,
+            poll_window: Duration::ZERO,
+            idle_since: None,
             bad_input: LogLimit::new(),
             io_errors: LogLimit::new(),
             ring_errors: LogLimit::new(),
@@ -263,6 +272,7 @@ impl QueueWorker {
 
     /// Handles a kick: pops every available chain, submits, and completes what is done.
     pub fn process_queue(&mut self, vring: &Vring) {
+        self.adapt_poll();
         self.run_queue(vring);
         self.poll_for_work(vring);
     }
@@ -274,13 +284,37 @@ impl QueueWorker {
         self.poll_for_work(vring);
     }
 
-    /// Busy-polls the avail ring for up to the poll window ([`Shared::poll`]) while nothing
-    /// is in flight, with driver notifications off, so a busy driver need not kick and this
-    /// thread need not sleep and wake between its requests. While requests are in flight the
-    /// worker sleeps instead: the completion eventfd wakes it, and the CPU stays free for the
-    /// I/O itself (spinning then measured slower on a 2-core host).
+    /// Adapts the poll window to how long the worker just slept, as QEMU's adaptive polling
+    /// does: a kick that came within the maximum window ([`Shared::poll`], `--poll-us`)
+    /// would have been caught by polling, so the window grows (doubling from 4 µs); a kick
+    /// that came later means polling only burnt CPU, so the window drops to 0. A driver with
+    /// a steady stream of requests keeps the window open; an idle or slow one costs no CPU.
+    fn adapt_poll(&mut self) {
+        let Some(since) = self.idle_since.take() else { return };
+        let max = self.shared.poll();
+        let slept = since.elapsed();
+        self.poll_window = if slept > max {
+            Duration::ZERO
+        } else if self.poll_window.is_zero() {
+            POLL_MIN.min(max)
+        } else {
+            (self.poll_window * 2).min(max)
+        };
+    }
+
+    /// Busy-polls the avail ring for up to the adaptive poll window ([`adapt_poll`]) while
+    /// nothing is in flight, with driver notifications off, so a busy driver need not kick
+    /// and this thread need not sleep and wake between its requests. While requests are in
+    /// flight the worker sleeps instead: the completion eventfd wakes it, and the CPU stays
+    /// free for the I/O itself (spinning then measured slower on a 2-core host).
     fn poll_for_work(&mut self, vring: &Vring) {
-        let window = self.shared.poll();
+        if self.shared.poll().is_zero() {
+            return;
+        }
+        if self.drain.inflight() == 0 {
+            self.idle_since = Some(Instant::now());
+        }
+        let window = self.poll_window;
         if window.is_zero() {
             return;
         }
@@ -308,6 +342,12 @@ impl QueueWorker {
             if !found {
                 break;
             }
+            // Polling paid off: the next sleep is measured from the end of this round.
+            self.idle_since = Some(Instant::now());
+        }
+        if self.drain.inflight() > 0 {
+            // Requests went in flight: the worker sleeps until they complete, not idle.
+            self.idle_since = None;
         }
     }
 
