@@ -6,7 +6,9 @@
 //! (primary mirror, secondary buffers) are further `BlockDevice`s wrapping a disk, wired in at
 //! start-up, so the virtio side never changes.
 
+pub mod aligned;
 pub mod bitmap;
+pub mod bounce;
 pub mod fault;
 pub mod lock;
 pub mod probe;

@@ -45,6 +45,9 @@ pub struct RawDisk {
     size: u64,
     read_only: bool,
     direct: bool,
+    /// With `direct`: the memory alignment `O_DIRECT` needs (probed at open); requests whose
+    /// buffers miss it are bounced (`block::bounce`).
+    mem_align: usize,
     engine: EngineKind,
 }
 
@@ -79,7 +82,9 @@ impl RawDisk {
         if size == 0 || size % u64::from(opts.block_size) != 0 {
             return Err(BlockError::BadSize { path: path_str, size, block_size: opts.block_size });
         }
+        let mem_align = if opts.direct { super::bounce::probe_memory_alignment(&file) } else { 1 };
         Ok(RawDisk {
+            mem_align,
             file: Arc::new(file),
             path: opts.path.clone(),
             size,
@@ -128,16 +133,17 @@ impl BlockDevice for RawDisk {
     }
 
     fn open_queue(&self, depth: u32) -> Result<Box<dyn BlockQueue>, BlockError> {
-        match self.engine {
+        let engine: Box<dyn BlockQueue> = match self.engine {
             EngineKind::Uring => match UringEngine::new(self.file.clone(), depth) {
-                Ok(e) => Ok(Box::new(e)),
+                Ok(e) => Box::new(e),
                 Err(e) => {
                     log::warn!("io_uring unavailable ({e}), using the sync engine");
-                    Ok(Box::new(SyncEngine::new(self.file.clone())))
+                    Box::new(SyncEngine::new(self.file.clone()))
                 }
             },
-            EngineKind::Sync => Ok(Box::new(SyncEngine::new(self.file.clone()))),
-        }
+            EngineKind::Sync => Box::new(SyncEngine::new(self.file.clone())),
+        };
+        if self.direct { Ok(Box::new(super::bounce::BounceQueue::new(engine, self.mem_align))) } else { Ok(engine) }
     }
 
     fn flush(&self) -> io::Result<()> {

@@ -759,11 +759,10 @@ impl Mirror {
     }
 }
 
-mod buf;
 mod control;
 mod device;
 
-use buf::AlignedBuf;
+use crate::block::aligned::AlignedBuf;
 mod hook;
 
 pub use control::MirrorControl;

@@ -1,13 +1,13 @@
-//! The primary's owned copy of a write's data, aligned for `O_DIRECT`: the local write of a
-//! mirrored guest write is submitted from this copy (see `device.rs`), so it must satisfy the
-//! same alignment as the guest's own buffers did on a `--direct` disk.
+//! Heap buffers aligned for `O_DIRECT`: the primary's owned copy of a mirrored write (its
+//! local half is submitted from the copy, so it must satisfy the alignment the guest's own
+//! buffers did) and the bounce buffers of [`super::bounce`].
 
 use std::alloc::{Layout, alloc_zeroed, dealloc};
 use std::ops::{Deref, DerefMut};
 use std::ptr::NonNull;
 
 /// Alignment of every buffer: the largest logical block size `O_DIRECT` asks for in practice.
-const ALIGN: usize = 4096;
+pub const ALIGN: usize = 4096;
 
 /// A zero-initialised heap buffer whose start is [`ALIGN`]-aligned.
 pub struct AlignedBuf {
