@@ -34,7 +34,7 @@ pub const EXPORT_ID: &str = "export0";
 /// The name of the node the export serves in `query-block-exports`.
 pub const NODE_NAME: &str = "disk0";
 
-/// Everything `colo-blk serve` needs, already validated by the CLI.
+/// What the serve loop needs, built and validated by [`build`].
 pub struct ServeConfig {
     /// The vhost-user socket path (for an inherited socket: the path it is bound to, if any).
     pub socket: PathBuf,
