@@ -132,7 +132,10 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 /// A built daemon: the device graph, its bound sockets, its pid file and the image locks,
-/// ready to [`run`](Built::run).
+/// ready to [`run`](Built::run). Dropped without running, it releases the disk's image lock but
+/// leaves its socket files and pid file (the daemon's shutdown removes those), and the threads
+/// the build started (the secondary's buffer pool and reclaim thread, the NBD accept threads)
+/// keep running.
 pub struct Built {
     daemon: Arc<Daemon>,
     sockets: BoundSockets,
