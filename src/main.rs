@@ -1,8 +1,9 @@
-//! The `colo-blk` command line: parse, validate, hand over to the library.
+//! The `colo-blk` command line: parse the arguments, turn `serve`'s into a
+//! [`colo_blk::daemon::Config`] and hand over to the library (`daemon::build` checks it and
+//! wires the device graph); `ctl` and `bench` are clients.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -10,24 +11,12 @@ mod bench;
 mod ctl;
 mod logging;
 
-use colo_blk::block::fault::{FaultPlan, FaultyDevice};
-use colo_blk::block::lock::ImageLock;
-use colo_blk::block::raw::{EngineKind, NullDisk, RawDisk, RawOptions};
-use colo_blk::block::{BlockDevice, BlockError};
-use colo_blk::daemon::{BoundSockets, Daemon, OwnedSocket, PidFile, ServeConfig, SocketPerms, bind_owned, preflight};
+use colo_blk::block::raw::EngineKind;
+use colo_blk::daemon::{self, Config, ImageFormat, Role, SocketPerms};
+use colo_blk::nbd::NbdAddress;
 use colo_blk::nbd::allow::AllowList;
 use colo_blk::nbd::client::NbdUri;
-use colo_blk::nbd::tls;
-use colo_blk::nbd::{NbdAddress, NbdServer, NbdServerConfig};
-use colo_blk::replication::continuous::SecondaryThenPrimary;
-use colo_blk::replication::primary::{ColoHook, HOOK_EXPORT, Mirror, MirrorConfig, MirrorControl, MirrorDevice};
-use colo_blk::replication::secondary::{Secondary, SecondaryControl, SecondaryDevice, SecondaryExport, SecondaryFiles};
-use colo_blk::replication::{NoReplication, ReplicationControl};
 use colo_blk::size::parse_size;
-use colo_blk::vhost::DeviceConfig;
-
-/// Disk path that selects the null device (no storage, for measuring the vhost-user path).
-const NULL_DISK: &str = "null";
 
 #[derive(Parser)]
 #[command(name = "colo-blk", version, about = "vhost-user-blk backend with COLO block replication")]
@@ -73,9 +62,6 @@ enum LogLevel {
     Debug,
     Trace,
 }
-
-/// The vhost-user socket when neither --socket, --socket-fd nor socket activation says.
-const DEFAULT_SOCKET: &str = "/tmp/colo-blk.sock";
 
 #[derive(clap::Args)]
 #[command(disable_version_flag = true)]
@@ -209,14 +195,6 @@ fn parse_block_size(s: &str) -> Result<u32, String> {
     }
 }
 
-/// Gives a UNIX listening socket the configured mode and owner (TCP: nothing to do).
-fn apply_perms(addr: &NbdAddress, perms: &SocketPerms) -> std::io::Result<()> {
-    match addr {
-        NbdAddress::Unix(p) => perms.apply(p),
-        NbdAddress::Tcp(_) => Ok(()),
-    }
-}
-
 fn parse_mode(s: &str) -> Result<u32, String> {
     match u32::from_str_radix(s.trim_start_matches("0o"), 8) {
         Ok(m) if m <= 0o777 && m & 0o600 == 0o600 => Ok(m),
@@ -260,36 +238,13 @@ fn main() -> ExitCode {
     }
 }
 
-/// What a start that fails half way must undo, so that a refused start leaves nothing
-/// behind: images and buffers it created, socket files it bound, its pid file.
-#[derive(Default)]
-struct Undo {
-    files: Vec<PathBuf>,
-    sockets: Vec<OwnedSocket>,
-    pidfile: Option<PidFile>,
-}
-
-impl Undo {
-    /// Undoes everything and returns the configuration-error exit (2) with `msg`.
-    fn fail(self, msg: String) -> ExitCode {
-        for f in &self.files {
-            let _ = std::fs::remove_file(f);
-        }
-        self.sockets.iter().for_each(OwnedSocket::remove);
-        if let Some(p) = &self.pidfile {
-            p.remove();
-        }
-        usage_error(msg)
-    }
-}
-
 fn serve(a: ServeArgs) -> ExitCode {
     if a.version {
         println!("colo-blk {}", env!("CARGO_PKG_VERSION"));
         return ExitCode::SUCCESS;
     }
     // Before any thread exists, so that only the daemon's signal thread sees SIGTERM/SIGINT.
-    if let Err(e) = colo_blk::daemon::block_termination_signals() {
+    if let Err(e) = daemon::block_termination_signals() {
         eprintln!("colo-blk: cannot block signals: {e}");
         return ExitCode::FAILURE;
     }
@@ -300,454 +255,67 @@ fn serve(a: ServeArgs) -> ExitCode {
         LogLevel::Debug => log::LevelFilter::Debug,
         LogLevel::Trace => log::LevelFilter::Trace,
     });
-    if let Err(msg) = check_options(&a) {
-        return usage_error(msg);
-    }
     let disk_given = std::env::args_os().any(|s| s == "--disk" || s.to_string_lossy().starts_with("--disk="));
-    let create_size = a.size.or(if disk_given { None } else { Some(1 << 30) });
-    if let Some(s) = create_size
-        && (s == 0 || s % u64::from(a.logical_block_size) != 0)
-    {
-        return usage_error(format!("--size: {s} is not a positive multiple of {}", a.logical_block_size));
-    }
-    let secondary_tls = match &a.secondary_tls_creds {
-        None => None,
-        Some(dir) => match tls::client_config(dir) {
-            Ok(c) => Some(c),
-            Err(e) => return usage_error(format!("--secondary-tls-creds: {e}")),
-        },
+    // Every problem found by the build is a configuration error (exit status 2), and the
+    // build leaves nothing behind.
+    let built = match daemon::build(config(a, disk_given)) {
+        Ok(b) => b,
+        Err(e) => return usage_error(e.to_string()),
     };
-    let nbd_tls = match &a.nbd_tls_creds {
-        None => None,
-        Some(dir) => match tls::server_config(dir) {
-            Ok(c) => Some(c),
-            Err(e) => return usage_error(format!("--nbd-tls-creds: {e}")),
-        },
-    };
-    // Where the vhost-user socket comes from: inherited (--socket-fd, socket activation) or
-    // bound here.
-    let inherited_fd = a.socket_fd.or_else(colo_blk::daemon::activated_fd);
-    let inherited = match inherited_fd {
-        None => None,
-        Some(fd) => match colo_blk::daemon::inherited_listener(fd) {
-            Ok(l) => Some(l),
-            Err(e) => return usage_error(format!("--socket-fd: {e}")),
-        },
-    };
-    let socket_path = match (&inherited, &a.socket) {
-        (Some((_, bound)), Some(given)) if bound.as_deref() != Some(given.as_path()) => {
-            return usage_error(format!(
-                "--socket: {} is not the inherited socket (fd {})",
-                given.display(),
-                inherited_fd.unwrap_or_default()
-            ));
-        }
-        (Some((_, bound)), _) => {
-            bound.clone().unwrap_or_else(|| PathBuf::from(format!("fd:{}", inherited_fd.unwrap_or_default())))
-        }
-        (None, given) => given.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET)),
-    };
-    if let Err(msg) = check_paths(&a, &socket_path, inherited.is_some(), create_size) {
-        return usage_error(msg);
-    }
-    if let (Some(NbdAddress::Tcp(addr)), Replication::Secondary) = (&a.nbd_listen, a.replication)
-        && a.nbd_tls_creds.is_none()
-        && a.nbd_allow.is_none()
-        && !is_loopback(addr)
-    {
-        log::warn!(
-            "the NBD server listens on {addr} with neither --nbd-tls-creds nor --nbd-allow: any host that \
-             reaches this port can write into the secondary disk during replication"
-        );
-    }
-
-    // From here on things get created; `undo` removes them again if the start fails.
-    let mut undo = Undo::default();
-    if let Some(path) = &a.pidfile {
-        match PidFile::create(path) {
-            Ok(p) => undo.pidfile = Some(p),
-            Err(e) => return usage_error(format!("--pidfile: {}: {e}", path.display())),
-        }
-    }
-    // The sockets are bound before any thread exists (the restrictive umask used for mode
-    // 0600 must not leak into files other threads create) and before the disk is touched.
-    let socket_perms = SocketPerms { mode: a.socket_mode, owner: a.socket_owner };
-    let qmp_perms = SocketPerms { mode: a.qmp_mode, owner: a.qmp_owner };
-    let vhost_listener = match inherited {
-        Some((l, _)) => l,
-        None => match bind_owned(&socket_path) {
-            Ok((l, owned)) => {
-                undo.sockets.push(owned);
-                if let Err(e) = socket_perms.apply(&socket_path) {
-                    return undo.fail(format!("--socket-mode/--socket-owner: {}: {e}", socket_path.display()));
-                }
-                l
-            }
-            Err(e) => return undo.fail(format!("--socket: {}", error_chain(&e))),
-        },
-    };
-    let qmp_listener = match &a.qmp {
-        None => None,
-        Some(path) => match bind_owned(path) {
-            Ok((l, owned)) => {
-                undo.sockets.push(owned);
-                if let Err(e) = qmp_perms.apply(path) {
-                    return undo.fail(format!("--qmp-mode/--qmp-owner: {}: {e}", path.display()));
-                }
-                Some(l)
-            }
-            Err(e) => return undo.fail(format!("--qmp: {}", error_chain(&e))),
-        },
-    };
-
-    let mirror_cfg = MirrorConfig {
-        tls: secondary_tls,
-        secondary: a.secondary.clone(),
-        timeout: std::time::Duration::from_secs_f64(a.secondary_timeout),
-    };
-    let mut locks: Vec<ImageLock> = Vec::new();
-    let mut secondary: Option<Arc<Secondary>> = None;
-    let mut mirror: Option<Arc<Mirror>> = None;
-    let device: Arc<dyn BlockDevice> = if a.disk.as_os_str() == NULL_DISK {
-        Arc::new(NullDisk::new(create_size.unwrap_or(1 << 30), a.readonly))
-    } else {
-        let opts = RawOptions {
-            path: a.disk.clone(),
-            create_size,
-            read_only: a.readonly,
-            direct: a.direct,
-            block_size: a.logical_block_size,
-            engine: match a.io_engine {
-                Engine::Uring => EngineKind::Uring,
-                Engine::Sync => EngineKind::Sync,
-            },
-        };
-        if !a.disk.exists() {
-            undo.files.push(a.disk.clone());
-        }
-        let disk = match RawDisk::open(&opts) {
-            Ok(d) => d,
-            Err(e) => return undo.fail(format!("--disk: {}", error_chain(&e))),
-        };
-        match ImageLock::acquire(&a.disk, !a.readonly) {
-            Ok(l) => locks.push(l),
-            Err(e) => return undo.fail(format!("--disk: {}", error_chain(&e))),
-        }
-        match a.replication {
-            Replication::Secondary => {
-                let files = SecondaryFiles {
-                    active: a.active.clone().unwrap_or_default(),
-                    hidden: a.hidden.clone().unwrap_or_default(),
-                    direct: a.direct,
-                };
-                for path in [&files.active, &files.hidden] {
-                    if !path.exists() {
-                        undo.files.push(path.clone());
-                    }
-                }
-                let file = match disk.buffered_file() {
-                    Ok(f) => f,
-                    Err(e) => return undo.fail(format!("--disk: {e}")),
-                };
-                let size = disk.size();
-                let sec = match Secondary::open(disk, files.clone()) {
-                    Ok(s) => s,
-                    Err(e @ BlockError::Refused(_)) => return undo.fail(e.to_string()),
-                    Err(e) => return undo.fail(format!("--active/--hidden: {}", error_chain(&e))),
-                };
-                // Secondary::open locked the buffers (re-locked whenever a checkpoint replaces them).
-                if let Err(e) = sec.check_lengths() {
-                    return undo.fail(format!("--active/--hidden: {e}"));
-                }
-                secondary = Some(sec.clone());
-                // The mirror stays idle unless this secondary fails over and is told to
-                // protect itself again (continuous replication).
-                let m = Mirror::new(file, size, mirror_cfg);
-                mirror = Some(m.clone());
-                Arc::new(MirrorDevice { inner: Arc::new(SecondaryDevice(sec)), mirror: m })
-            }
-            Replication::Primary => {
-                let file = match disk.buffered_file() {
-                    Ok(f) => f,
-                    Err(e) => return undo.fail(format!("--disk: {e}")),
-                };
-                let m = Mirror::new(file, disk.size(), mirror_cfg);
-                mirror = Some(m.clone());
-                Arc::new(MirrorDevice { inner: Arc::new(disk), mirror: m })
-            }
-            Replication::None => Arc::new(disk),
-        }
-    };
-    let replication: Arc<dyn ReplicationControl> = match (&secondary, &mirror) {
-        (Some(sec), Some(m)) => Arc::new(SecondaryThenPrimary {
-            secondary: SecondaryControl(sec.clone()),
-            primary: MirrorControl(m.clone()),
-            mirror: m.clone(),
-            state: sec.clone(),
-        }),
-        (None, Some(m)) => Arc::new(MirrorControl(m.clone())),
-        _ => Arc::new(NoReplication),
-    };
-    let faults = a.x_fault_injection.then(|| Arc::new(FaultPlan::default()));
-    let device: Arc<dyn BlockDevice> = match &faults {
-        Some(plan) => Arc::new(FaultyDevice { inner: device, plan: plan.clone() }),
-        None => device,
-    };
-    let cfg = ServeConfig {
-        socket: socket_path,
-        qmp: a.qmp.clone(),
-        device: DeviceConfig {
-            capacity_sectors: device.size() / 512,
-            block_size: a.logical_block_size,
-            read_only: a.readonly,
-            num_queues: a.num_queues,
-            queue_size: a.queue_size,
-            serial: a.serial.clone(),
-        },
-        direct: a.direct,
-        poll: std::time::Duration::from_micros(a.poll_us),
-        faults,
-    };
-    let daemon = Daemon::new(cfg, device, replication);
-    if let Some(m) = &mirror {
-        let events = daemon.events();
-        m.set_events(Arc::new(move |name: &str, data| events.emit(name, data)));
-    }
-    if let (Some(m), Some(addr)) = (&mirror, &a.colo_hook) {
-        let cfg = NbdServerConfig {
-            export_name: HOOK_EXPORT.into(),
-            max_clients: 4,
-            threads_per_client: 1,
-            allow: a.nbd_allow.clone().unwrap_or_default(),
-            tls: None,
-        };
-        match NbdServer::start(addr, cfg, Arc::new(ColoHook(m.clone()))) {
-            Ok(_) => {
-                if let NbdAddress::Unix(p) = addr
-                    && let Ok(owned) = OwnedSocket::new(p)
-                {
-                    undo.sockets.push(owned);
-                }
-                if let Err(e) = apply_perms(addr, &socket_perms) {
-                    return undo.fail(format!("--colo-hook: {e}"));
-                }
-                log::info!("COLO VM-stop hook listening on {} (export '{HOOK_EXPORT}')", addr)
-            }
-            Err(e) => {
-                return undo.fail(format!("--colo-hook: cannot listen on {}: {e}", addr));
-            }
-        }
-    }
-    if let (Some(sec), Some(addr)) = (&secondary, &a.nbd_listen) {
-        let events = daemon.events();
-        sec.set_events(Arc::new(move |name: &str, data| events.emit(name, data)));
-        let cfg = NbdServerConfig {
-            export_name: a.nbd_export.clone(),
-            max_clients: a.nbd_max_clients,
-            threads_per_client: 4,
-            allow: a.nbd_allow.clone().unwrap_or_default(),
-            tls: nbd_tls.clone(),
-        };
-        match NbdServer::start(addr, cfg, Arc::new(SecondaryExport(sec.clone()))) {
-            Ok(server) => {
-                if let NbdAddress::Unix(p) = addr
-                    && let Ok(owned) = OwnedSocket::new(p)
-                {
-                    undo.sockets.push(owned);
-                }
-                if let Err(e) = apply_perms(addr, &socket_perms) {
-                    return undo.fail(format!("--nbd-listen: {e}"));
-                }
-                sec.set_nbd_server(server)
-            }
-            Err(e) => {
-                return undo.fail(format!("--nbd-listen: cannot listen on {}: {e}", addr));
-            }
-        }
-        log::info!("NBD server for the primary listening on {} (export '{}')", addr, a.nbd_export);
-    }
-    let bound = BoundSockets { vhost: vhost_listener, qmp: qmp_listener, owned: std::mem::take(&mut undo.sockets) };
-    // The image locks live as long as the process; the daemon's shutdown exits the process.
-    std::mem::forget(locks);
-    match daemon.run(bound, undo.pidfile.take()) {
+    match built.run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("colo-blk: {}", error_chain(&e));
+            eprintln!("colo-blk: {}", daemon::error_chain(&e));
             ExitCode::FAILURE
         }
     }
 }
 
-fn is_loopback(host_port: &str) -> bool {
-    let host = host_port.rsplit_once(':').map_or(host_port, |(h, _)| h);
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
-}
-
-/// Option combinations that make no sense, found without touching anything.
-fn check_options(a: &ServeArgs) -> Result<(), String> {
-    let secondary_opts = [
-        ("--active", a.active.is_some()),
-        ("--hidden", a.hidden.is_some()),
-        ("--nbd-listen", a.nbd_listen.is_some()),
-        ("--nbd-export", !a.nbd_export.is_empty()),
-    ];
-    if !(a.secondary_timeout > 0.0 && a.secondary_timeout <= 3600.0) {
-        return Err("--secondary-timeout: must be in (0, 3600] seconds".into());
+/// The library's configuration for these arguments (`disk_given`: `--disk` was on the command
+/// line, so a missing image is only created when `--size` says how large).
+fn config(a: ServeArgs, disk_given: bool) -> Config {
+    Config {
+        socket: a.socket,
+        socket_fd: a.socket_fd,
+        socket_activation: true,
+        pidfile: a.pidfile,
+        format: a.format.map(|f| match f {
+            Format::Raw => ImageFormat::Raw,
+            Format::Qcow2 => ImageFormat::Qcow2,
+        }),
+        disk: a.disk,
+        size: a.size,
+        default_size: (!disk_given).then_some(daemon::DEFAULT_SIZE),
+        readonly: a.readonly,
+        num_queues: a.num_queues,
+        queue_size: a.queue_size,
+        logical_block_size: a.logical_block_size,
+        direct: a.direct,
+        serial: a.serial,
+        qmp: a.qmp,
+        replication: match a.replication {
+            Replication::None => Role::None,
+            Replication::Primary => Role::Primary,
+            Replication::Secondary => Role::Secondary,
+        },
+        poll: std::time::Duration::from_micros(a.poll_us),
+        io_engine: match a.io_engine {
+            Engine::Uring => EngineKind::Uring,
+            Engine::Sync => EngineKind::Sync,
+        },
+        active: a.active,
+        hidden: a.hidden,
+        nbd_listen: a.nbd_listen,
+        nbd_export: a.nbd_export,
+        secondary: a.secondary,
+        secondary_timeout: a.secondary_timeout,
+        colo_hook: a.colo_hook,
+        fault_injection: a.x_fault_injection,
+        nbd_allow: a.nbd_allow,
+        nbd_tls_creds: a.nbd_tls_creds,
+        secondary_tls_creds: a.secondary_tls_creds,
+        socket_perms: SocketPerms { mode: a.socket_mode, owner: a.socket_owner },
+        qmp_perms: SocketPerms { mode: a.qmp_mode, owner: a.qmp_owner },
+        nbd_max_clients: a.nbd_max_clients,
     }
-    match a.replication {
-        Replication::Primary => {
-            if let Some((name, _)) = secondary_opts.iter().find(|(_, given)| *given) {
-                return Err(format!("{name}: only valid with --replication secondary"));
-            }
-            if a.disk.as_os_str() == NULL_DISK {
-                return Err("--replication primary needs a disk (not null)".into());
-            }
-        }
-        Replication::Secondary => {
-            for (name, given) in &secondary_opts[..3] {
-                if !given {
-                    return Err(format!("{name}: required with --replication secondary"));
-                }
-            }
-            if a.disk.as_os_str() == NULL_DISK || a.readonly {
-                return Err("--replication secondary needs a writable disk (not null, not --readonly)".into());
-            }
-            if a.secondary.is_some() {
-                return Err("--secondary: only valid with --replication primary (a failed-over secondary \
-                            gets its new secondary from replication-start)"
-                    .into());
-            }
-        }
-        Replication::None => {
-            if a.colo_hook.is_some() {
-                return Err("--colo-hook: only valid with --replication primary or secondary".into());
-            }
-            if let Some((name, _)) = secondary_opts.iter().find(|(_, given)| *given) {
-                return Err(format!("{name}: only valid with --replication secondary"));
-            }
-            if a.secondary.is_some() {
-                return Err("--secondary: only valid with --replication primary".into());
-            }
-        }
-    }
-    if a.nbd_allow.is_some()
-        && !matches!(&a.nbd_listen, Some(NbdAddress::Tcp(_)))
-        && !matches!(&a.colo_hook, Some(NbdAddress::Tcp(_)))
-    {
-        return Err("--nbd-allow: only applies to TCP listeners (--nbd-listen / --colo-hook HOST:PORT)".into());
-    }
-    if matches!(&a.colo_hook, Some(NbdAddress::Tcp(_))) && a.nbd_allow.is_none() {
-        return Err("--colo-hook: a TCP hook needs --nbd-allow (any peer's FLUSH would checkpoint the \
-                    secondary); prefer unix:PATH"
-            .into());
-    }
-    if a.nbd_tls_creds.is_some() && !matches!(&a.nbd_listen, Some(NbdAddress::Tcp(_))) {
-        return Err("--nbd-tls-creds: needs a TCP --nbd-listen HOST:PORT".into());
-    }
-    if a.secondary_tls_creds.is_some() && a.replication == Replication::None {
-        return Err("--secondary-tls-creds: only valid with --replication primary or secondary".into());
-    }
-    if a.queue_size == 0 || !a.queue_size.is_power_of_two() {
-        return Err(format!("--queue-size: {} is not a power of two", a.queue_size));
-    }
-    if a.serial.len() > 20 {
-        return Err("--serial: at most 20 bytes".into());
-    }
-    if a.format == Some(Format::Qcow2) {
-        return Err("--format qcow2: qcow2 images are not supported yet; convert the image with \
-                    `qemu-img convert -O raw` or serve it with qemu-storage-daemon"
-            .into());
-    }
-    if a.socket_fd.is_some() && a.socket.is_some() {
-        return Err("--socket-fd: give either --socket or --socket-fd".into());
-    }
-    Ok(())
-}
-
-/// Checks every path before anything is created: sockets free and distinct, the three disk
-/// files distinct, an existing image raw and of the requested size, not locked by another
-/// process.
-fn check_paths(
-    a: &ServeArgs,
-    socket: &std::path::Path,
-    inherited: bool,
-    create_size: Option<u64>,
-) -> Result<(), String> {
-    let mut sockets: Vec<(&str, PathBuf)> = Vec::new();
-    if !inherited {
-        sockets.push(("--socket", socket.to_path_buf()));
-    }
-    if let Some(q) = &a.qmp {
-        sockets.push(("--qmp", q.clone()));
-    }
-    if let Some(NbdAddress::Unix(p)) = &a.nbd_listen {
-        sockets.push(("--nbd-listen", p.clone()));
-    }
-    if let Some(NbdAddress::Unix(p)) = &a.colo_hook {
-        sockets.push(("--colo-hook", p.clone()));
-    }
-    let mut files: Vec<(&str, &std::path::Path)> = Vec::new();
-    if a.disk.as_os_str() != NULL_DISK {
-        files.push(("--disk", &a.disk));
-    }
-    if let Some(p) = &a.active {
-        files.push(("--active", p));
-    }
-    if let Some(p) = &a.hidden {
-        files.push(("--hidden", p));
-    }
-    if let Some(p) = &a.pidfile {
-        files.push(("--pidfile", p));
-    }
-    let all: Vec<(&str, &std::path::Path)> =
-        files.iter().copied().chain(sockets.iter().map(|(o, p)| (*o, p.as_path()))).collect();
-    preflight::distinct_files(&all)?;
-    for (opt, path) in &sockets {
-        colo_blk::daemon::check_free(path).map_err(|e| format!("{opt}: {}", error_chain(&e)))?;
-    }
-    for (opt, path) in &files {
-        if *opt == "--pidfile" {
-            continue;
-        }
-        let facts =
-            preflight::examine_image(path).map_err(|e| format!("{opt}: cannot read {}: {e}", path.display()))?;
-        let Some(facts) = facts else { continue };
-        if let Some(format) = facts.format {
-            let raw_asked = *opt == "--disk" && a.format == Some(Format::Raw);
-            if !raw_asked {
-                return Err(format!(
-                    "{opt}: {} is a {format} image, not a raw one; colo-blk serves raw images{}",
-                    path.display(),
-                    if *opt == "--disk" { " (--format raw serves its bytes as they are)" } else { "" }
-                ));
-            }
-        }
-        if *opt == "--disk"
-            && let Some(wanted) = a.size.filter(|_| create_size.is_some())
-            && wanted != facts.size
-        {
-            return Err(format!(
-                "--size: {} already exists with {} bytes, not the {wanted} bytes asked for; \
-                 leave out --size to serve it as it is",
-                path.display(),
-                facts.size
-            ));
-        }
-        // Only a look: the real locks are taken when the image is opened.
-        let writable = !(a.readonly && *opt == "--disk");
-        ImageLock::acquire(path, writable).map_err(|e| format!("{opt}: {}", error_chain(&e)))?;
-    }
-    Ok(())
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        src = c.source();
-    }
-    s
 }

@@ -1,7 +1,10 @@
-//! Wiring: opens the disk, binds the sockets, runs the accept/serve loop (one frontend at a
+//! The daemon: [`build`] checks a [`Config`] and wires the device graph (sockets, disk,
+//! replication layers, NBD servers); [`Daemon`] runs the accept/serve loop (one frontend at a
 //! time, listening again after each disconnect), answers the control socket, and shuts down
 //! cleanly on SIGTERM/SIGINT or QMP `quit` (drain in-flight I/O, flush, exit 0).
 
+mod build;
+mod config;
 pub mod preflight;
 mod sockets;
 mod systemd;
@@ -31,7 +34,7 @@ pub const EXPORT_ID: &str = "export0";
 /// The name of the node the export serves in `query-block-exports`.
 pub const NODE_NAME: &str = "disk0";
 
-/// Everything `colo-blk serve` needs, already validated by the CLI.
+/// What the serve loop needs, built and validated by [`build`].
 pub struct ServeConfig {
     /// The vhost-user socket path (for an inherited socket: the path it is bound to, if any).
     pub socket: PathBuf,
@@ -401,5 +404,7 @@ fn private_dir() -> std::io::Result<PathBuf> {
     Ok(PathBuf::from(std::ffi::OsString::from_vec(template)))
 }
 
+pub use build::{BuildError, Built, build, error_chain};
+pub use config::{Config, DEFAULT_SIZE, DEFAULT_SOCKET, ImageFormat, NULL_DISK, Role};
 pub use sockets::{OwnedSocket, SocketPerms, bind_owned, block_termination_signals, check_free};
 pub use systemd::{PidFile, activated_fd, inherited_listener};

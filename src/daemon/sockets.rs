@@ -6,6 +6,9 @@ use std::path::{Path, PathBuf};
 
 use super::DaemonError;
 
+/// Serialises the umask changes of [`bind_private`].
+static UMASK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Binds a UNIX socket that only the owner can use (mode 0600), replacing a stale one.
 pub fn bind_private(path: &Path) -> Result<UnixListener, DaemonError> {
     let err = |source| DaemonError::Bind { path: path.display().to_string(), source };
@@ -18,7 +21,17 @@ pub fn bind_private(path: &Path) -> Result<UnixListener, DaemonError> {
         }
         Err(_) => {}
     }
-    // SAFETY: umask only changes the process file-creation mask; called while single-threaded.
+    // The set/bind/restore sequence is serialised: two binds overlapping would restore each
+    // other's 0177 as the "previous" mask and leave it for good.
+    let _one_at_a_time = UMASK.lock().unwrap_or_else(|e| e.into_inner());
+    // SAFETY: umask(2) cannot fail and touches no memory; its only effect is on the
+    // process-wide file-creation mask, which is why the mask is changed only for this bind and
+    // only while no other thread can create a file: `daemon::build` binds every socket (this
+    // function, through `bind_owned`) after its checks and before anything it builds starts a
+    // thread (the secondary's buffer pool and reclaim thread, the NBD accept threads, the
+    // daemon's signal, control-socket and relay threads all come later), and `main` has
+    // started none before the build. A library user that calls this while threads of its own
+    // create files would see those files created with at most mode 0600, nothing worse.
     let old = unsafe { libc::umask(0o177) };
     let res = UnixListener::bind(path);
     // SAFETY: as above, restoring the previous mask.

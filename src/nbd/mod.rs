@@ -9,4 +9,4 @@ pub mod timed;
 pub mod tls;
 pub mod wire;
 
-pub use server::{NbdAddress, NbdExport, NbdServer, NbdServerConfig, NbdStats};
+pub use server::{NbdAddress, NbdExport, NbdListener, NbdServer, NbdServerConfig, NbdStats};

@@ -408,10 +408,14 @@ pub struct NbdServer {
     shared: Arc<Shared>,
 }
 
-impl NbdServer {
-    /// Binds `addr` (UNIX sockets are created mode 0600) and serves on background threads.
-    pub fn start(addr: &NbdAddress, cfg: NbdServerConfig, export: Arc<dyn NbdExport>) -> io::Result<NbdServer> {
-        let listener = match addr {
+/// A bound NBD listening socket that no thread serves yet: binding is apart from serving so
+/// that the daemon can bind every socket before it starts any thread (`daemon::build`).
+pub struct NbdListener(Listener);
+
+impl NbdListener {
+    /// Binds `addr` (a UNIX socket is replaced if present, then given mode 0600).
+    pub fn bind(addr: &NbdAddress) -> io::Result<NbdListener> {
+        Ok(NbdListener(match addr {
             NbdAddress::Tcp(a) => Listener::Tcp(TcpListener::bind(a)?),
             NbdAddress::Unix(p) => {
                 let _ = std::fs::remove_file(p);
@@ -419,10 +423,33 @@ impl NbdServer {
                 std::fs::set_permissions(p, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
                 Listener::Unix(l)
             }
-        };
+        }))
+    }
+}
+
+impl From<UnixListener> for NbdListener {
+    fn from(l: UnixListener) -> Self {
+        NbdListener(Listener::Unix(l))
+    }
+}
+
+impl From<TcpListener> for NbdListener {
+    fn from(l: TcpListener) -> Self {
+        NbdListener(Listener::Tcp(l))
+    }
+}
+
+impl NbdServer {
+    /// Binds `addr` (UNIX sockets are created mode 0600) and serves on background threads.
+    pub fn start(addr: &NbdAddress, cfg: NbdServerConfig, export: Arc<dyn NbdExport>) -> io::Result<NbdServer> {
+        NbdServer::serve(NbdListener::bind(addr)?, cfg, export)
+    }
+
+    /// Serves an already bound listener on background threads.
+    pub fn serve(listener: NbdListener, cfg: NbdServerConfig, export: Arc<dyn NbdExport>) -> io::Result<NbdServer> {
         let shared = Shared::new(cfg, export);
         let s2 = shared.clone();
-        std::thread::Builder::new().name("nbd-accept".into()).spawn(move || accept_loop(listener, s2))?;
+        std::thread::Builder::new().name("nbd-accept".into()).spawn(move || accept_loop(listener.0, s2))?;
         Ok(NbdServer { shared })
     }
 
