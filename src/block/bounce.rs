@@ -148,7 +148,7 @@ mod tests {
                 Op::Write { offset, iovecs, .. } => (offset, iovecs, true),
                 _ => panic!("only reads and writes here"),
             };
-            if iovecs.iter().any(|v| v.iov_base as usize % 512 != 0 || v.iov_len % 512 != 0) {
+            if iovecs.iter().any(|v| !(v.iov_base as usize).is_multiple_of(512) || !v.iov_len.is_multiple_of(512)) {
                 self.done.push(Completion { token, result: -libc::EINVAL });
                 return Ok(());
             }
