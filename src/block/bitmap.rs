@@ -11,6 +11,7 @@
 //! again as soon as it is clear.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 /// Sectors per group (1 GiB of disk); local offsets fit a `u32`.
@@ -215,6 +216,9 @@ pub struct ClearedBits {
 pub struct SectorBitmap {
     sectors: u64,
     groups: Box<[Mutex<Group>]>,
+    /// Set sectors overall, kept under the group locks: `any` on an empty map (the secondary
+    /// VM's reads while the buffers are empty) answers without taking a lock.
+    total: AtomicU64,
 }
 
 impl std::fmt::Debug for SectorBitmap {
@@ -227,7 +231,11 @@ impl SectorBitmap {
     /// A clear bitmap for `sectors` sectors.
     pub fn new(sectors: u64) -> Self {
         let n = sectors.div_ceil(GROUP_SECTORS) as usize;
-        SectorBitmap { sectors, groups: (0..n).map(|_| Mutex::new(Group::default())).collect() }
+        SectorBitmap {
+            sectors,
+            groups: (0..n).map(|_| Mutex::new(Group::default())).collect(),
+            total: AtomicU64::new(0),
+        }
     }
 
     /// Number of sectors covered.
@@ -267,12 +275,22 @@ impl SectorBitmap {
 
     /// Sets [start, end).
     pub fn set(&self, start: u64, end: u64) {
-        self.each_group(start, end, |g, a, b| self.group(g).set(a, b));
+        self.each_group(start, end, |g, a, b| {
+            let mut group = self.group(g);
+            let before = group.count();
+            group.set(a, b);
+            self.total.fetch_add(group.count() - before, Ordering::SeqCst);
+        });
     }
 
     /// Clears [start, end); memory of what became clear is freed.
     pub fn clear(&self, start: u64, end: u64) {
-        self.each_group(start, end, |g, a, b| self.group(g).clear(a, b));
+        self.each_group(start, end, |g, a, b| {
+            let mut group = self.group(g);
+            let before = group.count();
+            group.clear(a, b);
+            self.total.fetch_sub(before - group.count(), Ordering::SeqCst);
+        });
     }
 
     /// Clears every bit and frees the memory that held them.
@@ -287,6 +305,7 @@ impl SectorBitmap {
         for g in 0..self.groups.len() {
             let mut group = self.group(g);
             if !group.is_clear() {
+                self.total.fetch_sub(group.count(), Ordering::SeqCst);
                 groups.push(std::mem::take(&mut *group));
             }
         }
@@ -295,6 +314,11 @@ impl SectorBitmap {
 
     /// Whether any sector of [start, end) is set.
     pub fn any(&self, start: u64, end: u64) -> bool {
+        // SeqCst, as the updates: a reader that finds 0 here ran before any set that could
+        // matter to it (see `Secondary::direct_read_valid`).
+        if self.total.load(Ordering::SeqCst) == 0 {
+            return false;
+        }
         let mut found = false;
         self.each_group(start, end, |g, a, b| found = found || self.group(g).any(a, b));
         found
@@ -319,7 +343,7 @@ impl SectorBitmap {
 
     /// Number of set sectors overall: one counter per group, no walk over the extents.
     pub fn count_all(&self) -> u64 {
-        (0..self.groups.len()).map(|g| self.group(g).count()).sum()
+        self.total.load(Ordering::SeqCst)
     }
 
     /// Whether no sector is set.

@@ -71,6 +71,9 @@ impl SendOp {
 /// Where a queue's finished requests wait for its worker.
 pub struct DoneQueue {
     list: Mutex<Vec<Completion>>,
+    /// Whether `list` may hold something: the worker reaps after every request it submits,
+    /// and most of those reaps (direct reads, pass-through) find nothing here.
+    queued: std::sync::atomic::AtomicBool,
     /// Signalled after each completion: a duplicate of the queue's io_uring eventfd when it has
     /// one (so one fd wakes the worker for both kinds of completion), else our own eventfd.
     /// Owned either way, so a pool thread finishing late never writes to a descriptor number
@@ -96,7 +99,12 @@ impl DoneQueue {
         }
         // SAFETY: `fd` was just created for us and nothing else owns it.
         let notify = unsafe { OwnedFd::from_raw_fd(fd) };
-        Ok(Arc::new(DoneQueue { list: Mutex::new(Vec::new()), notify, own }))
+        Ok(Arc::new(DoneQueue {
+            list: Mutex::new(Vec::new()),
+            queued: std::sync::atomic::AtomicBool::new(false),
+            notify,
+            own,
+        }))
     }
 
     /// The fd the worker waits on.
@@ -116,6 +124,7 @@ impl DoneQueue {
     /// Queues a finished request and wakes the worker.
     pub fn push(&self, c: Completion) {
         self.list.lock().unwrap_or_else(|e| e.into_inner()).push(c);
+        self.queued.store(true, std::sync::atomic::Ordering::Release);
         let one: u64 = 1;
         // SAFETY: writes 8 bytes from a local to an eventfd this queue owns.
         let _ = unsafe { libc::write(self.notify.as_raw_fd(), (&one as *const u64).cast(), 8) };
@@ -123,7 +132,11 @@ impl DoneQueue {
 
     /// Moves finished requests into `out`.
     pub fn drain_into(&self, out: &mut Vec<Completion>) {
-        out.append(&mut self.list.lock().unwrap_or_else(|e| e.into_inner()));
+        // Cleared before taking the list: a push racing with this either lands in the list
+        // taken now or sets the flag again for the next reap (its eventfd write wakes it).
+        if self.queued.swap(false, std::sync::atomic::Ordering::AcqRel) {
+            out.append(&mut self.list.lock().unwrap_or_else(|e| e.into_inner()));
+        }
     }
 }
 
