@@ -36,6 +36,10 @@ use crate::nbd::wire::{
 const SECTOR: u64 = 512;
 /// Largest piece the resync copies at once.
 const RESYNC_CHUNK: u64 = 2048; // sectors = 1 MiB
+/// Largest hole of the local disk the resync clears with one WRITE_ZEROES (a colo-blk
+/// secondary that replicates copies the old data of the range before answering, so this
+/// bounds one request's work there well within the link timeout).
+const ZERO_CHUNK: u64 = 64 * 2048; // sectors = 64 MiB
 /// Resync chunks in flight at once (the copy's queue depth).
 const RESYNC_DEPTH: usize = 8;
 /// Reconnect backoff bounds.
@@ -65,6 +69,9 @@ struct Link {
     broken: AtomicBool,
     /// The secondary is a colo-blk secondary that takes checkpoint barriers.
     colo: bool,
+    /// The secondary takes WRITE_ZEROES (it advertised `NBD_FLAG_SEND_WRITE_ZEROES`): the
+    /// resync sends holes and zero blocks that way instead of as data.
+    write_zeroes: bool,
 }
 
 /// Settings of the mirror.
@@ -117,6 +124,10 @@ struct MirrorStats {
     forwarded_bytes: AtomicU64,
     failed_ops: AtomicU64,
     resync_bytes: AtomicU64,
+    /// Of `resync_bytes`: sent as WRITE payload, and sent as WRITE_ZEROES (holes and zero
+    /// blocks of the local disk, no payload).
+    resync_data: AtomicU64,
+    resync_zero: AtomicU64,
     resync_total: AtomicU64,
     connects: AtomicU64,
     link_failures: AtomicU64,
@@ -139,6 +150,22 @@ struct ResyncLog {
 }
 
 const RESYNC_LOG_LEN: usize = 4096;
+
+/// One resync chunk being copied (see `Mirror::copy_chunks`).
+struct ChunkCopy {
+    /// Clock at the start of the copy (its resync-log entry).
+    start: u64,
+    /// Sectors [a, b).
+    a: u64,
+    b: u64,
+    /// One receiver per request sent for the chunk; `None` when reading or sending failed.
+    replies: Option<Vec<mpsc::Receiver<bool>>>,
+    /// Bytes sent as data and as WRITE_ZEROES.
+    data: u64,
+    zero: u64,
+    /// Nothing was sent: the range was dirtied again for the next round.
+    requeued: bool,
+}
 
 impl ResyncLog {
     /// Whether a chunk copy of sectors overlapping [s0, s1) ran at any time in the clock
@@ -270,6 +297,7 @@ impl Mirror {
             drained: Condvar::new(),
             broken: AtomicBool::new(false),
             colo: info.colo,
+            write_zeroes: info.flags & crate::nbd::wire::TF_SEND_WRITE_ZEROES != 0,
         });
         self.barrier_number.fetch_max(info.colo_last_barrier, Ordering::AcqRel);
         let mut writer = stream.try_clone()?;
@@ -588,16 +616,39 @@ impl Mirror {
 
     /// Copies up to [`RESYNC_DEPTH`] dirty chunks starting at `first`, all in flight at once;
     /// returns whether every one was acknowledged.
+    ///
+    /// Sparse copy (when the secondary takes WRITE_ZEROES): a chunk is either a hole of the
+    /// local disk (up to [`ZERO_CHUNK`], sent as one WRITE_ZEROES that may leave the range
+    /// unallocated there) or data (up to [`RESYNC_CHUNK`], ending where a hole starts), whose
+    /// blocks that read as zeroes go as WRITE_ZEROES too. Chunk bounds come from an extent
+    /// query before the chunk is logged; whether it is a hole is asked again after its dirty
+    /// bits are cleared, exactly when a data chunk reads the disk, so the ordering rule of the
+    /// module documentation covers both. A hole that filled in between is re-dirtied and
+    /// copied as data by the next round.
     fn copy_chunks(&self, first: (u64, u64)) -> bool {
         let sectors = self.size / SECTOR;
         let timeout = lock(&self.cfg).timeout;
-        let mut inflight = Vec::with_capacity(RESYNC_DEPTH);
+        let sparse = self.current_link().is_some_and(|l| l.write_zeroes);
+        let mut inflight: Vec<ChunkCopy> = Vec::with_capacity(RESYNC_DEPTH);
         let mut next = Some(first);
         while let Some((a, run_end)) = next {
             if inflight.len() == RESYNC_DEPTH {
                 break;
             }
-            let b = run_end.min(a + RESYNC_CHUNK);
+            let (pos, limit) = (a * SECTOR, run_end.min(a + ZERO_CHUNK) * SECTOR);
+            // Extents are file-system blocks, so sector-aligned; rounding keeps the bounds
+            // whole sectors anyway (a partial sector at a hole's edge counts as data).
+            let hole = if sparse { sparse::hole_end(&self.disk, pos, limit) / SECTOR } else { a };
+            let b = if hole > a {
+                hole
+            } else {
+                let data_limit = run_end.min(a + RESYNC_CHUNK);
+                if sparse {
+                    sparse::data_end(&self.disk, pos, data_limit * SECTOR).div_ceil(SECTOR).clamp(a + 1, data_limit)
+                } else {
+                    data_limit
+                }
+            };
             let start = {
                 let mut log = lock(&self.resync_log);
                 let start = self.now();
@@ -611,43 +662,103 @@ impl Mirror {
             };
             self.resync_inflight.fetch_add(1, Ordering::SeqCst);
             self.dirty.clear(a, b);
-            let len = ((b - a) * SECTOR) as usize;
-            let mut buf = AlignedBuf::zeroed(len);
-            let rx = match self.disk.read_exact_at(&mut buf, a * SECTOR) {
-                Ok(()) => {
-                    let (tx, rx) = mpsc::channel();
-                    self.send(CMD_WRITE, 0, a * SECTOR, len as u32, Arc::new(buf), Waiter::Chan(tx)).ok().map(|()| rx)
+            let mut copy = ChunkCopy { start, a, b, replies: Some(Vec::new()), data: 0, zero: 0, requeued: false };
+            if hole > a {
+                if sparse::hole_end(&self.disk, a * SECTOR, b * SECTOR) >= b * SECTOR {
+                    copy.zero = (b - a) * SECTOR;
+                    copy.replies = self.send_zeroes(a * SECTOR, copy.zero).map(|rx| vec![rx]);
+                } else {
+                    // A guest write filled part of the hole since the bounds were taken.
+                    self.dirty.set(a, b);
+                    copy.requeued = true;
                 }
-                Err(e) => {
-                    self.record_error(format!("resync read of the local disk failed: {e}"));
-                    None
-                }
-            };
-            inflight.push((start, a, b, rx));
+            } else {
+                self.read_and_send(&mut copy, sparse);
+            }
+            inflight.push(copy);
             next = self.dirty.next_set_run(b, sectors);
         }
         // The link's watchdog answers every chunk within about the timeout (a cut wakes them
         // all); this deadline is only a backstop, shared by the whole batch.
         let deadline = Instant::now() + timeout + Duration::from_secs(1);
         let mut all_ok = true;
-        for (start, a, b, rx) in inflight {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let ok = rx.is_some_and(|rx| rx.recv_timeout(left).unwrap_or(false));
+        for c in inflight {
+            let ok = c.replies.is_some_and(|rxs| {
+                rxs.into_iter().fold(true, |ok, rx| {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    rx.recv_timeout(left).unwrap_or(false) && ok
+                })
+            });
             let end = self.now();
-            if let Some(e) = lock(&self.resync_log).entries.iter_mut().rev().find(|e| e.0 == start) {
+            if let Some(e) = lock(&self.resync_log).entries.iter_mut().rev().find(|e| e.0 == c.start) {
                 // Ends are assigned in start order from an increasing clock (see
                 // `ResyncLog::overlaps`, which relies on it).
                 e.1 = end;
             }
-            if ok {
-                self.stats.resync_bytes.fetch_add((b - a) * SECTOR, Ordering::Relaxed);
+            if c.requeued {
+                // Nothing was sent; the range is dirty again and copied by the next round.
+            } else if ok {
+                self.stats.resync_bytes.fetch_add((c.b - c.a) * SECTOR, Ordering::Relaxed);
+                self.stats.resync_data.fetch_add(c.data, Ordering::Relaxed);
+                self.stats.resync_zero.fetch_add(c.zero, Ordering::Relaxed);
             } else {
-                self.dirty.set(a, b);
+                self.dirty.set(c.a, c.b);
                 all_ok = false;
             }
             self.resync_inflight.fetch_sub(1, Ordering::SeqCst);
         }
         all_ok
+    }
+
+    /// Sends WRITE_ZEROES for `len` bytes at `offset` (may punch on the secondary); the
+    /// receiver gets the outcome, `None` when there is no link.
+    fn send_zeroes(&self, offset: u64, len: u64) -> Option<mpsc::Receiver<bool>> {
+        let (tx, rx) = mpsc::channel();
+        // `len` is at most ZERO_CHUNK sectors (64 MiB): it fits the 32-bit NBD length.
+        self.send(CMD_WRITE_ZEROES, 0, offset, len as u32, Payload::default(), Waiter::Chan(tx)).ok().map(|()| rx)
+    }
+
+    /// A data chunk: reads it from the local disk and sends it, its zero blocks as
+    /// WRITE_ZEROES when `sparse`. Sets `copy.replies` to `None` when the read or a send
+    /// failed.
+    fn read_and_send(&self, copy: &mut ChunkCopy, sparse: bool) {
+        let (a, b) = (copy.a, copy.b);
+        let len = ((b - a) * SECTOR) as usize;
+        let mut buf = AlignedBuf::zeroed(len);
+        if let Err(e) = self.disk.read_exact_at(&mut buf, a * SECTOR) {
+            self.record_error(format!("resync read of the local disk failed: {e}"));
+            copy.replies = None;
+            return;
+        }
+        let runs = if sparse { sparse::zero_runs(&buf) } else { vec![(0, len, false)] };
+        let whole = runs.len() == 1;
+        let mut replies = Vec::with_capacity(runs.len());
+        for (s, e, zero) in runs {
+            let offset = a * SECTOR + s as u64;
+            let rx = if zero {
+                copy.zero += (e - s) as u64;
+                self.send_zeroes(offset, (e - s) as u64)
+            } else {
+                copy.data += (e - s) as u64;
+                let payload = if whole {
+                    std::mem::take(&mut buf)
+                } else {
+                    let mut part = AlignedBuf::zeroed(e - s);
+                    part.copy_from_slice(&buf[s..e]);
+                    part
+                };
+                let (tx, rx) = mpsc::channel();
+                self.send(CMD_WRITE, 0, offset, (e - s) as u32, Arc::new(payload), Waiter::Chan(tx)).ok().map(|()| rx)
+            };
+            match rx {
+                Some(rx) => replies.push(rx),
+                None => {
+                    copy.replies = None;
+                    return;
+                }
+            }
+        }
+        copy.replies = Some(replies);
     }
 
     /// The checkpoint barrier: waits until every forwarded request issued so far has been
@@ -762,6 +873,7 @@ impl Mirror {
 mod buf;
 mod control;
 mod device;
+mod sparse;
 
 use buf::AlignedBuf;
 mod hook;
@@ -803,6 +915,7 @@ mod tests {
             drained: Condvar::new(),
             broken: AtomicBool::new(false),
             colo: false,
+            write_zeroes: true,
         });
         (link, b)
     }
