@@ -7,6 +7,7 @@
 //! start-up, so the virtio side never changes.
 
 pub mod bitmap;
+pub mod extents;
 pub mod fault;
 pub mod lock;
 pub mod probe;

@@ -25,6 +25,7 @@ use super::pool::DoneQueue;
 use super::progress::{ErrorTime, JobClock};
 use super::{EventSink, Mode, ReplicationControl, ReplicationError, Stage, StartArgs, SyncMode};
 use crate::block::bitmap::SectorBitmap;
+use crate::block::extents;
 use crate::block::{BlockDevice, BlockError, BlockQueue, Completion, IoEngineError, Op};
 use crate::io::iovecs_len;
 use crate::nbd::client::{self, NbdUri, Reply};
@@ -638,13 +639,13 @@ impl Mirror {
             let (pos, limit) = (a * SECTOR, run_end.min(a + ZERO_CHUNK) * SECTOR);
             // Extents are file-system blocks, so sector-aligned; rounding keeps the bounds
             // whole sectors anyway (a partial sector at a hole's edge counts as data).
-            let hole = if sparse { sparse::hole_end(&self.disk, pos, limit) / SECTOR } else { a };
+            let hole = if sparse { extents::hole_end(&self.disk, pos, limit) / SECTOR } else { a };
             let b = if hole > a {
                 hole
             } else {
                 let data_limit = run_end.min(a + RESYNC_CHUNK);
                 if sparse {
-                    sparse::data_end(&self.disk, pos, data_limit * SECTOR).div_ceil(SECTOR).clamp(a + 1, data_limit)
+                    extents::data_end(&self.disk, pos, data_limit * SECTOR).div_ceil(SECTOR).clamp(a + 1, data_limit)
                 } else {
                     data_limit
                 }
@@ -664,7 +665,7 @@ impl Mirror {
             self.dirty.clear(a, b);
             let mut copy = ChunkCopy { start, a, b, replies: Some(Vec::new()), data: 0, zero: 0, requeued: false };
             if hole > a {
-                if sparse::hole_end(&self.disk, a * SECTOR, b * SECTOR) >= b * SECTOR {
+                if extents::hole_end(&self.disk, a * SECTOR, b * SECTOR) >= b * SECTOR {
                     copy.zero = (b - a) * SECTOR;
                     copy.replies = self.send_zeroes(a * SECTOR, copy.zero).map(|rx| vec![rx]);
                 } else {

@@ -143,7 +143,10 @@ fn result(r: i32) -> io::Result<()> {
     if r < 0 { Err(io::Error::from_raw_os_error(-r)) } else { Ok(()) }
 }
 
-/// Copies [start, end) sectors from `src` to `dst` at the same offsets.
+/// Copies [start, end) sectors from `src` to `dst` at the same offsets. Pieces that read as
+/// zeroes are punched in `dst` instead of written (zeroes either way; see
+/// [`fallocate_with_fallback`]), so copying a hole — the copy-before-write of a sparse disk
+/// under a full sync, a merge of such a saved range — keeps the destination sparse.
 fn copy_sectors(src: &File, dst: &File, start: u64, end: u64, buf: &mut Vec<u8>) -> io::Result<u64> {
     let mut s = start;
     while s < end {
@@ -151,7 +154,12 @@ fn copy_sectors(src: &File, dst: &File, start: u64, end: u64, buf: &mut Vec<u8>)
         let len = (n * SECTOR) as usize;
         buf.resize(len, 0);
         src.read_exact_at(&mut buf[..len], s * SECTOR)?;
-        dst.write_all_at(&buf[..len], s * SECTOR)?;
+        if crate::block::extents::is_zero(&buf[..len]) {
+            let op = Op::WriteZeroes { offset: s * SECTOR, len: len as u64, unmap: true };
+            result(fallocate_with_fallback(dst.as_raw_fd(), &op))?;
+        } else {
+            dst.write_all_at(&buf[..len], s * SECTOR)?;
+        }
         s += n;
     }
     Ok((end - start) * SECTOR)
