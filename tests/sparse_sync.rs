@@ -179,37 +179,50 @@ fn guest_writes_racing_a_sparse_full_sync_end_identical() {
     dirty_secondary(&sdisk, GIB);
     let (sec, sdisk, nbd) = colo_secondary(dir.path(), "1G", None);
     qmp(&sec, "replication-start", json!({"mode": "secondary"})).unwrap();
+    // Data and holes interleaved, so the sync alternates hole and data chunks for a while:
+    // 1 MiB of data at the start of every 4 MiB.
     let pdisk = dir.path().join("pri.img");
     sparse_primary(&pdisk, GIB);
+    {
+        let f = std::fs::OpenOptions::new().write(true).open(&pdisk).unwrap();
+        for at in (0..GIB).step_by(4 * MIB as usize) {
+            f.write_all_at(&pattern(at, MIB as usize, 5), at).unwrap();
+        }
+    }
     let pri = start_primary(tempfile::tempdir().unwrap(), &pdisk, GIB, &[]);
     let mut c = Client::connect(&pri.socket, 2, false);
     let mut events = pri.qmp();
     let uri = format!("nbd+unix:///?socket={}", nbd.display());
     qmp(&pri, "replication-start", json!({"mode": "primary", "secondary": uri, "sync": "full"})).unwrap();
-    // Guest writes into holes, into the data, into the junk the sync zeroes, while the sync
-    // walks the disk: each must survive on the secondary (a hole copied as WRITE_ZEROES
-    // after a guest write reached the secondary would wipe it).
+    // Guest writes into holes, into data, into the junk the sync zeroes, for as long as the
+    // sync runs: each must survive on the secondary (a hole sent as WRITE_ZEROES after a
+    // guest write reached the secondary would wipe it).
     let mut x = 0x9e37_79b9_7f4a_7c15u64;
     let mut racing = 0;
-    for i in 0..400u32 {
+    for i in 0..20_000u32 {
         x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         let len = 4096 * (1 + (x >> 60)) as usize;
         let off = match i % 4 {
             0 => 100 * MIB + ((x >> 20) % (3 * MIB / 4096)) * 4096,
-            1 => DATA_AT + ((x >> 20) % (DATA_LEN / 4096)) * 4096,
+            1 => ((x >> 20) % (GIB / (4 * MIB))) * 4 * MIB + MIB + ((x >> 40) % 256) * 4096,
             _ => ((x >> 20) % ((GIB - len as u64) / 4096)) * 4096,
         };
         assert_eq!(c.write((i % 2) as usize, off, &pattern(off, len, i + 2)), 0, "guest write {i}");
         let q = qmp(&pri, "query-replication", json!({})).unwrap();
         if q["dirty-bytes"].as_u64().unwrap() > 0 {
             racing += 1;
+        } else if i >= 200 {
+            break;
         }
     }
     events.wait_event("REPLICATION_IN_SYNC", WAIT).unwrap();
     wait_until("sync", || synced(&pri));
     qmp(&pri, "replication-checkpoint", json!({})).unwrap();
-    eprintln!("{racing} of 400 guest writes ran while the sync was copying");
+    eprintln!("{racing} guest writes ran while the sync was copying");
+    assert!(racing > 0, "no guest write raced the sync");
     same_bytes(&pdisk, &sdisk);
+    let q = qmp(&pri, "query-replication", json!({})).unwrap();
+    assert!(q["resync"]["zero-bytes"].as_u64().unwrap() >= GIB / 2, "holes were not sent as zeroes: {q}");
 }
 
 // ---- block status on the secondary's export, from a raw client ---------------------------
@@ -340,7 +353,10 @@ fn secondary_export_block_status_and_structured_reads_hold_against_hostile_reque
     let (sec, _sdisk, nbd) = colo_secondary(dir.path(), "64M", None);
     let mut s = raw_client(&nbd, true, true);
     // Holes and data, clipped to the request.
-    assert_eq!(extents_of(&mut s, 1, 0, 8 * MIB as u32), vec![(MIB as u32, 3), (64 << 10, 0), (7 * MIB as u32 - (64 << 10), 3)]);
+    assert_eq!(
+        extents_of(&mut s, 1, 0, 8 * MIB as u32),
+        vec![(MIB as u32, 3), (64 << 10, 0), (7 * MIB as u32 - (64 << 10), 3)]
+    );
     assert_eq!(extents_of(&mut s, 2, MIB + 4096, 8192), vec![(8192, 0)]);
     // REQ_ONE: one extent.
     request(&mut s, CMD_FLAG_REQ_ONE, CMD_BLOCK_STATUS, 3, 0, SIZE as u32);

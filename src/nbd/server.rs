@@ -1110,7 +1110,8 @@ fn execute(job: Job, writer: &Mutex<Stream>, shared: &Shared, mode: ReplyMode) -
     if writes && e.read_only() {
         return fail(EPERM);
     }
-    if matches!(req.cmd, CMD_READ | CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES | CMD_BLOCK_STATUS) && !in_range(&req, size) {
+    if matches!(req.cmd, CMD_READ | CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES | CMD_BLOCK_STATUS) && !in_range(&req, size)
+    {
         return fail(EINVAL);
     }
     let fua = req.flags & CMD_FLAG_FUA != 0;
