@@ -145,7 +145,7 @@ fn full_sync_of_a_sparse_disk_to_a_colo_blk_secondary_sends_the_data_only() {
     let map = qemu_img_map(&uri);
     assert_eq!(map_at(&map, 0), (false, true), "{map:?}");
     assert_eq!(map_at(&map, 100 * MIB), (false, true), "{map:?}");
-    assert_eq!(map_at(&map, DATA_AT).0, true, "{map:?}");
+    assert!(map_at(&map, DATA_AT).0, "{map:?}");
     assert_eq!(map_at(&map, GIB - 1), (false, true), "{map:?}");
     if let Ok(out) = Command::new("nbdinfo").args(["--map", &uri]).output() {
         let text = String::from_utf8_lossy(&out.stdout);
