@@ -921,6 +921,95 @@ mod tests {
         (link, b)
     }
 
+    /// A link that answers every request at once with success and records (command, offset,
+    /// length, payload length) of each. The answering thread ends with the link.
+    fn answering_link(m: &Arc<Mirror>, write_zeroes: bool) -> (Arc<Link>, Arc<Mutex<Vec<(u16, u64, u32, usize)>>>) {
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let (tx, rx) = mpsc::channel::<(Request, Payload)>();
+        let link = Arc::new(Link {
+            tx,
+            ctl: Stream::Unix(a),
+            pending: Mutex::new(HashMap::new()),
+            drained: Condvar::new(),
+            broken: AtomicBool::new(false),
+            colo: false,
+            write_zeroes,
+        });
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (weak, m2, s2) = (Arc::downgrade(&link), m.clone(), seen.clone());
+        std::thread::spawn(move || {
+            while let Ok((req, payload)) = rx.recv() {
+                lock(&s2).push((req.cmd, req.offset, req.length, payload.len()));
+                let Some(l) = weak.upgrade() else { return };
+                m2.on_reply(&l, Reply { error: 0, handle: req.handle });
+            }
+        });
+        *lock(&m.link) = Some(link.clone());
+        (link, seen)
+    }
+
+    /// Issue 15 item 5: a full resync of a sparse disk sends holes (one request per hole, up
+    /// to 64 MiB) and 64 KiB blocks that read as zeroes as WRITE_ZEROES without NO_HOLE, and
+    /// only the data as WRITE payload; every byte is covered once. Without WRITE_ZEROES on
+    /// the secondary everything goes as data.
+    #[test]
+    fn resync_sends_holes_and_zero_blocks_as_write_zeroes() {
+        const M: u64 = 1 << 20;
+        const K64: u64 = 64 << 10;
+        let f = tempfile::tempfile().unwrap();
+        f.set_len(16 * M).unwrap();
+        f.write_all_at(&[7u8; 4096], 5 * M).unwrap();
+        f.write_all_at(&vec![0u8; 2 * K64 as usize], 8 * M).unwrap();
+        f.write_all_at(&vec![1u8; K64 as usize], 12 * M).unwrap();
+        f.write_all_at(&vec![0u8; K64 as usize], 12 * M + K64).unwrap();
+        f.write_all_at(&vec![2u8; K64 as usize], 12 * M + 2 * K64).unwrap();
+        if extents::hole_end(&f, 0, M) == 0 {
+            return; // a file system without SEEK_DATA: nothing to check here
+        }
+        let cfg = MirrorConfig { secondary: None, timeout: Duration::from_secs(5), tls: None };
+        let m = Mirror::new(Arc::new(f), 16 * M, cfg);
+        for write_zeroes in [true, false] {
+            let (_link, seen) = answering_link(&m, write_zeroes);
+            m.stats.resync_data.store(0, Ordering::Relaxed);
+            m.stats.resync_zero.store(0, Ordering::Relaxed);
+            m.dirty.set(0, 16 * M / SECTOR);
+            while let Some(run) = m.dirty.next_set_run(0, 16 * M / SECTOR) {
+                assert!(m.copy_chunks(run));
+            }
+            let mut reqs = lock(&seen).clone();
+            reqs.sort_by_key(|r| r.1);
+            let mut at = 0;
+            for &(cmd, offset, len, payload) in &reqs {
+                assert_eq!(offset, at, "{reqs:?}");
+                assert_eq!(payload, if cmd == CMD_WRITE { len as usize } else { 0 });
+                at += u64::from(len);
+            }
+            assert_eq!(at, 16 * M);
+            let data: u64 = reqs.iter().filter(|r| r.0 == CMD_WRITE).map(|r| u64::from(r.2)).sum();
+            if !write_zeroes {
+                assert!(reqs.iter().all(|r| r.0 == CMD_WRITE && u64::from(r.2) <= M), "{reqs:?}");
+                assert_eq!(m.stats.resync_data.load(Ordering::Relaxed), 16 * M);
+                continue;
+            }
+            let (wz, w) = (CMD_WRITE_ZEROES, CMD_WRITE);
+            let expect: Vec<(u16, u64, u32)> = vec![
+                (wz, 0, 5 * M as u32),
+                (w, 5 * M, 4096),
+                (wz, 5 * M + 4096, (3 * M - 4096) as u32),
+                (wz, 8 * M, 2 * K64 as u32),
+                (wz, 8 * M + 2 * K64, (4 * M - 2 * K64) as u32),
+                (w, 12 * M, K64 as u32),
+                (wz, 12 * M + K64, K64 as u32),
+                (w, 12 * M + 2 * K64, K64 as u32),
+                (wz, 12 * M + 3 * K64, (4 * M - 3 * K64) as u32),
+            ];
+            assert_eq!(reqs.iter().map(|r| (r.0, r.1, r.2)).collect::<Vec<_>>(), expect);
+            assert_eq!(data, 4096 + 2 * K64);
+            assert_eq!(m.stats.resync_data.load(Ordering::Relaxed), data);
+            assert_eq!(m.stats.resync_zero.load(Ordering::Relaxed), 16 * M - data);
+        }
+    }
+
     /// Issue 10 item F: with the log full after a large resync, a write that started after
     /// every logged copy ended looks at one entry, not 4,096; overlap detection still works.
     #[test]
