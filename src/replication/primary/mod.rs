@@ -921,9 +921,12 @@ mod tests {
         (link, b)
     }
 
-    /// A link that answers every request at once with success and records (command, offset,
-    /// length, payload length) of each. The answering thread ends with the link.
-    fn answering_link(m: &Arc<Mirror>, write_zeroes: bool) -> (Arc<Link>, Arc<Mutex<Vec<(u16, u64, u32, usize)>>>) {
+    /// Requests a test link saw: (command, offset, length, payload length).
+    type Seen = Arc<Mutex<Vec<(u16, u64, u32, usize)>>>;
+
+    /// A link that answers every request at once with success and records each. The
+    /// answering thread ends with the link.
+    fn answering_link(m: &Arc<Mirror>, write_zeroes: bool) -> (Arc<Link>, Seen) {
         let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
         let (tx, rx) = mpsc::channel::<(Request, Payload)>();
         let link = Arc::new(Link {
