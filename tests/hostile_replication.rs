@@ -33,6 +33,8 @@ fn a_silent_secondary_during_resync_is_cut_within_the_timeout() {
     let size = 64 * MIB;
     let peer = NbdPeer::start(&dir.path().join("silent.sock"), size, Behaviour::Silent);
     let pdisk = dir.path().join("pri.img");
+    // Data, so the resync's chunks go as WRITE payload (holes would go as WRITE_ZEROES).
+    make_disk(&pdisk, size, Some(0x11));
     let uri = peer.uri();
     let pri =
         start_primary(tempfile::tempdir().unwrap(), &pdisk, size, &["--secondary", &uri, "--secondary-timeout", "1"]);

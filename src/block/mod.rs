@@ -9,6 +9,7 @@
 pub mod aligned;
 pub mod bitmap;
 pub mod bounce;
+pub mod extents;
 pub mod fault;
 pub mod lock;
 pub mod probe;

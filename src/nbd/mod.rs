@@ -5,6 +5,7 @@
 pub mod allow;
 pub mod client;
 pub mod server;
+pub mod structured;
 pub mod timed;
 pub mod tls;
 pub mod wire;

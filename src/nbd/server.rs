@@ -1,4 +1,5 @@
-//! NBD server: fixed newstyle negotiation (EXPORT_NAME, GO, INFO, LIST, ABORT), then
+//! NBD server: fixed newstyle negotiation (EXPORT_NAME, GO, INFO, LIST, ABORT, structured
+//! replies and the `base:allocation` metadata context, see [`super::structured`]), then
 //! transmission with pipelined requests served by a few threads per connection, so replies
 //! can go out of order. Every length and offset is checked against the export before any
 //! buffer is allocated; a client that breaks the framing is disconnected.
@@ -26,6 +27,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use super::structured::{self, ReplyMode};
 use super::timed::{self, Deadline};
 use super::wire::*;
 
@@ -78,6 +80,13 @@ pub trait NbdExport: Send + Sync + 'static {
     fn trim(&self, offset: u64, len: u64) -> io::Result<()>;
     /// Zeroes a range; `may_trim` allows deallocating it.
     fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool) -> io::Result<()>;
+    /// The allocation of [offset, offset + len) (in range, `len > 0`) for block status
+    /// (`base:allocation`): `(length, hole)` extents in order, at most `max`, covering at
+    /// least the first byte and nothing past the range. A hole must read as zeroes. Default:
+    /// all data.
+    fn extents(&self, _offset: u64, len: u64, _max: usize) -> io::Result<Vec<(u64, bool)>> {
+        Ok(vec![(len, false)])
+    }
     /// Whether a new client may connect now (`Err(reason)` refuses it).
     fn admit(&self) -> Result<(), String> {
         Ok(())
@@ -623,8 +632,9 @@ fn protocol_error(msg: String) -> io::Error {
 enum Negotiated {
     /// The client left (ABORT).
     Aborted,
-    /// Transmission phase; `colo`: the client enabled the barrier extension.
-    Transmission { colo: bool },
+    /// Transmission phase; `colo`: the client enabled the barrier extension; `mode`: how
+    /// replies are sent.
+    Transmission { colo: bool, mode: ReplyMode },
 }
 
 /// Negotiation up to the transmission phase (or an abort).
@@ -643,6 +653,7 @@ fn negotiate(s: &mut Stream, shared: &Shared, id: u64, d: &Deadline) -> io::Resu
     let export = &shared.export;
     let tflags = transmission_flags(&**export);
     let mut colo = false;
+    let mut mode = ReplyMode::default();
     let mut tls_up = false;
     loop {
         let hdr = read_exact::<16>(s, d)?;
@@ -694,7 +705,7 @@ fn negotiate(s: &mut Stream, shared: &Shared, id: u64, d: &Deadline) -> io::Resu
                     b.extend_from_slice(&[0u8; 124]);
                 }
                 d.write_all(s, &b)?;
-                return Ok(Negotiated::Transmission { colo });
+                return Ok(Negotiated::Transmission { colo, mode });
             }
             OPT_ABORT => {
                 let _ = d.write_all(s, &option_reply(opt, REP_ACK, &[]));
@@ -703,6 +714,35 @@ fn negotiate(s: &mut Stream, shared: &Shared, id: u64, d: &Deadline) -> io::Resu
             OPT_COLO if export.colo_barriers() && data.is_empty() => {
                 colo = true;
                 d.write_all(s, &option_reply(opt, REP_ACK, &export.last_barrier().to_be_bytes()))?;
+            }
+            OPT_STRUCTURED_REPLY if data.is_empty() => {
+                mode.structured = true;
+                d.write_all(s, &option_reply(opt, REP_ACK, &[]))?;
+            }
+            OPT_STRUCTURED_REPLY => d.write_all(s, &option_reply(opt, REP_ERR_INVALID, b"no payload expected"))?,
+            OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
+                let list = opt == OPT_LIST_META_CONTEXT;
+                let Some((name, queries)) = structured::parse_meta_request(&data) else {
+                    d.write_all(s, &option_reply(opt, REP_ERR_INVALID, b"malformed meta context request"))?;
+                    continue;
+                };
+                if !mode.structured {
+                    d.write_all(s, &option_reply(opt, REP_ERR_INVALID, b"structured replies come first"))?;
+                    continue;
+                }
+                if name != shared.cfg.export_name.as_bytes() {
+                    d.write_all(s, &option_reply(opt, REP_ERR_UNKNOWN, b"unknown export"))?;
+                    continue;
+                }
+                let selected = structured::selects_allocation(&queries, list);
+                if !list {
+                    mode.allocation = selected;
+                }
+                if selected {
+                    let id = if list { 0 } else { structured::ALLOCATION_ID };
+                    d.write_all(s, &option_reply(opt, REP_META_CONTEXT, &structured::meta_context_reply(id)))?;
+                }
+                d.write_all(s, &option_reply(opt, REP_ACK, &[]))?;
             }
             OPT_LIST => {
                 if !data.is_empty() {
@@ -750,7 +790,7 @@ fn negotiate(s: &mut Stream, shared: &Shared, id: u64, d: &Deadline) -> io::Resu
                 d.write_all(s, &option_reply(opt, REP_INFO, &bs))?;
                 d.write_all(s, &option_reply(opt, REP_ACK, &[]))?;
                 if opt == OPT_GO {
-                    return Ok(Negotiated::Transmission { colo });
+                    return Ok(Negotiated::Transmission { colo, mode });
                 }
             }
             OPT_STARTTLS if tls_up => d.write_all(s, &option_reply(opt, REP_ERR_INVALID, b"TLS is already up"))?,
@@ -843,9 +883,9 @@ fn serve_client(mut s: Stream, shared: &Arc<Shared>, id: u64, state: &Arc<ConnSt
     {
         shared.stats.refused.fetch_add(1, Ordering::Relaxed);
     }
-    let colo = match negotiated? {
+    let (colo, mode) = match negotiated? {
         Negotiated::Aborted => return Ok(()),
-        Negotiated::Transmission { colo } => colo,
+        Negotiated::Transmission { colo, mode } => (colo, mode),
     };
     // Transmission: a client may stay idle (keepalive watches TCP peers), but a reply that
     // cannot be sent within REPLY_TIMEOUT ends the connection.
@@ -866,7 +906,7 @@ fn serve_client(mut s: Stream, shared: &Arc<Shared>, id: u64, state: &Arc<ConnSt
                 // dead worker and a barrier never waits for a job nobody runs.
                 if state.is_dead() {
                     shared.stats.dropped.fetch_add(1, Ordering::Relaxed);
-                } else if let Err(e) = execute(job, &writer, &shared) {
+                } else if let Err(e) = execute(job, &writer, &shared, mode) {
                     state.fail(e);
                 }
                 state.budget.give(bytes);
@@ -1060,19 +1100,36 @@ fn write_all_moving(w: &mut Stream, mut buf: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
+/// Sends `parts` as one reply (a structured reply's chunk header, offset, data...).
+fn reply_parts(writer: &Mutex<Stream>, parts: &[&[u8]]) -> io::Result<()> {
+    let mut w = lock(writer);
+    for p in parts {
+        write_all_moving(&mut w, p)?;
+    }
+    Ok(())
+}
+
 /// Runs one request and sends its reply.
-fn execute(job: Job, writer: &Mutex<Stream>, shared: &Shared) -> io::Result<()> {
+fn execute(job: Job, writer: &Mutex<Stream>, shared: &Shared, mode: ReplyMode) -> io::Result<()> {
     let e = &shared.export;
     let size = e.size();
     let stats = &shared.stats;
     let req = match &job {
         Job::Read(r) | Job::Write(r, _) | Job::Other(r) => *r,
     };
+    // With structured replies, a read (even refused) and a block status get structured
+    // answers; other commands keep simple replies (NBD spec, "Structured replies").
+    let structured_answer = mode.structured && matches!(req.cmd, CMD_READ | CMD_BLOCK_STATUS);
     let fail = |code: u32| {
         stats.errors.fetch_add(1, Ordering::Relaxed);
-        reply(writer, code, req.handle, None)
+        if structured_answer {
+            reply_parts(writer, &[&structured::error_chunk(req.handle, code)])
+        } else {
+            reply(writer, code, req.handle, None)
+        }
     };
-    let known_flags = CMD_FLAG_FUA | CMD_FLAG_NO_HOLE;
+    let known_flags =
+        CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | if mode.structured { CMD_FLAG_DF | CMD_FLAG_REQ_ONE } else { 0 };
     if req.flags & !known_flags != 0 {
         return fail(EINVAL);
     }
@@ -1080,7 +1137,8 @@ fn execute(job: Job, writer: &Mutex<Stream>, shared: &Shared) -> io::Result<()> 
     if writes && e.read_only() {
         return fail(EPERM);
     }
-    if matches!(req.cmd, CMD_READ | CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES) && !in_range(&req, size) {
+    if matches!(req.cmd, CMD_READ | CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES | CMD_BLOCK_STATUS) && !in_range(&req, size)
+    {
         return fail(EINVAL);
     }
     let fua = req.flags & CMD_FLAG_FUA != 0;
@@ -1104,6 +1162,9 @@ fn execute(job: Job, writer: &Mutex<Stream>, shared: &Shared) -> io::Result<()> 
             }
             let mut buf = vec![0u8; r.length as usize];
             match e.read(r.offset, &mut buf) {
+                Ok(()) if mode.structured => {
+                    reply_parts(writer, &[&structured::read_chunk_header(r.handle, r.offset, r.length), &buf])
+                }
                 Ok(()) => reply(writer, 0, r.handle, Some(&buf)),
                 Err(err) => {
                     log::warn!("nbd: read at {}+{} failed: {err}", r.offset, r.length);
@@ -1119,6 +1180,24 @@ fn execute(job: Job, writer: &Mutex<Stream>, shared: &Shared) -> io::Result<()> 
                 e.write_zeroes(r.offset, u64::from(r.length), r.flags & CMD_FLAG_NO_HOLE == 0)
                     .and_then(|()| if fua { e.flush() } else { Ok(()) }),
             ),
+            CMD_BLOCK_STATUS => {
+                // Only for a client that selected base:allocation; an empty range has no
+                // first extent to describe.
+                if !mode.allocation || r.length == 0 {
+                    return fail(EINVAL);
+                }
+                let max = if r.flags & CMD_FLAG_REQ_ONE != 0 { 1 } else { structured::MAX_EXTENTS };
+                match e.extents(r.offset, u64::from(r.length), max) {
+                    Ok(ext) if !ext.is_empty() && ext.iter().all(|x| x.0 > 0) => {
+                        reply_parts(writer, &[&structured::block_status_chunk(r.handle, &ext)])
+                    }
+                    Ok(_) => fail(EIO),
+                    Err(err) => {
+                        log::warn!("nbd: block status at {}+{} failed: {err}", r.offset, r.length);
+                        fail(errno_to_nbd(&err))
+                    }
+                }
+            }
             _ => fail(EINVAL),
         },
     }

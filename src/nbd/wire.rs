@@ -1,4 +1,5 @@
-//! NBD wire format (fixed newstyle negotiation, simple replies), big-endian throughout.
+//! NBD wire format (fixed newstyle negotiation, simple and structured replies), big-endian
+//! throughout.
 //! Reference: the NBD protocol document (github.com/NetworkBlockDevice/nbd, doc/proto.md).
 
 /// "NBDMAGIC".
@@ -33,6 +34,12 @@ pub const OPT_STARTTLS: u32 = 5;
 pub const OPT_INFO: u32 = 6;
 /// Export info and enter transmission.
 pub const OPT_GO: u32 = 7;
+/// Structured replies for the transmission phase (NBD spec, "Structured replies").
+pub const OPT_STRUCTURED_REPLY: u32 = 8;
+/// List metadata contexts.
+pub const OPT_LIST_META_CONTEXT: u32 = 9;
+/// Select metadata contexts for NBD_CMD_BLOCK_STATUS.
+pub const OPT_SET_META_CONTEXT: u32 = 10;
 /// colo-blk extension ("COLO"): the client asks whether the server understands
 /// [`CMD_COLO_BARRIER`]. Only a colo-blk secondary acknowledges it; every other server answers
 /// `REP_ERR_UNSUP` and the link stays plain NBD. Sent only between colo-blk instances.
@@ -44,6 +51,8 @@ pub const REP_ACK: u32 = 1;
 pub const REP_SERVER: u32 = 2;
 /// INFO / GO details.
 pub const REP_INFO: u32 = 3;
+/// One metadata context (u32 id, name) in a LIST/SET_META_CONTEXT answer.
+pub const REP_META_CONTEXT: u32 = 4;
 /// Error replies have bit 31 set.
 pub const REP_ERR_UNSUP: u32 = 1 | 1 << 31;
 /// Policy refused the option.
@@ -89,6 +98,8 @@ pub const CMD_FLUSH: u16 = 3;
 pub const CMD_TRIM: u16 = 4;
 /// Write zeroes.
 pub const CMD_WRITE_ZEROES: u16 = 6;
+/// Block status of the selected metadata contexts (answered with structured replies).
+pub const CMD_BLOCK_STATUS: u16 = 7;
 /// colo-blk extension, only after [`OPT_COLO`] was acknowledged: a checkpoint barrier. Every
 /// write sent before it was answered; `offset` carries the barrier's sequence number, `length`
 /// is 0. The server flushes, records the barrier and answers; writes after it belong to the
@@ -99,6 +110,31 @@ pub const CMD_COLO_BARRIER: u16 = 0x4342;
 pub const CMD_FLAG_FUA: u16 = 1;
 /// Write zeroes must allocate.
 pub const CMD_FLAG_NO_HOLE: u16 = 2;
+/// Read: do not fragment the structured reply (colo-blk never does).
+pub const CMD_FLAG_DF: u16 = 4;
+/// Block status: one extent is enough.
+pub const CMD_FLAG_REQ_ONE: u16 = 8;
+
+/// Magic of structured reply chunks.
+pub const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
+/// Structured reply flag: the last chunk of the reply.
+pub const REPLY_FLAG_DONE: u16 = 1;
+/// Chunk without payload (a successful reply to a request that returns no data).
+pub const REPLY_TYPE_NONE: u16 = 0;
+/// Chunk with u64 offset followed by data.
+pub const REPLY_TYPE_OFFSET_DATA: u16 = 1;
+/// Chunk with u32 context id followed by (u32 length, u32 flags) extents.
+pub const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
+/// Chunk with u32 error, u16 message length, message.
+pub const REPLY_TYPE_ERROR: u16 = (1 << 15) + 1;
+/// `base:allocation` extent flag: not allocated.
+pub const STATE_HOLE: u32 = 1;
+/// `base:allocation` extent flag: reads as zeroes.
+pub const STATE_ZERO: u32 = 2;
+/// The one metadata context colo-blk offers.
+pub const META_BASE_ALLOCATION: &str = "base:allocation";
+/// Size of a structured reply chunk header.
+pub const CHUNK_HEADER_LEN: usize = 20;
 
 /// Errors.
 pub const EPERM: u32 = 1;
@@ -175,6 +211,17 @@ pub fn simple_reply(error: u32, handle: u64) -> [u8; 16] {
     b
 }
 
+/// Encodes a structured reply chunk header for a payload of `length` bytes.
+pub fn chunk_header(flags: u16, kind: u16, handle: u64, length: u32) -> [u8; CHUNK_HEADER_LEN] {
+    let mut b = [0u8; CHUNK_HEADER_LEN];
+    b[0..4].copy_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+    b[4..6].copy_from_slice(&flags.to_be_bytes());
+    b[6..8].copy_from_slice(&kind.to_be_bytes());
+    b[8..16].copy_from_slice(&handle.to_be_bytes());
+    b[16..20].copy_from_slice(&length.to_be_bytes());
+    b
+}
+
 /// Encodes an option reply header followed by `data`.
 pub fn option_reply(option: u32, reply: u32, data: &[u8]) -> Vec<u8> {
     let mut b = Vec::with_capacity(20 + data.len());
@@ -219,6 +266,10 @@ mod tests {
         let s = simple_reply(EIO, 7);
         assert_eq!(&s[0..4], &[0x67, 0x44, 0x66, 0x98]);
         assert_eq!(u32::from_be_bytes(s[4..8].try_into().unwrap()), 5);
+        let c = chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_ERROR, 9, 6);
+        assert_eq!(&c[0..4], &[0x66, 0x8e, 0x33, 0xef]);
+        assert_eq!(u16::from_be_bytes([c[6], c[7]]), 0x8001);
+        assert_eq!(u32::from_be_bytes(c[16..20].try_into().unwrap()), 6);
         let o = option_reply(OPT_GO, REP_ACK, &[]);
         assert_eq!(o.len(), 20);
         assert_eq!(u64::from_be_bytes(o[0..8].try_into().unwrap()), OPT_REPLY_MAGIC);

@@ -31,6 +31,8 @@ impl ReplicationControl for MirrorControl {
         }
         m.stats.resync_total.store(m.dirty.count_all() * SECTOR, Ordering::Relaxed);
         m.stats.resync_bytes.store(0, Ordering::Relaxed);
+        m.stats.resync_data.store(0, Ordering::Relaxed);
+        m.stats.resync_zero.store(0, Ordering::Relaxed);
         *lock(&m.error) = None;
         m.error_at.clear();
         m.set_stage(Stage::Running);
@@ -102,6 +104,8 @@ impl ReplicationControl for MirrorControl {
             "resync": {
                 "total-bytes": st.resync_total.load(Ordering::Relaxed),
                 "copied-bytes": st.resync_bytes.load(Ordering::Relaxed),
+                "data-bytes": st.resync_data.load(Ordering::Relaxed),
+                "zero-bytes": st.resync_zero.load(Ordering::Relaxed),
                 "remaining-bytes": m.dirty.count_all() * SECTOR,
                 "progress": m.resync_clock.json(st.resync_bytes.load(Ordering::Relaxed), m.dirty.count_all() * SECTOR),
             },

@@ -25,6 +25,7 @@ use super::pool::DoneQueue;
 use super::progress::{ErrorTime, JobClock};
 use super::{EventSink, Mode, ReplicationControl, ReplicationError, Stage, StartArgs, SyncMode};
 use crate::block::bitmap::SectorBitmap;
+use crate::block::extents;
 use crate::block::{BlockDevice, BlockError, BlockQueue, Completion, IoEngineError, Op};
 use crate::io::iovecs_len;
 use crate::nbd::client::{self, NbdUri, Reply};
@@ -36,6 +37,10 @@ use crate::nbd::wire::{
 const SECTOR: u64 = 512;
 /// Largest piece the resync copies at once.
 const RESYNC_CHUNK: u64 = 2048; // sectors = 1 MiB
+/// Largest hole of the local disk the resync clears with one WRITE_ZEROES (a colo-blk
+/// secondary that replicates copies the old data of the range before answering, so this
+/// bounds one request's work there well within the link timeout).
+const ZERO_CHUNK: u64 = 64 * 2048; // sectors = 64 MiB
 /// Resync chunks in flight at once (the copy's queue depth).
 const RESYNC_DEPTH: usize = 8;
 /// Reconnect backoff bounds.
@@ -65,6 +70,9 @@ struct Link {
     broken: AtomicBool,
     /// The secondary is a colo-blk secondary that takes checkpoint barriers.
     colo: bool,
+    /// The secondary takes WRITE_ZEROES (it advertised `NBD_FLAG_SEND_WRITE_ZEROES`): the
+    /// resync sends holes and zero blocks that way instead of as data.
+    write_zeroes: bool,
 }
 
 /// Settings of the mirror.
@@ -117,6 +125,10 @@ struct MirrorStats {
     forwarded_bytes: AtomicU64,
     failed_ops: AtomicU64,
     resync_bytes: AtomicU64,
+    /// Of `resync_bytes`: sent as WRITE payload, and sent as WRITE_ZEROES (holes and zero
+    /// blocks of the local disk, no payload).
+    resync_data: AtomicU64,
+    resync_zero: AtomicU64,
     resync_total: AtomicU64,
     connects: AtomicU64,
     link_failures: AtomicU64,
@@ -139,6 +151,22 @@ struct ResyncLog {
 }
 
 const RESYNC_LOG_LEN: usize = 4096;
+
+/// One resync chunk being copied (see `Mirror::copy_chunks`).
+struct ChunkCopy {
+    /// Clock at the start of the copy (its resync-log entry).
+    start: u64,
+    /// Sectors [a, b).
+    a: u64,
+    b: u64,
+    /// One receiver per request sent for the chunk; `None` when reading or sending failed.
+    replies: Option<Vec<mpsc::Receiver<bool>>>,
+    /// Bytes sent as data and as WRITE_ZEROES.
+    data: u64,
+    zero: u64,
+    /// Nothing was sent: the range was dirtied again for the next round.
+    requeued: bool,
+}
 
 impl ResyncLog {
     /// Whether a chunk copy of sectors overlapping [s0, s1) ran at any time in the clock
@@ -270,6 +298,7 @@ impl Mirror {
             drained: Condvar::new(),
             broken: AtomicBool::new(false),
             colo: info.colo,
+            write_zeroes: info.flags & crate::nbd::wire::TF_SEND_WRITE_ZEROES != 0,
         });
         self.barrier_number.fetch_max(info.colo_last_barrier, Ordering::AcqRel);
         let mut writer = stream.try_clone()?;
@@ -588,16 +617,39 @@ impl Mirror {
 
     /// Copies up to [`RESYNC_DEPTH`] dirty chunks starting at `first`, all in flight at once;
     /// returns whether every one was acknowledged.
+    ///
+    /// Sparse copy (when the secondary takes WRITE_ZEROES): a chunk is either a hole of the
+    /// local disk (up to [`ZERO_CHUNK`], sent as one WRITE_ZEROES that may leave the range
+    /// unallocated there) or data (up to [`RESYNC_CHUNK`], ending where a hole starts), whose
+    /// blocks that read as zeroes go as WRITE_ZEROES too. Chunk bounds come from an extent
+    /// query before the chunk is logged; whether it is a hole is asked again after its dirty
+    /// bits are cleared, exactly when a data chunk reads the disk, so the ordering rule of the
+    /// module documentation covers both. A hole that filled in between is re-dirtied and
+    /// copied as data by the next round.
     fn copy_chunks(&self, first: (u64, u64)) -> bool {
         let sectors = self.size / SECTOR;
         let timeout = lock(&self.cfg).timeout;
-        let mut inflight = Vec::with_capacity(RESYNC_DEPTH);
+        let sparse = self.current_link().is_some_and(|l| l.write_zeroes);
+        let mut inflight: Vec<ChunkCopy> = Vec::with_capacity(RESYNC_DEPTH);
         let mut next = Some(first);
         while let Some((a, run_end)) = next {
             if inflight.len() == RESYNC_DEPTH {
                 break;
             }
-            let b = run_end.min(a + RESYNC_CHUNK);
+            let (pos, limit) = (a * SECTOR, run_end.min(a + ZERO_CHUNK) * SECTOR);
+            // Extents are file-system blocks, so sector-aligned; rounding keeps the bounds
+            // whole sectors anyway (a partial sector at a hole's edge counts as data).
+            let hole = if sparse { extents::hole_end(&self.disk, pos, limit) / SECTOR } else { a };
+            let b = if hole > a {
+                hole
+            } else {
+                let data_limit = run_end.min(a + RESYNC_CHUNK);
+                if sparse {
+                    extents::data_end(&self.disk, pos, data_limit * SECTOR).div_ceil(SECTOR).clamp(a + 1, data_limit)
+                } else {
+                    data_limit
+                }
+            };
             let start = {
                 let mut log = lock(&self.resync_log);
                 let start = self.now();
@@ -611,43 +663,103 @@ impl Mirror {
             };
             self.resync_inflight.fetch_add(1, Ordering::SeqCst);
             self.dirty.clear(a, b);
-            let len = ((b - a) * SECTOR) as usize;
-            let mut buf = AlignedBuf::zeroed(len);
-            let rx = match self.disk.read_exact_at(&mut buf, a * SECTOR) {
-                Ok(()) => {
-                    let (tx, rx) = mpsc::channel();
-                    self.send(CMD_WRITE, 0, a * SECTOR, len as u32, Arc::new(buf), Waiter::Chan(tx)).ok().map(|()| rx)
+            let mut copy = ChunkCopy { start, a, b, replies: Some(Vec::new()), data: 0, zero: 0, requeued: false };
+            if hole > a {
+                if extents::hole_end(&self.disk, a * SECTOR, b * SECTOR) >= b * SECTOR {
+                    copy.zero = (b - a) * SECTOR;
+                    copy.replies = self.send_zeroes(a * SECTOR, copy.zero).map(|rx| vec![rx]);
+                } else {
+                    // A guest write filled part of the hole since the bounds were taken.
+                    self.dirty.set(a, b);
+                    copy.requeued = true;
                 }
-                Err(e) => {
-                    self.record_error(format!("resync read of the local disk failed: {e}"));
-                    None
-                }
-            };
-            inflight.push((start, a, b, rx));
+            } else {
+                self.read_and_send(&mut copy, sparse);
+            }
+            inflight.push(copy);
             next = self.dirty.next_set_run(b, sectors);
         }
         // The link's watchdog answers every chunk within about the timeout (a cut wakes them
         // all); this deadline is only a backstop, shared by the whole batch.
         let deadline = Instant::now() + timeout + Duration::from_secs(1);
         let mut all_ok = true;
-        for (start, a, b, rx) in inflight {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let ok = rx.is_some_and(|rx| rx.recv_timeout(left).unwrap_or(false));
+        for c in inflight {
+            let ok = c.replies.is_some_and(|rxs| {
+                rxs.into_iter().fold(true, |ok, rx| {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    rx.recv_timeout(left).unwrap_or(false) && ok
+                })
+            });
             let end = self.now();
-            if let Some(e) = lock(&self.resync_log).entries.iter_mut().rev().find(|e| e.0 == start) {
+            if let Some(e) = lock(&self.resync_log).entries.iter_mut().rev().find(|e| e.0 == c.start) {
                 // Ends are assigned in start order from an increasing clock (see
                 // `ResyncLog::overlaps`, which relies on it).
                 e.1 = end;
             }
-            if ok {
-                self.stats.resync_bytes.fetch_add((b - a) * SECTOR, Ordering::Relaxed);
+            if c.requeued {
+                // Nothing was sent; the range is dirty again and copied by the next round.
+            } else if ok {
+                self.stats.resync_bytes.fetch_add((c.b - c.a) * SECTOR, Ordering::Relaxed);
+                self.stats.resync_data.fetch_add(c.data, Ordering::Relaxed);
+                self.stats.resync_zero.fetch_add(c.zero, Ordering::Relaxed);
             } else {
-                self.dirty.set(a, b);
+                self.dirty.set(c.a, c.b);
                 all_ok = false;
             }
             self.resync_inflight.fetch_sub(1, Ordering::SeqCst);
         }
         all_ok
+    }
+
+    /// Sends WRITE_ZEROES for `len` bytes at `offset` (may punch on the secondary); the
+    /// receiver gets the outcome, `None` when there is no link.
+    fn send_zeroes(&self, offset: u64, len: u64) -> Option<mpsc::Receiver<bool>> {
+        let (tx, rx) = mpsc::channel();
+        // `len` is at most ZERO_CHUNK sectors (64 MiB): it fits the 32-bit NBD length.
+        self.send(CMD_WRITE_ZEROES, 0, offset, len as u32, Payload::default(), Waiter::Chan(tx)).ok().map(|()| rx)
+    }
+
+    /// A data chunk: reads it from the local disk and sends it, its zero blocks as
+    /// WRITE_ZEROES when `sparse`. Sets `copy.replies` to `None` when the read or a send
+    /// failed.
+    fn read_and_send(&self, copy: &mut ChunkCopy, sparse: bool) {
+        let (a, b) = (copy.a, copy.b);
+        let len = ((b - a) * SECTOR) as usize;
+        let mut buf = AlignedBuf::zeroed(len);
+        if let Err(e) = self.disk.read_exact_at(&mut buf, a * SECTOR) {
+            self.record_error(format!("resync read of the local disk failed: {e}"));
+            copy.replies = None;
+            return;
+        }
+        let runs = if sparse { sparse::zero_runs(&buf) } else { vec![(0, len, false)] };
+        let whole = runs.len() == 1;
+        let mut replies = Vec::with_capacity(runs.len());
+        for (s, e, zero) in runs {
+            let offset = a * SECTOR + s as u64;
+            let rx = if zero {
+                copy.zero += (e - s) as u64;
+                self.send_zeroes(offset, (e - s) as u64)
+            } else {
+                copy.data += (e - s) as u64;
+                let payload = if whole {
+                    std::mem::take(&mut buf)
+                } else {
+                    let mut part = AlignedBuf::zeroed(e - s);
+                    part.copy_from_slice(&buf[s..e]);
+                    part
+                };
+                let (tx, rx) = mpsc::channel();
+                self.send(CMD_WRITE, 0, offset, (e - s) as u32, Arc::new(payload), Waiter::Chan(tx)).ok().map(|()| rx)
+            };
+            match rx {
+                Some(rx) => replies.push(rx),
+                None => {
+                    copy.replies = None;
+                    return;
+                }
+            }
+        }
+        copy.replies = Some(replies);
     }
 
     /// The checkpoint barrier: waits until every forwarded request issued so far has been
@@ -761,6 +873,7 @@ impl Mirror {
 
 mod control;
 mod device;
+mod sparse;
 
 use crate::block::aligned::AlignedBuf;
 mod hook;
@@ -802,8 +915,101 @@ mod tests {
             drained: Condvar::new(),
             broken: AtomicBool::new(false),
             colo: false,
+            write_zeroes: true,
         });
         (link, b)
+    }
+
+    /// Requests a test link saw: (command, offset, length, payload length).
+    type Seen = Arc<Mutex<Vec<(u16, u64, u32, usize)>>>;
+
+    /// A link that answers every request at once with success and records each. The
+    /// answering thread ends with the link.
+    fn answering_link(m: &Arc<Mirror>, write_zeroes: bool) -> (Arc<Link>, Seen) {
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let (tx, rx) = mpsc::channel::<(Request, Payload)>();
+        let link = Arc::new(Link {
+            tx,
+            ctl: Stream::Unix(a),
+            pending: Mutex::new(HashMap::new()),
+            drained: Condvar::new(),
+            broken: AtomicBool::new(false),
+            colo: false,
+            write_zeroes,
+        });
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (weak, m2, s2) = (Arc::downgrade(&link), m.clone(), seen.clone());
+        std::thread::spawn(move || {
+            while let Ok((req, payload)) = rx.recv() {
+                lock(&s2).push((req.cmd, req.offset, req.length, payload.len()));
+                let Some(l) = weak.upgrade() else { return };
+                m2.on_reply(&l, Reply { error: 0, handle: req.handle });
+            }
+        });
+        *lock(&m.link) = Some(link.clone());
+        (link, seen)
+    }
+
+    /// Issue 15 item 5: a full resync of a sparse disk sends holes (one request per hole, up
+    /// to 64 MiB) and 64 KiB blocks that read as zeroes as WRITE_ZEROES without NO_HOLE, and
+    /// only the data as WRITE payload; every byte is covered once. Without WRITE_ZEROES on
+    /// the secondary everything goes as data.
+    #[test]
+    fn resync_sends_holes_and_zero_blocks_as_write_zeroes() {
+        const M: u64 = 1 << 20;
+        const K64: u64 = 64 << 10;
+        let f = tempfile::tempfile().unwrap();
+        f.set_len(16 * M).unwrap();
+        f.write_all_at(&[7u8; 4096], 5 * M).unwrap();
+        f.write_all_at(&vec![0u8; 2 * K64 as usize], 8 * M).unwrap();
+        f.write_all_at(&vec![1u8; K64 as usize], 12 * M).unwrap();
+        f.write_all_at(&vec![0u8; K64 as usize], 12 * M + K64).unwrap();
+        f.write_all_at(&vec![2u8; K64 as usize], 12 * M + 2 * K64).unwrap();
+        if extents::hole_end(&f, 0, M) == 0 {
+            return; // a file system without SEEK_DATA: nothing to check here
+        }
+        let cfg = MirrorConfig { secondary: None, timeout: Duration::from_secs(5), tls: None };
+        let m = Mirror::new(Arc::new(f), 16 * M, cfg);
+        for write_zeroes in [true, false] {
+            let (_link, seen) = answering_link(&m, write_zeroes);
+            m.stats.resync_data.store(0, Ordering::Relaxed);
+            m.stats.resync_zero.store(0, Ordering::Relaxed);
+            m.dirty.set(0, 16 * M / SECTOR);
+            while let Some(run) = m.dirty.next_set_run(0, 16 * M / SECTOR) {
+                assert!(m.copy_chunks(run));
+            }
+            let mut reqs = lock(&seen).clone();
+            reqs.sort_by_key(|r| r.1);
+            let mut at = 0;
+            for &(cmd, offset, len, payload) in &reqs {
+                assert_eq!(offset, at, "{reqs:?}");
+                assert_eq!(payload, if cmd == CMD_WRITE { len as usize } else { 0 });
+                at += u64::from(len);
+            }
+            assert_eq!(at, 16 * M);
+            let data: u64 = reqs.iter().filter(|r| r.0 == CMD_WRITE).map(|r| u64::from(r.2)).sum();
+            if !write_zeroes {
+                assert!(reqs.iter().all(|r| r.0 == CMD_WRITE && u64::from(r.2) <= M), "{reqs:?}");
+                assert_eq!(m.stats.resync_data.load(Ordering::Relaxed), 16 * M);
+                continue;
+            }
+            let (wz, w) = (CMD_WRITE_ZEROES, CMD_WRITE);
+            let expect: Vec<(u16, u64, u32)> = vec![
+                (wz, 0, 5 * M as u32),
+                (w, 5 * M, 4096),
+                (wz, 5 * M + 4096, (3 * M - 4096) as u32),
+                (wz, 8 * M, 2 * K64 as u32),
+                (wz, 8 * M + 2 * K64, (4 * M - 2 * K64) as u32),
+                (w, 12 * M, K64 as u32),
+                (wz, 12 * M + K64, K64 as u32),
+                (w, 12 * M + 2 * K64, K64 as u32),
+                (wz, 12 * M + 3 * K64, (4 * M - 3 * K64) as u32),
+            ];
+            assert_eq!(reqs.iter().map(|r| (r.0, r.1, r.2)).collect::<Vec<_>>(), expect);
+            assert_eq!(data, 4096 + 2 * K64);
+            assert_eq!(m.stats.resync_data.load(Ordering::Relaxed), data);
+            assert_eq!(m.stats.resync_zero.load(Ordering::Relaxed), 16 * M - data);
+        }
     }
 
     /// Issue 10 item F: with the log full after a large resync, a write that started after

@@ -15,6 +15,12 @@ impl NbdExport for SecondaryExport {
         self.0.file.read_exact_at(buf, offset)
     }
 
+    /// What `read` serves: the disk file's holes and data (a block device is all data).
+    fn extents(&self, offset: u64, len: u64, max: usize) -> io::Result<Vec<(u64, bool)>> {
+        let _t = self.0.gate.enter();
+        Ok(crate::block::extents::extents(&self.0.file, offset, len, max))
+    }
+
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> io::Result<()> {
         self.0.nbd_modify(offset, data.len() as u64, |f| {
             f.write_all_at(data, offset)?;

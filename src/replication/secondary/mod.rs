@@ -143,15 +143,33 @@ fn result(r: i32) -> io::Result<()> {
     if r < 0 { Err(io::Error::from_raw_os_error(-r)) } else { Ok(()) }
 }
 
-/// Copies [start, end) sectors from `src` to `dst` at the same offsets.
+/// Copies [start, end) sectors from `src` to `dst` at the same offsets. Holes of `src`
+/// (`SEEK_DATA`) and pieces that read as zeroes are punched in `dst` instead of written
+/// (zeroes either way; see [`fallocate_with_fallback`]), so copying a hole — the
+/// copy-before-write of a sparse disk under a full sync, a merge of such a saved range —
+/// costs no read and keeps the destination sparse.
 fn copy_sectors(src: &File, dst: &File, start: u64, end: u64, buf: &mut Vec<u8>) -> io::Result<u64> {
+    let punch = |offset: u64, len: u64| {
+        result(fallocate_with_fallback(dst.as_raw_fd(), &Op::WriteZeroes { offset, len, unmap: true }))
+    };
     let mut s = start;
     while s < end {
+        // Extents are file-system blocks; a partial sector at a hole's edge is copied.
+        let hole = crate::block::extents::hole_end(src, s * SECTOR, end * SECTOR) / SECTOR;
+        if hole > s {
+            punch(s * SECTOR, (hole - s) * SECTOR)?;
+            s = hole;
+            continue;
+        }
         let n = (end - s).min(MERGE_CHUNK);
         let len = (n * SECTOR) as usize;
         buf.resize(len, 0);
         src.read_exact_at(&mut buf[..len], s * SECTOR)?;
-        dst.write_all_at(&buf[..len], s * SECTOR)?;
+        if crate::block::extents::is_zero(&buf[..len]) {
+            punch(s * SECTOR, len as u64)?;
+        } else {
+            dst.write_all_at(&buf[..len], s * SECTOR)?;
+        }
         s += n;
     }
     Ok((end - start) * SECTOR)
