@@ -17,8 +17,9 @@
       connection, cut, hang start and end, and close, with a wall-clock timestamp.
 
   soak-proxy.py events --qmp PATH --out FILE
-      Connects to a colo-blk control socket, leaves negotiation mode and appends
-      every event line (as received) to FILE until the socket closes or SIGTERM.
+      Connects to a colo-blk control socket, leaves negotiation mode, creates FILE
+      and appends every event line (as received) to it until the socket closes or
+      SIGTERM.
 """
 
 import argparse
@@ -233,6 +234,11 @@ def cmd_events(a):
     f = s.makefile("rb")
     f.readline()  # greeting
     s.sendall(b'{"execute":"qmp_capabilities"}\n')
+    # FILE appears once the client is in (soak.sh waits for it: its idle resource samples
+    # must count this client's thread and descriptors).
+    for line in f:
+        if b'"return"' in line:
+            break
     with open(a.out, "ab", buffering=0) as out:
         try:
             for line in f:

@@ -111,7 +111,7 @@ mkdir -p "$workdir"
 W=$(cd "$workdir" && pwd)
 # Leftovers of an earlier soak in W (only the names this script uses).
 rm -f "$W"/{p,s,s.active,s.hidden}.img "$W"/s.img.colo-state "$W"/*.sock "$W"/*.qmp "$W"/*.nbd \
-    "$W"/*.log "$W"/*.events "$W"/*.csv "$W"/summary.txt "$W"/stop-load "$W"/colo-blk
+    "$W"/*.log "$W"/*.events "$W"/*.csv "$W"/idle-*.txt "$W"/summary.txt "$W"/stop-load "$W"/colo-blk
 rm -rf "$W/guest" "$W/tls"
 if [[ -n $bufdir ]]; then
     mkdir -p "$bufdir"
@@ -224,11 +224,23 @@ make_creds() (
 )
 if ((tls)); then
     make_creds "$W/tls" || die "openssl could not make the TLS credentials in $W/tls"
-    # Two free loopback ports: the secondary's NBD server and the proxy.
-    read -r nbd_port proxy_port < <(python3 -c 'import socket
-a = [socket.socket() for _ in range(2)]
-for s in a: s.bind(("127.0.0.1", 0))
-print(*(s.getsockname()[1] for s in a))')
+    # Two free loopback ports, the secondary's NBD server and the proxy, below the
+    # kernel's ephemeral range (where other programs' connections come and go).
+    read -r nbd_port proxy_port < <(python3 -c 'import random, socket
+lo = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+found = []
+while len(found) < 2:
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        s.bind(("127.0.0.1", random.randrange(10000, max(lo, 10002))))
+        port = s.getsockname()[1]
+        if port not in found:
+            found.append(port)
+    except OSError:
+        pass
+    s.close()
+print(*found)')
     s_link=(--nbd-listen "127.0.0.1:$nbd_port" --nbd-tls-creds "$W/tls/server" --nbd-allow 127.0.0.1)
     proxy_link=(--listen "127.0.0.1:$proxy_port" --target "127.0.0.1:$nbd_port")
     p_link=(--secondary "nbd://127.0.0.1:$proxy_port/soak" --secondary-tls-creds "$W/tls/client")
@@ -246,6 +258,7 @@ s_pid=$!
 poll 30 qmp_up "$W/s.qmp" || die "secondary did not come up (see $W/secondary.log)"
 python3 "$here/soak-proxy.py" events --qmp "$W/s.qmp" --out "$W/secondary.events" &
 ev_pids+=($!)
+poll 10 test -e "$W/secondary.events" || die "the secondary's event listener did not come up"
 ctl "$W/s.qmp" replication-start mode=secondary >/dev/null
 
 python3 "$here/soak-proxy.py" proxy "${proxy_link[@]}" --hang-for "$hang_for" --log "$W/proxy.log" &
@@ -260,6 +273,7 @@ p_pid=$!
 poll 30 qmp_up "$W/p.qmp" || die "primary did not come up (see $W/primary.log)"
 python3 "$here/soak-proxy.py" events --qmp "$W/p.qmp" --out "$W/primary.events" &
 ev_pids+=($!)
+poll 10 test -e "$W/primary.events" || die "the primary's event listener did not come up"
 # Both images were created sparse and empty: identical, no full sync needed.
 ctl "$W/p.qmp" replication-start mode=primary >/dev/null
 
@@ -302,6 +316,15 @@ sample() {
         thr=$(awk '/^Threads:/ {print $2}' "$f")
         fds=$(find "/proc/$pid/fd" -mindepth 1 -maxdepth 1 2>/dev/null | wc -l)
         echo "$(rel),$tag,$role,$rss,$anon,$file,$shm,$fds,$thr" >>"$W/resources.csv"
+        # At the idle samples, what the threads and descriptors are (to explain a growth).
+        if [[ $tag == idle-* ]]; then
+            {
+                echo "threads:"
+                for t in /proc/"$pid"/task/*; do echo "  ${t##*/} $(cat "$t/comm" 2>/dev/null)"; done
+                echo "fds:"
+                for t in /proc/"$pid"/fd/*; do echo "  ${t##*/} $(readlink "$t" 2>/dev/null)"; done
+            } >"$W/$tag-$role.txt"
+        fi
     done
 }
 sample idle-start
