@@ -27,13 +27,15 @@
 #               and the bytes the resync copied.
 #   link hang   every --hang-every s (never during a cut's recovery, and at least
 #               5 s after one; a cut waits likewise): once guest writes are seen
-#               flowing (forwarded-ops grows; at most 30 s, else the hang starts
-#               anyway and counts as idle), SIGUSR2 to the proxy; measures the time
-#               until the primary reports the link down (with writes flowing it
-#               must do so within --secondary-timeout + 3 s: the writes stuck in
-#               the partition time out), and, after the hang ends, the time until
-#               the link is connected again and dirty-bytes is 0 (at most 60 s),
-#               and the bytes the resync copied. No checkpoint is taken meanwhile.
+#               flowing (forwarded-ops grows; at most 30 s), SIGUSR2 to the proxy;
+#               measures the time until the primary reports the link down, and,
+#               after the hang ends, the time until the link is connected again
+#               and dirty-bytes is 0 (at most 60 s), and the bytes the resync
+#               copied. A forwarded request seen in flight (or sent) during the
+#               hang early enough for its timeout to expire before the hang ends
+#               must bring the link down within --secondary-timeout + 3 s of being
+#               seen; a hang without one ("idle": the guest stopped writing just
+#               then) need not. No checkpoint is taken meanwhile.
 #   resources   every 10 s: RSS, fds and threads of both colo-blk processes
 #               (resources.csv).
 # At the end: the load stops, the primary gets in sync, a last checkpoint is
@@ -450,11 +452,17 @@ cut_poll() {
 # hang_state: 0 none, 1 armed (waiting up to 30 s for guest writes to flow), 2 hung or
 # recovering. Times in hangs.csv count from the SIGUSR2; the proxy forwards again
 # hang_for s after it.
-echo "t_s,hang,traffic,down_ms,reconnect_ms,in_sync_ms,resync_bytes,max_dirty_bytes,result" >"$W/hangs.csv"
-hang_n=0 hang_failed=0 hang_state=0 hang_t0=0 hang_arm_t0=0 hang_ops0='' hang_traffic=''
+# traffic: "busy" once a forwarded request was seen in flight or sent during the hang
+# (first_io_ms: when), else "idle".
+echo "t_s,hang,traffic,first_io_ms,down_ms,reconnect_ms,in_sync_ms,resync_bytes,max_dirty_bytes,result" >"$W/hangs.csv"
+hang_n=0 hang_failed=0 hang_state=0 hang_t0=0 hang_arm_t0=0 hang_ops0='' hang_io_ms=''
 hang_down_ms='' hang_conn_ms='' hang_connects0=0 hang_failures0=0 hang_copied0=0 hang_maxdirty=0
 hang_quiet_until=0 cut_quiet_until=0
+# The link must be down within this of a request seen stuck (the link's watchdog cuts
+# within about 1.25 timeouts), if that leaves the request's timeout time to expire
+# before the hang ends (io_latest).
 hang_down_bound=$((sec_timeout * 1000 + 3000))
+hang_io_latest=$((hang_for * 1000 - sec_timeout * 1250 - 1000))
 hang_arm() {
     hang_state=1 hang_arm_t0=$(now_ms) hang_ops0=''
 }
@@ -463,30 +471,34 @@ hang_arm_poll() {
     local ops
     read -r _ _ _ _ _ _ _ ops _ < <(pstate) || return 0
     [[ $ops =~ ^[0-9]+$ ]] || return 0
-    if [[ -n $hang_ops0 ]] && ((ops > hang_ops0)); then
-        hang_start busy
-    elif (($(now_ms) - hang_arm_t0 > 30000)); then
-        hang_start idle
+    if [[ -n $hang_ops0 ]] && ((ops > hang_ops0)) || (($(now_ms) - hang_arm_t0 > 30000)); then
+        hang_start
     else
         hang_ops0=$ops
     fi
 }
 hang_start() {
-    local c d i cn fl cp
-    read -r c d i cn fl cp _ < <(pstate)
-    hang_connects0=$cn hang_failures0=$fl hang_copied0=$cp hang_maxdirty=0 hang_down_ms='' hang_conn_ms=''
-    hang_traffic=$1
+    local c d i cn fl cp ops
     hang_n=$((hang_n + 1))
     hang_t0=$(now_ms)
     kill -USR2 "$proxy_pid"
+    # Counted after the signal: a request sent after this reading is stuck in the hang
+    # (one sent just before is seen in flight, if it is).
+    read -r c d i cn fl cp _ ops _ < <(pstate)
+    hang_connects0=$cn hang_failures0=$fl hang_copied0=$cp hang_ops0=$ops
+    hang_maxdirty=0 hang_down_ms='' hang_conn_ms='' hang_io_ms=''
     hang_state=2
 }
 # hang_poll: called every 50 ms while a hang is being measured.
 hang_poll() {
-    local c d i cn fl cp el result
-    read -r c d i cn fl cp _ < <(pstate) || return 0
+    local c d i cn fl cp ops el result traffic
+    read -r c d i cn fl cp _ ops _ < <(pstate) || return 0
     el=$(($(now_ms) - hang_t0))
     [[ $d =~ ^[0-9]+$ ]] && ((d > hang_maxdirty)) && hang_maxdirty=$d
+    if [[ -z $hang_io_ms && -z $hang_down_ms && $i =~ ^[0-9]+$ && $ops =~ ^[0-9]+$ ]] && ((el < hang_for * 1000)) &&
+        ((i > 0 || ops > hang_ops0)); then
+        hang_io_ms=$el
+    fi
     if [[ -z $hang_down_ms && $fl =~ ^[0-9]+$ ]] && ((fl > hang_failures0)); then
         hang_down_ms=$el
         log "hang $hang_n: the primary reports the link down after ${el} ms"
@@ -496,17 +508,21 @@ hang_poll() {
     fi
     # Recovered: after the heal, connected (again, if it went down) and nothing dirty.
     if ((el >= hang_for * 1000)) && [[ $c == true && $d == 0 && (-z $hang_down_ms || -n $hang_conn_ms) ]]; then
-        result=ok
-        if [[ $hang_traffic == busy ]] && { [[ -z $hang_down_ms ]] || ((hang_down_ms > hang_down_bound)); }; then
+        result=ok traffic=idle
+        [[ -n $hang_io_ms || -n $hang_down_ms ]] && traffic=busy
+        if [[ -n $hang_io_ms ]] && ((hang_io_ms <= hang_io_latest)) &&
+            { [[ -z $hang_down_ms ]] || ((hang_down_ms - hang_io_ms > hang_down_bound)); }; then
             result=late-down
-            log "hang $hang_n: writes were flowing, but the primary reported the link down after ${hang_down_ms:-never} ms (bound ${hang_down_bound} ms)"
+            log "hang $hang_n: a forwarded request was in flight at ${hang_io_ms} ms, but the primary reported the link down after ${hang_down_ms:-never} ms (bound: ${hang_down_bound} ms later)"
             hang_failed=$((hang_failed + 1))
         fi
-        echo "$(rel),$hang_n,$hang_traffic,$hang_down_ms,$hang_conn_ms,$el,$((cp - hang_copied0)),$hang_maxdirty,$result" >>"$W/hangs.csv"
-        log "hang $hang_n ($hang_traffic): link down after ${hang_down_ms:-never} ms, reconnected after ${hang_conn_ms:--} ms, in sync after ${el} ms (the proxy forwards again at $((hang_for * 1000)) ms), resync $((cp - hang_copied0)) bytes"
+        echo "$(rel),$hang_n,$traffic,$hang_io_ms,$hang_down_ms,$hang_conn_ms,$el,$((cp - hang_copied0)),$hang_maxdirty,$result" >>"$W/hangs.csv"
+        log "hang $hang_n ($traffic): link down after ${hang_down_ms:-never} ms, reconnected after ${hang_conn_ms:--} ms, in sync after ${el} ms (the proxy forwards again at $((hang_for * 1000)) ms), resync $((cp - hang_copied0)) bytes"
         hang_state=0
     elif ((el > hang_for * 1000 + 60000)); then
-        echo "$(rel),$hang_n,$hang_traffic,$hang_down_ms,$hang_conn_ms,,,$hang_maxdirty,timeout" >>"$W/hangs.csv"
+        traffic=idle
+        [[ -n $hang_io_ms || -n $hang_down_ms ]] && traffic=busy
+        echo "$(rel),$hang_n,$traffic,$hang_io_ms,$hang_down_ms,$hang_conn_ms,,,$hang_maxdirty,timeout" >>"$W/hangs.csv"
         log "hang $hang_n: not recovered 60 s after the hang ended (connected=$c dirty=$d)"
         hang_failed=$((hang_failed + 1))
         hang_state=0
@@ -721,24 +737,25 @@ flag() { fail=1; echo "  FAIL: $*"; }
     ((cut_failed == 0)) || flag "$cut_failed link cut(s) not recovered within 120 s"
     echo
     # hangs
-    hang_down=$(awk -F, 'NR > 1 && $4 != ""' "$W/hangs.csv" | wc -l)
-    echo "link hangs (${hang_for} s each; times from the hang's start, the proxy forwards again at $((hang_for * 1000)) ms): $hang_n (recovered $(awk -F, 'NR > 1 && $9 != "timeout"' "$W/hangs.csv" | wc -l), with writes flowing $(awk -F, 'NR > 1 && $3 == "busy"' "$W/hangs.csv" | wc -l), link seen down $hang_down, failed $hang_failed)"
-    awk -F, -v hf="$((hang_for * 1000))" 'NR > 1 && $9 != "timeout" {
-            if ($4 != "") { nd++; dn += $4; if (dmin == "" || $4 < dmin) dmin = $4; if ($4 > dmax) dmax = $4 }
-            if ($5 != "") { nr++; r += $5 - hf; if (rmin == "" || $5 - hf < rmin) rmin = $5 - hf; if ($5 - hf > rmax) rmax = $5 - hf }
-            n++; s += $6 - hf; b += $7
-            if (smin == "" || $6 - hf < smin) smin = $6 - hf; if ($6 - hf > smax) smax = $6 - hf
-            if (bmin == "" || $7 < bmin) bmin = $7; if ($7 > bmax) bmax = $7 }
+    hang_down=$(awk -F, 'NR > 1 && $5 != ""' "$W/hangs.csv" | wc -l)
+    echo "link hangs (${hang_for} s each; times from the hang's start, the proxy forwards again at $((hang_for * 1000)) ms): $hang_n (recovered $(awk -F, 'NR > 1 && $10 != "timeout"' "$W/hangs.csv" | wc -l), with requests in flight $(awk -F, 'NR > 1 && $3 == "busy"' "$W/hangs.csv" | wc -l), link seen down $hang_down, failed $hang_failed)"
+    awk -F, -v hf="$((hang_for * 1000))" 'NR > 1 && $10 != "timeout" {
+            if ($5 != "") { nd++; dn += $5; if (dmin == "" || $5 < dmin) dmin = $5; if ($5 > dmax) dmax = $5 }
+            if ($6 != "") { nr++; r += $6 - hf; if (rmin == "" || $6 - hf < rmin) rmin = $6 - hf; if ($6 - hf > rmax) rmax = $6 - hf }
+            n++; s += $7 - hf; b += $8
+            if (smin == "" || $7 - hf < smin) smin = $7 - hf; if ($7 - hf > smax) smax = $7 - hf
+            if (bmin == "" || $8 < bmin) bmin = $8; if ($8 > bmax) bmax = $8 }
         END {
             if (nd) printf "  link down after the hang began  min/avg/max: %d/%.0f/%d ms (%d hangs)\n", dmin, dn / nd, dmax, nd
             if (nr) printf "  reconnect after the hang ended  min/avg/max: %d/%.0f/%d ms (%d hangs)\n", rmin, r / nr, rmax, nr
             if (n) {
                 printf "  in sync after the hang ended    min/avg/max: %d/%.0f/%d ms\n", smin, s / n, smax
                 printf "  resync bytes min/avg/max: %d/%.0f/%d (total %d)\n", bmin, b / n, bmax, b } }' "$W/hangs.csv"
-    awk -F, 'NR > 1 && $3 == "idle" { printf "  note: hang %d started without guest writes flowing (none seen for 30 s); link down: %s\n", $2, ($4 == "" ? "no (nothing was waiting for an answer)" : "after " $4 " ms") }' "$W/hangs.csv"
+    awk -F, 'NR > 1 && $3 == "idle" { printf "  note: hang %d: no forwarded request in flight during it (the guest was not writing); the link stayed up\n", $2 }' "$W/hangs.csv"
+    awk -F, -v late="$hang_io_latest" 'NR > 1 && $4 > late && $5 == "" { printf "  note: hang %d: the first request in flight was seen at %d ms, too late to time out before the hang ended; the link stayed up\n", $2, $4 }' "$W/hangs.csv"
     if ((hang_failed)); then
-        flag "$hang_failed link hang(s) failed (link not seen down within ${hang_down_bound} ms with writes flowing, or not recovered within 60 s after the hang):"
-        awk -F, 'NR > 1 && $9 != "ok" { print "    hang " $2 " t=" $1 "s " $9 " traffic=" $3 " down_ms=" $4 " reconnect_ms=" $5 }' "$W/hangs.csv"
+        flag "$hang_failed link hang(s) failed (link not down within ${hang_down_bound} ms of a request seen in flight, or not recovered within 60 s after the hang):"
+        awk -F, 'NR > 1 && $10 != "ok" { print "    hang " $2 " t=" $1 "s " $10 " first_io_ms=" $4 " down_ms=" $5 " reconnect_ms=" $6 }' "$W/hangs.csv"
     fi
     echo
     pf=$(jq -r '.link.failures // "?"' <<<"$pfinal") pc=$(jq -r '.link.connects // "?"' <<<"$pfinal")
