@@ -217,7 +217,21 @@ fn usage_error(msg: String) -> ExitCode {
     ExitCode::from(2)
 }
 
+/// Payload buffers (NBD writes and reads up to 32 MiB, bounce and mirror copies) are large
+/// and short-lived. glibc's dynamic mmap threshold rises after the first such buffer is
+/// freed, after which they come from the heap arenas and fragment them: a soak with link
+/// hangs grew the secondary's anonymous memory from 4 to 17 MiB in 12 rounds; with a fixed
+/// 128 KiB threshold it stayed at 5.5 MiB (large buffers are mapped and unmapped whole).
+fn tune_allocator() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only changes allocator parameters; called before any thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 << 10);
+    }
+}
+
 fn main() -> ExitCode {
+    tune_allocator();
     let cli = Cli::parse();
     match cli.command {
         Cmd::Serve(args) => serve(*args),
