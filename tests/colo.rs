@@ -456,3 +456,63 @@ fn a_failover_in_the_load_window_discards_the_checkpoint_the_vm_never_loaded() {
     assert!(file_range(&sdisk, 2000 * 512, 4096) == pattern(2000 * 512, 4096, 22), "VM write lost");
     assert!(fs.io(T_IN, 2000, &[0u8; 4096]).data == pattern(2000 * 512, 4096, 22));
 }
+
+/// Issue 10 item 10: a barrier whose flushes outlast the primary's timeout (a slow disk,
+/// injected) completes only after the secondary VM loaded the checkpoint and restarted. It
+/// must be refused then, not become pending: the next primary write would commit it and drop
+/// the running VM's writes.
+#[test]
+fn a_late_barrier_never_commits_over_the_restarted_vms_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sec, _sdisk, nbd) = colo_secondary_with(dir.path(), "32M", Some("colo"), &["--x-fault-injection"]);
+    qmp(&sec, "replication-start", json!({"mode": "secondary"})).unwrap();
+    let pdisk = dir.path().join("pri.img");
+    let hook = dir.path().join("hook.sock");
+    let uri = format!("nbd+unix:///colo?socket={}", nbd.display());
+    let hook_arg = format!("unix:{}", hook.display());
+    let pri = start_primary(
+        tempfile::tempdir().unwrap(),
+        &pdisk,
+        SIZE,
+        &["--secondary", &uri, "--colo-hook", &hook_arg, "--secondary-timeout", "1"],
+    );
+    qmp(&pri, "replication-start", json!({"mode": "primary"})).unwrap();
+    let mut fp = BlkFrontend::connect(&pri.socket);
+    let mut fs = BlkFrontend::connect(&sec.socket);
+    let mut ev = sec.qmp();
+    // Checkpoint 1, the normal way.
+    assert_eq!(fp.io(T_OUT, 0, &pattern(0, 4096, 1)).status, 0);
+    let base = fp.stop();
+    hook_flush(&hook);
+    load_checkpoint(&mut fs, &fp, base);
+    assert_eq!(colo_state(&sec)["commits"], 1);
+    fp.restart(base, true);
+
+    // Checkpoint 2: the secondary's disk is slow, its barrier takes 4 s; the primary gives up
+    // after 1 s (the hook never fails QEMU's flush) and QEMU's COLO goes on.
+    qmp(&sec, "x-inject-fault", json!({"op": "barrier", "delay-ms": 4000, "count": 1})).unwrap();
+    assert_eq!(fp.io(T_OUT, 8, &pattern(4096, 4096, 2)).status, 0);
+    let base = fp.stop();
+    hook_flush(&hook);
+    let q = qmp(&pri, "query-replication", json!({})).unwrap();
+    assert!(q["barriers"]["failed"].as_u64().unwrap() >= 1, "the primary's barrier did not time out: {q}");
+    // The secondary loads checkpoint 2 while its barrier is still flushing, restarts, and
+    // its VM writes and reads back its own data.
+    load_checkpoint(&mut fs, &fp, base);
+    assert_eq!(fs.io(T_OUT, 100, &pattern(100 * 512, 4096, 0xcc)).status, 0);
+    assert!(fs.io(T_IN, 100, &[0u8; 4096]).data == pattern(100 * 512, 4096, 0xcc));
+    // The late barrier completes: refused.
+    let e = ev.wait_event("COLO_BARRIER_DISCARDED", WAIT).unwrap();
+    assert!(e["data"]["barrier"].as_u64().unwrap() >= 2, "{e}");
+    let c = colo_state(&sec);
+    assert_eq!(c["pending-barrier"], Value::Null, "a late barrier became pending: {c}");
+    // The primary reconnects and writes again: nothing commits, the VM's write stays.
+    fp.restart(base, true);
+    wait_until("the primary back in sync", || {
+        let q = qmp(&pri, "query-replication", json!({})).unwrap();
+        q["link"]["connected"] == true && q["dirty-bytes"] == 0
+    });
+    assert_eq!(fp.io(T_OUT, 4000, &pattern(4000 * 512, 4096, 3)).status, 0);
+    assert!(fs.io(T_IN, 100, &[0u8; 4096]).data == pattern(100 * 512, 4096, 0xcc), "the VM's write was dropped");
+    assert_eq!(colo_state(&sec)["commits"], 1, "a late barrier was committed");
+}

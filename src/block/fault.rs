@@ -22,8 +22,11 @@ pub enum FaultOp {
     Flush,
     /// Discards and write-zeroes.
     Discard,
-    /// Everything.
+    /// Everything above (not barriers).
     Any,
+    /// The secondary's COLO checkpoint barrier, after its flushes: failed with the errno, or
+    /// held for `delay` as a slow disk would hold it.
+    Barrier,
 }
 
 impl std::str::FromStr for FaultOp {
@@ -35,7 +38,8 @@ impl std::str::FromStr for FaultOp {
             "flush" => FaultOp::Flush,
             "discard" => FaultOp::Discard,
             "any" => FaultOp::Any,
-            _ => return Err(format!("'{s}' is not read, write, flush, discard or any")),
+            "barrier" => FaultOp::Barrier,
+            _ => return Err(format!("'{s}' is not read, write, flush, discard, any or barrier")),
         })
     }
 }
@@ -54,6 +58,17 @@ pub struct FaultRule {
     pub errno: i32,
     /// Matches left.
     pub count: Option<u64>,
+    /// For [`FaultOp::Barrier`]: hold the barrier this long instead of failing it.
+    pub delay: Option<std::time::Duration>,
+}
+
+/// What a rule does to a barrier.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BarrierFault {
+    /// Fail it with this errno.
+    Fail(i32),
+    /// Hold it this long, then let it complete.
+    Delay(std::time::Duration),
 }
 
 /// Names of the errnos a rule may use.
@@ -94,6 +109,32 @@ impl FaultPlan {
     /// Operations failed on purpose so far.
     pub fn injected(&self) -> u64 {
         self.injected.load(Ordering::Relaxed)
+    }
+
+    /// What a barrier rule does to the secondary's next barrier, if one matches (consuming
+    /// one of its matches).
+    pub fn check_barrier(&self) -> Option<BarrierFault> {
+        if !self.armed.load(Ordering::Acquire) {
+            return None;
+        }
+        let mut rules = self.rules.lock().unwrap_or_else(|e| e.into_inner());
+        let i = rules.iter().position(|r| r.op == FaultOp::Barrier)?;
+        let action = match rules[i].delay {
+            Some(d) => BarrierFault::Delay(d),
+            None => BarrierFault::Fail(rules[i].errno),
+        };
+        if let Some(c) = rules[i].count.as_mut() {
+            *c = c.saturating_sub(1);
+            if *c == 0 {
+                rules.remove(i);
+            }
+        }
+        if rules.is_empty() {
+            self.armed.store(false, Ordering::Release);
+        }
+        self.injected.fetch_add(1, Ordering::Relaxed);
+        log::warn!("fault injection: barrier {action:?}");
+        Some(action)
     }
 
     /// The errno `op` must fail with, if a rule matches (consuming one of its matches).
@@ -201,13 +242,20 @@ mod tests {
         let iov = [libc::iovec { iov_base: buf.as_ptr() as *mut _, iov_len: 4096 }];
         let w = |offset| Op::Write { offset, iovecs: &iov, dsync: false };
         assert_eq!(p.check(&w(0)), None);
-        p.add(FaultRule { op: FaultOp::Write, start: 8192, end: 8192 + 512, errno: libc::ENOSPC, count: Some(2) });
+        p.add(FaultRule {
+            op: FaultOp::Write,
+            start: 8192,
+            end: 8192 + 512,
+            errno: libc::ENOSPC,
+            count: Some(2),
+            delay: None,
+        });
         assert_eq!(p.check(&w(0)), None);
         assert_eq!(p.check(&Op::Read { offset: 8192, iovecs: &iov }), None);
         assert_eq!(p.check(&w(8192)), Some(libc::ENOSPC));
         assert_eq!(p.check(&w(6144)), Some(libc::ENOSPC)); // overlaps
         assert_eq!(p.check(&w(8192)), None); // count used up
-        p.add(FaultRule { op: FaultOp::Any, start: 0, end: u64::MAX, errno: libc::EIO, count: None });
+        p.add(FaultRule { op: FaultOp::Any, start: 0, end: u64::MAX, errno: libc::EIO, count: None, delay: None });
         assert_eq!(p.check(&Op::Flush), Some(libc::EIO));
         assert_eq!(p.check(&Op::Flush), Some(libc::EIO));
         p.clear();

@@ -426,6 +426,9 @@ pub fn build(config: Config) -> Result<Built, BuildError> {
         _ => Arc::new(NoReplication),
     };
     let faults = a.fault_injection.then(|| Arc::new(FaultPlan::default()));
+    if let (Some(plan), Some(sec)) = (&faults, &secondary) {
+        sec.set_fault_plan(plan.clone());
+    }
     let device: Arc<dyn BlockDevice> = match &faults {
         Some(plan) => Arc::new(FaultyDevice { inner: device, plan: plan.clone() }),
         None => device,

@@ -154,7 +154,7 @@ impl Command {
             }
             "x-inject-fault" => {
                 use crate::block::fault::{FaultRule, parse_errno};
-                only(args, &["op", "offset", "length", "errno", "count"])?;
+                only(args, &["op", "offset", "length", "errno", "count", "delay-ms"])?;
                 let op =
                     required_str(args, "op")?.parse().map_err(|e| QmpError::Generic(format!("Parameter 'op': {e}")))?;
                 let errno = match args.get("errno") {
@@ -172,7 +172,17 @@ impl Command {
                     Some(0) => return Err(QmpError::Generic("Parameter 'count' must be positive".into())),
                     c => c,
                 };
-                Ok(Command::InjectFault(FaultRule { op, start, end, errno, count }))
+                let delay = match optional_u64(args, "delay-ms")? {
+                    None => None,
+                    Some(_) if op != crate::block::fault::FaultOp::Barrier => {
+                        return Err(QmpError::Generic("Parameter 'delay-ms' is only for op barrier".into()));
+                    }
+                    Some(ms) if ms > 600_000 => {
+                        return Err(QmpError::Generic("Parameter 'delay-ms' must be at most 600000".into()));
+                    }
+                    Some(ms) => Some(std::time::Duration::from_millis(ms)),
+                };
+                Ok(Command::InjectFault(FaultRule { op, start, end, errno, count, delay }))
             }
             "x-clear-faults" => no_args(Command::ClearFaults),
             other => Err(QmpError::CommandNotFound(format!("The command {other} has not been found"))),

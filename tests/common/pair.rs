@@ -95,6 +95,11 @@ pub fn same(a: &Path, b: &Path) {
 
 /// A colo-blk secondary in `dir` (stage none), its disk and its NBD socket.
 pub fn colo_secondary(dir: &Path, size: &str, export: Option<&str>) -> (Server, PathBuf, PathBuf) {
+    colo_secondary_with(dir, size, export, &[])
+}
+
+/// [`colo_secondary`] with extra options.
+pub fn colo_secondary_with(dir: &Path, size: &str, export: Option<&str>, extra: &[&str]) -> (Server, PathBuf, PathBuf) {
     let (sdisk, nbd) = (dir.join("sec.img"), dir.join("nbd.sock"));
     let (a, h) = (dir.join("a.img"), dir.join("h.img"));
     let listen = format!("unix:{}", nbd.display());
@@ -116,6 +121,7 @@ pub fn colo_secondary(dir: &Path, size: &str, export: Option<&str>) -> (Server, 
     if let Some(e) = export {
         args.extend_from_slice(&["--nbd-export", e]);
     }
+    args.extend_from_slice(extra);
     (Server::start(tempfile::tempdir().unwrap(), &args), sdisk, nbd)
 }
 

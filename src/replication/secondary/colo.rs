@@ -128,6 +128,13 @@ impl Secondary {
         let _t = self.gate.enter();
         self.hidden.sync_data()?;
         self.file.sync_data()?;
+        let plan = lock(&self.faults).clone();
+        match plan.and_then(|p| p.check_barrier()) {
+            // Test hooks (`--x-fault-injection`): a failing or a slow disk under the flushes.
+            Some(crate::block::fault::BarrierFault::Fail(errno)) => return Err(io::Error::from_raw_os_error(errno)),
+            Some(crate::block::fault::BarrierFault::Delay(d)) => std::thread::sleep(d),
+            None => {}
+        }
         let mut c = lock(&self.colo);
         if c.device_starts != starts {
             drop(c);

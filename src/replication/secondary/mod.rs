@@ -80,6 +80,8 @@ pub struct Secondary {
     ops: Mutex<()>,
     nbd: Mutex<Option<NbdServer>>,
     events: Mutex<Option<EventSink>>,
+    /// `--x-fault-injection`: barrier rules (see `colo_barrier`).
+    faults: Mutex<Option<Arc<crate::block::fault::FaultPlan>>>,
     cow_bytes: AtomicU64,
     /// VM reads sent straight to the disk's queue, and those redone on the buffer path
     /// because a primary write or a checkpoint overlapped them (see `direct_read_start`).
@@ -239,6 +241,7 @@ impl Secondary {
             ops: Mutex::new(()),
             nbd: Mutex::new(None),
             events: Mutex::new(None),
+            faults: Mutex::new(None),
             cow_bytes: AtomicU64::new(0),
             direct_reads: AtomicU64::new(0),
             direct_retries: AtomicU64::new(0),
@@ -274,6 +277,11 @@ impl Secondary {
     /// Where stage changes are reported.
     pub fn set_events(&self, sink: EventSink) {
         *lock(&self.events) = Some(sink);
+    }
+
+    /// Lets `x-inject-fault {"op": "barrier"}` rules act on this secondary's barriers.
+    pub fn set_fault_plan(&self, plan: Arc<crate::block::fault::FaultPlan>) {
+        *lock(&self.faults) = Some(plan);
     }
 
     /// The current stage.
