@@ -425,3 +425,45 @@ fn a_trickled_write_payload_is_cut_off_at_its_deadline() {
     assert_eq!(file_range(&sdisk, MIB, 65536), vec![0u8; 65536], "part of a never-completed write landed");
     assert_eq!(file_range(&sdisk, 0, 4096), vec![0x42; 4096]);
 }
+
+/// Issue 10 item C: a failover whose quiesce times out (a request held in the secondary for
+/// longer than 30 s: here a barrier on an injected slow disk) changes nothing — stage still
+/// running, the NBD server still serving the primary — and can simply be retried.
+#[test]
+fn a_failover_whose_quiesce_times_out_changes_nothing_and_can_be_retried() {
+    use colo_blk::nbd::wire::{CMD_COLO_BARRIER, CMD_WRITE};
+    let dir = tempfile::tempdir().unwrap();
+    let (sec, sdisk, nbd) = colo_secondary_with(dir.path(), "16M", None, &["--x-fault-injection"]);
+    qmp(&sec, "replication-start", json!({"mode": "secondary"})).unwrap();
+    qmp(&sec, "x-inject-fault", json!({"op": "barrier", "delay-ms": 34000, "count": 1})).unwrap();
+    let uri = format!("nbd+unix:///?socket={}", nbd.display());
+    let (mut c, info) = nbd_connect(&uri);
+    assert!(info.colo);
+    send_request(&mut c, CMD_COLO_BARRIER, 1, 1, 0, &[]);
+    wait_until("the barrier to hold the secondary", || {
+        sec.log().iter().any(|l| l.contains("fault injection: barrier"))
+    });
+    let t0 = Instant::now();
+    let e = qmp(&sec, "replication-stop", json!({"failover": true})).unwrap_err();
+    assert!(e.contains("timed out"), "{e}");
+    assert!(t0.elapsed() >= Duration::from_secs(25), "gave up after {:?}", t0.elapsed());
+    let q = qmp(&sec, "query-replication", json!({})).unwrap();
+    assert_eq!(q["stage"], "running", "{q}");
+    // The barrier completes and is answered; the primary's connection still works.
+    assert_eq!(read_reply(&mut c), (0, 1));
+    send_request(&mut c, CMD_WRITE, 2, 0, 4096, &[0x5e; 4096]);
+    assert_eq!(read_reply(&mut c), (0, 2));
+    drop(c);
+    // The retry succeeds.
+    let out = Command::new(env!("CARGO_BIN_EXE_colo-blk"))
+        .args(["ctl", "--wait", "--qmp"])
+        .arg(&sec.qmp)
+        .args(["replication-stop", "failover=true"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(qmp(&sec, "query-replication", json!({})).unwrap()["stage"], "done");
+    // The primary's write after the last checkpoint is rolled back by the merge (hidden
+    // held its old data): failover restores the checkpoint.
+    assert!(file_range(&sdisk, 0, 4096) == vec![0u8; 4096], "the failover did not restore the checkpoint");
+}
