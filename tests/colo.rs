@@ -43,6 +43,17 @@ fn load_checkpoint(fs: &mut BlkFrontend, fp: &BlkFrontend, base: u16) {
     fs.restart(base, true);
 }
 
+/// Checkpoint 1, the normal way: the primary VM writes 4 KiB at 0 and stops, the hook's
+/// barrier goes out, the secondary loads and restarts (committing it), the primary resumes.
+fn first_checkpoint(fp: &mut BlkFrontend, fs: &mut BlkFrontend, hook: &std::path::Path, sec: &Server) {
+    assert_eq!(fp.io(T_OUT, 0, &pattern(0, 4096, 1)).status, 0);
+    let base = fp.stop();
+    hook_flush(hook);
+    load_checkpoint(fs, fp, base);
+    assert_eq!(colo_state(sec)["commits"], 1);
+    fp.restart(base, true);
+}
+
 fn colo_state(sec: &Server) -> Value {
     qmp(sec, "query-replication", json!({})).unwrap()["colo"].clone()
 }
@@ -330,12 +341,7 @@ fn a_checkpoint_loaded_without_its_barrier_marks_the_secondary_inconsistent() {
     let mut fs = BlkFrontend::connect(&p.sec.socket);
     let consistent = |s: &Server| qmp(s, "query-replication", json!({})).unwrap()["disk-consistent"].clone();
     // Checkpoint 1, the normal way: barrier, then the secondary's restart commits it.
-    assert_eq!(fp.io(T_OUT, 0, &pattern(0, 4096, 1)).status, 0);
-    let base = fp.stop();
-    hook_flush(&p.hook);
-    load_checkpoint(&mut fs, &fp, base);
-    assert_eq!(colo_state(&p.sec)["commits"], 1);
-    fp.restart(base, true);
+    first_checkpoint(&mut fp, &mut fs, &p.hook, &p.sec);
     assert_eq!(consistent(&p.sec), true);
     // Checkpoint 2 without a barrier: the primary writes, stops, its hook is never flushed
     // (the barrier is lost), and the secondary loads the checkpoint anyway.
@@ -384,12 +390,7 @@ type LoadWindow = (Server, std::path::PathBuf, BlkFrontend, BlkFrontend, u16, te
 fn failover_in_the_load_window(p: ColoPair) -> LoadWindow {
     let mut fp = BlkFrontend::connect(&p.pri.socket);
     let mut fs = BlkFrontend::connect(&p.sec.socket);
-    assert_eq!(fp.io(T_OUT, 0, &pattern(0, 4096, 1)).status, 0);
-    let base = fp.stop();
-    hook_flush(&p.hook);
-    load_checkpoint(&mut fs, &fp, base);
-    assert_eq!(colo_state(&p.sec)["commits"], 1);
-    fp.restart(base, true);
+    first_checkpoint(&mut fp, &mut fs, &p.hook, &p.sec);
     assert_eq!(fp.io(T_OUT, 64, &pattern(64 * 512, 4096, 21)).status, 0);
     assert_eq!(fs.io(T_OUT, 2000, &pattern(2000 * 512, 4096, 22)).status, 0);
     let base = fp.stop();
@@ -481,12 +482,7 @@ fn a_late_barrier_never_commits_over_the_restarted_vms_writes() {
     let mut fs = BlkFrontend::connect(&sec.socket);
     let mut ev = sec.qmp();
     // Checkpoint 1, the normal way.
-    assert_eq!(fp.io(T_OUT, 0, &pattern(0, 4096, 1)).status, 0);
-    let base = fp.stop();
-    hook_flush(&hook);
-    load_checkpoint(&mut fs, &fp, base);
-    assert_eq!(colo_state(&sec)["commits"], 1);
-    fp.restart(base, true);
+    first_checkpoint(&mut fp, &mut fs, &hook, &sec);
 
     // Checkpoint 2: the secondary's disk is slow, its barrier takes 4 s; the primary gives up
     // after 1 s (the hook never fails QEMU's flush) and QEMU's COLO goes on.

@@ -16,6 +16,7 @@ struct Bounced {
     /// The aligned copy the engine reads into or writes from.
     buf: AlignedBuf,
     /// The single iovec handed to the engine; boxed so its address stays put.
+    #[expect(dead_code, reason = "held only so the engine's iovec stays valid until completion")]
     iov: Box<libc::iovec>,
     /// For a read: the caller's iovec array, to copy the data back into on completion.
     read_into: Option<(*const libc::iovec, usize)>,
@@ -83,20 +84,19 @@ impl BlockQueue for BounceQueue {
         let mut scratch = std::mem::take(&mut self.scratch);
         self.inner.reap(&mut scratch);
         for c in scratch.drain(..) {
-            if let Some(b) = self.bounced.remove(&c.token) {
-                if let (Some((ptr, n)), true) = (b.read_into, c.result >= 0) {
-                    // SAFETY: the caller's iovec array and buffers are alive until this
-                    // completion is handed back (the `push` contract).
-                    let iovecs = unsafe { std::slice::from_raw_parts(ptr, n) };
-                    let mut at = 0;
-                    for v in iovecs {
-                        // SAFETY: as above; each iovec names `iov_len` writable bytes.
-                        let dst = unsafe { std::slice::from_raw_parts_mut(v.iov_base.cast::<u8>(), v.iov_len) };
-                        dst.copy_from_slice(&b.buf[at..at + v.iov_len]);
-                        at += v.iov_len;
-                    }
+            if let Some(b) = self.bounced.remove(&c.token)
+                && let (Some((ptr, n)), true) = (b.read_into, c.result >= 0)
+            {
+                // SAFETY: the caller's iovec array and buffers are alive until this
+                // completion is handed back (the `push` contract).
+                let iovecs = unsafe { std::slice::from_raw_parts(ptr, n) };
+                let mut at = 0;
+                for v in iovecs {
+                    // SAFETY: as above; each iovec names `iov_len` writable bytes.
+                    let dst = unsafe { std::slice::from_raw_parts_mut(v.iov_base.cast::<u8>(), v.iov_len) };
+                    dst.copy_from_slice(&b.buf[at..at + v.iov_len]);
+                    at += v.iov_len;
                 }
-                drop(b.iov);
             }
             out.push(c);
         }

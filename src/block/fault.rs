@@ -111,6 +111,21 @@ impl FaultPlan {
         self.injected.load(Ordering::Relaxed)
     }
 
+    /// Uses one match of rule `i`: drops the rule when its count is spent, disarms the plan
+    /// when no rule is left, counts the injection.
+    fn consume(&self, rules: &mut Vec<FaultRule>, i: usize) {
+        if let Some(c) = rules[i].count.as_mut() {
+            *c = c.saturating_sub(1);
+            if *c == 0 {
+                rules.remove(i);
+            }
+        }
+        if rules.is_empty() {
+            self.armed.store(false, Ordering::Release);
+        }
+        self.injected.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// What a barrier rule does to the secondary's next barrier, if one matches (consuming
     /// one of its matches).
     pub fn check_barrier(&self) -> Option<BarrierFault> {
@@ -123,16 +138,7 @@ impl FaultPlan {
             Some(d) => BarrierFault::Delay(d),
             None => BarrierFault::Fail(rules[i].errno),
         };
-        if let Some(c) = rules[i].count.as_mut() {
-            *c = c.saturating_sub(1);
-            if *c == 0 {
-                rules.remove(i);
-            }
-        }
-        if rules.is_empty() {
-            self.armed.store(false, Ordering::Release);
-        }
-        self.injected.fetch_add(1, Ordering::Relaxed);
+        self.consume(&mut rules, i);
         log::warn!("fault injection: barrier {action:?}");
         Some(action)
     }
@@ -152,16 +158,7 @@ impl FaultPlan {
         let mut rules = self.rules.lock().unwrap_or_else(|e| e.into_inner());
         let i = rules.iter().position(|r| (r.op == kind || r.op == FaultOp::Any) && r.start < end && start < r.end)?;
         let errno = rules[i].errno;
-        if let Some(c) = rules[i].count.as_mut() {
-            *c = c.saturating_sub(1);
-            if *c == 0 {
-                rules.remove(i);
-            }
-        }
-        if rules.is_empty() {
-            self.armed.store(false, Ordering::Release);
-        }
-        self.injected.fetch_add(1, Ordering::Relaxed);
+        self.consume(&mut rules, i);
         log::warn!("fault injection: {kind:?} at {start}+{len} fails with errno {errno}");
         Some(errno)
     }

@@ -902,22 +902,30 @@ fn nbd_error_text(code: u32) -> String {
 mod tests {
     use super::*;
 
+    /// A plain (no COLO) link sending on `tx`, its control side `ctl`.
+    fn test_link(
+        tx: mpsc::Sender<(Request, Payload)>,
+        ctl: std::os::unix::net::UnixStream,
+        write_zeroes: bool,
+    ) -> Arc<Link> {
+        Arc::new(Link {
+            tx,
+            ctl: Stream::Unix(ctl),
+            pending: Mutex::new(HashMap::new()),
+            drained: Condvar::new(),
+            broken: AtomicBool::new(false),
+            colo: false,
+            write_zeroes,
+        })
+    }
+
     /// A link whose sender side is a socket pair and whose request channel is drained by a
     /// thread that never answers (the test breaks the link itself).
     fn idle_link() -> (Arc<Link>, std::os::unix::net::UnixStream) {
         let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
         let (tx, rx) = mpsc::channel::<(Request, Payload)>();
         std::thread::spawn(move || while rx.recv().is_ok() {});
-        let link = Arc::new(Link {
-            tx,
-            ctl: Stream::Unix(a),
-            pending: Mutex::new(HashMap::new()),
-            drained: Condvar::new(),
-            broken: AtomicBool::new(false),
-            colo: false,
-            write_zeroes: true,
-        });
-        (link, b)
+        (test_link(tx, a, true), b)
     }
 
     /// Requests a test link saw: (command, offset, length, payload length).
@@ -928,15 +936,7 @@ mod tests {
     fn answering_link(m: &Arc<Mirror>, write_zeroes: bool) -> (Arc<Link>, Seen) {
         let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
         let (tx, rx) = mpsc::channel::<(Request, Payload)>();
-        let link = Arc::new(Link {
-            tx,
-            ctl: Stream::Unix(a),
-            pending: Mutex::new(HashMap::new()),
-            drained: Condvar::new(),
-            broken: AtomicBool::new(false),
-            colo: false,
-            write_zeroes,
-        });
+        let link = test_link(tx, a, write_zeroes);
         let seen = Arc::new(Mutex::new(Vec::new()));
         let (weak, m2, s2) = (Arc::downgrade(&link), m.clone(), seen.clone());
         std::thread::spawn(move || {

@@ -158,10 +158,8 @@ impl BlockQueue for SecondaryQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::block::raw::{EngineKind, RawDisk, RawOptions};
     use crate::nbd::server::NbdExport;
-    use crate::replication::{Mode, ReplicationControl, StartArgs};
-    use std::os::unix::fs::FileExt;
+    use crate::replication::ReplicationControl;
 
     /// A disk queue whose reads happen late: the bytes are read from the file only when the
     /// completion is reaped, as a slow device would, so a test can let a primary write land
@@ -197,20 +195,7 @@ mod tests {
     }
 
     fn setup(dir: &std::path::Path) -> (Arc<Secondary>, SecondaryQueue) {
-        let size = 1 << 20;
-        let disk = RawDisk::open(&RawOptions {
-            path: dir.join("d.img"),
-            create_size: Some(size),
-            read_only: false,
-            direct: false,
-            block_size: 512,
-            engine: EngineKind::Sync,
-        })
-        .unwrap();
-        disk.file().write_all_at(&vec![0x11u8; size as usize], 0).unwrap();
-        let files = SecondaryFiles { active: dir.join("a.img"), hidden: dir.join("h.img"), direct: false };
-        let s = Secondary::open(disk, files).unwrap();
-        SecondaryControl(s.clone()).start(&StartArgs::mode(Mode::Secondary)).unwrap();
+        let s = super::super::tests::secondary(dir, 1 << 20);
         let inner = Box::new(LateReads { fd: s.file.as_raw_fd(), held: Vec::new() });
         let q = SecondaryQueue {
             sec: s.clone(),

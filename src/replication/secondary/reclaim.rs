@@ -44,6 +44,17 @@ struct Pending {
     freed: Condvar,
 }
 
+impl Pending {
+    /// One old file of `bytes` is freed: wakes a checkpoint waiting for room.
+    fn release(&self, bytes: u64) {
+        let mut c = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        c.0 -= 1;
+        c.1 -= bytes;
+        drop(c);
+        self.freed.notify_all();
+    }
+}
+
 /// One buffer file: where it lives and the lock that announces it is in use.
 #[derive(Debug)]
 pub struct Buffer {
@@ -95,11 +106,7 @@ impl Reclaimer {
                 let file = matches!(garbage, Garbage::File(_));
                 drop(garbage);
                 if file {
-                    let mut c = p2.counts.lock().unwrap_or_else(|e| e.into_inner());
-                    c.0 -= 1;
-                    c.1 -= bytes;
-                    drop(c);
-                    p2.freed.notify_all();
+                    p2.release(bytes);
                 }
                 log::debug!(
                     "reclaimed {} in {} ms",
@@ -143,9 +150,7 @@ impl Reclaimer {
             let file = matches!(garbage, Garbage::File(_));
             drop(garbage);
             if file {
-                let mut c = self.pending.counts.lock().unwrap_or_else(|e| e.into_inner());
-                c.0 -= 1;
-                c.1 -= bytes;
+                self.pending.release(bytes);
             }
         }
     }

@@ -3,7 +3,8 @@ use super::*;
 use crate::block::raw::{EngineKind, RawOptions};
 use std::sync::mpsc;
 
-fn secondary(dir: &Path, size: u64) -> Arc<Secondary> {
+/// A started secondary on a disk of `size` bytes of 0x11 in `dir`.
+pub(super) fn secondary(dir: &Path, size: u64) -> Arc<Secondary> {
     let disk = RawDisk::open(&RawOptions {
         path: dir.join("d.img"),
         create_size: Some(size),
