@@ -224,6 +224,7 @@ fn guest_fio_survives_a_backend_kill_and_reconnect() {
         return;
     }
     use common::pair::{colo_secondary, qmp};
+    use common::{freeze, thaw};
     use serde_json::json;
     let keep = tempfile::tempdir().unwrap();
     let (sec, _sdisk, nbd) = colo_secondary(keep.path(), "512M", Some("g"));
@@ -259,8 +260,7 @@ fn guest_fio_survives_a_backend_kill_and_reconnect() {
     };
     wait("guest writes", &mut || s.qmp_ok("query-blockstats")["write"]["ops"].as_u64().unwrap_or(0) >= 300);
     // Freeze the secondary: the guest's next writes stay in flight on the primary.
-    // SAFETY: signalling a child process we own.
-    unsafe { libc::kill(sec.child.id() as i32, libc::SIGSTOP) };
+    freeze(&sec.child);
     // Guest writes are stuck once mirrored writes stay unanswered while no write completes
     // for a while: replies the secondary sent just before it stopped are read within
     // milliseconds, and fio's verify pass (reads only) leaves nothing unanswered.
@@ -284,8 +284,7 @@ fn guest_fio_survives_a_backend_kill_and_reconnect() {
     s.child.kill().unwrap();
     s.child.wait().unwrap();
     drop(s);
-    // SAFETY: as above.
-    unsafe { libc::kill(sec.child.id() as i32, libc::SIGCONT) };
+    thaw(&sec.child);
     let again = Server::start_at(tempfile::tempdir().unwrap(), &socket, &args);
     let (ok, console) = fio.join().unwrap();
     assert!(ok, "fio verify failed across the backend restart:\n{console}");

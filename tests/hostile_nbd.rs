@@ -47,11 +47,6 @@ fn tcp_secondary(dir: &Path, port: u16, size: u64, srv: Option<&Path>) -> (Serve
     (s, dir.join("sec.img"))
 }
 
-fn signal(s: &Server, sig: i32) {
-    // SAFETY: sending a signal to our own child process.
-    assert_eq!(unsafe { libc::kill(s.child.id() as i32, sig) }, 0);
-}
-
 /// Item: TLS flow control, server side. A 32 MiB NBD read over TLS is one 32 MiB reply the
 /// server's TLS pump must push through rustls' 64 KiB send buffer.
 #[test]
@@ -109,9 +104,9 @@ fn tls_full_sync_of_256_mib_with_a_paused_secondary_has_no_link_failure() {
     wait_until("the resync to start", || {
         qmp(&pri, "query-replication", json!({})).unwrap()["resync"]["copied-bytes"].as_u64().unwrap() > 0
     });
-    signal(&sec, libc::SIGSTOP);
+    freeze(&sec.child);
     std::thread::sleep(Duration::from_millis(1500));
-    signal(&sec, libc::SIGCONT);
+    thaw(&sec.child);
     wait_until("the full sync", || synced(&pri));
     let q = qmp(&pri, "query-replication", json!({})).unwrap();
     assert_eq!(q["link"]["failures"], 0, "{q}");

@@ -46,8 +46,7 @@ fn requests_in_flight_at_a_crash_complete_exactly_once_after_reconnect() {
 
     // Freeze the secondary; two writes go in flight (local half done, mirror unanswered), and
     // a read queued behind them completes first: out of order.
-    // SAFETY: signalling a child process we own.
-    unsafe { libc::kill(sec.child.id() as i32, libc::SIGSTOP) };
+    freeze(&sec.child);
     let w2 = fe.queue(T_OUT, 8, &pattern(4096, 4096, 2));
     let w3 = fe.queue(T_OUT, 16, &pattern(8192, 4096, 3));
     let r = fe.queue(T_IN, 0, &[0u8; 4096]);
@@ -58,14 +57,20 @@ fn requests_in_flight_at_a_crash_complete_exactly_once_after_reconnect() {
         std::thread::sleep(Duration::from_millis(5));
     }
     assert!(fe.result(r, 4096).data == pattern(0, 4096, 1));
-    assert_eq!(fe.mem.read_u16(0x3002), 2, "a mirrored write completed with the secondary frozen");
+    assert_eq!(
+        fe.mem.read_u16(0x3002),
+        2,
+        "a mirrored write completed with the secondary frozen (statuses {} {}); log {:?}",
+        fe.result(w2, 0).status,
+        fe.result(w3, 0).status,
+        pri.log()
+    );
 
     // colo-blk dies with w2 and w3 in flight.
     pri.child.kill().unwrap();
     pri.child.wait().unwrap();
     drop(pri);
-    // SAFETY: as above.
-    unsafe { libc::kill(sec.child.id() as i32, libc::SIGCONT) };
+    thaw(&sec.child);
     let _keep = state;
     // The guest has nothing more to submit: no kick is pending for the restarted daemon.
     fe.clear_kick();

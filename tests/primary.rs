@@ -99,14 +99,12 @@ fn mirrors_to_qemu_nbd_and_survives_a_killed_and_hung_secondary() {
     same(&pdisk, &sdisk);
 
     // Hang it (SIGSTOP): each guest write still completes within the link timeout.
-    // SAFETY: plain kill(2) on our child.
-    unsafe { libc::kill(qn.child.id() as i32, libc::SIGSTOP) };
+    freeze(&qn.child);
     let t0 = Instant::now();
     random_writes(&mut c, 32 * MIB, 20, 4);
     let stalled = t0.elapsed();
     assert!(stalled < Duration::from_secs(8), "guest stalled {stalled:?} behind a hung secondary");
-    // SAFETY: as above.
-    unsafe { libc::kill(qn.child.id() as i32, libc::SIGCONT) };
+    thaw(&qn.child);
     wait_until("resync after the hang", || synced(&pri));
     qmp(&pri, "replication-checkpoint", json!({})).unwrap();
     same(&pdisk, &sdisk);

@@ -304,3 +304,34 @@ pub fn expect_usage_error(args: &[&str], needle: &str) {
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
+
+/// Stops `child` with SIGSTOP and returns once every one of its threads has stopped.
+///
+/// kill(2) only queues the signal: a multithreaded process keeps running on its other threads
+/// until the thread that took the signal is scheduled and stops the group, which on a loaded
+/// machine can take long enough for it to answer requests sent after the kill.
+/// waitpid(WUNTRACED) reports the completed group stop.
+pub fn freeze(child: &Child) {
+    let pid = child.id() as libc::pid_t;
+    // SAFETY: signalling and waiting for a child process we own.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let mut status = 0;
+        // SAFETY: as above; WNOHANG keeps the wait bounded by our deadline.
+        let r = unsafe { libc::waitpid(pid, &mut status, libc::WUNTRACED | libc::WNOHANG) };
+        if r == pid && libc::WIFSTOPPED(status) {
+            return;
+        }
+        assert!(r == 0, "waitpid on a freezing child: {r} (status {status:#x})");
+        assert!(std::time::Instant::now() < deadline, "the child did not stop");
+        // No event other than the wait status exists for a group stop.
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Resumes a child stopped by [`freeze`].
+pub fn thaw(child: &Child) {
+    // SAFETY: signalling a child process we own.
+    assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGCONT) }, 0);
+}
