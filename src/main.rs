@@ -155,6 +155,10 @@ struct ServeArgs {
     /// `x-inject-fault` / `x-clear-faults` (failing chosen requests with EIO, ENOSPC, ...).
     #[arg(long)]
     x_fault_injection: bool,
+    /// Testing: the secondary's failover commit pauses this many milliseconds after each
+    /// 1 MiB it merges (crash tests kill colo-blk mid-commit).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    x_commit_delay_ms: Option<u64>,
     /// TCP peers allowed to connect to the NBD server (--nbd-listen) and the COLO hook:
     /// `ADDR[/BITS],...` (default: any). UNIX sockets are protected by their mode instead.
     #[arg(long)]
@@ -325,6 +329,7 @@ fn config(a: ServeArgs, disk_given: bool) -> Config {
         secondary_timeout: a.secondary_timeout,
         colo_hook: a.colo_hook,
         fault_injection: a.x_fault_injection,
+        commit_delay: a.x_commit_delay_ms.map(std::time::Duration::from_millis),
         nbd_allow: a.nbd_allow,
         nbd_tls_creds: a.nbd_tls_creds,
         secondary_tls_creds: a.secondary_tls_creds,

@@ -484,6 +484,12 @@ pub fn build(config: Config) -> Result<Built, BuildError> {
         }
         log::info!("NBD server for the primary listening on {} (export '{}')", addr, a.nbd_export);
     }
+    if let Some(sec) = &secondary {
+        sec.set_commit_delay(a.commit_delay);
+        // A commit that colo-blk was killed in the middle of goes on (its events now reach
+        // QMP clients).
+        sec.resume_commit();
+    }
     let sockets = BoundSockets { vhost: vhost_listener, qmp: qmp_listener, owned: std::mem::take(&mut undo.sockets) };
     Ok(Built { daemon, sockets, pidfile: undo.pidfile.take(), locks })
 }

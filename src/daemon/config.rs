@@ -102,6 +102,8 @@ pub struct Config {
     pub colo_hook: Option<NbdAddress>,
     /// Wrap the disk in the fault-injection layer.
     pub fault_injection: bool,
+    /// Testing: a pause after each 1 MiB the secondary's failover commit merges.
+    pub commit_delay: Option<std::time::Duration>,
     /// TCP peers allowed on the NBD server and the hook.
     pub nbd_allow: Option<AllowList>,
     /// Secondary: TLS credentials directory of the NBD server.
@@ -147,6 +149,7 @@ impl Default for Config {
             secondary_timeout: 5.0,
             colo_hook: None,
             fault_injection: false,
+            commit_delay: None,
             nbd_allow: None,
             nbd_tls_creds: None,
             secondary_tls_creds: None,

@@ -89,12 +89,18 @@ impl ReplicationControl for SecondaryControl {
         // and are refused).
         let closed = s.quiesce()?;
         s.close_nbd();
-        match failover.then(|| s.defer_for_load()).flatten() {
-            Some(seq) => log::warn!(
-                "failover while the secondary VM loads checkpoint {seq}: its barrier is decided at the device's restart"
-            ),
-            None => s.discard_pending(true),
-        }
+        let deferred = match failover.then(|| s.defer_for_load()).flatten() {
+            Some(seq) => {
+                log::warn!(
+                    "failover while the secondary VM loads checkpoint {seq}: its barrier is decided at the device's restart"
+                );
+                true
+            }
+            None => {
+                s.discard_pending(true);
+                false
+            }
+        };
         if !failover {
             // QEMU's version of this path fails and keeps the buffers (spec §3.5); the
             // documented intent is to drop them and stop, which is what happens here.
@@ -104,7 +110,11 @@ impl ReplicationControl for SecondaryControl {
             return Ok(());
         }
         s.measure_merge();
-        s.state.write(DiskState::Merging).map_err(|e| ReplicationError(format!("cannot record the state: {e}")))?;
+        if !deferred {
+            // The maps are settled: journal them before the VM can write to the disk. A
+            // deferred failover journals once the load decision settled them (commit.rs).
+            s.begin_commit_journal().map_err(|e| ReplicationError(format!("cannot record the commit: {e}")))?;
+        }
         s.merging.store(true, Ordering::Release);
         s.merge_clock.start(0);
         s.set_stage(Stage::Failover);
@@ -154,47 +164,6 @@ impl ReplicationControl for SecondaryControl {
 }
 
 impl Secondary {
-    fn spawn_failover(self: &Arc<Self>, inject_commit_error: bool) -> Result<(), ReplicationError> {
-        let me = self.clone();
-        std::thread::Builder::new()
-            .name("failover-commit".into())
-            .spawn(move || me.run_failover(inject_commit_error))
-            .map(|_| ())
-            .map_err(|e| {
-                self.merging.store(false, Ordering::Release);
-                self.set_stage(Stage::FailoverFailed);
-                ReplicationError(format!("cannot start the failover commit: {e}"))
-            })
-    }
-
-    /// Sets the merge's progress total: active sectors, plus saved ones not overwritten in
-    /// active.
-    pub(super) fn measure_merge(&self) {
-        let sectors = self.size / SECTOR;
-        let hidden_only: u64 = self
-            .active_map
-            .runs(0, sectors)
-            .into_iter()
-            .filter(|&(_, _, in_active)| !in_active)
-            .map(|(a, b, _)| self.saved_map.count(a, b))
-            .sum();
-        let total = (self.active_map.count_all() + hidden_only) * SECTOR;
-        self.merge_total.store(total, Ordering::Relaxed);
-        self.merge_done.store(0, Ordering::Relaxed);
-    }
-
-    /// `replication-stop {"failover": true}` in stage failover-failed: run the merge again.
-    /// The maps are exact (the merge clears a range's bits only after copying it, and writes
-    /// in failover-failed keep buffered sectors in the active buffer), so a second pass
-    /// finishes what the first one left. Callers hold `ops`.
-    fn retry_failover(self: &Arc<Self>, inject_commit_error: bool) -> Result<(), ReplicationError> {
-        log::warn!("retrying the failover commit");
-        self.merging.store(true, Ordering::Release);
-        self.merge_clock.start(self.merge_done.load(Ordering::Relaxed));
-        self.set_stage(Stage::Failover);
-        self.spawn_failover(inject_commit_error)
-    }
-
     /// Empties both buffers now (a checkpoint); returns how long it took in µs. Callers hold
     /// `ops` and checked that the stage is running.
     pub(super) fn checkpoint_locked(&self) -> Result<u64, ReplicationError> {

@@ -109,6 +109,15 @@ pub struct Secondary {
     /// Primary writes applied while running (a device start after some, with no barrier in
     /// between, loaded a checkpoint whose barrier was lost; see `colo_device_started`).
     primary_writes: AtomicU64,
+    /// The failover commit's journal (see journal.rs).
+    journal: CommitJournal,
+    /// The sectors a replay of the journal would still merge: a VM write to one of them on
+    /// the disk must be journaled (`Clear`) before it is acknowledged.
+    journaled: SectorBitmap,
+    /// A commit found in the journal at start, to resume (see `resume_commit`).
+    resume: AtomicBool,
+    /// `--x-commit-delay-ms`.
+    commit_delay: Mutex<Option<Duration>>,
 }
 
 impl std::fmt::Debug for Secondary {
@@ -196,6 +205,8 @@ impl Secondary {
             .map_err(|source| BlockError::Open { path: disk.path().display().to_string(), source })?;
         let sectors = size / SECTOR;
         let state = StateFile::for_disk(disk.path());
+        let journal = CommitJournal::for_disk(disk.path());
+        let mut resume = None;
         let unclean = match state.read().map_err(|e| BlockError::Refused(e.to_string()))? {
             DiskState::Clean => false,
             DiskState::Replicating => {
@@ -206,23 +217,45 @@ impl Secondary {
                 );
                 true
             }
+            DiskState::Merging if journal.exists() => {
+                let records = journal.load(sectors).map_err(|e| {
+                    BlockError::Refused(format!(
+                        "{} says colo-blk stopped during a failover commit, and its journal cannot be \
+                         read: {e}. The disk is half merged. Restore it from the primary or a backup \
+                         (e.g. serve it as a fresh secondary and let the primary copy it with \
+                         sync=full), then remove {} and {} to serve it",
+                        disk.path().display(),
+                        state.path().display(),
+                        journal.path().display()
+                    ))
+                })?;
+                resume = Some(records);
+                false
+            }
             DiskState::Merging => {
                 return Err(BlockError::Refused(format!(
-                    "{} says colo-blk stopped during a failover commit: the disk is half merged and \
-                     the merge cannot be resumed (the buffer maps were in memory). Restore the disk \
-                     from the primary or a backup (e.g. serve it as a fresh secondary and let the \
-                     primary copy it with sync=full), then remove {} to serve it",
+                    "{} says colo-blk stopped during a failover commit, but the commit journal {} is \
+                     missing: the disk is half merged and the merge cannot be resumed. Restore the \
+                     disk from the primary or a backup (e.g. serve it as a fresh secondary and let \
+                     the primary copy it with sync=full), then remove {} to serve it",
                     disk.path().display(),
+                    journal.path().display(),
                     state.path().display()
                 )));
             }
         };
+        if resume.is_none() && journal.exists() {
+            // A journal whose commit never started (no marker yet) or finished (the marker
+            // was written clean just before the journal was to be deleted).
+            log::info!("removing the stale commit journal {}", journal.path().display());
+            journal.remove().map_err(|e| BlockError::Refused(e.to_string()))?;
+        }
         let unclean_why = if unclean {
             format!("colo-blk stopped while replicating ({})", state.path().display())
         } else {
             String::new()
         };
-        Ok(Arc::new(Secondary {
+        let me = Arc::new(Secondary {
             disk,
             file,
             active: Arc::new(active),
@@ -259,8 +292,18 @@ impl Secondary {
             unclean: AtomicBool::new(unclean),
             unclean_why: Mutex::new(unclean_why),
             primary_writes: AtomicU64::new(0),
+            journal,
+            journaled: SectorBitmap::new(sectors),
+            resume: AtomicBool::new(false),
+            commit_delay: Mutex::new(None),
             pool: Pool::new(POOL_THREADS).map_err(|e| BlockError::Engine(IoEngineError::Setup(e)))?,
-        }))
+        });
+        if let Some(records) = resume {
+            me.replay(&records);
+            *lock(&me.stage) = Stage::Failover;
+            me.resume.store(true, Ordering::Release);
+        }
+        Ok(me)
     }
 
     /// Checks that both buffers have the disk's length (QEMU's start-time check).
@@ -472,10 +515,15 @@ impl Secondary {
             }
             Stage::Failover => {
                 // The merge is copying the buffers into the disk: newer data goes straight to
-                // the disk and the sectors leave the buffers, so the merge cannot overwrite it.
+                // the disk and the sectors leave the buffers, so the merge cannot overwrite it
+                // (nor a resumed one: see commit.rs).
                 // SAFETY: as above.
                 let r = unsafe { transfer(self.file.as_raw_fd(), offset, iovecs, true, dsync) };
                 if r >= 0 {
+                    if let Err(e) = self.journal_disk_write(s0, s1) {
+                        log::error!("cannot journal a VM write during the failover commit: {e}");
+                        return -libc::EIO;
+                    }
                     self.active_map.clear(s0, s1);
                     self.saved_map.clear(s0, s1);
                 }
@@ -492,6 +540,16 @@ impl Secondary {
                         let r = unsafe { transfer(fd, c * SECTOR, &sub, true, dsync) };
                         if r < 0 {
                             return r;
+                        }
+                        // A retried or resumed commit must see this write (commit.rs).
+                        let journaled = match (in_active, saved) {
+                            (true, _) => Ok(()),
+                            (false, true) => self.journal_active_write(c, d),
+                            (false, false) => self.journal_disk_write(c, d),
+                        };
+                        if let Err(e) = journaled {
+                            log::error!("cannot journal a VM write after a failed failover commit: {e}");
+                            return -libc::EIO;
                         }
                         if in_active || saved {
                             self.active_map.set(c, d);
@@ -513,6 +571,12 @@ impl Secondary {
             Stage::Running | Stage::FailoverFailed => {
                 let r = fallocate_with_fallback(self.active.as_raw_fd(), &Op::WriteZeroes { offset, len, unmap: true });
                 if r >= 0 {
+                    if stage == Stage::FailoverFailed
+                        && let Err(e) = self.journal_active_write(s0, s1)
+                    {
+                        log::error!("cannot journal a VM write after a failed failover commit: {e}");
+                        return -libc::EIO;
+                    }
                     self.active_map.set(s0, s1);
                 }
                 r
@@ -520,6 +584,10 @@ impl Secondary {
             Stage::Failover => {
                 let r = fallocate_with_fallback(self.file.as_raw_fd(), &Op::WriteZeroes { offset, len, unmap: true });
                 if r >= 0 {
+                    if let Err(e) = self.journal_disk_write(s0, s1) {
+                        log::error!("cannot journal a VM write during the failover commit: {e}");
+                        return -libc::EIO;
+                    }
                     self.active_map.clear(s0, s1);
                     self.saved_map.clear(s0, s1);
                 }
@@ -533,93 +601,6 @@ impl Secondary {
         self.active.sync_data()?;
         self.hidden.sync_data()?;
         self.file.sync_data()
-    }
-
-    // ---- failover merge -------------------------------------------------------------------
-
-    /// Copies hidden-only sectors, then active sectors, of [s0, s1) into the disk and clears
-    /// their bits. The caller holds [s0, s1) exclusively (or the gate closed).
-    fn merge_range(&self, s0: u64, s1: u64, buf: &mut Vec<u8>) -> io::Result<()> {
-        for (a, b, in_active) in self.active_map.runs(s0, s1) {
-            if in_active {
-                continue;
-            }
-            for (c, d, saved) in self.saved_map.runs(a, b) {
-                if saved {
-                    let n = copy_sectors(&self.hidden, &self.file, c, d, buf)?;
-                    self.merge_done.fetch_add(n, Ordering::Relaxed);
-                }
-            }
-        }
-        for (a, b, in_active) in self.active_map.runs(s0, s1) {
-            if in_active {
-                let n = copy_sectors(&self.active, &self.file, a, b, buf)?;
-                self.merge_done.fetch_add(n, Ordering::Relaxed);
-            }
-        }
-        self.saved_map.clear(s0, s1);
-        self.active_map.clear(s0, s1);
-        Ok(())
-    }
-
-    fn merge_pass(&self, locked: bool, fail: bool) -> io::Result<()> {
-        if fail {
-            return Err(io::Error::other("commit failure injected"));
-        }
-        let sectors = self.size / SECTOR;
-        let mut buf = Vec::new();
-        let mut c = 0;
-        while c < sectors {
-            let end = (c + MERGE_CHUNK).min(sectors);
-            let dirty = self.active_map.next_set_run(c, end).is_some() || self.saved_map.next_set_run(c, end).is_some();
-            if dirty {
-                let _g = locked.then(|| self.locks.exclusive(c, end));
-                self.merge_range(c, end, &mut buf)?;
-            }
-            c = end;
-        }
-        Ok(())
-    }
-
-    fn run_failover(self: &Arc<Self>, fail: bool) {
-        // A failover in the load window first learns whether the VM loaded the pending
-        // checkpoint (colo.rs); the merge then copies what is left to copy.
-        if lock(&self.colo).failover_deferred() {
-            self.await_load_decision();
-            self.measure_merge();
-        }
-        let started = Instant::now();
-        let outcome = self.merge_pass(true, fail).and_then(|()| {
-            // Final pass with everything quiet, then switch the VM to the disk.
-            let closed = self.gate.close(QUIESCE_TIMEOUT).ok_or_else(|| io::Error::other("quiesce timed out"))?;
-            self.merge_pass(false, false)?;
-            self.file.sync_data()?;
-            self.state.write(DiskState::Clean).map_err(io::Error::other)?;
-            self.set_stage(Stage::Done);
-            *lock(&self.error) = None;
-            self.error_at.clear();
-            drop(closed);
-            Ok(())
-        });
-        self.merging.store(false, Ordering::Release);
-        self.merge_clock.stop();
-        match outcome {
-            Ok(()) => {
-                log::info!(
-                    "failover commit done: {} bytes merged in {} ms",
-                    self.merge_done.load(Ordering::Relaxed),
-                    started.elapsed().as_millis()
-                );
-                self.emit("REPLICATION_FAILOVER_DONE", json!({"mode": "secondary"}));
-                // Reclaim the buffers' space; their content is in the disk now.
-                let _ = self.reclaimer.empty(&self.active, &self.active_buf, self.size);
-                let _ = self.reclaimer.empty(&self.hidden, &self.hidden_buf, self.size);
-            }
-            Err(e) => {
-                self.set_stage(Stage::FailoverFailed);
-                self.set_error(format!("failover commit failed: {e}"));
-            }
-        }
     }
 
     fn close_nbd(&self) {
@@ -640,9 +621,11 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 mod colo;
+mod commit;
 mod control;
 mod device;
 mod export;
+mod journal;
 mod reclaim;
 mod state;
 #[cfg(test)]
@@ -652,4 +635,5 @@ pub use colo::CommitTrigger;
 pub use control::SecondaryControl;
 pub use device::SecondaryDevice;
 pub use export::SecondaryExport;
+pub use journal::{CommitJournal, JournalError};
 pub use state::{DiskState, StateFile};

@@ -1,0 +1,299 @@
+//! The failover commit: merging the hidden and active buffers into the disk while the
+//! secondary VM keeps running, journaled so that it survives colo-blk being killed.
+//!
+//! Order of a commit:
+//! 1. with every request quiesced: sync the buffers and the disk, write the journal's base
+//!    (the buffers' maps), then the crash marker `merging` (journal.rs);
+//! 2. merge chunk by chunk under the range lock, hidden-only sectors first, then active ones;
+//!    every [`RECORD_EVERY`] or [`RECORD_SECTORS`] the disk is synced and the merged span
+//!    journaled as `Clear`;
+//! 3. a last pass with everything quiesced, sync, marker `clean`, journal deleted, stage done.
+//!
+//! VM writes during the commit go to the disk (stage failover) and leave the buffers; one that
+//! lands on sectors the journal would still merge is journaled (`Clear`, after a disk sync)
+//! before it is acknowledged, so a resumed merge never copies stale buffer data over it. In
+//! stage failover-failed, VM writes to buffered sectors go to the active buffer and are
+//! journaled as `Active` (after an active-buffer sync). A colo-blk started on a disk whose
+//! marker says `merging` replays the journal and resumes the commit (`resume_commit`).
+
+use super::journal::Record;
+use super::*;
+
+/// Merged spans are journaled at least this often (a resumed merge redoes at most this much
+/// work) ...
+const RECORD_EVERY: Duration = Duration::from_millis(250);
+/// ... or every this many merged sectors (64 MiB).
+const RECORD_SECTORS: u64 = 64 << 11;
+
+fn journal_err(e: super::journal::JournalError) -> io::Error {
+    io::Error::other(e.to_string())
+}
+
+impl Secondary {
+    /// `--x-commit-delay-ms`: pause after each merged chunk (crash tests).
+    pub fn set_commit_delay(&self, delay: Option<Duration>) {
+        *lock(&self.commit_delay) = delay;
+    }
+
+    /// Applies journal records to the (empty) maps at start.
+    pub(super) fn replay(&self, records: &[Record]) {
+        for r in records {
+            match *r {
+                Record::Saved(a, b) => {
+                    self.saved_map.set(a, b);
+                    self.journaled.set(a, b);
+                }
+                Record::Active(a, b) => {
+                    self.active_map.set(a, b);
+                    self.journaled.set(a, b);
+                }
+                Record::Clear(a, b) => {
+                    self.saved_map.clear(a, b);
+                    self.active_map.clear(a, b);
+                    self.journaled.clear(a, b);
+                }
+            }
+        }
+        log::warn!(
+            "{} says colo-blk stopped during a failover commit: {} active and {} hidden bytes left \
+             to merge (journal {}, {} records); the commit resumes",
+            self.state.path().display(),
+            self.active_map.count_all() * SECTOR,
+            self.saved_map.count_all() * SECTOR,
+            self.journal.path().display(),
+            records.len()
+        );
+    }
+
+    /// Resumes the commit found in the journal at start, if any (the daemon calls this once
+    /// its event sink is set).
+    pub fn resume_commit(self: &Arc<Self>) {
+        if !self.resume.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        let _op = lock(&self.ops);
+        self.measure_merge();
+        self.merging.store(true, Ordering::Release);
+        self.merge_clock.start(0);
+        self.emit("REPLICATION_STAGE", json!({"mode": "secondary", "stage": Stage::Failover.name()}));
+        if let Err(e) = self.spawn_failover(false) {
+            self.set_error(e.0);
+        }
+    }
+
+    /// Step 1: writes the journal's base and the `merging` marker. Callers hold the gate
+    /// closed, so the maps do not change underneath.
+    pub(super) fn begin_commit_journal(&self) -> io::Result<()> {
+        // What the base says is in the buffers must be on stable storage before it.
+        self.active.sync_data()?;
+        self.hidden.sync_data()?;
+        self.file.sync_data()?;
+        let sectors = self.size / SECTOR;
+        let mut base = Vec::new();
+        for (map, rec) in
+            [(&self.saved_map, Record::Saved as fn(u64, u64) -> Record), (&self.active_map, Record::Active)]
+        {
+            let mut s = 0;
+            while let Some((a, b)) = map.next_set_run(s, sectors) {
+                base.push(rec(a, b));
+                s = b;
+            }
+        }
+        self.journal.create(sectors, base.iter().copied()).map_err(journal_err)?;
+        self.journaled.clear_all();
+        for r in &base {
+            if let Record::Saved(a, b) | Record::Active(a, b) = *r {
+                self.journaled.set(a, b);
+            }
+        }
+        self.state.write(DiskState::Merging).map_err(io::Error::other)
+    }
+
+    /// A VM write or zeroing put sectors [s0, s1) on the disk during the commit: if the
+    /// journal would still merge some of them, make the disk durable and journal them clear
+    /// (before the request is acknowledged).
+    pub(super) fn journal_disk_write(&self, s0: u64, s1: u64) -> io::Result<()> {
+        if !self.journaled.any(s0, s1) || !self.journal.is_open() {
+            return Ok(());
+        }
+        self.file.sync_data()?;
+        self.journal.append(Record::Clear(s0, s1)).map_err(journal_err)?;
+        self.journaled.clear(s0, s1);
+        Ok(())
+    }
+
+    /// A VM write put sectors [s0, s1) into the active buffer in stage failover-failed:
+    /// make it durable and journal it (before the request is acknowledged).
+    pub(super) fn journal_active_write(&self, s0: u64, s1: u64) -> io::Result<()> {
+        if !self.journal.is_open() {
+            return Ok(());
+        }
+        self.active.sync_data()?;
+        self.journal.append(Record::Active(s0, s1)).map_err(journal_err)?;
+        self.journaled.set(s0, s1);
+        Ok(())
+    }
+
+    /// Journals [s0, s1) as merged, after a disk sync.
+    fn record_merged(&self, s0: u64, s1: u64) -> io::Result<()> {
+        if s0 >= s1 || !self.journal.is_open() || !self.journaled.any(s0, s1) {
+            return Ok(());
+        }
+        self.file.sync_data()?;
+        self.journal.append(Record::Clear(s0, s1)).map_err(journal_err)?;
+        self.journaled.clear(s0, s1);
+        Ok(())
+    }
+
+    /// Copies hidden-only sectors, then active sectors, of [s0, s1) into the disk and clears
+    /// their bits. The caller holds [s0, s1) exclusively (or the gate closed).
+    fn merge_range(&self, s0: u64, s1: u64, buf: &mut Vec<u8>) -> io::Result<()> {
+        for (a, b, in_active) in self.active_map.runs(s0, s1) {
+            if in_active {
+                continue;
+            }
+            for (c, d, saved) in self.saved_map.runs(a, b) {
+                if saved {
+                    let n = copy_sectors(&self.hidden, &self.file, c, d, buf)?;
+                    self.merge_done.fetch_add(n, Ordering::Relaxed);
+                }
+            }
+        }
+        for (a, b, in_active) in self.active_map.runs(s0, s1) {
+            if in_active {
+                let n = copy_sectors(&self.active, &self.file, a, b, buf)?;
+                self.merge_done.fetch_add(n, Ordering::Relaxed);
+            }
+        }
+        self.saved_map.clear(s0, s1);
+        self.active_map.clear(s0, s1);
+        Ok(())
+    }
+
+    /// One pass over the disk. `locked`: the VM runs, take each chunk's range lock and
+    /// journal the progress; otherwise the gate is closed.
+    fn merge_pass(&self, locked: bool, fail: bool) -> io::Result<()> {
+        if fail {
+            return Err(io::Error::other("commit failure injected"));
+        }
+        let delay = *lock(&self.commit_delay);
+        let sectors = self.size / SECTOR;
+        let mut buf = Vec::new();
+        let mut c = 0;
+        let (mut unrecorded, mut recorded_at) = (0, Instant::now());
+        while c < sectors {
+            let end = (c + MERGE_CHUNK).min(sectors);
+            let dirty = self.active_map.next_set_run(c, end).is_some() || self.saved_map.next_set_run(c, end).is_some();
+            if dirty {
+                let _g = locked.then(|| self.locks.exclusive(c, end));
+                self.merge_range(c, end, &mut buf)?;
+                if let Some(d) = delay {
+                    std::thread::sleep(d);
+                }
+            }
+            c = end;
+            if locked && (c - unrecorded >= RECORD_SECTORS || recorded_at.elapsed() >= RECORD_EVERY) {
+                self.record_merged(unrecorded, c)?;
+                (unrecorded, recorded_at) = (c, Instant::now());
+            }
+        }
+        if locked { self.record_merged(unrecorded, sectors) } else { Ok(()) }
+    }
+
+    pub(super) fn run_failover(self: &Arc<Self>, fail: bool) {
+        // A failover in the load window first learns whether the VM loaded the pending
+        // checkpoint (colo.rs); the merge then copies what is left to copy.
+        if lock(&self.colo).failover_deferred() {
+            self.await_load_decision();
+            self.measure_merge();
+        }
+        let started = Instant::now();
+        let journaled = if self.journal.is_open() {
+            Ok(())
+        } else {
+            // A deferred failover (the maps were only settled now) or a retry after the
+            // journal could not be written.
+            self.gate
+                .close(QUIESCE_TIMEOUT)
+                .ok_or_else(|| io::Error::other("quiesce timed out"))
+                .and_then(|_closed| self.begin_commit_journal())
+        };
+        let outcome = journaled.and_then(|()| self.merge_pass(true, fail)).and_then(|()| {
+            // Final pass with everything quiet, then switch the VM to the disk.
+            let closed = self.gate.close(QUIESCE_TIMEOUT).ok_or_else(|| io::Error::other("quiesce timed out"))?;
+            self.merge_pass(false, false)?;
+            self.file.sync_data()?;
+            self.state.write(DiskState::Clean).map_err(io::Error::other)?;
+            if let Err(e) = self.journal.remove() {
+                // The marker says clean: a stale journal is removed at the next start.
+                log::warn!("cannot remove the commit journal: {e}");
+            }
+            self.journaled.clear_all();
+            self.set_stage(Stage::Done);
+            *lock(&self.error) = None;
+            self.error_at.clear();
+            drop(closed);
+            Ok(())
+        });
+        self.merging.store(false, Ordering::Release);
+        self.merge_clock.stop();
+        match outcome {
+            Ok(()) => {
+                log::info!(
+                    "failover commit done: {} bytes merged in {} ms",
+                    self.merge_done.load(Ordering::Relaxed),
+                    started.elapsed().as_millis()
+                );
+                self.emit("REPLICATION_FAILOVER_DONE", json!({"mode": "secondary"}));
+                // Reclaim the buffers' space; their content is in the disk now.
+                let _ = self.reclaimer.empty(&self.active, &self.active_buf, self.size);
+                let _ = self.reclaimer.empty(&self.hidden, &self.hidden_buf, self.size);
+            }
+            Err(e) => {
+                self.set_stage(Stage::FailoverFailed);
+                self.set_error(format!("failover commit failed: {e}"));
+            }
+        }
+    }
+
+    pub(super) fn spawn_failover(self: &Arc<Self>, inject_commit_error: bool) -> Result<(), ReplicationError> {
+        let me = self.clone();
+        std::thread::Builder::new()
+            .name("failover-commit".into())
+            .spawn(move || me.run_failover(inject_commit_error))
+            .map(|_| ())
+            .map_err(|e| {
+                self.merging.store(false, Ordering::Release);
+                self.set_stage(Stage::FailoverFailed);
+                ReplicationError(format!("cannot start the failover commit: {e}"))
+            })
+    }
+
+    /// Sets the merge's progress total: active sectors, plus saved ones not overwritten in
+    /// active.
+    pub(super) fn measure_merge(&self) {
+        let sectors = self.size / SECTOR;
+        let hidden_only: u64 = self
+            .active_map
+            .runs(0, sectors)
+            .into_iter()
+            .filter(|&(_, _, in_active)| !in_active)
+            .map(|(a, b, _)| self.saved_map.count(a, b))
+            .sum();
+        let total = (self.active_map.count_all() + hidden_only) * SECTOR;
+        self.merge_total.store(total, Ordering::Relaxed);
+        self.merge_done.store(0, Ordering::Relaxed);
+    }
+
+    /// `replication-stop {"failover": true}` in stage failover-failed: run the merge again.
+    /// The maps are exact (the merge clears a range's bits only after copying it, and writes
+    /// in failover-failed keep buffered sectors in the active buffer), so a second pass
+    /// finishes what the first one left. Callers hold `ops`.
+    pub(super) fn retry_failover(self: &Arc<Self>, inject_commit_error: bool) -> Result<(), ReplicationError> {
+        log::warn!("retrying the failover commit");
+        self.merging.store(true, Ordering::Release);
+        self.merge_clock.start(self.merge_done.load(Ordering::Relaxed));
+        self.set_stage(Stage::Failover);
+        self.spawn_failover(inject_commit_error)
+    }
+}
