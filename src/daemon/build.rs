@@ -110,6 +110,9 @@ pub enum BuildError {
     /// The secondary's buffers do not have the disk's length.
     #[error("--active/--hidden: {0}")]
     BufferLengths(ReplicationError),
+    /// The disk's data-generation file cannot be read.
+    #[error("--disk: {0}")]
+    Generations(crate::replication::generation::GenerationError),
 }
 
 fn buffers_message(e: &BlockError) -> String {
@@ -400,6 +403,7 @@ pub fn build(config: Config) -> Result<Built, BuildError> {
                 // The mirror stays idle unless this secondary fails over and is told to
                 // protect itself again (continuous replication).
                 let m = Mirror::new(file, size, mirror_cfg);
+                m.set_generations(sec.generations());
                 mirror = Some(m.clone());
                 Arc::new(MirrorDevice { inner: Arc::new(SecondaryDevice(sec)), mirror: m })
             }
@@ -408,7 +412,12 @@ pub fn build(config: Config) -> Result<Built, BuildError> {
                     Ok(f) => f,
                     Err(e) => return undo.fail(BuildError::DiskFile(e)),
                 };
+                let gens = match crate::replication::generation::Generations::for_disk(&a.disk) {
+                    Ok(g) => g,
+                    Err(e) => return undo.fail(BuildError::Generations(e)),
+                };
                 let m = Mirror::new(file, disk.size(), mirror_cfg);
+                m.set_generations(Arc::new(gens));
                 mirror = Some(m.clone());
                 Arc::new(MirrorDevice { inner: Arc::new(disk), mirror: m })
             }

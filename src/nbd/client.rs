@@ -81,6 +81,9 @@ pub struct ExportInfo {
     /// The highest barrier number the server received so far (from its [`OPT_COLO`]
     /// acknowledgement; 0 when none or not said): later barriers must be numbered above it.
     pub colo_last_barrier: u64,
+    /// The server disk's data generation (0: unknown or not said) and whether the serving
+    /// process applied every write since it adopted it (see `replication/generation.rs`).
+    pub colo_generation: (u64, bool),
 }
 
 fn read_u16(d: &Deadline, s: &mut Stream) -> io::Result<u16> {
@@ -174,7 +177,7 @@ pub fn negotiate(
         }
         s = super::tls::connect(s, cfg, &host, d.at())?;
     }
-    let (colo, colo_last_barrier) = ask_colo(d, &mut s)?;
+    let (colo, colo_last_barrier, colo_generation) = ask_colo(d, &mut s)?;
     // OPT_GO: u32 name length, name, u16 number of info requests (none).
     let name = export.as_bytes();
     let mut data = Vec::with_capacity(6 + name.len());
@@ -190,7 +193,7 @@ pub fn negotiate(
             REP_INFO if payload.len() >= 12 && u16::from_be_bytes([payload[0], payload[1]]) == INFO_EXPORT => {
                 let size = u64::from_be_bytes(payload[2..10].try_into().unwrap_or_default());
                 let flags = u16::from_be_bytes([payload[10], payload[11]]);
-                info = Some(ExportInfo { size, flags, colo, colo_last_barrier });
+                info = Some(ExportInfo { size, flags, colo, colo_last_barrier, colo_generation });
             }
             REP_ERR_UNSUP => {
                 // An old server: fall back to EXPORT_NAME, which answers with size + flags.
@@ -201,7 +204,7 @@ pub fn negotiate(
                     let mut z = [0u8; 124];
                     d.read_exact(&mut s, &mut z)?;
                 }
-                info = Some(ExportInfo { size, flags, colo, colo_last_barrier });
+                info = Some(ExportInfo { size, flags, colo, colo_last_barrier, colo_generation });
                 break;
             }
             t if t & (1 << 31) != 0 => {
@@ -218,16 +221,21 @@ pub fn negotiate(
 }
 
 /// Asks for the colo-blk barrier extension; any error reply means a plain NBD server.
-/// Returns whether it was acknowledged and the last barrier number the acknowledgement
-/// carries (8 bytes, big-endian; absent: 0).
-fn ask_colo(d: &Deadline, s: &mut Stream) -> io::Result<(bool, u64)> {
+/// Returns whether it was acknowledged, the last barrier number the acknowledgement carries
+/// (8 bytes, big-endian; absent: 0) and the data generation with its flags (8 bytes + 1;
+/// absent: unknown).
+fn ask_colo(d: &Deadline, s: &mut Stream) -> io::Result<(bool, u64, (u64, bool))> {
     send_option(d, s, OPT_COLO, &[])?;
     let (opt, rtype, payload) = read_option_reply(d, s)?;
     if opt != OPT_COLO {
         return Err(bad(format!("reply to option {opt:#x} instead of the COLO option")));
     }
-    let last = payload.get(..8).map_or(0, |b| u64::from_be_bytes(b.try_into().unwrap_or_default()));
-    Ok((rtype == REP_ACK, if rtype == REP_ACK { last } else { 0 }))
+    if rtype != REP_ACK {
+        return Ok((false, 0, (0, false)));
+    }
+    let word = |at: usize| payload.get(at..at + 8).map_or(0, |b| u64::from_be_bytes(b.try_into().unwrap_or_default()));
+    let continuous = payload.get(16).is_some_and(|f| f & 1 != 0);
+    Ok((true, word(0), (word(8), continuous)))
 }
 
 /// Reads one option reply: (option, reply type, payload). A payload longer than

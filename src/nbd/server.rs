@@ -105,6 +105,16 @@ pub trait NbdExport: Send + Sync + 'static {
     fn barrier(&self, _seq: u64) -> io::Result<()> {
         Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP))
     }
+    /// The disk's data generation (0: unknown) and whether this process has applied every
+    /// write since it adopted it (no restart in between), told in the [`OPT_COLO`]
+    /// acknowledgement.
+    fn generation(&self) -> (u64, bool) {
+        (0, false)
+    }
+    /// Adopts data generation `g` (see [`CMD_COLO_ADOPT`]); runs like a barrier.
+    fn adopt_generation(&self, _g: u64) -> io::Result<()> {
+        Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP))
+    }
 }
 
 /// Where the server listens.
@@ -713,7 +723,12 @@ fn negotiate(s: &mut Stream, shared: &Shared, id: u64, d: &Deadline) -> io::Resu
             }
             OPT_COLO if export.colo_barriers() && data.is_empty() => {
                 colo = true;
-                d.write_all(s, &option_reply(opt, REP_ACK, &export.last_barrier().to_be_bytes()))?;
+                // Last barrier number, data generation, flags (bit 0: continuous).
+                let (generation, continuous) = export.generation();
+                let mut ack = export.last_barrier().to_be_bytes().to_vec();
+                ack.extend_from_slice(&generation.to_be_bytes());
+                ack.push(u8::from(continuous));
+                d.write_all(s, &option_reply(opt, REP_ACK, &ack))?;
             }
             OPT_STRUCTURED_REPLY if data.is_empty() => {
                 mode.structured = true;
@@ -973,10 +988,15 @@ impl Barriers {
             log::warn!("nbd: the client hung up before its checkpoint barrier {} ran: barrier dropped", req.offset);
             return Err(timed::peer_closed());
         }
-        let code = match self.shared.export.barrier(req.offset) {
+        let outcome = if req.cmd == CMD_COLO_ADOPT {
+            self.shared.export.adopt_generation(req.offset)
+        } else {
+            self.shared.export.barrier(req.offset)
+        };
+        let code = match outcome {
             Ok(()) => 0,
             Err(e) => {
-                log::warn!("nbd: checkpoint barrier {} failed: {e}", req.offset);
+                log::warn!("nbd: checkpoint barrier or generation {:#x} failed: {e}", req.offset);
                 self.shared.stats.errors.fetch_add(1, Ordering::Relaxed);
                 errno_to_nbd(&e)
             }
@@ -1051,7 +1071,7 @@ fn read_requests(
                     return Ok(false);
                 }
             }
-            CMD_COLO_BARRIER if barriers.is_some() && req.length == 0 && req.flags == 0 => {
+            CMD_COLO_BARRIER | CMD_COLO_ADOPT if barriers.is_some() && req.length == 0 && req.flags == 0 => {
                 if let Some(b) = barriers {
                     b.run(&req)?;
                 }

@@ -105,6 +105,11 @@ pub const CMD_BLOCK_STATUS: u16 = 7;
 /// is 0. The server flushes, records the barrier and answers; writes after it belong to the
 /// next checkpoint epoch.
 pub const CMD_COLO_BARRIER: u16 = 0x4342;
+/// colo-blk extension, only after [`OPT_COLO`] was acknowledged: the server's disk adopts the
+/// data generation in `offset` (`length` 0), in order with the connection's requests like
+/// [`CMD_COLO_BARRIER`]: every write sent before it is on the disk when the generation is
+/// recorded (durably) and answered. See `replication/generation.rs`.
+pub const CMD_COLO_ADOPT: u16 = 0x4341;
 
 /// Command flags.
 pub const CMD_FLAG_FUA: u16 = 1;

@@ -7,6 +7,7 @@
 
 pub mod continuous;
 pub mod gate;
+pub mod generation;
 pub mod pool;
 pub mod primary;
 pub mod progress;

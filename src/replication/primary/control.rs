@@ -23,7 +23,10 @@ impl ReplicationControl for MirrorControl {
             return Err(ReplicationError("no secondary given (--secondary or \"secondary\": URI)".into()));
         };
         m.disconnect();
-        m.connect(&uri).map_err(|e| ReplicationError(format!("cannot connect to the secondary {uri}: {e}")))?;
+        m.connect(&uri, args.sync).map_err(|e| match e {
+            ConnectError::SplitBrain(msg) => ReplicationError(msg),
+            ConnectError::Io(e) => ReplicationError(format!("cannot connect to the secondary {uri}: {e}")),
+        })?;
         match args.sync {
             SyncMode::None => m.dirty.clear_all(),
             SyncMode::Full => m.dirty.set(0, m.size / SECTOR),
@@ -71,6 +74,8 @@ impl ReplicationControl for MirrorControl {
         m.error_at.clear();
         m.resync_clock.stop();
         m.disconnect();
+        // Writes from now on are not tracked for the secondary.
+        m.diverge("replication stopped");
         Ok(())
     }
 
@@ -83,6 +88,7 @@ impl ReplicationControl for MirrorControl {
             "stage": m.stage().name(),
             "error": lock(&m.error).clone(),
             "error-time": m.error_at.json(),
+            "generation": m.generation_json(),
             "secondary": lock(&m.cfg).secondary.as_ref().map(|u| u.to_string()),
             "link": {
                 "connected": link.is_some(),

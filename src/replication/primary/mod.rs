@@ -31,7 +31,8 @@ use crate::io::iovecs_len;
 use crate::nbd::client::{self, NbdUri, Reply};
 use crate::nbd::server::Stream;
 use crate::nbd::wire::{
-    CMD_COLO_BARRIER, CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, CMD_FLUSH, CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES, Request,
+    CMD_COLO_ADOPT, CMD_COLO_BARRIER, CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, CMD_FLUSH, CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES,
+    Request,
 };
 
 const SECTOR: u64 = 512;
@@ -115,6 +116,11 @@ pub struct Mirror {
     stats: MirrorStats,
     resync_clock: JobClock,
     error_at: ErrorTime,
+    /// The disk's data generations (windows.rs).
+    gens: Mutex<Option<Arc<crate::replication::generation::Generations>>>,
+    windows: Mutex<windows::Windows>,
+    /// The split brain last reported (reported again only when it changes or after a link).
+    split_reported: Mutex<Option<String>>,
 }
 
 #[derive(Default)]
@@ -222,6 +228,9 @@ impl Mirror {
             next_handle: AtomicU64::new(1),
             barrier_number: AtomicU64::new(0),
             generation: AtomicU64::new(0),
+            gens: Mutex::new(None),
+            windows: Mutex::new(windows::Windows::default()),
+            split_reported: Mutex::new(None),
             events: Mutex::new(None),
             ops: Mutex::new(()),
             manager: AtomicBool::new(false),
@@ -276,7 +285,9 @@ impl Mirror {
         lock(&self.link).clone().filter(|l| !l.broken.load(Ordering::Acquire))
     }
 
-    fn connect(self: &Arc<Self>, uri: &NbdUri) -> io::Result<Arc<Link>> {
+    /// Connects to the secondary for `purpose` (`Incremental` for a reconnect): a colo-blk
+    /// secondary is first judged by its data generation (windows.rs).
+    fn connect(self: &Arc<Self>, uri: &NbdUri, purpose: SyncMode) -> Result<Arc<Link>, ConnectError> {
         let (timeout, tls) = {
             let c = lock(&self.cfg);
             (c.timeout, c.tls.clone())
@@ -284,11 +295,26 @@ impl Mirror {
         let (stream, info) = client::connect(uri, timeout, tls.as_ref())?;
         if info.size != self.size {
             stream.shutdown();
-            return Err(io::Error::new(
+            return Err(ConnectError::Io(io::Error::new(
                 io::ErrorKind::InvalidData,
                 format!("secondary export size {} differs from the local disk size {}", info.size, self.size),
-            ));
+            )));
         }
+        let mut window = None;
+        if let (true, Some(gens)) = (info.colo, self.generations()) {
+            match self.judge(&gens, info.colo_generation, purpose) {
+                Ok(windows) => {
+                    self.dirty_from(&windows);
+                    window = self.open_window()?;
+                }
+                Err(msg) => {
+                    stream.shutdown();
+                    self.split_brain(uri, &msg);
+                    return Err(ConnectError::SplitBrain(msg));
+                }
+            }
+        }
+        *lock(&self.split_reported) = None;
         let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
         let (tx, rx) = mpsc::channel::<(Request, Payload)>();
         let link = Arc::new(Link {
@@ -335,7 +361,27 @@ impl Mirror {
         log::info!("replication link to {uri} up (generation {generation})");
         self.emit("REPLICATION_LINK", json!({"connected": true, "secondary": uri.to_string()}));
         *lock(&self.link) = Some(link.clone());
+        // Writes sent from here on are in the new window already; the adopt runs after them.
+        if let Some(g) = window
+            && !self.send_adopt(g)
+        {
+            self.fail_link(&link, "the secondary did not record the data generation");
+            return Err(ConnectError::Io(io::Error::other("the secondary did not record the data generation")));
+        }
         Ok(link)
+    }
+
+    /// A connection refused as a split brain: the error, the event (once per distinct cause).
+    fn split_brain(&self, uri: &NbdUri, msg: &str) {
+        *lock(&self.error) = Some(msg.to_string());
+        self.error_at.mark();
+        let mut last = lock(&self.split_reported);
+        if last.as_deref() != Some(msg) {
+            *last = Some(msg.to_string());
+            drop(last);
+            log::error!("replication link to {uri} refused: {msg}");
+            self.emit("REPLICATION_SPLIT_BRAIN", json!({"secondary": uri.to_string(), "error": msg}));
+        }
     }
 
     fn on_reply(&self, link: &Link, r: Reply) {
@@ -407,6 +453,7 @@ impl Mirror {
         if self.running() {
             self.record_error(format!("{why} ({} requests pending)", pending.len()));
             self.emit("REPLICATION_LINK", json!({"connected": false, "reason": why}));
+            self.diverge("the link to the secondary was lost");
         }
         for p in pending {
             Self::wake(p.waiter, false);
@@ -427,7 +474,7 @@ impl Mirror {
         let Some(link) = self.current_link() else { return Err(waiter) };
         let handle = self.next_handle.fetch_add(1, Ordering::Relaxed);
         let sectors = match cmd {
-            CMD_FLUSH | CMD_COLO_BARRIER => (0, 0),
+            CMD_FLUSH | CMD_COLO_BARRIER | CMD_COLO_ADOPT => (0, 0),
             _ => (offset / SECTOR, (offset + u64::from(length)).div_ceil(SECTOR)),
         };
         {
@@ -437,6 +484,9 @@ impl Mirror {
                 return Err(waiter);
             }
             g.insert(handle, Pending { sectors, sent: Instant::now(), waiter });
+        }
+        if sectors.0 < sectors.1 {
+            self.note_sent(sectors.0, sectors.1);
         }
         let req = Request { flags, cmd, handle, offset, length };
         if link.tx.send((req, payload)).is_err() {
@@ -549,8 +599,15 @@ impl Mirror {
                     self.manager.store(false, Ordering::Release);
                     return;
                 };
-                match self.connect(&uri) {
+                match self.connect(&uri, SyncMode::Incremental) {
                     Ok(_) => backoff = BACKOFF_MIN,
+                    Err(e) if e.is_split_brain() => {
+                        // Needs the operator (sync=full, or the right secondary): keep the
+                        // link down and look again now and then.
+                        let g = lock(&self.stage);
+                        let _ = self.link_cv.wait_timeout(g, BACKOFF_MAX);
+                        continue;
+                    }
                     Err(e) => {
                         log::warn!("replication link: reconnect to {uri} failed: {e}; retrying in {backoff:?}");
                         let g = lock(&self.stage);
@@ -560,6 +617,7 @@ impl Mirror {
                     }
                 }
             }
+            self.maybe_rotate_window();
             // Link up: copy what the secondary missed.
             if let Some(run) = self.dirty.next_set_run(0, self.size / SECTOR) {
                 if in_sync_reported || !self.resync_clock.running() {
@@ -874,6 +932,9 @@ impl Mirror {
 mod control;
 mod device;
 mod sparse;
+mod windows;
+
+pub use windows::ConnectError;
 
 use crate::block::aligned::AlignedBuf;
 mod hook;

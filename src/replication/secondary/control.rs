@@ -89,6 +89,13 @@ impl ReplicationControl for SecondaryControl {
         // and are refused).
         let closed = s.quiesce()?;
         s.close_nbd();
+        if failover {
+            // From here the VM's writes reach the disk: its data leaves the primary's history.
+            s.adopted.store(0, Ordering::Release);
+            s.gens
+                .rotate("failover: the secondary VM's writes go to the disk")
+                .map_err(|e| ReplicationError(format!("cannot record the failover: {e}")))?;
+        }
         let deferred = match failover.then(|| s.defer_for_load()).flatten() {
             Some(seq) => {
                 log::warn!(
@@ -139,6 +146,7 @@ impl ReplicationControl for SecondaryControl {
             "last-checkpoint-us": s.last_checkpoint_us.load(Ordering::Relaxed),
             "colo": s.colo_query(),
             "disk-consistent": !s.unclean.load(Ordering::Acquire),
+            "generation": s.gens.json(),
             "state-file": s.state.path().display().to_string(),
             "commit": {
                 "active": s.merging.load(Ordering::Acquire),

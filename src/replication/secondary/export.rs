@@ -56,6 +56,14 @@ impl NbdExport for SecondaryExport {
         self.0.colo_last_barrier()
     }
 
+    fn generation(&self) -> (u64, bool) {
+        self.0.generation()
+    }
+
+    fn adopt_generation(&self, g: u64) -> io::Result<()> {
+        self.0.adopt_generation(g)
+    }
+
     fn admit(&self) -> Result<(), String> {
         match self.0.stage() {
             Stage::None | Stage::Running => Ok(()),

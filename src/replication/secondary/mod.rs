@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use super::gate::Gate;
+use super::generation::Generations;
 use super::pool::{DoneQueue, Pool, SendOp};
 use super::progress::{ErrorTime, JobClock};
 use super::{EventSink, Mode, ReplicationControl, ReplicationError, Stage, StartArgs};
@@ -118,6 +119,11 @@ pub struct Secondary {
     resume: AtomicBool,
     /// `--x-commit-delay-ms`.
     commit_delay: Mutex<Option<Duration>>,
+    /// The disk's data generation (shared with the mirror of a failed-over secondary).
+    gens: Arc<Generations>,
+    /// The generation this process adopted from a primary (0: none since it started, or
+    /// changed since by a failover): while it is the current one, every write since is here.
+    adopted: AtomicU64,
 }
 
 impl std::fmt::Debug for Secondary {
@@ -206,6 +212,7 @@ impl Secondary {
         let sectors = size / SECTOR;
         let state = StateFile::for_disk(disk.path());
         let journal = CommitJournal::for_disk(disk.path());
+        let gens = Arc::new(Generations::for_disk(disk.path()).map_err(|e| BlockError::Refused(e.to_string()))?);
         let mut resume = None;
         let unclean = match state.read().map_err(|e| BlockError::Refused(e.to_string()))? {
             DiskState::Clean => false,
@@ -296,6 +303,8 @@ impl Secondary {
             journaled: SectorBitmap::new(sectors),
             resume: AtomicBool::new(false),
             commit_delay: Mutex::new(None),
+            gens,
+            adopted: AtomicU64::new(0),
             pool: Pool::new(POOL_THREADS).map_err(|e| BlockError::Engine(IoEngineError::Setup(e)))?,
         });
         if let Some(records) = resume {
@@ -325,6 +334,29 @@ impl Secondary {
     /// Lets `x-inject-fault {"op": "barrier"}` rules act on this secondary's barriers.
     pub fn set_fault_plan(&self, plan: Arc<crate::block::fault::FaultPlan>) {
         *lock(&self.faults) = Some(plan);
+    }
+
+    /// The disk's data generations (a failed-over secondary's mirror uses the same).
+    pub fn generations(&self) -> Arc<Generations> {
+        self.gens.clone()
+    }
+
+    /// `CMD_COLO_ADOPT` from the primary: the disk now follows generation `g`.
+    pub(super) fn adopt_generation(&self, g: u64) -> io::Result<()> {
+        match self.stage() {
+            Stage::None | Stage::Running => {}
+            _ => return Err(io::Error::from_raw_os_error(libc::ESHUTDOWN)),
+        }
+        self.gens.adopt(g).map_err(io::Error::other)?;
+        self.adopted.store(g, Ordering::Release);
+        Ok(())
+    }
+
+    /// The generation told to a connecting primary, and whether this process has followed
+    /// it without a restart.
+    pub(super) fn generation(&self) -> (u64, bool) {
+        let current = self.gens.current();
+        (current, current != 0 && self.adopted.load(Ordering::Acquire) == current)
     }
 
     /// The current stage.

@@ -1,0 +1,224 @@
+//! Data generations on the primary: change windows, and the decision whether a secondary may
+//! be resynchronised incrementally (see `replication/generation.rs` for the rules of the
+//! generation file).
+//!
+//! A *change window* starts whenever the primary gives the secondary a new generation (at each
+//! connection it accepts, and every [`WINDOW_TIME`] while writes flow): the primary rotates its
+//! own generation, opens a window recording every range it sends to the secondary from then
+//! on, and sends `CMD_COLO_ADOPT` with the new generation, which the secondary records in order
+//! with the connection's writes. So a secondary disk that says generation G holds every write
+//! sent before G's window opened; what it may lack is the dirty bitmap plus the windows from
+//! G's on. The last [`WINDOWS`] windows are kept.
+//!
+//! On connect, with the secondary's generation `cs` and whether its process followed it
+//! without a restart (`continuous`):
+//! - `sync=full`: accepted (everything is copied);
+//! - `continuous` and `cs` is the last generation it acknowledged: accepted, the dirty bitmap
+//!   is all it lacks;
+//! - `cs` opened a kept window: accepted, the windows from it on are added to the bitmap (a
+//!   restarted secondary, or one restored from a copy taken within them);
+//! - `sync=none` (the operator says the disks are identical) and `cs` is in this disk's
+//!   history, or unknown (a fresh disk): accepted;
+//! - otherwise refused as a split brain: `cs` in the history but older than the windows (an
+//!   old copy), not in it (the secondary served a VM after a failover, or followed another
+//!   primary), or unknown on a reconnect or `sync=incremental`.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::*;
+use crate::replication::generation::{Generations, show};
+
+/// How long a change window stays open while writes flow.
+pub(super) const WINDOW_TIME: Duration = Duration::from_secs(30);
+/// Change windows kept.
+pub(super) const WINDOWS: usize = 4;
+
+/// One change window: the generation the secondary was given when it opened, and every range
+/// sent to the secondary since.
+pub(super) struct Window {
+    generation: u64,
+    opened: Instant,
+    written: SectorBitmap,
+}
+
+/// The windows, oldest first, and the last generation the secondary acknowledged.
+#[derive(Default)]
+pub(super) struct Windows {
+    list: VecDeque<Arc<Window>>,
+    acked: u64,
+}
+
+/// Why a connection was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The secondary's data is not a state this primary can bring up to date incrementally.
+    #[error("{0}")]
+    SplitBrain(String),
+    /// Anything else (network, negotiation, size).
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+impl ConnectError {
+    /// Whether an automatic reconnect can help (a split brain needs the operator).
+    pub fn is_split_brain(&self) -> bool {
+        matches!(self, ConnectError::SplitBrain(_))
+    }
+}
+
+impl Mirror {
+    /// The disk's generation file (the daemon sets it for a disk that replicates).
+    pub fn set_generations(&self, gens: Arc<Generations>) {
+        *lock(&self.gens) = Some(gens);
+    }
+
+    pub(super) fn generations(&self) -> Option<Arc<Generations>> {
+        lock(&self.gens).clone()
+    }
+
+    /// Decides whether a colo-blk secondary whose disk is at generation `cs` may be brought
+    /// up to date for `purpose` (module comment); `Ok` carries the windows to add to the
+    /// bitmap.
+    pub(super) fn judge(
+        &self,
+        gens: &Generations,
+        (cs, continuous): (u64, bool),
+        purpose: SyncMode,
+    ) -> Result<Vec<Arc<Window>>, String> {
+        if purpose == SyncMode::Full {
+            return Ok(Vec::new());
+        }
+        let w = lock(&self.windows);
+        if continuous && cs != 0 && cs == w.acked {
+            return Ok(Vec::new());
+        }
+        if let Some(i) = w.list.iter().position(|win| win.generation == cs && cs != 0) {
+            return Ok(w.list.iter().skip(i).cloned().collect());
+        }
+        drop(w);
+        let full = "replication-start mode=primary sync=full copies the whole disk over it";
+        if cs == 0 {
+            return if purpose == SyncMode::None {
+                Ok(Vec::new())
+            } else {
+                Err(format!(
+                    "split brain: the secondary's disk has no data generation (a fresh disk, or not the disk \
+                     this primary replicated to), so what it lacks is unknown; {full}"
+                ))
+            };
+        }
+        if gens.knows(cs) {
+            if purpose == SyncMode::None {
+                return Ok(Vec::new());
+            }
+            return Err(format!(
+                "split brain: the secondary's disk is an older state of this disk (generation {}) than \
+                 this primary's change log reaches back to (a copy restored from earlier, or a primary \
+                 restarted since); {full}",
+                show(cs)
+            ));
+        }
+        Err(format!(
+            "split brain: the secondary's disk has a history of its own (generation {} is not in this \
+             disk's history: it served a VM after a failover, or followed another primary); {full}",
+            show(cs)
+        ))
+    }
+
+    /// Opens a change window: a fresh generation, recorded from now on, to be adopted by the
+    /// secondary. Returns it, or None without a generation file.
+    pub(super) fn open_window(&self) -> io::Result<Option<u64>> {
+        let Some(gens) = self.generations() else { return Ok(None) };
+        let g = gens.rotate("new change window").map_err(io::Error::other)?;
+        let mut w = lock(&self.windows);
+        w.list.push_back(Arc::new(Window {
+            generation: g,
+            opened: Instant::now(),
+            written: SectorBitmap::new(self.size / SECTOR),
+        }));
+        while w.list.len() > WINDOWS {
+            w.list.pop_front();
+        }
+        Ok(Some(g))
+    }
+
+    /// The secondary acknowledged generation `g`.
+    pub(super) fn window_acked(&self, g: u64) {
+        lock(&self.windows).acked = g;
+    }
+
+    /// A range sent to the secondary (guest write or resync copy) goes into the open window.
+    pub(super) fn note_sent(&self, s0: u64, s1: u64) {
+        if let Some(w) = lock(&self.windows).list.back() {
+            w.written.set(s0, s1);
+        }
+    }
+
+    /// Whether the open window is older than [`WINDOW_TIME`] and has writes.
+    pub(super) fn window_due(&self) -> bool {
+        lock(&self.windows).list.back().is_some_and(|w| w.opened.elapsed() >= WINDOW_TIME && !w.written.is_clear())
+    }
+
+    /// Adds `windows`' ranges to the dirty bitmap.
+    pub(super) fn dirty_from(&self, windows: &[Arc<Window>]) {
+        let sectors = self.size / SECTOR;
+        for w in windows {
+            let mut s = 0;
+            while let Some((a, b)) = w.written.next_set_run(s, sectors) {
+                self.dirty.set(a, b);
+                s = b;
+            }
+        }
+    }
+
+    /// The primary runs without its secondary from here (link lost, replication stopped):
+    /// its data leaves the secondary's generation.
+    pub(super) fn diverge(&self, why: &str) {
+        if let Some(gens) = self.generations()
+            && let Err(e) = gens.rotate(why)
+        {
+            log::error!("cannot record a new data generation: {e}");
+        }
+    }
+
+    /// Sends the generation of a newly opened window and waits for the secondary to record it.
+    pub(super) fn send_adopt(&self, g: u64) -> bool {
+        let ok = self.send_and_wait(CMD_COLO_ADOPT, g, 0, Payload::default());
+        if ok {
+            self.window_acked(g);
+        }
+        ok
+    }
+
+    /// Opens a new window if the open one is due (called by the link manager).
+    pub(super) fn maybe_rotate_window(&self) {
+        if !self.current_link().is_some_and(|l| l.colo) || !self.window_due() {
+            return;
+        }
+        match self.open_window() {
+            Ok(Some(g)) => {
+                if !self.send_adopt(g) {
+                    log::warn!("the secondary did not record data generation {}", show(g));
+                }
+            }
+            Ok(None) => {}
+            Err(e) => log::error!("cannot open a change window: {e}"),
+        }
+    }
+
+    /// `query-replication`'s `generation` object.
+    pub(super) fn generation_json(&self) -> Value {
+        let w = lock(&self.windows);
+        match self.generations() {
+            Some(g) => {
+                let mut v = g.json();
+                v["windows"] = json!(w.list.len());
+                v["secondary"] = json!(show(w.acked));
+                v
+            }
+            None => Value::Null,
+        }
+    }
+}
