@@ -13,7 +13,7 @@
 //!   and for every change window it opens.
 //!
 //! On connect a primary compares the secondary's generation with its own history
-//! (`primary/generations.rs` decides).
+//! (`primary/windows.rs` decides).
 
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
