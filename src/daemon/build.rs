@@ -113,6 +113,9 @@ pub enum BuildError {
     /// The disk's data-generation file cannot be read.
     #[error("--disk: {0}")]
     Generations(crate::replication::generation::GenerationError),
+    /// The primary's activity log cannot be opened.
+    #[error("--disk: {0}")]
+    ActivityLog(crate::replication::primary::ActivityError),
 }
 
 fn buffers_message(e: &BlockError) -> String {
@@ -416,8 +419,13 @@ pub fn build(config: Config) -> Result<Built, BuildError> {
                     Ok(g) => g,
                     Err(e) => return undo.fail(BuildError::Generations(e)),
                 };
+                let (al, recovered) = match crate::replication::primary::ActivityLog::open(&a.disk, disk.size()) {
+                    Ok(x) => x,
+                    Err(e) => return undo.fail(BuildError::ActivityLog(e)),
+                };
                 let m = Mirror::new(file, disk.size(), mirror_cfg);
                 m.set_generations(Arc::new(gens));
+                m.set_activity_log(al, recovered);
                 mirror = Some(m.clone());
                 Arc::new(MirrorDevice { inner: Arc::new(disk), mirror: m })
             }

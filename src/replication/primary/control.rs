@@ -28,8 +28,14 @@ impl ReplicationControl for MirrorControl {
             ConnectError::Io(e) => ReplicationError(format!("cannot connect to the secondary {uri}: {e}")),
         })?;
         match args.sync {
-            SyncMode::None => m.dirty.clear_all(),
-            SyncMode::Full => m.dirty.set(0, m.size / SECTOR),
+            SyncMode::None => {
+                m.dirty.clear_all();
+                m.activity_in_sync();
+            }
+            SyncMode::Full => {
+                m.dirty.set(0, m.size / SECTOR);
+                m.activity_all_dirty();
+            }
             SyncMode::Incremental => {}
         }
         m.stats.resync_total.store(m.dirty.count_all() * SECTOR, Ordering::Relaxed);
@@ -76,6 +82,7 @@ impl ReplicationControl for MirrorControl {
         m.disconnect();
         // Writes from now on are not tracked for the secondary.
         m.diverge("replication stopped");
+        m.forget_windows();
         Ok(())
     }
 
@@ -89,6 +96,7 @@ impl ReplicationControl for MirrorControl {
             "error": lock(&m.error).clone(),
             "error-time": m.error_at.json(),
             "generation": m.generation_json(),
+            "activity-log": m.activity_json(),
             "secondary": lock(&m.cfg).secondary.as_ref().map(|u| u.to_string()),
             "link": {
                 "connected": link.is_some(),

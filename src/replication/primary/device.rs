@@ -98,6 +98,9 @@ impl MirrorQueue {
         j.remaining -= 1;
         if j.remaining == 0 {
             if let Some(j) = self.joins[idx].take() {
+                if let Some((off, len)) = j.range {
+                    self.mirror.activity_end(off / SECTOR, (off + len).div_ceil(SECTOR));
+                }
                 out.push(Completion { token: j.token, result: j.result });
             }
             self.free.push(idx);
@@ -130,6 +133,11 @@ impl BlockQueue for MirrorQueue {
             _ => None,
         };
         let data = copy.as_ref().map(|(d, _)| d.clone());
+        // The extents are in the activity log before anything is written (a restart after a
+        // crash copies them).
+        if let Some((off, len)) = range {
+            self.mirror.activity_begin(off / SECTOR, (off + len).div_ceil(SECTOR));
+        }
         let join = Join { token, remaining: 2, result: 0, range, since: self.mirror.now(), copy };
         let idx = match self.free.pop() {
             Some(i) => {
@@ -154,6 +162,9 @@ impl BlockQueue for MirrorQueue {
         if let Err(e) = unsafe { self.inner.push(&local, itoken) } {
             self.joins[idx] = None;
             self.free.push(idx);
+            if let Some((off, len)) = range {
+                self.mirror.activity_end(off / SECTOR, (off + len).div_ceil(SECTOR));
+            }
             return Err(e);
         }
         self.mirror.forward(op, data, itoken, &self.done);

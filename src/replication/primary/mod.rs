@@ -121,6 +121,8 @@ pub struct Mirror {
     windows: Mutex<windows::Windows>,
     /// The split brain last reported (reported again only when it changes or after a link).
     split_reported: Mutex<Option<String>>,
+    /// The activity log (activity.rs), for a disk that has one.
+    activity: std::sync::OnceLock<activity::ActivityLog>,
 }
 
 #[derive(Default)]
@@ -231,6 +233,7 @@ impl Mirror {
             gens: Mutex::new(None),
             windows: Mutex::new(windows::Windows::default()),
             split_reported: Mutex::new(None),
+            activity: std::sync::OnceLock::new(),
             events: Mutex::new(None),
             ops: Mutex::new(()),
             manager: AtomicBool::new(false),
@@ -635,6 +638,9 @@ impl Mirror {
                 backoff = BACKOFF_MIN;
             } else if !in_sync_reported {
                 in_sync_reported = true;
+                if let Some(al) = self.activity.get() {
+                    al.in_sync();
+                }
                 self.resync_clock.stop();
                 log::info!(
                     "secondary in sync ({} bytes copied so far)",
@@ -929,10 +935,13 @@ impl Mirror {
     }
 }
 
+mod activity;
 mod control;
 mod device;
 mod sparse;
 mod windows;
+
+pub use activity::{ActivityError, ActivityLog, Recovered};
 
 pub use windows::ConnectError;
 

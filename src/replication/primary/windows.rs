@@ -147,6 +147,17 @@ impl Mirror {
     /// The secondary acknowledged generation `g`.
     pub(super) fn window_acked(&self, g: u64) {
         lock(&self.windows).acked = g;
+        self.activity_acked(g);
+    }
+
+    /// Replication stopped: writes are no longer tracked, so no window or acknowledged
+    /// generation vouches for the secondary any more.
+    pub(super) fn forget_windows(&self) {
+        let mut w = lock(&self.windows);
+        w.list.clear();
+        w.acked = 0;
+        drop(w);
+        self.activity_acked(0);
     }
 
     /// A range sent to the secondary (guest write or resync copy) goes into the open window.
