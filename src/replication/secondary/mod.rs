@@ -343,6 +343,9 @@ impl Secondary {
 
     /// `CMD_COLO_ADOPT` from the primary: the disk now follows generation `g`.
     pub(super) fn adopt_generation(&self, g: u64) -> io::Result<()> {
+        if g == 0 {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
         match self.stage() {
             Stage::None | Stage::Running => {}
             _ => return Err(io::Error::from_raw_os_error(libc::ESHUTDOWN)),
