@@ -8,8 +8,12 @@
 //! a stream of overlapping readers (the secondary VM) cannot starve a writer (the primary's
 //! copy-before-write, whose delay would cut the replication link). A waiter only ever waits
 //! for holders and for earlier waiters, so no cycle can form.
+//!
+//! Waking: a release hands ranges to the waiters that can proceed now, in arrival order, and
+//! wakes exactly those (each waiter sleeps on its own condition variable), so a release does
+//! not wake every waiter to re-check the table.
 
-use std::sync::{Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
 #[derive(Debug, Clone, Copy)]
 struct Held {
@@ -23,21 +27,54 @@ impl Held {
     fn overlaps(&self, start: u64, end: u64) -> bool {
         self.start < end && start < self.end
     }
+
+    fn conflicts(&self, other: &Held) -> bool {
+        self.overlaps(other.start, other.end) && (self.exclusive || other.exclusive)
+    }
+}
+
+/// A request waiting for its range, with the condition variable only it waits on.
+#[derive(Debug)]
+struct Waiting {
+    req: Held,
+    wake: Arc<Condvar>,
 }
 
 #[derive(Debug, Default)]
 struct Table {
     next: u64,
     held: Vec<Held>,
-    /// Requests waiting, in arrival order (ids increase).
-    waiting: Vec<Held>,
+    /// Requests waiting, in arrival order.
+    waiting: Vec<Waiting>,
+}
+
+impl Table {
+    /// Whether `req` may be granted: no held range and no earlier waiter conflicts with it
+    /// (`earlier`: the waiters ahead of it).
+    fn grantable(&self, req: &Held, earlier: &[Waiting]) -> bool {
+        !self.held.iter().any(|h| h.conflicts(req)) && !earlier.iter().any(|w| w.req.conflicts(req))
+    }
+
+    /// Hands the range to every waiter that can proceed now, in arrival order, and wakes only
+    /// those.
+    fn grant(&mut self) {
+        let mut i = 0;
+        while i < self.waiting.len() {
+            if self.grantable(&self.waiting[i].req, &self.waiting[..i]) {
+                let w = self.waiting.remove(i);
+                self.held.push(w.req);
+                w.wake.notify_one();
+            } else {
+                i += 1;
+            }
+        }
+    }
 }
 
 /// The lock table.
 #[derive(Debug, Default)]
 pub struct RangeLock {
     table: Mutex<Table>,
-    cv: Condvar,
 }
 
 /// A held range; released on drop.
@@ -48,36 +85,30 @@ pub struct RangeGuard<'a> {
 }
 
 impl RangeLock {
+    fn table(&self) -> std::sync::MutexGuard<'_, Table> {
+        self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn acquire(&self, start: u64, end: u64, exclusive: bool) -> RangeGuard<'_> {
-        let mut g = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        let mut g = self.table();
         g.next += 1;
         let me = Held { id: g.next, start, end, exclusive };
-        let mut queued = false;
-        loop {
-            let busy = g.held.iter().any(|h| h.overlaps(start, end) && (exclusive || h.exclusive));
-            let behind = g
-                .waiting
-                .iter()
-                .take_while(|w| w.id < me.id)
-                .any(|w| w.overlaps(start, end) && (exclusive || w.exclusive));
-            if !busy && !behind {
-                if queued {
-                    g.waiting.retain(|w| w.id != me.id);
-                }
-                g.held.push(me);
-                return RangeGuard { lock: self, id: me.id };
-            }
-            if !queued {
-                g.waiting.push(me);
-                queued = true;
-            }
-            g = self.cv.wait(g).unwrap_or_else(|e| e.into_inner());
+        if g.grantable(&me, &g.waiting) {
+            g.held.push(me);
+            return RangeGuard { lock: self, id: me.id };
         }
+        // Queue up; a release hands the range over (`Table::grant`) and wakes this waiter only.
+        let wake = Arc::new(Condvar::new());
+        g.waiting.push(Waiting { req: me, wake: wake.clone() });
+        while !g.held.iter().any(|h| h.id == me.id) {
+            g = wake.wait(g).unwrap_or_else(|e| e.into_inner());
+        }
+        RangeGuard { lock: self, id: me.id }
     }
 
     #[cfg(test)]
     fn waiters(&self) -> usize {
-        self.table.lock().unwrap_or_else(|e| e.into_inner()).waiting.len()
+        self.table().waiting.len()
     }
 
     /// Locks [start, end) shared.
@@ -93,10 +124,9 @@ impl RangeLock {
 
 impl Drop for RangeGuard<'_> {
     fn drop(&mut self) {
-        let mut g = self.lock.table.lock().unwrap_or_else(|e| e.into_inner());
+        let mut g = self.lock.table();
         g.held.retain(|h| h.id != self.id);
-        drop(g);
-        self.lock.cv.notify_all();
+        g.grant();
     }
 }
 
@@ -154,6 +184,34 @@ mod tests {
         writer.join().unwrap();
         late_reader.join().unwrap();
         assert_eq!(*order.lock().unwrap(), ["writer", "late reader"]);
+    }
+
+    /// A release grants the waiters that can proceed, in order, and leaves the others
+    /// queued: a later disjoint waiter is not held back by an earlier blocked one.
+    #[test]
+    fn release_grants_only_waiters_that_can_proceed() {
+        let l = Arc::new(RangeLock::default());
+        let a = l.exclusive(0, 10);
+        let b = l.exclusive(20, 30);
+        let spawn = |s: u64, e: u64, x: bool| {
+            let l = l.clone();
+            std::thread::spawn(move || drop(if x { l.exclusive(s, e) } else { l.shared(s, e) }))
+        };
+        let w1 = spawn(5, 25, true); // needs both
+        wait_for(|| l.waiters() == 1);
+        let w2 = spawn(0, 8, false); // needs a, and queues behind w1 (overlaps it)
+        wait_for(|| l.waiters() == 2);
+        let w3 = spawn(40, 50, false); // free: granted at once
+        w3.join().unwrap();
+        assert_eq!(l.waiters(), 2);
+        // The release decides in the releasing thread: when drop returns, the table is final.
+        drop(a);
+        // w1 still waits for b; w2 overlaps w1, so it stays queued behind it.
+        assert_eq!(l.waiters(), 2);
+        drop(b);
+        w1.join().unwrap();
+        w2.join().unwrap();
+        assert_eq!(l.waiters(), 0);
     }
 
     /// Polls a lock-table condition (there is no event for "a thread is now waiting").
