@@ -21,27 +21,30 @@ use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use vhost::vhost_user::message::{FrontendReq, VhostUserHeaderFlag, VhostUserProtocolFeatures};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use super::inflight::InflightRegion;
 use super::ratelimit::LogLimit;
 
-const GET_FEATURES: u32 = 1;
-const SET_MEM_TABLE: u32 = 5;
-const SET_LOG_BASE: u32 = 6;
-const SET_VRING_KICK: u32 = 12;
-const SET_VRING_CALL: u32 = 13;
-const SET_VRING_ERR: u32 = 14;
-const ADD_MEM_REG: u32 = 37;
-const GET_PROTOCOL_FEATURES: u32 = 15;
-const SET_PROTOCOL_FEATURES: u32 = 16;
-const GET_INFLIGHT_FD: u32 = 31;
-const SET_INFLIGHT_FD: u32 = 32;
-const F_INFLIGHT_SHMFD: u64 = 1 << 12;
-const F_REPLY_ACK: u64 = 1 << 3;
+// Message numbers and flags as the vhost crate defines them.
+const GET_FEATURES: u32 = FrontendReq::GET_FEATURES as u32;
+const SET_MEM_TABLE: u32 = FrontendReq::SET_MEM_TABLE as u32;
+const SET_LOG_BASE: u32 = FrontendReq::SET_LOG_BASE as u32;
+const SET_VRING_KICK: u32 = FrontendReq::SET_VRING_KICK as u32;
+const SET_VRING_CALL: u32 = FrontendReq::SET_VRING_CALL as u32;
+const SET_VRING_ERR: u32 = FrontendReq::SET_VRING_ERR as u32;
+const ADD_MEM_REG: u32 = FrontendReq::ADD_MEM_REG as u32;
+const GET_PROTOCOL_FEATURES: u32 = FrontendReq::GET_PROTOCOL_FEATURES as u32;
+const SET_PROTOCOL_FEATURES: u32 = FrontendReq::SET_PROTOCOL_FEATURES as u32;
+const GET_INFLIGHT_FD: u32 = FrontendReq::GET_INFLIGHT_FD as u32;
+const SET_INFLIGHT_FD: u32 = FrontendReq::SET_INFLIGHT_FD as u32;
+const F_INFLIGHT_SHMFD: u64 = VhostUserProtocolFeatures::INFLIGHT_SHMFD.bits();
+const F_REPLY_ACK: u64 = VhostUserProtocolFeatures::REPLY_ACK.bits();
+/// The protocol version carried in the header's low bits (the crate's `VERSION` is the mask).
 const HDR_VERSION: u32 = 0x1;
-const HDR_REPLY: u32 = 0x4;
-const HDR_NEED_REPLY: u32 = 0x8;
+const HDR_REPLY: u32 = VhostUserHeaderFlag::REPLY.bits();
+const HDR_NEED_REPLY: u32 = VhostUserHeaderFlag::NEED_REPLY.bits();
 /// A frontend that leaves answers unread this long (its socket buffer full) is dropped.
 const FRONTEND_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The handler may sit in `stop_vring` for the drain timeout before reading again.
