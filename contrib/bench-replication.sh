@@ -585,6 +585,9 @@ phase_replication() { # IMPL REP
         vm - "$impl" "$rep" write 1M 8 1 2 $((256 << 20)) || true
         vm vm-4k-randread-active256 "$impl" "$rep" randread 4K 32 2 "$runtime" || true
         alive "$impl secondary"
+        # Stop replication first (drop the buffers), so colo-blk leaves its disk marked
+        # clean rather than "stopped while replicating".
+        [[ $impl == colo ]] && { qmp "$cur_qmp" '{"execute":"replication-stop","arguments":{"failover":false}}' >/dev/null 2>&1 || problem "colo: replication-stop failed"; }
         stop_cur "$impl secondary"
         sync
         return 0
@@ -630,6 +633,9 @@ phase_replication() { # IMPL REP
     done
     if ((ckpt_only)); then
         alive "$impl secondary"
+        # Stop replication first (drop the buffers), so colo-blk leaves its disk marked
+        # clean rather than "stopped while replicating".
+        [[ $impl == colo ]] && { qmp "$cur_qmp" '{"execute":"replication-stop","arguments":{"failover":false}}' >/dev/null 2>&1 || problem "colo: replication-stop failed"; }
         stop_cur "$impl secondary"
         sync
         return 0
