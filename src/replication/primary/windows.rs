@@ -37,6 +37,7 @@ pub(super) const WINDOWS: usize = 4;
 
 /// One change window: the generation the secondary was given when it opened, and every range
 /// sent to the secondary since.
+#[derive(Debug)]
 pub(super) struct Window {
     generation: u64,
     opened: Instant,
@@ -231,5 +232,64 @@ impl Mirror {
             }
             None => Value::Null,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mirror(dir: &std::path::Path) -> (Arc<Mirror>, Arc<Generations>) {
+        let f = tempfile::tempfile().unwrap();
+        f.set_len(1 << 20).unwrap();
+        let cfg = MirrorConfig { secondary: None, timeout: Duration::from_secs(1), tls: None };
+        let m = Mirror::new(Arc::new(f), 1 << 20, cfg);
+        let gens = Arc::new(Generations::for_disk(&dir.join("d.img")).unwrap());
+        m.set_generations(gens.clone());
+        (m, gens)
+    }
+
+    /// The decision table of the module comment.
+    #[test]
+    fn judge_accepts_earlier_states_and_refuses_diverged_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let (m, gens) = mirror(dir.path());
+        let old = gens.rotate("test").unwrap();
+        let w1 = m.open_window().unwrap().unwrap();
+        m.note_sent(0, 8);
+        m.window_acked(w1);
+        let w2 = m.open_window().unwrap().unwrap();
+        m.note_sent(100, 108);
+        use SyncMode::*;
+        let ok = |r: Result<Vec<Arc<Window>>, String>| r.map(|w| w.len()).map_err(|e| e[..12].to_string());
+        // Full: always.
+        assert_eq!(ok(m.judge(&gens, (12345, false), Full)), Ok(0));
+        // The live secondary at the acknowledged generation: the bitmap is enough.
+        assert_eq!(ok(m.judge(&gens, (w1, true), Incremental)), Ok(0));
+        // Restarted at w1 or w2: the windows from there on.
+        assert_eq!(ok(m.judge(&gens, (w1, false), Incremental)), Ok(2));
+        assert_eq!(ok(m.judge(&gens, (w2, true), Incremental)), Ok(1));
+        // Older than the windows: refused, unless the operator says the disks are identical.
+        let older = m.judge(&gens, (old, false), Incremental).unwrap_err();
+        assert!(older.starts_with("split brain:") && older.contains("older state"), "{older}");
+        assert_eq!(ok(m.judge(&gens, (old, false), None)), Ok(0));
+        // Another history: refused for none and incremental.
+        for p in [None, Incremental] {
+            let e = m.judge(&gens, (0xdead, false), p).unwrap_err();
+            assert!(e.contains("history of its own"), "{e}");
+        }
+        // Unknown: only a start that says the disks are identical.
+        assert_eq!(ok(m.judge(&gens, (0, false), None)), Ok(0));
+        assert!(m.judge(&gens, (0, false), Incremental).unwrap_err().contains("no data generation"));
+        // Windows hold what was sent; the oldest ones fall out.
+        m.dirty_from(&m.judge(&gens, (w1, false), Incremental).unwrap());
+        assert!(m.dirty.any(0, 8) && m.dirty.any(100, 108));
+        for _ in 0..WINDOWS {
+            m.open_window().unwrap();
+        }
+        assert!(m.judge(&gens, (w1, false), Incremental).unwrap_err().contains("older state"));
+        // Stopping forgets the acknowledged generation.
+        m.forget_windows();
+        assert!(m.judge(&gens, (w1, true), Incremental).is_err());
     }
 }
