@@ -196,3 +196,32 @@ fn a_secondary_restored_from_an_old_copy_is_resynced_or_refused() {
     assert!(q["error"].as_str().unwrap().contains("older state"), "{q}");
     assert_eq!(query(&sec)["nbd"]["writes"], 0, "the refused primary wrote");
 }
+
+/// A secondary re-protected from another primary (that one copied its disk with `sync=full`)
+/// is no longer an earlier state of the first primary: its incremental restart is refused.
+#[test]
+fn a_secondary_re_protected_from_another_primary_is_refused_by_the_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sec, sdisk, nbd) = colo_secondary(dir.path(), "16M", None);
+    qmp(&sec, "replication-start", json!({"mode": "secondary"})).unwrap();
+    let (p1, _p1disk) = start_pri(dir.path(), &nbd);
+    qmp(&p1, "replication-start", json!({"mode": "primary"})).unwrap();
+    let mut c = Client::connect(&p1.socket, 1, false);
+    write(&mut c, 0, 1);
+    wait_until("in sync with the first primary", || synced(&p1));
+    qmp(&p1, "replication-stop", json!({"failover": false})).unwrap();
+    // Another primary, another disk, takes the secondary over with a full copy.
+    let other = dir.path().join("other");
+    std::fs::create_dir(&other).unwrap();
+    let (p2, p2disk) = start_pri(&other, &nbd);
+    let mut c2 = Client::connect(&p2.socket, 1, false);
+    write(&mut c2, 65536, 2);
+    qmp(&p2, "replication-start", json!({"mode": "primary", "sync": "full"})).unwrap();
+    wait_until("in sync with the second primary", || synced(&p2));
+    qmp(&p2, "replication-stop", json!({"failover": false})).unwrap();
+    same(&p2disk, &sdisk);
+    // The first primary comes back incrementally: refused, the secondary keeps p2's data.
+    let e = qmp(&p1, "replication-start", json!({"mode": "primary", "sync": "incremental"})).unwrap_err();
+    assert!(e.starts_with("split brain:") && e.contains("history of its own"), "{e}");
+    same(&p2disk, &sdisk);
+}
