@@ -101,6 +101,8 @@ struct Slot {
     used_len: u32,
     bytes: u64,
     started: Option<Instant>,
+    /// The worker's request number (see [`QueueWorker::busy_before`]).
+    seq: u64,
     mem: Option<Arc<Mem>>,
     scratch: Scratch,
 }
@@ -143,6 +145,8 @@ pub struct QueueWorker {
     inflight: Option<Arc<InflightRegion>>,
     /// Orders pops in the inflight region.
     inflight_counter: u64,
+    /// The number the next validated request gets.
+    next_seq: u64,
     /// Set when the ring itself is unusable (virtio 1.2 §2.1.2: the device stops using a
     /// queue it found in an inconsistent state); cleared when the frontend stops the ring
     /// (GET_VRING_BASE) or resets the device, and a new connection starts afresh.
@@ -229,6 +233,7 @@ impl QueueWorker {
             finished: 0,
             inflight: None,
             inflight_counter: 1,
+            next_seq: 0,
             broken: false,
             poll_window: Duration::ZERO,
             idle_since: None,
@@ -241,6 +246,16 @@ impl QueueWorker {
     /// The block queue's completion notifier, to register on this worker's epoll.
     pub fn notifier(&self) -> Option<std::os::fd::RawFd> {
         self.io.notifier()
+    }
+
+    /// The number the next request started will get.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// True while a request numbered below `mark` still has I/O in flight.
+    pub fn busy_before(&self, mark: u64) -> bool {
+        self.slots.iter().any(|s| s.busy && s.seq < mark)
     }
 
     /// True once the ring was found inconsistent and the worker stopped using it.
@@ -494,6 +509,8 @@ impl QueueWorker {
         slot.used_len = 1;
         slot.bytes = req.data_len;
         slot.started = Some(Instant::now());
+        slot.seq = self.next_seq;
+        self.next_seq += 1;
         slot.mem = Some(mem.clone());
         self.drain.begin();
         self.submit_request(head, &req, mem);
