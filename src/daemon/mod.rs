@@ -414,7 +414,7 @@ impl Daemon {
             }
         }
         let block = u64::from(self.cfg.device.block_size);
-        if size % block != 0 {
+        if !size.is_multiple_of(block) {
             return Err(QmpError::Generic(format!(
                 "Parameter 'size' must be a multiple of the logical block size {block}, not {size}"
             )));

@@ -250,7 +250,7 @@ fn parse_block_resize(args: &Map<String, Value>) -> Result<Command, QmpError> {
             .as_u64()
             .ok_or_else(|| QmpError::Generic("Invalid parameter type for 'size', expected: integer".into()))?,
     };
-    if size % 512 != 0 {
+    if !size.is_multiple_of(512) {
         return Err(QmpError::Generic(format!("Parameter 'size' must be a multiple of 512 bytes, not {size}")));
     }
     if size > MAX_RESIZE {
