@@ -201,3 +201,32 @@ fn refused_while_replication_runs_in_replication_roles_and_read_only() {
     assert!(e.contains("read-only"), "{e}");
     assert_eq!(file_len(&rdisk), 8 * MIB);
 }
+
+/// A frontend that negotiated the backend channel but never reads it cannot stall
+/// `block_resize`: once its socket buffer is full the notification gives up after its send
+/// deadline, the resize still succeeds, the channel is dropped (later resizes do not wait
+/// again), and the device keeps serving.
+#[test]
+fn a_frontend_that_never_reads_its_channel_cannot_stall_block_resize() {
+    let (mut s, disk) = serve(8 * MIB, &[]);
+    let (mut fe, _unread) = BlkFrontend::connect_backend_req_with(&s.socket, Some(1));
+    let mut stalled = None;
+    for i in 1..=2000u64 {
+        let t = std::time::Instant::now();
+        assert_eq!(resize(&s, 8 * MIB + i * 4096), Ok(json!({})), "resize {i}");
+        if t.elapsed() >= Duration::from_secs(1) {
+            stalled = Some((i, t.elapsed()));
+            break;
+        }
+    }
+    let (i, took) = stalled.expect("the channel never filled up");
+    assert!(took < Duration::from_secs(10), "resize {i} took {took:?}");
+    s.wait_log("cannot notify the frontend of the new capacity");
+    let t = std::time::Instant::now();
+    assert_eq!(resize(&s, 32 * MIB), Ok(json!({})));
+    assert!(t.elapsed() < Duration::from_secs(1), "a dropped channel was waited on again");
+    s.wait_log("no backend request channel");
+    assert_eq!(file_len(&disk), 32 * MIB);
+    assert_eq!(fe.config_capacity(), 32 * MIB / 512);
+    assert_eq!(fe.io(T_IN, (32 * MIB - 4096) / 512, &[0u8; 4096]).status, S_OK);
+}

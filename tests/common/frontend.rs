@@ -248,8 +248,27 @@ impl BlkFrontend {
     /// backend its request channel (SET_BACKEND_REQ_FD), as QEMU does; the frontend's end
     /// of the channel is returned.
     pub fn connect_backend_req(socket: &Path) -> (BlkFrontend, BackendReqEnd) {
+        Self::connect_backend_req_with(socket, None)
+    }
+
+    /// [`connect_backend_req`], first giving the backend's end of the channel a send buffer
+    /// of `sndbuf` bytes (a small one fills after a few unread messages).
+    pub fn connect_backend_req_with(socket: &Path, sndbuf: Option<libc::c_int>) -> (BlkFrontend, BackendReqEnd) {
         let (mut fe, features) = Self::handshake_protocol(socket, false, 0, VhostUserProtocolFeatures::BACKEND_REQ);
         let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        if let Some(size) = sndbuf {
+            // SAFETY: a valid socket and an int-sized option value.
+            let r = unsafe {
+                libc::setsockopt(
+                    theirs.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_SNDBUF,
+                    (&size as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            assert_eq!(r, 0, "SO_SNDBUF");
+        }
         fe.set_backend_request_fd(&theirs).expect("SET_BACKEND_REQ_FD");
         drop(theirs);
         (Self::finish_connect(fe, features, None), BackendReqEnd { sock: ours })
