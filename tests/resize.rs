@@ -230,3 +230,41 @@ fn a_frontend_that_never_reads_its_channel_cannot_stall_block_resize() {
     assert_eq!(fe.config_capacity(), 32 * MIB / 512);
     assert_eq!(fe.io(T_IN, (32 * MIB - 4096) / 512, &[0u8; 4096]).status, S_OK);
 }
+
+/// A loop device over a file; detached on drop. `None` when this host cannot attach one.
+struct LoopDev(String);
+
+impl LoopDev {
+    fn attach(file: &Path) -> Option<LoopDev> {
+        let out = std::process::Command::new("losetup").args(["-f", "--show"]).arg(file).output().ok()?;
+        let dev = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        (out.status.success() && !dev.is_empty()).then_some(LoopDev(dev))
+    }
+}
+
+impl Drop for LoopDev {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup").args(["-d", &self.0]).status();
+    }
+}
+
+/// A block device's size is the device's own: block_resize refuses it and changes nothing.
+#[test]
+fn a_block_device_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("backing.raw");
+    common::pair::make_disk(&file, 8 * MIB, None);
+    let Some(dev) = LoopDev::attach(&file) else {
+        eprintln!("SKIP a_block_device_is_refused: losetup cannot attach a loop device here");
+        return;
+    };
+    let s = Server::start(tempfile::tempdir().unwrap(), &["--disk", &dev.0]);
+    let (mut fe, mut chan) = BlkFrontend::connect_backend_req(&s.socket);
+    let e = resize(&s, 16 * MIB).unwrap_err();
+    assert!(e.contains(&format!("{} is a block device", dev.0)), "{e}");
+    assert_eq!(fe.config_capacity(), 8 * MIB / 512);
+    assert!(chan.next(Duration::ZERO).is_none());
+    assert_eq!(s.qmp_ok("query-block")["size"], 8 * MIB);
+    assert_eq!(file_len(&file), 8 * MIB);
+    assert_eq!(fe.io(T_IN, 0, &[0u8; 4096]).status, S_OK);
+}
