@@ -268,3 +268,66 @@ fn a_block_device_is_refused() {
     assert_eq!(file_len(&file), 8 * MIB);
     assert_eq!(fe.io(T_IN, 0, &[0u8; 4096]).status, S_OK);
 }
+
+/// Resizes while a frontend writes all over the old and new ends: once a shrink has been
+/// answered, no write beyond the new end succeeds until the next grow starts, and after the
+/// last shrink the file has exactly the new size (no write validated against the old
+/// capacity landed after the cut and extended it again).
+#[test]
+fn writes_racing_with_resizes_never_pass_the_end() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let (big, small) = (16 * MIB, 4 * MIB);
+    let (s, disk) = serve(big, &["--num-queues", "2"]);
+    // Phases: odd while the disk may be big (from just before a grow is sent), even from a
+    // shrink's answer on. A write submitted and completed within one even phase must not
+    // succeed past `small`.
+    let phase = Arc::new(AtomicU64::new(1));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let (p2, stop2, sock) = (phase.clone(), stop.clone(), s.socket.clone());
+    let writer = std::thread::spawn(move || {
+        let mut c = Client::connect(&sock, 2, false);
+        ready_tx.send(()).unwrap();
+        let (mut ok_beyond, mut refused, mut n) = (0u64, 0u64, 0u64);
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        while !stop2.load(Ordering::Acquire) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let off = (x % (big / 4096)) * 4096;
+            let before = p2.load(Ordering::Acquire);
+            let r = c.write((n % 2) as usize, off, &pattern(off, 4096, n as u32));
+            let after = p2.load(Ordering::Acquire);
+            n += 1;
+            match r {
+                0 if off >= small => {
+                    assert!(before % 2 == 1 || after != before, "write at {off} succeeded past the end {small}");
+                    ok_beyond += 1;
+                }
+                0 => {}
+                e => {
+                    assert!(off >= small, "write at {off} inside the disk failed: {e}");
+                    refused += 1;
+                }
+            }
+        }
+        (ok_beyond, refused, n)
+    });
+    ready_rx.recv_timeout(WAIT).expect("writer did not connect");
+    for round in 0..300 {
+        assert_eq!(resize(&s, small), Ok(json!({})), "shrink {round}");
+        phase.fetch_add(1, Ordering::AcqRel);
+        assert_eq!(file_len(&disk), small, "round {round}: a write validated before the shrink landed after the cut");
+        phase.fetch_add(1, Ordering::AcqRel);
+        assert_eq!(resize(&s, big), Ok(json!({})), "grow {round}");
+    }
+    assert_eq!(resize(&s, small), Ok(json!({})));
+    stop.store(true, Ordering::Release);
+    let (ok_beyond, refused, n) = writer.join().unwrap();
+    eprintln!("{n} writes: {ok_beyond} succeeded beyond {small}, {refused} refused");
+    assert!(ok_beyond > 0 && refused > 0, "the writes did not straddle the resizes");
+    assert_eq!(file_len(&disk), small, "a write extended the file after the last shrink");
+    let stats = s.qmp_ok("query-blockstats");
+    assert_eq!(stats["write"]["errors"], 0, "{stats}");
+}
