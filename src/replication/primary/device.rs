@@ -24,7 +24,7 @@ impl BlockDevice for MirrorDevice {
         // The dirty bitmap, the recent-write log, the secondary's buffers and the peer's
         // disk are all sized to this disk once, at start; none of them can follow a resize.
         Err(crate::block::ResizeError::Unsupported(
-            "block_resize is not available with --replication primary or secondary: the replication \
+            "not available with --replication primary or secondary: the replication \
              bitmaps and buffers and the peer's disk keep the size the disk had at start (restart with \
              --replication none to resize)"
                 .into(),
