@@ -295,3 +295,72 @@ fn guest_fio_survives_a_backend_kill_and_reconnect() {
     assert!(log.iter().any(|l| l.contains("inflight tracking: restored region")), "{log:?}");
     assert!(log.iter().any(|l| l.contains("requests left in flight by the previous process")), "{log:?}");
 }
+
+/// `block_resize` reaches a running Linux guest without a reboot: the guest boots on a 64 MiB
+/// disk and waits for its capacity to change (contrib/guest/init `waitresize=`); colo-blk
+/// grows the image to 128 MiB over QMP, QEMU gets VHOST_USER_BACKEND_CONFIG_CHANGE_MSG, re-reads
+/// the configuration space and tells the guest, whose /sys/block/vda/size follows; then fio
+/// writes and verifies only in the grown area (jobs/resize.fio), and the data is in the file.
+#[test]
+fn guest_sees_block_resize_without_reboot() {
+    if !guest_available() {
+        return;
+    }
+    use std::io::BufRead;
+    let (s, disk) = start_disk("64M");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/guest/run-fio.sh");
+    let console = s.dir.path().join("resize-console.log");
+    // Not --quiet: the console comes through stdout line by line, so the test acts on the
+    // guest's own announcement instead of a guessed boot time.
+    let mut child = Command::new(script)
+        .arg("--socket")
+        .arg(&s.socket)
+        .args(["--job", "resize", "--size", "32m", "--append", "waitresize=240", "--timeout", "300"])
+        .arg("--log")
+        .arg(&console)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("run-fio.sh");
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line.trim_end_matches('\r').to_string());
+        }
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(330);
+    let wait_line = |needle: &str| -> String {
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(l) if l.contains(needle) => return l,
+                Ok(_) => {}
+                Err(e) => panic!(
+                    "no '{needle}' from the guest ({e}):\n{}",
+                    std::fs::read_to_string(&console).unwrap_or_default()
+                ),
+            }
+        }
+    };
+    let before = wait_line("GUEST-RESIZE-WAIT");
+    assert!(before.ends_with("sectors=131072"), "{before}");
+    s.qmp()
+        .execute("block_resize", serde_json::json!({"size": 128u64 << 20}).as_object().unwrap().clone())
+        .unwrap()
+        .unwrap();
+    let after = wait_line("GUEST-RESIZED");
+    assert!(after.ends_with("sectors=262144"), "{after}");
+    let result = wait_line("GUEST-RESULT");
+    let status = child.wait().unwrap();
+    let log = std::fs::read_to_string(&console).unwrap_or_default();
+    log.lines().filter(|l| l.starts_with("GUEST-")).for_each(|l| eprintln!("{l}"));
+    assert!(result.contains("PASS") && status.success(), "fio in the grown area failed:\n{log}");
+    for bad in ["I/O error", "blk_update_request", "critical"] {
+        assert!(!log.contains(bad), "guest logged '{bad}':\n{log}");
+    }
+    assert!(s.log().iter().any(|l| l.contains("configuration change notification sent")), "{:?}", s.log());
+    assert_eq!(std::fs::metadata(&disk).unwrap().len(), 128 << 20);
+    // fio's verify headers landed beyond the old end of the image.
+    let grown = common::file_range(&disk, 64 << 20, 32 << 20);
+    assert!(grown.iter().any(|&b| b != 0), "nothing reached the grown area of the image");
+}

@@ -176,6 +176,12 @@ impl BlockDevice for FaultyDevice {
     fn size(&self) -> u64 {
         self.inner.size()
     }
+    fn check_resize(&self) -> Result<(), super::ResizeError> {
+        self.inner.check_resize()
+    }
+    fn resize(&self, new_size: u64) -> Result<(), super::ResizeError> {
+        self.inner.resize(new_size)
+    }
     fn read_only(&self) -> bool {
         self.inner.read_only()
     }

@@ -79,6 +79,42 @@ pub trait BlockDevice: Send + Sync {
     /// away: the guest is not running on this device until the next start. The COLO
     /// secondary learns here that its VM is loading a checkpoint.
     fn frontend_stopped(&self) {}
+    /// Whether [`BlockDevice::resize`] would be refused, without changing anything (checked
+    /// before the guest's capacity changes). Layers that cannot change their size refuse
+    /// (the default).
+    fn check_resize(&self) -> Result<(), ResizeError> {
+        Err(ResizeError::Unsupported(format!("{} cannot be resized", self.describe())))
+    }
+    /// Changes the size to `new_size` bytes (a positive multiple of the logical block size):
+    /// a grown image reads as zeroes beyond the old end, a shrunk one loses what lay beyond
+    /// the new end. Callers stop I/O beyond the smaller of both sizes first.
+    fn resize(&self, _new_size: u64) -> Result<(), ResizeError> {
+        self.check_resize()?;
+        Err(ResizeError::Unsupported(format!("{} cannot be resized", self.describe())))
+    }
+}
+
+/// Why a device could not be resized.
+#[derive(Debug, thiserror::Error)]
+pub enum ResizeError {
+    /// The device was opened read-only (`--readonly`).
+    #[error("the disk is read-only")]
+    ReadOnly,
+    /// A block device's size is fixed by the device itself.
+    #[error("{0} is a block device; colo-blk cannot change its size")]
+    BlockDevice(String),
+    /// This layer of the stack cannot change its size (the message says which and why).
+    #[error("{0}")]
+    Unsupported(String),
+    /// The image file could not be truncated or extended.
+    #[error("cannot resize {path}")]
+    Io {
+        /// The image.
+        path: String,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// Errors at the block layer's edge.

@@ -5,8 +5,9 @@ use std::io::{self, Seek, SeekFrom};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::{BlockDevice, BlockError, BlockQueue};
+use super::{BlockDevice, BlockError, BlockQueue, ResizeError};
 use crate::io::null::NullEngine;
 use crate::io::sync::SyncEngine;
 use crate::io::uring::UringEngine;
@@ -42,7 +43,10 @@ pub struct RawOptions {
 pub struct RawDisk {
     file: Arc<File>,
     path: PathBuf,
-    size: u64,
+    /// Changes only through `block_resize` ([`BlockDevice::resize`]).
+    size: AtomicU64,
+    /// A block device (its size cannot be changed here).
+    block_device: bool,
     read_only: bool,
     direct: bool,
     /// With `direct`: the memory alignment `O_DIRECT` needs (probed at open); requests whose
@@ -74,11 +78,8 @@ impl RawDisk {
         }
         let mut file = oo.open(&opts.path).map_err(open_err)?;
         let meta = file.metadata().map_err(open_err)?;
-        let size = if meta.file_type().is_block_device() {
-            file.seek(SeekFrom::End(0)).map_err(open_err)?
-        } else {
-            meta.len()
-        };
+        let block_device = meta.file_type().is_block_device();
+        let size = if block_device { file.seek(SeekFrom::End(0)).map_err(open_err)? } else { meta.len() };
         if size == 0 || size % u64::from(opts.block_size) != 0 {
             return Err(BlockError::BadSize { path: path_str, size, block_size: opts.block_size });
         }
@@ -87,7 +88,8 @@ impl RawDisk {
             mem_align,
             file: Arc::new(file),
             path: opts.path.clone(),
-            size,
+            size: AtomicU64::new(size),
+            block_device,
             read_only: opts.read_only,
             direct: opts.direct,
             engine: opts.engine,
@@ -125,7 +127,28 @@ pub fn create_sparse(path: &Path, size: u64) -> io::Result<()> {
 
 impl BlockDevice for RawDisk {
     fn size(&self) -> u64 {
-        self.size
+        self.size.load(Ordering::Acquire)
+    }
+
+    fn check_resize(&self) -> Result<(), ResizeError> {
+        if self.read_only {
+            return Err(ResizeError::ReadOnly);
+        }
+        if self.block_device {
+            return Err(ResizeError::BlockDevice(self.path.display().to_string()));
+        }
+        Ok(())
+    }
+
+    fn resize(&self, new_size: u64) -> Result<(), ResizeError> {
+        self.check_resize()?;
+        // Growing leaves a hole (sparse, reads as zeroes); shrinking drops the tail. The
+        // O_DIRECT descriptor is fine for ftruncate.
+        self.file
+            .set_len(new_size)
+            .map_err(|source| ResizeError::Io { path: self.path.display().to_string(), source })?;
+        self.size.store(new_size, Ordering::Release);
+        Ok(())
     }
 
     fn read_only(&self) -> bool {
@@ -154,7 +177,7 @@ impl BlockDevice for RawDisk {
         format!(
             "{} (raw, {} bytes{}{})",
             self.path.display(),
-            self.size,
+            self.size(),
             if self.read_only { ", read-only" } else { "" },
             if self.direct { ", O_DIRECT" } else { "" }
         )
@@ -164,20 +187,28 @@ impl BlockDevice for RawDisk {
 /// A device that stores nothing: reads leave buffers untouched, writes vanish.
 #[derive(Debug)]
 pub struct NullDisk {
-    size: u64,
+    size: AtomicU64,
     read_only: bool,
 }
 
 impl NullDisk {
     /// A null device of `size` bytes.
     pub fn new(size: u64, read_only: bool) -> Self {
-        NullDisk { size, read_only }
+        NullDisk { size: AtomicU64::new(size), read_only }
     }
 }
 
 impl BlockDevice for NullDisk {
     fn size(&self) -> u64 {
-        self.size
+        self.size.load(Ordering::Acquire)
+    }
+    fn check_resize(&self) -> Result<(), ResizeError> {
+        if self.read_only { Err(ResizeError::ReadOnly) } else { Ok(()) }
+    }
+    fn resize(&self, new_size: u64) -> Result<(), ResizeError> {
+        self.check_resize()?;
+        self.size.store(new_size, Ordering::Release);
+        Ok(())
     }
     fn read_only(&self) -> bool {
         self.read_only
@@ -189,6 +220,6 @@ impl BlockDevice for NullDisk {
         Ok(())
     }
     fn describe(&self) -> String {
-        format!("null ({} bytes)", self.size)
+        format!("null ({} bytes)", self.size())
     }
 }

@@ -11,7 +11,7 @@ mod systemd;
 
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -26,7 +26,7 @@ use crate::qmp::{Command, EventBus, QmpError, QmpHandler, QmpServer};
 use crate::replication::ReplicationControl;
 use crate::stats::{QueueStats, snapshot};
 use crate::vhost::backend::ExitEvents;
-use crate::vhost::proxy::{DeviceShape, relay};
+use crate::vhost::proxy::{DeviceShape, relay_with_channel};
 use crate::vhost::{BlkBackend, DRAIN_TIMEOUT, DeviceConfig, Shared, completion_event_id};
 
 /// The export's id in `query-block-exports` (colo-blk serves exactly one).
@@ -95,6 +95,11 @@ pub struct Daemon {
     connected: AtomicBool,
     owned_sockets: Mutex<Vec<OwnedSocket>>,
     pidfile: Mutex<Option<PidFile>>,
+    /// The capacity (sectors) every connection's workers and GET_CONFIG use; `block_resize`
+    /// changes it.
+    capacity: Arc<AtomicU64>,
+    /// Serialises `block_resize`.
+    resizing: Mutex<()>,
 }
 
 /// The listening sockets a daemon serves on, bound before the disk is opened so that a
@@ -121,7 +126,6 @@ impl Daemon {
     pub fn new(cfg: ServeConfig, device: Arc<dyn BlockDevice>, replication: Arc<dyn ReplicationControl>) -> Arc<Self> {
         let stats = (0..cfg.device.num_queues).map(|_| Arc::new(QueueStats::default())).collect();
         Arc::new(Daemon {
-            cfg,
             device,
             replication,
             stats,
@@ -132,6 +136,9 @@ impl Daemon {
             connected: AtomicBool::new(false),
             owned_sockets: Mutex::new(Vec::new()),
             pidfile: Mutex::new(None),
+            capacity: Arc::new(AtomicU64::new(cfg.device.capacity_sectors)),
+            resizing: Mutex::new(()),
+            cfg,
         })
     }
 
@@ -179,7 +186,10 @@ impl Daemon {
         // end is reached through a socket in a fresh private directory (`connect_handler`).
         let exit_events = ExitEvents::new(usize::from(self.cfg.device.num_queues)).map_err(DaemonError::Resources)?;
         loop {
-            let shared = Arc::new(Shared::new(self.cfg.device.clone(), self.quiescing.clone(), self.cfg.poll));
+            let shared = Arc::new(
+                Shared::new(self.cfg.device.clone(), self.quiescing.clone(), self.cfg.poll)
+                    .with_capacity(self.capacity.clone()),
+            );
             let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
             let backend =
                 Arc::new(BlkBackend::new(shared, &self.device, mem.clone(), &self.stats, exit_events.clone())?);
@@ -209,10 +219,11 @@ impl Daemon {
                     let shape =
                         DeviceShape { num_queues: self.cfg.device.num_queues, queue_size: self.cfg.device.queue_size };
                     let slot = backend.shared().inflight_slot();
+                    let channel = backend.shared().channel().clone();
                     std::thread::Builder::new()
                         .name("vhost-relay".into())
                         .spawn(move || {
-                            if let Err(e) = relay(frontend, handler_side, shape, slot) {
+                            if let Err(e) = relay_with_channel(frontend, handler_side, shape, slot, channel) {
                                 log::debug!("vhost-user relay ended: {e}");
                             }
                         })
@@ -378,11 +389,87 @@ impl QmpHandler for Daemon {
             Command::ReplicationStop { failover, inject_commit_error } => {
                 self.replication.stop(*failover, *inject_commit_error).map(|()| json!({})).map_err(generic)
             }
+            Command::BlockResize { size, device, node_name } => {
+                self.block_resize(*size, device.as_deref(), node_name.as_deref()).map(|()| json!({}))
+            }
         }
     }
 
     fn quit(&self) {
         self.shutdown();
+    }
+}
+
+impl Daemon {
+    /// `block_resize`: checks everything that could refuse it before the guest's view
+    /// changes, then changes the image and the capacity in the order that keeps every
+    /// request inside the file (grow: file first; shrink: capacity first, then wait for the
+    /// requests validated against the old capacity, then the file), and tells the frontend.
+    fn block_resize(&self, size: u64, device: Option<&str>, node_name: Option<&str>) -> Result<(), QmpError> {
+        for (arg, name) in [("device", device), ("node-name", node_name)] {
+            if let Some(n) = name
+                && n != NODE_NAME
+            {
+                return Err(QmpError::Generic(format!("Cannot find {arg} '{n}': the only node is '{NODE_NAME}'")));
+            }
+        }
+        let block = u64::from(self.cfg.device.block_size);
+        if !size.is_multiple_of(block) {
+            return Err(QmpError::Generic(format!(
+                "Parameter 'size' must be a multiple of the logical block size {block}, not {size}"
+            )));
+        }
+        let _one_at_a_time = self.resizing.lock().unwrap_or_else(|e| e.into_inner());
+        let query = self.replication.query();
+        let stage = query["stage"].as_str().unwrap_or("none");
+        if matches!(stage, "running" | "failover" | "failover-failed") {
+            return Err(QmpError::Generic(format!(
+                "block_resize is refused while replication is running (stage {stage}); stop replication first"
+            )));
+        }
+        if self.shutting_down.load(Ordering::Acquire) {
+            return Err(QmpError::Generic("the daemon is shutting down".into()));
+        }
+        self.device.check_resize().map_err(|e| QmpError::Generic(format!("block_resize: {}", error_chain(&e))))?;
+        let old = self.device.size();
+        if size == old {
+            return Ok(());
+        }
+        let failed = |e: crate::block::ResizeError| QmpError::Generic(format!("block_resize: {}", error_chain(&e)));
+        let backend = self.current.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if size > old {
+            self.device.resize(size).map_err(failed)?;
+            self.capacity.store(size / 512, Ordering::Release);
+        } else {
+            self.capacity.store(size / 512, Ordering::Release);
+            if let Some(b) = &backend
+                && !b.wait_started_before(DRAIN_TIMEOUT)
+            {
+                self.capacity.store(old / 512, Ordering::Release);
+                return Err(QmpError::Generic(format!(
+                    "block_resize: requests in flight did not finish within {} s; the size is unchanged",
+                    DRAIN_TIMEOUT.as_secs()
+                )));
+            }
+            if let Err(e) = self.device.resize(size) {
+                self.capacity.store(old / 512, Ordering::Release);
+                return Err(failed(e));
+            }
+        }
+        log::info!("disk resized from {old} to {size} bytes");
+        static NOTIFY_FAILED: crate::vhost::ratelimit::LogLimit = crate::vhost::ratelimit::LogLimit::new();
+        match backend.map(|b| b.shared().channel().config_changed()) {
+            Some(Ok(true)) => log::info!("configuration change notification sent to the frontend"),
+            Some(Ok(false)) | None => {
+                log::info!("no backend request channel: the frontend sees the new capacity at its next GET_CONFIG")
+            }
+            Some(Err(e)) => {
+                if NOTIFY_FAILED.allow() {
+                    log::warn!("cannot notify the frontend of the new capacity: {e}");
+                }
+            }
+        }
+        Ok(())
     }
 }
 

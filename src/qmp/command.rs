@@ -42,7 +42,21 @@ pub enum Command {
         /// Test hook: make the failover commit fail (`x-inject-commit-error`).
         inject_commit_error: bool,
     },
+    /// `block_resize {"size": BYTES}` (QEMU's optional `device` / `node-name` name the one
+    /// node colo-blk serves).
+    BlockResize {
+        /// The new size in bytes: positive, a multiple of 512, at most [`MAX_RESIZE`].
+        size: u64,
+        /// QEMU's `device` argument, if given.
+        device: Option<String>,
+        /// QEMU's `node-name` argument, if given.
+        node_name: Option<String>,
+    },
 }
+
+/// The largest size `block_resize` accepts (1 EiB): far beyond any real disk, and small
+/// enough that no sector or byte arithmetic on the capacity can overflow.
+pub const MAX_RESIZE: u64 = 1 << 60;
 
 /// A QMP error answer: `{"error": {"class": ..., "desc": ...}}`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -185,6 +199,7 @@ impl Command {
                 Ok(Command::InjectFault(FaultRule { op, start, end, errno, count, delay }))
             }
             "x-clear-faults" => no_args(Command::ClearFaults),
+            "block_resize" => parse_block_resize(args),
             other => Err(QmpError::CommandNotFound(format!("The command {other} has not been found"))),
         }
     }
@@ -205,6 +220,7 @@ pub const COMMAND_NAMES: &[&str] = &[
     "replication-stop",
     "x-inject-fault",
     "x-clear-faults",
+    "block_resize",
     "quit",
 ];
 
@@ -219,6 +235,32 @@ pub fn version() -> Value {
         },
         "package": concat!("colo-blk ", env!("CARGO_PKG_VERSION")),
     })
+}
+
+/// `block_resize`: the size is checked here (a positive multiple of 512 up to
+/// [`MAX_RESIZE`]); the daemon checks it against the logical block size and the device.
+fn parse_block_resize(args: &Map<String, Value>) -> Result<Command, QmpError> {
+    only(args, &["size", "device", "node-name"])?;
+    let size = match args.get("size") {
+        None => return Err(QmpError::Generic("Parameter 'size' is missing".into())),
+        Some(v) if v.as_i64().is_some_and(|n| n <= 0) => {
+            return Err(QmpError::Generic("Parameter 'size' expects a positive size".into()));
+        }
+        Some(v) => v
+            .as_u64()
+            .ok_or_else(|| QmpError::Generic("Invalid parameter type for 'size', expected: integer".into()))?,
+    };
+    if !size.is_multiple_of(512) {
+        return Err(QmpError::Generic(format!("Parameter 'size' must be a multiple of 512 bytes, not {size}")));
+    }
+    if size > MAX_RESIZE {
+        return Err(QmpError::Generic(format!("Parameter 'size' must be at most {MAX_RESIZE} bytes, not {size}")));
+    }
+    let name = |key: &str| match args.get(key) {
+        None => Ok(None),
+        Some(_) => required_str(args, key).map(|s| Some(s.to_string())),
+    };
+    Ok(Command::BlockResize { size, device: name("device")?, node_name: name("node-name")? })
 }
 
 /// Refuses arguments not in `allowed`.
@@ -285,6 +327,32 @@ mod tests {
             let e = Command::parse(name, &Map::new()).err();
             assert!(!matches!(e, Some(QmpError::CommandNotFound(_))), "{name} is listed but unknown");
         }
+    }
+
+    #[test]
+    fn block_resize_arguments() {
+        let parse = |v: Value| Command::parse("block_resize", &obj(v));
+        assert_eq!(
+            parse(json!({"size": 1 << 30})),
+            Ok(Command::BlockResize { size: 1 << 30, device: None, node_name: None })
+        );
+        assert_eq!(
+            parse(json!({"size": 4096, "node-name": "disk0", "device": "d"})),
+            Ok(Command::BlockResize { size: 4096, device: Some("d".into()), node_name: Some("disk0".into()) })
+        );
+        let err = |v: Value| parse(v).unwrap_err().to_string();
+        assert_eq!(err(json!({})), "Parameter 'size' is missing");
+        assert_eq!(err(json!({"size": 0})), "Parameter 'size' expects a positive size");
+        assert_eq!(err(json!({"size": -512})), "Parameter 'size' expects a positive size");
+        assert_eq!(err(json!({"size": "1G"})), "Invalid parameter type for 'size', expected: integer");
+        assert_eq!(err(json!({"size": 1.5})), "Invalid parameter type for 'size', expected: integer");
+        assert_eq!(err(json!({"size": 1000})), "Parameter 'size' must be a multiple of 512 bytes, not 1000");
+        assert!(err(json!({"size": MAX_RESIZE + 512})).contains("must be at most"));
+        assert_eq!(
+            err(json!({"size": 512, "node-name": 3})),
+            "Invalid parameter type for 'node-name', expected: string"
+        );
+        assert_eq!(err(json!({"size": 512, "force": true})), "Parameter 'force' is unexpected");
     }
 
     #[test]

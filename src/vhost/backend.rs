@@ -40,13 +40,16 @@ pub struct Shared {
     quiescing: Arc<AtomicBool>,
     poll: Duration,
     inflight: super::proxy::InflightSlot,
+    /// The live capacity in sectors: process-wide, changed by `block_resize`.
+    capacity: Arc<AtomicU64>,
+    /// The frontend's backend request channel, once it handed one over.
+    channel: super::notify::ChannelSlot,
 }
 
 impl Shared {
     /// State for a fresh connection. `quiescing` is process-wide (set on shutdown).
     pub fn new(cfg: DeviceConfig, quiescing: Arc<AtomicBool>, poll: Duration) -> Self {
         Shared {
-            cfg,
             acked: AtomicU64::new(0),
             wce: AtomicU8::new(0),
             writeback: AtomicBool::new(true),
@@ -54,7 +57,26 @@ impl Shared {
             quiescing,
             poll,
             inflight: Default::default(),
+            capacity: Arc::new(AtomicU64::new(cfg.capacity_sectors)),
+            channel: Default::default(),
+            cfg,
         }
+    }
+
+    /// Shares the process-wide capacity (`block_resize` changes it for every connection).
+    pub fn with_capacity(mut self, capacity: Arc<AtomicU64>) -> Self {
+        self.capacity = capacity;
+        self
+    }
+
+    /// The capacity in 512-byte sectors the guest sees now.
+    pub fn capacity_sectors(&self) -> u64 {
+        self.capacity.load(Ordering::Acquire)
+    }
+
+    /// The connection's backend request channel (set by the relay on SET_BACKEND_REQ_FD).
+    pub fn channel(&self) -> &super::notify::ChannelSlot {
+        &self.channel
     }
 
     /// Where the connection's inflight-tracking region is put once the frontend set it up.
@@ -96,7 +118,7 @@ impl Shared {
     pub fn limits(&self) -> Limits {
         let acked = self.acked();
         Limits {
-            capacity_sectors: self.cfg.capacity_sectors,
+            capacity_sectors: self.capacity_sectors(),
             block_size: self.cfg.block_size,
             read_only: self.cfg.read_only,
             discard: acked & (1 << VIRTIO_BLK_F_DISCARD) != 0,
@@ -195,6 +217,28 @@ impl BlkBackend {
         self.queues.iter().enumerate().all(|(i, q)| q.drain.wait_idle(&format!("queue {i}"), timeout))
     }
 
+    /// Waits until every request started before this call has finished its I/O, so that
+    /// after a capacity change nothing validated against the old capacity still runs.
+    /// Returns false when `timeout` passed first.
+    ///
+    /// A worker parses and submits under its lock, so once each lock has been taken here,
+    /// requests numbered from the mark on were validated against the capacity stored before
+    /// this call. Completion has no event of its own per request, so the wait polls each
+    /// worker briefly (an administrative operation, not the data path).
+    pub fn wait_started_before(&self, timeout: Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        let marks: Vec<u64> = self.queues.iter().map(|q| lock(&q.worker).next_seq()).collect();
+        for (q, mark) in self.queues.iter().zip(marks) {
+            while lock(&q.worker).busy_before(mark) {
+                if std::time::Instant::now() >= deadline {
+                    return false;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        true
+    }
+
     /// Requests in flight over all queues.
     pub fn inflight(&self) -> usize {
         self.queues.iter().map(|q| q.drain.inflight()).sum()
@@ -252,7 +296,7 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        self.shared.cfg.read_config(self.shared.writeback(), offset, size)
+        self.shared.cfg.read_config_at(self.shared.capacity_sectors(), self.shared.writeback(), offset, size)
     }
 
     fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {

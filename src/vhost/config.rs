@@ -24,10 +24,11 @@ pub const MAX_DISCARD_SEG: u32 = 16;
 /// and its padding; secure erase and zoned fields are not offered).
 pub const CONFIG_LEN: usize = 60;
 
-/// Static properties of the device, fixed for the process lifetime.
+/// Static properties of the device, fixed for the process lifetime except the capacity,
+/// which `block_resize` changes (the live value is [`super::Shared::capacity_sectors`]).
 #[derive(Debug, Clone)]
 pub struct DeviceConfig {
-    /// Capacity in 512-byte sectors.
+    /// Capacity in 512-byte sectors at start.
     pub capacity_sectors: u64,
     /// Logical block size (512 or 4096).
     pub block_size: u32,
@@ -68,20 +69,28 @@ impl DeviceConfig {
     }
 
     /// The vhost-user protocol features the device offers. REPLY_ACK is also added by the
-    /// vhost crate; it is listed so the intent is explicit.
+    /// vhost crate; it is listed so the intent is explicit. BACKEND_REQ gives the backend its
+    /// request channel, on which `block_resize` sends CONFIG_CHANGE_MSG (`vhost::notify`).
     pub fn protocol_features() -> VhostUserProtocolFeatures {
         VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::BACKEND_REQ
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
             | VhostUserProtocolFeatures::LOG_SHMFD
     }
 
-    /// The configuration space bytes, little-endian as virtio 1.x requires.
+    /// The configuration space bytes, little-endian as virtio 1.x requires, with the
+    /// capacity the device had at start.
     pub fn config_space(&self, writeback: bool) -> [u8; CONFIG_LEN] {
+        self.config_space_at(self.capacity_sectors, writeback)
+    }
+
+    /// The configuration space bytes for a capacity of `capacity_sectors`.
+    pub fn config_space_at(&self, capacity_sectors: u64, writeback: bool) -> [u8; CONFIG_LEN] {
         let mut c = [0u8; CONFIG_LEN];
         let sectors_per_block = self.block_size / 512;
-        put(&mut c, 0, &self.capacity_sectors.to_le_bytes()); // capacity
+        put(&mut c, 0, &capacity_sectors.to_le_bytes()); // capacity
         put(&mut c, 8, &SIZE_MAX.to_le_bytes()); // size_max
         put(&mut c, 12, &SEG_MAX.to_le_bytes()); // seg_max
         // 16..20: geometry (not offered)
@@ -105,7 +114,12 @@ impl DeviceConfig {
     /// describe read as zero, so the answer always has exactly the requested size (QEMU
     /// insists on that).
     pub fn read_config(&self, writeback: bool, offset: u32, size: u32) -> Vec<u8> {
-        let space = self.config_space(writeback);
+        self.read_config_at(self.capacity_sectors, writeback, offset, size)
+    }
+
+    /// Like [`DeviceConfig::read_config`] for a capacity of `capacity_sectors`.
+    pub fn read_config_at(&self, capacity_sectors: u64, writeback: bool, offset: u32, size: u32) -> Vec<u8> {
+        let space = self.config_space_at(capacity_sectors, writeback);
         let size = size.min(vhost::vhost_user::message::VHOST_USER_CONFIG_SIZE) as usize;
         let mut out = vec![0u8; size];
         let start = offset as usize;
@@ -169,6 +183,7 @@ mod tests {
             VhostUserProtocolFeatures::REPLY_ACK,
             VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS,
             VhostUserProtocolFeatures::LOG_SHMFD,
+            VhostUserProtocolFeatures::BACKEND_REQ,
         ] {
             assert!(p.contains(need));
         }

@@ -4,6 +4,7 @@
 pub mod backend;
 pub mod config;
 pub mod inflight;
+pub mod notify;
 pub mod proxy;
 pub mod ratelimit;
 pub mod request;

@@ -8,7 +8,10 @@
 //! - the GET_PROTOCOL_FEATURES answer, which gains INFLIGHT_SHMFD;
 //! - SET_PROTOCOL_FEATURES, which loses it again (the handler does not know it);
 //! - GET_INFLIGHT_FD / SET_INFLIGHT_FD, answered here: the region is created or mapped and
-//!   given to the queue workers through [`InflightSlot`].
+//!   given to the queue workers through [`InflightSlot`];
+//! - SET_BACKEND_REQ_FD, passed on unchanged, but a descriptor of the channel is kept in a
+//!   [`ChannelSlot`] (the handler's `Backend` cannot send CONFIG_CHANGE_MSG; see
+//!   `vhost::notify`).
 //!
 //! Only control messages go through here; the data path (rings in shared memory, kick and
 //! call eventfds) never does.
@@ -25,6 +28,7 @@ use vhost::vhost_user::message::{FrontendReq, VhostUserHeaderFlag, VhostUserProt
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use super::inflight::InflightRegion;
+use super::notify::ChannelSlot;
 use super::ratelimit::LogLimit;
 
 // Message numbers and flags as the vhost crate defines them.
@@ -39,6 +43,8 @@ const GET_PROTOCOL_FEATURES: u32 = FrontendReq::GET_PROTOCOL_FEATURES as u32;
 const SET_PROTOCOL_FEATURES: u32 = FrontendReq::SET_PROTOCOL_FEATURES as u32;
 const GET_INFLIGHT_FD: u32 = FrontendReq::GET_INFLIGHT_FD as u32;
 const SET_INFLIGHT_FD: u32 = FrontendReq::SET_INFLIGHT_FD as u32;
+const SET_BACKEND_REQ_FD: u32 = FrontendReq::SET_BACKEND_REQ_FD as u32;
+const F_BACKEND_REQ: u64 = VhostUserProtocolFeatures::BACKEND_REQ.bits();
 const F_INFLIGHT_SHMFD: u64 = VhostUserProtocolFeatures::INFLIGHT_SHMFD.bits();
 const F_REPLY_ACK: u64 = VhostUserProtocolFeatures::REPLY_ACK.bits();
 /// The protocol version carried in the header's low bits (the crate's `VERSION` is the mask).
@@ -159,6 +165,17 @@ fn shutdown_both(a: &UnixStream, b: &UnixStream) {
 /// down), and no write waits longer than its timeout, so a frontend that stops reading
 /// cannot wedge the relay and the handler against each other.
 pub fn relay(frontend: UnixStream, backend: UnixStream, shape: DeviceShape, slot: InflightSlot) -> io::Result<()> {
+    relay_with_channel(frontend, backend, shape, slot, Default::default())
+}
+
+/// [`relay`], keeping the backend request channel the frontend sets up in `channel`.
+pub fn relay_with_channel(
+    frontend: UnixStream,
+    backend: UnixStream,
+    shape: DeviceShape,
+    slot: InflightSlot,
+    channel: ChannelSlot,
+) -> io::Result<()> {
     frontend.set_write_timeout(Some(FRONTEND_WRITE_TIMEOUT))?;
     backend.set_write_timeout(Some(HANDLER_WRITE_TIMEOUT))?;
     let pending: PendingQueue = Arc::default();
@@ -191,6 +208,7 @@ pub fn relay(frontend: UnixStream, backend: UnixStream, shape: DeviceShape, slot
         r
     })?;
     let mut reply_ack = false;
+    let mut backend_req = false;
     let inflight_log = LogLimit::new();
     let result = (|| -> io::Result<()> {
         while let Some(mut m) = read_message(&frontend)? {
@@ -222,9 +240,20 @@ pub fn relay(frontend: UnixStream, backend: UnixStream, shape: DeviceShape, slot
                 SET_PROTOCOL_FEATURES if m.payload.len() == 8 => {
                     let v = u64::from_le_bytes(m.payload[..8].try_into().unwrap_or_default());
                     reply_ack = v & F_REPLY_ACK != 0;
+                    backend_req = v & F_BACKEND_REQ != 0;
                     m.payload = (v & !F_INFLIGHT_SHMFD).to_le_bytes().to_vec();
                 }
                 GET_FEATURES => pending.lock().unwrap_or_else(|e| e.into_inner()).push_back(Pending::Pass),
+                SET_BACKEND_REQ_FD => {
+                    // The handler refuses it without BACKEND_REQ, or without exactly one
+                    // stream socket; only a channel it accepts is kept.
+                    if backend_req
+                        && let [fd] = &m.fds[..]
+                        && let Some(sock) = unix_stream(fd)
+                    {
+                        channel.set(sock);
+                    }
+                }
                 _ => check_message(&m)?,
             }
             write_message(&backend, &m)?;
@@ -292,6 +321,30 @@ pub fn check_message_parts(request: u32, payload: &[u8], fds: &[File]) -> Result
 
 fn check_message(m: &Message) -> io::Result<()> {
     check_message_parts(m.request, &m.payload, &m.fds).map_err(|why| refuse(m.request, why))
+}
+
+/// A second descriptor of `fd` as a stream, when it is a UNIX stream socket.
+fn unix_stream(fd: &File) -> Option<UnixStream> {
+    let opt = |name: libc::c_int| -> Option<libc::c_int> {
+        let mut v: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: `v` and `len` are valid for the call and describe an int-sized buffer.
+        let r = unsafe {
+            libc::getsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(fd),
+                libc::SOL_SOCKET,
+                name,
+                (&mut v as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        (r == 0).then_some(v)
+    };
+    if opt(libc::SO_DOMAIN)? != libc::AF_UNIX || opt(libc::SO_TYPE)? != libc::SOCK_STREAM {
+        return None;
+    }
+    let dup = fd.try_clone().ok()?;
+    Some(UnixStream::from(std::os::fd::OwnedFd::from(dup)))
 }
 
 /// True when `fd` is an eventfd (an anonymous inode named so).

@@ -101,6 +101,8 @@ struct Slot {
     used_len: u32,
     bytes: u64,
     started: Option<Instant>,
+    /// The worker's request number (see [`QueueWorker::busy_before`]).
+    seq: u64,
     mem: Option<Arc<Mem>>,
     scratch: Scratch,
 }
@@ -143,6 +145,8 @@ pub struct QueueWorker {
     inflight: Option<Arc<InflightRegion>>,
     /// Orders pops in the inflight region.
     inflight_counter: u64,
+    /// The number the next validated request gets.
+    next_seq: u64,
     /// Set when the ring itself is unusable (virtio 1.2 §2.1.2: the device stops using a
     /// queue it found in an inconsistent state); cleared when the frontend stops the ring
     /// (GET_VRING_BASE) or resets the device, and a new connection starts afresh.
@@ -229,6 +233,7 @@ impl QueueWorker {
             finished: 0,
             inflight: None,
             inflight_counter: 1,
+            next_seq: 0,
             broken: false,
             poll_window: Duration::ZERO,
             idle_since: None,
@@ -241,6 +246,16 @@ impl QueueWorker {
     /// The block queue's completion notifier, to register on this worker's epoll.
     pub fn notifier(&self) -> Option<std::os::fd::RawFd> {
         self.io.notifier()
+    }
+
+    /// The number the next request started will get.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// True while a request numbered below `mark` still has I/O in flight.
+    pub fn busy_before(&self, mark: u64) -> bool {
+        self.slots.iter().any(|s| s.busy && s.seq < mark)
     }
 
     /// True once the ring was found inconsistent and the worker stopped using it.
@@ -494,6 +509,8 @@ impl QueueWorker {
         slot.used_len = 1;
         slot.bytes = req.data_len;
         slot.started = Some(Instant::now());
+        slot.seq = self.next_seq;
+        self.next_seq += 1;
         slot.mem = Some(mem.clone());
         self.drain.begin();
         self.submit_request(head, &req, mem);
@@ -734,6 +751,115 @@ mod tests {
             Arc::new(QueueStats::default()),
             Arc::new(Drain::default()),
         )
+    }
+
+    /// A block queue whose operations complete only when the test releases them.
+    #[derive(Default, Clone)]
+    struct Held(Arc<Mutex<(Vec<u64>, Vec<u64>)>>);
+
+    impl Held {
+        fn release(&self, token: u64) {
+            let mut g = self.0.lock().unwrap();
+            g.0.retain(|&t| t != token);
+            g.1.push(token);
+        }
+    }
+
+    impl BlockQueue for Held {
+        unsafe fn push(&mut self, _op: &Op<'_>, token: u64) -> Result<(), IoEngineError> {
+            self.0.lock().unwrap().0.push(token);
+            Ok(())
+        }
+        fn submit(&mut self) -> Result<(), IoEngineError> {
+            Ok(())
+        }
+        fn reap(&mut self, out: &mut Vec<Completion>) {
+            out.extend(self.0.lock().unwrap().1.drain(..).map(|token| Completion { token, result: 0 }));
+        }
+        fn notifier(&self) -> Option<std::os::fd::RawFd> {
+            None
+        }
+        fn clear_notifier(&self) {}
+    }
+
+    fn cfg() -> DeviceConfig {
+        DeviceConfig {
+            capacity_sectors: 2048,
+            block_size: 512,
+            read_only: false,
+            num_queues: 1,
+            queue_size: 4,
+            serial: "s".into(),
+        }
+    }
+
+    /// Writes a one-sector write request for `sector` whose buffers start at `base`, and
+    /// returns its chain and status address.
+    fn write_chain(mem: &Mem, base: u64, sector: u64) -> (Vec<virtio_queue::desc::split::Descriptor>, GuestAddress) {
+        use virtio_queue::desc::split::Descriptor;
+        let mut h = [0u8; 16];
+        h[..4].copy_from_slice(&virtio_bindings::virtio_blk::VIRTIO_BLK_T_OUT.to_le_bytes());
+        h[8..].copy_from_slice(&sector.to_le_bytes());
+        mem.write_slice(&h, GuestAddress(base)).unwrap();
+        let write = virtio_bindings::virtio_ring::VRING_DESC_F_WRITE as u16;
+        let chain = vec![
+            Descriptor::new(base, 16, 0, 0),
+            Descriptor::new(base + 0x100, 512, 0, 0),
+            Descriptor::new(base + 0x400, 1, write, 0),
+        ];
+        (chain, GuestAddress(base + 0x400))
+    }
+
+    /// The shrink fence of `block_resize` (BlkBackend::wait_started_before): requests started
+    /// before a mark stay visible until their I/O completed, later ones do not count, and a
+    /// request parsed after the shared capacity dropped is refused without any I/O.
+    #[test]
+    fn busy_before_covers_exactly_the_requests_started_before_the_mark() {
+        let held = Held::default();
+        let capacity = Arc::new(std::sync::atomic::AtomicU64::new(2048));
+        let shared = Arc::new(
+            Shared::new(cfg(), Arc::new(AtomicBool::new(false)), Duration::ZERO).with_capacity(capacity.clone()),
+        );
+        let mem: Arc<Mem> = Arc::new(Mem::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap());
+        let atomic = GuestMemoryAtomic::new((*mem).clone());
+        let mut w = QueueWorker::new(
+            0,
+            Box::new(held.clone()),
+            shared,
+            atomic.clone(),
+            Arc::new(QueueStats::default()),
+            Arc::new(Drain::default()),
+        );
+        let vring = <Vring as VringT<AtomicMem>>::new(atomic, 4).unwrap();
+
+        let (c0, _) = write_chain(&mem, 0x10000, 2040);
+        w.start(0, c0.into_iter(), &mem);
+        let mark = w.next_seq();
+        assert!(w.busy_before(mark), "the request in flight is not covered");
+        let (c1, _) = write_chain(&mem, 0x20000, 8);
+        w.start(1, c1.into_iter(), &mem);
+        assert!(!w.busy_before(0));
+        held.release(1);
+        w.complete(&vring);
+        assert!(w.busy_before(mark), "a later request's completion ended the wait");
+        let (c3, _) = write_chain(&mem, 0x28000, 16);
+        w.start(3, c3.into_iter(), &mem);
+        held.release(0);
+        w.complete(&vring);
+        assert!(!w.busy_before(mark), "a request started after the mark holds the wait");
+        assert!(w.busy_before(w.next_seq()), "the later request is still in flight");
+        held.release(3);
+        w.complete(&vring);
+
+        // The capacity shrinks below sector 2040: the same request is now refused at parse,
+        // with IOERR, and nothing reaches the block queue.
+        capacity.store(1024, Ordering::SeqCst);
+        let (c2, status) = write_chain(&mem, 0x30000, 2040);
+        w.start(2, c2.into_iter(), &mem);
+        assert!(!w.busy_before(w.next_seq()));
+        assert!(held.0.lock().unwrap().0.is_empty(), "a request past the new end was submitted");
+        let st: u8 = mem.read_obj(status).unwrap();
+        assert_eq!(st, virtio_bindings::virtio_blk::VIRTIO_BLK_S_IOERR as u8);
     }
 
     #[test]

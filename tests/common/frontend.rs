@@ -172,6 +172,15 @@ impl BlkFrontend {
     }
 
     fn handshake_features(socket: &Path, inflight: bool, extra: u64) -> (Frontend, u64) {
+        Self::handshake_protocol(socket, inflight, extra, VhostUserProtocolFeatures::empty())
+    }
+
+    fn handshake_protocol(
+        socket: &Path,
+        inflight: bool,
+        extra: u64,
+        extra_protocol: VhostUserProtocolFeatures,
+    ) -> (Frontend, u64) {
         let mut fe = Frontend::connect(socket, 16).expect("vhost-user connect");
         fe.set_owner().unwrap();
         let offered = fe.get_features().unwrap();
@@ -188,6 +197,8 @@ impl BlkFrontend {
             assert!(pf.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD), "backend lacks INFLIGHT_SHMFD");
             want |= VhostUserProtocolFeatures::INFLIGHT_SHMFD;
         }
+        assert!(pf.contains(extra_protocol), "backend lacks {:?}", extra_protocol - pf);
+        want |= extra_protocol;
         fe.set_protocol_features(pf & want).unwrap();
         // Every later message waits for the backend's answer, as QEMU's do while logging.
         fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
@@ -233,6 +244,44 @@ impl BlkFrontend {
         Self::connect_full(socket, false, extra)
     }
 
+    /// Like [`connect`], also negotiating VHOST_USER_PROTOCOL_F_BACKEND_REQ and handing the
+    /// backend its request channel (SET_BACKEND_REQ_FD), as QEMU does; the frontend's end
+    /// of the channel is returned.
+    pub fn connect_backend_req(socket: &Path) -> (BlkFrontend, BackendReqEnd) {
+        Self::connect_backend_req_with(socket, None)
+    }
+
+    /// [`connect_backend_req`], first giving the backend's end of the channel a send buffer
+    /// of `sndbuf` bytes (a small one fills after a few unread messages).
+    pub fn connect_backend_req_with(socket: &Path, sndbuf: Option<libc::c_int>) -> (BlkFrontend, BackendReqEnd) {
+        let (mut fe, features) = Self::handshake_protocol(socket, false, 0, VhostUserProtocolFeatures::BACKEND_REQ);
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        if let Some(size) = sndbuf {
+            // SAFETY: a valid socket and an int-sized option value.
+            let r = unsafe {
+                libc::setsockopt(
+                    theirs.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_SNDBUF,
+                    (&size as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            assert_eq!(r, 0, "SO_SNDBUF");
+        }
+        fe.set_backend_request_fd(&theirs).expect("SET_BACKEND_REQ_FD");
+        drop(theirs);
+        (Self::finish_connect(fe, features, None), BackendReqEnd { sock: ours })
+    }
+
+    /// The capacity in 512-byte sectors the backend's configuration space shows now
+    /// (GET_CONFIG, what QEMU reads after a config-change notification).
+    pub fn config_capacity(&mut self) -> u64 {
+        let flags = vhost::vhost_user::message::VhostUserConfigFlags::WRITABLE;
+        let (_, payload) = self.fe.get_config(0, 8, flags, &[0u8; 8]).expect("GET_CONFIG");
+        u64::from_le_bytes(payload[..8].try_into().unwrap())
+    }
+
     fn connect_full(socket: &Path, inflight: bool, extra: u64) -> BlkFrontend {
         let (mut fe, features) = Self::handshake_features(socket, inflight, extra);
         let inflight = inflight.then(|| {
@@ -241,6 +290,10 @@ impl BlkFrontend {
             fe.set_inflight_fd(&info, file.as_raw_fd()).expect("SET_INFLIGHT_FD");
             (info, file)
         });
+        Self::finish_connect(fe, features, inflight)
+    }
+
+    fn finish_connect(fe: Frontend, features: u64, inflight: Option<(VhostUserInflight, File)>) -> BlkFrontend {
         let mut f = BlkFrontend {
             fe,
             mem: SharedMem::new(MEM),
@@ -500,5 +553,41 @@ impl BlkFrontend {
         self.next_avail = base;
         self.used_seen = self.mem.read_u16(USED + 2);
         self.start_queue(base, false);
+    }
+}
+
+/// The frontend's end of the backend request channel (VHOST_USER_PROTOCOL_F_BACKEND_REQ).
+pub struct BackendReqEnd {
+    pub sock: std::os::unix::net::UnixStream,
+}
+
+/// A message the backend sent on its request channel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendMsg {
+    pub request: u32,
+    pub flags: u32,
+    pub payload: Vec<u8>,
+}
+
+/// VHOST_USER_BACKEND_CONFIG_CHANGE_MSG.
+pub const BACKEND_CONFIG_CHANGE_MSG: u32 = 2;
+
+impl BackendReqEnd {
+    /// The next message, or None when none arrives within `timeout` (or the channel closed).
+    pub fn next(&mut self, timeout: Duration) -> Option<BackendMsg> {
+        use std::io::Read;
+        let mut pfd = libc::pollfd { fd: self.sock.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd.
+        let r = unsafe { libc::poll(&mut pfd, 1, timeout.as_millis().min(i32::MAX as u128) as i32) };
+        if r <= 0 {
+            return None;
+        }
+        self.sock.set_read_timeout(Some(timeout.max(Duration::from_millis(1)))).unwrap();
+        let mut hdr = [0u8; 12];
+        self.sock.read_exact(&mut hdr).ok()?;
+        let word = |i: usize| u32::from_le_bytes(hdr[i..i + 4].try_into().unwrap());
+        let mut payload = vec![0u8; word(8).min(4096) as usize];
+        self.sock.read_exact(&mut payload).ok()?;
+        Some(BackendMsg { request: word(0), flags: word(4), payload })
     }
 }

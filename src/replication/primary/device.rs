@@ -20,6 +20,16 @@ impl BlockDevice for MirrorDevice {
     fn size(&self) -> u64 {
         self.inner.size()
     }
+    fn check_resize(&self) -> Result<(), crate::block::ResizeError> {
+        // The dirty bitmap, the recent-write log, the secondary's buffers and the peer's
+        // disk are all sized to this disk once, at start; none of them can follow a resize.
+        Err(crate::block::ResizeError::Unsupported(
+            "not available with --replication primary or secondary: the replication \
+             bitmaps and buffers and the peer's disk keep the size the disk had at start (restart with \
+             --replication none to resize)"
+                .into(),
+        ))
+    }
     fn read_only(&self) -> bool {
         self.inner.read_only()
     }
