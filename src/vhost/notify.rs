@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// `VHOST_USER_BACKEND_CONFIG_CHANGE_MSG` (vhost-user spec, backend message types).
-pub const CONFIG_CHANGE_MSG: u32 = 2;
+pub const CONFIG_CHANGE_MSG: u32 = vhost::vhost_user::message::BackendReq::CONFIG_CHANGE_MSG as u32;
 /// Header flags: protocol version 1, no NEED_REPLY.
 const HDR_VERSION: u32 = 0x1;
 /// The longest a notification may wait for room in the frontend's socket buffer.
