@@ -231,12 +231,19 @@ impl CommitJournal {
 
     /// Appends `record` and syncs it.
     pub fn append(&self, record: Record) -> Result<(), JournalError> {
+        self.append_all(&[record])
+    }
+
+    /// Appends `records` with one sync. A crash may keep any prefix of them (each record
+    /// stands alone; only the last one written can be torn).
+    pub fn append_all(&self, records: &[Record]) -> Result<(), JournalError> {
         let err = self.io_err();
         let mut open = self.appender();
         let a = open.as_mut().ok_or_else(|| JournalError::NotOpen { path: self.path.display().to_string() })?;
-        a.file.write_all_at(&record.encode(), a.len).map_err(&err)?;
+        let bytes: Vec<u8> = records.iter().flat_map(|r| r.encode()).collect();
+        a.file.write_all_at(&bytes, a.len).map_err(&err)?;
         a.file.sync_data().map_err(&err)?;
-        a.len += RECORD as u64;
+        a.len += bytes.len() as u64;
         Ok(())
     }
 
