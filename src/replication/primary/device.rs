@@ -62,6 +62,8 @@ struct Join {
     range: Option<(u64, u64)>,
     /// Clock when it was forwarded.
     since: u64,
+    /// Its entry in the verify's write tracker, released when both halves completed.
+    ticket: verify::Ticket,
     /// A write's copy of the guest data and the iovec the local write was submitted with
     /// (boxed: it must not move while the local write is in flight).
     copy: Option<(Payload, LocalIov)>,
@@ -98,6 +100,7 @@ impl MirrorQueue {
         j.remaining -= 1;
         if j.remaining == 0 {
             if let Some(j) = self.joins[idx].take() {
+                self.mirror.verify.tracker.finished(j.ticket);
                 out.push(Completion { token: j.token, result: j.result });
             }
             self.free.push(idx);
@@ -130,7 +133,13 @@ impl BlockQueue for MirrorQueue {
             _ => None,
         };
         let data = copy.as_ref().map(|(d, _)| d.clone());
-        let join = Join { token, remaining: 2, result: 0, range, since: self.mirror.now(), copy };
+        // Tracked before the local write is submitted and the write forwarded (the verify's
+        // ordering rule, see `verify`).
+        let ticket = match range {
+            Some((off, len)) => self.mirror.verify.tracker.started(off / SECTOR, (off + len).div_ceil(SECTOR)),
+            None => verify::Ticket::None,
+        };
+        let join = Join { token, remaining: 2, result: 0, range, since: self.mirror.now(), copy, ticket };
         let idx = match self.free.pop() {
             Some(i) => {
                 self.joins[i] = Some(join);
@@ -152,6 +161,7 @@ impl BlockQueue for MirrorQueue {
         // token's local completion was reaped (or the push failed); other operations are
         // forwarded under the caller's contract.
         if let Err(e) = unsafe { self.inner.push(&local, itoken) } {
+            self.mirror.verify.tracker.finished(ticket);
             self.joins[idx] = None;
             self.free.push(idx);
             return Err(e);
