@@ -181,7 +181,7 @@ fn guest_writes_racing_the_verify_are_never_reported_as_differences() {
         while !stop2.load(Ordering::Relaxed) {
             x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             let len = 4096 * (1 + (x >> 61)) as usize;
-            let off = if i % 2 == 0 {
+            let off = if i.is_multiple_of(2) {
                 8 * MIB + ((x >> 20) % (4 * MIB / 4096 - 8)) * 4096
             } else {
                 ((x >> 20) % ((SIZE - len as u64) / 4096)) * 4096
