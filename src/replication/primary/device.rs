@@ -108,6 +108,17 @@ impl MirrorQueue {
     }
 }
 
+impl Drop for MirrorQueue {
+    /// A queue closed with writes still joined (a frontend that vanished) releases their
+    /// tracker entries, so a later verify neither waits for them nor treats their sectors
+    /// as written forever.
+    fn drop(&mut self) {
+        for j in self.joins.iter_mut().flatten() {
+            self.mirror.verify.tracker.finished(std::mem::replace(&mut j.ticket, verify::Ticket::None));
+        }
+    }
+}
+
 impl BlockQueue for MirrorQueue {
     unsafe fn push(&mut self, op: &Op<'_>, token: u64) -> Result<(), IoEngineError> {
         let mirrored = self.mirror.running() && !matches!(op, Op::Read { .. });
