@@ -147,6 +147,24 @@ fn verify_with_a_colo_blk_secondary_uses_checksums_finds_exactly_the_corruption_
     // (b) Blocks corrupted on the secondary's disk behind its back.
     find_and_repair(&pri, &pdisk, &sdisk, "checksum");
     qmp(&pri, "replication-get-error", json!({})).expect("no replication error");
+    // The operator's way: `colo-blk ctl --wait` follows the verify to its end.
+    corrupt(&sdisk, 40 * MIB, 1);
+    for (args, code, says) in [
+        (vec!["replication-verify"], 0, "verify: 4096 bytes differ, 0 unverified"),
+        (vec!["replication-verify", "resync=true"], 0, "verify: 4096 bytes differ"),
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_colo-blk"))
+            .args(["ctl", "--qmp", pri.qmp.to_str().unwrap(), "--wait"])
+            .args(&args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(code), "{args:?}: {err}");
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+    wait_until("the resync", || synced(&pri));
+    qmp(&pri, "replication-checkpoint", json!({})).unwrap();
+    same(&pdisk, &sdisk);
 }
 
 #[test]
