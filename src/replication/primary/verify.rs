@@ -214,6 +214,9 @@ struct Chunk {
     window: u64,
     /// The secondary's answer; `None` when the request could not be sent.
     rx: Option<mpsc::Receiver<Result<Vec<u8>, String>>>,
+    /// When to give up waiting for it: the link's watchdog answers every request within
+    /// about the timeout (a cut wakes them all); this is only a backstop.
+    deadline: Instant,
 }
 
 impl Mirror {
@@ -299,17 +302,9 @@ impl Mirror {
             0 => VERIFY_CHUNK,
             max => VERIFY_CHUNK.min(u64::from(max) / u64::from(CHECKSUM_BLOCK) * u64::from(CHECKSUM_BLOCK)),
         };
-        let mut suspects: Vec<(u64, u64)> = Vec::new();
-        let mut pos = 0;
-        while pos < self.size {
-            let mut ranges = Vec::with_capacity(VERIFY_DEPTH);
-            while ranges.len() < VERIFY_DEPTH && pos < self.size {
-                let len = chunk.min(self.size - pos);
-                ranges.push((pos, len));
-                pos += len;
-            }
-            suspects.extend(self.verify_batch(link, &ranges, true)?);
-        }
+        let size = self.size;
+        let whole = (0..size.div_ceil(chunk)).map(|i| (i * chunk, chunk.min(size - i * chunk)));
+        let mut suspects = self.verify_ranges(link, whole, true)?;
         for round in 1..=RETRY_ROUNDS {
             if suspects.is_empty() {
                 break;
@@ -318,11 +313,7 @@ impl Mirror {
             std::thread::sleep(Duration::from_millis(u64::from(round) * 5).min(Duration::from_millis(100)));
             let bytes: u64 = suspects.iter().map(|s| s.1).sum();
             self.verify.retried.fetch_add(bytes, Ordering::Relaxed);
-            let mut again = Vec::new();
-            for batch in suspects.chunks(VERIFY_DEPTH) {
-                again.extend(self.verify_batch(link, batch, false)?);
-            }
-            suspects = again;
+            suspects = self.verify_ranges(link, suspects.into_iter(), false)?;
         }
         let left: u64 = suspects.iter().map(|s| s.1).sum();
         if left > 0 {
@@ -345,37 +336,49 @@ impl Mirror {
         Ok(())
     }
 
-    /// Compares `ranges` (offset, length), all in flight at once; returns the blocks that
-    /// differ but raced a write. `progress`: count the ranges as done (the first pass).
-    fn verify_batch(&self, link: &Arc<Link>, ranges: &[(u64, u64)], progress: bool) -> Result<Vec<(u64, u64)>, String> {
-        self.verify_alive(link)?;
-        let chunks: Vec<Chunk> = ranges.iter().map(|&(o, l)| self.verify_send(link, o, l)).collect();
+    /// Compares `ranges` (offset, length) in order, [`VERIFY_DEPTH`] in flight (a new one
+    /// is sent as soon as the oldest is compared); returns the blocks that differ but raced a
+    /// write. `progress`: count the ranges as done (the first pass).
+    fn verify_ranges(
+        &self,
+        link: &Arc<Link>,
+        mut ranges: impl Iterator<Item = (u64, u64)>,
+        progress: bool,
+    ) -> Result<Vec<(u64, u64)>, String> {
         let timeout = lock(&self.cfg).timeout;
-        // The link's watchdog answers every request within about the timeout (a cut wakes
-        // them all); this deadline is a backstop.
-        let deadline = Instant::now() + timeout + Duration::from_secs(1);
+        let mut inflight: std::collections::VecDeque<Chunk> = std::collections::VecDeque::with_capacity(VERIFY_DEPTH);
         let mut suspects = Vec::new();
-        let mut failure = None;
-        for c in chunks {
-            // Every window is closed, also after a failure.
-            match self.verify_finish(link, c, deadline) {
-                Ok(s) if failure.is_none() => suspects.extend(s),
-                Ok(_) => {}
-                Err(e) => failure = failure.or(Some(e)),
+        let mut result = Ok(());
+        loop {
+            while result.is_ok() && inflight.len() < VERIFY_DEPTH {
+                let Some((offset, len)) = ranges.next() else { break };
+                result = self.verify_alive(link);
+                if result.is_ok() {
+                    inflight.push_back(self.verify_send(link, offset, len, timeout));
+                }
+            }
+            let Some(c) = inflight.pop_front() else { break };
+            if result.is_err() {
+                // Failed already: close the windows of what is still in flight.
+                self.verify.tracker.close(c.window);
+                continue;
+            }
+            let len = c.len;
+            match self.verify_finish(link, c) {
+                Ok(s) => {
+                    suspects.extend(s);
+                    if progress {
+                        self.verify.done.fetch_add(len, Ordering::Relaxed);
+                    }
+                }
+                Err(e) => result = Err(e),
             }
         }
-        if let Some(e) = failure {
-            return Err(e);
-        }
-        if progress {
-            let bytes: u64 = ranges.iter().map(|r| r.1).sum();
-            self.verify.done.fetch_add(bytes, Ordering::Relaxed);
-        }
-        Ok(suspects)
+        result.map(|()| suspects)
     }
 
     /// Opens the window of [offset, offset + len) and asks the secondary for its side.
-    fn verify_send(&self, link: &Arc<Link>, offset: u64, len: u64) -> Chunk {
+    fn verify_send(&self, link: &Arc<Link>, offset: u64, len: u64, timeout: Duration) -> Chunk {
         let (s0, s1) = (offset / SECTOR, (offset + len).div_ceil(SECTOR));
         let t0 = self.now();
         let window = self.verify.tracker.open(s0, s1);
@@ -389,18 +392,18 @@ impl Mirror {
         let (tx, rx) = mpsc::channel();
         let req = Request { flags: 0, cmd, handle: 0, offset, length };
         let rx = self.send_req(link, req, Payload::default(), expect, Waiter::Payload(tx)).ok().map(|()| rx);
-        Chunk { offset, len, t0, window, rx }
+        Chunk { offset, len, t0, window, rx, deadline: Instant::now() + timeout + Duration::from_secs(1) }
     }
 
     /// Reads the local side, waits for the secondary's, closes the window and compares.
-    fn verify_finish(&self, link: &Arc<Link>, c: Chunk, deadline: Instant) -> Result<Vec<(u64, u64)>, String> {
+    fn verify_finish(&self, link: &Arc<Link>, c: Chunk) -> Result<Vec<(u64, u64)>, String> {
         let (s0, s1) = (c.offset / SECTOR, (c.offset + c.len).div_ceil(SECTOR));
         let mut local = AlignedBuf::zeroed(c.len as usize);
         let read = std::os::unix::fs::FileExt::read_exact_at(&*self.disk, &mut local, c.offset);
         let remote = match c.rx {
             None => Err("the request could not be sent".to_string()),
             Some(rx) => rx
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .recv_timeout(c.deadline.saturating_duration_since(Instant::now()))
                 .unwrap_or_else(|_| Err("no answer in time".to_string())),
         };
         let hit = self.verify.tracker.close(c.window);
