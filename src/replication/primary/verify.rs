@@ -43,6 +43,9 @@ const VERIFY_CHUNK: u64 = 2 << 20;
 const VERIFY_DEPTH: usize = 8;
 /// How often a differing block whose comparison raced a write is compared again.
 const RETRY_ROUNDS: u32 = 20;
+/// Chunks with differences logged per verify (a disk that differs everywhere would otherwise
+/// log a line per 2 MiB); the counts in `query-replication` are complete.
+const LOGGED_CHUNKS: u64 = 16;
 
 /// What a guest write holds while it is tracked (see [`WriteTracker`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -182,6 +185,8 @@ pub(super) struct Verify {
     differing: AtomicU64,
     retried: AtomicU64,
     unverified: AtomicU64,
+    /// Chunks with differences logged so far (see [`LOGGED_CHUNKS`]).
+    logged: AtomicU64,
     error: Mutex<Option<String>>,
     clock: JobClock,
 }
@@ -247,7 +252,7 @@ impl Mirror {
         v.resync.store(resync, Ordering::Relaxed);
         v.checksums.store(link.checksum_max > 0, Ordering::Relaxed);
         v.total.store(self.size, Ordering::Relaxed);
-        for c in [&v.done, &v.differing, &v.retried, &v.unverified] {
+        for c in [&v.done, &v.differing, &v.retried, &v.unverified, &v.logged] {
             c.store(0, Ordering::Relaxed);
         }
         *lock(&v.error) = None;
@@ -460,7 +465,18 @@ impl Mirror {
         }
         let bytes: u64 = ranges.iter().map(|r| r.1).sum();
         self.verify.differing.fetch_add(bytes, Ordering::Relaxed);
-        log::warn!("verify: {bytes} bytes differ in {}+{}: {ranges:?}", c.offset, c.len);
+        match self.verify.logged.fetch_add(1, Ordering::Relaxed) {
+            n if n < LOGGED_CHUNKS => log::warn!(
+                "verify: {bytes} bytes differ in {}+{} ({} ranges, the first {}+{})",
+                c.offset,
+                c.len,
+                ranges.len(),
+                ranges[0].0,
+                ranges[0].1
+            ),
+            LOGGED_CHUNKS => log::warn!("verify: more differences; not logged (query-replication counts them)"),
+            _ => {}
+        }
         if self.verify.resync.load(Ordering::Relaxed) {
             for (at, len) in ranges {
                 self.dirty.set(at / SECTOR, (at + len).div_ceil(SECTOR));
