@@ -279,7 +279,7 @@ fn a_hung_or_cut_link_ends_the_verify_with_an_error() {
     qmp(&sec, "replication-start", json!({"mode": "secondary"})).unwrap();
     let proxy = Proxy::start(&dir.path().join("proxy.sock"), nbd);
     let uri = format!("nbd+unix:///?socket={}", proxy.path.display());
-    let pri = start_primary(tempfile::tempdir().unwrap(), &pdisk, SIZE, &["--secondary-timeout", "2"]);
+    let pri = start_primary(tempfile::tempdir().unwrap(), &pdisk, SIZE, &["--secondary-timeout", "4"]);
     qmp(&pri, "replication-start", json!({"mode": "primary", "secondary": uri})).unwrap();
     let mut c = Client::connect(&pri.socket, 1, false);
     for (round, cut) in [(0u32, false), (1, true)] {
@@ -304,11 +304,12 @@ fn a_hung_or_cut_link_ends_the_verify_with_an_error() {
         let err = done["data"]["error"].as_str().unwrap_or_default().to_string();
         assert!(err.contains("link went down during the verify"), "round {round}: {done}");
         if cut {
-            assert!(took < Duration::from_millis(1500), "a cut link ends the verify at once, not by timeout: {took:?}");
-            assert!(!err.contains("did not answer within"), "{err}");
+            // Ended by the cut, not by the watchdog.
+            assert!(err.contains("replication link lost"), "{err}");
         } else {
-            // The link's watchdog (timeout 2 s) cuts the hung link; the verify does not hang.
-            assert!(err.contains("did not answer within"), "{err}");
+            // The link's watchdog (timeout 4 s) cuts the hung link; the verify does not hang.
+            assert!(err.contains("did not answer within 4s"), "{err}");
+            assert!(took < Duration::from_secs(12), "{took:?}");
         }
         let q = qmp(&pri, "query-replication", json!({})).unwrap();
         assert_eq!(q["verify"]["active"], false, "{q}");
