@@ -113,16 +113,23 @@ pub trait NbdExport: Send + Sync + 'static {
     /// Appends the hash of each [`CHECKSUM_BLOCK`] of [offset, offset + len) (in range) to
     /// `out`, reading what [`NbdExport::read`] serves in pieces of [`CHECKSUM_PIECE`] bytes.
     fn checksums(&self, offset: u64, len: u64, out: &mut Vec<u64>) -> io::Result<()> {
-        let mut buf = vec![0u8; CHECKSUM_PIECE.min(len as usize)];
-        let mut at = 0u64;
-        while at < len {
-            // CHECKSUM_PIECE is a multiple of CHECKSUM_BLOCK: only the last block is short.
-            let n = (len - at).min(buf.len() as u64) as usize;
-            self.read(offset + at, &mut buf[..n])?;
-            checksum::block_hashes(&buf[..n], out);
-            at += n as u64;
+        thread_local! {
+            /// Each server worker thread hashes through one buffer of CHECKSUM_PIECE bytes
+            /// (a fresh 1 MiB allocation per request costs more than hashing it).
+            static PIECE: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
         }
-        Ok(())
+        PIECE.with_borrow_mut(|buf| {
+            buf.resize(CHECKSUM_PIECE, 0);
+            let mut at = 0u64;
+            while at < len {
+                // CHECKSUM_PIECE is a multiple of CHECKSUM_BLOCK: only the last block is short.
+                let n = (len - at).min(CHECKSUM_PIECE as u64) as usize;
+                self.read(offset + at, &mut buf[..n])?;
+                checksum::block_hashes(&buf[..n], out);
+                at += n as u64;
+            }
+            Ok(())
+        })
     }
 }
 

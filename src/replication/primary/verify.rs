@@ -353,6 +353,7 @@ impl Mirror {
         let timeout = lock(&self.cfg).timeout;
         let mut inflight: std::collections::VecDeque<Chunk> = std::collections::VecDeque::with_capacity(VERIFY_DEPTH);
         let mut suspects = Vec::new();
+        let mut scratch = AlignedBuf::default();
         let mut result = Ok(());
         loop {
             while result.is_ok() && inflight.len() < VERIFY_DEPTH {
@@ -369,7 +370,7 @@ impl Mirror {
                 continue;
             }
             let len = c.len;
-            match self.verify_finish(link, c) {
+            match self.verify_finish(link, c, &mut scratch) {
                 Ok(s) => {
                     suspects.extend(s);
                     if progress {
@@ -401,10 +402,16 @@ impl Mirror {
     }
 
     /// Reads the local side, waits for the secondary's, closes the window and compares.
-    fn verify_finish(&self, link: &Arc<Link>, c: Chunk) -> Result<Vec<(u64, u64)>, String> {
+    fn verify_finish(&self, link: &Arc<Link>, c: Chunk, scratch: &mut AlignedBuf) -> Result<Vec<(u64, u64)>, String> {
         let (s0, s1) = (c.offset / SECTOR, (c.offset + c.len).div_ceil(SECTOR));
-        let mut local = AlignedBuf::zeroed(c.len as usize);
-        let read = std::os::unix::fs::FileExt::read_exact_at(&*self.disk, &mut local, c.offset);
+        // One chunk is compared at a time: one buffer serves them all (a fresh 2 MiB
+        // allocation per chunk costs more than hashing it).
+        if scratch.len() < c.len as usize {
+            *scratch = AlignedBuf::zeroed(VERIFY_CHUNK as usize);
+        }
+        let local = &mut scratch[..c.len as usize];
+        let read = std::os::unix::fs::FileExt::read_exact_at(&*self.disk, local, c.offset);
+        let local = &*local;
         let remote = match c.rx {
             None => Err("the request could not be sent".to_string()),
             Some(rx) => rx
@@ -426,7 +433,7 @@ impl Mirror {
         let block = CHECKSUM_BLOCK as usize;
         let differing: Vec<usize> = if link.checksum_max > 0 {
             let mut mine = Vec::with_capacity(local.len().div_ceil(block));
-            checksum::block_hashes(&local, &mut mine);
+            checksum::block_hashes(local, &mut mine);
             let theirs = checksum::decode_hashes(&remote);
             (0..mine.len()).filter(|&i| theirs.get(i) != Some(&mine[i])).collect()
         } else {
