@@ -497,7 +497,94 @@ impl Mirror {
 
 #[cfg(test)]
 mod tests {
+    use super::super::{MirrorConfig, Reply};
     use super::*;
+    use crate::nbd::server::Stream;
+    use std::collections::HashMap;
+    use std::os::unix::fs::FileExt;
+    use std::sync::Condvar;
+    use std::sync::atomic::AtomicBool;
+
+    /// A mirror of a 4 MiB disk whose link is answered by a thread playing a colo-blk
+    /// secondary with the disk image `secondary` (checksum requests only).
+    fn mirror_with_secondary(disk: &[u8], secondary: Vec<u8>) -> (Arc<Mirror>, Arc<Link>) {
+        let f = tempfile::tempfile().unwrap();
+        f.write_all_at(disk, 0).unwrap();
+        let cfg = MirrorConfig { secondary: None, timeout: Duration::from_secs(5), tls: None };
+        let m = Mirror::new(Arc::new(f), disk.len() as u64, cfg);
+        m.set_stage(Stage::Running);
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let (tx, rx) = mpsc::channel::<(Request, Payload)>();
+        let link = Arc::new(Link {
+            tx,
+            ctl: Stream::Unix(a),
+            pending: Mutex::new(HashMap::new()),
+            drained: Condvar::new(),
+            broken: AtomicBool::new(false),
+            colo: true,
+            write_zeroes: true,
+            checksum_max: checksum::MAX_CHECKSUM_LEN,
+        });
+        let (weak, m2) = (Arc::downgrade(&link), m.clone());
+        std::thread::spawn(move || {
+            while let Ok((req, _)) = rx.recv() {
+                let Some(l) = weak.upgrade() else { return };
+                assert_eq!(req.cmd, CMD_COLO_CHECKSUM);
+                let mut h = Vec::new();
+                let (a, b) = (req.offset as usize, req.offset as usize + req.length as usize);
+                checksum::block_hashes(&secondary[a..b], &mut h);
+                let payload = checksum::encode_hashes(&h)[4..].to_vec();
+                m2.on_reply(&l, Reply { error: 0, handle: req.handle }, Some(payload));
+            }
+        });
+        *lock(&m.link) = Some(link.clone());
+        (m, link)
+    }
+
+    /// The retry rule end to end in one process: a block that differs while a write to it
+    /// stays in flight is compared again every round and ends unverified, never differing;
+    /// a block that differs with no write around is reported (and, with resync, dirtied);
+    /// once the write completed, the first block's real difference is reported too.
+    #[test]
+    fn racing_blocks_are_retried_and_never_reported() {
+        const M: usize = 1 << 20;
+        let disk: Vec<u8> = (0..4 * M).map(|i| (i % 251) as u8).collect();
+        let mut sec = disk.clone();
+        sec[M + 10] ^= 1; // block 256: a real difference
+        sec[3 * M + 4096] ^= 1; // block 769: differs, and a write to it stays in flight
+        let (m, link) = mirror_with_secondary(&disk, sec);
+        m.verify.tracker.watching.store(true, Ordering::SeqCst);
+        let s0 = (3 * M as u64 + 4096) / SECTOR;
+        let hot = m.verify.tracker.started(s0, s0 + 8);
+        assert!(matches!(hot, Ticket::Tracked(_)));
+        m.verify.resync.store(true, Ordering::Relaxed);
+        m.verify_pass(&link).unwrap();
+        let v = m.verify.json();
+        assert_eq!(v["differing-bytes"], 4096, "{v}");
+        assert_eq!(v["unverified-bytes"], 4096, "{v}");
+        assert_eq!(v["retried-bytes"], u64::from(RETRY_ROUNDS) * 4096, "{v}");
+        assert_eq!(v["done-bytes"], 4 * M as u64, "{v}");
+        assert_eq!(m.dirty.count_all(), 8, "resync dirtied the differing block only");
+        assert_eq!(m.dirty.next_set_run(0, u64::MAX), Some((M as u64 / SECTOR, M as u64 / SECTOR + 8)));
+        // The write completes: the block's difference is real and now reported.
+        m.verify.tracker.finished(hot);
+        m.dirty.clear_all();
+        m.verify.resync.store(false, Ordering::Relaxed);
+        for c in [&m.verify.differing, &m.verify.unverified, &m.verify.retried] {
+            c.store(0, Ordering::Relaxed);
+        }
+        m.verify_pass(&link).unwrap();
+        let v = m.verify.json();
+        assert_eq!((v["differing-bytes"].as_u64(), v["unverified-bytes"].as_u64()), (Some(8192), Some(0)), "{v}");
+        assert_eq!(m.dirty.count_all(), 0, "no resync asked for");
+        // A range still dirty (the resync has not copied it) counts as racing, not differing.
+        m.dirty.set(M as u64 / SECTOR, M as u64 / SECTOR + 1);
+        m.verify.differing.store(0, Ordering::Relaxed);
+        m.verify.unverified.store(0, Ordering::Relaxed);
+        m.verify_pass(&link).unwrap();
+        let v = m.verify.json();
+        assert_eq!((v["differing-bytes"].as_u64(), v["unverified-bytes"].as_u64()), (Some(4096), Some(4096)), "{v}");
+    }
 
     /// The ordering rule's bookkeeping: a window is hit by a write in flight when it opens
     /// and by one started while it is open, not by one that finished before or by one of
