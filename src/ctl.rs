@@ -1,6 +1,6 @@
 //! `colo-blk ctl`: a QMP client for people. Prints the answer as pretty JSON (exit 0), or the
 //! error text (exit 1); with `--wait` it then follows the long job the command started
-//! (failover commit, resync) and prints its progress until it ends.
+//! (failover commit, resync, verify) and prints its progress until it ends.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -16,8 +16,8 @@ pub struct CtlArgs {
     /// The daemon's control socket.
     #[arg(long)]
     qmp: PathBuf,
-    /// After the command, follow the failover commit or resync it started, printing progress
-    /// to stderr until it ends (exit 1 if it ends in an error).
+    /// After the command, follow the failover commit, resync or verify it started, printing
+    /// progress to stderr until it ends (exit 1 if it ends in an error).
     #[arg(long)]
     wait: bool,
     /// Command name, e.g. query-block.
@@ -54,7 +54,7 @@ pub fn run(a: CtlArgs) -> ExitCode {
     if !a.wait {
         return ExitCode::SUCCESS;
     }
-    match follow(&a.qmp) {
+    match follow(&a.qmp, a.command == "replication-verify") {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(1),
         Err(e) => {
@@ -71,6 +71,8 @@ enum Job {
     Commit(u64, u64, Value),
     /// Resync / full sync: (copied, remaining, progress object).
     Resync(u64, u64, Value),
+    /// `replication-verify`: (done, total, differing bytes, progress object).
+    Verify(u64, u64, u64, Value),
     /// Nothing running; `ok`: the last job did not end in an error.
     Idle { ok: bool },
 }
@@ -83,6 +85,10 @@ fn job_of(q: &Value) -> Job {
             n(&q["commit"]["total-bytes"]),
             q["commit"]["progress"].clone(),
         );
+    }
+    let v = &q["verify"];
+    if v["active"] == true {
+        return Job::Verify(n(&v["done-bytes"]), n(&v["total-bytes"]), n(&v["differing-bytes"]), v["progress"].clone());
     }
     let resync = &q["resync"];
     let remaining = n(&resync["remaining-bytes"]);
@@ -101,7 +107,9 @@ fn progress_line(what: &str, done: u64, left: u64, p: &Value) -> String {
     format!("{what}: {:.1}/{:.1} MiB ({pct:.0}%){rate}{eta}", done as f64 / MIB, total as f64 / MIB)
 }
 
-fn follow(qmp: &std::path::Path) -> std::io::Result<bool> {
+/// Follows the job; `verify`: the command was `replication-verify`, whose outcome (its
+/// `error`) decides the result, after the resync of what it found when it asked for one.
+fn follow(qmp: &std::path::Path, verify: bool) -> std::io::Result<bool> {
     let mut c = QmpClient::connect(qmp)?;
     loop {
         let q = c.execute("query-replication", Map::new())?.map_err(std::io::Error::other)?;
@@ -121,7 +129,23 @@ fn follow(qmp: &std::path::Path) -> std::io::Result<bool> {
                 let what = if q["link"]["connected"] == true { "resync" } else { "resync (link down)" };
                 eprintln!("{}", progress_line(what, copied, left, &p))
             }
+            Job::Verify(done, total, differing, p) => {
+                let what = format!("verify ({differing} bytes differ)");
+                eprintln!("{}", progress_line(&what, done, total.saturating_sub(done), &p))
+            }
             Job::Idle { ok } => {
+                if verify {
+                    let v = &q["verify"];
+                    eprintln!(
+                        "verify: {} bytes differ, {} unverified{}",
+                        v["differing-bytes"],
+                        v["unverified-bytes"],
+                        v["error"].as_str().map_or(String::new(), |e| format!(", error: {e}"))
+                    );
+                    if v["error"].is_string() {
+                        return Ok(false);
+                    }
+                }
                 eprintln!(
                     "done: stage {}{}",
                     q["stage"],
@@ -156,5 +180,7 @@ mod tests {
             job_of(&json!({"mode": "secondary", "stage": "failover-failed", "commit": {"active": false}})),
             Job::Idle { ok: false }
         );
+        let q = json!({"mode": "primary", "stage": "running", "link": {"connected": true}, "resync": {"remaining-bytes": 9}, "verify": {"active": true, "done-bytes": 2, "total-bytes": 8, "differing-bytes": 4096, "progress": null}});
+        assert_eq!(job_of(&q), Job::Verify(2, 8, 4096, Value::Null));
     }
 }

@@ -1,5 +1,5 @@
 //! The NBD server fed an arbitrary client byte stream (negotiation, then requests) over a
-//! socket pair, against an in-memory export with COLO barriers: it must never panic, never
+//! socket pair, against an in-memory export with COLO barriers and checksums: it must never panic, never
 //! touch data outside the export, and always end the connection.
 #![no_main]
 
@@ -44,6 +44,9 @@ impl NbdExport for MemExport {
     }
     fn barrier(&self, _seq: u64) -> std::io::Result<()> {
         Ok(())
+    }
+    fn offers_checksums(&self) -> bool {
+        true
     }
 }
 

@@ -372,6 +372,9 @@ impl QmpHandler for Daemon {
                 self.replication.checkpoint(*barrier).map(|()| json!({})).map_err(generic)
             }
             Command::ReplicationGetError => self.replication.get_error().map(|()| json!({})).map_err(generic),
+            Command::ReplicationVerify { resync } => {
+                self.replication.verify(*resync).map(|()| json!({})).map_err(generic)
+            }
             Command::InjectFault(rule) => match &self.cfg.faults {
                 Some(plan) => {
                     plan.add(rule.clone());

@@ -84,6 +84,9 @@ pub struct ExportInfo {
     /// The server disk's data generation (0: unknown or not said) and whether the serving
     /// process applied every write since it adopted it (see `replication/generation.rs`).
     pub colo_generation: (u64, bool),
+    /// The largest range one [`super::checksum::CMD_COLO_CHECKSUM`] may cover; 0 when the
+    /// server does not offer checksums (asked only when [`ExportInfo::colo`]).
+    pub checksum_max: u32,
 }
 
 fn read_u16(d: &Deadline, s: &mut Stream) -> io::Result<u16> {
@@ -178,6 +181,7 @@ pub fn negotiate(
         s = super::tls::connect(s, cfg, &host, d.at())?;
     }
     let (colo, colo_last_barrier, colo_generation) = ask_colo(d, &mut s)?;
+    let checksum_max = if colo { ask_checksums(d, &mut s)? } else { 0 };
     // OPT_GO: u32 name length, name, u16 number of info requests (none).
     let name = export.as_bytes();
     let mut data = Vec::with_capacity(6 + name.len());
@@ -193,7 +197,7 @@ pub fn negotiate(
             REP_INFO if payload.len() >= 12 && u16::from_be_bytes([payload[0], payload[1]]) == INFO_EXPORT => {
                 let size = u64::from_be_bytes(payload[2..10].try_into().unwrap_or_default());
                 let flags = u16::from_be_bytes([payload[10], payload[11]]);
-                info = Some(ExportInfo { size, flags, colo, colo_last_barrier, colo_generation });
+                info = Some(ExportInfo { size, flags, colo, colo_last_barrier, colo_generation, checksum_max });
             }
             REP_ERR_UNSUP => {
                 // An old server: fall back to EXPORT_NAME, which answers with size + flags.
@@ -204,7 +208,7 @@ pub fn negotiate(
                     let mut z = [0u8; 124];
                     d.read_exact(&mut s, &mut z)?;
                 }
-                info = Some(ExportInfo { size, flags, colo, colo_last_barrier, colo_generation });
+                info = Some(ExportInfo { size, flags, colo, colo_last_barrier, colo_generation, checksum_max });
                 break;
             }
             t if t & (1 << 31) != 0 => {
@@ -236,6 +240,18 @@ fn ask_colo(d: &Deadline, s: &mut Stream) -> io::Result<(bool, u64, (u64, bool))
     let word = |at: usize| payload.get(at..at + 8).map_or(0, |b| u64::from_be_bytes(b.try_into().unwrap_or_default()));
     let continuous = payload.get(16).is_some_and(|f| f & 1 != 0);
     Ok((true, word(0), (word(8), continuous)))
+}
+
+/// Asks for the colo-blk checksum extension: the largest request length it allows, 0 when
+/// not offered (any error reply, or an acknowledgement this client cannot use).
+fn ask_checksums(d: &Deadline, s: &mut Stream) -> io::Result<u32> {
+    use super::checksum::{OPT_COLO_CHECKSUM, parse_ack};
+    send_option(d, s, OPT_COLO_CHECKSUM, &[])?;
+    let (opt, rtype, payload) = read_option_reply(d, s)?;
+    if opt != OPT_COLO_CHECKSUM {
+        return Err(bad(format!("reply to option {opt:#x} instead of the checksum option")));
+    }
+    Ok(if rtype == REP_ACK { parse_ack(&payload).unwrap_or(0) } else { 0 })
 }
 
 /// Reads one option reply: (option, reply type, payload). A payload longer than
@@ -271,7 +287,8 @@ pub struct Reply {
     pub handle: u64,
 }
 
-/// Reads one simple reply header (no payload: the link never reads).
+/// Reads one simple reply header (a payload, which only verify requests have, is read by
+/// the caller, who knows what it asked for).
 pub fn read_reply(s: &mut Stream) -> io::Result<Reply> {
     let mut b = [0u8; 16];
     super::timed::read_exact(s, &mut b)?;
@@ -283,6 +300,28 @@ pub fn read_reply(s: &mut Stream) -> io::Result<Reply> {
         error: u32::from_be_bytes([b[4], b[5], b[6], b[7]]),
         handle: u64::from_be_bytes(b[8..16].try_into().unwrap_or_default()),
     })
+}
+
+/// Reads the payload of a successful [`super::checksum::CMD_COLO_CHECKSUM`] reply: the
+/// count, which must be `expected` (a server that says otherwise broke the framing: nothing
+/// after it can be trusted), then the hashes, as raw big-endian bytes.
+pub fn read_checksum_payload(s: &mut Stream, expected: u32) -> io::Result<Vec<u8>> {
+    let mut c = [0u8; 4];
+    super::timed::read_exact(s, &mut c)?;
+    let count = u32::from_be_bytes(c);
+    if count != expected {
+        return Err(bad(format!("malformed checksum reply: {count} hashes where {expected} were asked for")));
+    }
+    let mut b = vec![0u8; 8 * expected as usize];
+    super::timed::read_exact(s, &mut b)?;
+    Ok(b)
+}
+
+/// Reads the `len` data bytes of a successful READ reply.
+pub fn read_data_payload(s: &mut Stream, len: u32) -> io::Result<Vec<u8>> {
+    let mut b = vec![0u8; len as usize];
+    super::timed::read_exact(s, &mut b)?;
+    Ok(b)
 }
 
 /// Writes one request (and its payload).

@@ -3,6 +3,7 @@
 //! all peers.
 
 pub mod allow;
+pub mod checksum;
 pub mod client;
 pub mod server;
 pub mod structured;

@@ -27,6 +27,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use super::checksum::{self, CHECKSUM_BLOCK, CHECKSUM_PIECE, CMD_COLO_CHECKSUM, MAX_CHECKSUM_LEN, OPT_COLO_CHECKSUM};
 use super::structured::{self, ReplyMode};
 use super::timed::{self, Deadline};
 use super::wire::*;
@@ -114,6 +115,31 @@ pub trait NbdExport: Send + Sync + 'static {
     /// Adopts data generation `g` (see [`CMD_COLO_ADOPT`]); runs like a barrier.
     fn adopt_generation(&self, _g: u64) -> io::Result<()> {
         Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP))
+    }
+    /// Whether the export offers block checksums ([`OPT_COLO_CHECKSUM`] is acknowledged).
+    fn offers_checksums(&self) -> bool {
+        false
+    }
+    /// Appends the hash of each [`CHECKSUM_BLOCK`] of [offset, offset + len) (in range) to
+    /// `out`, reading what [`NbdExport::read`] serves in pieces of [`CHECKSUM_PIECE`] bytes.
+    fn checksums(&self, offset: u64, len: u64, out: &mut Vec<u64>) -> io::Result<()> {
+        thread_local! {
+            /// Each server worker thread hashes through one buffer of CHECKSUM_PIECE bytes
+            /// (a fresh 1 MiB allocation per request costs more than hashing it).
+            static PIECE: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        PIECE.with_borrow_mut(|buf| {
+            buf.resize(CHECKSUM_PIECE, 0);
+            let mut at = 0u64;
+            while at < len {
+                // CHECKSUM_PIECE is a multiple of CHECKSUM_BLOCK: only the last block is short.
+                let n = (len - at).min(CHECKSUM_PIECE as u64) as usize;
+                self.read(offset + at, &mut buf[..n])?;
+                checksum::block_hashes(&buf[..n], out);
+                at += n as u64;
+            }
+            Ok(())
+        })
     }
 }
 
@@ -730,6 +756,10 @@ fn negotiate(s: &mut Stream, shared: &Shared, id: u64, d: &Deadline) -> io::Resu
                 ack.push(u8::from(continuous));
                 d.write_all(s, &option_reply(opt, REP_ACK, &ack))?;
             }
+            OPT_COLO_CHECKSUM if export.offers_checksums() && data.is_empty() => {
+                mode.checksums = true;
+                d.write_all(s, &option_reply(opt, REP_ACK, &checksum::ack_payload()))?;
+            }
             OPT_STRUCTURED_REPLY if data.is_empty() => {
                 mode.structured = true;
                 d.write_all(s, &option_reply(opt, REP_ACK, &[]))?;
@@ -1040,6 +1070,10 @@ fn read_requests(
         // buffer (allocated by the worker) and a write's payload alike.
         let bytes = match req.cmd {
             CMD_READ | CMD_WRITE if req.length <= MAX_PAYLOAD => req.length as usize,
+            // A checksum holds one piece being hashed and its reply.
+            CMD_COLO_CHECKSUM if req.length <= MAX_CHECKSUM_LEN => {
+                CHECKSUM_PIECE.min(req.length as usize) + 4 + 8 * checksum::hash_count(req.length) as usize
+            }
             _ => 0,
         };
         match req.cmd {
@@ -1063,7 +1097,7 @@ fn read_requests(
                     return Ok(false);
                 }
             }
-            CMD_READ => {
+            CMD_READ | CMD_COLO_CHECKSUM => {
                 if !state.budget.take(bytes, &state.dead) {
                     return Ok(false);
                 }
@@ -1157,7 +1191,8 @@ fn execute(job: Job, writer: &Mutex<Stream>, shared: &Shared, mode: ReplyMode) -
     if writes && e.read_only() {
         return fail(EPERM);
     }
-    if matches!(req.cmd, CMD_READ | CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES | CMD_BLOCK_STATUS) && !in_range(&req, size)
+    if matches!(req.cmd, CMD_READ | CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES | CMD_BLOCK_STATUS | CMD_COLO_CHECKSUM)
+        && !in_range(&req, size)
     {
         return fail(EINVAL);
     }
@@ -1176,6 +1211,25 @@ fn execute(job: Job, writer: &Mutex<Stream>, shared: &Shared, mode: ReplyMode) -
         }
     };
     match job {
+        Job::Read(r) if r.cmd == CMD_COLO_CHECKSUM => {
+            // Only after the extension was negotiated; a range of whole blocks (the last may
+            // be short at the end of the export) within the bound. Checksum replies are
+            // simple replies in every reply mode.
+            let whole = u64::from(r.length) % u64::from(CHECKSUM_BLOCK) == 0 || r.offset + u64::from(r.length) == size;
+            if !mode.checksums || r.flags != 0 || r.length == 0 || r.length > MAX_CHECKSUM_LEN || !whole {
+                stats.errors.fetch_add(1, Ordering::Relaxed);
+                return reply(writer, EINVAL, r.handle, None);
+            }
+            let mut hashes = Vec::with_capacity(checksum::hash_count(r.length) as usize);
+            match e.checksums(r.offset, u64::from(r.length), &mut hashes) {
+                Ok(()) => reply(writer, 0, r.handle, Some(&checksum::encode_hashes(&hashes))),
+                Err(err) => {
+                    log::warn!("nbd: checksum at {}+{} failed: {err}", r.offset, r.length);
+                    stats.errors.fetch_add(1, Ordering::Relaxed);
+                    reply(writer, errno_to_nbd(&err), r.handle, None)
+                }
+            }
+        }
         Job::Read(r) => {
             if r.length > MAX_PAYLOAD {
                 return fail(EINVAL);

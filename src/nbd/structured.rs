@@ -18,6 +18,9 @@ pub struct ReplyMode {
     pub structured: bool,
     /// `base:allocation` was selected (`NBD_CMD_BLOCK_STATUS` is answered).
     pub allocation: bool,
+    /// The colo-blk checksum extension was acknowledged (`CMD_COLO_CHECKSUM` is answered,
+    /// with a simple reply; see [`super::checksum`]).
+    pub checksums: bool,
 }
 
 /// The id `base:allocation` gets in `SET_META_CONTEXT` answers and block-status chunks.

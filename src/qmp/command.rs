@@ -30,6 +30,11 @@ pub enum Command {
     },
     /// `replication-get-error`.
     ReplicationGetError,
+    /// `replication-verify {"resync": bool}` (primary): online comparison with the secondary.
+    ReplicationVerify {
+        /// Copy the differing blocks to the secondary.
+        resync: bool,
+    },
     /// `x-inject-fault {"op", "offset", "length", "errno", "count"}` (needs
     /// `--x-fault-injection`).
     InjectFault(crate::block::fault::FaultRule),
@@ -121,6 +126,14 @@ impl Command {
                 Ok(Command::ReplicationCheckpoint { barrier })
             }
             "replication-get-error" => no_args(Command::ReplicationGetError),
+            "replication-verify" => {
+                only(args, &["resync"])?;
+                let resync = match args.get("resync") {
+                    None => false,
+                    Some(_) => required_bool(args, "resync")?,
+                };
+                Ok(Command::ReplicationVerify { resync })
+            }
             "replication-start" => {
                 use crate::replication::{Mode, StartArgs, SyncMode};
                 only(args, &["mode", "secondary", "sync"])?;
@@ -218,6 +231,7 @@ pub const COMMAND_NAMES: &[&str] = &[
     "replication-checkpoint",
     "replication-get-error",
     "replication-stop",
+    "replication-verify",
     "x-inject-fault",
     "x-clear-faults",
     "block_resize",
@@ -314,6 +328,15 @@ mod tests {
         assert_eq!(
             Command::parse("replication-checkpoint", &obj(json!({"barrier": 7}))),
             Ok(Command::ReplicationCheckpoint { barrier: Some(7) })
+        );
+        assert_eq!(Command::parse("replication-verify", &Map::new()), Ok(Command::ReplicationVerify { resync: false }));
+        assert_eq!(
+            Command::parse("replication-verify", &obj(json!({"resync": true}))),
+            Ok(Command::ReplicationVerify { resync: true })
+        );
+        assert_eq!(
+            Command::parse("replication-verify", &obj(json!({"resync": 1}))),
+            Err(QmpError::Generic("Invalid parameter type for 'resync', expected: boolean".into()))
         );
         assert_eq!(
             Command::parse("replication-checkpoint", &obj(json!({"barrier": "7"}))),

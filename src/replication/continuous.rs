@@ -48,6 +48,18 @@ impl ReplicationControl for SecondaryThenPrimary {
     fn stop(&self, failover: bool, inject: bool) -> Result<(), ReplicationError> {
         if self.promoted() { self.primary.stop(failover, inject) } else { self.secondary.stop(failover, inject) }
     }
+    fn verify(&self, resync: bool) -> Result<(), ReplicationError> {
+        if self.promoted() {
+            self.primary.verify(resync)
+        } else {
+            // The secondary role has no verify of its own: the default refusal.
+            Err(ReplicationError(format!(
+                "replication-verify runs on a primary whose replication is running; this process is in mode \
+                 secondary (stage {})",
+                self.state.stage().name()
+            )))
+        }
+    }
     fn query(&self) -> Value {
         if self.promoted() {
             let mut q = self.primary.query();

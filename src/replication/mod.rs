@@ -145,6 +145,17 @@ pub trait ReplicationControl: Send + Sync {
     fn stop(&self, failover: bool, inject_commit_error: bool) -> Result<(), ReplicationError>;
     /// `query-replication`.
     fn query(&self) -> Value;
+    /// `replication-verify`: compare every block with the secondary while the guest runs;
+    /// `resync`: copy the differing blocks. Only a primary whose replication runs does it.
+    fn verify(&self, _resync: bool) -> Result<(), ReplicationError> {
+        let q = self.query();
+        Err(ReplicationError(format!(
+            "replication-verify runs on a primary whose replication is running; this process is in mode {} \
+             (stage {})",
+            q["mode"].as_str().unwrap_or("none"),
+            q["stage"].as_str().unwrap_or("none")
+        )))
+    }
 }
 
 /// Where stage changes and errors are reported (QMP events).

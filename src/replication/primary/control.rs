@@ -86,6 +86,11 @@ impl ReplicationControl for MirrorControl {
         Ok(())
     }
 
+    fn verify(&self, resync: bool) -> Result<(), ReplicationError> {
+        let _op = lock(&self.0.ops);
+        self.0.start_verify(resync)
+    }
+
     fn query(&self) -> Value {
         let m = &self.0;
         let link = m.current_link();
@@ -123,6 +128,7 @@ impl ReplicationControl for MirrorControl {
                 "remaining-bytes": m.dirty.count_all() * SECTOR,
                 "progress": m.resync_clock.json(st.resync_bytes.load(Ordering::Relaxed), m.dirty.count_all() * SECTOR),
             },
+            "verify": m.verify.json(),
         })
     }
 }

@@ -72,6 +72,8 @@ struct Join {
     range: Option<(u64, u64)>,
     /// Clock when it was forwarded.
     since: u64,
+    /// Its entry in the verify's write tracker, released when both halves completed.
+    ticket: verify::Ticket,
     /// A write's copy of the guest data and the iovec the local write was submitted with
     /// (boxed: it must not move while the local write is in flight).
     copy: Option<(Payload, LocalIov)>,
@@ -111,9 +113,21 @@ impl MirrorQueue {
                 if let Some((off, len)) = j.range {
                     self.mirror.activity_end(off / SECTOR, (off + len).div_ceil(SECTOR));
                 }
+                self.mirror.verify.tracker.finished(j.ticket);
                 out.push(Completion { token: j.token, result: j.result });
             }
             self.free.push(idx);
+        }
+    }
+}
+
+impl Drop for MirrorQueue {
+    /// A queue closed with writes still joined (a frontend that vanished) releases their
+    /// tracker entries, so a later verify neither waits for them nor treats their sectors
+    /// as written forever.
+    fn drop(&mut self) {
+        for j in self.joins.iter_mut().flatten() {
+            self.mirror.verify.tracker.finished(std::mem::replace(&mut j.ticket, verify::Ticket::None));
         }
     }
 }
@@ -148,7 +162,13 @@ impl BlockQueue for MirrorQueue {
         if let Some((off, len)) = range {
             self.mirror.activity_begin(off / SECTOR, (off + len).div_ceil(SECTOR));
         }
-        let join = Join { token, remaining: 2, result: 0, range, since: self.mirror.now(), copy };
+        // Tracked before the local write is submitted and the write forwarded (the verify's
+        // ordering rule, see `verify`).
+        let ticket = match range {
+            Some((off, len)) => self.mirror.verify.tracker.started(off / SECTOR, (off + len).div_ceil(SECTOR)),
+            None => verify::Ticket::None,
+        };
+        let join = Join { token, remaining: 2, result: 0, range, since: self.mirror.now(), copy, ticket };
         let idx = match self.free.pop() {
             Some(i) => {
                 self.joins[i] = Some(join);
@@ -170,6 +190,7 @@ impl BlockQueue for MirrorQueue {
         // token's local completion was reaped (or the push failed); other operations are
         // forwarded under the caller's contract.
         if let Err(e) = unsafe { self.inner.push(&local, itoken) } {
+            self.mirror.verify.tracker.finished(ticket);
             self.joins[idx] = None;
             self.free.push(idx);
             if let Some((off, len)) = range {

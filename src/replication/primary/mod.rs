@@ -54,11 +54,25 @@ enum Waiter {
     Queue(Arc<DoneQueue>, u64),
     /// The resync or a barrier: a channel.
     Chan(mpsc::Sender<bool>),
+    /// A verify request: the reply's payload, or why there is none.
+    Payload(mpsc::Sender<Result<Vec<u8>, String>>),
+}
+
+/// What follows a successful reply (only verify requests have a payload; see `verify`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expect {
+    /// Nothing: a simple reply header.
+    Nothing,
+    /// A READ's data, this many bytes.
+    Data(u32),
+    /// A checksum answer of this many hashes.
+    Hashes(u32),
 }
 
 struct Pending {
     sectors: (u64, u64),
     sent: Instant,
+    expect: Expect,
     waiter: Waiter,
 }
 
@@ -74,6 +88,9 @@ struct Link {
     /// The secondary takes WRITE_ZEROES (it advertised `NBD_FLAG_SEND_WRITE_ZEROES`): the
     /// resync sends holes and zero blocks that way instead of as data.
     write_zeroes: bool,
+    /// The largest range one checksum request may cover; 0 when the secondary does not offer
+    /// checksums (the verify then reads and compares).
+    checksum_max: u32,
 }
 
 /// Settings of the mirror.
@@ -123,6 +140,8 @@ pub struct Mirror {
     split_reported: Mutex<Option<String>>,
     /// The activity log (activity.rs), for a disk that has one.
     activity: std::sync::OnceLock<activity::ActivityLog>,
+    /// The online verify (`replication-verify`) and the write tracking it needs.
+    verify: verify::Verify,
 }
 
 #[derive(Default)]
@@ -240,6 +259,7 @@ impl Mirror {
             stats: MirrorStats::default(),
             resync_clock: JobClock::default(),
             error_at: ErrorTime::default(),
+            verify: verify::Verify::default(),
         })
     }
 
@@ -328,6 +348,7 @@ impl Mirror {
             broken: AtomicBool::new(false),
             colo: info.colo,
             write_zeroes: info.flags & crate::nbd::wire::TF_SEND_WRITE_ZEROES != 0,
+            checksum_max: info.checksum_max,
         });
         self.barrier_number.fetch_max(info.colo_last_barrier, Ordering::AcqRel);
         let mut writer = stream.try_clone()?;
@@ -349,8 +370,12 @@ impl Mirror {
         let (l3, me) = (link.clone(), self.clone());
         std::thread::Builder::new().name("nbd-link-recv".into()).spawn(move || {
             loop {
-                match client::read_reply(&mut reader) {
-                    Ok(r) => me.on_reply(&l3, r),
+                let reply = client::read_reply(&mut reader).and_then(|r| {
+                    let payload = me.reply_payload(&l3, &r, &mut reader)?;
+                    Ok((r, payload))
+                });
+                match reply {
+                    Ok((r, payload)) => me.on_reply(&l3, r, payload),
                     Err(e) => {
                         me.fail_link(&l3, &format!("replication link lost: {e}"));
                         break;
@@ -387,7 +412,21 @@ impl Mirror {
         }
     }
 
-    fn on_reply(&self, link: &Link, r: Reply) {
+    /// Reads what follows a successful reply to a verify request (its request is still
+    /// pending meanwhile, so the watchdog cuts a secondary that stalls in the middle).
+    fn reply_payload(&self, link: &Link, r: &Reply, s: &mut Stream) -> io::Result<Option<Vec<u8>>> {
+        if r.error != 0 {
+            return Ok(None);
+        }
+        let expect = lock(&link.pending).get(&r.handle).map_or(Expect::Nothing, |p| p.expect);
+        match expect {
+            Expect::Nothing => Ok(None),
+            Expect::Data(len) => client::read_data_payload(s, len).map(Some),
+            Expect::Hashes(count) => client::read_checksum_payload(s, count).map(Some),
+        }
+    }
+
+    fn on_reply(&self, link: &Link, r: Reply, payload: Option<Vec<u8>>) {
         let ok = r.error == 0;
         let mut g = lock(&link.pending);
         let Some(p) = g.remove(&r.handle) else {
@@ -396,6 +435,15 @@ impl Mirror {
             self.fail_link(link, &format!("replication link: reply for unknown handle {:#x}", r.handle));
             return;
         };
+        if let Waiter::Payload(tx) = p.waiter {
+            // A verify request: its outcome is the verify's business, not the link's.
+            drop(g);
+            let _ = tx.send(if ok { Ok(payload.unwrap_or_default()) } else { Err(nbd_error_text(r.error)) });
+            if lock(&link.pending).is_empty() {
+                link.drained.notify_all();
+            }
+            return;
+        }
         if !ok {
             // Dirty before the request leaves `pending`: a barrier waiting for the link to
             // drain then sees the range behind (see `barrier_inner`).
@@ -428,6 +476,9 @@ impl Mirror {
             Waiter::Queue(done, token) => done.push(Completion { token, result: 0 }),
             Waiter::Chan(tx) => {
                 let _ = tx.send(ok);
+            }
+            Waiter::Payload(tx) => {
+                let _ = tx.send(Err("the replication link went down".into()));
             }
         }
     }
@@ -475,10 +526,27 @@ impl Mirror {
         waiter: Waiter,
     ) -> Result<(), Waiter> {
         let Some(link) = self.current_link() else { return Err(waiter) };
+        let req = Request { flags, cmd, handle: 0, offset, length };
+        self.send_req(&link, req, payload, Expect::Nothing, waiter)
+    }
+
+    /// Sends `req` (its handle is assigned here) on `link`; `expect`: what follows a
+    /// successful reply. A request with a payload to read back covers no sectors: its failure
+    /// leaves nothing behind on the secondary.
+    fn send_req(
+        &self,
+        link: &Arc<Link>,
+        mut req: Request,
+        payload: Payload,
+        expect: Expect,
+        waiter: Waiter,
+    ) -> Result<(), Waiter> {
         let handle = self.next_handle.fetch_add(1, Ordering::Relaxed);
-        let sectors = match cmd {
+        req.handle = handle;
+        let sectors = match req.cmd {
+            _ if expect != Expect::Nothing => (0, 0),
             CMD_FLUSH | CMD_COLO_BARRIER | CMD_COLO_ADOPT => (0, 0),
-            _ => (offset / SECTOR, (offset + u64::from(length)).div_ceil(SECTOR)),
+            _ => (req.offset / SECTOR, (req.offset + u64::from(req.length)).div_ceil(SECTOR)),
         };
         {
             let mut g = lock(&link.pending);
@@ -486,15 +554,14 @@ impl Mirror {
             if link.broken.load(Ordering::Acquire) {
                 return Err(waiter);
             }
-            g.insert(handle, Pending { sectors, sent: Instant::now(), waiter });
+            g.insert(handle, Pending { sectors, sent: Instant::now(), expect, waiter });
         }
         if sectors.0 < sectors.1 {
             self.note_sent(sectors.0, sectors.1);
         }
-        let req = Request { flags, cmd, handle, offset, length };
         if link.tx.send((req, payload)).is_err() {
             let p = lock(&link.pending).remove(&handle);
-            self.fail_link(&link, "replication link sender stopped");
+            self.fail_link(link, "replication link sender stopped");
             return Err(p.map_or(Waiter::Chan(mpsc::channel().0), |p| p.waiter));
         }
         Ok(())
@@ -939,6 +1006,7 @@ mod activity;
 mod control;
 mod device;
 mod sparse;
+mod verify;
 mod windows;
 
 pub use activity::{ActivityError, ActivityLog, Recovered};
@@ -986,6 +1054,7 @@ mod tests {
             broken: AtomicBool::new(false),
             colo: false,
             write_zeroes,
+            checksum_max: 0,
         })
     }
 
@@ -1013,7 +1082,7 @@ mod tests {
             while let Ok((req, payload)) = rx.recv() {
                 lock(&s2).push((req.cmd, req.offset, req.length, payload.len()));
                 let Some(l) = weak.upgrade() else { return };
-                m2.on_reply(&l, Reply { error: 0, handle: req.handle });
+                m2.on_reply(&l, Reply { error: 0, handle: req.handle }, None);
             }
         });
         *lock(&m.link) = Some(link.clone());

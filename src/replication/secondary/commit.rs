@@ -337,8 +337,11 @@ mod tests {
     use super::super::journal::CommitJournal;
     use super::*;
 
+    /// Set runs of the active and the saved map.
+    type Maps = (Vec<(u64, u64, bool)>, Vec<(u64, u64, bool)>);
+
     /// What a restart would replay from the journal of `s`'s disk.
-    fn replayed(s: &Secondary) -> (Vec<(u64, u64, bool)>, Vec<(u64, u64, bool)>) {
+    fn replayed(s: &Secondary) -> Maps {
         let j = CommitJournal::for_disk(s.disk.path());
         let records = j.load(s.size / SECTOR).unwrap();
         let (active, saved) = (SectorBitmap::new(s.size / SECTOR), SectorBitmap::new(s.size / SECTOR));

@@ -52,6 +52,11 @@ impl NbdExport for SecondaryExport {
         self.0.colo_barrier(seq)
     }
 
+    /// `replication-verify` on the primary hashes what `read` serves (the secondary disk).
+    fn offers_checksums(&self) -> bool {
+        true
+    }
+
     fn last_barrier(&self) -> u64 {
         self.0.colo_last_barrier()
     }
