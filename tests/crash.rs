@@ -158,6 +158,18 @@ fn vm_write(c: &mut Client, expect: &mut [u8], off: u64, len: usize, seq: u32) {
     expect[off as usize..off as usize + len].copy_from_slice(&data);
 }
 
+/// Waits for the resumed commit of `s` to finish and checks the disk against `expect`.
+fn commit_done_with(sec: &Sec, s: &Server, expect: &[u8]) {
+    let mut events = s.qmp();
+    if commit(s).0 != "done" {
+        events.wait_event("REPLICATION_FAILOVER_DONE", WAIT).expect("failover done event");
+    }
+    assert_eq!(commit(s).0, "done");
+    if let Some(i) = sec.disk().iter().zip(expect).position(|(a, b)| a != b) {
+        panic!("the merged disk differs from what the VM saw at byte {i}");
+    }
+}
+
 fn commit(s: &Server) -> (String, u64, u64) {
     let q = qmp(s, "query-replication", json!({})).unwrap();
     let c = &q["commit"];
@@ -214,15 +226,7 @@ fn a_failover_commit_killed_twice_resumes_and_keeps_every_vm_write() {
 
     // Second restart, full speed: the commit completes and the disk is what the VM saw.
     let s = sec.start(&[]);
-    let mut events = s.qmp();
-    if commit(&s).0 != "done" {
-        events.wait_event("REPLICATION_FAILOVER_DONE", WAIT).expect("failover done event");
-    }
-    assert_eq!(commit(&s).0, "done");
-    let disk = sec.disk();
-    if let Some(i) = disk.iter().zip(&expect).position(|(a, b)| a != b) {
-        panic!("the merged disk differs from what the VM saw at byte {i}");
-    }
+    commit_done_with(&sec, &s, &expect);
     let mut c = Client::connect(&s.socket, 1, false);
     assert!(read_all(&mut c) == expect);
     assert_eq!(std::fs::read_to_string(format!("{}.colo-state", sec.sd)).unwrap(), "clean");
@@ -250,13 +254,7 @@ fn writes_after_a_failed_commit_survive_a_kill_and_the_resumed_commit() {
     kill(&mut s);
 
     let s = sec.start(&[]);
-    let mut events = s.qmp();
-    if commit(&s).0 != "done" {
-        events.wait_event("REPLICATION_FAILOVER_DONE", WAIT).expect("failover done event");
-    }
-    if let Some(i) = sec.disk().iter().zip(&expect).position(|(a, b)| a != b) {
-        panic!("the merged disk differs from what the VM saw at byte {i}");
-    }
+    commit_done_with(&sec, &s, &expect);
 }
 
 /// A commit whose journal is missing or damaged is not resumed: colo-blk refuses the disk

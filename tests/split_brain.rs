@@ -26,6 +26,20 @@ fn start_pri(dir: &Path, target: &Path) -> (Server, PathBuf) {
     )
 }
 
+/// A colo-blk secondary, a proxy to it, a primary through the proxy, in sync after one
+/// guest write (the guest's client returned).
+fn pair_through_proxy(dir: &Path) -> (Server, PathBuf, Proxy, Server, PathBuf, Client) {
+    let (sec, sdisk, nbd) = colo_secondary(dir, "16M", None);
+    qmp(&sec, "replication-start", json!({"mode": "secondary"})).unwrap();
+    let proxy = Proxy::start(&dir.join("proxy.sock"), nbd);
+    let (pri, pdisk) = start_pri(dir, &dir.join("proxy.sock"));
+    qmp(&pri, "replication-start", json!({"mode": "primary"})).unwrap();
+    let mut c = Client::connect(&pri.socket, 1, false);
+    write(&mut c, 0, 1);
+    wait_until("in sync", || synced(&pri));
+    (sec, sdisk, proxy, pri, pdisk, c)
+}
+
 fn query(s: &Server) -> Value {
     qmp(s, "query-replication", json!({})).unwrap()
 }
@@ -105,14 +119,7 @@ fn a_failed_over_survivor_restarted_as_a_secondary_is_refused() {
 #[test]
 fn two_primaries_after_a_partition_refuse_each_other() {
     let dir = tempfile::tempdir().unwrap();
-    let (sec, sdisk, nbd) = colo_secondary(dir.path(), "16M", None);
-    qmp(&sec, "replication-start", json!({"mode": "secondary"})).unwrap();
-    let proxy = Proxy::start(&dir.path().join("proxy.sock"), nbd.clone());
-    let (pri, pdisk) = start_pri(dir.path(), &dir.path().join("proxy.sock"));
-    qmp(&pri, "replication-start", json!({"mode": "primary"})).unwrap();
-    let mut c = Client::connect(&pri.socket, 1, false);
-    write(&mut c, 0, 1);
-    wait_until("in sync", || synced(&pri));
+    let (sec, sdisk, proxy, pri, pdisk, mut c) = pair_through_proxy(dir.path());
     // Partition; both sides go on: the old primary writes alone, the secondary fails over.
     proxy.hang();
     proxy.cut();
@@ -148,14 +155,7 @@ fn two_primaries_after_a_partition_refuse_each_other() {
 #[test]
 fn a_secondary_restored_from_an_old_copy_is_resynced_or_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let (sec, sdisk, nbd) = colo_secondary(dir.path(), "16M", None);
-    qmp(&sec, "replication-start", json!({"mode": "secondary"})).unwrap();
-    let proxy = Proxy::start(&dir.path().join("proxy.sock"), nbd.clone());
-    let (pri, pdisk) = start_pri(dir.path(), &dir.path().join("proxy.sock"));
-    qmp(&pri, "replication-start", json!({"mode": "primary"})).unwrap();
-    let mut c = Client::connect(&pri.socket, 1, false);
-    write(&mut c, 0, 1);
-    wait_until("in sync", || synced(&pri));
+    let (sec, sdisk, proxy, pri, pdisk, mut c) = pair_through_proxy(dir.path());
     // A copy of the secondary, taken with it stopped.
     let copy = dir.path().join("copy.img");
     freeze(&sec.child);

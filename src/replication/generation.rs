@@ -15,7 +15,7 @@
 //! On connect a primary compares the secondary's generation with its own history
 //! (`primary/windows.rs` decides).
 
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -158,17 +158,7 @@ impl Generations {
             text.push_str(&format!(" {h:016x}"));
         }
         text.push('\n');
-        let mut tmp = self.path.as_os_str().to_owned();
-        tmp.push(".tmp");
-        let tmp = PathBuf::from(tmp);
-        let mut f = std::fs::File::create(&tmp).map_err(err)?;
-        f.write_all(text.as_bytes()).map_err(err)?;
-        f.sync_all().map_err(err)?;
-        std::fs::rename(&tmp, &self.path).map_err(err)?;
-        if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(err)?;
-        }
-        Ok(())
+        super::write_durably(&self.path, text.as_bytes()).map_err(err)
     }
 }
 

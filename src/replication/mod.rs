@@ -15,6 +15,23 @@ pub mod secondary;
 
 use serde_json::Value;
 
+/// Replaces `path` with `bytes` so that a crash leaves the old or the new content, never a
+/// mix: write a temporary file next to it, sync it, rename it over `path`, sync the folder.
+pub(crate) fn write_durably(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp);
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    match path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        Some(dir) => std::fs::File::open(dir)?.sync_all(),
+        None => Ok(()),
+    }
+}
+
 /// Replication stage (spec §2.1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stage {

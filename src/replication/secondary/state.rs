@@ -7,7 +7,7 @@
 //! - during a failover commit: half merged, and the merge cannot be resumed. colo-blk refuses
 //!   to start on it and says what to do.
 
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 
 /// What the marker says.
@@ -90,15 +90,7 @@ impl StateFile {
     /// Records `state` durably (write to a temporary file, fsync, rename, fsync the folder).
     pub fn write(&self, state: DiskState) -> Result<(), StateError> {
         let err = |source| StateError::Io { path: self.path.display().to_string(), source };
-        let tmp = self.path.with_extension("colo-state.tmp");
-        let mut f = std::fs::File::create(&tmp).map_err(err)?;
-        f.write_all(state.name().as_bytes()).map_err(err)?;
-        f.sync_all().map_err(err)?;
-        std::fs::rename(&tmp, &self.path).map_err(err)?;
-        if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(err)?;
-        }
-        Ok(())
+        crate::replication::write_durably(&self.path, state.name().as_bytes()).map_err(err)
     }
 }
 
