@@ -34,6 +34,10 @@ use crate::replication::generation::{Generations, show};
 pub(super) const WINDOW_TIME: Duration = Duration::from_secs(30);
 /// Change windows kept.
 pub(super) const WINDOWS: usize = 4;
+/// Sectors per bit of a window (64 KiB): a window's memory is bounded by one bit per 64 KiB
+/// of disk (2 MiB for 1 TiB) whatever the guest writes; a restored secondary gets whole
+/// 64 KiB units copied again.
+const UNIT: u64 = 128;
 
 /// One change window: the generation the secondary was given when it opened, and every range
 /// sent to the secondary since.
@@ -137,7 +141,7 @@ impl Mirror {
         w.list.push_back(Arc::new(Window {
             generation: g,
             opened: Instant::now(),
-            written: SectorBitmap::new(self.size / SECTOR),
+            written: SectorBitmap::new((self.size / SECTOR).div_ceil(UNIT)),
         }));
         while w.list.len() > WINDOWS {
             w.list.pop_front();
@@ -164,7 +168,7 @@ impl Mirror {
     /// A range sent to the secondary (guest write or resync copy) goes into the open window.
     pub(super) fn note_sent(&self, s0: u64, s1: u64) {
         if let Some(w) = lock(&self.windows).list.back() {
-            w.written.set(s0, s1);
+            w.written.set(s0 / UNIT, s1.div_ceil(UNIT));
         }
     }
 
@@ -177,10 +181,10 @@ impl Mirror {
     pub(super) fn dirty_from(&self, windows: &[Arc<Window>]) {
         let sectors = self.size / SECTOR;
         for w in windows {
-            let mut s = 0;
-            while let Some((a, b)) = w.written.next_set_run(s, sectors) {
-                self.dirty.set(a, b);
-                s = b;
+            let mut u = 0;
+            while let Some((a, b)) = w.written.next_set_run(u, w.written.len()) {
+                self.dirty.set(a * UNIT, (b * UNIT).min(sectors));
+                u = b;
             }
         }
     }
