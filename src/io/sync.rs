@@ -4,8 +4,11 @@
 //! unavailable, and the home of the `fallocate` fallbacks both engines share.
 
 use std::fs::File;
+use std::io;
 use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixStream;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use super::{Completion, Finished, IoEngine, IoEngineError, Op, fallocate_mode, result_from_len};
 
@@ -184,4 +187,45 @@ fn write_zeroes_by_hand(fd: RawFd, offset: u64, len: u64) -> i32 {
         done += n as u64;
     }
     0
+}
+
+/// Writes all of `buf` within `deadline` without touching the socket's blocking mode (another thread may
+/// share it): poll for room, then a non-blocking send.
+pub fn write_within(s: &UnixStream, buf: &[u8], deadline: Duration) -> io::Result<()> {
+    let end = Instant::now() + deadline;
+    let mut off = 0;
+    while off < buf.len() {
+        let left = end.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "write deadline passed"));
+        }
+        let mut pfd = libc::pollfd { fd: s.as_raw_fd(), events: libc::POLLOUT, revents: 0 };
+        // SAFETY: one valid pollfd on the stack.
+        let r = unsafe { libc::poll(&mut pfd, 1, left.as_millis().clamp(1, i32::MAX as u128) as i32) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if r == 0 {
+            continue;
+        }
+        let rest = &buf[off..];
+        // SAFETY: `rest` is a valid buffer for its length; the flags only make the call
+        // non-blocking and suppress SIGPIPE.
+        let n = unsafe {
+            libc::send(s.as_raw_fd(), rest.as_ptr().cast(), rest.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) {
+                continue;
+            }
+            return Err(e);
+        }
+        off += n as usize;
+    }
+    Ok(())
 }

@@ -10,7 +10,6 @@
 
 use std::collections::VecDeque;
 use std::io::{BufReader, Read};
-use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -151,7 +150,7 @@ impl Outbox {
                     st = self.cv.wait(st).unwrap_or_else(|e| e.into_inner());
                 }
             };
-            let ok = write_within(&self.stream, &line, WRITE_DEADLINE);
+            let ok = crate::io::sync::write_within(&self.stream, &line, WRITE_DEADLINE);
             {
                 let mut st = lock(&self.state);
                 st.busy = false;
@@ -164,47 +163,6 @@ impl Outbox {
             }
         }
     }
-}
-
-/// Writes all of `buf` within `deadline` without touching the socket's blocking mode (the
-/// reader thread shares it): poll for room, then a non-blocking send.
-fn write_within(s: &UnixStream, buf: &[u8], deadline: Duration) -> std::io::Result<()> {
-    let end = Instant::now() + deadline;
-    let mut off = 0;
-    while off < buf.len() {
-        let left = end.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "write deadline passed"));
-        }
-        let mut pfd = libc::pollfd { fd: s.as_raw_fd(), events: libc::POLLOUT, revents: 0 };
-        // SAFETY: one valid pollfd on the stack.
-        let r = unsafe { libc::poll(&mut pfd, 1, left.as_millis().clamp(1, i32::MAX as u128) as i32) };
-        if r < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        if r == 0 {
-            continue;
-        }
-        let rest = &buf[off..];
-        // SAFETY: `rest` is a valid buffer for its length; the flags only make the call
-        // non-blocking and suppress SIGPIPE.
-        let n = unsafe {
-            libc::send(s.as_raw_fd(), rest.as_ptr().cast(), rest.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
-        };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted) {
-                continue;
-            }
-            return Err(e);
-        }
-        off += n as usize;
-    }
-    Ok(())
 }
 
 /// Sends events to every client that finished capabilities negotiation. `emit` only queues:
@@ -284,7 +242,11 @@ impl QmpServer {
                     let line =
                         serde_json::to_vec(&error_reply(&QmpError::Generic("too many QMP clients".into()), None))
                             .unwrap_or_default();
-                    let _ = write_within(&stream, &[&line[..], b"\r\n"].concat(), Duration::from_millis(100));
+                    let _ = crate::io::sync::write_within(
+                        &stream,
+                        &[&line[..], b"\r\n"].concat(),
+                        Duration::from_millis(100),
+                    );
                     continue;
                 }
                 let Ok(out) = stream.try_clone().and_then(|w| Outbox::start(next_id, w)) else {

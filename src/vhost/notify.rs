@@ -11,10 +11,9 @@
 //! within [`SEND_DEADLINE`] (a frontend that stopped reading) fails instead of blocking.
 
 use std::io;
-use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// `VHOST_USER_BACKEND_CONFIG_CHANGE_MSG` (vhost-user spec, backend message types).
 pub const CONFIG_CHANGE_MSG: u32 = vhost::vhost_user::message::BackendReq::CONFIG_CHANGE_MSG as u32;
@@ -64,45 +63,16 @@ impl BackendChannel {
     }
 }
 
-/// Writes all of `buf` within `deadline`: poll for room, then a non-blocking send (the
-/// socket's own blocking mode is left alone).
+/// Writes all of `buf` within `deadline` ([`crate::io::sync::write_within`]), naming a
+/// frontend that lets the channel fill up.
 fn send_within(s: &UnixStream, buf: &[u8], deadline: Duration) -> io::Result<()> {
-    let end = Instant::now() + deadline;
-    let mut off = 0;
-    while off < buf.len() {
-        let left = end.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(io::Error::new(io::ErrorKind::TimedOut, "the frontend does not read its backend channel"));
+    crate::io::sync::write_within(s, buf, deadline).map_err(|e| {
+        if e.kind() == io::ErrorKind::TimedOut {
+            io::Error::new(io::ErrorKind::TimedOut, "the frontend does not read its backend channel")
+        } else {
+            e
         }
-        let mut pfd = libc::pollfd { fd: s.as_raw_fd(), events: libc::POLLOUT, revents: 0 };
-        // SAFETY: one valid pollfd on the stack.
-        let r = unsafe { libc::poll(&mut pfd, 1, left.as_millis().clamp(1, i32::MAX as u128) as i32) };
-        if r < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        if r == 0 {
-            continue;
-        }
-        let rest = &buf[off..];
-        // SAFETY: `rest` is a valid buffer of its length; the flags make the call
-        // non-blocking and suppress SIGPIPE (a closed channel is an error, not a signal).
-        let n = unsafe {
-            libc::send(s.as_raw_fd(), rest.as_ptr().cast(), rest.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
-        };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) {
-                continue;
-            }
-            return Err(e);
-        }
-        off += n as usize;
-    }
-    Ok(())
+    })
 }
 
 #[cfg(test)]
@@ -134,7 +104,7 @@ mod tests {
         let (ours, _theirs) = UnixStream::pair().unwrap();
         let ch = BackendChannel::default();
         ch.set(ours);
-        let start = Instant::now();
+        let start = std::time::Instant::now();
         let err = loop {
             match ch.config_changed() {
                 Ok(true) => continue,

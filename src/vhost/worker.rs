@@ -734,15 +734,7 @@ mod tests {
     }
 
     fn worker(dropped: &Arc<AtomicBool>) -> QueueWorker {
-        let cfg = DeviceConfig {
-            capacity_sectors: 2048,
-            block_size: 512,
-            read_only: false,
-            num_queues: 1,
-            queue_size: 4,
-            serial: "s".into(),
-        };
-        let shared = Arc::new(Shared::new(cfg, Arc::new(AtomicBool::new(false)), Duration::ZERO));
+        let shared = Arc::new(Shared::new(cfg(), Arc::new(AtomicBool::new(false)), Duration::ZERO));
         QueueWorker::new(
             0,
             Box::new(Tracked(dropped.clone())),
