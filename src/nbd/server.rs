@@ -28,10 +28,7 @@ use std::time::{Duration, Instant};
 use super::checksum::{self, CHECKSUM_BLOCK, CHECKSUM_PIECE, CMD_COLO_CHECKSUM, MAX_CHECKSUM_LEN, OPT_COLO_CHECKSUM};
 use super::structured::{self, ReplyMode};
 use super::timed::{self, Deadline};
-/// The transport stream, at its former path: the fuzz targets and a few process tests still
-/// name it `nbd::server::Stream` (new code imports [`super::transport::Stream`]).
-pub use super::transport::Stream;
-use super::transport::{Listener, NbdAddress, NbdListener};
+use super::transport::{Listener, NbdAddress, NbdListener, Stream};
 use super::wire::*;
 
 /// How long a connection may take from accept to the transmission phase.
