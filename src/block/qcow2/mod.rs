@@ -255,6 +255,19 @@ impl Qcow2Disk {
     }
 }
 
+/// The files below the top image `path` names (backing chain, external data file), found by
+/// opening the chain read-only; for start-up checks before anything is locked or created.
+pub fn chain_of(path: &Path) -> Result<Vec<PathBuf>, String> {
+    let files = ChainFiles::default();
+    let gate = ChainGate { files: files.clone(), direct: false };
+    let top = files.open(path, false, false).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    let _read_only_image = Qcow2::<ImageFile>::builder(top)
+        .write(false)
+        .open(gate)
+        .map_err(|e| format!("{} cannot be opened as qcow2: {e}", path.display()))?;
+    Ok(files.paths().into_iter().skip(1).map(|(p, _)| p).collect())
+}
+
 /// Reads the cluster size from a qcow2 header (for `describe`; imago keeps it private).
 fn qcow2_cluster_size(path: &Path) -> io::Result<u64> {
     use std::os::unix::fs::FileExt;
