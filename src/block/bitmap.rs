@@ -163,6 +163,30 @@ impl Group {
         }
     }
 
+    /// Whether every sector of [a, b) is set (no allocation: the VM read path asks this).
+    fn all(&self, a: u32, b: u32) -> bool {
+        match self {
+            _ if a >= b => true,
+            Group::Sparse(_, 0) | Group::Dense { set: 0, .. } => false,
+            // Extents never touch (`set` merges neighbours): one extent must cover [a, b).
+            Group::Sparse(map, _) => map.range(..=a).next_back().is_some_and(|(_, &e)| e >= b),
+            Group::Dense { words, .. } => {
+                let (a, b) = (u64::from(a), u64::from(b));
+                let mut s = a;
+                while s < b {
+                    let w = s / 64;
+                    let hi = ((w + 1) * 64).min(b);
+                    let m = mask(s % 64, hi - w * 64);
+                    if words[w as usize] & m != m {
+                        return false;
+                    }
+                    s = hi;
+                }
+                true
+            }
+        }
+    }
+
     /// The set extents overlapping [a, b), clipped to it, in order.
     fn set_runs(&self, a: u32, b: u32, out: &mut Vec<(u32, u32)>) {
         match self {
@@ -324,6 +348,19 @@ impl SectorBitmap {
         found
     }
 
+    /// Whether every sector of [start, end) is set (true for an empty range).
+    pub fn all(&self, start: u64, end: u64) -> bool {
+        if end > self.sectors {
+            return false;
+        }
+        if start < end && self.total.load(Ordering::SeqCst) < end - start {
+            return false;
+        }
+        let mut all = true;
+        self.each_group(start, end, |g, a, b| all = all && self.group(g).all(a, b));
+        all
+    }
+
     /// Number of set sectors in [start, end).
     pub fn count(&self, start: u64, end: u64) -> u64 {
         let mut n = 0;
@@ -476,6 +513,12 @@ mod tests {
             let s = rng.next() % n;
             let e = (s + 1 + rng.next() % 5000).min(n);
             assert_eq!(b.any(s, e), model[s as usize..e as usize].iter().any(|&m| m), "any {s}..{e}");
+            assert_eq!(b.all(s, e), model[s as usize..e as usize].iter().all(|&m| m), "all {s}..{e}");
+            // Small windows (a VM read) starting at a set sector, where `all` is often true.
+            if let Some(f) = (s..n).find(|&i| model[i as usize]) {
+                let e = (f + 1 + rng.next() % 16).min(n);
+                assert_eq!(b.all(f, e), model[f as usize..e as usize].iter().all(|&m| m), "all {f}..{e}");
+            }
         }
     }
 

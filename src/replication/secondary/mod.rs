@@ -479,12 +479,12 @@ impl Secondary {
     pub(super) fn direct_active_read_start(&self, s0: u64, s1: u64) -> Option<u64> {
         let generation = self.gate.generation();
         let open = generation.is_multiple_of(2);
-        (open && self.stage() == Stage::Running && self.active_map.count(s0, s1) == s1 - s0).then_some(generation)
+        (open && self.stage() == Stage::Running && self.active_map.all(s0, s1)).then_some(generation)
     }
 
     /// Whether a direct read of the active buffer started at `generation` may be answered.
     pub(super) fn direct_active_read_valid(&self, s0: u64, s1: u64, generation: u64) -> bool {
-        let valid = self.gate.generation() == generation && self.active_map.count(s0, s1) == s1 - s0;
+        let valid = self.gate.generation() == generation && self.active_map.all(s0, s1);
         if valid {
             self.direct_reads.fetch_add(1, Ordering::Relaxed);
         } else {
