@@ -7,7 +7,8 @@ use std::sync::Arc;
 
 use imago::Mapping;
 
-use super::{Image, metadata};
+use super::Image;
+use super::metadata::{self, Zeroing};
 use crate::block::image::ImageData;
 use crate::io::{Op, iovecs_len};
 
@@ -70,10 +71,9 @@ impl ImageData for Qcow2Data {
 
     fn zero(&self, op: &Op<'_>) -> i32 {
         let r = match *op {
-            Op::Discard { offset, len } | Op::WriteZeroes { offset, len, unmap: true } => {
-                metadata::zero(&self.0, offset, len, true)
-            }
-            Op::WriteZeroes { offset, len, unmap: false } => metadata::zero(&self.0, offset, len, false),
+            Op::Discard { offset, len } => metadata::zero(&self.0, offset, len, Zeroing::Discard),
+            Op::WriteZeroes { offset, len, unmap: true } => metadata::zero(&self.0, offset, len, Zeroing::Unmap),
+            Op::WriteZeroes { offset, len, unmap: false } => metadata::zero(&self.0, offset, len, Zeroing::Allocated),
             Op::Read { .. } | Op::Write { .. } | Op::Flush => -libc::EINVAL,
         };
         self.write_back(r)

@@ -34,10 +34,21 @@ pub(super) enum JobOp {
     Write { offset: u64, iovecs: Vec<libc::iovec>, dsync: bool },
     /// Make data and metadata durable.
     Flush,
-    /// Make a range read as zeroes, deallocating it (`unmap`) or not.
-    Zero { offset: u64, len: u64, unmap: bool },
+    /// Make a range read as zeroes (or discard it), as `how` says.
+    Zero { offset: u64, len: u64, how: Zeroing },
     /// Change the virtual size.
     Resize { size: u64, reply: Sender<std::io::Result<()>> },
+}
+
+/// The three ways a guest asks for zeroes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Zeroing {
+    /// Discard (a hint): deallocate what can be, reading back zeroes.
+    Discard,
+    /// Write-zeroes that may unmap: zero clusters, deallocated.
+    Unmap,
+    /// Write-zeroes that keeps the allocation.
+    Allocated,
 }
 
 /// A job and where its completion goes.
@@ -101,9 +112,9 @@ pub(super) fn run(image: Arc<Image>, jobs: Receiver<Job>) {
                     write(&image, offset, &iovecs, dsync)
                 }
                 JobOp::Flush => flush(&image),
-                JobOp::Zero { offset, len, unmap } => {
+                JobOp::Zero { offset, len, how } => {
                     wrote = true;
-                    zero(&image, offset, len, unmap)
+                    zero(&image, offset, len, how)
                 }
                 JobOp::Resize { size, reply } => {
                     let _ = reply.send(resize(&image, size));
@@ -176,7 +187,15 @@ pub(super) fn flush(image: &Image) -> i32 {
     }
 }
 
-pub(super) fn zero(image: &Image, offset: u64, len: u64, unmap: bool) -> i32 {
+pub(super) fn zero(image: &Image, offset: u64, len: u64, how: Zeroing) -> i32 {
+    if image.version < 3 {
+        // Version 2 has no zero clusters. As QEMU: write-zeroes writes zeroes; a discard
+        // (a hint) is dropped, since deallocating would let a backing file show through.
+        return match how {
+            Zeroing::Discard => 0,
+            Zeroing::Unmap | Zeroing::Allocated => write_zeroes_by_hand(image, offset, len),
+        };
+    }
     let Some(_quiet) = image.quiesce_mappings(QUIESCE_DEADLINE) else {
         log::error!(
             "{}: in-flight I/O did not drain within {QUIESCE_DEADLINE:?}; zeroing refused",
@@ -184,16 +203,41 @@ pub(super) fn zero(image: &Image, offset: u64, len: u64, unmap: bool) -> i32 {
         );
         return -libc::EIO;
     };
-    // As QEMU's qcow2 driver: an unmapping request deallocates whole clusters and marks them
-    // zero (the backing file does not show through), the rest is written as zeroes.
-    let r = image.with_mut(|a| if unmap { a.discard_to_zero(offset, len) } else { a.write_zeroes(offset, len) });
+    // As QEMU's qcow2 driver: a discard or an unmapping write-zeroes deallocates whole
+    // clusters and marks them zero (the backing file does not show through), the rest is
+    // written as zeroes; a write-zeroes without unmap keeps the clusters allocated.
+    let r = image.with_mut(|a| match how {
+        Zeroing::Discard | Zeroing::Unmap => a.discard_to_zero(offset, len),
+        Zeroing::Allocated => a.write_zeroes(offset, len),
+    });
     match r {
         Ok(()) => 0,
         Err(e) => {
-            image.log_error(if unmap { "discard" } else { "write-zeroes" }, offset, &e);
+            let what = match how {
+                Zeroing::Discard => "discard",
+                Zeroing::Unmap | Zeroing::Allocated => "write-zeroes",
+            };
+            image.log_error(what, offset, &e);
             errno(&e)
         }
     }
+}
+
+/// Writes zeroes over `[offset, offset + len)` as data (version 2 images).
+fn write_zeroes_by_hand(image: &Image, offset: u64, len: u64) -> i32 {
+    const CHUNK: u64 = 1 << 20;
+    let zeroes = crate::block::aligned::AlignedBuf::zeroed(CHUNK.min(len) as usize);
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(CHUNK);
+        let r = image.with(|a| a.writev(IoVector::from(vec![IoSlice::new(&zeroes[..n as usize])]), offset + done));
+        if let Err(e) = r {
+            image.log_error("write-zeroes", offset + done, &e);
+            return errno(&e);
+        }
+        done += n;
+    }
+    0
 }
 
 fn resize(image: &Image, size: u64) -> std::io::Result<()> {

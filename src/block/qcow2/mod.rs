@@ -73,6 +73,8 @@ pub(crate) struct Image {
     errors: LogLimit,
     /// imago panicked on this image: nothing is served from it any more.
     broken: AtomicBool,
+    /// The qcow2 version (2 has no zero clusters).
+    version: u32,
 }
 
 /// Held while the metadata thread runs a job that needs the mappings stable.
@@ -189,6 +191,14 @@ impl Qcow2Disk {
                 "{path_str} does not exist; create a qcow2 image with `qemu-img create -f qcow2 {path_str} SIZE`"
             )));
         }
+        let header = Header::read(&opts.path).map_err(open_err)?;
+        if header.crypt_method != 0 {
+            return Err(BlockError::Refused(format!(
+                "{path_str} is an encrypted qcow2 image (crypt method {}); colo-blk cannot decrypt it: \
+                 serve it with qemu-storage-daemon or convert it with `qemu-img convert`",
+                header.crypt_method
+            )));
+        }
         let files = ChainFiles::default();
         let mut gate = ChainGate { files: files.clone(), direct: opts.direct };
         let top = files.open(&opts.path, !opts.read_only, opts.direct).map_err(open_err)?;
@@ -199,7 +209,7 @@ impl Qcow2Disk {
         // Implicit opens above went through `gate` by value; make sure nothing is left open
         // that the chain did not take (none today, but the gate is the only opener).
         let _ = &mut gate;
-        let cluster_size = qcow2_cluster_size(&opts.path).unwrap_or(65536);
+        let cluster_size = header.cluster_size;
         let access = FormatAccess::new(qcow2);
         let size = access.size();
         if size == 0 || size % u64::from(opts.block_size) != 0 {
@@ -214,6 +224,7 @@ impl Qcow2Disk {
             exclusive: AtomicU32::new(0),
             errors: LogLimit::new(),
             broken: AtomicBool::new(false),
+            version: header.version,
         });
         let mut senders = Vec::with_capacity(METADATA_THREADS);
         for i in 0..METADATA_THREADS {
@@ -268,13 +279,26 @@ pub fn chain_of(path: &Path) -> Result<Vec<PathBuf>, String> {
     Ok(files.paths().into_iter().skip(1).map(|(p, _)| p).collect())
 }
 
-/// Reads the cluster size from a qcow2 header (for `describe`; imago keeps it private).
-fn qcow2_cluster_size(path: &Path) -> io::Result<u64> {
-    use std::os::unix::fs::FileExt;
-    let mut b = [0u8; 4];
-    File::open(path)?.read_exact_at(&mut b, 20)?;
-    let bits = u32::from_be_bytes(b);
-    if (9..=21).contains(&bits) { Ok(1 << bits) } else { Err(io::Error::other("bad cluster_bits")) }
+/// The header fields colo-blk looks at itself (imago keeps its parsed header private).
+struct Header {
+    version: u32,
+    cluster_size: u64,
+    /// 0: none; 1: AES (legacy); 2: LUKS.
+    crypt_method: u32,
+}
+
+impl Header {
+    fn read(path: &Path) -> io::Result<Header> {
+        use std::os::unix::fs::FileExt;
+        let mut b = [0u8; 36];
+        File::open(path)?.read_exact_at(&mut b, 0)?;
+        let be32 = |at: usize| u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+        let bits = be32(20);
+        if !(9..=21).contains(&bits) {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, format!("cluster_bits {bits} out of range")));
+        }
+        Ok(Header { version: be32(4), cluster_size: 1 << bits, crypt_method: be32(32) })
+    }
 }
 
 impl BlockDevice for Qcow2Disk {

@@ -11,7 +11,7 @@ use imago::Mapping;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use super::Image;
-use super::metadata::{DoneList, Job, JobOp};
+use super::metadata::{DoneList, Job, JobOp, Zeroing};
 use crate::block::raw::EngineKind;
 use crate::block::{BlockError, BlockQueue};
 use crate::io::sync::SyncEngine;
@@ -344,14 +344,15 @@ impl BlockQueue for Qcow2Queue {
                 self.send_to_metadata(idx, JobOp::Flush);
                 Ok(())
             }
-            Op::Discard { offset, len } | Op::WriteZeroes { offset, len, unmap: true } => {
+            Op::Discard { offset, len } => {
                 let idx = self.alloc(token, 0);
-                self.send_to_metadata(idx, JobOp::Zero { offset, len, unmap: true });
+                self.send_to_metadata(idx, JobOp::Zero { offset, len, how: Zeroing::Discard });
                 Ok(())
             }
-            Op::WriteZeroes { offset, len, unmap: false } => {
+            Op::WriteZeroes { offset, len, unmap } => {
                 let idx = self.alloc(token, 0);
-                self.send_to_metadata(idx, JobOp::Zero { offset, len, unmap: false });
+                let how = if unmap { Zeroing::Unmap } else { Zeroing::Allocated };
+                self.send_to_metadata(idx, JobOp::Zero { offset, len, how });
                 Ok(())
             }
         }

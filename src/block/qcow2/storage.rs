@@ -97,6 +97,39 @@ impl ImageFile {
         self.file.as_raw_fd()
     }
 
+    /// Makes the file at least `end` bytes long without ever shortening it; `[offset, end)`
+    /// reads as zeroes afterwards where it lies past the old end.
+    fn extend_to(&self, offset: u64, end: u64) -> io::Result<()> {
+        let (Ok(off), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(end - offset)) else {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        };
+        loop {
+            // SAFETY: plain syscall on our descriptor; mode 0 allocates and grows, never shrinks.
+            if unsafe { libc::fallocate(self.fd(), 0, off, len) } == 0 {
+                return Ok(());
+            }
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EINTR) => continue,
+                Some(libc::EOPNOTSUPP) => break,
+                _ => return Err(e),
+            }
+        }
+        // No fallocate: write the last aligned block past the old end (zeroes), which grows
+        // the file without truncating anything another thread wrote.
+        let a = self.align.max(512) as u64;
+        let last = (end - 1) / a * a;
+        let current = self.file.metadata()?.len();
+        if current >= end {
+            return Ok(());
+        }
+        let start = last.max(current.div_ceil(a) * a);
+        let mut zeroes = AlignedBuf::zeroed((end.div_ceil(a) * a - start) as usize);
+        let iov = [libc::iovec { iov_base: zeroes.as_mut_ptr().cast(), iov_len: zeroes.len() }];
+        // SAFETY: `zeroes` lives until the call returns.
+        from_result(unsafe { rw_all(self.fd(), start, &iov, true, 0) })
+    }
+
     /// Whether `O_DIRECT` takes the request as it is.
     fn aligned(&self, offset: u64, iovecs: &[libc::iovec]) -> bool {
         let a = self.align;
@@ -270,9 +303,11 @@ impl Storage for ImageFile {
     unsafe fn pure_write_zeroes(&self, offset: u64, length: u64) -> io::Result<()> {
         let end = offset + length;
         from_result(fallocate_with_fallback(self.fd(), &Op::WriteZeroes { offset, len: length, unmap: false }))?;
-        // ZERO_RANGE keeps the size; a range past the end must still extend the file.
+        // ZERO_RANGE keeps the size; a range past the end must still extend the file. Never
+        // with ftruncate: another thread may have written past `end` meanwhile, and a
+        // truncate from a stale size would cut its data off. fallocate only ever grows.
         if end > self.size.load(Ordering::Acquire) {
-            self.file.set_len(end)?;
+            self.extend_to(offset, end)?;
             self.size.fetch_max(end, Ordering::AcqRel);
         }
         Ok(())
