@@ -13,6 +13,7 @@ pub mod extents;
 pub mod fault;
 pub mod lock;
 pub mod probe;
+pub mod qcow2;
 pub mod range_lock;
 pub mod raw;
 

@@ -15,12 +15,13 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use super::config::{Config, DEFAULT_SIZE, DEFAULT_SOCKET, Role};
+use super::config::{Config, DEFAULT_SIZE, DEFAULT_SOCKET, ImageFormat, Role};
 use super::sockets::{OwnedSocket, SocketPerms, bind_owned};
 use super::systemd::{PidFile, activated_fd, inherited_listener};
 use super::{BoundSockets, Daemon, DaemonError, ServeConfig};
 use crate::block::fault::{FaultPlan, FaultyDevice};
 use crate::block::lock::{ImageLock, LockError};
+use crate::block::qcow2::{Qcow2Disk, Qcow2Options};
 use crate::block::raw::{NullDisk, RawDisk, RawOptions};
 use crate::block::{BlockDevice, BlockError};
 use crate::nbd::tls::{self, TlsError};
@@ -368,68 +369,94 @@ pub fn build(config: Config) -> Result<Built, BuildError> {
         if !a.disk.exists() {
             undo.files.push(a.disk.clone());
         }
-        let disk = match RawDisk::open(&opts) {
-            Ok(d) => d,
-            Err(e) => return undo.fail(BuildError::Disk(e)),
-        };
-        match ImageLock::acquire(&a.disk, !a.readonly) {
-            Ok(l) => locks.push(l),
-            Err(e) => return undo.fail(BuildError::DiskLock(e)),
-        }
-        match a.replication {
-            Role::Secondary => {
-                let files = SecondaryFiles {
-                    active: a.active.clone().unwrap_or_default(),
-                    hidden: a.hidden.clone().unwrap_or_default(),
-                    direct: a.direct,
-                };
-                for path in [&files.active, &files.hidden] {
-                    if !path.exists() {
-                        undo.files.push(path.clone());
+        if a.format == Some(ImageFormat::Qcow2) {
+            // Only with --replication none (Config::check); the locks are taken before the
+            // first I/O: the top image for writing, its backing chain for reading.
+            match ImageLock::acquire(&a.disk, !a.readonly) {
+                Ok(l) => locks.push(l),
+                Err(e) => return undo.fail(BuildError::DiskLock(e)),
+            }
+            let disk = match Qcow2Disk::open(&Qcow2Options {
+                path: a.disk.clone(),
+                read_only: a.readonly,
+                direct: a.direct,
+                block_size: a.logical_block_size,
+                engine: a.io_engine,
+            }) {
+                Ok(d) => d,
+                Err(e) => return undo.fail(BuildError::Disk(e)),
+            };
+            for dep in disk.dependencies() {
+                match ImageLock::acquire(&dep, false) {
+                    Ok(l) => locks.push(l),
+                    Err(e) => return undo.fail(BuildError::DiskLock(e)),
+                }
+            }
+            Arc::new(disk)
+        } else {
+            let disk = match RawDisk::open(&opts) {
+                Ok(d) => d,
+                Err(e) => return undo.fail(BuildError::Disk(e)),
+            };
+            match ImageLock::acquire(&a.disk, !a.readonly) {
+                Ok(l) => locks.push(l),
+                Err(e) => return undo.fail(BuildError::DiskLock(e)),
+            }
+            match a.replication {
+                Role::Secondary => {
+                    let files = SecondaryFiles {
+                        active: a.active.clone().unwrap_or_default(),
+                        hidden: a.hidden.clone().unwrap_or_default(),
+                        direct: a.direct,
+                    };
+                    for path in [&files.active, &files.hidden] {
+                        if !path.exists() {
+                            undo.files.push(path.clone());
+                        }
                     }
+                    let file = match disk.buffered_file() {
+                        Ok(f) => f,
+                        Err(e) => return undo.fail(BuildError::DiskFile(e)),
+                    };
+                    let size = disk.size();
+                    // The first threads: the buffer pool and the reclaim thread.
+                    let sec = match Secondary::open(disk, files) {
+                        Ok(s) => s,
+                        Err(e) => return undo.fail(BuildError::Buffers(e)),
+                    };
+                    // Secondary::open locked the buffers (re-locked whenever a checkpoint replaces them).
+                    if let Err(e) = sec.check_lengths() {
+                        return undo.fail(BuildError::BufferLengths(e));
+                    }
+                    secondary = Some(sec.clone());
+                    // The mirror stays idle unless this secondary fails over and is told to
+                    // protect itself again (continuous replication).
+                    let m = Mirror::new(file, size, mirror_cfg);
+                    m.set_generations(sec.generations());
+                    mirror = Some(m.clone());
+                    Arc::new(MirrorDevice { inner: Arc::new(SecondaryDevice(sec)), mirror: m })
                 }
-                let file = match disk.buffered_file() {
-                    Ok(f) => f,
-                    Err(e) => return undo.fail(BuildError::DiskFile(e)),
-                };
-                let size = disk.size();
-                // The first threads: the buffer pool and the reclaim thread.
-                let sec = match Secondary::open(disk, files) {
-                    Ok(s) => s,
-                    Err(e) => return undo.fail(BuildError::Buffers(e)),
-                };
-                // Secondary::open locked the buffers (re-locked whenever a checkpoint replaces them).
-                if let Err(e) = sec.check_lengths() {
-                    return undo.fail(BuildError::BufferLengths(e));
+                Role::Primary => {
+                    let file = match disk.buffered_file() {
+                        Ok(f) => f,
+                        Err(e) => return undo.fail(BuildError::DiskFile(e)),
+                    };
+                    let gens = match crate::replication::generation::Generations::for_disk(&a.disk) {
+                        Ok(g) => g,
+                        Err(e) => return undo.fail(BuildError::Generations(e)),
+                    };
+                    let (al, recovered) = match crate::replication::primary::ActivityLog::open(&a.disk, disk.size()) {
+                        Ok(x) => x,
+                        Err(e) => return undo.fail(BuildError::ActivityLog(e)),
+                    };
+                    let m = Mirror::new(file, disk.size(), mirror_cfg);
+                    m.set_generations(Arc::new(gens));
+                    m.set_activity_log(al, recovered);
+                    mirror = Some(m.clone());
+                    Arc::new(MirrorDevice { inner: Arc::new(disk), mirror: m })
                 }
-                secondary = Some(sec.clone());
-                // The mirror stays idle unless this secondary fails over and is told to
-                // protect itself again (continuous replication).
-                let m = Mirror::new(file, size, mirror_cfg);
-                m.set_generations(sec.generations());
-                mirror = Some(m.clone());
-                Arc::new(MirrorDevice { inner: Arc::new(SecondaryDevice(sec)), mirror: m })
+                Role::None => Arc::new(disk),
             }
-            Role::Primary => {
-                let file = match disk.buffered_file() {
-                    Ok(f) => f,
-                    Err(e) => return undo.fail(BuildError::DiskFile(e)),
-                };
-                let gens = match crate::replication::generation::Generations::for_disk(&a.disk) {
-                    Ok(g) => g,
-                    Err(e) => return undo.fail(BuildError::Generations(e)),
-                };
-                let (al, recovered) = match crate::replication::primary::ActivityLog::open(&a.disk, disk.size()) {
-                    Ok(x) => x,
-                    Err(e) => return undo.fail(BuildError::ActivityLog(e)),
-                };
-                let m = Mirror::new(file, disk.size(), mirror_cfg);
-                m.set_generations(Arc::new(gens));
-                m.set_activity_log(al, recovered);
-                mirror = Some(m.clone());
-                Arc::new(MirrorDevice { inner: Arc::new(disk), mirror: m })
-            }
-            Role::None => Arc::new(disk),
         }
     };
     let replication: Arc<dyn ReplicationControl> = match (&secondary, &mirror) {

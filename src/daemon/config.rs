@@ -39,7 +39,7 @@ pub enum Role {
 pub enum ImageFormat {
     /// Serve the bytes as they are, whatever header they start with.
     Raw,
-    /// Refused: not supported.
+    /// A qcow2 image (with its backing chain), served through `block::qcow2`.
     Qcow2,
 }
 
@@ -243,9 +243,21 @@ impl Config {
             return Err("--serial: at most 20 bytes".into());
         }
         if a.format == Some(ImageFormat::Qcow2) {
-            return Err("--format qcow2: qcow2 images are not supported yet; convert the image with \
-                        `qemu-img convert -O raw` or serve it with qemu-storage-daemon"
-                .into());
+            if a.is_null() {
+                return Err("--format qcow2: the null device has no format".into());
+            }
+            if a.size.is_some() {
+                return Err("--size: qcow2 images are not created by colo-blk; create one with \
+                            `qemu-img create -f qcow2 IMAGE SIZE` and leave out --size"
+                    .into());
+            }
+            if a.replication != Role::None {
+                return Err(format!(
+                    "--format qcow2: --replication {} needs a raw disk today; convert the image with \
+                     `qemu-img convert -O raw` (qcow2 is served with --replication none)",
+                    if a.replication == Role::Primary { "primary" } else { "secondary" }
+                ));
+            }
         }
         if a.socket_fd.is_some() && a.socket.is_some() {
             return Err("--socket-fd: give either --socket or --socket-fd".into());
@@ -302,14 +314,38 @@ impl Config {
             }
             let facts =
                 preflight::examine_image(path).map_err(|e| format!("{opt}: cannot read {}: {e}", path.display()))?;
-            let Some(facts) = facts else { continue };
-            if let Some(format) = facts.format {
+            let qcow2_asked = *opt == "--disk" && a.format == Some(ImageFormat::Qcow2);
+            let Some(facts) = facts else {
+                if qcow2_asked {
+                    return Err(format!(
+                        "--disk: {} does not exist; create a qcow2 image with `qemu-img create -f qcow2 {} SIZE`",
+                        path.display(),
+                        path.display()
+                    ));
+                }
+                continue;
+            };
+            if qcow2_asked {
+                if facts.format != Some("qcow2") {
+                    return Err(format!(
+                        "--format qcow2: {} is not a qcow2 image (its header says {}); nothing was changed",
+                        path.display(),
+                        facts.format.unwrap_or("raw")
+                    ));
+                }
+            } else if let Some(format) = facts.format {
                 let raw_asked = *opt == "--disk" && a.format == Some(ImageFormat::Raw);
                 if !raw_asked {
                     return Err(format!(
-                        "{opt}: {} is a {format} image, not a raw one; colo-blk serves raw images{}",
+                        "{opt}: {} is a {format} image, not a raw one; {}",
                         path.display(),
-                        if *opt == "--disk" { " (--format raw serves its bytes as they are)" } else { "" }
+                        match (*opt, format) {
+                            ("--disk", "qcow2") =>
+                                "serve it with --format qcow2 (or --format raw to serve its bytes as they are)",
+                            ("--disk", _) =>
+                                "colo-blk serves raw and qcow2 images (--format raw serves its bytes as they are)",
+                            _ => "buffers must be raw files",
+                        }
                     ));
                 }
             }

@@ -17,8 +17,8 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 use super::sync::{advance, fallocate_with_fallback};
 use super::{Completion, Finished, IoEngine, IoEngineError, Op, iovecs_len, result_from_len};
 
-/// The registered-file index of the disk in every ring.
-const DISK: types::Fixed = types::Fixed(0);
+/// The registered-file index of the disk in a ring bound to one file.
+const DISK: u32 = 0;
 
 #[derive(Debug, Clone, Copy)]
 enum Kind {
@@ -30,6 +30,8 @@ enum Kind {
 #[derive(Debug, Clone, Copy)]
 struct InFlight {
     token: u64,
+    /// Index of the file in the ring's registered-file table.
+    file: u32,
     kind: Kind,
     offset: u64,
     iov: *const libc::iovec,
@@ -41,10 +43,11 @@ struct InFlight {
 // caller of `push` guarantees the array stays valid until the completion is reaped.
 unsafe impl Send for InFlight {}
 
-/// An io_uring bound to one file.
+/// An io_uring bound to one file, or to a small table of files (an image and its backing
+/// chain) that operations address by index.
 pub struct UringEngine {
     ring: IoUring,
-    file: Arc<File>,
+    files: Vec<Arc<File>>,
     eventfd: EventFd,
     slab: Vec<Option<InFlight>>,
     free: Vec<usize>,
@@ -60,14 +63,22 @@ impl std::fmt::Debug for UringEngine {
 impl UringEngine {
     /// A ring with room for `entries` operations in flight on `file`.
     pub fn new(file: Arc<File>, entries: u32) -> Result<Self, IoEngineError> {
+        let eventfd = EventFd::new(EFD_NONBLOCK).map_err(IoEngineError::Setup)?;
+        Self::with_files(vec![file], entries, eventfd)
+    }
+
+    /// A ring on several files, addressed by their index in `files` with
+    /// [`UringEngine::push_to`]; completions signal `eventfd` (which the caller may also
+    /// signal for completions of its own).
+    pub fn with_files(files: Vec<Arc<File>>, entries: u32, eventfd: EventFd) -> Result<Self, IoEngineError> {
         let entries = entries.clamp(8, 4096).next_power_of_two();
         let ring = IoUring::builder().build(entries).map_err(IoEngineError::Setup)?;
-        ring.submitter().register_files(&[file.as_raw_fd()]).map_err(IoEngineError::Setup)?;
-        let eventfd = EventFd::new(EFD_NONBLOCK).map_err(IoEngineError::Setup)?;
+        let fds: Vec<RawFd> = files.iter().map(|f| f.as_raw_fd()).collect();
+        ring.submitter().register_files(&fds).map_err(IoEngineError::Setup)?;
         ring.submitter().register_eventfd(eventfd.as_raw_fd()).map_err(IoEngineError::Setup)?;
         Ok(UringEngine {
             ring,
-            file,
+            files,
             eventfd,
             slab: Vec::with_capacity(entries as usize),
             free: Vec::new(),
@@ -114,14 +125,22 @@ fn finish_short(file: &Arc<File>, op: &InFlight, done: u64) -> i32 {
     }
 }
 
-impl IoEngine for UringEngine {
-    unsafe fn push(&mut self, op: &Op<'_>, token: u64) -> Result<(), IoEngineError> {
+impl UringEngine {
+    /// Queues `op` on the file with index `file` of the table given at construction.
+    ///
+    /// # Safety
+    /// As [`IoEngine::push`].
+    pub unsafe fn push_to(&mut self, file: u32, op: &Op<'_>, token: u64) -> Result<(), IoEngineError> {
+        let Some(target) = self.files.get(file as usize) else {
+            self.inline_done.push(token, -libc::EBADF);
+            return Ok(());
+        };
         let (kind, offset, iovecs) = match *op {
             Op::Read { offset, iovecs } => (Kind::Read, offset, iovecs),
             Op::Write { offset, iovecs, dsync } => (Kind::Write { dsync }, offset, iovecs),
             Op::Flush => (Kind::Flush, 0, &[][..]),
             Op::Discard { .. } | Op::WriteZeroes { .. } => {
-                let result = fallocate_with_fallback(self.file.as_raw_fd(), op);
+                let result = fallocate_with_fallback(target.as_raw_fd(), op);
                 self.inline_done.push(token, result);
                 return Ok(());
             }
@@ -135,24 +154,26 @@ impl IoEngine for UringEngine {
         let iov_cnt = u32::try_from(iovecs.len()).map_err(|_| IoEngineError::QueueFull)?;
         let idx = self.alloc(InFlight {
             token,
+            file,
             kind,
             offset,
             iov: iovecs.as_ptr(),
             iov_cnt: iovecs.len(),
             expected: iovecs_len(iovecs),
         });
+        let fixed = types::Fixed(file);
         let entry: squeue::Entry = match kind {
-            Kind::Read => opcode::Readv::new(DISK, iovecs.as_ptr(), iov_cnt).offset(offset).build(),
-            Kind::Write { dsync } => opcode::Writev::new(DISK, iovecs.as_ptr(), iov_cnt)
+            Kind::Read => opcode::Readv::new(fixed, iovecs.as_ptr(), iov_cnt).offset(offset).build(),
+            Kind::Write { dsync } => opcode::Writev::new(fixed, iovecs.as_ptr(), iov_cnt)
                 .offset(offset)
                 .rw_flags(if dsync { libc::RWF_DSYNC } else { 0 })
                 .build(),
-            Kind::Flush => opcode::Fsync::new(DISK).flags(types::FsyncFlags::DATASYNC).build(),
+            Kind::Flush => opcode::Fsync::new(fixed).flags(types::FsyncFlags::DATASYNC).build(),
         };
         let entry = entry.user_data(idx as u64);
         // SAFETY: the entry references the iovec array and buffers that the caller keeps valid
-        // until the completion is reaped (this function's contract); the fixed file 0 is
-        // registered for the ring's lifetime.
+        // until the completion is reaped (this function's contract); the fixed file index was
+        // checked against the table registered for the ring's lifetime.
         let pushed = unsafe { self.ring.submission().push(&entry) };
         if pushed.is_err() {
             self.slab[idx] = None;
@@ -160,6 +181,13 @@ impl IoEngine for UringEngine {
             return Err(IoEngineError::QueueFull);
         }
         Ok(())
+    }
+}
+
+impl IoEngine for UringEngine {
+    unsafe fn push(&mut self, op: &Op<'_>, token: u64) -> Result<(), IoEngineError> {
+        // SAFETY: forwarded contract.
+        unsafe { self.push_to(DISK, op, token) }
     }
 
     fn submit(&mut self) -> Result<(), IoEngineError> {
@@ -176,7 +204,7 @@ impl IoEngine for UringEngine {
 
     fn reap(&mut self, out: &mut Vec<Completion>) {
         self.inline_done.drain_into(out);
-        let UringEngine { ring, slab, free, file, .. } = self;
+        let UringEngine { ring, slab, free, files, .. } = self;
         // One pass over the completion queue; anything finishing later signals the eventfd.
         for cqe in ring.completion() {
             let idx = cqe.user_data() as usize;
@@ -186,7 +214,11 @@ impl IoEngine for UringEngine {
             };
             free.push(idx);
             let res = cqe.result();
-            let result = if res >= 0 && (res as u64) < op.expected { finish_short(file, &op, res as u64) } else { res };
+            let result = if res >= 0 && (res as u64) < op.expected {
+                finish_short(&files[op.file as usize], &op, res as u64)
+            } else {
+                res
+            };
             out.push(Completion { token: op.token, result });
         }
     }

@@ -1,0 +1,254 @@
+//! The files under a qcow2 image as imago sees them.
+//!
+//! imago reads and writes metadata (and, on its slow paths, data) through its `Storage` trait.
+//! colo-blk implements that trait itself instead of using imago's own file driver so that each
+//! file of the chain carries its index in the worker rings' registered-file table: when imago
+//! maps a guest range to `Mapping::Raw { storage, offset }`, the queue knows at once which ring
+//! file to read or write, without a lookup.
+
+use std::fmt;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use imago::storage::PreallocateMode;
+use imago::io_buffers::{IoVector, IoVectorMut};
+use imago::storage::drivers::CommonStorageHelper;
+use imago::{Storage, StorageOpenOptions};
+
+use crate::block::bounce::probe_memory_alignment;
+use crate::io::Op;
+use crate::io::sync::{fallocate_with_fallback, rw_all};
+
+/// One file of an image chain (the qcow2 file itself, a backing image, an external data file).
+#[derive(Debug)]
+pub struct ImageFile {
+    file: Arc<File>,
+    path: PathBuf,
+    /// Index in the chain, in opening order (0 = the top image); also the file's index in every
+    /// worker ring's registered-file table.
+    index: u32,
+    writable: bool,
+    /// `O_DIRECT` alignment of memory and of offsets/lengths (1 without `O_DIRECT`).
+    align: usize,
+    size: AtomicU64,
+    helper: CommonStorageHelper,
+}
+
+/// One opened file of a chain: the descriptor, its path, whether it is writable.
+type Opened = (Arc<File>, PathBuf, bool);
+
+/// The files opened for one chain, in index order; shared by the opener and the image.
+#[derive(Debug, Default, Clone)]
+pub struct ChainFiles(Arc<Mutex<Vec<Opened>>>);
+
+impl ChainFiles {
+    /// Opens `path` as the next file of the chain.
+    pub fn open(&self, path: &Path, writable: bool, direct: bool) -> io::Result<ImageFile> {
+        let mut oo = OpenOptions::new();
+        oo.read(true).write(writable);
+        if direct {
+            oo.custom_flags(libc::O_DIRECT);
+        }
+        let file = oo.open(path)?;
+        let size = file.metadata()?.len();
+        let align = if direct { probe_memory_alignment(&file).max(512) } else { 1 };
+        let file = Arc::new(file);
+        let mut files = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let index = u32::try_from(files.len()).map_err(|_| io::Error::other("image chain too long"))?;
+        files.push((file.clone(), path.to_path_buf(), writable));
+        Ok(ImageFile {
+            file,
+            path: path.to_path_buf(),
+            index,
+            writable,
+            align,
+            size: AtomicU64::new(size),
+            helper: CommonStorageHelper::default(),
+        })
+    }
+
+    /// The open files, in index order.
+    pub fn files(&self) -> Vec<Arc<File>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).iter().map(|(f, _, _)| f.clone()).collect()
+    }
+
+    /// The paths and whether each was opened writable, in index order.
+    pub fn paths(&self) -> Vec<(PathBuf, bool)> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).iter().map(|(_, p, w)| (p.clone(), *w)).collect()
+    }
+}
+
+impl ImageFile {
+    /// The index of this file in the chain and in the rings' file tables.
+    pub fn index(&self) -> u32 {
+        self.index
+    }
+
+    fn fd(&self) -> RawFd {
+        self.file.as_raw_fd()
+    }
+}
+
+impl fmt::Display for ImageFile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.path.display())
+    }
+}
+
+fn from_result(r: i32) -> io::Result<()> {
+    if r < 0 { Err(io::Error::from_raw_os_error(-r)) } else { Ok(()) }
+}
+
+/// Reads the whole iovec list at `offset`; bytes past the end of the file read as zero (imago's
+/// contract for storage reads).
+///
+/// # Safety
+/// The iovecs must describe live, writable buffers.
+unsafe fn read_filling(fd: RawFd, offset: u64, iovecs: &[libc::iovec], file_size: u64) -> io::Result<()> {
+    let total = crate::io::iovecs_len(iovecs);
+    let inside = file_size.saturating_sub(offset).min(total);
+    if inside > 0 {
+        let mut part = Vec::new();
+        crate::io::slice_iovecs(iovecs, 0, inside, &mut part);
+        // SAFETY: forwarded contract; `part` lies inside the caller's buffers.
+        from_result(unsafe { rw_all(fd, offset, &part, false, 0) })?;
+    }
+    if inside < total {
+        let mut tail = Vec::new();
+        crate::io::slice_iovecs(iovecs, inside, total - inside, &mut tail);
+        for v in tail {
+            // SAFETY: the caller's buffer, writable for `iov_len` bytes.
+            unsafe { std::ptr::write_bytes(v.iov_base.cast::<u8>(), 0, v.iov_len) };
+        }
+    }
+    Ok(())
+}
+
+impl Storage for ImageFile {
+    fn mem_align(&self) -> usize {
+        self.align
+    }
+
+    fn req_align(&self) -> usize {
+        self.align
+    }
+
+    fn size(&self) -> io::Result<u64> {
+        Ok(self.size.load(Ordering::Acquire))
+    }
+
+    fn resolve_relative_path<P: AsRef<Path>>(&self, relative: P) -> io::Result<PathBuf> {
+        let relative = relative.as_ref();
+        if relative.is_absolute() {
+            return Ok(relative.to_path_buf());
+        }
+        // As QEMU: a relative backing file name is relative to the directory of the image
+        // that names it.
+        let dir = self.path.parent().unwrap_or(Path::new("."));
+        Ok(dir.join(relative))
+    }
+
+    fn get_filename(&self) -> Option<PathBuf> {
+        Some(self.path.clone())
+    }
+
+    unsafe fn pure_readv(&self, bufv: IoVectorMut<'_>, offset: u64) -> io::Result<()> {
+        // SAFETY: imago hands us its live buffers; `as_iovec` is used only during this call.
+        let iovecs = unsafe { bufv.as_iovec() };
+        // SAFETY: as above.
+        unsafe { read_filling(self.fd(), offset, iovecs, self.size.load(Ordering::Acquire)) }
+    }
+
+    unsafe fn pure_writev(&self, bufv: IoVector<'_>, offset: u64) -> io::Result<()> {
+        if !self.writable {
+            return Err(io::Error::new(io::ErrorKind::PermissionDenied, format!("{} is read-only", self)));
+        }
+        let len = bufv.len();
+        // SAFETY: imago hands us its live buffers; `as_iovec` is used only during this call.
+        let iovecs = unsafe { bufv.as_iovec() };
+        // SAFETY: as above (pwritev only reads the buffers).
+        from_result(unsafe { rw_all(self.fd(), offset, iovecs, true, 0) })?;
+        self.size.fetch_max(offset + len, Ordering::AcqRel);
+        Ok(())
+    }
+
+    unsafe fn pure_write_zeroes(&self, offset: u64, length: u64) -> io::Result<()> {
+        let end = offset + length;
+        from_result(fallocate_with_fallback(self.fd(), &Op::WriteZeroes { offset, len: length, unmap: false }))?;
+        // ZERO_RANGE keeps the size; a range past the end must still extend the file.
+        if end > self.size.load(Ordering::Acquire) {
+            self.file.set_len(end)?;
+            self.size.fetch_max(end, Ordering::AcqRel);
+        }
+        Ok(())
+    }
+
+    unsafe fn pure_write_allocated_zeroes(&self, offset: u64, length: u64) -> io::Result<()> {
+        // SAFETY: same contract.
+        unsafe { self.pure_write_zeroes(offset, length) }
+    }
+
+    unsafe fn pure_discard(&self, offset: u64, length: u64) -> io::Result<()> {
+        from_result(fallocate_with_fallback(self.fd(), &Op::Discard { offset, len: length }))
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        // Nothing is buffered here: writes go straight to the file.
+        Ok(())
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        if self.writable { self.file.sync_data() } else { Ok(()) }
+    }
+
+    unsafe fn invalidate_cache(&self) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn get_storage_helper(&self) -> &CommonStorageHelper {
+        &self.helper
+    }
+
+    fn resize(&self, new_size: u64, prealloc_mode: PreallocateMode) -> io::Result<()> {
+        match prealloc_mode {
+            PreallocateMode::None | PreallocateMode::Zero => {}
+            _ => return Err(io::ErrorKind::Unsupported.into()),
+        }
+        self.file.set_len(new_size)?;
+        self.size.store(new_size, Ordering::Release);
+        Ok(())
+    }
+}
+
+/// Opens the files an image names (its backing chain, an external data file) through
+/// [`ChainFiles`], read-only below the top, as QEMU does.
+#[derive(Debug, Clone)]
+pub struct ChainGate {
+    pub(super) files: ChainFiles,
+    pub(super) direct: bool,
+}
+
+impl imago::format::gate::ImplicitOpenGate<ImageFile> for ChainGate {
+    fn open_format<F: imago::FormatDriverBuilder<ImageFile>>(
+        &mut self,
+        builder: F,
+    ) -> io::Result<imago::FormatAccess<ImageFile>> {
+        let driver = builder.open(self.clone())?;
+        Ok(imago::FormatAccess::new(driver))
+    }
+
+    fn open_storage(&mut self, opts: StorageOpenOptions) -> io::Result<ImageFile> {
+        let path = opts
+            .get_filename()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "an image names a file without a path"))?
+            .to_path_buf();
+        self.files
+            .open(&path, opts.get_writable(), self.direct)
+            .map_err(|e| io::Error::new(e.kind(), format!("cannot open {}: {e}", path.display())))
+    }
+}
