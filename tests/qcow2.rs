@@ -212,28 +212,34 @@ fn assert_same(what: &str, got: &[u8], want: &[u8]) {
 /// themselves) qemu-storage-daemon serving the same image, which must pass them too.
 enum Backend {
     Colo(Server),
-    Qsd { child: std::process::Child, socket: PathBuf, _dir: tempfile::TempDir },
+    /// A daemon started here directly (qemu-storage-daemon, or colo-blk by [`try_serve`]).
+    Child {
+        child: std::process::Child,
+        socket: PathBuf,
+        _dir: tempfile::TempDir,
+        stderr: Option<PathBuf>,
+    },
 }
 
 impl Backend {
     fn socket(&self) -> &Path {
         match self {
             Backend::Colo(s) => &s.socket,
-            Backend::Qsd { socket, .. } => socket,
+            Backend::Child { socket, .. } => socket,
         }
     }
 
     fn pid(&self) -> libc::pid_t {
         match self {
             Backend::Colo(s) => s.child.id() as libc::pid_t,
-            Backend::Qsd { child, .. } => child.id() as libc::pid_t,
+            Backend::Child { child, .. } => child.id() as libc::pid_t,
         }
     }
 
     fn wait_exit(&mut self) -> ExitStatus {
         match self {
             Backend::Colo(s) => s.wait_exit(),
-            Backend::Qsd { child, .. } => {
+            Backend::Child { child, .. } => {
                 let deadline = Instant::now() + WAIT;
                 loop {
                     if let Some(st) = child.try_wait().unwrap() {
@@ -247,17 +253,35 @@ impl Backend {
         }
     }
 
+    fn server(&self) -> &Server {
+        match self {
+            Backend::Colo(s) => s,
+            Backend::Child { .. } => panic!("not a colo-blk started through tests/common"),
+        }
+    }
+
+    fn server_mut(&mut self) -> &mut Server {
+        match self {
+            Backend::Colo(s) => s,
+            Backend::Child { .. } => panic!("not a colo-blk started through tests/common"),
+        }
+    }
+
     fn log(&self) -> Vec<String> {
         match self {
             Backend::Colo(s) => s.log(),
-            Backend::Qsd { .. } => Vec::new(),
+            Backend::Child { stderr, .. } => stderr
+                .as_ref()
+                .and_then(|p| std::fs::read_to_string(p).ok())
+                .map(|s| s.lines().map(str::to_string).collect())
+                .unwrap_or_default(),
         }
     }
 }
 
 impl Drop for Backend {
     fn drop(&mut self) {
-        if let Backend::Qsd { child, .. } = self {
+        if let Backend::Child { child, .. } = self {
             let _ = child.kill();
             let _ = child.wait();
         }
@@ -294,10 +318,10 @@ fn serve_qsd(img: &Path) -> Backend {
         .stdin(Stdio::null())
         .spawn()
         .expect("spawn qemu-storage-daemon");
-    let mut b = Backend::Qsd { child, socket: socket.clone(), _dir: dir };
+    let mut b = Backend::Child { child, socket: socket.clone(), _dir: dir, stderr: None };
     let deadline = Instant::now() + WAIT;
     while !(socket.exists() && std::fs::metadata(&pidfile).is_ok_and(|m| m.len() > 0)) {
-        if let Backend::Qsd { child, .. } = &mut b {
+        if let Backend::Child { child, .. } = &mut b {
             assert!(child.try_wait().unwrap().is_none(), "qemu-storage-daemon exited");
         }
         assert!(Instant::now() < deadline, "qemu-storage-daemon not ready");
@@ -305,6 +329,39 @@ fn serve_qsd(img: &Path) -> Backend {
         std::thread::sleep(Duration::from_millis(20));
     }
     b
+}
+
+/// Starts colo-blk on `img` as qcow2: Ok once it serves, Err(stderr) when it refused the
+/// image (exit 2; any other exit fails the test).
+fn try_serve(img: &Path, extra: &[&str]) -> Result<Backend, String> {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("vhost.sock");
+    let errf = dir.path().join("stderr");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_colo-blk"))
+        .args(["serve", "--format", "qcow2", "--disk"])
+        .arg(img)
+        .arg("--socket")
+        .arg(&socket)
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&errf).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            let err = std::fs::read_to_string(&errf).unwrap();
+            assert_eq!(st.code(), Some(2), "colo-blk on {} ended with {st}: {err}", img.display());
+            return Err(err);
+        }
+        if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
+            return Ok(Backend::Child { child, socket, _dir: dir, stderr: Some(errf) });
+        }
+        assert!(Instant::now() < deadline, "colo-blk neither served nor refused {}", img.display());
+        // Start-up of a process: its socket appearing is the only event to wait for.
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 fn signal(b: &Backend, sig: libc::c_int) {
@@ -344,6 +401,22 @@ fn apply(model: &mut [u8], off: u64, data: &[u8]) {
 
 #[test]
 fn qemu_io_reads_what_colo_blk_wrote_and_back() {
+    roundtrip(&[]);
+}
+
+#[test]
+fn qemu_io_reads_what_colo_blk_wrote_and_back_with_o_direct() {
+    roundtrip(&["--direct"]);
+}
+
+#[test]
+fn qemu_io_reads_what_colo_blk_wrote_and_back_with_the_sync_engine() {
+    roundtrip(&["--io-engine", "sync"]);
+}
+
+/// QEMU writes, colo-blk (started with `extra`) reads and writes, QEMU reads and writes, a
+/// new colo-blk reads.
+fn roundtrip(extra: &[&str]) {
     require_tools();
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("vm.qcow2");
@@ -360,7 +433,7 @@ fn qemu_io_reads_what_colo_blk_wrote_and_back() {
         apply(&mut model, o, &vec![b; l as usize]);
     }
 
-    let srv = serve(&img, &[]);
+    let srv = serve(&img, extra);
     let mut c = Client::connect(srv.socket(), 1, false);
     assert_eq!(c.capacity, size, "capacity is the qcow2 virtual size");
     for &(_, o, l) in pre {
@@ -415,7 +488,7 @@ fn qemu_io_reads_what_colo_blk_wrote_and_back() {
     for &(b, o, l) in post {
         apply(&mut model, o, &vec![b; l as usize]);
     }
-    let srv = serve(&img, &[]);
+    let srv = serve(&img, extra);
     let mut c = Client::connect(srv.socket(), 1, false);
     let all = read_range(&mut c, 0, size as usize);
     assert_same("whole disk through a restarted colo-blk", &all, &model);
@@ -664,6 +737,8 @@ enum Progress {
 #[derive(Default)]
 struct WriteLog {
     writes: Vec<(u64, u32)>,
+    /// Per write: acknowledged (completed successfully).
+    acked: Vec<bool>,
     durable: usize,
     flushes: usize,
 }
@@ -680,7 +755,7 @@ fn xorshift(s: &mut u64) -> u64 {
 
 /// Waits for `n` completions on queue 0. Returns false when the daemon was killed (nothing
 /// more will complete); fails on an error or a stall before that.
-fn complete(c: &mut Client, n: usize, killing: &AtomicBool) -> bool {
+fn complete(c: &mut Client, n: usize, killing: &AtomicBool, mut done_one: impl FnMut(usize)) -> bool {
     let deadline = Instant::now() + WAIT;
     let mut done = 0;
     let mut comps: Vec<MaybeUninit<blkio::Completion>> = (0..BATCH).map(|_| MaybeUninit::uninit()).collect();
@@ -695,6 +770,7 @@ fn complete(c: &mut Client, n: usize, killing: &AtomicBool) -> bool {
                         assert!(killing.load(Ordering::SeqCst), "request {} failed: {}", comp.user_data, comp.ret);
                         return false;
                     }
+                    done_one(comp.user_data);
                 }
                 done += k;
                 if k == 0 && killing.load(Ordering::SeqCst) {
@@ -752,18 +828,20 @@ fn writer(socket: PathBuf, size: u64, cluster: u64, killing: Arc<AtomicBool>, tx
             let data = pattern(b * BLOCK, BLOCK as usize, seq);
             c.buf(i * BLOCK as usize, BLOCK as usize).copy_from_slice(&data);
             log.writes.push((b, seq));
+            log.acked.push(false);
             let ptr = (c.region.addr + i * BLOCK as usize) as *const u8;
             c.queues[0].write(b * BLOCK, ptr, BLOCK as usize, i, ReqFlags::empty());
         }
         let _ = tx.send(Progress::Submitted);
-        if !complete(&mut c, BATCH, &killing) {
+        let first = log.writes.len() - BATCH;
+        if !complete(&mut c, BATCH, &killing, |i| log.acked[first + i] = true) {
             return log;
         }
         batches += 1;
         if batches % 4 == 0 {
             let upto = log.writes.len();
             c.queues[0].flush(BATCH, ReqFlags::empty());
-            if !complete(&mut c, 1, &killing) {
+            if !complete(&mut c, 1, &killing, |_| {}) {
                 return log;
             }
             log.durable = upto;
@@ -793,7 +871,10 @@ fn data_extents(f: &std::fs::File) -> Vec<(u64, u64)> {
     out
 }
 
-fn crash_under_writes(cluster: u64, size: u64) {
+/// Kills colo-blk under allocating writes and checks the image. `strict`: also every
+/// acknowledged write (not only the flushed ones) must be there, as block::qcow2::metadata
+/// promises ("an acknowledged write survives a kill of the daemon").
+fn crash_under_writes(cluster: u64, size: u64, strict: bool) {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("crash.qcow2");
     create_qcow2(&img, Some(size), None, Some(cluster));
@@ -867,6 +948,35 @@ fn crash_under_writes(cluster: u64, size: u64) {
             &got[..16]
         );
     }
+    // Stricter: the last acknowledged write of every block, or a later unacknowledged one.
+    if strict {
+        let mut last: HashMap<u64, (Option<u32>, Vec<u32>)> = HashMap::new();
+        for (i, &(b, seq)) in log.writes.iter().enumerate() {
+            let e = last.entry(b).or_default();
+            if log.acked[i] {
+                e.0 = Some(seq);
+                e.1.clear();
+            } else {
+                e.1.push(seq);
+            }
+        }
+        let unacked = log.acked.iter().filter(|a| !**a).count();
+        let mut lost = Vec::new();
+        for (&b, (acked, later)) in &last {
+            let got = block_at(b);
+            if !(got == want(b, *acked) || later.iter().any(|&q| got == want(b, Some(q)))) {
+                lost.push(b);
+            }
+        }
+        lost.sort();
+        assert!(
+            lost.is_empty(),
+            "cluster size {cluster}: {} acknowledged writes lost by kill -9 ({unacked} writes were unacknowledged), \
+             blocks {:?}...",
+            lost.len(),
+            &lost[..lost.len().min(8)]
+        );
+    }
     // Every other block reads zero.
     for (d, h) in data_extents(&f) {
         for b in d / BLOCK..h.div_ceil(BLOCK) {
@@ -897,8 +1007,15 @@ fn kill_9_under_writes_leaves_a_clean_or_only_leaking_image() {
     // The default cluster size, and 4 KiB clusters: every write then allocates, and L2
     // tables and refcount blocks are allocated all the time.
     // 65536 clusters each, so that writes still allocate when the daemon is killed.
-    crash_under_writes(CLUSTER, 4 << 30);
-    crash_under_writes(4 * KIB, 256 * MIB);
+    crash_under_writes(CLUSTER, 4 << 30, false);
+    crash_under_writes(4 * KIB, 256 * MIB, false);
+}
+
+#[test]
+fn kill_9_loses_no_acknowledged_write() {
+    require_tools();
+    crash_under_writes(CLUSTER, 4 << 30, true);
+    crash_under_writes(4 * KIB, 256 * MIB, true);
 }
 
 // -------------------------------------------------------------- operator mistakes ---
@@ -1093,4 +1210,491 @@ fn the_backing_file_is_locked_shared_and_the_top_exclusively() {
     // Released at exit.
     qemu_io_ok("raw", &base, false, &["write -P 0x99 0 4k".to_string()]);
     qemu_io_ok("qcow2", &top, false, &["read -P 0x42 0 4k".to_string()]);
+}
+
+// ------------------------------------------------------------- more of the format ---
+
+/// Submits queued requests on queue `qi` without waiting.
+fn kick(c: &mut Client, qi: usize) {
+    let mut none: [MaybeUninit<blkio::Completion>; 0] = [];
+    c.queues[qi].do_io(&mut none, 0, None, None).expect("submit");
+}
+
+/// Waits for `n` completions on queue `qi`; returns (user_data, ret) of each.
+fn wait_queue(c: &mut Client, qi: usize, n: usize) -> Vec<(usize, i32)> {
+    let deadline = Instant::now() + WAIT;
+    let mut out = Vec::with_capacity(n);
+    let mut comps: Vec<MaybeUninit<blkio::Completion>> = (0..64).map(|_| MaybeUninit::uninit()).collect();
+    while out.len() < n {
+        let mut left = deadline.saturating_duration_since(Instant::now());
+        assert!(!left.is_zero(), "queue {qi}: {} of {n} requests completed within {WAIT:?}", out.len());
+        let k = c.queues[qi].do_io(&mut comps, 1, Some(&mut left), None).expect("do_io");
+        for comp in &comps[..k] {
+            // SAFETY: do_io initialised the first k completions.
+            let comp = unsafe { comp.assume_init_ref() };
+            out.push((comp.user_data, comp.ret));
+        }
+    }
+    out
+}
+
+/// Four queues write different 4 KiB blocks of the same unallocated clusters at the same
+/// time (each cluster's last block stays the base's), while reads of those blocks race with
+/// the allocations.
+fn race_allocations(engine: &str, with_backing: bool) {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 64 * MIB;
+    let top = dir.path().join("top.qcow2");
+    let mut model = if with_backing {
+        let base = dir.path().join("base.raw");
+        let m = pattern(0, size as usize, 0x2A);
+        std::fs::write(&base, &m).unwrap();
+        create_qcow2(&top, None, Some(("base.raw", "raw")), None);
+        m
+    } else {
+        create_qcow2(&top, Some(size), None, None);
+        vec![0u8; size as usize]
+    };
+    let srv = serve(&top, &["--num-queues", "4", "--io-engine", engine]);
+    let mut c = Client::connect(srv.socket(), 4, false);
+    assert_eq!(c.queues.len(), 4);
+    let mut touched = BTreeSet::new();
+    let mut seq = 0u32;
+    for round in 0..24u64 {
+        let clusters: Vec<u64> = (0..8).map(|i| 16 + round * 8 + i).collect();
+        touched.extend(clusters.iter().copied());
+        // slot -> (queue, offset, Some((old, new)) for a read)
+        let mut slots: Vec<(usize, u64, Option<(Vec<u8>, Vec<u8>)>)> = Vec::new();
+        let mut new_data: HashMap<u64, Vec<u8>> = HashMap::new();
+        for &cl in &clusters {
+            for k in 0..15u64 {
+                let off = cl * CLUSTER + k * BLOCK;
+                seq += 1;
+                new_data.insert(off, pattern(off, BLOCK as usize, 1000 + seq));
+            }
+        }
+        for q in 0..4usize {
+            for &cl in &clusters {
+                for k in [q as u64, q as u64 + 4, q as u64 + 8, q as u64 + 12] {
+                    if k == 15 {
+                        continue;
+                    }
+                    let off = cl * CLUSTER + k * BLOCK;
+                    let slot = slots.len();
+                    let data = &new_data[&off];
+                    c.buf(slot * BLOCK as usize, BLOCK as usize).copy_from_slice(data);
+                    let ptr = (c.region.addr + slot * BLOCK as usize) as *const u8;
+                    c.queues[q].write(off, ptr, BLOCK as usize, slot, ReqFlags::empty());
+                    slots.push((q, off, None));
+                }
+                // A block another queue is writing right now.
+                let off = cl * CLUSTER + ((q as u64 + 1) % 4) * BLOCK;
+                let slot = slots.len();
+                let ptr = (c.region.addr + slot * BLOCK as usize) as *mut u8;
+                c.queues[q].read(off, ptr, BLOCK as usize, slot, ReqFlags::empty());
+                let old = model[off as usize..(off + BLOCK) as usize].to_vec();
+                slots.push((q, off, Some((old, new_data[&off].clone()))));
+            }
+        }
+        for q in 0..4 {
+            kick(&mut c, q);
+        }
+        for q in 0..4 {
+            let n = slots.iter().filter(|s| s.0 == q).count();
+            for (slot, ret) in wait_queue(&mut c, q, n) {
+                let (_, off, read) = &slots[slot];
+                assert_eq!(ret, 0, "{engine}: request at {off} failed");
+                if let Some((old, new)) = read {
+                    let got = c.buf(slot * BLOCK as usize, BLOCK as usize).to_vec();
+                    for (i, sec) in got.chunks(SECTOR).enumerate() {
+                        let r = i * SECTOR..(i + 1) * SECTOR;
+                        assert!(
+                            sec == &old[r.clone()] || sec == &new[r],
+                            "{engine}: a read racing the allocation of {off} returned neither the old nor the new data \
+                             (sector {i})"
+                        );
+                    }
+                }
+            }
+        }
+        for (off, data) in new_data {
+            apply(&mut model, off, &data);
+        }
+    }
+    let all = read_range(&mut c, 0, size as usize);
+    assert_same(&format!("{engine}: after racing allocations, through colo-blk"), &all, &model);
+    assert_eq!(c.flush(0), 0);
+    drop(c);
+    stop(srv);
+    assert_same(&format!("{engine}: after racing allocations, qemu-img convert"), &qemu_content(&top), &model);
+    check_clean(&top);
+    assert_eq!(top_data_clusters(&map(&top), CLUSTER), touched, "{engine}: clusters allocated in the top");
+}
+
+#[test]
+fn concurrent_writes_into_the_same_new_clusters_all_land() {
+    require_tools();
+    race_allocations("uring", true);
+    race_allocations("sync", true);
+    race_allocations("uring", false);
+}
+
+/// Compressible content, distinct per 4 KiB block.
+fn compressible(size: u64) -> Vec<u8> {
+    let mut v = vec![0u8; size as usize];
+    for (b, blk) in v.chunks_mut(BLOCK as usize).enumerate() {
+        blk.fill((b % 251) as u8 ^ 0x5A);
+        blk[..8].copy_from_slice(&(b as u64).to_le_bytes());
+    }
+    v
+}
+
+#[test]
+fn compressed_clusters_read_and_are_rewritten_correctly() {
+    require_tools();
+    let dir = tempfile::tempdir().unwrap();
+    let size = 32 * MIB;
+    let mut model = compressible(size);
+    let raw = dir.path().join("src.raw");
+    std::fs::write(&raw, &model).unwrap();
+    let img = dir.path().join("comp.qcow2");
+    let out = tool("qemu-img", &["convert", "-c", "-f", "raw", "-O", "qcow2", &s(&raw), &s(&img)]);
+    assert!(out.status.success(), "{}", text(&out));
+    let m = map(&img);
+    let compressed: u64 = m.iter().filter(|e| e["compressed"] == true).map(|e| e["length"].as_u64().unwrap()).sum();
+    assert!(compressed >= size / 2, "the test image is not compressed: {m:?}");
+
+    let srv = serve(&img, &[]);
+    let mut c = Client::connect(srv.socket(), 1, false);
+    let all = read_range(&mut c, 0, size as usize);
+    assert_same("compressed image through colo-blk", &all, &model);
+    let writes: &[(u64, u64)] = &[
+        (3 * CLUSTER + 20 * KIB, 4 * KIB), // inside a compressed cluster
+        (5 * CLUSTER, CLUSTER),            // a whole compressed cluster
+        (8 * CLUSTER - 8 * KIB, 16 * KIB), // across two
+        (9 * CLUSTER + 1536, 512),         // one sector
+        (3 * CLUSTER + 40 * KIB, 4 * KIB), // the first cluster again (now plain)
+    ];
+    for (i, &(o, l)) in writes.iter().enumerate() {
+        let data = pattern(o, l as usize, 0x300 + i as u32);
+        write_ok(&mut c, o, &data);
+        apply(&mut model, o, &data);
+    }
+    assert_eq!(c.write_zeroes(0, 11 * CLUSTER, 2 * CLUSTER, true), 0);
+    model[(11 * CLUSTER) as usize..(13 * CLUSTER) as usize].fill(0);
+    assert_eq!(c.discard(0, 14 * CLUSTER, CLUSTER), 0);
+    model[(14 * CLUSTER) as usize..(15 * CLUSTER) as usize].fill(0);
+    let all = read_range(&mut c, 0, size as usize);
+    assert_same("compressed image after writes, through colo-blk", &all, &model);
+    assert_eq!(c.flush(0), 0);
+    drop(c);
+    stop(srv);
+    assert_same("compressed image after writes, qemu-img convert", &qemu_content(&img), &model);
+    check_clean(&img);
+}
+
+#[test]
+fn readonly_serves_without_writing_and_shares_the_image() {
+    use common::frontend::{BlkFrontend, T_IN, T_OUT};
+    require_tools();
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("ro.qcow2");
+    create_qcow2(&img, Some(16 * MIB), None, None);
+    qemu_io_ok("qcow2", &img, false, &["write -P 0x3c 64k 128k".to_string()]);
+    let before = std::fs::read(&img).unwrap();
+    let srv = serve(&img, &["--readonly"]);
+    let mut fe = BlkFrontend::connect(srv.socket());
+    let r = fe.io(T_IN, 64 * KIB / 512, &[0u8; 8192]);
+    assert_eq!(r.status, 0);
+    assert!(r.data.iter().all(|&b| b == 0x3c));
+    assert_ne!(fe.io(T_OUT, 0, &[0x77u8; 4096]).status, 0, "a write to a read-only export succeeded");
+    assert_ne!(fe.io(T_OUT, 64 * KIB / 512, &[0x77u8; 4096]).status, 0, "a write to a read-only export succeeded");
+    // QEMU's qcow2 readers may share a read-only image; writers stay out.
+    qemu_io_ok("qcow2", &img, true, &["read -P 0x3c 64k 4k".to_string()]);
+    let (ok, t) = qemu_io("qcow2", &img, false, &["write -P 0x99 0 4k".to_string()]);
+    assert!(!ok && t.contains("lock"), "qemu-io wrote into an image served read-only: {t}");
+    drop(fe);
+    stop(srv);
+    assert!(std::fs::read(&img).unwrap() == before, "serving read-only changed the image file");
+}
+
+#[test]
+fn block_resize_grows_and_shrinks_a_qcow2_image() {
+    use common::pair::qmp;
+    require_tools();
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("rs.qcow2");
+    create_qcow2(&img, Some(32 * MIB), None, None);
+    let mut srv = serve(&img, &[]);
+    let mut model = vec![0u8; 32 * MIB as usize];
+    {
+        let mut c = Client::connect(srv.socket(), 1, false);
+        let d = pattern(32 * MIB - 64 * KIB, 64 * KIB as usize, 1);
+        write_ok(&mut c, 32 * MIB - 64 * KIB, &d);
+        apply(&mut model, 32 * MIB - 64 * KIB, &d);
+    }
+    srv.server_mut().wait_log("frontend disconnected");
+    assert_eq!(qmp(srv.server(), "block_resize", serde_json::json!({"size": 64 * MIB})), Ok(serde_json::json!({})));
+    model.resize(64 * MIB as usize, 0);
+    let mut c = Client::connect(srv.socket(), 1, false);
+    assert_eq!(c.capacity, 64 * MIB);
+    let d = pattern(60 * MIB, 128 * KIB as usize, 2);
+    write_ok(&mut c, 60 * MIB, &d);
+    apply(&mut model, 60 * MIB, &d);
+    let all = read_range(&mut c, 0, 64 * MIB as usize);
+    assert_same("after growing", &all, &model);
+    drop(c);
+    srv.server_mut().wait_log("frontend disconnected");
+    // Shrinking: done (then the data below the new end stays) or refused (then nothing
+    // changed).
+    let shrunk = qmp(srv.server(), "block_resize", serde_json::json!({"size": 48 * MIB}));
+    if shrunk.is_ok() {
+        model.truncate(48 * MIB as usize);
+    }
+    let mut c = Client::connect(srv.socket(), 1, false);
+    assert_eq!(c.capacity, model.len() as u64, "shrink answered {shrunk:?}");
+    let all = read_range(&mut c, 0, model.len());
+    assert_same("after the shrink request", &all, &model);
+    drop(c);
+    stop(srv);
+    let out = tool("qemu-img", &["info", "--output=json", &s(&img)]);
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(info["virtual-size"], model.len() as u64, "{info}");
+    assert_same("after resizing, qemu-img convert", &qemu_content(&img), &model);
+    check_clean(&img);
+}
+
+#[test]
+fn a_backing_file_shorter_than_the_top_reads_zero_past_its_end() {
+    require_tools();
+    let dir = tempfile::tempdir().unwrap();
+    // The base ends inside a cluster.
+    let base_len = 8 * MIB + 12 * KIB;
+    let size = 32 * MIB;
+    let base = dir.path().join("short.raw");
+    let b = pattern(0, base_len as usize, 0x5B);
+    std::fs::write(&base, &b).unwrap();
+    let top = dir.path().join("top.qcow2");
+    create_qcow2(&top, Some(size), Some(("short.raw", "raw")), None);
+    let mut model = vec![0u8; size as usize];
+    model[..b.len()].copy_from_slice(&b);
+    let srv = serve(&top, &[]);
+    let mut c = Client::connect(srv.socket(), 1, false);
+    assert_eq!(c.capacity, size);
+    let all = read_range(&mut c, 0, size as usize);
+    assert_same("short base through colo-blk", &all, &model);
+    for (i, (o, l)) in [(8 * MIB + 4 * KIB, 4 * KIB), (8 * MIB + 10 * KIB, 4 * KIB), (20 * MIB + 4 * KIB, 4 * KIB)]
+        .into_iter()
+        .enumerate()
+    {
+        let d = pattern(o, l as usize, 0x400 + i as u32);
+        write_ok(&mut c, o, &d);
+        apply(&mut model, o, &d);
+    }
+    let all = read_range(&mut c, 0, size as usize);
+    assert_same("short base after writes, through colo-blk", &all, &model);
+    drop(c);
+    stop(srv);
+    assert!(std::fs::read(&base).unwrap() == b, "the base changed");
+    assert_same("short base after writes, qemu-img convert", &qemu_content(&top), &model);
+    check_clean(&top);
+}
+
+/// An image made by `make` (content `model`): colo-blk either refuses it at start (exit 2,
+/// image unchanged) or serves it correctly (reads, partial-cluster writes, write-zeroes,
+/// read back by QEMU, `qemu-img check` clean). Returns whether it was served.
+fn served_correctly_or_refused(what: &str, img: &Path, mut model: Vec<u8>) -> bool {
+    let before = std::fs::read(img).unwrap();
+    let srv = match try_serve(img, &[]) {
+        Err(err) => {
+            eprintln!("{what}: refused: {}", err.trim());
+            assert!(std::fs::read(img).unwrap() == before, "{what}: refused, but the image changed");
+            return false;
+        }
+        Ok(b) => b,
+    };
+    let size = model.len() as u64;
+    let mut c = Client::connect(srv.socket(), 1, false);
+    assert_eq!(c.capacity, size, "{what}");
+    let all = read_range(&mut c, 0, size as usize);
+    assert_same(&format!("{what}: read through colo-blk"), &all, &model);
+    for (i, (o, l)) in [(4 * KIB, 4 * KIB), (3 * MIB - 2 * KIB, 4 * KIB), (5 * MIB + 512, 512)].into_iter().enumerate()
+    {
+        let d = pattern(o, l as usize, 0x500 + i as u32);
+        write_ok(&mut c, o, &d);
+        apply(&mut model, o, &d);
+    }
+    assert_eq!(c.write_zeroes(0, 2 * MIB, MIB, true), 0, "{what}: write-zeroes (unmap); log: {:?}", srv.log());
+    // Over part of the write that crosses 3 MiB: its tail stays.
+    model[2 * MIB as usize..3 * MIB as usize].fill(0);
+    assert_eq!(c.write_zeroes(0, 6 * MIB + 4 * KIB, 8 * KIB, false), 0, "{what}: write-zeroes; log: {:?}", srv.log());
+    model[(6 * MIB + 4 * KIB) as usize..(6 * MIB + 12 * KIB) as usize].fill(0);
+    let all = read_range(&mut c, 0, size as usize);
+    assert_same(&format!("{what}: after writes, through colo-blk"), &all, &model);
+    assert_eq!(c.flush(0), 0);
+    drop(c);
+    stop(srv);
+    assert_same(&format!("{what}: after writes, qemu-img convert"), &qemu_content(img), &model);
+    let (code, t) = check(img);
+    assert_eq!(code, 0, "{what}: qemu-img check: {t}");
+    eprintln!("{what}: served correctly");
+    true
+}
+
+#[test]
+fn images_with_other_qcow2_features_are_served_correctly_or_refused() {
+    require_tools();
+    let dir = tempfile::tempdir().unwrap();
+    let size = 16 * MIB;
+    let d = |n: &str| dir.path().join(n);
+    // Content every variant starts with (written by QEMU).
+    let cmds: Vec<String> =
+        ["write -P 0x61 0 1M", "write -P 0x62 2M 2M", "write -P 0x63 6M 64k"].iter().map(|c| c.to_string()).collect();
+    let mut model = vec![0u8; size as usize];
+    model[..MIB as usize].fill(0x61);
+    model[2 * MIB as usize..4 * MIB as usize].fill(0x62);
+    model[6 * MIB as usize..(6 * MIB + 64 * KIB) as usize].fill(0x63);
+    let make = |name: &str, opts: &str| {
+        let p = d(name);
+        let out = tool("qemu-img", &["create", "-q", "-f", "qcow2", "-o", opts, &s(&p), &size.to_string()]);
+        assert!(out.status.success(), "{opts}: {}", text(&out));
+        qemu_io_ok("qcow2", &p, false, &cmds);
+        p
+    };
+    let mut served = Vec::new();
+    let mut failed: Vec<String> = Vec::new();
+    // (An external data file is named by an absolute path: qemu-img creates it relative to
+    // its working directory.)
+    let data_file = format!("data_file={}", s(&d("datafile.data")));
+    for (name, opts) in [
+        ("v2.qcow2", "compat=0.10"),
+        ("lazy.qcow2", "lazy_refcounts=on"),
+        ("subclusters.qcow2", "extended_l2=on"),
+        ("refcount1.qcow2", "refcount_bits=1"),
+        ("refcount64.qcow2", "refcount_bits=64"),
+        ("small-clusters.qcow2", "cluster_size=512"),
+        ("big-clusters.qcow2", "cluster_size=2M"),
+        ("datafile.qcow2", data_file.as_str()),
+    ] {
+        let p = make(name, opts);
+        // Every variant runs; the failures are reported together.
+        match std::panic::catch_unwind(|| served_correctly_or_refused(opts, &p, model.clone())) {
+            Ok(true) => served.push(opts.to_string()),
+            Ok(false) => {}
+            Err(e) => failed.push(format!(
+                "{opts}: {}",
+                e.downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default()
+            )),
+        }
+    }
+    // zstd-compressed clusters.
+    let raw = d("zsrc.raw");
+    let src = compressible(size);
+    std::fs::write(&raw, &src).unwrap();
+    let z = d("zstd.qcow2");
+    let out = tool(
+        "qemu-img",
+        &["convert", "-c", "-f", "raw", "-O", "qcow2", "-o", "compression_type=zstd", &s(&raw), &s(&z)],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    match std::panic::catch_unwind(|| served_correctly_or_refused("compression_type=zstd", &z, src)) {
+        Ok(true) => served.push("compression_type=zstd".into()),
+        Ok(false) => {}
+        Err(_) => failed.push("compression_type=zstd: see the panic above".into()),
+    }
+    eprintln!("served: {served:?}");
+
+    // An encrypted image is never served (its clusters are ciphertext).
+    let enc = d("enc.qcow2");
+    let out = tool(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "--object",
+            "secret,id=sec0,data=colo",
+            "-f",
+            "qcow2",
+            "-o",
+            "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
+            &s(&enc),
+            "16M",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let out = tool(
+        "qemu-io",
+        &[
+            "--object",
+            "secret,id=sec0,data=colo",
+            "--image-opts",
+            &format!("driver=qcow2,file.filename={},encrypt.key-secret=sec0", s(&enc)),
+            "-c",
+            "write -P 0x61 0 64k",
+        ],
+    );
+    assert!(out.status.success() && !text(&out).contains("failed"), "{}", text(&out));
+    let before = std::fs::read(&enc).unwrap();
+    let err = match try_serve(&enc, &[]) {
+        Err(err) => err,
+        Ok(b) => {
+            let mut c = Client::connect(b.socket(), 1, true);
+            let (r, data) = c.read(0, 0, 4096);
+            let plain = data.iter().all(|&x| x == 0x61);
+            drop(c);
+            stop(b);
+            panic!(
+                "an encrypted (LUKS) qcow2 image was served; the guest reads {} at offset 0 (QEMU wrote 0x61 \
+                 there), read result {r}",
+                if plain { "the plaintext" } else { "ciphertext" }
+            );
+        }
+    };
+    assert!(err.contains(&s(&enc)) || err.contains("encrypt"), "{err}");
+    assert!(std::fs::read(&enc).unwrap() == before, "the encrypted image changed");
+    assert!(failed.is_empty(), "served, but wrongly:\n{}", failed.join("\n"));
+}
+
+#[test]
+fn a_v2_image_over_a_backing_file_reads_zero_after_write_zeroes() {
+    require_tools();
+    let dir = tempfile::tempdir().unwrap();
+    let size = 16 * MIB;
+    let base = dir.path().join("base.raw");
+    let mut model = pattern(0, size as usize, 0x6C);
+    std::fs::write(&base, &model).unwrap();
+    let top = dir.path().join("v2.qcow2");
+    let out = tool(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "-o", "compat=0.10", "-b", "base.raw", "-F", "raw", &s(&top)],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    // qcow2 v2 has no zero clusters: zeroes over a backing file must be written as data.
+    let srv = match try_serve(&top, &[]) {
+        Err(err) => {
+            eprintln!("v2 over a backing file refused: {err}");
+            return;
+        }
+        Ok(b) => b,
+    };
+    let mut c = Client::connect(srv.socket(), 1, false);
+    assert_eq!(c.write_zeroes(0, MIB, MIB, true), 0, "write-zeroes (unmap); log: {:?}", srv.log());
+    assert_eq!(c.discard(0, 4 * MIB, MIB), 0, "discard; log: {:?}", srv.log());
+    assert_eq!(c.write_zeroes(0, 6 * MIB + 4 * KIB, 4 * KIB, false), 0, "write-zeroes; log: {:?}", srv.log());
+    model[MIB as usize..2 * MIB as usize].fill(0);
+    model[(6 * MIB + 4 * KIB) as usize..(6 * MIB + 8 * KIB) as usize].fill(0);
+    // The discarded range: zero or the base's data, per sector (v2 cannot mark zero).
+    let got = read_range(&mut c, 4 * MIB, MIB as usize);
+    zero_or_old("v2 discard over the base", &got, &model[4 * MIB as usize..5 * MIB as usize]);
+    apply(&mut model, 4 * MIB, &got);
+    let all = read_range(&mut c, 0, size as usize);
+    assert_same("v2 top after zeroing, through colo-blk", &all, &model);
+    assert_eq!(c.flush(0), 0);
+    drop(c);
+    stop(srv);
+    assert_same("v2 top after zeroing, qemu-img convert", &qemu_content(&top), &model);
+    check_clean(&top);
 }
