@@ -838,7 +838,7 @@ fn writer(socket: PathBuf, size: u64, cluster: u64, killing: Arc<AtomicBool>, tx
             return log;
         }
         batches += 1;
-        if batches % 4 == 0 {
+        if batches.is_multiple_of(4) {
             let upto = log.writes.len();
             c.queues[0].flush(BATCH, ReqFlags::empty());
             if !complete(&mut c, 1, &killing, |_| {}) {
@@ -1256,6 +1256,9 @@ fn wait_queue(c: &mut Client, qi: usize, n: usize) -> Vec<(usize, i32)> {
     out
 }
 
+/// One request of a round: its queue, offset, and for a read the old and the new data.
+type Slot = (usize, u64, Option<(Vec<u8>, Vec<u8>)>);
+
 /// Four queues write different 4 KiB blocks of the same unallocated clusters at the same
 /// time (each cluster's last block stays the base's), while reads of those blocks race with
 /// the allocations.
@@ -1281,8 +1284,7 @@ fn race_allocations(engine: &str, with_backing: bool) {
     for round in 0..24u64 {
         let clusters: Vec<u64> = (0..8).map(|i| 16 + round * 8 + i).collect();
         touched.extend(clusters.iter().copied());
-        // slot -> (queue, offset, Some((old, new)) for a read)
-        let mut slots: Vec<(usize, u64, Option<(Vec<u8>, Vec<u8>)>)> = Vec::new();
+        let mut slots: Vec<Slot> = Vec::new();
         let mut new_data: HashMap<u64, Vec<u8>> = HashMap::new();
         for &cl in &clusters {
             for k in 0..15u64 {
