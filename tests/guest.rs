@@ -364,3 +364,40 @@ fn guest_sees_block_resize_without_reboot() {
     let grown = common::file_range(&disk, 64 << 20, 32 << 20);
     assert!(grown.iter().any(|&b| b != 0), "nothing reached the grown area of the image");
 }
+
+/// A Linux guest on a qcow2 overlay over a raw base (`--format qcow2`): fio verify (allocating
+/// writes with copy-on-write from the base, then overwrites) and trim (discard → zero
+/// clusters) pass, the base is never written, and `qemu-img check` finds the overlay clean
+/// after colo-blk stops.
+#[test]
+fn guest_fio_on_a_qcow2_overlay_over_a_raw_base() {
+    if !guest_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (base, top) = (dir.path().join("base.raw"), dir.path().join("top.qcow2"));
+    let io = |args: &[&str]| {
+        let out = Command::new(args[0]).args(&args[1..]).output().expect(args[0]);
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let (b, t) = (base.to_str().unwrap(), top.to_str().unwrap());
+    io(&["qemu-img", "create", "-q", "-f", "raw", b, "512M"]);
+    io(&["qemu-io", "-f", "raw", "-c", "write -P 0x3c 0 64M", b]);
+    io(&["qemu-img", "create", "-q", "-f", "qcow2", "-b", b, "-F", "raw", t]);
+    let base_before = io(&["sha256sum", b]);
+    let mut s = Server::start(tempfile::tempdir().unwrap(), &["--disk", t, "--format", "qcow2", "--num-queues", "2"]);
+    for job in ["verify", "trim"] {
+        let (ok, console) = run_fio(&s.socket, job, &[]);
+        assert!(ok, "fio job {job} failed in the guest on qcow2:\n{console}");
+        assert!(!console.contains("I/O error"), "guest logged an I/O error in {job}:\n{console}");
+    }
+    let stats = s.qmp_ok("query-blockstats");
+    assert_eq!(stats["write"]["errors"], 0, "{stats}");
+    assert!(stats["discard"]["ops"].as_u64().unwrap() > 0, "{stats}");
+    s.qmp().execute("quit", Default::default()).unwrap().unwrap();
+    assert_eq!(s.wait_exit().code(), Some(0));
+    assert_eq!(io(&["sha256sum", b]), base_before, "the backing file was written");
+    let check = Command::new("qemu-img").args(["check", "-f", "qcow2", t]).output().unwrap();
+    assert!(check.status.success(), "qemu-img check: {}", String::from_utf8_lossy(&check.stdout));
+}

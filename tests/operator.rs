@@ -271,8 +271,20 @@ fn formats_and_sizes_are_checked_before_serving() {
     let sock = dir.path().join("s.sock").display().to_string();
     let err = refused(&["--disk", &qs, "--socket", &sock], "qcow2");
     assert!(err.contains("--disk"), "{err}");
-    refused(&["--disk", &qs, "--socket", &sock, "--format", "qcow2"], "not supported yet");
+    // qcow2 images are not created or resized at start: --size is refused with --format qcow2.
+    refused(&["--disk", &qs, "--socket", &sock, "--format", "qcow2", "--size", "64M"], "--size");
     assert_eq!(sha(&q), before);
+    // --format qcow2 on a file that is not one, or a missing image: refused, nothing created.
+    let plain = dir.path().join("plain.img");
+    make_image(&plain, 1 << 20, 7);
+    let plain_sha = sha(&plain);
+    let err = refused(&["--disk", &plain.display().to_string(), "--socket", &sock, "--format", "qcow2"], "qcow2");
+    assert!(err.contains("not a qcow2 image"), "{err}");
+    assert_eq!(sha(&plain), plain_sha);
+    let missing = dir.path().join("missing.qcow2");
+    let err =
+        refused(&["--disk", &missing.display().to_string(), "--socket", &sock, "--format", "qcow2"], "qemu-img create");
+    assert!(!missing.exists(), "{err}");
 
     // --format raw serves the bytes as they are: the guest sees the header (a file with a
     // qcow2 magic and a raw-friendly size).
@@ -282,6 +294,10 @@ fn formats_and_sizes_are_checked_before_serving() {
     std::fs::write(&fake, &bytes).unwrap();
     let fs = fake.display().to_string();
     refused(&["--disk", &fs, "--socket", &sock], "qcow2");
+    // A qcow2 magic without a valid header: imago refuses it, nothing is written.
+    let fake_sha = sha(&fake);
+    refused(&["--disk", &fs, "--socket", &sock, "--format", "qcow2"], "cannot be opened as qcow2");
+    assert_eq!(sha(&fake), fake_sha);
     let server = Server::start(tempfile::tempdir().unwrap(), &["--disk", &fs, "--format", "raw"]);
     let mut c = Client::connect(&server.socket, 1, true);
     let (st, data) = c.read(0, 0, 4096);

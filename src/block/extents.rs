@@ -51,13 +51,13 @@ pub fn is_zero(b: &[u8]) -> bool {
 /// of the same kind merged, at most `max` (at least 1) of them. They cover at least the
 /// first byte (when `len > 0`) and never go past the range; an extent query that fails
 /// reports the rest as data.
-pub fn extents(file: &File, offset: u64, len: u64, max: usize) -> Vec<(u64, bool)> {
+pub fn extents(file: &dyn super::image::ImageData, offset: u64, len: u64, max: usize) -> Vec<(u64, bool)> {
     let end = offset.saturating_add(len);
     let mut out: Vec<(u64, bool)> = Vec::new();
     let mut pos = offset;
     while pos < end && out.len() < max.max(1) {
-        let h = hole_end(file, pos, end);
-        let (next, hole) = if h > pos { (h, true) } else { (data_end(file, pos, end).max(pos + 1).min(end), false) };
+        let h = file.hole_end(pos, end);
+        let (next, hole) = if h > pos { (h, true) } else { (file.data_end(pos, end).max(pos + 1).min(end), false) };
         match out.last_mut() {
             Some(last) if last.1 == hole => last.0 += next - pos,
             _ => out.push((next - pos, hole)),

@@ -11,6 +11,7 @@ pub mod bitmap;
 pub mod bounce;
 pub mod extents;
 pub mod fault;
+pub mod image;
 pub mod lock;
 pub mod probe;
 pub mod qcow2;

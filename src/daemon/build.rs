@@ -20,6 +20,7 @@ use super::sockets::{OwnedSocket, SocketPerms, bind_owned};
 use super::systemd::{PidFile, activated_fd, inherited_listener};
 use super::{BoundSockets, Daemon, DaemonError, ServeConfig};
 use crate::block::fault::{FaultPlan, FaultyDevice};
+use crate::block::image::ImageData;
 use crate::block::lock::{ImageLock, LockError};
 use crate::block::qcow2::{Qcow2Disk, Qcow2Options};
 use crate::block::raw::{NullDisk, RawDisk, RawOptions};
@@ -358,20 +359,13 @@ pub fn build(config: Config) -> Result<Built, BuildError> {
     let device: Arc<dyn BlockDevice> = if a.is_null() {
         Arc::new(NullDisk::new(create_size.unwrap_or(DEFAULT_SIZE), a.readonly))
     } else {
-        let opts = RawOptions {
-            path: a.disk.clone(),
-            create_size,
-            read_only: a.readonly,
-            direct: a.direct,
-            block_size: a.logical_block_size,
-            engine: a.io_engine,
-        };
         if !a.disk.exists() {
             undo.files.push(a.disk.clone());
         }
-        if a.format == Some(ImageFormat::Qcow2) {
-            // Only with --replication none (Config::check); the locks are taken before the
-            // first I/O: the top image for writing, its backing chain for reading.
+        // The disk as a block device, and (for the replication roles) its bytes by offset.
+        let (disk, data): (Arc<dyn BlockDevice>, Option<Arc<dyn ImageData>>) = if a.format == Some(ImageFormat::Qcow2) {
+            // The locks are taken before the first I/O: the top image for writing, its
+            // backing chain for reading.
             match ImageLock::acquire(&a.disk, !a.readonly) {
                 Ok(l) => locks.push(l),
                 Err(e) => return undo.fail(BuildError::DiskLock(e)),
@@ -392,8 +386,17 @@ pub fn build(config: Config) -> Result<Built, BuildError> {
                     Err(e) => return undo.fail(BuildError::DiskLock(e)),
                 }
             }
-            Arc::new(disk)
+            let data = disk.data();
+            (Arc::new(disk), Some(data))
         } else {
+            let opts = RawOptions {
+                path: a.disk.clone(),
+                create_size,
+                read_only: a.readonly,
+                direct: a.direct,
+                block_size: a.logical_block_size,
+                engine: a.io_engine,
+            };
             let disk = match RawDisk::open(&opts) {
                 Ok(d) => d,
                 Err(e) => return undo.fail(BuildError::Disk(e)),
@@ -402,61 +405,62 @@ pub fn build(config: Config) -> Result<Built, BuildError> {
                 Ok(l) => locks.push(l),
                 Err(e) => return undo.fail(BuildError::DiskLock(e)),
             }
-            match a.replication {
-                Role::Secondary => {
-                    let files = SecondaryFiles {
-                        active: a.active.clone().unwrap_or_default(),
-                        hidden: a.hidden.clone().unwrap_or_default(),
-                        direct: a.direct,
-                    };
-                    for path in [&files.active, &files.hidden] {
-                        if !path.exists() {
-                            undo.files.push(path.clone());
-                        }
-                    }
-                    let file = match disk.buffered_file() {
-                        Ok(f) => f,
-                        Err(e) => return undo.fail(BuildError::DiskFile(e)),
-                    };
-                    let size = disk.size();
-                    // The first threads: the buffer pool and the reclaim thread.
-                    let sec = match Secondary::open(disk, files) {
-                        Ok(s) => s,
-                        Err(e) => return undo.fail(BuildError::Buffers(e)),
-                    };
-                    // Secondary::open locked the buffers (re-locked whenever a checkpoint replaces them).
-                    if let Err(e) = sec.check_lengths() {
-                        return undo.fail(BuildError::BufferLengths(e));
-                    }
-                    secondary = Some(sec.clone());
-                    // The mirror stays idle unless this secondary fails over and is told to
-                    // protect itself again (continuous replication).
-                    let m = Mirror::new(file, size, mirror_cfg);
-                    m.set_generations(sec.generations());
-                    mirror = Some(m.clone());
-                    Arc::new(MirrorDevice { inner: Arc::new(SecondaryDevice(sec)), mirror: m })
+            let data: Option<Arc<dyn ImageData>> = if a.replication == Role::None {
+                None
+            } else {
+                match disk.buffered_file() {
+                    Ok(f) => Some(f as Arc<dyn ImageData>),
+                    Err(e) => return undo.fail(BuildError::DiskFile(e)),
                 }
-                Role::Primary => {
-                    let file = match disk.buffered_file() {
-                        Ok(f) => f,
-                        Err(e) => return undo.fail(BuildError::DiskFile(e)),
-                    };
-                    let gens = match crate::replication::generation::Generations::for_disk(&a.disk) {
-                        Ok(g) => g,
-                        Err(e) => return undo.fail(BuildError::Generations(e)),
-                    };
-                    let (al, recovered) = match crate::replication::primary::ActivityLog::open(&a.disk, disk.size()) {
-                        Ok(x) => x,
-                        Err(e) => return undo.fail(BuildError::ActivityLog(e)),
-                    };
-                    let m = Mirror::new(file, disk.size(), mirror_cfg);
-                    m.set_generations(Arc::new(gens));
-                    m.set_activity_log(al, recovered);
-                    mirror = Some(m.clone());
-                    Arc::new(MirrorDevice { inner: Arc::new(disk), mirror: m })
+            };
+            (Arc::new(disk), data)
+        };
+        let size = disk.size();
+        match (a.replication, data) {
+            (Role::Secondary, Some(data)) => {
+                let files = SecondaryFiles {
+                    active: a.active.clone().unwrap_or_default(),
+                    hidden: a.hidden.clone().unwrap_or_default(),
+                    direct: a.direct,
+                };
+                for path in [&files.active, &files.hidden] {
+                    if !path.exists() {
+                        undo.files.push(path.clone());
+                    }
                 }
-                Role::None => Arc::new(disk),
+                // The first threads: the buffer pool and the reclaim thread.
+                let sec = match Secondary::open(disk, data.clone(), a.disk.clone(), files) {
+                    Ok(s) => s,
+                    Err(e) => return undo.fail(BuildError::Buffers(e)),
+                };
+                // Secondary::open locked the buffers (re-locked whenever a checkpoint replaces them).
+                if let Err(e) = sec.check_lengths() {
+                    return undo.fail(BuildError::BufferLengths(e));
+                }
+                secondary = Some(sec.clone());
+                // The mirror stays idle unless this secondary fails over and is told to
+                // protect itself again (continuous replication).
+                let m = Mirror::new(data, size, mirror_cfg);
+                m.set_generations(sec.generations());
+                mirror = Some(m.clone());
+                Arc::new(MirrorDevice { inner: Arc::new(SecondaryDevice(sec)), mirror: m })
             }
+            (Role::Primary, Some(data)) => {
+                let gens = match crate::replication::generation::Generations::for_disk(&a.disk) {
+                    Ok(g) => g,
+                    Err(e) => return undo.fail(BuildError::Generations(e)),
+                };
+                let (al, recovered) = match crate::replication::primary::ActivityLog::open(&a.disk, size) {
+                    Ok(x) => x,
+                    Err(e) => return undo.fail(BuildError::ActivityLog(e)),
+                };
+                let m = Mirror::new(data, size, mirror_cfg);
+                m.set_generations(Arc::new(gens));
+                m.set_activity_log(al, recovered);
+                mirror = Some(m.clone());
+                Arc::new(MirrorDevice { inner: disk, mirror: m })
+            }
+            _ => disk,
         }
     };
     let replication: Arc<dyn ReplicationControl> = match (&secondary, &mirror) {

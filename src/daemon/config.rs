@@ -251,13 +251,6 @@ impl Config {
                             `qemu-img create -f qcow2 IMAGE SIZE` and leave out --size"
                     .into());
             }
-            if a.replication != Role::None {
-                return Err(format!(
-                    "--format qcow2: --replication {} needs a raw disk today; convert the image with \
-                     `qemu-img convert -O raw` (qcow2 is served with --replication none)",
-                    if a.replication == Role::Primary { "primary" } else { "secondary" }
-                ));
-            }
         }
         if a.socket_fd.is_some() && a.socket.is_some() {
             return Err("--socket-fd: give either --socket or --socket-fd".into());

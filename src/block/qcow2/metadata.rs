@@ -124,7 +124,7 @@ pub(super) fn run(image: Arc<Image>, jobs: Receiver<Job>) {
     }
 }
 
-fn read(image: &Image, offset: u64, iovecs: &[libc::iovec]) -> i32 {
+pub(super) fn read(image: &Image, offset: u64, iovecs: &[libc::iovec]) -> i32 {
     let slices: Vec<IoSliceMut<'_>> = iovecs
         .iter()
         // SAFETY: each iovec is a live, writable guest buffer (the Job's Send contract).
@@ -140,7 +140,7 @@ fn read(image: &Image, offset: u64, iovecs: &[libc::iovec]) -> i32 {
     }
 }
 
-fn write(image: &Image, offset: u64, iovecs: &[libc::iovec], dsync: bool) -> i32 {
+pub(super) fn write(image: &Image, offset: u64, iovecs: &[libc::iovec], dsync: bool) -> i32 {
     let slices: Vec<IoSlice<'_>> = iovecs
         .iter()
         // SAFETY: each iovec is a live guest buffer (the Job's Send contract); only read here.
@@ -161,7 +161,7 @@ fn write(image: &Image, offset: u64, iovecs: &[libc::iovec], dsync: bool) -> i32
     }
 }
 
-fn flush(image: &Image) -> i32 {
+pub(super) fn flush(image: &Image) -> i32 {
     let access = image.access.read().unwrap_or_else(|p| p.into_inner());
     match access.flush().and_then(|()| access.sync()) {
         Ok(()) => 0,
@@ -172,7 +172,7 @@ fn flush(image: &Image) -> i32 {
     }
 }
 
-fn zero(image: &Image, offset: u64, len: u64, unmap: bool) -> i32 {
+pub(super) fn zero(image: &Image, offset: u64, len: u64, unmap: bool) -> i32 {
     let Some(_quiet) = image.quiesce_mappings(QUIESCE_DEADLINE) else {
         log::error!(
             "{}: in-flight I/O did not drain within {QUIESCE_DEADLINE:?}; zeroing refused",

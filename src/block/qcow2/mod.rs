@@ -16,6 +16,7 @@
 //! What imago is not used for: its own file driver (colo-blk's [`storage::ImageFile`] lets
 //! the rings address chain files by index) and its data I/O on the fast path.
 
+mod data;
 mod metadata;
 mod queue;
 mod storage;
@@ -23,7 +24,7 @@ mod storage;
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::mpsc::{Sender, channel};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -61,9 +62,9 @@ pub(crate) struct Image {
     size: AtomicU64,
     /// Fast-path requests holding a mapping (host offsets in flight).
     mapped: AtomicU64,
-    /// A job that moves or frees clusters is waiting: workers divert new requests to the
-    /// metadata thread instead of mapping them.
-    exclusive: AtomicBool,
+    /// Jobs that move or free clusters and are waiting or running: while non-zero, workers
+    /// divert new requests to the metadata thread instead of mapping them.
+    exclusive: AtomicU32,
     /// Bounds the log lines failing guest requests can cause.
     errors: LogLimit,
 }
@@ -73,7 +74,7 @@ struct Quiesced<'a>(&'a Image);
 
 impl Drop for Quiesced<'_> {
     fn drop(&mut self) {
-        self.0.exclusive.store(false, Ordering::SeqCst);
+        self.0.exclusive.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -89,7 +90,7 @@ impl Image {
     /// A worker is about to map a request: false when it must go to the metadata thread.
     fn enter(&self) -> bool {
         self.mapped.fetch_add(1, Ordering::SeqCst);
-        if self.exclusive.load(Ordering::SeqCst) {
+        if self.exclusive.load(Ordering::SeqCst) != 0 {
             self.leave();
             return false;
         }
@@ -103,7 +104,7 @@ impl Image {
 
     /// Stops new mappings and waits (up to `deadline`) until no request holds one.
     fn quiesce_mappings(&self, deadline: Duration) -> Option<Quiesced<'_>> {
-        self.exclusive.store(true, Ordering::SeqCst);
+        self.exclusive.fetch_add(1, Ordering::SeqCst);
         let guard = Quiesced(self);
         let end = Instant::now() + deadline;
         let mut pause = Duration::from_micros(20);
@@ -172,7 +173,7 @@ impl Qcow2Disk {
             path: opts.path.clone(),
             size: AtomicU64::new(size),
             mapped: AtomicU64::new(0),
-            exclusive: AtomicBool::new(false),
+            exclusive: AtomicU32::new(0),
             errors: LogLimit::new(),
         });
         let (tx, rx) = channel();
@@ -198,6 +199,11 @@ impl Qcow2Disk {
     /// locked for reading while the image is served.
     pub fn dependencies(&self) -> Vec<PathBuf> {
         self.chain.iter().skip(1).map(|(p, _)| p.clone()).collect()
+    }
+
+    /// The image's bytes by guest offset, for the replication paths.
+    pub fn data(&self) -> Arc<dyn super::image::ImageData> {
+        Arc::new(data::Qcow2Data(self.image.clone()))
     }
 
     fn send(&self, job: Job) -> Result<(), ()> {

@@ -15,8 +15,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use imago::storage::PreallocateMode;
 use imago::io_buffers::{IoVector, IoVectorMut};
+use imago::storage::PreallocateMode;
 use imago::storage::drivers::CommonStorageHelper;
 use imago::{Storage, StorageOpenOptions};
 

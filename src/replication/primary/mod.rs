@@ -12,9 +12,7 @@
 //! never the last word on the secondary: the range is copied once more.
 
 use std::collections::HashMap;
-use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, mpsc};
 use std::time::{Duration, Instant};
@@ -25,7 +23,7 @@ use super::pool::DoneQueue;
 use super::progress::{ErrorTime, JobClock};
 use super::{EventSink, Mode, ReplicationControl, ReplicationError, Stage, StartArgs, SyncMode};
 use crate::block::bitmap::SectorBitmap;
-use crate::block::extents;
+use crate::block::image::ImageData;
 use crate::block::{BlockDevice, BlockError, BlockQueue, Completion, IoEngineError, Op};
 use crate::io::iovecs_len;
 use crate::nbd::client::{self, NbdUri, Reply};
@@ -106,7 +104,7 @@ pub struct MirrorConfig {
 
 /// The primary's replication state, shared by all queues.
 pub struct Mirror {
-    disk: Arc<File>,
+    disk: Arc<dyn ImageData>,
     size: u64,
     cfg: Mutex<MirrorConfig>,
     stage: Mutex<Stage>,
@@ -233,7 +231,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl Mirror {
     /// A mirror of `disk` (`size` bytes); idle until `replication-start {"mode":"primary"}`.
-    pub fn new(disk: Arc<File>, size: u64, cfg: MirrorConfig) -> Arc<Self> {
+    pub fn new(disk: Arc<dyn ImageData>, size: u64, cfg: MirrorConfig) -> Arc<Self> {
         Arc::new(Mirror {
             disk,
             size,
@@ -770,13 +768,13 @@ impl Mirror {
             let (pos, limit) = (a * SECTOR, run_end.min(a + ZERO_CHUNK) * SECTOR);
             // Extents are file-system blocks, so sector-aligned; rounding keeps the bounds
             // whole sectors anyway (a partial sector at a hole's edge counts as data).
-            let hole = if sparse { extents::hole_end(&self.disk, pos, limit) / SECTOR } else { a };
+            let hole = if sparse { self.disk.hole_end(pos, limit) / SECTOR } else { a };
             let b = if hole > a {
                 hole
             } else {
                 let data_limit = run_end.min(a + RESYNC_CHUNK);
                 if sparse {
-                    extents::data_end(&self.disk, pos, data_limit * SECTOR).div_ceil(SECTOR).clamp(a + 1, data_limit)
+                    self.disk.data_end(pos, data_limit * SECTOR).div_ceil(SECTOR).clamp(a + 1, data_limit)
                 } else {
                     data_limit
                 }
@@ -796,7 +794,7 @@ impl Mirror {
             self.dirty.clear(a, b);
             let mut copy = ChunkCopy { start, a, b, replies: Some(Vec::new()), data: 0, zero: 0, requeued: false };
             if hole > a {
-                if extents::hole_end(&self.disk, a * SECTOR, b * SECTOR) >= b * SECTOR {
+                if self.disk.hole_end(a * SECTOR, b * SECTOR) >= b * SECTOR {
                     copy.zero = (b - a) * SECTOR;
                     copy.replies = self.send_zeroes(a * SECTOR, copy.zero).map(|rx| vec![rx]);
                 } else {
@@ -1104,7 +1102,7 @@ mod tests {
         f.write_all_at(&vec![1u8; K64 as usize], 12 * M).unwrap();
         f.write_all_at(&vec![0u8; K64 as usize], 12 * M + K64).unwrap();
         f.write_all_at(&vec![2u8; K64 as usize], 12 * M + 2 * K64).unwrap();
-        if extents::hole_end(&f, 0, M) == 0 {
+        if crate::block::extents::hole_end(&f, 0, M) == 0 {
             return; // a file system without SEEK_DATA: nothing to check here
         }
         let cfg = MirrorConfig { secondary: None, timeout: Duration::from_secs(5), tls: None };

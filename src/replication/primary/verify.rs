@@ -410,7 +410,7 @@ impl Mirror {
             *scratch = AlignedBuf::zeroed(VERIFY_CHUNK as usize);
         }
         let local = &mut scratch[..c.len as usize];
-        let read = std::os::unix::fs::FileExt::read_exact_at(&*self.disk, local, c.offset);
+        let read = self.disk.read_exact_at(local, c.offset);
         let local = &*local;
         let remote = match c.rx {
             None => Err("the request could not be sent".to_string()),

@@ -165,7 +165,7 @@ mod tests {
     /// completion is reaped, as a slow device would, so a test can let a primary write land
     /// in between.
     struct LateReads {
-        fd: RawFd,
+        disk: Arc<dyn crate::block::image::ImageData>,
         held: Vec<(u64, u64, libc::iovec)>,
     }
 
@@ -184,7 +184,7 @@ mod tests {
         fn reap(&mut self, out: &mut Vec<Completion>) {
             for (token, offset, iov) in self.held.drain(..) {
                 // SAFETY: the test's buffer is alive.
-                let result = unsafe { crate::io::transfer(self.fd, offset, &[iov], false, false) };
+                let result = unsafe { self.disk.transfer(offset, &[iov], false, false) };
                 out.push(Completion { token, result });
             }
         }
@@ -196,7 +196,7 @@ mod tests {
 
     fn setup(dir: &std::path::Path) -> (Arc<Secondary>, SecondaryQueue) {
         let s = super::super::tests::secondary(dir, 1 << 20);
-        let inner = Box::new(LateReads { fd: s.file.as_raw_fd(), held: Vec::new() });
+        let inner = Box::new(LateReads { disk: s.file.clone(), held: Vec::new() });
         let q = SecondaryQueue {
             sec: s.clone(),
             inner,

@@ -18,7 +18,7 @@ impl NbdExport for SecondaryExport {
     /// What `read` serves: the disk file's holes and data (a block device is all data).
     fn extents(&self, offset: u64, len: u64, max: usize) -> io::Result<Vec<(u64, bool)>> {
         let _t = self.0.gate.enter();
-        Ok(crate::block::extents::extents(&self.0.file, offset, len, max))
+        Ok(crate::block::extents::extents(&*self.0.file, offset, len, max))
     }
 
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> io::Result<()> {
@@ -35,13 +35,11 @@ impl NbdExport for SecondaryExport {
     }
 
     fn trim(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.0.nbd_modify(offset, len, |f| result(fallocate_with_fallback(f.as_raw_fd(), &Op::Discard { offset, len })))
+        self.0.nbd_modify(offset, len, |f| result(f.zero(&Op::Discard { offset, len })))
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool) -> io::Result<()> {
-        self.0.nbd_modify(offset, len, |f| {
-            result(fallocate_with_fallback(f.as_raw_fd(), &Op::WriteZeroes { offset, len, unmap: may_trim }))
-        })
+        self.0.nbd_modify(offset, len, |f| result(f.zero(&Op::WriteZeroes { offset, len, unmap: may_trim })))
     }
 
     fn colo_barriers(&self) -> bool {

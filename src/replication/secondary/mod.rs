@@ -17,7 +17,7 @@
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -31,8 +31,9 @@ use super::pool::{DoneQueue, Pool, SendOp};
 use super::progress::{ErrorTime, JobClock};
 use super::{EventSink, Mode, ReplicationControl, ReplicationError, Stage, StartArgs};
 use crate::block::bitmap::SectorBitmap;
+use crate::block::image::ImageData;
 use crate::block::range_lock::RangeLock;
-use crate::block::raw::{RawDisk, create_sparse};
+use crate::block::raw::create_sparse;
 use crate::block::{BlockDevice, BlockError, BlockQueue, Completion, IoEngineError, Op};
 use crate::io::sync::fallocate_with_fallback;
 use crate::io::{slice_iovecs, transfer};
@@ -59,10 +60,11 @@ pub struct SecondaryFiles {
 
 /// The secondary's shared state.
 pub struct Secondary {
-    disk: RawDisk,
-    /// The disk through the page cache: what every replication path uses (see
-    /// [`RawDisk::buffered_file`]); only the done stage's queues use `disk` itself.
-    file: Arc<File>,
+    /// The disk as a block device: the done stage's queues and direct VM reads use it.
+    disk: Arc<dyn BlockDevice>,
+    /// The disk's bytes for every replication path (for a raw image, a descriptor through
+    /// the page cache: see `RawDisk::buffered_file`; for qcow2, the format driver).
+    file: Arc<dyn ImageData>,
     active: Arc<File>,
     hidden: Arc<File>,
     /// The buffers' real paths and locks, for emptying them by replacement.
@@ -165,14 +167,12 @@ fn result(r: i32) -> io::Result<()> {
 /// (zeroes either way; see [`fallocate_with_fallback`]), so copying a hole — the
 /// copy-before-write of a sparse disk under a full sync, a merge of such a saved range —
 /// costs no read and keeps the destination sparse.
-fn copy_sectors(src: &File, dst: &File, start: u64, end: u64, buf: &mut Vec<u8>) -> io::Result<u64> {
-    let punch = |offset: u64, len: u64| {
-        result(fallocate_with_fallback(dst.as_raw_fd(), &Op::WriteZeroes { offset, len, unmap: true }))
-    };
+fn copy_sectors(src: &dyn ImageData, dst: &dyn ImageData, start: u64, end: u64, buf: &mut Vec<u8>) -> io::Result<u64> {
+    let punch = |offset: u64, len: u64| result(dst.zero(&Op::WriteZeroes { offset, len, unmap: true }));
     let mut s = start;
     while s < end {
         // Extents are file-system blocks; a partial sector at a hole's edge is copied.
-        let hole = crate::block::extents::hole_end(src, s * SECTOR, end * SECTOR) / SECTOR;
+        let hole = src.hole_end(s * SECTOR, end * SECTOR) / SECTOR;
         if hole > s {
             punch(s * SECTOR, (hole - s) * SECTOR)?;
             s = hole;
@@ -194,7 +194,12 @@ fn copy_sectors(src: &File, dst: &File, start: u64, end: u64, buf: &mut Vec<u8>)
 
 impl Secondary {
     /// Opens the buffers (creating them sparse with the disk's size when missing).
-    pub fn open(disk: RawDisk, files: SecondaryFiles) -> Result<Arc<Self>, BlockError> {
+    pub fn open(
+        disk: Arc<dyn BlockDevice>,
+        file: Arc<dyn ImageData>,
+        disk_path: PathBuf,
+        files: SecondaryFiles,
+    ) -> Result<Arc<Self>, BlockError> {
         let size = disk.size();
         // The buffers never use O_DIRECT: NBD requests may be unaligned and the copies go
         // through plain heap buffers. `--direct` still applies to the disk once replication
@@ -206,13 +211,10 @@ impl Secondary {
         let hidden_buf =
             reclaim::Buffer::new(&hidden, &files.hidden).map_err(|e| BlockError::Refused(format!("--hidden: {e}")))?;
         let reclaimer = reclaim::Reclaimer::new().map_err(|e| BlockError::Engine(IoEngineError::Setup(e)))?;
-        let file = disk
-            .buffered_file()
-            .map_err(|source| BlockError::Open { path: disk.path().display().to_string(), source })?;
         let sectors = size / SECTOR;
-        let state = StateFile::for_disk(disk.path());
-        let journal = CommitJournal::for_disk(disk.path());
-        let gens = Arc::new(Generations::for_disk(disk.path()).map_err(|e| BlockError::Refused(e.to_string()))?);
+        let state = StateFile::for_disk(&disk_path);
+        let journal = CommitJournal::for_disk(&disk_path);
+        let gens = Arc::new(Generations::for_disk(&disk_path).map_err(|e| BlockError::Refused(e.to_string()))?);
         let mut resume = None;
         let unclean = match state.read().map_err(|e| BlockError::Refused(e.to_string()))? {
             DiskState::Clean => false,
@@ -231,7 +233,7 @@ impl Secondary {
                          read: {e}. The disk is half merged. Restore it from the primary or a backup \
                          (e.g. serve it as a fresh secondary and let the primary copy it with \
                          sync=full), then remove {} and {} to serve it",
-                        disk.path().display(),
+                        disk_path.display(),
                         state.path().display(),
                         journal.path().display()
                     ))
@@ -245,7 +247,7 @@ impl Secondary {
                      missing: the disk is half merged and the merge cannot be resumed. Restore the \
                      disk from the primary or a backup (e.g. serve it as a fresh secondary and let \
                      the primary copy it with sync=full), then remove {} to serve it",
-                    disk.path().display(),
+                    disk_path.display(),
                     journal.path().display(),
                     state.path().display()
                 )));
@@ -412,7 +414,7 @@ impl Secondary {
             if saved {
                 continue;
             }
-            let n = copy_sectors(&self.file, &self.hidden, a, b, &mut buf)?;
+            let n = copy_sectors(&*self.file, &*self.hidden, a, b, &mut buf)?;
             self.saved_map.set(a, b);
             self.cow_bytes.fetch_add(n, Ordering::Relaxed);
         }
@@ -427,7 +429,7 @@ impl Secondary {
     }
 
     /// A write-type NBD request: copy-before-write while running, then apply `f` to the disk.
-    fn nbd_modify(&self, offset: u64, len: u64, f: impl FnOnce(&File) -> io::Result<()>) -> io::Result<()> {
+    fn nbd_modify(&self, offset: u64, len: u64, f: impl FnOnce(&dyn ImageData) -> io::Result<()>) -> io::Result<()> {
         // A primary write after a barrier proves the secondary loaded that checkpoint.
         self.commit_pending(CommitTrigger::PrimaryWrite, None).map_err(io::Error::other)?;
         let _t = self.gate.enter();
@@ -437,10 +439,10 @@ impl Secondary {
             let _g = self.locks.exclusive(s0, s1);
             self.copy_before_write(s0, s1)?;
             self.primary_writes.fetch_add(1, Ordering::AcqRel);
-            f(&self.file)
+            f(&*self.file)
         } else {
             // Stage none: the initial synchronisation writes straight to the disk.
-            f(&self.file)
+            f(&*self.file)
         }
     }
 
@@ -493,17 +495,16 @@ impl Secondary {
     }
 
     fn disk_execute(&self, op: &Op<'_>) -> i32 {
-        let fd = self.file.as_raw_fd();
         match *op {
             // SAFETY: the worker keeps the buffers alive until the request completes, which
             // happens after this call returns.
-            Op::Read { offset, iovecs } => unsafe { transfer(fd, offset, iovecs, false, false) },
+            Op::Read { offset, iovecs } => unsafe { self.file.transfer(offset, iovecs, false, false) },
             Op::Write { offset, iovecs, dsync } => {
                 // SAFETY: as above.
-                unsafe { transfer(fd, offset, iovecs, true, dsync) }
+                unsafe { self.file.transfer(offset, iovecs, true, dsync) }
             }
             Op::Flush => self.file.sync_data().map_or(-libc::EIO, |()| 0),
-            Op::Discard { .. } | Op::WriteZeroes { .. } => fallocate_with_fallback(fd, op),
+            Op::Discard { .. } | Op::WriteZeroes { .. } => self.file.zero(op),
         }
     }
 
@@ -513,20 +514,20 @@ impl Secondary {
         let _g = self.locks.shared(s0, s1);
         let mut sub = Vec::new();
         for (a, b, in_active) in self.active_map.runs(s0, s1) {
-            let pieces: Vec<(u64, u64, RawFd)> = if in_active {
-                vec![(a, b, self.active.as_raw_fd())]
+            let pieces: Vec<(u64, u64, &dyn ImageData)> = if in_active {
+                vec![(a, b, &*self.active)]
             } else {
                 self.saved_map
                     .runs(a, b)
                     .into_iter()
-                    .map(|(c, d, saved)| (c, d, if saved { self.hidden.as_raw_fd() } else { self.file.as_raw_fd() }))
+                    .map(|(c, d, saved)| (c, d, if saved { &*self.hidden as &dyn ImageData } else { &*self.file }))
                     .collect()
             };
-            for (c, d, fd) in pieces {
+            for (c, d, source) in pieces {
                 let byte_off = c * SECTOR - offset;
                 slice_iovecs(iovecs, byte_off, (d - c) * SECTOR, &mut sub);
                 // SAFETY: `sub` points into the caller's live buffers.
-                let r = unsafe { transfer(fd, c * SECTOR, &sub, false, false) };
+                let r = unsafe { source.transfer(c * SECTOR, &sub, false, false) };
                 if r < 0 {
                     return r;
                 }
@@ -553,7 +554,7 @@ impl Secondary {
                 // the disk and the sectors leave the buffers, so the merge cannot overwrite it
                 // (nor a resumed one: see commit.rs).
                 // SAFETY: as above.
-                let r = unsafe { transfer(self.file.as_raw_fd(), offset, iovecs, true, dsync) };
+                let r = unsafe { self.file.transfer(offset, iovecs, true, dsync) };
                 if r >= 0 {
                     if let Err(e) = self.journal_disk_write(s0, s1) {
                         log::error!("cannot journal a VM write during the failover commit: {e}");
@@ -569,10 +570,10 @@ impl Secondary {
                 let mut sub = Vec::new();
                 for (a, b, in_active) in self.active_map.runs(s0, s1) {
                     for (c, d, saved) in self.saved_map.runs(a, b) {
-                        let fd = if in_active || saved { self.active.as_raw_fd() } else { self.file.as_raw_fd() };
+                        let target: &dyn ImageData = if in_active || saved { &*self.active } else { &*self.file };
                         slice_iovecs(iovecs, c * SECTOR - offset, (d - c) * SECTOR, &mut sub);
                         // SAFETY: as above.
-                        let r = unsafe { transfer(fd, c * SECTOR, &sub, true, dsync) };
+                        let r = unsafe { target.transfer(c * SECTOR, &sub, true, dsync) };
                         if r < 0 {
                             return r;
                         }
@@ -617,7 +618,7 @@ impl Secondary {
                 r
             }
             Stage::Failover => {
-                let r = fallocate_with_fallback(self.file.as_raw_fd(), &Op::WriteZeroes { offset, len, unmap: true });
+                let r = self.file.zero(&Op::WriteZeroes { offset, len, unmap: true });
                 if r >= 0 {
                     if let Err(e) = self.journal_disk_write(s0, s1) {
                         log::error!("cannot journal a VM write during the failover commit: {e}");

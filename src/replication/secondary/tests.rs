@@ -1,6 +1,6 @@
 //! Unit tests of the secondary's locking and checkpoint.
 use super::*;
-use crate::block::raw::{EngineKind, RawOptions};
+use crate::block::raw::{EngineKind, RawDisk, RawOptions};
 use std::sync::mpsc;
 
 /// A started secondary on a disk of `size` bytes of 0x11 in `dir`.
@@ -14,9 +14,11 @@ pub(super) fn secondary(dir: &Path, size: u64) -> Arc<Secondary> {
         engine: EngineKind::Sync,
     })
     .unwrap();
-    disk.file().write_all_at(&vec![0x11u8; size as usize], 0).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&**disk.file(), &vec![0x11u8; size as usize], 0).unwrap();
     let files = SecondaryFiles { active: dir.join("a.img"), hidden: dir.join("h.img"), direct: false };
-    let s = Secondary::open(disk, files).unwrap();
+    let data = disk.buffered_file().unwrap();
+    let path = disk.path().to_path_buf();
+    let s = Secondary::open(Arc::new(disk), data, path, files).unwrap();
     SecondaryControl(s.clone()).start(&StartArgs::mode(Mode::Secondary)).unwrap();
     s
 }

@@ -1,0 +1,87 @@
+//! A qcow2 image's bytes for the replication paths (`block::image::ImageData`): the calling
+//! thread goes through imago itself, under the same rules as the metadata thread (imago's
+//! locks for allocation, [`Image::quiesce_mappings`] before clusters move).
+
+use std::io;
+use std::sync::Arc;
+
+use imago::Mapping;
+
+use super::{Image, metadata};
+use crate::block::image::ImageData;
+use crate::io::{Op, iovecs_len};
+
+/// See the module documentation.
+pub(super) struct Qcow2Data(pub Arc<Image>);
+
+impl Qcow2Data {
+    /// Walks the mappings from `from` while `zero(mapping)` holds; returns where it stopped.
+    fn walk(&self, from: u64, limit: u64, zero: bool) -> u64 {
+        let limit = limit.min(self.0.size());
+        let access = self.0.access.read().unwrap_or_else(|p| p.into_inner());
+        let mut pos = from;
+        while pos < limit {
+            let Ok((mapping, n)) = access.get_mapping(pos, limit - pos) else {
+                // Cannot tell: data.
+                return if zero { pos } else { limit };
+            };
+            let is_zero = matches!(mapping, Mapping::Zero { .. } | Mapping::Eof { .. });
+            if is_zero != zero || n == 0 {
+                break;
+            }
+            pos += n;
+        }
+        pos.min(limit).max(from)
+    }
+
+    /// Writes the metadata a write or zeroing changed back to the image file, so that it
+    /// survives a kill of the daemon as the data does.
+    fn write_back(&self, r: i32) -> i32 {
+        if r < 0 {
+            return r;
+        }
+        match self.0.access.read().unwrap_or_else(|p| p.into_inner()).flush() {
+            Ok(()) => r,
+            Err(e) => -e.raw_os_error().unwrap_or(libc::EIO),
+        }
+    }
+}
+
+impl ImageData for Qcow2Data {
+    unsafe fn transfer(&self, offset: u64, iovecs: &[libc::iovec], write: bool, dsync: bool) -> i32 {
+        if offset.checked_add(iovecs_len(iovecs)).is_none_or(|end| end > self.0.size()) {
+            return -libc::EINVAL;
+        }
+        if write {
+            self.write_back(metadata::write(&self.0, offset, iovecs, dsync))
+        } else {
+            metadata::read(&self.0, offset, iovecs)
+        }
+    }
+
+    fn zero(&self, op: &Op<'_>) -> i32 {
+        let r = match *op {
+            Op::Discard { offset, len } | Op::WriteZeroes { offset, len, unmap: true } => {
+                metadata::zero(&self.0, offset, len, true)
+            }
+            Op::WriteZeroes { offset, len, unmap: false } => metadata::zero(&self.0, offset, len, false),
+            Op::Read { .. } | Op::Write { .. } | Op::Flush => -libc::EINVAL,
+        };
+        self.write_back(r)
+    }
+
+    fn sync_data(&self) -> io::Result<()> {
+        match metadata::flush(&self.0) {
+            r if r < 0 => Err(io::Error::from_raw_os_error(-r)),
+            _ => Ok(()),
+        }
+    }
+
+    fn hole_end(&self, from: u64, limit: u64) -> u64 {
+        self.walk(from, limit, true)
+    }
+
+    fn data_end(&self, from: u64, limit: u64) -> u64 {
+        self.walk(from, limit, false)
+    }
+}
