@@ -508,10 +508,10 @@ fn roundtrip(extra: &[&str]) {
 /// partial-cluster, cluster-crossing and large pieces, and checks the merged result through
 /// colo-blk and QEMU, the lower files byte for byte unchanged and only the written clusters
 /// allocated in the top.
-fn exercise_chain(top: &Path, lower: &[&Path], mut model: Vec<u8>) {
+fn exercise_chain(top: &Path, lower: &[&Path], mut model: Vec<u8>, extra: &[&str]) {
     let size = model.len() as u64;
     let before: Vec<Vec<u8>> = lower.iter().map(|p| std::fs::read(p).unwrap()).collect();
-    let srv = serve(top, &[]);
+    let srv = serve(top, extra);
     let mut c = Client::connect(srv.socket(), 1, false);
     assert_eq!(c.capacity, size);
     let all = read_range(&mut c, 0, size as usize);
@@ -565,7 +565,7 @@ fn a_backing_chain_reads_through_and_stays_untouched() {
     let top = dir.path().join("top.qcow2");
     // A relative backing name: resolved against the top's directory, not colo-blk's cwd.
     create_qcow2(&top, None, Some(("base.raw", "raw")), None);
-    exercise_chain(&top, &[&base], model);
+    exercise_chain(&top, &[&base], model, &[]);
 }
 
 #[test]
@@ -585,7 +585,7 @@ fn a_qcow2_backing_file_reads_through_and_stays_untouched() {
     std::fs::remove_file(&raw).unwrap();
     let top = dir.path().join("top.qcow2");
     create_qcow2(&top, None, Some((&s(&base), "qcow2")), None);
-    exercise_chain(&top, &[&base], model);
+    exercise_chain(&top, &[&base], model, &[]);
 }
 
 #[test]
@@ -607,7 +607,7 @@ fn a_three_level_chain_reads_through_and_stays_untouched() {
     }
     let top = dir.path().join("top.qcow2");
     create_qcow2(&top, None, Some(("mid.qcow2", "qcow2")), None);
-    exercise_chain(&top, &[&mid, &base], model);
+    exercise_chain(&top, &[&mid, &base], model, &[]);
 }
 
 /// Zero (1) or the old content (0) of every sector in a range that was discarded without
@@ -1819,9 +1819,13 @@ fn vectored(extra: &[&str]) {
     let size = 16 * MIB;
     let img = dir.path().join("vec.qcow2");
     create_qcow2(&img, Some(size), None, None);
+    // (A cluster written first makes the file's length a multiple of the cluster size, so
+    // that this test does not depend on o_direct_serves_a_freshly_created_image.)
+    qemu_io_ok("qcow2", &img, false, &["write -P 0x7e 15M 64k".to_string()]);
+    let mut model = vec![0u8; size as usize];
+    model[15 * MIB as usize..(15 * MIB + CLUSTER) as usize].fill(0x7e);
     let srv = serve(&img, extra);
     let mut c = Client::connect(srv.socket(), 1, false);
-    let mut model = vec![0u8; size as usize];
     // Clusters 9, 8, ..., 1 allocated in that order: guest-adjacent clusters are host-apart.
     for cl in (1..10u64).rev() {
         let d = pattern(cl * CLUSTER, CLUSTER as usize, 1);
@@ -1894,4 +1898,25 @@ fn o_direct_serves_a_freshly_created_image() {
     stop(srv);
     qemu_io_ok("qcow2", &img, true, &[format!("read -P 0 {} 4k", MIB)]);
     check_clean(&img);
+}
+
+#[test]
+fn a_three_level_chain_with_o_direct() {
+    require_tools();
+    let dir = tempfile::tempdir().unwrap();
+    let size = 64 * MIB;
+    let base = dir.path().join("base.raw");
+    let mut model = pattern(0, size as usize, 0x1D);
+    std::fs::write(&base, &model).unwrap();
+    let mid = dir.path().join("mid.qcow2");
+    create_qcow2(&mid, None, Some(("base.raw", "raw")), None);
+    qemu_io_ok("qcow2", &mid, false, &["write -P 0xc4 640k 16k".to_string()]);
+    model[640 * KIB as usize..656 * KIB as usize].fill(0xc4);
+    let top = dir.path().join("top.qcow2");
+    create_qcow2(&top, None, Some(("mid.qcow2", "qcow2")), None);
+    // Cluster 10 of the top (written by exercise_chain too), so that the top's length is a
+    // multiple of the cluster size (see o_direct_serves_a_freshly_created_image).
+    qemu_io_ok("qcow2", &top, false, &["write -P 0xc5 640k 4k".to_string()]);
+    model[640 * KIB as usize..644 * KIB as usize].fill(0xc5);
+    exercise_chain(&top, &[&mid, &base], model, &["--direct"]);
 }
