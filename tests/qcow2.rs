@@ -1920,3 +1920,41 @@ fn a_three_level_chain_with_o_direct() {
     model[640 * KIB as usize..644 * KIB as usize].fill(0xc5);
     exercise_chain(&top, &[&mid, &base], model, &["--direct"]);
 }
+
+/// Shrinking the top of a chain and growing it again: the grown part reads zeroes, not the
+/// longer backing file's data (as `qemu-img resize` does).
+#[test]
+fn resize_over_a_longer_backing_file_reads_zeroes_in_the_grown_part() {
+    use common::pair::qmp;
+    require_tools();
+    let dir = tempfile::tempdir().unwrap();
+    let size = 64 * MIB;
+    let base = dir.path().join("base.raw");
+    let b = pattern(0, size as usize, 0x7B);
+    std::fs::write(&base, &b).unwrap();
+    let top = dir.path().join("top.qcow2");
+    create_qcow2(&top, None, Some(("base.raw", "raw")), None);
+    let mut srv = serve(&top, &[]);
+    let mut model = b.clone();
+    {
+        let mut c = Client::connect(srv.socket(), 1, false);
+        let d = pattern(40 * MIB, 64 * KIB as usize, 3);
+        write_ok(&mut c, 40 * MIB, &d);
+        apply(&mut model, 40 * MIB, &d);
+    }
+    srv.server_mut().wait_log("frontend disconnected");
+    for sz in [32 * MIB, 64 * MIB] {
+        let r = qmp(srv.server(), "block_resize", serde_json::json!({ "size": sz }));
+        assert_eq!(r, Ok(serde_json::json!({})), "block_resize to {sz}");
+    }
+    model[32 * MIB as usize..].fill(0);
+    let mut c = Client::connect(srv.socket(), 1, false);
+    assert_eq!(c.capacity, size);
+    let all = read_range(&mut c, 0, size as usize);
+    assert_same("after shrinking and growing the top, through colo-blk", &all, &model);
+    drop(c);
+    stop(srv);
+    assert!(std::fs::read(&base).unwrap() == b, "the base changed");
+    assert_same("after shrinking and growing the top, qemu-img convert", &qemu_content(&top), &model);
+    check_clean(&top);
+}
