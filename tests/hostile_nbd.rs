@@ -203,7 +203,7 @@ fn idle_connections_cannot_lock_the_primary_out() {
     assert_eq!(file_range(&sdisk, MIB, 65536), vec![0x32; 65536]);
     // A connection that stays idle is closed by the server's negotiation deadline.
     // So is a slow-loris one that sends a byte a second (each read makes progress).
-    let late = colo_blk::nbd::server::Stream::Tcp(std::net::TcpStream::connect(("127.0.0.1", port)).unwrap());
+    let late = colo_blk::nbd::transport::Stream::Tcp(std::net::TcpStream::connect(("127.0.0.1", port)).unwrap());
     let loris = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     let mut drip = loris.try_clone().unwrap();
     std::thread::spawn(move || {
@@ -214,7 +214,7 @@ fn idle_connections_cannot_lock_the_primary_out() {
             std::thread::sleep(Duration::from_millis(1000));
         }
     });
-    let loris = colo_blk::nbd::server::Stream::Tcp(loris);
+    let loris = colo_blk::nbd::transport::Stream::Tcp(loris);
     let t0 = Instant::now();
     assert!(wait_hung_up(&late, Duration::from_secs(20)), "an idle connection was never closed");
     assert!(t0.elapsed() >= Duration::from_secs(9), "closed after {:?}", t0.elapsed());
@@ -322,8 +322,8 @@ fn a_dead_connections_writes_never_land_after_a_newer_connection() {
     send_request(&mut c1, CMD_WRITE, 51, x, 4096, &[0xAA; 4096]);
     // Gone for the server (end of file after A), though this end could still read replies.
     match &c1 {
-        colo_blk::nbd::server::Stream::Unix(u) => u.shutdown(std::net::Shutdown::Write).unwrap(),
-        colo_blk::nbd::server::Stream::Tcp(t) => t.shutdown(std::net::Shutdown::Write).unwrap(),
+        colo_blk::nbd::transport::Stream::Unix(u) => u.shutdown(std::net::Shutdown::Write).unwrap(),
+        colo_blk::nbd::transport::Stream::Tcp(t) => t.shutdown(std::net::Shutdown::Write).unwrap(),
     }
     let (mut c2, _) = nbd_connect(&uri);
     send_request(&mut c2, CMD_WRITE, 1, x, 4096, &[0xBB; 4096]);

@@ -13,7 +13,7 @@ use std::time::Duration;
 use libfuzzer_sys::fuzz_target;
 
 use colo_blk::nbd::client::{self, Deadline};
-use colo_blk::nbd::server::Stream;
+use colo_blk::nbd::transport::Stream;
 
 fuzz_target!(|data: &[u8]| {
     let (client_end, mut server_end) = UnixStream::pair().unwrap();

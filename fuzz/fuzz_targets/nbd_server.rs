@@ -10,7 +10,8 @@ use std::sync::{Arc, Mutex};
 use libfuzzer_sys::fuzz_target;
 
 use colo_blk::nbd::NbdServerConfig;
-use colo_blk::nbd::server::{NbdExport, NbdServer, Stream};
+use colo_blk::nbd::server::{NbdExport, NbdServer};
+use colo_blk::nbd::transport::Stream;
 
 const SIZE: usize = 1 << 16;
 

@@ -8,8 +8,8 @@ use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::server::Stream;
 pub use super::timed::Deadline;
+use super::transport::{Stream, set_keepalive};
 use super::wire::*;
 
 /// Where the secondary's NBD server is.
@@ -125,7 +125,7 @@ pub fn connect(
                 .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("cannot resolve {hp}")))?;
             let t = TcpStream::connect_timeout(&addr, timeout)?;
             t.set_nodelay(true)?;
-            super::server::set_keepalive(&t);
+            set_keepalive(&t);
             Stream::Tcp(t)
         }
         NbdTarget::Unix(p) => Stream::Unix(UnixStream::connect(p)?),

@@ -19,9 +19,7 @@
 //!   one's started requests finished, so a dead connection's write never lands after a newer
 //!   connection's acknowledged one, and a dead connection's barrier never runs.
 
-use std::io::{self, Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::io::{self, Write};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex};
@@ -30,6 +28,7 @@ use std::time::{Duration, Instant};
 use super::checksum::{self, CHECKSUM_BLOCK, CHECKSUM_PIECE, CMD_COLO_CHECKSUM, MAX_CHECKSUM_LEN, OPT_COLO_CHECKSUM};
 use super::structured::{self, ReplyMode};
 use super::timed::{self, Deadline};
+use super::transport::{Listener, NbdAddress, NbdListener, Stream};
 use super::wire::*;
 
 /// How long a connection may take from accept to the transmission phase.
@@ -55,14 +54,6 @@ pub const MIN_PAYLOAD_RATE: u64 = 1 << 20;
 fn payload_deadline(bytes: usize) -> Deadline {
     Deadline::after(PAYLOAD_GRACE + Duration::from_secs(bytes as u64 / MIN_PAYLOAD_RATE), "a write's payload")
 }
-/// TCP keepalive: first probe after this much silence, then every [`KEEPALIVE_INTERVAL`], and
-/// the connection fails after [`KEEPALIVE_PROBES`] unanswered probes (about 60 s in all).
-pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
-/// See [`KEEPALIVE_IDLE`].
-pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
-/// See [`KEEPALIVE_IDLE`].
-pub const KEEPALIVE_PROBES: i32 = 3;
-
 /// What the server exports. Called from the server's threads, concurrently.
 pub trait NbdExport: Send + Sync + 'static {
     /// Export size in bytes.
@@ -143,143 +134,6 @@ pub trait NbdExport: Send + Sync + 'static {
     }
 }
 
-/// Where the server listens.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum NbdAddress {
-    /// TCP `host:port`.
-    Tcp(String),
-    /// A UNIX socket path.
-    Unix(std::path::PathBuf),
-}
-
-impl std::fmt::Display for NbdAddress {
-    /// The address as given on the command line: `HOST:PORT` or `unix:PATH`.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            NbdAddress::Tcp(a) => f.write_str(a),
-            NbdAddress::Unix(p) => write!(f, "unix:{}", p.display()),
-        }
-    }
-}
-
-impl std::str::FromStr for NbdAddress {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        if let Some(p) = s.strip_prefix("unix:") {
-            if p.is_empty() {
-                return Err("empty UNIX socket path".into());
-            }
-            return Ok(NbdAddress::Unix(p.into()));
-        }
-        match s.rsplit_once(':') {
-            Some((h, p)) if !h.is_empty() && p.parse::<u16>().is_ok() => Ok(NbdAddress::Tcp(s.to_string())),
-            _ => Err(format!("'{s}' is not HOST:PORT or unix:PATH")),
-        }
-    }
-}
-
-/// A connected byte stream (TCP or UNIX).
-pub enum Stream {
-    /// TCP.
-    Tcp(TcpStream),
-    /// UNIX.
-    Unix(UnixStream),
-}
-
-impl Stream {
-    /// A second handle on the same socket.
-    pub fn try_clone(&self) -> io::Result<Stream> {
-        Ok(match self {
-            Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
-            Stream::Unix(s) => Stream::Unix(s.try_clone()?),
-        })
-    }
-
-    /// Sets the read timeout only (`None`: block forever).
-    pub fn set_read_timeout(&self, read: Option<Duration>) -> io::Result<()> {
-        match self {
-            Stream::Tcp(s) => s.set_read_timeout(read),
-            Stream::Unix(s) => s.set_read_timeout(read),
-        }
-    }
-
-    /// Sets the read and write timeouts (`None`: block forever).
-    pub fn set_timeouts(&self, read: Option<Duration>, write: Option<Duration>) -> io::Result<()> {
-        match self {
-            Stream::Tcp(s) => {
-                s.set_read_timeout(read)?;
-                s.set_write_timeout(write)
-            }
-            Stream::Unix(s) => {
-                s.set_read_timeout(read)?;
-                s.set_write_timeout(write)
-            }
-        }
-    }
-
-    /// Whether the peer hung up: it closed or shut down its sending side, or the connection
-    /// failed. Data still queued does not count; this looks at the socket's state only.
-    pub fn hung_up(&self) -> bool {
-        let fd = match self {
-            Stream::Tcp(s) => std::os::fd::AsRawFd::as_raw_fd(s),
-            Stream::Unix(s) => std::os::fd::AsRawFd::as_raw_fd(s),
-        };
-        let mut p = libc::pollfd { fd, events: libc::POLLRDHUP, revents: 0 };
-        // SAFETY: one valid pollfd owned by this frame; a zero timeout never blocks.
-        let n = unsafe { libc::poll(&mut p, 1, 0) };
-        n > 0 && p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
-    }
-
-    /// Shuts both directions down (wakes a thread blocked reading it).
-    pub fn shutdown(&self) {
-        let _ = match self {
-            Stream::Tcp(s) => s.shutdown(Shutdown::Both),
-            Stream::Unix(s) => s.shutdown(Shutdown::Both),
-        };
-    }
-}
-
-impl Read for Stream {
-    fn read(&mut self, b: &mut [u8]) -> io::Result<usize> {
-        match self {
-            Stream::Tcp(s) => s.read(b),
-            Stream::Unix(s) => s.read(b),
-        }
-    }
-}
-
-impl Write for Stream {
-    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
-        match self {
-            Stream::Tcp(s) => s.write(b),
-            Stream::Unix(s) => s.write(b),
-        }
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-enum Listener {
-    Tcp(TcpListener),
-    Unix(UnixListener),
-}
-
-impl Listener {
-    /// The next connection and, for TCP, the peer's address.
-    fn accept(&self) -> io::Result<(Stream, Option<std::net::IpAddr>)> {
-        Ok(match self {
-            Listener::Tcp(l) => {
-                let (s, peer) = l.accept()?;
-                s.set_nodelay(true)?;
-                set_keepalive(&s);
-                (Stream::Tcp(s), Some(peer.ip()))
-            }
-            Listener::Unix(l) => (Stream::Unix(l.accept()?.0), None),
-        })
-    }
-}
-
 /// Server settings.
 #[derive(Debug, Clone)]
 pub struct NbdServerConfig {
@@ -316,27 +170,6 @@ pub struct NbdStats {
     /// Connections refused (allow-list, client limit, server closed, evicted while
     /// negotiating, negotiation deadline).
     pub refused: AtomicU64,
-}
-
-/// Sets TCP keepalive on `s` (see [`KEEPALIVE_IDLE`]); failures are only logged.
-pub fn set_keepalive(s: &TcpStream) {
-    let fd = std::os::fd::AsRawFd::as_raw_fd(s);
-    let secs = |d: Duration| i32::try_from(d.as_secs()).unwrap_or(i32::MAX);
-    for (level, opt, val) in [
-        (libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1),
-        (libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, secs(KEEPALIVE_IDLE)),
-        (libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, secs(KEEPALIVE_INTERVAL)),
-        (libc::IPPROTO_TCP, libc::TCP_KEEPCNT, KEEPALIVE_PROBES),
-    ] {
-        // SAFETY: `val` is a live c_int and its size is passed; `fd` is an open socket.
-        let r = unsafe {
-            libc::setsockopt(fd, level, opt, (&val as *const i32).cast(), std::mem::size_of::<i32>() as libc::socklen_t)
-        };
-        if r != 0 {
-            log::warn!("nbd: cannot set TCP keepalive: {}", io::Error::last_os_error());
-            return;
-        }
-    }
 }
 
 /// One connection as the server tracks it.
@@ -453,37 +286,6 @@ pub struct NbdServer {
     shared: Arc<Shared>,
 }
 
-/// A bound NBD listening socket that no thread serves yet: binding is apart from serving so
-/// that the daemon can bind every socket before it starts any thread (`daemon::build`).
-pub struct NbdListener(Listener);
-
-impl NbdListener {
-    /// Binds `addr` (a UNIX socket is replaced if present, then given mode 0600).
-    pub fn bind(addr: &NbdAddress) -> io::Result<NbdListener> {
-        Ok(NbdListener(match addr {
-            NbdAddress::Tcp(a) => Listener::Tcp(TcpListener::bind(a)?),
-            NbdAddress::Unix(p) => {
-                let _ = std::fs::remove_file(p);
-                let l = UnixListener::bind(p)?;
-                std::fs::set_permissions(p, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
-                Listener::Unix(l)
-            }
-        }))
-    }
-}
-
-impl From<UnixListener> for NbdListener {
-    fn from(l: UnixListener) -> Self {
-        NbdListener(Listener::Unix(l))
-    }
-}
-
-impl From<TcpListener> for NbdListener {
-    fn from(l: TcpListener) -> Self {
-        NbdListener(Listener::Tcp(l))
-    }
-}
-
 impl NbdServer {
     /// Binds `addr` (UNIX sockets are created mode 0600) and serves on background threads.
     pub fn start(addr: &NbdAddress, cfg: NbdServerConfig, export: Arc<dyn NbdExport>) -> io::Result<NbdServer> {
@@ -494,7 +296,9 @@ impl NbdServer {
     pub fn serve(listener: NbdListener, cfg: NbdServerConfig, export: Arc<dyn NbdExport>) -> io::Result<NbdServer> {
         let shared = Shared::new(cfg, export);
         let s2 = shared.clone();
-        std::thread::Builder::new().name("nbd-accept".into()).spawn(move || accept_loop(listener.0, s2))?;
+        std::thread::Builder::new()
+            .name("nbd-accept".into())
+            .spawn(move || accept_loop(listener.into_listener(), s2))?;
         Ok(NbdServer { shared })
     }
 
@@ -676,11 +480,7 @@ enum Negotiated {
 /// Negotiation up to the transmission phase (or an abort).
 /// Everything must finish by `d`.
 fn negotiate(s: &mut Stream, shared: &Shared, id: u64, d: &Deadline) -> io::Result<Negotiated> {
-    let mut hello = Vec::with_capacity(18);
-    hello.extend_from_slice(&NBD_MAGIC.to_be_bytes());
-    hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
-    hello.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
-    d.write_all(s, &hello)?;
+    d.write_all(s, &server_hello(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES))?;
     let client_flags = u32::from_be_bytes(read_exact::<4>(s, d)?);
     if client_flags & !(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES) != 0 {
         return Err(protocol_error(format!("unknown client flags {client_flags:#x}")));
@@ -708,17 +508,17 @@ fn negotiate(s: &mut Stream, shared: &Shared, id: u64, d: &Deadline) -> io::Resu
         {
             match opt {
                 OPT_STARTTLS if data.is_empty() => {
-                    d.write_all(s, &option_reply(opt, REP_ACK, &[]))?;
+                    send(s, d, OptionReply::ack(opt))?;
                     let tcp = std::mem::replace(s, s.try_clone()?);
                     *s = super::tls::accept(tcp, cfg.clone(), d.at())?;
                     tls_up = true;
                 }
                 OPT_EXPORT_NAME => return Err(protocol_error("EXPORT_NAME without TLS".into())),
                 OPT_ABORT => {
-                    let _ = d.write_all(s, &option_reply(opt, REP_ACK, &[]));
+                    let _ = send(s, d, OptionReply::ack(opt));
                     return Ok(Negotiated::Aborted);
                 }
-                _ => d.write_all(s, &option_reply(opt, REP_ERR_TLS_REQD, b"TLS is required"))?,
+                _ => send(s, d, OptionReply::error(opt, REP_ERR_TLS_REQD, "TLS is required"))?,
             }
             continue;
         }
@@ -734,49 +534,40 @@ fn negotiate(s: &mut Stream, shared: &Shared, id: u64, d: &Deadline) -> io::Resu
                     shared.stats.refused.fetch_add(1, Ordering::Relaxed);
                     return Err(protocol_error(format!("client limit {} reached", shared.cfg.max_clients)));
                 }
-                let mut b = Vec::with_capacity(134);
-                b.extend_from_slice(&export.size().to_be_bytes());
-                b.extend_from_slice(&tflags.to_be_bytes());
-                if !no_zeroes {
-                    b.extend_from_slice(&[0u8; 124]);
-                }
-                d.write_all(s, &b)?;
+                d.write_all(s, &export_name_reply(export.size(), tflags, !no_zeroes))?;
                 return Ok(Negotiated::Transmission { colo, mode });
             }
             OPT_ABORT => {
-                let _ = d.write_all(s, &option_reply(opt, REP_ACK, &[]));
+                let _ = send(s, d, OptionReply::ack(opt));
                 return Ok(Negotiated::Aborted);
             }
             OPT_COLO if export.colo_barriers() && data.is_empty() => {
                 colo = true;
                 // Last barrier number, data generation, flags (bit 0: continuous).
                 let (generation, continuous) = export.generation();
-                let mut ack = export.last_barrier().to_be_bytes().to_vec();
-                ack.extend_from_slice(&generation.to_be_bytes());
-                ack.push(u8::from(continuous));
-                d.write_all(s, &option_reply(opt, REP_ACK, &ack))?;
+                send(s, d, OptionReply::colo_ack(export.last_barrier(), generation, continuous))?;
             }
             OPT_COLO_CHECKSUM if export.offers_checksums() && data.is_empty() => {
                 mode.checksums = true;
-                d.write_all(s, &option_reply(opt, REP_ACK, &checksum::ack_payload()))?;
+                send(s, d, OptionReply::new(opt, REP_ACK, checksum::ack_payload()))?;
             }
             OPT_STRUCTURED_REPLY if data.is_empty() => {
                 mode.structured = true;
-                d.write_all(s, &option_reply(opt, REP_ACK, &[]))?;
+                send(s, d, OptionReply::ack(opt))?;
             }
-            OPT_STRUCTURED_REPLY => d.write_all(s, &option_reply(opt, REP_ERR_INVALID, b"no payload expected"))?,
+            OPT_STRUCTURED_REPLY => send(s, d, OptionReply::error(opt, REP_ERR_INVALID, "no payload expected"))?,
             OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
                 let list = opt == OPT_LIST_META_CONTEXT;
                 let Some((name, queries)) = structured::parse_meta_request(&data) else {
-                    d.write_all(s, &option_reply(opt, REP_ERR_INVALID, b"malformed meta context request"))?;
+                    send(s, d, OptionReply::error(opt, REP_ERR_INVALID, "malformed meta context request"))?;
                     continue;
                 };
                 if !mode.structured {
-                    d.write_all(s, &option_reply(opt, REP_ERR_INVALID, b"structured replies come first"))?;
+                    send(s, d, OptionReply::error(opt, REP_ERR_INVALID, "structured replies come first"))?;
                     continue;
                 }
                 if name != shared.cfg.export_name.as_bytes() {
-                    d.write_all(s, &option_reply(opt, REP_ERR_UNKNOWN, b"unknown export"))?;
+                    send(s, d, OptionReply::error(opt, REP_ERR_UNKNOWN, "unknown export"))?;
                     continue;
                 }
                 let selected = structured::selects_allocation(&queries, list);
@@ -785,64 +576,56 @@ fn negotiate(s: &mut Stream, shared: &Shared, id: u64, d: &Deadline) -> io::Resu
                 }
                 if selected {
                     let id = if list { 0 } else { structured::ALLOCATION_ID };
-                    d.write_all(s, &option_reply(opt, REP_META_CONTEXT, &structured::meta_context_reply(id)))?;
+                    send(s, d, OptionReply::new(opt, REP_META_CONTEXT, structured::meta_context_reply(id)))?;
                 }
-                d.write_all(s, &option_reply(opt, REP_ACK, &[]))?;
+                send(s, d, OptionReply::ack(opt))?;
             }
             OPT_LIST => {
                 if !data.is_empty() {
-                    d.write_all(s, &option_reply(opt, REP_ERR_INVALID, &[]))?;
+                    send(s, d, OptionReply::error(opt, REP_ERR_INVALID, ""))?;
                     continue;
                 }
-                let name = shared.cfg.export_name.as_bytes();
-                let mut list = Vec::with_capacity(4 + name.len());
-                list.extend_from_slice(&(name.len() as u32).to_be_bytes());
-                list.extend_from_slice(name);
-                d.write_all(s, &option_reply(opt, REP_SERVER, &list))?;
-                d.write_all(s, &option_reply(opt, REP_ACK, &[]))?;
+                send(s, d, OptionReply::server(opt, shared.cfg.export_name.as_bytes()))?;
+                send(s, d, OptionReply::ack(opt))?;
             }
             OPT_INFO | OPT_GO => {
                 let Some(name) = parse_info_request(&data) else {
-                    d.write_all(s, &option_reply(opt, REP_ERR_INVALID, &[]))?;
+                    send(s, d, OptionReply::error(opt, REP_ERR_INVALID, ""))?;
                     continue;
                 };
                 if name != shared.cfg.export_name.as_bytes() {
-                    d.write_all(s, &option_reply(opt, REP_ERR_UNKNOWN, b"unknown export"))?;
+                    send(s, d, OptionReply::error(opt, REP_ERR_UNKNOWN, "unknown export"))?;
                     continue;
                 }
                 if opt == OPT_GO
                     && let Err(why) = export.admit()
                 {
-                    d.write_all(s, &option_reply(opt, REP_ERR_SHUTDOWN, why.as_bytes()))?;
+                    send(s, d, OptionReply::error(opt, REP_ERR_SHUTDOWN, &why))?;
                     continue;
                 }
                 if opt == OPT_GO && !shared.establish(id) {
                     shared.stats.refused.fetch_add(1, Ordering::Relaxed);
                     log::warn!("nbd: client limit {} reached, refusing client {id}", shared.cfg.max_clients);
-                    d.write_all(s, &option_reply(opt, REP_ERR_POLICY, b"too many clients"))?;
+                    send(s, d, OptionReply::error(opt, REP_ERR_POLICY, "too many clients"))?;
                     continue;
                 }
-                let mut info = Vec::with_capacity(12);
-                info.extend_from_slice(&INFO_EXPORT.to_be_bytes());
-                info.extend_from_slice(&export.size().to_be_bytes());
-                info.extend_from_slice(&tflags.to_be_bytes());
-                d.write_all(s, &option_reply(opt, REP_INFO, &info))?;
-                let mut bs = Vec::with_capacity(14);
-                bs.extend_from_slice(&INFO_BLOCK_SIZE.to_be_bytes());
-                bs.extend_from_slice(&512u32.to_be_bytes());
-                bs.extend_from_slice(&4096u32.to_be_bytes());
-                bs.extend_from_slice(&MAX_PAYLOAD.to_be_bytes());
-                d.write_all(s, &option_reply(opt, REP_INFO, &bs))?;
-                d.write_all(s, &option_reply(opt, REP_ACK, &[]))?;
+                send(s, d, OptionReply::info_export(opt, export.size(), tflags))?;
+                send(s, d, OptionReply::info_block_size(opt, 512, 4096, MAX_PAYLOAD))?;
+                send(s, d, OptionReply::ack(opt))?;
                 if opt == OPT_GO {
                     return Ok(Negotiated::Transmission { colo, mode });
                 }
             }
-            OPT_STARTTLS if tls_up => d.write_all(s, &option_reply(opt, REP_ERR_INVALID, b"TLS is already up"))?,
-            OPT_STARTTLS => d.write_all(s, &option_reply(opt, REP_ERR_POLICY, b"TLS is not configured"))?,
-            _ => d.write_all(s, &option_reply(opt, REP_ERR_UNSUP, &[]))?,
+            OPT_STARTTLS if tls_up => send(s, d, OptionReply::error(opt, REP_ERR_INVALID, "TLS is already up"))?,
+            OPT_STARTTLS => send(s, d, OptionReply::error(opt, REP_ERR_POLICY, "TLS is not configured"))?,
+            _ => send(s, d, OptionReply::error(opt, REP_ERR_UNSUP, ""))?,
         }
     }
+}
+
+/// Sends one option reply by the negotiation deadline.
+fn send(s: &mut Stream, d: &Deadline, reply: OptionReply) -> io::Result<()> {
+    d.write_all(s, &reply.to_bytes())
 }
 
 /// Export name of an INFO/GO payload: u32 length, name, u16 count, count * u16.

@@ -6,7 +6,7 @@
 use std::io::{self, Read, Write};
 use std::time::{Duration, Instant};
 
-use super::server::Stream;
+use super::transport::Stream;
 
 /// The error for a peer that closed the connection in the middle of a message (what
 /// `read_exact` reports as "failed to fill whole buffer").

@@ -23,8 +23,8 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, ClientConnection, Connection, RootCertStore, ServerConfig, ServerConnection};
 
-use super::server::Stream;
 use super::timed;
+use super::transport::Stream;
 
 /// Errors loading credentials.
 #[derive(Debug, thiserror::Error)]

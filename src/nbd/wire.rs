@@ -227,14 +227,115 @@ pub fn chunk_header(flags: u16, kind: u16, handle: u64, length: u32) -> [u8; CHU
     b
 }
 
-/// Encodes an option reply header followed by `data`.
+/// The server's greeting that opens newstyle negotiation: [`NBD_MAGIC`], [`IHAVEOPT`], u16
+/// handshake flags (`FLAG_*`).
+pub fn server_hello(flags: u16) -> [u8; 18] {
+    let mut b = [0u8; 18];
+    b[0..8].copy_from_slice(&NBD_MAGIC.to_be_bytes());
+    b[8..16].copy_from_slice(&IHAVEOPT.to_be_bytes());
+    b[16..18].copy_from_slice(&flags.to_be_bytes());
+    b
+}
+
+/// Size of an option reply header.
+pub const OPTION_REPLY_HEADER_LEN: usize = 20;
+
+/// One reply to a negotiation option (fixed newstyle): [`OPT_REPLY_MAGIC`] (u64), the option
+/// it answers (u32), the reply type (u32, `REP_*`), the payload length (u32), the payload.
+/// The constructors lay out the payloads colo-blk's server sends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OptionReply {
+    /// The option answered.
+    pub option: u32,
+    /// The reply type (`REP_*`; errors have bit 31 set).
+    pub kind: u32,
+    /// The payload.
+    pub payload: Vec<u8>,
+}
+
+impl OptionReply {
+    /// A reply of type `kind` carrying `payload` as it is.
+    pub fn new(option: u32, kind: u32, payload: impl Into<Vec<u8>>) -> OptionReply {
+        OptionReply { option, kind, payload: payload.into() }
+    }
+
+    /// `REP_ACK` without payload.
+    pub fn ack(option: u32) -> OptionReply {
+        OptionReply::new(option, REP_ACK, Vec::new())
+    }
+
+    /// An error reply (`kind` is one of the `REP_ERR_*` types) with a message for humans
+    /// (may be empty).
+    pub fn error(option: u32, kind: u32, message: &str) -> OptionReply {
+        debug_assert!(kind & 1 << 31 != 0, "{kind:#x} is not an error reply type");
+        OptionReply::new(option, kind, message.as_bytes())
+    }
+
+    /// `REP_SERVER`, one export of a LIST answer: u32 name length, name (no description).
+    pub fn server(option: u32, name: &[u8]) -> OptionReply {
+        let mut p = Vec::with_capacity(4 + name.len());
+        p.extend_from_slice(&(name.len() as u32).to_be_bytes());
+        p.extend_from_slice(name);
+        OptionReply::new(option, REP_SERVER, p)
+    }
+
+    /// `REP_INFO` of type [`INFO_EXPORT`]: u16 type, u64 export size, u16 transmission flags.
+    pub fn info_export(option: u32, size: u64, flags: u16) -> OptionReply {
+        let mut p = Vec::with_capacity(12);
+        p.extend_from_slice(&INFO_EXPORT.to_be_bytes());
+        p.extend_from_slice(&size.to_be_bytes());
+        p.extend_from_slice(&flags.to_be_bytes());
+        OptionReply::new(option, REP_INFO, p)
+    }
+
+    /// `REP_INFO` of type [`INFO_BLOCK_SIZE`]: u16 type, then the minimum, preferred and
+    /// maximum block sizes (u32 each).
+    pub fn info_block_size(option: u32, minimum: u32, preferred: u32, maximum: u32) -> OptionReply {
+        let mut p = Vec::with_capacity(14);
+        p.extend_from_slice(&INFO_BLOCK_SIZE.to_be_bytes());
+        for v in [minimum, preferred, maximum] {
+            p.extend_from_slice(&v.to_be_bytes());
+        }
+        OptionReply::new(option, REP_INFO, p)
+    }
+
+    /// `REP_ACK` to [`OPT_COLO`]: u64 last barrier number, u64 data generation, u8 flags
+    /// (bit 0: `continuous`, every write since the generation was adopted was applied).
+    pub fn colo_ack(last_barrier: u64, generation: u64, continuous: bool) -> OptionReply {
+        let mut p = Vec::with_capacity(17);
+        p.extend_from_slice(&last_barrier.to_be_bytes());
+        p.extend_from_slice(&generation.to_be_bytes());
+        p.push(u8::from(continuous));
+        OptionReply::new(OPT_COLO, REP_ACK, p)
+    }
+
+    /// The reply as sent: header, then payload.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(OPTION_REPLY_HEADER_LEN + self.payload.len());
+        b.extend_from_slice(&OPT_REPLY_MAGIC.to_be_bytes());
+        b.extend_from_slice(&self.option.to_be_bytes());
+        b.extend_from_slice(&self.kind.to_be_bytes());
+        b.extend_from_slice(&(self.payload.len() as u32).to_be_bytes());
+        b.extend_from_slice(&self.payload);
+        b
+    }
+}
+
+/// Encodes an option reply header followed by `data` (see [`OptionReply`]).
 pub fn option_reply(option: u32, reply: u32, data: &[u8]) -> Vec<u8> {
-    let mut b = Vec::with_capacity(20 + data.len());
-    b.extend_from_slice(&OPT_REPLY_MAGIC.to_be_bytes());
-    b.extend_from_slice(&option.to_be_bytes());
-    b.extend_from_slice(&reply.to_be_bytes());
-    b.extend_from_slice(&(data.len() as u32).to_be_bytes());
-    b.extend_from_slice(data);
+    OptionReply::new(option, reply, data).to_bytes()
+}
+
+/// The server's answer to [`OPT_EXPORT_NAME`], which has no option reply header: u64 export
+/// size, u16 transmission flags, then 124 zero bytes unless the client set
+/// [`CLIENT_NO_ZEROES`] (`zeroes` false).
+pub fn export_name_reply(size: u64, flags: u16, zeroes: bool) -> Vec<u8> {
+    let mut b = Vec::with_capacity(134);
+    b.extend_from_slice(&size.to_be_bytes());
+    b.extend_from_slice(&flags.to_be_bytes());
+    if zeroes {
+        b.extend_from_slice(&[0u8; 124]);
+    }
     b
 }
 
@@ -278,5 +379,93 @@ mod tests {
         let o = option_reply(OPT_GO, REP_ACK, &[]);
         assert_eq!(o.len(), 20);
         assert_eq!(u64::from_be_bytes(o[0..8].try_into().unwrap()), OPT_REPLY_MAGIC);
+    }
+
+    /// The 20-byte header every option reply starts with, field by field.
+    fn header(option: u32, kind: u32, len: u32) -> Vec<u8> {
+        let mut h = vec![0x00, 0x03, 0xe8, 0x89, 0x04, 0x55, 0x65, 0xa9];
+        h.extend_from_slice(&option.to_be_bytes());
+        h.extend_from_slice(&kind.to_be_bytes());
+        h.extend_from_slice(&len.to_be_bytes());
+        h
+    }
+
+    #[test]
+    fn option_reply_header_layout() {
+        // OPT_GO (7), REP_ACK (1), no payload: magic 0x3e889045565a9, then three u32.
+        assert_eq!(
+            OptionReply::ack(OPT_GO).to_bytes(),
+            [
+                0x00, 0x03, 0xe8, 0x89, 0x04, 0x55, 0x65, 0xa9, // magic
+                0x00, 0x00, 0x00, 0x07, // option
+                0x00, 0x00, 0x00, 0x01, // reply type
+                0x00, 0x00, 0x00, 0x00, // payload length
+            ]
+        );
+        assert_eq!(header(OPT_GO, REP_ACK, 0).len(), OPTION_REPLY_HEADER_LEN);
+        assert_eq!(option_reply(OPT_GO, REP_ACK, &[]), OptionReply::ack(OPT_GO).to_bytes());
+    }
+
+    #[test]
+    fn option_reply_errors_carry_their_message() {
+        let b = OptionReply::error(OPT_STARTTLS, REP_ERR_POLICY, "no").to_bytes();
+        let mut want = header(5, 0x8000_0002, 2);
+        want.extend_from_slice(b"no");
+        assert_eq!(b, want);
+        // Error types as the protocol numbers them: bit 31 plus the error's number.
+        assert_eq!(&b[12..16], &[0x80, 0x00, 0x00, 0x02]);
+        assert_eq!(OptionReply::error(99, REP_ERR_UNSUP, "").to_bytes(), header(99, 0x8000_0001, 0));
+        assert_eq!(&OptionReply::error(1, REP_ERR_INVALID, "").to_bytes()[12..16], &[0x80, 0, 0, 3]);
+        assert_eq!(&OptionReply::error(1, REP_ERR_TLS_REQD, "").to_bytes()[12..16], &[0x80, 0, 0, 5]);
+        assert_eq!(&OptionReply::error(1, REP_ERR_UNKNOWN, "").to_bytes()[12..16], &[0x80, 0, 0, 6]);
+        assert_eq!(&OptionReply::error(1, REP_ERR_SHUTDOWN, "").to_bytes()[12..16], &[0x80, 0, 0, 7]);
+    }
+
+    #[test]
+    fn list_server_reply_layout() {
+        // OPT_LIST (3), REP_SERVER (2), payload: u32 name length, name.
+        let b = OptionReply::server(OPT_LIST, b"disk").to_bytes();
+        let mut want = header(3, 2, 8);
+        want.extend_from_slice(&[0, 0, 0, 4, b'd', b'i', b's', b'k']);
+        assert_eq!(b, want);
+    }
+
+    #[test]
+    fn info_reply_layouts() {
+        // REP_INFO (3) of NBD_INFO_EXPORT (0): u16 type, u64 size, u16 flags.
+        let b = OptionReply::info_export(OPT_INFO, 0x0102_0304_0506_0708, 0x016d).to_bytes();
+        let mut want = header(6, 3, 12);
+        want.extend_from_slice(&[0, 0, 1, 2, 3, 4, 5, 6, 7, 8, 0x01, 0x6d]);
+        assert_eq!(b, want);
+        // REP_INFO of NBD_INFO_BLOCK_SIZE (3): u16 type, u32 minimum, preferred, maximum.
+        let b = OptionReply::info_block_size(OPT_GO, 512, 4096, MAX_PAYLOAD).to_bytes();
+        let mut want = header(7, 3, 14);
+        want.extend_from_slice(&[0, 3, 0, 0, 0x02, 0, 0, 0, 0x10, 0, 0x02, 0, 0, 0]);
+        assert_eq!(b, want);
+    }
+
+    #[test]
+    fn colo_ack_layout() {
+        let b = OptionReply::colo_ack(0x0a0b, 0x1122_3344_5566_7788, true).to_bytes();
+        let mut want = header(0x434f_4c4f, 1, 17);
+        want.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0x0a, 0x0b]);
+        want.extend_from_slice(&[0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88, 1]);
+        assert_eq!(b, want);
+        assert_eq!(OptionReply::colo_ack(0, 0, false).to_bytes()[OPTION_REPLY_HEADER_LEN + 16], 0);
+    }
+
+    #[test]
+    fn server_hello_layout() {
+        assert_eq!(&server_hello(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES), b"NBDMAGICIHAVEOPT\x00\x03");
+    }
+
+    #[test]
+    fn export_name_reply_layout() {
+        let b = export_name_reply(0x1000, TF_HAS_FLAGS | TF_READ_ONLY, false);
+        assert_eq!(b, [0, 0, 0, 0, 0, 0, 0x10, 0, 0, 3]);
+        let z = export_name_reply(0x1000, TF_HAS_FLAGS, true);
+        assert_eq!(z.len(), 8 + 2 + 124);
+        assert_eq!(&z[..10], &[0, 0, 0, 0, 0, 0, 0x10, 0, 0, 1]);
+        assert!(z[10..].iter().all(|&x| x == 0));
     }
 }

@@ -10,7 +10,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use colo_blk::nbd::server::Stream;
+use colo_blk::nbd::transport::Stream;
 use colo_blk::nbd::wire::*;
 
 /// A CA, a server certificate for 127.0.0.1 and a client certificate, in QEMU's layout:

@@ -1,10 +1,12 @@
-//! The image's metadata thread: everything that changes or needs qcow2 metadata runs here,
-//! through imago, one job at a time — allocating writes (with copy-on-write from the backing
-//! chain), reads of compressed clusters, discard and write-zeroes, flush and resize.
+//! The image's metadata threads: everything that changes or needs qcow2 metadata runs here,
+//! through imago — allocating writes (with copy-on-write from the backing chain), reads of
+//! compressed clusters, discard and write-zeroes, flush and resize. Queues deal their jobs out
+//! to the threads in turn; imago's own locks order what touches the same tables.
 //!
 //! Ordering rules:
-//! - Jobs run in arrival order, so a discard and a request the worker diverted behind it keep
-//!   their order.
+//! - Requests in flight at the same time have no order between them (virtio gives none); a
+//!   flush covers every write completed before it was submitted, because a write completes
+//!   only after its metadata was written back (below) and the flush syncs the image file.
 //! - A job that moves or frees clusters (discard, write-zeroes, shrink) first waits until no
 //!   worker holds a mapping (`Image::quiesce_mappings`): workers issue their fast-path I/O
 //!   against host offsets, which must not be handed to another guest range while in flight.

@@ -39,6 +39,10 @@ use metadata::{Job, JobOp};
 pub use storage::ImageFile;
 use storage::{ChainFiles, ChainGate};
 
+/// Threads running imago jobs per image: allocating writes to different L2 tables (512 MiB
+/// of guest space each with 64 KiB clusters) proceed in parallel.
+const METADATA_THREADS: usize = 4;
+
 /// How to open a qcow2 image.
 #[derive(Debug, Clone)]
 pub struct Qcow2Options {
@@ -132,7 +136,8 @@ pub struct Qcow2Disk {
     /// The chain's files, in the rings' registered-file order (0 = the top image).
     files: Vec<Arc<File>>,
     chain: Vec<(PathBuf, bool)>,
-    jobs: Mutex<Sender<Job>>,
+    /// One channel per metadata thread.
+    jobs: Mutex<Vec<Sender<Job>>>,
     read_only: bool,
     direct: bool,
     mem_align: usize,
@@ -148,7 +153,7 @@ impl Qcow2Disk {
         let open_err = |source| BlockError::Open { path: path_str.clone(), source };
         if !opts.path.exists() {
             return Err(BlockError::Refused(format!(
-                "--disk: {path_str} does not exist; create a qcow2 image with `qemu-img create -f qcow2 {path_str} SIZE`"
+                "{path_str} does not exist; create a qcow2 image with `qemu-img create -f qcow2 {path_str} SIZE`"
             )));
         }
         let files = ChainFiles::default();
@@ -157,7 +162,7 @@ impl Qcow2Disk {
         let qcow2 = Qcow2::<ImageFile>::builder(top)
             .write(!opts.read_only)
             .open(gate.clone())
-            .map_err(|e| BlockError::Refused(format!("--disk: {path_str} cannot be opened as qcow2: {e}")))?;
+            .map_err(|e| BlockError::Refused(format!("{path_str} cannot be opened as qcow2: {e}")))?;
         // Implicit opens above went through `gate` by value; make sure nothing is left open
         // that the chain did not take (none today, but the gate is the only opener).
         let _ = &mut gate;
@@ -176,17 +181,21 @@ impl Qcow2Disk {
             exclusive: AtomicU32::new(0),
             errors: LogLimit::new(),
         });
-        let (tx, rx) = channel();
-        let thread_image = image.clone();
-        std::thread::Builder::new()
-            .name("qcow2-metadata".into())
-            .spawn(move || metadata::run(thread_image, rx))
-            .map_err(open_err)?;
+        let mut senders = Vec::with_capacity(METADATA_THREADS);
+        for i in 0..METADATA_THREADS {
+            let (tx, rx) = channel();
+            let thread_image = image.clone();
+            std::thread::Builder::new()
+                .name(format!("qcow2-meta-{i}"))
+                .spawn(move || metadata::run(thread_image, rx))
+                .map_err(open_err)?;
+            senders.push(tx);
+        }
         Ok(Qcow2Disk {
             image,
             files: files.files(),
             chain: files.paths(),
-            jobs: Mutex::new(tx),
+            jobs: Mutex::new(senders),
             read_only: opts.read_only,
             direct: opts.direct,
             mem_align,
@@ -207,7 +216,8 @@ impl Qcow2Disk {
     }
 
     fn send(&self, job: Job) -> Result<(), ()> {
-        self.jobs.lock().unwrap_or_else(|p| p.into_inner()).send(job).map_err(|_| ())
+        let jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+        jobs.first().ok_or(())?.send(job).map_err(|_| ())
     }
 }
 

@@ -59,7 +59,9 @@ enum Part {
 pub struct Qcow2Queue {
     image: Arc<Image>,
     engine: DataEngine,
-    jobs: Sender<Job>,
+    /// The metadata threads' channels; jobs are dealt out in turn.
+    jobs: Vec<Sender<Job>>,
+    next_job: usize,
     /// Completions of the metadata thread for this queue; its eventfd is also the ring's.
     done: Arc<DoneList>,
     requests: Vec<Option<Request>>,
@@ -80,7 +82,7 @@ impl Qcow2Queue {
     pub(super) fn new(
         image: Arc<Image>,
         files: Vec<Arc<File>>,
-        jobs: Sender<Job>,
+        jobs: Vec<Sender<Job>>,
         engine: EngineKind,
         depth: u32,
     ) -> Result<Self, BlockError> {
@@ -102,6 +104,7 @@ impl Qcow2Queue {
             image,
             engine,
             jobs,
+            next_job: 0,
             done,
             requests: Vec::new(),
             free: Vec::new(),
@@ -130,7 +133,12 @@ impl Qcow2Queue {
         if let Some(Some(r)) = self.requests.get_mut(idx) {
             r.parts += 1;
         }
-        if self.jobs.send(job).is_err() {
+        self.next_job = self.next_job.wrapping_add(1);
+        let sent = match self.jobs.get(self.next_job % self.jobs.len().max(1)) {
+            Some(tx) => tx.send(job).is_ok(),
+            None => false,
+        };
+        if !sent {
             self.part_done(idx, -libc::EIO);
         }
     }

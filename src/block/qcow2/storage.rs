@@ -20,6 +20,7 @@ use imago::storage::PreallocateMode;
 use imago::storage::drivers::CommonStorageHelper;
 use imago::{Storage, StorageOpenOptions};
 
+use crate::block::aligned::AlignedBuf;
 use crate::block::bounce::probe_memory_alignment;
 use crate::io::Op;
 use crate::io::sync::{fallocate_with_fallback, rw_all};
@@ -37,6 +38,8 @@ pub struct ImageFile {
     align: usize,
     size: AtomicU64,
     helper: CommonStorageHelper,
+    /// Serialises the read-modify-write of unaligned writes under `O_DIRECT`.
+    rmw: Mutex<()>,
 }
 
 /// One opened file of a chain: the descriptor, its path, whether it is writable.
@@ -69,6 +72,7 @@ impl ChainFiles {
             align,
             size: AtomicU64::new(size),
             helper: CommonStorageHelper::default(),
+            rmw: Mutex::new(()),
         })
     }
 
@@ -91,6 +95,83 @@ impl ImageFile {
 
     fn fd(&self) -> RawFd {
         self.file.as_raw_fd()
+    }
+
+    /// Whether `O_DIRECT` takes the request as it is.
+    fn aligned(&self, offset: u64, iovecs: &[libc::iovec]) -> bool {
+        let a = self.align;
+        a <= 1
+            || offset.is_multiple_of(a as u64)
+                && iovecs.iter().all(|v| (v.iov_base as usize).is_multiple_of(a) && v.iov_len.is_multiple_of(a))
+    }
+
+    /// The aligned span around `[offset, offset + len)`, read into an aligned buffer (bytes
+    /// past the end of the file read as zero).
+    fn read_span(&self, offset: u64, len: u64) -> io::Result<(u64, AlignedBuf)> {
+        let a = self.align as u64;
+        let start = offset / a * a;
+        let end = (offset + len).div_ceil(a) * a;
+        let mut buf = AlignedBuf::zeroed((end - start) as usize);
+        let mut done = 0usize;
+        while done < buf.len() {
+            let rest = &mut buf[done..];
+            // SAFETY: `rest` is a live, writable, aligned buffer; the offset stays aligned
+            // because a short read ends the loop.
+            let n =
+                unsafe { libc::pread(self.fd(), rest.as_mut_ptr().cast(), rest.len(), (start + done as u64) as i64) };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            let n = n as usize;
+            done += n;
+            if n < rest.len() {
+                // End of file: the rest stays zero.
+                break;
+            }
+        }
+        Ok((start, buf))
+    }
+
+    /// Reads an unaligned request through an aligned bounce buffer (imago's small header and
+    /// metadata reads under `O_DIRECT`).
+    ///
+    /// # Safety
+    /// The iovecs must describe live, writable buffers.
+    unsafe fn read_bounced(&self, offset: u64, iovecs: &[libc::iovec]) -> io::Result<()> {
+        let len = crate::io::iovecs_len(iovecs);
+        let (start, buf) = self.read_span(offset, len)?;
+        let mut at = (offset - start) as usize;
+        for v in iovecs {
+            // SAFETY: the caller's buffer, writable for `iov_len` bytes.
+            unsafe { std::ptr::copy_nonoverlapping(buf[at..].as_ptr(), v.iov_base.cast::<u8>(), v.iov_len) };
+            at += v.iov_len;
+        }
+        Ok(())
+    }
+
+    /// Writes an unaligned request by read-modify-write of the aligned span around it.
+    ///
+    /// # Safety
+    /// The iovecs must describe live buffers.
+    unsafe fn write_bounced(&self, offset: u64, iovecs: &[libc::iovec]) -> io::Result<()> {
+        let _serial = self.rmw.lock().unwrap_or_else(|p| p.into_inner());
+        let len = crate::io::iovecs_len(iovecs);
+        let (start, mut buf) = self.read_span(offset, len)?;
+        let mut at = (offset - start) as usize;
+        for v in iovecs {
+            // SAFETY: the caller's buffer, readable for `iov_len` bytes.
+            unsafe { std::ptr::copy_nonoverlapping(v.iov_base.cast::<u8>(), buf[at..].as_mut_ptr(), v.iov_len) };
+            at += v.iov_len;
+        }
+        let iov = [libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() }];
+        // SAFETY: `buf` lives until the call returns.
+        from_result(unsafe { rw_all(self.fd(), start, &iov, true, 0) })?;
+        self.size.fetch_max(start + buf.len() as u64, Ordering::AcqRel);
+        Ok(())
     }
 }
 
@@ -160,6 +241,11 @@ impl Storage for ImageFile {
     unsafe fn pure_readv(&self, bufv: IoVectorMut<'_>, offset: u64) -> io::Result<()> {
         // SAFETY: imago hands us its live buffers; `as_iovec` is used only during this call.
         let iovecs = unsafe { bufv.as_iovec() };
+        let past_end = offset + crate::io::iovecs_len(iovecs) > self.size.load(Ordering::Acquire);
+        if !self.aligned(offset, iovecs) || (self.align > 1 && past_end) {
+            // SAFETY: as above.
+            return unsafe { self.read_bounced(offset, iovecs) };
+        }
         // SAFETY: as above.
         unsafe { read_filling(self.fd(), offset, iovecs, self.size.load(Ordering::Acquire)) }
     }
@@ -171,6 +257,10 @@ impl Storage for ImageFile {
         let len = bufv.len();
         // SAFETY: imago hands us its live buffers; `as_iovec` is used only during this call.
         let iovecs = unsafe { bufv.as_iovec() };
+        if !self.aligned(offset, iovecs) {
+            // SAFETY: as above.
+            return unsafe { self.write_bounced(offset, iovecs) };
+        }
         // SAFETY: as above (pwritev only reads the buffers).
         from_result(unsafe { rw_all(self.fd(), offset, iovecs, true, 0) })?;
         self.size.fetch_max(offset + len, Ordering::AcqRel);

@@ -27,7 +27,7 @@ use crate::block::image::ImageData;
 use crate::block::{BlockDevice, BlockError, BlockQueue, Completion, IoEngineError, Op};
 use crate::io::iovecs_len;
 use crate::nbd::client::{self, NbdUri, Reply};
-use crate::nbd::server::Stream;
+use crate::nbd::transport::Stream;
 use crate::nbd::wire::{
     CMD_COLO_ADOPT, CMD_COLO_BARRIER, CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, CMD_FLUSH, CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES,
     Request,

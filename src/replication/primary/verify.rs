@@ -499,7 +499,7 @@ impl Mirror {
 mod tests {
     use super::super::{MirrorConfig, Reply};
     use super::*;
-    use crate::nbd::server::Stream;
+    use crate::nbd::transport::Stream;
     use std::collections::HashMap;
     use std::os::unix::fs::FileExt;
     use std::sync::Condvar;
