@@ -1958,3 +1958,82 @@ fn resize_over_a_longer_backing_file_reads_zeroes_in_the_grown_part() {
     assert_same("after shrinking and growing the top, qemu-img convert", &qemu_content(&top), &model);
     check_clean(&top);
 }
+
+/// Allocating writes spread over many L2 tables (a 4 GiB image: one L2 table per 512 MiB),
+/// 16 in flight: every one reads back through colo-blk while it runs, and through QEMU after
+/// a clean stop.
+#[test]
+fn allocations_spread_over_many_l2_tables_all_land() {
+    require_tools();
+    let dir = tempfile::tempdir().unwrap();
+    let size = 4u64 << 30;
+    let img = dir.path().join("wide.qcow2");
+    create_qcow2(&img, Some(size), None, None);
+    let srv = serve(&img, &[]);
+    let mut c = Client::connect(srv.socket(), 1, false);
+    let mut seed = 0x1234_5678_9ABC_DEF1u64;
+    let mut last: HashMap<u64, u32> = HashMap::new();
+    let mut seq = 0u32;
+    for _ in 0..300 {
+        let mut blocks = Vec::new();
+        while blocks.len() < BATCH {
+            let b = xorshift(&mut seed) % (size / BLOCK);
+            if !blocks.contains(&b) {
+                blocks.push(b);
+            }
+        }
+        for (i, &b) in blocks.iter().enumerate() {
+            seq += 1;
+            c.buf(i * BLOCK as usize, BLOCK as usize).copy_from_slice(&pattern(b * BLOCK, BLOCK as usize, seq));
+            let ptr = (c.region.addr + i * BLOCK as usize) as *const u8;
+            c.queues[0].write(b * BLOCK, ptr, BLOCK as usize, i, ReqFlags::empty());
+            last.insert(b, seq);
+        }
+        kick(&mut c, 0);
+        for (i, ret) in wait_queue(&mut c, 0, BATCH) {
+            assert_eq!(ret, 0, "write of block {} failed", blocks[i]);
+        }
+    }
+    let mut lost = Vec::new();
+    for (&b, &q) in &last {
+        let (r, got) = c.read(0, b * BLOCK, BLOCK as usize);
+        assert_eq!(r, 0);
+        if got != pattern(b * BLOCK, BLOCK as usize, q) {
+            lost.push(b);
+        }
+    }
+    lost.sort();
+    assert!(
+        lost.is_empty(),
+        "{} of {} written blocks read back wrong through the running colo-blk, e.g. {:?}",
+        lost.len(),
+        last.len(),
+        &lost[..lost.len().min(8)]
+    );
+    assert_eq!(c.flush(0), 0);
+    drop(c);
+    stop(srv);
+    let (code, t) = check(&img);
+    assert_eq!(code, 0, "qemu-img check: {t}");
+    let raw = dir.path().join("wide.raw");
+    let out = tool("qemu-img", &["convert", "-f", "qcow2", "-O", "raw", &s(&img), &s(&raw)]);
+    assert!(out.status.success(), "{}", text(&out));
+    let f = std::fs::File::open(&raw).unwrap();
+    let mut lost = Vec::new();
+    for (&b, &q) in &last {
+        use std::os::unix::fs::FileExt;
+        let mut v = vec![0u8; BLOCK as usize];
+        f.read_exact_at(&mut v, b * BLOCK).unwrap();
+        if v != pattern(b * BLOCK, BLOCK as usize, q) {
+            lost.push(b);
+        }
+    }
+    lost.sort();
+    assert!(
+        lost.is_empty(),
+        "{} of {} written blocks read back wrong by QEMU after a clean stop, e.g. {:?}",
+        lost.len(),
+        last.len(),
+        &lost[..lost.len().min(8)]
+    );
+}
