@@ -1756,7 +1756,7 @@ fn discards_racing_with_writes_on_other_queues_corrupt_nothing() {
                 continue;
             }
             busy.extend(start..start + n);
-            zeroed.push((start * CLUSTER, n * CLUSTER, xorshift(&mut seed) % 2 == 0));
+            zeroed.push((start * CLUSTER, n * CLUSTER, xorshift(&mut seed).is_multiple_of(2)));
         }
         let mut writes: Vec<(usize, u64, Vec<u8>)> = Vec::new();
         let mut written = BTreeSet::new();
