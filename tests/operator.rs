@@ -682,3 +682,49 @@ fn qmp_answers_the_questions_clients_ask_first() {
     let greeting: serde_json::Value = serde_json::from_slice(&buf[..n]).unwrap();
     assert_eq!(greeting["QMP"]["version"], v);
 }
+
+/// A qcow2 disk's backing file named as a buffer (or the pid file) is refused before anything
+/// is created: emptying the active buffer at a checkpoint would wipe the base image.
+#[test]
+fn a_backing_file_given_as_a_buffer_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, top) = (dir.path().join("base.raw"), dir.path().join("top.qcow2"));
+    make_image(&base, 4 << 20, 0x33);
+    let st = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-b"])
+        .arg(&base)
+        .args(["-F", "raw"])
+        .arg(&top)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let (b, t) = (base.display().to_string(), top.display().to_string());
+    let hidden = dir.path().join("h.img").display().to_string();
+    let nbd = format!("unix:{}", dir.path().join("n.sock").display());
+    let sock = dir.path().join("s.sock").display().to_string();
+    let before = sha(&base);
+    let err = refused(
+        &[
+            "--replication",
+            "secondary",
+            "--format",
+            "qcow2",
+            "--disk",
+            &t,
+            "--active",
+            &b,
+            "--hidden",
+            &hidden,
+            "--nbd-listen",
+            &nbd,
+            "--socket",
+            &sock,
+        ],
+        "backing file of --disk",
+    );
+    assert!(err.contains("--active"), "{err}");
+    assert_eq!(sha(&base), before);
+    assert!(!dir.path().join("h.img").exists(), "the hidden buffer was created before the refusal");
+    refused(&["--format", "qcow2", "--disk", &t, "--pidfile", &b, "--socket", &sock], "backing file of --disk");
+    assert_eq!(sha(&base), before);
+}

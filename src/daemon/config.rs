@@ -295,8 +295,22 @@ impl Config {
         if let Some(p) = &a.pidfile {
             files.push(("--pidfile", p));
         }
-        let all: Vec<(&str, &Path)> =
-            files.iter().copied().chain(sockets.iter().map(|(o, p)| (*o, p.as_path()))).collect();
+        // A qcow2 disk's backing chain counts too: a buffer or pid file that is a backing
+        // file would be emptied or overwritten under the image.
+        let qcow2_header = || {
+            preflight::examine_image(&a.disk).ok().flatten().is_some_and(|f| f.format == Some("qcow2"))
+        };
+        let chain = if a.format == Some(ImageFormat::Qcow2) && !a.is_null() && qcow2_header() {
+            crate::block::qcow2::chain_of(&a.disk).map_err(|e| format!("--disk: {e}"))?
+        } else {
+            Vec::new()
+        };
+        let all: Vec<(&str, &Path)> = chain
+            .iter()
+            .map(|p| ("the backing file of --disk", p.as_path()))
+            .chain(files.iter().copied())
+            .chain(sockets.iter().map(|(o, p)| (*o, p.as_path())))
+            .collect();
         preflight::distinct_files(&all)?;
         for (opt, path) in &sockets {
             check_free(path).map_err(|e| format!("{opt}: {}", super::build::error_chain(&e)))?;

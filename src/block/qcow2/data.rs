@@ -18,20 +18,29 @@ impl Qcow2Data {
     /// Walks the mappings from `from` while `zero(mapping)` holds; returns where it stopped.
     fn walk(&self, from: u64, limit: u64, zero: bool) -> u64 {
         let limit = limit.min(self.0.size());
-        let access = self.0.access.read().unwrap_or_else(|p| p.into_inner());
-        let mut pos = from;
-        while pos < limit {
-            let Ok((mapping, n)) = access.get_mapping(pos, limit - pos) else {
-                // Cannot tell: data.
-                return if zero { pos } else { limit };
-            };
-            let is_zero = matches!(mapping, Mapping::Zero { .. } | Mapping::Eof { .. });
-            if is_zero != zero || n == 0 {
-                break;
+        let walked = self.0.with(|access| {
+            let mut pos = from;
+            while pos < limit {
+                let (mapping, n) = access.get_mapping(pos, limit - pos)?;
+                let is_zero = matches!(mapping, Mapping::Zero { .. } | Mapping::Eof { .. });
+                if is_zero != zero || n == 0 {
+                    break;
+                }
+                pos += n;
             }
-            pos += n;
+            Ok(pos)
+        });
+        match walked {
+            Ok(pos) => pos.min(limit).max(from),
+            // Cannot tell: data.
+            Err(_) => {
+                if zero {
+                    from
+                } else {
+                    limit
+                }
+            }
         }
-        pos.min(limit).max(from)
     }
 
     /// Writes the metadata a write or zeroing changed back to the image file, so that it
@@ -40,7 +49,7 @@ impl Qcow2Data {
         if r < 0 {
             return r;
         }
-        match self.0.access.read().unwrap_or_else(|p| p.into_inner()).flush() {
+        match self.0.with(|a| a.flush()) {
             Ok(()) => r,
             Err(e) => -e.raw_os_error().unwrap_or(libc::EIO),
         }

@@ -112,7 +112,7 @@ pub(super) fn run(image: Arc<Image>, jobs: Receiver<Job>) {
             };
             finished.push((job.done, job.index, result));
         }
-        if wrote && let Err(e) = image.access.read().unwrap_or_else(|p| p.into_inner()).flush() {
+        if wrote && let Err(e) = image.with(|a| a.flush()) {
             log::error!("{}: cannot write qcow2 metadata back: {e}", image.path.display());
             for f in finished.iter_mut() {
                 if f.2 >= 0 {
@@ -133,7 +133,7 @@ pub(super) fn read(image: &Image, offset: u64, iovecs: &[libc::iovec]) -> i32 {
         .map(|v| IoSliceMut::new(unsafe { std::slice::from_raw_parts_mut(v.iov_base.cast::<u8>(), v.iov_len) }))
         .collect();
     let len = crate::io::iovecs_len(iovecs);
-    match image.access.read().unwrap_or_else(|p| p.into_inner()).readv(IoVectorMut::from(slices), offset) {
+    match image.with(|a| a.readv(IoVectorMut::from(slices), offset)) {
         Ok(()) => crate::io::result_from_len(len),
         Err(e) => {
             image.log_error("read", offset, &e);
@@ -149,11 +149,14 @@ pub(super) fn write(image: &Image, offset: u64, iovecs: &[libc::iovec], dsync: b
         .map(|v| IoSlice::new(unsafe { std::slice::from_raw_parts(v.iov_base.cast::<u8>(), v.iov_len) }))
         .collect();
     let len = crate::io::iovecs_len(iovecs);
-    let access = image.access.read().unwrap_or_else(|p| p.into_inner());
-    let mut r = access.writev(IoVector::from(slices), offset);
-    if r.is_ok() && dsync {
-        r = access.flush().and_then(|()| access.sync());
-    }
+    let r = image.with(|a| {
+        a.writev(IoVector::from(slices), offset)?;
+        if dsync {
+            a.flush()?;
+            a.sync()?;
+        }
+        Ok(())
+    });
     match r {
         Ok(()) => crate::io::result_from_len(len),
         Err(e) => {
@@ -164,8 +167,7 @@ pub(super) fn write(image: &Image, offset: u64, iovecs: &[libc::iovec], dsync: b
 }
 
 pub(super) fn flush(image: &Image) -> i32 {
-    let access = image.access.read().unwrap_or_else(|p| p.into_inner());
-    match access.flush().and_then(|()| access.sync()) {
+    match image.with(|a| a.flush().and_then(|()| a.sync())) {
         Ok(()) => 0,
         Err(e) => {
             image.log_error("flush", 0, &e);
@@ -182,10 +184,9 @@ pub(super) fn zero(image: &Image, offset: u64, len: u64, unmap: bool) -> i32 {
         );
         return -libc::EIO;
     };
-    let mut access = image.access.write().unwrap_or_else(|p| p.into_inner());
     // As QEMU's qcow2 driver: an unmapping request deallocates whole clusters and marks them
     // zero (the backing file does not show through), the rest is written as zeroes.
-    let r = if unmap { access.discard_to_zero(offset, len) } else { access.write_zeroes(offset, len) };
+    let r = image.with_mut(|a| if unmap { a.discard_to_zero(offset, len) } else { a.write_zeroes(offset, len) });
     match r {
         Ok(()) => 0,
         Err(e) => {
@@ -198,19 +199,21 @@ pub(super) fn zero(image: &Image, offset: u64, len: u64, unmap: bool) -> i32 {
 fn resize(image: &Image, size: u64) -> std::io::Result<()> {
     let old = image.size();
     if size > old {
-        let access = image.access.read().unwrap_or_else(|p| p.into_inner());
         // New clusters read as zeroes even over a backing file that is longer.
-        access.resize_grow(size, imago::format::PreallocateMode::Zero)?;
-        access.flush()?;
-        access.sync()?;
+        image.with(|a| {
+            a.resize_grow(size, imago::format::PreallocateMode::Zero)?;
+            a.flush()?;
+            a.sync()
+        })?;
     } else if size < old {
         let _quiet = image
             .quiesce_mappings(QUIESCE_DEADLINE)
             .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::TimedOut, "in-flight I/O did not drain"))?;
-        let mut access = image.access.write().unwrap_or_else(|p| p.into_inner());
-        access.resize_shrink(size)?;
-        access.flush()?;
-        access.sync()?;
+        image.with_mut(|a| {
+            a.resize_shrink(size)?;
+            a.flush()?;
+            a.sync()
+        })?;
     }
     image.set_size(size);
     Ok(())

@@ -24,7 +24,7 @@ mod storage;
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::mpsc::{Sender, channel};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -71,6 +71,8 @@ pub(crate) struct Image {
     exclusive: AtomicU32,
     /// Bounds the log lines failing guest requests can cause.
     errors: LogLimit,
+    /// imago panicked on this image: nothing is served from it any more.
+    broken: AtomicBool,
 }
 
 /// Held while the metadata thread runs a job that needs the mappings stable.
@@ -120,6 +122,37 @@ impl Image {
             pause = (pause * 2).min(Duration::from_millis(2));
         }
         Some(guard)
+    }
+
+    /// Runs `f` on the image under the shared lock. A panic inside imago (an image damaged
+    /// in a way it does not expect) fails this call and every later one with `EIO` — as QEMU
+    /// stops using an image it found corrupt — instead of taking the daemon down.
+    fn with<T>(&self, f: impl FnOnce(&FormatAccess<ImageFile>) -> io::Result<T>) -> io::Result<T> {
+        self.guarded(|| f(&self.access.read().unwrap_or_else(|p| p.into_inner())))
+    }
+
+    /// [`Image::with`] under the exclusive lock (for calls that may move clusters).
+    fn with_mut<T>(&self, f: impl FnOnce(&mut FormatAccess<ImageFile>) -> io::Result<T>) -> io::Result<T> {
+        self.guarded(|| f(&mut self.access.write().unwrap_or_else(|p| p.into_inner())))
+    }
+
+    fn guarded<T>(&self, f: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
+        if self.broken.load(Ordering::Acquire) {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+            Ok(r) => r,
+            Err(_) => {
+                if !self.broken.swap(true, Ordering::AcqRel) {
+                    log::error!(
+                        "{}: the qcow2 driver failed on this image (see the panic message above); \
+                         every further request fails with an I/O error. Check it with `qemu-img check`",
+                        self.path.display()
+                    );
+                }
+                Err(io::Error::from_raw_os_error(libc::EIO))
+            }
+        }
     }
 
     fn log_error(&self, what: &str, offset: u64, e: &io::Error) {
@@ -180,6 +213,7 @@ impl Qcow2Disk {
             mapped: AtomicU64::new(0),
             exclusive: AtomicU32::new(0),
             errors: LogLimit::new(),
+            broken: AtomicBool::new(false),
         });
         let mut senders = Vec::with_capacity(METADATA_THREADS);
         for i in 0..METADATA_THREADS {
@@ -221,6 +255,19 @@ impl Qcow2Disk {
     }
 }
 
+/// The files below the top image `path` names (backing chain, external data file), found by
+/// opening the chain read-only; for start-up checks before anything is locked or created.
+pub fn chain_of(path: &Path) -> Result<Vec<PathBuf>, String> {
+    let files = ChainFiles::default();
+    let gate = ChainGate { files: files.clone(), direct: false };
+    let top = files.open(path, false, false).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    let _read_only_image = Qcow2::<ImageFile>::builder(top)
+        .write(false)
+        .open(gate)
+        .map_err(|e| format!("{} cannot be opened as qcow2: {e}", path.display()))?;
+    Ok(files.paths().into_iter().skip(1).map(|(p, _)| p).collect())
+}
+
 /// Reads the cluster size from a qcow2 header (for `describe`; imago keeps it private).
 fn qcow2_cluster_size(path: &Path) -> io::Result<u64> {
     use std::os::unix::fs::FileExt;
@@ -258,9 +305,10 @@ impl BlockDevice for Qcow2Disk {
         if self.read_only {
             return Ok(());
         }
-        let access = self.image.access.read().unwrap_or_else(|p| p.into_inner());
-        access.flush()?;
-        access.sync()
+        self.image.with(|a| {
+            a.flush()?;
+            a.sync()
+        })
     }
 
     fn describe(&self) -> String {
@@ -291,5 +339,41 @@ impl BlockDevice for Qcow2Disk {
             Ok(r) => r.map_err(failed),
             Err(_) => Err(failed(io::Error::new(io::ErrorKind::TimedOut, "resize did not finish within 120 s"))),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn image(dir: &Path) -> Qcow2Disk {
+        let path = dir.join("t.qcow2");
+        let st = std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&path)
+            .arg("1M")
+            .status()
+            .expect("qemu-img");
+        assert!(st.success());
+        Qcow2Disk::open(&Qcow2Options {
+            path,
+            read_only: false,
+            direct: false,
+            block_size: 512,
+            engine: EngineKind::Sync,
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn a_panic_in_the_driver_fails_requests_instead_of_the_daemon() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = image(dir.path());
+        assert_eq!(disk.image.with(|a| Ok(a.size())).unwrap(), 1 << 20);
+        let r: io::Result<()> = disk.image.with(|_| panic!("a driver bug on a damaged image"));
+        assert_eq!(r.unwrap_err().raw_os_error(), Some(libc::EIO));
+        // From then on the image is not used any more.
+        assert_eq!(disk.image.with(|a| Ok(a.size())).unwrap_err().raw_os_error(), Some(libc::EIO));
+        assert_eq!(disk.data().sync_data().unwrap_err().raw_os_error(), Some(libc::EIO));
     }
 }

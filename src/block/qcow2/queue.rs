@@ -160,37 +160,8 @@ impl Qcow2Queue {
     /// Looks up where the bytes of `[offset, offset + len)` live, into `self.parts`.
     fn map(&mut self, offset: u64, len: u64, write: bool) -> std::io::Result<()> {
         self.parts.clear();
-        let access = self.image.access.read().unwrap_or_else(|p| p.into_inner());
-        let mut at = 0;
-        while at < len {
-            let (mapping, n) = access.get_mapping(offset + at, len - at)?;
-            let n = n.min(len - at);
-            let part = match mapping {
-                Mapping::Raw { storage, offset: host, writable, .. } if writable || !write => {
-                    Part::Mapped { file: storage.index(), host, at, len: n }
-                }
-                Mapping::Zero { .. } | Mapping::Eof { .. } if !write => {
-                    Part::Zero { at, len: if n == 0 { len - at } else { n } }
-                }
-                _ => Part::Metadata { at, len: if n == 0 { len - at } else { n } },
-            };
-            let step = match &part {
-                Part::Mapped { len, .. } | Part::Zero { len, .. } | Part::Metadata { len, .. } => *len,
-            };
-            // Merge with the previous part where possible (fewer, larger I/Os).
-            match (self.parts.last_mut(), &part) {
-                (Some(Part::Mapped { file: f0, host: h0, len: l0, .. }), Part::Mapped { file, host, .. })
-                    if f0 == file && *h0 + *l0 == *host =>
-                {
-                    *l0 += step
-                }
-                (Some(Part::Zero { len: l0, .. }), Part::Zero { .. })
-                | (Some(Part::Metadata { len: l0, .. }), Part::Metadata { .. }) => *l0 += step,
-                _ => self.parts.push(part),
-            }
-            at += step;
-        }
-        Ok(())
+        let parts = &mut self.parts;
+        self.image.with(|access| map_parts(access, offset, len, write, parts))
     }
 
     /// Pushes one mapped part on the data engine.
@@ -431,4 +402,45 @@ impl BlockQueue for Qcow2Queue {
     fn clear_notifier(&self) {
         let _ = self.done.eventfd.read();
     }
+}
+
+/// Splits `[offset, offset + len)` into parts by where imago maps them (see [`Part`]),
+/// merging neighbours that can be one I/O.
+fn map_parts(
+    access: &imago::FormatAccess<super::ImageFile>,
+    offset: u64,
+    len: u64,
+    write: bool,
+    parts: &mut Vec<Part>,
+) -> std::io::Result<()> {
+    let mut at = 0;
+    while at < len {
+        let (mapping, n) = access.get_mapping(offset + at, len - at)?;
+        let n = n.min(len - at);
+        let part = match mapping {
+            Mapping::Raw { storage, offset: host, writable, .. } if writable || !write => {
+                Part::Mapped { file: storage.index(), host, at, len: n }
+            }
+            Mapping::Zero { .. } | Mapping::Eof { .. } if !write => {
+                Part::Zero { at, len: if n == 0 { len - at } else { n } }
+            }
+            _ => Part::Metadata { at, len: if n == 0 { len - at } else { n } },
+        };
+        let step = match &part {
+            Part::Mapped { len, .. } | Part::Zero { len, .. } | Part::Metadata { len, .. } => *len,
+        };
+        // Merge with the previous part where possible (fewer, larger I/Os).
+        match (parts.last_mut(), &part) {
+            (Some(Part::Mapped { file: f0, host: h0, len: l0, .. }), Part::Mapped { file, host, .. })
+                if f0 == file && *h0 + *l0 == *host =>
+            {
+                *l0 += step
+            }
+            (Some(Part::Zero { len: l0, .. }), Part::Zero { .. })
+            | (Some(Part::Metadata { len: l0, .. }), Part::Metadata { .. }) => *l0 += step,
+            _ => parts.push(part),
+        }
+        at += step;
+    }
+    Ok(())
 }
