@@ -2037,3 +2037,42 @@ fn allocations_spread_over_many_l2_tables_all_land() {
         &lost[..lost.len().min(8)]
     );
 }
+
+/// An external data file holds the guest's data: while colo-blk serves the image, no other
+/// process may write it (QEMU holds it like the image itself), and colo-blk's writes reach it.
+#[test]
+fn an_external_data_file_is_written_and_locked_against_other_writers() {
+    require_tools();
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("meta.qcow2");
+    let data = dir.path().join("meta.data");
+    let out = tool(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "-o", &format!("data_file={},data_file_raw=on", s(&data)), &s(&img), "16M"],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let srv = match try_serve(&img, &[]) {
+        Ok(b) => b,
+        Err(e) => {
+            // Refusing external data files is allowed; then there is nothing to lock.
+            eprintln!("external data file refused: {e}");
+            return;
+        }
+    };
+    let mut c = Client::connect(srv.socket(), 1, false);
+    write_ok(&mut c, MIB, &[0x4d; 4096]);
+    assert_eq!(c.flush(0), 0);
+    // data_file_raw=on: the data file is a raw image of the guest disk.
+    assert!(common::file_range(&data, MIB, 4096).iter().all(|&b| b == 0x4d), "the write did not reach the data file");
+    let (ok, t) = qemu_io("raw", &data, false, &["write -P 0x99 1M 4k".to_string()]);
+    assert!(!ok && t.contains("lock"), "qemu-io wrote into the data file of a served image: {t}");
+    let (ok, t) = qemu_io("qcow2", &img, false, &["write -P 0x99 1M 4k".to_string()]);
+    assert!(!ok, "qemu-io wrote into the served image: {t}");
+    let (r, back) = c.read(0, MIB, 4096);
+    assert_eq!(r, 0);
+    assert!(back.iter().all(|&b| b == 0x4d));
+    drop(c);
+    stop(srv);
+    qemu_io_ok("qcow2", &img, true, &["read -P 0x4d 1M 4k".to_string()]);
+    check_clean(&img);
+}
