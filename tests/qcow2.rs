@@ -2076,3 +2076,159 @@ fn an_external_data_file_is_written_and_locked_against_other_writers() {
     qemu_io_ok("qcow2", &img, true, &["read -P 0x4d 1M 4k".to_string()]);
     check_clean(&img);
 }
+
+/// lazy_refcounts=on: after a kill -9 the image is dirty and its refcounts are stale. Serving
+/// it again must not hand out clusters still in use (QEMU repairs the refcounts when it
+/// opens a dirty image); refusing the image is acceptable, corrupting it is not. Writes are
+/// one at a time here.
+#[test]
+fn a_dirty_lazy_refcounts_image_is_repaired_or_refused_never_corrupted() {
+    require_tools();
+    let dir = tempfile::tempdir().unwrap();
+    let size = 64 * MIB;
+    let img = dir.path().join("lazy.qcow2");
+    let out = tool("qemu-img", &["create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on", &s(&img), "64M"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let srv = serve(&img, &[]);
+    let mut c = Client::connect(srv.socket(), 1, false);
+    let mut seed = 0xDEAD_BEEF_0BAD_F00Du64;
+    let mut flushed: HashMap<u64, u32> = HashMap::new();
+    let mut seq = 0u32;
+    let pick = |seed: &mut u64| xorshift(seed) % (size / CLUSTER) * CLUSTER + (xorshift(seed) % 16) * BLOCK;
+    for _ in 0..200 {
+        let off = pick(&mut seed);
+        seq += 1;
+        write_ok(&mut c, off, &pattern(off, BLOCK as usize, seq));
+        flushed.insert(off, seq);
+    }
+    assert_eq!(c.flush(0), 0);
+    let mut unflushed = Vec::new();
+    for _ in 0..100 {
+        let off = pick(&mut seed);
+        seq += 1;
+        write_ok(&mut c, off, &pattern(off, BLOCK as usize, seq));
+        unflushed.push((off, seq));
+    }
+    let mut srv = srv;
+    signal(&srv, libc::SIGKILL);
+    srv.wait_exit();
+    drop(c);
+    drop(srv);
+    let before = std::fs::read(&img).unwrap();
+
+    let srv = match try_serve(&img, &[]) {
+        Err(e) => {
+            eprintln!("the dirty lazy-refcounts image was refused: {e}");
+            assert!(std::fs::read(&img).unwrap() == before, "refused, but the image changed");
+            return;
+        }
+        Ok(b) => b,
+    };
+    let mut c = Client::connect(srv.socket(), 1, false);
+    // Every flushed write is there (unless a later unflushed one to the same block landed).
+    for (&off, &q) in &flushed {
+        let (r, got) = c.read(0, off, BLOCK as usize);
+        assert_eq!(r, 0);
+        let later: Vec<u32> = unflushed.iter().filter(|u| u.0 == off).map(|u| u.1).collect();
+        assert!(
+            got == pattern(off, BLOCK as usize, q) || later.iter().any(|&l| got == pattern(off, BLOCK as usize, l)),
+            "flushed block at {off} lost after kill -9 and restart"
+        );
+    }
+    // What is on the disk now (model), then many new allocations.
+    let mut model: HashMap<u64, Vec<u8>> = HashMap::new();
+    for &off in flushed.keys().chain(unflushed.iter().map(|u| &u.0)) {
+        model.insert(off, c.read(0, off, BLOCK as usize).1);
+    }
+    for _ in 0..400 {
+        let off = pick(&mut seed);
+        seq += 1;
+        let d = pattern(off, BLOCK as usize, seq);
+        write_ok(&mut c, off, &d);
+        model.insert(off, d);
+    }
+    assert_eq!(c.flush(0), 0);
+    for (&off, d) in &model {
+        let (r, got) = c.read(0, off, BLOCK as usize);
+        assert_eq!(r, 0);
+        assert!(got == *d, "block at {off} wrong after new allocations on the restarted image");
+    }
+    drop(c);
+    stop(srv);
+    let (code, t) = check(&img);
+    assert_eq!(code, 0, "qemu-img check after serving a dirty lazy-refcounts image: {t}");
+    let content = qemu_content(&img);
+    for (&off, d) in &model {
+        assert!(content[off as usize..(off + BLOCK) as usize] == d[..], "QEMU reads the block at {off} wrong");
+    }
+}
+
+/// Reads of a range racing its discard while other queues allocate (and so may reuse the
+/// freed host clusters): a read returns the old data or zeroes, never another range's data.
+#[test]
+fn reads_racing_a_discard_never_see_reallocated_clusters() {
+    require_tools();
+    let dir = tempfile::tempdir().unwrap();
+    let size = 64 * MIB;
+    let img = dir.path().join("reuse.qcow2");
+    create_qcow2(&img, Some(size), None, None);
+    let srv = serve(&img, &["--num-queues", "3"]);
+    let mut c = Client::connect(srv.socket(), 3, false);
+    let a = 8 * CLUSTER; // 4 clusters read and discarded every round
+    let alen = 4 * CLUSTER;
+    let mut prev_b: Option<u64> = None;
+    for round in 0..100u32 {
+        let old = pattern(a, alen as usize, 3000 + round);
+        write_ok(&mut c, a, &old);
+        let b = 64 * CLUSTER + u64::from(round % 2) * 64 * CLUSTER; // 16 clusters, two areas
+        // Queue 0: reads of the range; queue 1: its discard (and the previous round's area);
+        // queue 2: allocating writes.
+        let rbase = 8usize << 20; // region offset for the reads
+        for i in 0..8usize {
+            let ptr = (c.region.addr + rbase + i * alen as usize) as *mut u8;
+            c.queues[0].read(a, ptr, alen as usize, i, ReqFlags::empty());
+        }
+        c.queues[1].discard(a, alen, 0, ReqFlags::empty());
+        let mut n1 = 1;
+        if let Some(p) = prev_b {
+            c.queues[1].discard(p, 16 * CLUSTER, 1, ReqFlags::empty());
+            n1 += 1;
+        }
+        let wdata: Vec<Vec<u8>> =
+            (0..16u64).map(|i| pattern(b + i * CLUSTER, CLUSTER as usize, 5000 + round)).collect();
+        for (i, d) in wdata.iter().enumerate() {
+            c.buf(i * CLUSTER as usize, CLUSTER as usize).copy_from_slice(d);
+            let ptr = (c.region.addr + i * CLUSTER as usize) as *const u8;
+            c.queues[2].write(b + i as u64 * CLUSTER, ptr, CLUSTER as usize, i, ReqFlags::empty());
+        }
+        for q in 0..3 {
+            kick(&mut c, q);
+        }
+        for (_, ret) in wait_queue(&mut c, 2, 16).into_iter().chain(wait_queue(&mut c, 1, n1)) {
+            assert_eq!(ret, 0, "round {round}");
+        }
+        for (i, ret) in wait_queue(&mut c, 0, 8) {
+            assert_eq!(ret, 0, "round {round}: read");
+            let got = c.buf(rbase + i * alen as usize, alen as usize).to_vec();
+            for (k, sec) in got.chunks(SECTOR).enumerate() {
+                let r = k * SECTOR..(k + 1) * SECTOR;
+                assert!(
+                    sec == &old[r] || sec.iter().all(|&x| x == 0),
+                    "round {round}: a read racing the discard returned other data at sector {k} of the range \
+                     (first word {:#x})",
+                    u64::from_le_bytes(sec[..8].try_into().unwrap())
+                );
+            }
+        }
+        let (r, now) = c.read(0, a, alen as usize);
+        assert_eq!(r, 0);
+        assert!(now.iter().all(|&x| x == 0), "round {round}: the discarded range is not zero");
+        let (r, nb) = c.read(0, b, 16 * CLUSTER as usize);
+        assert_eq!(r, 0);
+        assert_same(&format!("round {round}: the written area"), &nb, &wdata.concat());
+        prev_b = Some(b);
+    }
+    drop(c);
+    stop(srv);
+    check_clean(&img);
+}
