@@ -602,3 +602,30 @@ fn direct_io_secondary_serves_unaligned_nbd_and_fails_over() {
     vm_write(&mut c, B, 0, 4096);
     assert!(all(&read_all(&mut c, 0, 4096), B));
 }
+
+/// VM reads of sectors the VM wrote go straight to the active buffer on the worker's
+/// io_uring; a checkpoint replaces the active buffer by a fresh file, and the rings follow:
+/// afterwards the VM reads the disk again, and its new writes (in the new file) read back —
+/// never the old file's data.
+#[test]
+fn direct_reads_of_the_active_buffer_follow_each_checkpoint() {
+    let p = start_secondary(SIZE);
+    fill_a(&p, SIZE);
+    p.start();
+    let mut c = Client::connect(&p.s.socket, 1, false);
+    let direct = || p.qmp("query-replication", json!({})).unwrap()["vm-direct-reads"].as_u64().unwrap();
+    for round in 0..3u8 {
+        let byte = C.wrapping_add(round);
+        vm_write(&mut c, byte, 0, MIB);
+        let before = direct();
+        for i in 0..64 {
+            let (r, data) = c.read(0, i * 4096, 4096);
+            assert_eq!(r, 0);
+            assert!(all(&data, byte), "round {round}: read {i} of the VM's own write returned other data");
+        }
+        assert!(direct() >= before + 64, "round {round}: the reads did not take the direct path");
+        p.qmp("replication-checkpoint", json!({})).expect("checkpoint");
+        // The active buffer is a fresh file now: the VM sees the disk (A) again.
+        assert!(all(&read_all(&mut c, 0, MIB), A), "round {round}: stale active data after a checkpoint");
+    }
+}

@@ -297,9 +297,8 @@ impl Config {
         }
         // A qcow2 disk's backing chain counts too: a buffer or pid file that is a backing
         // file would be emptied or overwritten under the image.
-        let qcow2_header = || {
-            preflight::examine_image(&a.disk).ok().flatten().is_some_and(|f| f.format == Some("qcow2"))
-        };
+        let qcow2_header =
+            || preflight::examine_image(&a.disk).ok().flatten().is_some_and(|f| f.format == Some("qcow2"));
         let chain = if a.format == Some(ImageFormat::Qcow2) && !a.is_null() && qcow2_header() {
             crate::block::qcow2::chain_of(&a.disk).map_err(|e| format!("--disk: {e}"))?
         } else {

@@ -126,6 +126,15 @@ fn finish_short(file: &Arc<File>, op: &InFlight, done: u64) -> i32 {
 }
 
 impl UringEngine {
+    /// Points entry `index` of the registered-file table at `file` (a descriptor that now
+    /// names another file); operations in flight keep the file they started on.
+    pub fn replace_file(&mut self, index: u32, file: Arc<File>) -> std::io::Result<()> {
+        let slot = self.files.get_mut(index as usize).ok_or_else(|| std::io::Error::from_raw_os_error(libc::EBADF))?;
+        self.ring.submitter().register_files_update(index, &[file.as_raw_fd()])?;
+        *slot = file;
+        Ok(())
+    }
+
     /// Queues `op` on the file with index `file` of the table given at construction.
     ///
     /// # Safety

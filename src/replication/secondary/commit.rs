@@ -281,6 +281,7 @@ impl Secondary {
                 self.emit("REPLICATION_FAILOVER_DONE", json!({"mode": "secondary"}));
                 // Reclaim the buffers' space; their content is in the disk now.
                 let _ = self.reclaimer.empty(&self.active, &self.active_buf, self.size);
+                self.active_swaps.fetch_add(1, Ordering::AcqRel);
                 let _ = self.reclaimer.empty(&self.hidden, &self.hidden_buf, self.size);
             }
             Err(e) => {

@@ -15,10 +15,25 @@ impl BlockDevice for SecondaryDevice {
     fn open_queue(&self, depth: u32) -> Result<Box<dyn BlockQueue>, BlockError> {
         let inner = self.0.disk.open_queue(depth)?;
         let done = DoneQueue::new(inner.notifier()).map_err(|e| BlockError::Engine(IoEngineError::Setup(e)))?;
+        // A ring on the active buffer for direct reads of sectors the VM wrote, signalling the
+        // disk queue's eventfd (the worker watches that one). Without an io_uring disk queue
+        // those reads take the buffer path.
+        let active_ring = inner.notifier().and_then(|fd| {
+            // SAFETY: dup of a live eventfd; the new descriptor is owned by the EventFd.
+            let dup = unsafe { libc::dup(fd) };
+            if dup < 0 {
+                return None;
+            }
+            // SAFETY: `dup` is a fresh descriptor nobody else owns.
+            let eventfd = unsafe { <vmm_sys_util::eventfd::EventFd as std::os::fd::FromRawFd>::from_raw_fd(dup) };
+            crate::io::uring::UringEngine::with_files(vec![self.0.active.clone()], depth, eventfd).ok()
+        });
         Ok(Box::new(SecondaryQueue {
             sec: self.0.clone(),
             inner,
             done,
+            active_ring,
+            active_swaps: self.0.active_swaps(),
             direct: Vec::new(),
             free: Vec::new(),
             scratch: Vec::new(),
@@ -46,24 +61,31 @@ impl BlockDevice for SecondaryDevice {
 }
 
 /// A worker's queue: while replicating, a VM read none of whose sectors is in a buffer goes
-/// to the disk's own (io_uring) queue and is checked when it completes; every other request
+/// to the disk's own (io_uring) queue, one all of whose sectors are in the active buffer to
+/// a ring on the active file, and either is checked when it completes; every other request
 /// runs synchronously through the buffer logic on the pool. Once the stage is done every
 /// request goes to the disk's queue.
 struct SecondaryQueue {
     sec: Arc<Secondary>,
     inner: Box<dyn BlockQueue>,
     done: Arc<DoneQueue>,
+    /// io_uring on the active buffer (file 0), or None (buffer path only).
+    active_ring: Option<crate::io::uring::UringEngine>,
+    /// [`Secondary::active_swaps`] when the ring last registered the active descriptor.
+    active_swaps: u64,
     /// Direct reads in flight, by slab index (their inner token is `DIRECT | index`).
     direct: Vec<Option<DirectRead>>,
     free: Vec<usize>,
     scratch: Vec<Completion>,
 }
 
-/// A VM read sent straight to the disk's queue.
+/// A VM read sent straight to the disk's queue or the active buffer's ring.
 struct DirectRead {
     token: u64,
     sectors: (u64, u64),
     generation: u64,
+    /// Read from the active buffer (else from the disk).
+    active: bool,
     /// To redo it on the buffer path; the worker keeps its iovecs alive until `token`
     /// completes.
     op: SendOp,
@@ -74,6 +96,27 @@ struct DirectRead {
 const DIRECT: u64 = 1 << 62;
 
 impl SecondaryQueue {
+    /// Makes the active ring's file entry name the active buffer's current file (a
+    /// checkpoint may have swapped it for a fresh one); false if that failed.
+    fn active_ring_current(&mut self) -> bool {
+        let swaps = self.sec.active_swaps();
+        let Some(ring) = &mut self.active_ring else { return false };
+        if swaps == self.active_swaps {
+            return true;
+        }
+        match ring.replace_file(0, self.sec.active.clone()) {
+            Ok(()) => {
+                self.active_swaps = swaps;
+                true
+            }
+            Err(e) => {
+                log::warn!("cannot register the fresh active buffer with a worker's ring: {e}");
+                self.active_ring = None;
+                false
+            }
+        }
+    }
+
     /// Runs `op` on the pool (the buffer path); its completion comes through `done`.
     fn spawn(&self, op: SendOp, token: u64) -> Result<(), IoEngineError> {
         let sec = self.sec.clone();
@@ -94,8 +137,16 @@ impl BlockQueue for SecondaryQueue {
         }
         if let Op::Read { offset, iovecs } = *op {
             let (s0, s1) = Secondary::sectors(offset, crate::io::iovecs_len(iovecs));
-            if let Some(generation) = self.sec.direct_read_start(s0, s1) {
-                let read = DirectRead { token, sectors: (s0, s1), generation, op: SendOp::new(op) };
+            let route = match self.sec.direct_read_start(s0, s1) {
+                Some(g) => Some((g, false)),
+                None if self.active_ring.is_some() => self.sec.direct_active_read_start(s0, s1).map(|g| (g, true)),
+                None => None,
+            };
+            if let Some((generation, active)) = route {
+                if active && !self.active_ring_current() {
+                    return self.spawn(SendOp::new(op), token);
+                }
+                let read = DirectRead { token, sectors: (s0, s1), generation, active, op: SendOp::new(op) };
                 let index = match self.free.pop() {
                     Some(i) => {
                         self.direct[i] = Some(read);
@@ -106,11 +157,16 @@ impl BlockQueue for SecondaryQueue {
                         self.direct.len() - 1
                     }
                 };
-                // SAFETY: forwarded contract (the same op, buffers alive until completion).
-                match unsafe { self.inner.push(op, DIRECT | index as u64) } {
+                let pushed = match (&mut self.active_ring, active) {
+                    // SAFETY: forwarded contract (the same op, buffers alive until completion).
+                    (Some(ring), true) => unsafe { ring.push_to(0, op, DIRECT | index as u64) },
+                    // SAFETY: as above.
+                    _ => unsafe { self.inner.push(op, DIRECT | index as u64) },
+                };
+                match pushed {
                     Ok(()) => return Ok(()),
                     Err(_) => {
-                        // The disk's queue is full: the buffer path takes it.
+                        // The ring is full: the buffer path takes it.
                         self.direct[index] = None;
                         self.free.push(index);
                     }
@@ -120,11 +176,17 @@ impl BlockQueue for SecondaryQueue {
         self.spawn(SendOp::new(op), token)
     }
     fn submit(&mut self) -> Result<(), IoEngineError> {
+        if let Some(ring) = &mut self.active_ring {
+            crate::io::IoEngine::submit(ring)?;
+        }
         self.inner.submit()
     }
     fn reap(&mut self, out: &mut Vec<Completion>) {
         self.done.drain_into(out);
         let mut scratch = std::mem::take(&mut self.scratch);
+        if let Some(ring) = &mut self.active_ring {
+            crate::io::IoEngine::reap(ring, &mut scratch);
+        }
         self.inner.reap(&mut scratch);
         for c in scratch.drain(..) {
             if c.token & DIRECT == 0 {
@@ -138,7 +200,12 @@ impl BlockQueue for SecondaryQueue {
             // A failed direct read is redone too: an O_DIRECT read of a guest buffer that is
             // not aligned fails where the buffer path (page cache) succeeds; a real disk
             // error fails again there and is answered then.
-            if c.result >= 0 && self.sec.direct_read_valid(s0, s1, read.generation) {
+            let valid = if read.active {
+                self.sec.direct_active_read_valid(s0, s1, read.generation)
+            } else {
+                self.sec.direct_read_valid(s0, s1, read.generation)
+            };
+            if c.result >= 0 && valid {
                 out.push(Completion { token: read.token, result: c.result });
             } else if self.spawn(read.op, read.token).is_err() {
                 out.push(Completion { token: read.token, result: -libc::EIO });
@@ -199,6 +266,8 @@ mod tests {
         let inner = Box::new(LateReads { disk: s.file.clone(), held: Vec::new() });
         let q = SecondaryQueue {
             sec: s.clone(),
+            active_ring: None,
+            active_swaps: 0,
             inner,
             done: DoneQueue::new(None).unwrap(),
             direct: Vec::new(),

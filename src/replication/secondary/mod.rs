@@ -90,6 +90,8 @@ pub struct Secondary {
     /// because a primary write or a checkpoint overlapped them (see `direct_read_start`).
     direct_reads: AtomicU64,
     direct_retries: AtomicU64,
+    /// Bumped whenever emptying may have pointed `active`'s descriptor at a fresh file.
+    active_swaps: AtomicU64,
     checkpoints: AtomicU64,
     last_checkpoint_us: AtomicU64,
     merge_total: AtomicU64,
@@ -287,6 +289,7 @@ impl Secondary {
             cow_bytes: AtomicU64::new(0),
             direct_reads: AtomicU64::new(0),
             direct_retries: AtomicU64::new(0),
+            active_swaps: AtomicU64::new(0),
             checkpoints: AtomicU64::new(0),
             last_checkpoint_us: AtomicU64::new(0),
             merge_total: AtomicU64::new(0),
@@ -400,7 +403,10 @@ impl Secondary {
         // Re-arm copy-before-write first, as QEMU does, then drop active, then hidden.
         self.reclaimer.free_bits(self.saved_map.take_all());
         self.reclaimer.free_bits(self.active_map.take_all());
-        self.reclaimer.empty(&self.active, &self.active_buf, self.size)?;
+        let emptied = self.reclaimer.empty(&self.active, &self.active_buf, self.size);
+        // The descriptor may name a fresh file now: rings that registered it re-register.
+        self.active_swaps.fetch_add(1, Ordering::AcqRel);
+        emptied?;
         self.reclaimer.empty(&self.hidden, &self.hidden_buf, self.size)
     }
 
@@ -463,6 +469,33 @@ impl Secondary {
         let open = generation.is_multiple_of(2);
         (open && self.stage() == Stage::Running && !self.active_map.any(s0, s1) && !self.saved_map.any(s0, s1))
             .then_some(generation)
+    }
+
+    /// Like [`Secondary::direct_read_start`] for a VM read every sector of which is in the
+    /// active buffer: it may go straight to the active file on the worker's io_uring. The
+    /// active buffer changes only by the VM's own writes (ordered by the guest) and by
+    /// checkpoints, which bump the gate generation; [`Secondary::direct_active_read_valid`]
+    /// checks both at completion.
+    pub(super) fn direct_active_read_start(&self, s0: u64, s1: u64) -> Option<u64> {
+        let generation = self.gate.generation();
+        let open = generation.is_multiple_of(2);
+        (open && self.stage() == Stage::Running && self.active_map.count(s0, s1) == s1 - s0).then_some(generation)
+    }
+
+    /// Whether a direct read of the active buffer started at `generation` may be answered.
+    pub(super) fn direct_active_read_valid(&self, s0: u64, s1: u64, generation: u64) -> bool {
+        let valid = self.gate.generation() == generation && self.active_map.count(s0, s1) == s1 - s0;
+        if valid {
+            self.direct_reads.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.direct_retries.fetch_add(1, Ordering::Relaxed);
+        }
+        valid
+    }
+
+    /// How many times the active buffer's descriptor may have been pointed at a fresh file.
+    pub(super) fn active_swaps(&self) -> u64 {
+        self.active_swaps.load(Ordering::Acquire)
     }
 
     /// Whether a direct read started at `generation` may be answered (see
