@@ -200,6 +200,14 @@ impl IoEngine for UringEngine {
     }
 
     fn submit(&mut self) -> Result<(), IoEngineError> {
+        // Nothing queued since the last submit (and no completions held back by an overflowed
+        // completion queue, which only a system call flushes): no system call.
+        {
+            let sq = self.ring.submission();
+            if sq.is_empty() && !sq.cq_overflow() {
+                return Ok(());
+            }
+        }
         loop {
             match self.ring.submit() {
                 Ok(_) => return Ok(()),
@@ -214,21 +222,30 @@ impl IoEngine for UringEngine {
     fn reap(&mut self, out: &mut Vec<Completion>) {
         self.inline_done.drain_into(out);
         let UringEngine { ring, slab, free, files, .. } = self;
-        // One pass over the completion queue; anything finishing later signals the eventfd.
-        for cqe in ring.completion() {
-            let idx = cqe.user_data() as usize;
-            let Some(op) = slab.get_mut(idx).and_then(Option::take) else {
-                log::error!("io_uring returned unknown user data {idx}");
-                continue;
-            };
-            free.push(idx);
-            let res = cqe.result();
-            let result = if res >= 0 && (res as u64) < op.expected {
-                finish_short(&files[op.file as usize], &op, res as u64)
-            } else {
-                res
-            };
-            out.push(Completion { token: op.token, result });
+        // A pass over the completion queue; anything finishing later signals the eventfd.
+        // Completions the kernel held back because the queue overflowed (more operations in
+        // flight than it holds, e.g. requests split into many parts) come out with the next
+        // system call, made here so that they cannot wait for a new request.
+        for _ in 0..8 {
+            for cqe in ring.completion() {
+                let idx = cqe.user_data() as usize;
+                let Some(op) = slab.get_mut(idx).and_then(Option::take) else {
+                    log::error!("io_uring returned unknown user data {idx}");
+                    continue;
+                };
+                free.push(idx);
+                let res = cqe.result();
+                let result = if res >= 0 && (res as u64) < op.expected {
+                    finish_short(&files[op.file as usize], &op, res as u64)
+                } else {
+                    res
+                };
+                out.push(Completion { token: op.token, result });
+            }
+            if !ring.submission().cq_overflow() {
+                break;
+            }
+            let _ = ring.submit();
         }
     }
 

@@ -91,7 +91,9 @@ impl Qcow2Queue {
         let done = Arc::new(DoneList { list: Mutex::new(Vec::new()), eventfd });
         let sync = |files: &[Arc<File>]| DataEngine::Sync(files.iter().map(|f| SyncEngine::new(f.clone())).collect());
         let engine = match engine {
-            EngineKind::Uring => match UringEngine::with_files(files.clone(), depth, ring_fd) {
+            // A request may split into several mapped parts: room for more operations than
+            // requests, so the completion queue does not overflow.
+            EngineKind::Uring => match UringEngine::with_files(files.clone(), depth.saturating_mul(4), ring_fd) {
                 Ok(e) => DataEngine::Uring(Box::new(e)),
                 Err(e) => {
                     log::warn!("io_uring unavailable ({e}), using the sync engine");
