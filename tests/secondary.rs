@@ -629,3 +629,53 @@ fn direct_reads_of_the_active_buffer_follow_each_checkpoint() {
         assert!(all(&read_all(&mut c, 0, MIB), A), "round {round}: stale active data after a checkpoint");
     }
 }
+
+/// `--direct` holds on the replication paths too: every descriptor the secondary keeps on its
+/// disk uses O_DIRECT, and NBD writes at byte offsets no block boundary aligns (stage none
+/// and running, with copy-before-write) land exactly, as do VM reads and the failover merge.
+#[test]
+fn direct_holds_on_every_path_to_the_disk_and_unaligned_nbd_writes_land() {
+    let p = start_secondary_with(SIZE, &["--direct"]);
+    fill_a(&p, SIZE);
+    // Stage none: unaligned writes straight to the disk.
+    assert!(p.primary(&["write -P 0x5a 1000 3000".into(), "write -P 0x5b 8191 2".into()]));
+    let mut model = vec![A; 16384];
+    model[1000..4000].fill(0x5a);
+    model[8191..8193].fill(0x5b);
+    assert_eq!(file_range(&p.disk, 0, 16384), model);
+    p.start();
+    // Running: copy-before-write of unaligned ranges, then the write; the VM keeps seeing A.
+    assert!(p.primary(&["write -P 0x6c 20000 777".into()]));
+    model.resize(32768, A);
+    model[20000..20777].fill(0x6c);
+    assert_eq!(file_range(&p.disk, 0, 32768), model);
+    let mut c = Client::connect(&p.s.socket, 1, false);
+    let (r, data) = c.read(0, 16384, 8192);
+    assert_eq!(r, 0);
+    assert!(all(&data, A), "the VM sees the primary's write before a checkpoint");
+    // Every descriptor on the disk is O_DIRECT.
+    let pid = p.s.child.id();
+    let canonical = std::fs::canonicalize(&p.disk).unwrap();
+    let mut on_disk = 0;
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap() {
+        let fd = fd.unwrap();
+        if std::fs::read_link(fd.path()).ok().as_deref() != Some(canonical.as_path()) {
+            continue;
+        }
+        let info = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{}", fd.file_name().to_string_lossy())).unwrap();
+        if info.contains("OFDLCK") {
+            // The image lock's own descriptor: it holds QEMU-style locks and does no I/O.
+            continue;
+        }
+        on_disk += 1;
+        let flags = info.lines().find_map(|l| l.strip_prefix("flags:")).unwrap().trim();
+        let flags = u32::from_str_radix(flags, 8).unwrap();
+        assert_ne!(flags & libc::O_DIRECT as u32, 0, "descriptor {:?} on the disk is not O_DIRECT", fd.file_name());
+    }
+    assert!(on_disk >= 2, "expected the workers' and the replication descriptors, found {on_disk}");
+    // Failover: the VM's unaligned-in-memory write goes through the merge into the disk.
+    vm_write(&mut c, C, 4 * MIB, MIB);
+    p.failover();
+    assert!(all(&file_range(&p.disk, 4 * MIB, MIB as usize), C));
+    assert_eq!(file_range(&p.disk, 0, 32768)[..16384], model[..16384]);
+}

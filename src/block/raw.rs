@@ -108,14 +108,15 @@ impl RawDisk {
         &self.path
     }
 
-    /// A second descriptor on the same disk that goes through the page cache (no O_DIRECT),
-    /// for paths whose buffers or ranges need not be block-aligned (NBD requests,
-    /// copy-before-write, merges, resync reads). Without `--direct` it is the same file.
-    pub fn buffered_file(&self) -> io::Result<Arc<File>> {
-        if !self.direct {
-            return Ok(self.file.clone());
+    /// The disk's bytes for the replication paths: with `--direct` an `O_DIRECT` descriptor
+    /// that bounces unaligned requests ([`super::image::DirectFile`]), so the cache mode holds
+    /// there too; otherwise the disk's own file.
+    pub fn data(&self) -> io::Result<Arc<dyn super::image::ImageData>> {
+        if self.direct {
+            Ok(Arc::new(super::image::DirectFile::open(&self.path, !self.read_only)?))
+        } else {
+            Ok(self.file.clone())
         }
-        Ok(Arc::new(OpenOptions::new().read(true).write(!self.read_only).open(&self.path)?))
     }
 }
 

@@ -409,8 +409,8 @@ pub fn build(config: Config) -> Result<Built, BuildError> {
             let data: Option<Arc<dyn ImageData>> = if a.replication == Role::None {
                 None
             } else {
-                match disk.buffered_file() {
-                    Ok(f) => Some(f as Arc<dyn ImageData>),
+                match disk.data() {
+                    Ok(f) => Some(f),
                     Err(e) => return undo.fail(BuildError::DiskFile(e)),
                 }
             };

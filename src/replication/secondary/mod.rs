@@ -47,6 +47,14 @@ const POOL_THREADS: usize = 16;
 /// How long an operation waits for in-flight requests before giving up.
 const QUIESCE_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// The stage a `stage_now` value stands for.
+fn stage_from(v: u8) -> Stage {
+    [Stage::None, Stage::Running, Stage::Failover, Stage::FailoverFailed, Stage::Done]
+        .into_iter()
+        .find(|s| *s as u8 == v)
+        .unwrap_or(Stage::None)
+}
+
 /// Paths of the secondary's files.
 #[derive(Debug, Clone)]
 pub struct SecondaryFiles {
@@ -62,8 +70,9 @@ pub struct SecondaryFiles {
 pub struct Secondary {
     /// The disk as a block device: the done stage's queues and direct VM reads use it.
     disk: Arc<dyn BlockDevice>,
-    /// The disk's bytes for every replication path (for a raw image, a descriptor through
-    /// the page cache: see `RawDisk::buffered_file`; for qcow2, the format driver).
+    /// The disk's bytes for every replication path (for a raw image its file, or with
+    /// `--direct` an `O_DIRECT` descriptor that bounces unaligned requests: see
+    /// `RawDisk::data`; for qcow2, the format driver).
     file: Arc<dyn ImageData>,
     active: Arc<File>,
     hidden: Arc<File>,
@@ -77,7 +86,9 @@ pub struct Secondary {
     saved_map: SectorBitmap,
     locks: RangeLock,
     gate: Gate,
+    /// Written under this lock by `set_stage`, which mirrors it into `stage_now`.
     stage: Mutex<Stage>,
+    stage_now: std::sync::atomic::AtomicU8,
     error: Mutex<Option<String>>,
     /// Serialises start / checkpoint / stop.
     ops: Mutex<()>,
@@ -281,6 +292,7 @@ impl Secondary {
             locks: RangeLock::default(),
             gate: Gate::default(),
             stage: Mutex::new(Stage::None),
+            stage_now: std::sync::atomic::AtomicU8::new(Stage::None as u8),
             error: Mutex::new(None),
             ops: Mutex::new(()),
             nbd: Mutex::new(None),
@@ -315,6 +327,7 @@ impl Secondary {
         if let Some(records) = resume {
             me.replay(&records);
             *lock(&me.stage) = Stage::Failover;
+            me.stage_now.store(Stage::Failover as u8, Ordering::Release);
             me.resume.store(true, Ordering::Release);
         }
         Ok(me)
@@ -368,12 +381,16 @@ impl Secondary {
     }
 
     /// The current stage.
+    /// The current stage (an atomic read: every VM request asks).
     pub fn stage(&self) -> Stage {
-        *lock(&self.stage)
+        stage_from(self.stage_now.load(Ordering::Acquire))
     }
 
     fn set_stage(&self, s: Stage) {
-        let old = std::mem::replace(&mut *lock(&self.stage), s);
+        let mut stage = lock(&self.stage);
+        let old = std::mem::replace(&mut *stage, s);
+        self.stage_now.store(s as u8, Ordering::Release);
+        drop(stage);
         if old != s {
             log::info!("replication stage {} -> {}", old.name(), s.name());
             self.emit("REPLICATION_STAGE", json!({"mode": "secondary", "stage": s.name()}));

@@ -16,7 +16,7 @@ pub(super) fn secondary(dir: &Path, size: u64) -> Arc<Secondary> {
     .unwrap();
     std::os::unix::fs::FileExt::write_all_at(&**disk.file(), &vec![0x11u8; size as usize], 0).unwrap();
     let files = SecondaryFiles { active: dir.join("a.img"), hidden: dir.join("h.img"), direct: false };
-    let data = disk.buffered_file().unwrap();
+    let data = disk.data().unwrap();
     let path = disk.path().to_path_buf();
     let s = Secondary::open(Arc::new(disk), data, path, files).unwrap();
     SecondaryControl(s.clone()).start(&StartArgs::mode(Mode::Secondary)).unwrap();
