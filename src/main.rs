@@ -9,7 +9,6 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 mod bench;
 mod ctl;
-mod logging;
 
 use colo_blk::block::raw::EngineKind;
 use colo_blk::daemon::{self, Config, ImageFormat, Role, SocketPerms};
@@ -240,11 +239,11 @@ fn main() -> ExitCode {
     match cli.command {
         Cmd::Serve(args) => serve(*args),
         Cmd::Ctl(args) => {
-            logging::init(log::LevelFilter::Warn);
+            colo_blk::logging::init(log::LevelFilter::Warn);
             ctl::run(args)
         }
         Cmd::Bench(args) => {
-            logging::init(log::LevelFilter::Info);
+            colo_blk::logging::init(log::LevelFilter::Info);
             match bench::run(args) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -266,7 +265,7 @@ fn serve(a: ServeArgs) -> ExitCode {
         eprintln!("colo-blk: cannot block signals: {e}");
         return ExitCode::FAILURE;
     }
-    logging::init(match a.log_level {
+    colo_blk::logging::init(match a.log_level {
         LogLevel::Error => log::LevelFilter::Error,
         LogLevel::Warn => log::LevelFilter::Warn,
         LogLevel::Info => log::LevelFilter::Info,

@@ -1,6 +1,7 @@
 //! Where a file's data is: holes and data extents (`SEEK_DATA`/`SEEK_HOLE`), and a cheap
-//! all-zero check. Used by the primary's sparse resync and by the NBD server's block status
-//! (`base:allocation`). A block device, or a file system that cannot tell, is all data.
+//! all-zero check. `block::image` builds on it (the extents of any image, for the primary's
+//! sparse resync and the NBD server's block status). A block device, or a file system that
+//! cannot tell, is all data.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -47,26 +48,6 @@ pub fn is_zero(b: &[u8]) -> bool {
     blocks.remainder().iter().all(|&x| x == 0)
 }
 
-/// The extents of `file` in [offset, offset + len): `(length, hole)` in order, adjacent ones
-/// of the same kind merged, at most `max` (at least 1) of them. They cover at least the
-/// first byte (when `len > 0`) and never go past the range; an extent query that fails
-/// reports the rest as data.
-pub fn extents(file: &dyn super::image::ImageData, offset: u64, len: u64, max: usize) -> Vec<(u64, bool)> {
-    let end = offset.saturating_add(len);
-    let mut out: Vec<(u64, bool)> = Vec::new();
-    let mut pos = offset;
-    while pos < end && out.len() < max.max(1) {
-        let h = file.hole_end(pos, end);
-        let (next, hole) = if h > pos { (h, true) } else { (file.data_end(pos, end).max(pos + 1).min(end), false) };
-        match out.last_mut() {
-            Some(last) if last.1 == hole => last.0 += next - pos,
-            _ => out.push((next - pos, hole)),
-        }
-        pos = next;
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -89,12 +70,5 @@ mod tests {
         assert!(data_end(&f, 8 * M, 64 * M) < 64 * M);
         assert_eq!(hole_end(&f, 9 * M, 64 * M), 64 * M);
         assert_eq!(hole_end(&f, 70 * M, 80 * M), 80 * M);
-        let e = extents(&f, 0, 64 * M, 100);
-        assert_eq!(e.len(), 3, "{e:?}");
-        assert_eq!((e[0], e[1].1, e[2].1), ((8 * M, true), false, true));
-        assert_eq!(e.iter().map(|x| x.0).sum::<u64>(), 64 * M);
-        assert_eq!(extents(&f, 0, 64 * M, 1), vec![(8 * M, true)]);
-        assert_eq!(extents(&f, 8 * M + 512, 1024, 10), vec![(1024, false)]);
-        assert_eq!(extents(&f, 60 * M, 4 * M, 10), vec![(4 * M, true)]);
     }
 }

@@ -25,6 +25,7 @@ use crate::block::lock::{ImageLock, LockError};
 use crate::block::qcow2::{Qcow2Disk, Qcow2Options};
 use crate::block::raw::{NullDisk, RawDisk, RawOptions};
 use crate::block::{BlockDevice, BlockError};
+pub use crate::logging::error_chain;
 use crate::nbd::tls::{self, TlsError};
 use crate::nbd::transport::{NbdAddress, NbdListener};
 use crate::nbd::{NbdServer, NbdServerConfig};
@@ -126,18 +127,6 @@ fn buffers_message(e: &BlockError) -> String {
         BlockError::Refused(_) => e.to_string(),
         _ => format!("--active/--hidden: {}", error_chain(e)),
     }
-}
-
-/// An error and its causes, `: `-separated.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        src = c.source();
-    }
-    s
 }
 
 /// A built daemon: the device graph, its bound sockets, its pid file and the image locks,

@@ -312,7 +312,7 @@ impl Config {
             .collect();
         preflight::distinct_files(&all)?;
         for (opt, path) in &sockets {
-            check_free(path).map_err(|e| format!("{opt}: {}", super::build::error_chain(&e)))?;
+            check_free(path).map_err(|e| format!("{opt}: {}", crate::logging::error_chain(&e)))?;
         }
         for (opt, path) in &files {
             if *opt == "--pidfile" {
@@ -368,7 +368,7 @@ impl Config {
             }
             // Only a look: the real locks are taken when the image is opened.
             let writable = !(a.readonly && *opt == "--disk");
-            ImageLock::acquire(path, writable).map_err(|e| format!("{opt}: {}", super::build::error_chain(&e)))?;
+            ImageLock::acquire(path, writable).map_err(|e| format!("{opt}: {}", crate::logging::error_chain(&e)))?;
         }
         Ok(())
     }

@@ -207,7 +207,7 @@ impl Daemon {
             let frontend = match listener.accept() {
                 Ok((s, _)) => s,
                 Err(e) => {
-                    static ACCEPT_FAILED: crate::vhost::ratelimit::LogLimit = crate::vhost::ratelimit::LogLimit::new();
+                    static ACCEPT_FAILED: crate::logging::limit::LogLimit = crate::logging::limit::LogLimit::new();
                     if ACCEPT_FAILED.allow() {
                         log::error!("accepting a frontend failed: {e}");
                     }
@@ -230,7 +230,7 @@ impl Daemon {
                         .map_err(DaemonError::Resources)?
                 }
                 Err(e) => {
-                    static HANDLER_FAILED: crate::vhost::ratelimit::LogLimit = crate::vhost::ratelimit::LogLimit::new();
+                    static HANDLER_FAILED: crate::logging::limit::LogLimit = crate::logging::limit::LogLimit::new();
                     if HANDLER_FAILED.allow() {
                         log::error!("cannot start the request handler: {e}");
                     }
@@ -460,7 +460,7 @@ impl Daemon {
             }
         }
         log::info!("disk resized from {old} to {size} bytes");
-        static NOTIFY_FAILED: crate::vhost::ratelimit::LogLimit = crate::vhost::ratelimit::LogLimit::new();
+        static NOTIFY_FAILED: crate::logging::limit::LogLimit = crate::logging::limit::LogLimit::new();
         match backend.map(|b| b.shared().channel().config_changed()) {
             Some(Ok(true)) => log::info!("configuration change notification sent to the frontend"),
             Some(Ok(false)) | None => {

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde_json::{Map, Value, json};
 
 use super::{Command, QmpError, QmpHandler};
-use crate::vhost::ratelimit::LogLimit;
+use crate::logging::limit::LogLimit;
 
 /// Most clients served at once; when full, the longest-idle one may be evicted.
 pub const MAX_CLIENTS: usize = 16;

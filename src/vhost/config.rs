@@ -149,6 +149,9 @@ pub fn writeback_mode(acked: u64, wce_byte: Option<bool>) -> bool {
     }
 }
 
+/// How long `stop_vring` and disconnect wait for in-flight requests.
+pub const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,12 +6,13 @@ pub mod config;
 pub mod inflight;
 pub mod notify;
 pub mod proxy;
-pub mod ratelimit;
 pub mod request;
+pub mod shared;
 pub mod worker;
 
 #[cfg(test)]
 mod tests;
 
-pub use backend::{BlkBackend, DRAIN_TIMEOUT, Shared, completion_event_id};
-pub use config::DeviceConfig;
+pub use backend::{BlkBackend, completion_event_id};
+pub use config::{DRAIN_TIMEOUT, DeviceConfig};
+pub use shared::Shared;

@@ -29,7 +29,7 @@ use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use super::inflight::InflightRegion;
 use super::notify::ChannelSlot;
-use super::ratelimit::LogLimit;
+use crate::logging::limit::LogLimit;
 
 // Message numbers and flags as the vhost crate defines them.
 const GET_FEATURES: u32 = FrontendReq::GET_FEATURES as u32;
@@ -54,7 +54,7 @@ const HDR_NEED_REPLY: u32 = VhostUserHeaderFlag::NEED_REPLY.bits();
 /// A frontend that leaves answers unread this long (its socket buffer full) is dropped.
 const FRONTEND_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The handler may sit in `stop_vring` for the drain timeout before reading again.
-const HANDLER_WRITE_TIMEOUT: Duration = Duration::from_secs(super::backend::DRAIN_TIMEOUT.as_secs() + 15);
+const HANDLER_WRITE_TIMEOUT: Duration = Duration::from_secs(super::config::DRAIN_TIMEOUT.as_secs() + 15);
 /// Largest message accepted (the biggest real one, a full memory table, is ~ 300 bytes).
 const MAX_PAYLOAD: usize = 64 << 10;
 const MAX_FDS: usize = 32;

@@ -17,11 +17,11 @@ use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::bitmap::Bitmap;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap};
 
-use super::backend::Shared;
 use super::inflight::{InflightRegion, read_chain};
-use super::ratelimit::LogLimit;
 use super::request::{self, ID_LEN, Request, RequestKind, Scratch};
+use super::shared::Shared;
 use crate::block::{BlockQueue, Completion, Op};
+use crate::logging::limit::LogLimit;
 use crate::stats::{OpClass, QueueStats};
 
 /// Guest memory with the dirty-log bitmap vhost-user-backend fills in on SET_LOG_BASE.

@@ -34,7 +34,7 @@ use imago::{FormatAccess, FormatDriverBuilder};
 
 use super::raw::EngineKind;
 use super::{BlockDevice, BlockError, BlockQueue, ResizeError};
-use crate::vhost::ratelimit::LogLimit;
+use crate::logging::limit::LogLimit;
 use metadata::{Job, JobOp};
 pub use storage::ImageFile;
 use storage::{ChainFiles, ChainGate};

@@ -18,7 +18,7 @@ impl NbdExport for SecondaryExport {
     /// What `read` serves: the disk file's holes and data (a block device is all data).
     fn extents(&self, offset: u64, len: u64, max: usize) -> io::Result<Vec<(u64, bool)>> {
         let _t = self.0.gate.enter();
-        Ok(crate::block::extents::extents(&*self.0.file, offset, len, max))
+        Ok(crate::block::image::extents(&*self.0.file, offset, len, max))
     }
 
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> io::Result<()> {

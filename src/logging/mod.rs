@@ -1,6 +1,8 @@
 //! Logging set-up: `--log-level`, overridden by a valid `RUST_LOG`. An invalid `RUST_LOG`
 //! is reported and ignored instead of silently filtering everything out.
 
+pub mod limit;
+
 use log::LevelFilter;
 
 /// Crates whose log targets a bare `RUST_LOG` word may name.
@@ -53,6 +55,18 @@ pub fn init(level: LevelFilter) {
     if let Some((spec, why)) = rejected {
         log::warn!("RUST_LOG={spec} ignored ({why}); logging at level {level}");
     }
+}
+
+/// An error and its causes, `: `-separated.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
 }
 
 #[cfg(test)]
