@@ -1003,6 +1003,8 @@ impl Mirror {
 mod activity;
 mod control;
 mod device;
+#[cfg(test)]
+mod model_tests;
 mod sparse;
 mod verify;
 mod windows;

@@ -712,6 +712,8 @@ mod control;
 mod device;
 mod export;
 mod journal;
+#[cfg(test)]
+mod model_tests;
 mod reclaim;
 mod state;
 #[cfg(test)]
