@@ -104,7 +104,7 @@ impl MirrorQueue {
         if let Some(r) = result {
             j.result = r;
             if let Some((off, len)) = j.range {
-                self.mirror.local_write_done(off, len, j.since);
+                self.mirror.local_write_done(off, len, j.since, r < 0);
             }
         }
         j.remaining -= 1;

@@ -81,6 +81,8 @@ struct Link {
     pending: Mutex<HashMap<u64, Pending>>,
     drained: Condvar,
     broken: AtomicBool,
+    /// Why the link broke, set before `broken` (what a verify that finds it broken reports).
+    why: std::sync::OnceLock<String>,
     /// The secondary is a colo-blk secondary that takes checkpoint barriers.
     colo: bool,
     /// The secondary takes WRITE_ZEROES (it advertised `NBD_FLAG_SEND_WRITE_ZEROES`): the
@@ -344,6 +346,7 @@ impl Mirror {
             pending: Mutex::new(HashMap::new()),
             drained: Condvar::new(),
             broken: AtomicBool::new(false),
+            why: Default::default(),
             colo: info.colo,
             write_zeroes: info.flags & crate::nbd::wire::TF_SEND_WRITE_ZEROES != 0,
             checksum_max: info.checksum_max,
@@ -490,6 +493,7 @@ impl Mirror {
     fn fail_link(&self, link: &Link, why: &str) {
         let pending: Vec<Pending> = {
             let mut g = lock(&link.pending);
+            let _ = link.why.set(why.to_string());
             if link.broken.swap(true, Ordering::AcqRel) {
                 return;
             }
@@ -624,8 +628,14 @@ impl Mirror {
     /// A forwarded guest write that started at `since` finished locally: if an overlapping
     /// resync chunk was being copied at any time since, mark the range dirty again (see the
     /// module documentation).
-    fn local_write_done(&self, offset: u64, len: u64, since: u64) {
+    fn local_write_done(&self, offset: u64, len: u64, since: u64, failed: bool) {
         let (s0, s1) = (offset / SECTOR, (offset + len).div_ceil(SECTOR));
+        if failed {
+            // The guest gets the error, but the secondary may have taken the write: the
+            // range is dirty, so a resync gives the secondary what the local disk holds.
+            self.dirty.set(s0, s1);
+            return;
+        }
         let now = self.now();
         let (overlapped, _) = lock(&self.resync_log).overlaps(s0, s1, since, now);
         if overlapped {
@@ -1052,6 +1062,7 @@ mod tests {
             pending: Mutex::new(HashMap::new()),
             drained: Condvar::new(),
             broken: AtomicBool::new(false),
+            why: Default::default(),
             colo: false,
             write_zeroes,
             checksum_max: 0,

@@ -335,7 +335,8 @@ impl Mirror {
         }
         let same = lock(&self.link).as_ref().is_some_and(|l| Arc::ptr_eq(l, link));
         if !same || link.broken.load(Ordering::Acquire) {
-            let why = lock(&self.error).clone().unwrap_or_else(|| "disconnected".into());
+            let why =
+                link.why.get().cloned().or_else(|| lock(&self.error).clone()).unwrap_or_else(|| "disconnected".into());
             return Err(format!("the replication link went down during the verify: {why}"));
         }
         Ok(())
@@ -521,6 +522,7 @@ mod tests {
             pending: Mutex::new(HashMap::new()),
             drained: Condvar::new(),
             broken: AtomicBool::new(false),
+            why: Default::default(),
             colo: true,
             write_zeroes: true,
             checksum_max: checksum::MAX_CHECKSUM_LEN,
