@@ -12,6 +12,8 @@ pub mod worker;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod worker_model_tests;
 
 pub use backend::{BlkBackend, completion_event_id};
 pub use config::{DRAIN_TIMEOUT, DeviceConfig};
