@@ -249,17 +249,44 @@ impl BlockQueue for FakeQueue {
 }
 
 /// What the driver expects of one published request.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 enum Expect {
-    Read { offset: u64, bufs: Vec<(u64, u32)> },
-    Write { offset: u64, data: Vec<u8> },
+    Read {
+        offset: u64,
+        bufs: Vec<(u64, u32)>,
+    },
+    Write {
+        offset: u64,
+        data: Vec<u8>,
+    },
     Flush,
-    GetId { bufs: Vec<(u64, u32)> },
+    GetId {
+        bufs: Vec<(u64, u32)>,
+    },
     /// Discard (`zeroes == false`) or write-zeroes: the segments as (offset, len, unmap).
-    Discard { zeroes: bool, segs: Vec<(u64, u64, bool)> },
+    Discard {
+        zeroes: bool,
+        segs: Vec<(u64, u64, bool)>,
+    },
     /// Refused at parse: the status byte, or `None` when the chain has no usable status
     /// descriptor (used length 0, nothing written).
-    Invalid { status: Option<u8>, why: &'static str },
+    Invalid {
+        status: Option<u8>,
+        why: &'static str,
+    },
+}
+
+impl std::fmt::Debug for Expect {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Expect::Read { offset, bufs } => write!(f, "Read {{ offset: {offset}, bufs: {bufs:?} }}"),
+            Expect::Write { offset, data } => write!(f, "Write {{ offset: {offset}, len: {} }}", data.len()),
+            Expect::Flush => write!(f, "Flush"),
+            Expect::GetId { bufs } => write!(f, "GetId {{ bufs: {bufs:?} }}"),
+            Expect::Discard { zeroes, segs } => write!(f, "Discard {{ zeroes: {zeroes}, segs: {segs:?} }}"),
+            Expect::Invalid { status, why } => write!(f, "Invalid {{ status: {status:?}, why: {why:?} }}"),
+        }
+    }
 }
 
 impl Expect {
@@ -306,6 +333,8 @@ struct Pending {
     expect: Expect,
     /// The worker was kicked after it was published (so it has popped it).
     kicked: bool,
+    /// The worker call (count of `process_*` calls) that popped it.
+    kicked_at: u64,
 }
 
 /// The driver side: the rings, the free descriptors, the requests in flight and the model
@@ -323,6 +352,8 @@ struct Driver<'a> {
     rng: Rng,
     /// Counts of returned requests per kind, to show the run covered each path.
     seen: BTreeMap<String, usize>,
+    /// `process_*` calls so far.
+    calls: u64,
 }
 
 /// One descriptor to publish: guest address, length, device-writable.
@@ -358,9 +389,10 @@ impl<'a> Driver<'a> {
 
     fn conflicts(&self, e: &Expect) -> bool {
         let mine = e.ranges();
-        self.pending.values().flat_map(|p| p.expect.ranges()).any(|(o, l, w)| {
-            mine.iter().any(|&(mo, ml, mw)| (w || mw) && mo < o + l && o < mo + ml && l > 0 && ml > 0)
-        })
+        self.pending
+            .values()
+            .flat_map(|p| p.expect.ranges())
+            .any(|(o, l, w)| mine.iter().any(|&(mo, ml, mw)| (w || mw) && mo < o + l && o < mo + ml && l > 0 && ml > 0))
     }
 
     /// Builds and publishes one random chain; false when there was no room or the request
@@ -477,7 +509,7 @@ impl<'a> Driver<'a> {
         }
         self.avail.ring().ref_at(usize::from(self.avail_idx % QSIZE)).unwrap().store(head);
         self.avail_idx = self.avail_idx.wrapping_add(1);
-        self.pending.insert(head, Pending { descs: indices, status_addr: status, expect, kicked: false });
+        self.pending.insert(head, Pending { descs: indices, status_addr: status, expect, kicked: false, kicked_at: 0 });
         true
     }
 
@@ -534,9 +566,12 @@ impl<'a> Driver<'a> {
         self.avail.idx().store(self.avail_idx);
     }
 
+    /// The worker was kicked (`process_queue`): it popped everything published.
     fn kicked(&mut self) {
-        for p in self.pending.values_mut() {
+        self.calls += 1;
+        for p in self.pending.values_mut().filter(|p| !p.kicked) {
             p.kicked = true;
+            p.kicked_at = self.calls;
         }
     }
 
@@ -561,7 +596,10 @@ impl<'a> Driver<'a> {
             self.used_seen = self.used_seen.wrapping_add(1);
             let head = u16::try_from(e.id()).unwrap_or(u16::MAX);
             let Some(p) = self.pending.remove(&head) else {
-                panic!("{ctx}: used entry for head {} that is not in flight (never published or returned twice)", e.id());
+                panic!(
+                    "{ctx}: used entry for head {} that is not in flight (never published or returned twice)",
+                    e.id()
+                );
             };
             assert!(p.kicked, "{ctx}: head {head} returned before the worker was kicked");
             let token = u64::from(head);
@@ -598,13 +636,19 @@ impl<'a> Driver<'a> {
             let got_status: u8 = self.mem.read_obj(GuestAddress(p.status_addr)).unwrap();
             match want_status {
                 Some(s) => assert_eq!(got_status, s, "{ctx}: head {head} {label}: status byte; {:?}", p.expect),
-                None => assert_eq!(got_status, 0xFF, "{ctx}: head {head} {label}: status written without a status descriptor"),
+                None => assert_eq!(
+                    got_status, 0xFF,
+                    "{ctx}: head {head} {label}: status written without a status descriptor"
+                ),
             }
             match &p.expect {
                 Expect::Read { offset, bufs } if !failed => {
                     let o = *offset as usize;
                     let got = self.read(bufs);
-                    assert!(got == self.model[o..o + got.len()], "{ctx}: head {head}: read at {o} returned other bytes than the disk holds");
+                    assert!(
+                        got == self.model[o..o + got.len()],
+                        "{ctx}: head {head}: read at {o} returned other bytes than the disk holds"
+                    );
                 }
                 Expect::GetId { bufs } => {
                     let got = self.read(bufs);
@@ -629,6 +673,9 @@ impl<'a> Driver<'a> {
                 }
             }
             *self.seen.entry(label).or_default() += 1;
+            if self.calls > p.kicked_at {
+                *self.seen.entry("returned by a later call".into()).or_default() += 1;
+            }
             self.free.extend(p.descs);
         }
         // A request is returned by the call in which its last operation completed: what is
@@ -698,6 +745,7 @@ fn run_seed(seed: u64, steps: usize) -> BTreeMap<String, usize> {
         model: initial,
         rng: Rng(rng.next()),
         seen: BTreeMap::new(),
+        calls: 0,
     };
     vring.set_queue_size(QSIZE);
     vring.set_queue_info(DESC_ADDR, AVAIL_ADDR, USED_ADDR).unwrap();
@@ -723,7 +771,10 @@ fn run_seed(seed: u64, steps: usize) -> BTreeMap<String, usize> {
                     d.kicked();
                 }
             }
-            5..=8 => w.process_completions(&vring),
+            5..=8 => {
+                w.process_completions(&vring);
+                d.calls += 1;
+            }
             _ => {
                 w.process_queue(&vring);
                 d.kicked();
@@ -746,6 +797,7 @@ fn run_seed(seed: u64, steps: usize) -> BTreeMap<String, usize> {
         }
         assert!(round < 10_000, "seed {seed}: requests never completed: {:?}", d.pending.keys().collect::<Vec<_>>());
         w.process_completions(&vring);
+        d.calls += 1;
     }
     let f = fake.lock().unwrap();
     assert!(f.queued.is_empty(), "seed {seed}: operations left in the block queue");
@@ -784,6 +836,7 @@ fn worker_matches_the_model_under_random_traffic() {
         "status read-only",
         "unsupported type",
         "discard with unmap",
+        "returned by a later call",
     ] {
         assert!(total.get(k).copied().unwrap_or(0) > 0, "no {k} request in the whole run: {total:?}");
     }
