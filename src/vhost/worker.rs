@@ -201,7 +201,9 @@ fn pop<'a>(q: &mut virtio_queue::Queue, mem: &'a Mem) -> Pop<'a> {
     }
     let chain = match q.iter(mem) {
         Ok(mut it) => it.next(),
-        Err(e) => return Pop::Broken(e.to_string()),
+        Err(e) => {
+            return Pop::Broken(format!("{e} (avail index {idx}, next {}, size {})", q.next_avail(), q.size()));
+        }
     };
     match chain {
         Some(c) => Pop::Chain(c),
