@@ -363,7 +363,12 @@ impl BlkFrontend {
             self.fe.set_log_base(0, Some(region)).unwrap();
         }
         self.fe.set_vring_enable(0, true).unwrap();
-        self.next_avail = base;
+        // The driver goes on from what it published in its RAM, not from `base`: requests
+        // the device had not popped before the stop (`base` short of the avail index) are
+        // still in the ring and the device runs them after the restart. Restarting the
+        // driver's count at `base` would overwrite those ring slots and move the avail
+        // index backwards (which the device rightly treats as a broken ring).
+        self.next_avail = self.mem.read_u16(AVAIL + 2);
         self.used_seen = self.mem.read_u16(USED + 2);
     }
 
