@@ -24,4 +24,6 @@ pub mod qmp;
 pub mod replication;
 pub mod size;
 pub mod stats;
+#[cfg(test)]
+mod test_rng;
 pub mod vhost;

@@ -70,5 +70,14 @@ mod tests {
         assert!(data_end(&f, 8 * M, 64 * M) < 64 * M);
         assert_eq!(hole_end(&f, 9 * M, 64 * M), 64 * M);
         assert_eq!(hole_end(&f, 70 * M, 80 * M), 80 * M);
+        // The extents of the file as an image (`block::image` builds them on the two above).
+        let extents = |o, l, max| super::super::image::extents(&f, o, l, max);
+        let e = extents(0, 64 * M, 100);
+        assert_eq!(e.len(), 3, "{e:?}");
+        assert_eq!((e[0], e[1].1, e[2].1), ((8 * M, true), false, true));
+        assert_eq!(e.iter().map(|x| x.0).sum::<u64>(), 64 * M);
+        assert_eq!(extents(0, 64 * M, 1), vec![(8 * M, true)]);
+        assert_eq!(extents(8 * M + 512, 1024, 10), vec![(1024, false)]);
+        assert_eq!(extents(60 * M, 4 * M, 10), vec![(4 * M, true)]);
     }
 }

@@ -254,25 +254,6 @@ mod tests {
     /// Unaligned reads and writes through `O_DIRECT` land exactly where a buffered file
     /// would put them (tmpfs has no O_DIRECT: the test is skipped there).
     #[test]
-    fn extents_of_a_sparse_file() {
-        const M: u64 = 1 << 20;
-        let f = tempfile::tempfile().unwrap();
-        f.set_len(64 * M).unwrap();
-        FileExt::write_all_at(&f, &[1u8; 4096], 8 * M).unwrap();
-        // A file system without SEEK_DATA reports all data; every one used here has it.
-        if f.hole_end(0, 64 * M) == 0 {
-            return;
-        }
-        let e = extents(&f, 0, 64 * M, 100);
-        assert_eq!(e.len(), 3, "{e:?}");
-        assert_eq!((e[0], e[1].1, e[2].1), ((8 * M, true), false, true));
-        assert_eq!(e.iter().map(|x| x.0).sum::<u64>(), 64 * M);
-        assert_eq!(extents(&f, 0, 64 * M, 1), vec![(8 * M, true)]);
-        assert_eq!(extents(&f, 8 * M + 512, 1024, 10), vec![(1024, false)]);
-        assert_eq!(extents(&f, 60 * M, 4 * M, 10), vec![(4 * M, true)]);
-    }
-
-    #[test]
     fn direct_file_bounces_unaligned_requests() {
         let dir = tempfile::tempdir_in(std::env::var_os("CARGO_TARGET_DIR").unwrap_or_else(|| "target".into()))
             .unwrap_or_else(|_| tempfile::tempdir().unwrap());

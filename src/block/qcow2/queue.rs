@@ -420,6 +420,11 @@ fn map_parts(
     while at < len {
         let (mapping, n) = access.get_mapping(offset + at, len - at)?;
         let n = n.min(len - at);
+        // Lengths come from the image's metadata: a mapping of no length inside the disk
+        // would make this loop spin; only the end of file may be empty.
+        if n == 0 && !matches!(mapping, Mapping::Eof { .. }) {
+            return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "empty mapping inside the disk"));
+        }
         let part = match mapping {
             Mapping::Raw { storage, offset: host, writable, .. } if writable || !write => {
                 Part::Mapped { file: storage.index(), host, at, len: n }

@@ -14,28 +14,7 @@ use std::os::unix::net::UnixStream;
 
 const DEADLINE: Duration = Duration::from_secs(30);
 
-/// SplitMix64: a small seeded generator, so that a failing seed can be replayed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn bytes(&mut self, len: usize) -> Vec<u8> {
-        (0..len).map(|_| self.next() as u8).collect()
-    }
-    fn pick<T>(&mut self, v: &[T]) -> usize {
-        assert!(!v.is_empty());
-        self.below(v.len() as u64) as usize
-    }
-}
+use crate::test_rng::Rng;
 
 // ---- the local half: an in-memory queue completed by the test -------------------------------
 
