@@ -6,33 +6,18 @@
 //! when they complete), as QEMU's block layer does; aligned requests pass untouched.
 
 use std::collections::HashMap;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::AsRawFd;
 
-use super::aligned::AlignedBuf;
-use super::{BlockQueue, Completion, IoEngineError, Op};
-
-/// A bounced request in flight.
-struct Bounced {
-    /// The aligned copy the engine reads into or writes from.
-    buf: AlignedBuf,
-    /// The single iovec handed to the engine; boxed so its address stays put.
-    #[expect(dead_code, reason = "held only so the engine's iovec stays valid until completion")]
-    iov: Box<libc::iovec>,
-    /// For a read: the caller's iovec array, to copy the data back into on completion.
-    read_into: Option<(*const libc::iovec, usize)>,
-}
-
-// SAFETY: the raw pointers refer to the caller's iovec array and buffers, which the
-// `BlockQueue::push` contract keeps alive until this request's completion is reaped; they
-// are only used by the thread that owns the queue.
-unsafe impl Send for Bounced {}
+use super::{BlockQueue, Buffers, Completion, IoEngineError, IoRequest, OpKind, Rejected};
+use crate::io::aligned::AlignedBuf;
 
 /// A queue that bounces unaligned requests (see the module documentation).
 pub struct BounceQueue {
     inner: Box<dyn BlockQueue>,
     align: usize,
-    /// Bounced requests by token (tokens are unique among requests in flight).
-    bounced: HashMap<u64, Bounced>,
+    /// The caller's buffers of bounced requests in flight, by token (tokens are unique among
+    /// requests in flight); given back on completion.
+    bounced: HashMap<u64, Buffers>,
     scratch: Vec<Completion>,
 }
 
@@ -48,29 +33,28 @@ impl BounceQueue {
 }
 
 impl BlockQueue for BounceQueue {
-    unsafe fn push(&mut self, op: &Op<'_>, token: u64) -> Result<(), IoEngineError> {
-        let (offset, iovecs, write, dsync) = match *op {
-            Op::Read { offset, iovecs } if !self.aligned(iovecs) => (offset, iovecs, false, false),
-            Op::Write { offset, iovecs, dsync } if !self.aligned(iovecs) => (offset, iovecs, true, dsync),
-            // SAFETY: forwarded contract.
-            _ => return unsafe { self.inner.push(op, token) },
+    fn push(&mut self, mut request: IoRequest) -> Result<(), Box<Rejected>> {
+        let write = match request.kind {
+            OpKind::Read { .. } => false,
+            OpKind::Write { .. } => true,
+            _ => return self.inner.push(request),
         };
-        let mut buf = if write {
-            // SAFETY: the caller keeps the buffers readable for the duration of the request.
-            unsafe { AlignedBuf::copy_of(iovecs) }
-        } else {
-            AlignedBuf::zeroed(crate::io::iovecs_len(iovecs) as usize)
-        };
-        let iov = Box::new(libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() });
-        let read_into = (!write).then_some((iovecs.as_ptr(), iovecs.len()));
-        let slice = std::slice::from_ref(&*iov);
-        let bounced_op =
-            if write { Op::Write { offset, iovecs: slice, dsync } } else { Op::Read { offset, iovecs: slice } };
-        // SAFETY: `buf` and `iov` live in `self.bounced` until this token's completion is
-        // reaped (moving the entry moves neither the heap buffer nor the boxed iovec).
-        unsafe { self.inner.push(&bounced_op, token) }?;
-        self.bounced.insert(token, Bounced { buf, iov, read_into });
-        Ok(())
+        if self.aligned(request.bufs.iovecs()) {
+            return self.inner.push(request);
+        }
+        let copy = if write { request.bufs.to_aligned() } else { AlignedBuf::zeroed(request.bufs.len() as usize) };
+        let original = std::mem::replace(&mut request.bufs, Buffers::from_aligned(copy));
+        let token = request.token;
+        match self.inner.push(request) {
+            Ok(()) => {
+                self.bounced.insert(token, original);
+                Ok(())
+            }
+            Err(mut rejected) => {
+                rejected.request.bufs = original;
+                Err(rejected)
+            }
+        }
     }
 
     fn submit(&mut self) -> Result<(), IoEngineError> {
@@ -83,32 +67,16 @@ impl BlockQueue for BounceQueue {
         }
         let mut scratch = std::mem::take(&mut self.scratch);
         self.inner.reap(&mut scratch);
-        for c in scratch.drain(..) {
-            if let Some(b) = self.bounced.remove(&c.token)
-                && let (Some((ptr, n)), true) = (b.read_into, c.result >= 0)
-            {
-                // SAFETY: the caller's iovec array and buffers are alive until this
-                // completion is handed back (the `push` contract).
-                let iovecs = unsafe { std::slice::from_raw_parts(ptr, n) };
-                let mut at = 0;
-                for v in iovecs {
-                    // SAFETY: as above; each iovec names `iov_len` writable bytes.
-                    let dst = unsafe { std::slice::from_raw_parts_mut(v.iov_base.cast::<u8>(), v.iov_len) };
-                    dst.copy_from_slice(&b.buf[at..at + v.iov_len]);
-                    at += v.iov_len;
+        for mut c in scratch.drain(..) {
+            if let Some(mut original) = self.bounced.remove(&c.request.token) {
+                if matches!(c.request.kind, OpKind::Read { .. }) && c.result >= 0 {
+                    c.request.bufs.copy_to_buffers(&mut original);
                 }
+                c.request.bufs = original;
             }
             out.push(c);
         }
         self.scratch = scratch;
-    }
-
-    fn notifier(&self) -> Option<RawFd> {
-        self.inner.notifier()
-    }
-
-    fn clear_notifier(&self) {
-        self.inner.clear_notifier()
     }
 }
 
@@ -116,7 +84,7 @@ impl BlockQueue for BounceQueue {
 /// 4 KiB-aligned) buffer can be read, else 4096. Probed once at open, like QEMU's
 /// `raw_probe_alignment`; any doubt gives 4096.
 pub fn probe_memory_alignment(file: &impl AsRawFd) -> usize {
-    let mut buf = AlignedBuf::zeroed(2 * super::aligned::ALIGN);
+    let mut buf = AlignedBuf::zeroed(2 * crate::io::aligned::ALIGN);
     // 512 bytes at a 512-aligned address that is not 4 KiB-aligned; the disk's first sector.
     let at = buf[512..].as_mut_ptr();
     for len in [512usize, 4096] {
@@ -142,19 +110,19 @@ mod tests {
     }
 
     impl BlockQueue for Recording {
-        unsafe fn push(&mut self, op: &Op<'_>, token: u64) -> Result<(), IoEngineError> {
-            let (offset, iovecs, write) = match *op {
-                Op::Read { offset, iovecs } => (offset, iovecs, false),
-                Op::Write { offset, iovecs, .. } => (offset, iovecs, true),
+        fn push(&mut self, request: IoRequest) -> Result<(), Box<Rejected>> {
+            let (offset, write) = match request.kind {
+                OpKind::Read { offset } => (offset, false),
+                OpKind::Write { offset, .. } => (offset, true),
                 _ => panic!("only reads and writes here"),
             };
+            let iovecs = request.bufs.iovecs();
             if iovecs.iter().any(|v| !(v.iov_base as usize).is_multiple_of(512) || !v.iov_len.is_multiple_of(512)) {
-                self.done.push(Completion { token, result: -libc::EINVAL });
+                self.done.push(Completion { request, result: -libc::EINVAL });
                 return Ok(());
             }
-            // SAFETY: forwarded contract.
-            let result = unsafe { crate::io::transfer(self.file.as_raw_fd(), offset, iovecs, write, false) };
-            self.done.push(Completion { token, result });
+            let result = request.bufs.transfer(self.file.as_raw_fd(), offset, write, false);
+            self.done.push(Completion { request, result });
             Ok(())
         }
         fn submit(&mut self) -> Result<(), IoEngineError> {
@@ -163,10 +131,15 @@ mod tests {
         fn reap(&mut self, out: &mut Vec<Completion>) {
             out.append(&mut self.done);
         }
-        fn notifier(&self) -> Option<RawFd> {
-            None
-        }
-        fn clear_notifier(&self) {}
+    }
+
+    fn raw(iov: &[libc::iovec]) -> Buffers {
+        // SAFETY: each test keeps the memory alive until the completion was reaped.
+        unsafe { Buffers::from_raw(iov.to_vec(), None) }
+    }
+
+    fn results(out: &[Completion]) -> Vec<(u64, i32)> {
+        out.iter().map(|c| (c.token(), c.result)).collect()
     }
 
     #[test]
@@ -183,11 +156,11 @@ mod tests {
             libc::iovec { iov_base: src[1..].as_ptr() as *mut _, iov_len: 100 },
             libc::iovec { iov_base: src[101..].as_ptr() as *mut _, iov_len: 924 },
         ];
-        // SAFETY: `src` and `iov` outlive the completion, reaped below.
-        unsafe { q.push(&Op::Write { offset: 4096, iovecs: &iov, dsync: false }, 1) }.unwrap();
+        q.push(IoRequest::new(1, OpKind::Write { offset: 4096, dsync: false }, raw(&iov))).unwrap();
         let mut out = Vec::new();
         q.reap(&mut out);
-        assert_eq!(out, vec![Completion { token: 1, result: 1024 }]);
+        assert_eq!(results(&out), vec![(1, 1024)]);
+        assert_eq!(out[0].request.bufs.iovecs()[0].iov_base, iov[0].iov_base, "the caller's buffers came back");
         let mut back = vec![0u8; 1024];
         file.read_exact_at(&mut back, 4096).unwrap();
         assert!(back.iter().all(|&b| b == 0x5a));
@@ -197,22 +170,21 @@ mod tests {
             libc::iovec { iov_base: dst[3..].as_mut_ptr().cast(), iov_len: 24 },
             libc::iovec { iov_base: dst[27..].as_mut_ptr().cast(), iov_len: 1000 },
         ];
-        // SAFETY: as above.
-        unsafe { q.push(&Op::Read { offset: 4096, iovecs: &iov }, 2) }.unwrap();
+        q.push(IoRequest::new(2, OpKind::Read { offset: 4096 }, raw(&iov))).unwrap();
         out.clear();
         q.reap(&mut out);
-        assert_eq!(out, vec![Completion { token: 2, result: 1024 }]);
+        assert_eq!(results(&out), vec![(2, 1024)]);
+        drop(out);
         assert!(dst[3..1027].iter().all(|&b| b == 0x5a));
         assert!(dst[..3].iter().chain(&dst[1027..]).all(|&b| b == 0), "bytes outside the segments changed");
         assert!(q.bounced.is_empty());
         // An aligned request reaches the engine with the caller's own iovec.
+        let mut out = Vec::new();
         let mut page = AlignedBuf::zeroed(4096);
         let iov = [libc::iovec { iov_base: page.as_mut_ptr().cast(), iov_len: 4096 }];
-        // SAFETY: as above.
-        unsafe { q.push(&Op::Read { offset: 0, iovecs: &iov }, 3) }.unwrap();
-        out.clear();
+        q.push(IoRequest::new(3, OpKind::Read { offset: 0 }, raw(&iov))).unwrap();
         q.reap(&mut out);
-        assert_eq!(out.len(), 1);
+        assert_eq!(results(&out), vec![(3, 4096)]);
         assert!(q.bounced.is_empty());
     }
 }

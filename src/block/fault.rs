@@ -4,12 +4,13 @@
 //! can make exactly one request fail and check that only that request fails, the daemon keeps
 //! serving and the error is counted.
 
-use std::io;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use super::{BlockDevice, BlockError, BlockQueue, Completion, IoEngineError, Op};
+use super::{
+    BlockDevice, BlockError, BlockQueue, Completion, IoEngineError, IoRequest, Op, Rejected, WorkerCompletions,
+};
 
 /// Which operations a rule matches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -173,51 +174,36 @@ pub struct FaultyDevice {
 }
 
 impl BlockDevice for FaultyDevice {
-    fn size(&self) -> u64 {
-        self.inner.size()
+    fn below(&self) -> Option<&dyn BlockDevice> {
+        Some(&*self.inner)
     }
-    fn check_resize(&self) -> Result<(), super::ResizeError> {
-        self.inner.check_resize()
-    }
-    fn resize(&self, new_size: u64) -> Result<(), super::ResizeError> {
-        self.inner.resize(new_size)
-    }
-    fn read_only(&self) -> bool {
-        self.inner.read_only()
-    }
-    fn open_queue(&self, depth: u32) -> Result<Box<dyn BlockQueue>, BlockError> {
-        Ok(Box::new(FaultyQueue { inner: self.inner.open_queue(depth)?, plan: self.plan.clone(), failed: Vec::new() }))
-    }
-    fn flush(&self) -> io::Result<()> {
-        self.inner.flush()
+    fn open_queue(&self, depth: u32, completions: &Arc<WorkerCompletions>) -> Result<Box<dyn BlockQueue>, BlockError> {
+        Ok(Box::new(FaultyQueue {
+            inner: self.inner.open_queue(depth, completions)?,
+            plan: self.plan.clone(),
+            failed: Vec::new(),
+        }))
     }
     fn describe(&self) -> String {
         format!("{} (fault injection)", self.inner.describe())
-    }
-    fn frontend_starting(&self, dirty_logging: bool) {
-        self.inner.frontend_starting(dirty_logging)
-    }
-    fn frontend_stopped(&self) {
-        self.inner.frontend_stopped()
     }
 }
 
 struct FaultyQueue {
     inner: Box<dyn BlockQueue>,
     plan: Arc<FaultPlan>,
-    /// Completions of failed operations, handed out at the next reap (the worker reaps
-    /// after every submit, so they need no notifier).
+    /// Requests failed by a rule, handed out at the next reap (the worker reaps after every
+    /// submit: the `BlockQueue` contract).
     failed: Vec<Completion>,
 }
 
 impl BlockQueue for FaultyQueue {
-    unsafe fn push(&mut self, op: &Op<'_>, token: u64) -> Result<(), IoEngineError> {
-        if let Some(errno) = self.plan.check(op) {
-            self.failed.push(Completion { token, result: -errno });
+    fn push(&mut self, request: IoRequest) -> Result<(), Box<Rejected>> {
+        if let Some(errno) = self.plan.check(&request.op()) {
+            self.failed.push(Completion { request, result: -errno });
             return Ok(());
         }
-        // SAFETY: forwarded contract.
-        unsafe { self.inner.push(op, token) }
+        self.inner.push(request)
     }
     fn submit(&mut self) -> Result<(), IoEngineError> {
         self.inner.submit()
@@ -225,12 +211,6 @@ impl BlockQueue for FaultyQueue {
     fn reap(&mut self, out: &mut Vec<Completion>) {
         self.inner.reap(out);
         out.append(&mut self.failed);
-    }
-    fn notifier(&self) -> Option<std::os::fd::RawFd> {
-        self.inner.notifier()
-    }
-    fn clear_notifier(&self) {
-        self.inner.clear_notifier()
     }
 }
 

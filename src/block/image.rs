@@ -8,17 +8,14 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 
-use crate::io::Op;
 use crate::io::sync::fallocate_with_fallback;
+use crate::io::{Buffers, Op};
 
 /// Synchronous, thread-safe access to a disk's guest-visible bytes.
 pub trait ImageData: Send + Sync {
-    /// Reads or writes the whole iovec list at `offset`; bytes or `-errno`. `dsync` makes a
-    /// write durable before it returns.
-    ///
-    /// # Safety
-    /// The iovecs must describe live buffers (writable ones for reads) for the whole call.
-    unsafe fn transfer(&self, offset: u64, iovecs: &[libc::iovec], write: bool, dsync: bool) -> i32;
+    /// Reads into or writes from the whole of `bufs` at `offset`; bytes or `-errno`. `dsync`
+    /// makes a write durable before it returns.
+    fn transfer(&self, offset: u64, bufs: &mut Buffers, write: bool, dsync: bool) -> i32;
 
     /// Runs a discard or write-zeroes (`op` is [`Op::Discard`] or [`Op::WriteZeroes`]);
     /// `0` or `-errno`.
@@ -37,16 +34,20 @@ pub trait ImageData: Send + Sync {
 
     /// Reads exactly `buf.len()` bytes at `offset`.
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        let iov = [libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() }];
-        // SAFETY: `buf` is a live, writable buffer for the whole call.
-        result(unsafe { self.transfer(offset, &iov, false, false) })
+        let iov = vec![libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() }];
+        // SAFETY: `buf` is live, writable and borrowed only here for the whole call, and the
+        // buffers (with any slice of them) are gone when it returns.
+        let mut bufs = unsafe { Buffers::from_raw(iov, None) };
+        result(self.transfer(offset, &mut bufs, false, false))
     }
 
     /// Writes all of `buf` at `offset`.
     fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        let iov = [libc::iovec { iov_base: buf.as_ptr() as *mut libc::c_void, iov_len: buf.len() }];
-        // SAFETY: `buf` is live for the whole call; a write only reads it.
-        result(unsafe { self.transfer(offset, &iov, true, false) })
+        let iov = vec![libc::iovec { iov_base: buf.as_ptr() as *mut libc::c_void, iov_len: buf.len() }];
+        // SAFETY: `buf` is live for the whole call and the buffers are gone when it returns;
+        // a write only reads them.
+        let mut bufs = unsafe { Buffers::from_raw(iov, None) };
+        result(self.transfer(offset, &mut bufs, true, false))
     }
 }
 
@@ -76,9 +77,8 @@ pub fn result(r: i32) -> io::Result<()> {
 }
 
 impl ImageData for File {
-    unsafe fn transfer(&self, offset: u64, iovecs: &[libc::iovec], write: bool, dsync: bool) -> i32 {
-        // SAFETY: forwarded contract.
-        unsafe { crate::io::transfer(self.as_raw_fd(), offset, iovecs, write, dsync) }
+    fn transfer(&self, offset: u64, bufs: &mut Buffers, write: bool, dsync: bool) -> i32 {
+        bufs.transfer(self.as_raw_fd(), offset, write, dsync)
     }
 
     fn zero(&self, op: &Op<'_>) -> i32 {
@@ -137,11 +137,11 @@ impl DirectFile {
 
     /// The aligned span around `[offset, offset + len)` in an aligned buffer; bytes past the
     /// end of the file read as zero.
-    fn read_span(&self, offset: u64, len: u64) -> Result<(u64, super::aligned::AlignedBuf), i32> {
+    fn read_span(&self, offset: u64, len: u64) -> Result<(u64, crate::io::aligned::AlignedBuf), i32> {
         let a = self.align as u64;
         let start = offset / a * a;
         let end = (offset + len).div_ceil(a) * a;
-        let mut buf = super::aligned::AlignedBuf::zeroed((end - start) as usize);
+        let mut buf = crate::io::aligned::AlignedBuf::zeroed((end - start) as usize);
         let mut done = 0usize;
         while done < buf.len() {
             let rest = &mut buf[done..];
@@ -167,39 +167,27 @@ impl DirectFile {
 }
 
 impl ImageData for DirectFile {
-    unsafe fn transfer(&self, offset: u64, iovecs: &[libc::iovec], write: bool, dsync: bool) -> i32 {
+    fn transfer(&self, offset: u64, bufs: &mut Buffers, write: bool, dsync: bool) -> i32 {
         let fd = self.file.as_raw_fd();
-        let len = crate::io::iovecs_len(iovecs);
-        if self.aligned(offset, iovecs) {
+        let len = bufs.len();
+        if self.aligned(offset, bufs.iovecs()) {
             let _shared = write.then(|| self.rmw.read().unwrap_or_else(|p| p.into_inner()));
-            // SAFETY: forwarded contract.
-            return unsafe { crate::io::transfer(fd, offset, iovecs, write, dsync) };
+            return bufs.transfer(fd, offset, write, dsync);
         }
         let _exclusive = write.then(|| self.rmw.write().unwrap_or_else(|p| p.into_inner()));
         let (start, mut buf) = match self.read_span(offset, len) {
             Ok(x) => x,
             Err(e) => return e,
         };
-        let mut at = (offset - start) as usize;
-        for v in iovecs {
-            // SAFETY: the caller's buffers are live for the call (readable, and writable for
-            // a read); `buf` holds the whole span.
-            unsafe {
-                if write {
-                    std::ptr::copy_nonoverlapping(v.iov_base.cast::<u8>(), buf[at..].as_mut_ptr(), v.iov_len);
-                } else {
-                    std::ptr::copy_nonoverlapping(buf[at..].as_ptr(), v.iov_base.cast::<u8>(), v.iov_len);
-                }
-            }
-            at += v.iov_len;
+        let at = (offset - start) as usize;
+        if !write {
+            bufs.copy_from(&buf[at..at + len as usize]);
+            return crate::io::result_from_len(len);
         }
-        if write {
-            let iov = [libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() }];
-            // SAFETY: `buf` lives until the call returns.
-            let r = unsafe { crate::io::transfer(fd, start, &iov, true, dsync) };
-            if r < 0 {
-                return r;
-            }
+        bufs.copy_to(&mut buf[at..at + len as usize]);
+        let r = Buffers::from_aligned(buf).transfer(fd, start, true, dsync);
+        if r < 0 {
+            return r;
         }
         crate::io::result_from_len(len)
     }
@@ -219,13 +207,11 @@ impl ImageData for DirectFile {
             Op::Read { .. } | Op::Write { .. } | Op::Flush => return -libc::EINVAL,
         };
         const CHUNK: u64 = 1 << 20;
-        let zeroes = super::aligned::AlignedBuf::zeroed(CHUNK.min(len) as usize);
+        let zeroes = Buffers::from_aligned(crate::io::aligned::AlignedBuf::zeroed(CHUNK.min(len) as usize));
         let mut done = 0;
         while done < len {
             let n = (len - done).min(CHUNK);
-            let iov = [libc::iovec { iov_base: zeroes.as_ptr() as *mut libc::c_void, iov_len: n as usize }];
-            // SAFETY: `zeroes` lives until the call returns; a write only reads it.
-            let r = unsafe { self.transfer(offset + done, &iov, true, false) };
+            let r = self.transfer(offset + done, &mut zeroes.slice(0, n), true, false);
             if r < 0 {
                 return r;
             }

@@ -6,7 +6,6 @@
 //! (primary mirror, secondary buffers) are further `BlockDevice`s wrapping a disk, wired in at
 //! start-up, so the virtio side never changes.
 
-pub mod aligned;
 pub mod bitmap;
 pub mod bounce;
 pub mod extents;
@@ -20,79 +19,78 @@ pub mod raw;
 
 use std::io;
 
-pub use crate::io::{Completion, IoEngineError, Op};
+use std::sync::Arc;
 
-/// A per-queue handle on the block stack. It has the shape of an I/O engine: push operations
-/// tagged with a token, submit, reap completions, and an optional eventfd that signals them.
-pub trait BlockQueue: Send {
-    /// Queue one operation.
-    ///
-    /// # Safety
-    /// The buffers and the iovec array referenced by `op` must stay valid until the completion
-    /// carrying `token` has been reaped.
-    unsafe fn push(&mut self, op: &Op<'_>, token: u64) -> Result<(), IoEngineError>;
-    /// Hand queued operations to the kernel / the next layer.
-    fn submit(&mut self) -> Result<(), IoEngineError>;
-    /// Move finished operations into `out`.
-    fn reap(&mut self, out: &mut Vec<Completion>);
-    /// An fd that becomes readable when completions are ready (None: everything completes
-    /// by the time `submit` returns).
-    fn notifier(&self) -> Option<std::os::fd::RawFd>;
-    /// Acknowledge the notifier.
-    fn clear_notifier(&self);
-}
-
-impl<E: crate::io::IoEngine + ?Sized> BlockQueue for E {
-    unsafe fn push(&mut self, op: &Op<'_>, token: u64) -> Result<(), IoEngineError> {
-        // SAFETY: forwarded contract, identical to the engine's.
-        unsafe { crate::io::IoEngine::push(self, op, token) }
-    }
-    fn submit(&mut self) -> Result<(), IoEngineError> {
-        crate::io::IoEngine::submit(self)
-    }
-    fn reap(&mut self, out: &mut Vec<Completion>) {
-        crate::io::IoEngine::reap(self, out)
-    }
-    fn notifier(&self) -> Option<std::os::fd::RawFd> {
-        crate::io::IoEngine::notifier(self)
-    }
-    fn clear_notifier(&self) {
-        crate::io::IoEngine::clear_notifier(self)
-    }
-}
+pub use crate::io::{
+    Buffers, Completion, IoEngine as BlockQueue, IoEngineError, IoRequest, Lane, Op, OpKind, Rejected,
+    WorkerCompletions,
+};
 
 /// A device in the block stack, shared by every queue worker.
+///
+/// A layer that wraps another names it in [`BlockDevice::below`]; every method except
+/// `open_queue` then passes through to it unless the layer overrides it, so a layer writes
+/// only what it changes. A device at the bottom of the stack implements `size`, `flush`,
+/// `describe` (and resizing, if it can) itself.
 pub trait BlockDevice: Send + Sync {
+    /// The device this one wraps, if any.
+    fn below(&self) -> Option<&dyn BlockDevice> {
+        None
+    }
     /// Size in bytes (a multiple of 512).
-    fn size(&self) -> u64;
+    fn size(&self) -> u64 {
+        self.below().map_or(0, |b| b.size())
+    }
     /// True when writes must be refused.
-    fn read_only(&self) -> bool;
-    /// Opens a per-thread queue with room for about `depth` operations in flight.
-    fn open_queue(&self, depth: u32) -> Result<Box<dyn BlockQueue>, BlockError>;
+    fn read_only(&self) -> bool {
+        self.below().is_some_and(|b| b.read_only())
+    }
+    /// Opens a per-worker queue with room for about `depth` operations in flight; its
+    /// completions wake the worker through `completions` (rings register its eventfd, other
+    /// threads post on a lane of it).
+    fn open_queue(&self, depth: u32, completions: &Arc<WorkerCompletions>) -> Result<Box<dyn BlockQueue>, BlockError>;
     /// Makes every completed write durable, synchronously (used on shutdown).
-    fn flush(&self) -> io::Result<()>;
+    fn flush(&self) -> io::Result<()> {
+        self.below().map_or(Ok(()), |b| b.flush())
+    }
     /// A one-line description for logs and `query-block`.
-    fn describe(&self) -> String;
+    fn describe(&self) -> String {
+        self.below().map_or_else(String::new, |b| b.describe())
+    }
     /// The frontend is (re)starting the device: it just acknowledged its features, and gets
     /// no answer before this returns. `dirty_logging`: it asked for dirty-page logging (live
     /// migration or COLO). The COLO secondary commits a pending checkpoint here.
-    fn frontend_starting(&self, _dirty_logging: bool) {}
+    fn frontend_starting(&self, dirty_logging: bool) {
+        if let Some(b) = self.below() {
+            b.frontend_starting(dirty_logging)
+        }
+    }
     /// The frontend stopped a queue (GET_VRING_BASE, after its requests drained) or went
     /// away: the guest is not running on this device until the next start. The COLO
     /// secondary learns here that its VM is loading a checkpoint.
-    fn frontend_stopped(&self) {}
+    fn frontend_stopped(&self) {
+        if let Some(b) = self.below() {
+            b.frontend_stopped()
+        }
+    }
     /// Whether [`BlockDevice::resize`] would be refused, without changing anything (checked
-    /// before the guest's capacity changes). Layers that cannot change their size refuse
-    /// (the default).
+    /// before the guest's capacity changes). A device that cannot change its size refuses
+    /// (the default at the bottom of the stack).
     fn check_resize(&self) -> Result<(), ResizeError> {
-        Err(ResizeError::Unsupported(format!("{} cannot be resized", self.describe())))
+        match self.below() {
+            Some(b) => b.check_resize(),
+            None => Err(ResizeError::Unsupported(format!("{} cannot be resized", self.describe()))),
+        }
     }
     /// Changes the size to `new_size` bytes (a positive multiple of the logical block size):
     /// a grown image reads as zeroes beyond the old end, a shrunk one loses what lay beyond
     /// the new end. Callers stop I/O beyond the smaller of both sizes first.
-    fn resize(&self, _new_size: u64) -> Result<(), ResizeError> {
+    fn resize(&self, new_size: u64) -> Result<(), ResizeError> {
         self.check_resize()?;
-        Err(ResizeError::Unsupported(format!("{} cannot be resized", self.describe())))
+        match self.below() {
+            Some(b) => b.resize(new_size),
+            None => Err(ResizeError::Unsupported(format!("{} cannot be resized", self.describe()))),
+        }
     }
 }
 

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::{BlockDevice, BlockError, BlockQueue, ResizeError};
+use super::{BlockDevice, BlockError, BlockQueue, ResizeError, WorkerCompletions};
 use crate::io::null::NullEngine;
 use crate::io::sync::SyncEngine;
 use crate::io::uring::UringEngine;
@@ -156,9 +156,9 @@ impl BlockDevice for RawDisk {
         self.read_only
     }
 
-    fn open_queue(&self, depth: u32) -> Result<Box<dyn BlockQueue>, BlockError> {
+    fn open_queue(&self, depth: u32, completions: &Arc<WorkerCompletions>) -> Result<Box<dyn BlockQueue>, BlockError> {
         let engine: Box<dyn BlockQueue> = match self.engine {
-            EngineKind::Uring => match UringEngine::new(self.file.clone(), depth) {
+            EngineKind::Uring => match UringEngine::new(self.file.clone(), depth, completions) {
                 Ok(e) => Box::new(e),
                 Err(e) => {
                     log::warn!("io_uring unavailable ({e}), using the sync engine");
@@ -214,7 +214,11 @@ impl BlockDevice for NullDisk {
     fn read_only(&self) -> bool {
         self.read_only
     }
-    fn open_queue(&self, _depth: u32) -> Result<Box<dyn BlockQueue>, BlockError> {
+    fn open_queue(
+        &self,
+        _depth: u32,
+        _completions: &Arc<WorkerCompletions>,
+    ) -> Result<Box<dyn BlockQueue>, BlockError> {
         Ok(Box::new(NullEngine::default()))
     }
     fn flush(&self) -> io::Result<()> {

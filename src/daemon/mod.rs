@@ -197,11 +197,9 @@ impl Daemon {
                 .map_err(|e| DaemonError::Vhost(e.to_string()))?;
             let event = u64::from(completion_event_id(usize::from(self.cfg.device.num_queues)));
             for (handler, fd) in daemon.get_epoll_handlers().iter().zip(backend.notifiers()) {
-                if let Some(fd) = fd {
-                    handler
-                        .register_listener(fd, EventSet::IN, event)
-                        .map_err(|e| DaemonError::Vhost(format!("cannot watch completions: {e}")))?;
-                }
+                handler
+                    .register_listener(fd, EventSet::IN, event)
+                    .map_err(|e| DaemonError::Vhost(format!("cannot watch completions: {e}")))?;
             }
             *self.current.lock().unwrap_or_else(|e| e.into_inner()) = Some(backend.clone());
             let frontend = match listener.accept() {

@@ -9,15 +9,20 @@
 //! - [`null::NullEngine`]: completes everything at once without touching memory (measures the
 //!   vhost-user path alone).
 
+pub mod aligned;
+pub mod buffers;
+pub mod completion;
 pub mod null;
 pub mod sync;
 pub mod uring;
 
 use std::collections::VecDeque;
-use std::os::fd::RawFd;
 
-/// One block-level operation. Offsets and lengths are in bytes and already validated against
-/// the device size by the caller.
+pub use buffers::Buffers;
+pub use completion::{Lane, WorkerCompletions};
+
+/// A borrowed view of one block-level operation, for the code that carries it out. Offsets
+/// and lengths are in bytes and already validated against the device size by the caller.
 #[derive(Debug, Clone, Copy)]
 pub enum Op<'a> {
     /// Scatter read into `iovecs`.
@@ -32,13 +37,82 @@ pub enum Op<'a> {
     WriteZeroes { offset: u64, len: u64, unmap: bool },
 }
 
-/// The result of one operation: bytes transferred (or 0) on success, `-errno` on failure.
+/// What an [`IoRequest`] does; the data, if any, is the request's [`Buffers`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Completion {
-    /// The token given to [`IoEngine::push`].
+pub enum OpKind {
+    /// Read into the buffers.
+    Read { offset: u64 },
+    /// Write the buffers; `dsync` makes the data durable before completion.
+    Write { offset: u64, dsync: bool },
+    /// Make every completed write durable.
+    Flush,
+    /// Deallocate a range; later reads return zeroes.
+    Discard { offset: u64, len: u64 },
+    /// Zero a range; `unmap` allows deallocating it.
+    WriteZeroes { offset: u64, len: u64, unmap: bool },
+}
+
+/// One operation as an owned value: handed down the block stack with the memory it needs, and
+/// handed back, whole, in its [`Completion`].
+#[derive(Debug)]
+pub struct IoRequest {
+    /// The submitter's tag (a layer that passes a request down may put its own here and
+    /// restore the submitter's before handing it back).
     pub token: u64,
+    /// What to do.
+    pub kind: OpKind,
+    /// The data (empty for flush, discard and write-zeroes).
+    pub bufs: Buffers,
+}
+
+impl IoRequest {
+    /// A request tagged `token`.
+    pub fn new(token: u64, kind: OpKind, bufs: Buffers) -> Self {
+        IoRequest { token, kind, bufs }
+    }
+
+    /// The borrowed view the engines and the replication paths work on.
+    pub fn op(&self) -> Op<'_> {
+        let iovecs = self.bufs.iovecs();
+        match self.kind {
+            OpKind::Read { offset } => Op::Read { offset, iovecs },
+            OpKind::Write { offset, dsync } => Op::Write { offset, iovecs, dsync },
+            OpKind::Flush => Op::Flush,
+            OpKind::Discard { offset, len } => Op::Discard { offset, len },
+            OpKind::WriteZeroes { offset, len, unmap } => Op::WriteZeroes { offset, len, unmap },
+        }
+    }
+
+    /// The byte range it reads or changes (None for a flush).
+    pub fn range(&self) -> Option<(u64, u64)> {
+        match self.kind {
+            OpKind::Read { offset } | OpKind::Write { offset, .. } => Some((offset, self.bufs.len())),
+            OpKind::Discard { offset, len } | OpKind::WriteZeroes { offset, len, .. } => Some((offset, len)),
+            OpKind::Flush => None,
+        }
+    }
+
+    /// A request for the same operation without its data (the buffers stay here).
+    pub fn dataless(&self, token: u64) -> IoRequest {
+        IoRequest { token, kind: self.kind, bufs: Buffers::none() }
+    }
+}
+
+/// A finished request: the request itself, and bytes transferred (or 0) on success,
+/// `-errno` on failure.
+#[derive(Debug)]
+pub struct Completion {
+    /// The request, handed back.
+    pub request: IoRequest,
     /// Bytes transferred, or a negative errno.
     pub result: i32,
+}
+
+impl Completion {
+    /// The request's token.
+    pub fn token(&self) -> u64 {
+        self.request.token
+    }
 }
 
 /// Errors an engine reports at its edge.
@@ -55,42 +129,50 @@ pub enum IoEngineError {
     Submit(#[source] std::io::Error),
 }
 
-/// A per-thread I/O engine bound to one open file.
-pub trait IoEngine: Send {
-    /// Queue one operation.
-    ///
-    /// # Safety
-    /// Every buffer described by the iovecs in `op` must stay valid (mapped, not reused) until the
-    /// completion carrying `token` has been returned by [`IoEngine::reap`]. The iovec array itself
-    /// must stay valid until the next [`IoEngine::submit`] returns.
-    unsafe fn push(&mut self, op: &Op<'_>, token: u64) -> Result<(), IoEngineError>;
-
-    /// Hand queued operations to the kernel.
-    fn submit(&mut self) -> Result<(), IoEngineError>;
-
-    /// Move every finished operation into `out`.
-    fn reap(&mut self, out: &mut Vec<Completion>);
-
-    /// An fd that becomes readable when completions are ready, for engines that finish
-    /// operations asynchronously. Engines without one complete everything by the time `push`
-    /// returns, so reaping after `submit` is enough.
-    fn notifier(&self) -> Option<RawFd>;
-
-    /// Acknowledge the notifier's event (read the eventfd).
-    fn clear_notifier(&self) {}
+/// A request that could not be queued, handed back with the reason.
+#[derive(Debug)]
+pub struct Rejected {
+    /// Why.
+    pub error: IoEngineError,
+    /// The request, untouched.
+    pub request: IoRequest,
 }
 
-/// Completions that an inline engine produced at push time, waiting to be reaped.
+/// The shape of every I/O engine and of every layer of the block stack: push owned requests,
+/// submit, reap completions.
+///
+/// The worker calls `reap` after every `submit` and whenever its [`WorkerCompletions`] eventfd
+/// fires; an implementation may therefore finish requests inside `push` and hand them out at
+/// the next `reap` without waking anyone.
+pub trait IoEngine: Send {
+    /// Queues one request; a request that cannot be queued comes back in the error.
+    fn push(&mut self, request: IoRequest) -> Result<(), Box<Rejected>>;
+
+    /// Hands queued requests to the kernel / the next layer.
+    fn submit(&mut self) -> Result<(), IoEngineError>;
+
+    /// Moves every finished request into `out`.
+    fn reap(&mut self, out: &mut Vec<Completion>);
+}
+
+/// Requests an engine finished at push time, waiting to be reaped.
 #[derive(Debug, Default)]
 pub struct Finished(VecDeque<Completion>);
 
 impl Finished {
-    pub fn push(&mut self, token: u64, result: i32) {
-        self.0.push_back(Completion { token, result });
+    /// Queues `request` finished with `result`.
+    pub fn push(&mut self, request: IoRequest, result: i32) {
+        self.0.push_back(Completion { request, result });
     }
 
+    /// Moves everything into `out`.
     pub fn drain_into(&mut self, out: &mut Vec<Completion>) {
         out.extend(self.0.drain(..));
+    }
+
+    /// True when nothing waits.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
     }
 }
 

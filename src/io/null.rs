@@ -1,8 +1,6 @@
 //! The null engine: every operation succeeds at once and no data moves (like QEMU's `null-co`).
 
-use std::os::fd::RawFd;
-
-use super::{Completion, Finished, IoEngine, IoEngineError, Op, iovecs_len, result_from_len};
+use super::{Completion, Finished, IoEngine, IoEngineError, IoRequest, OpKind, Rejected, result_from_len};
 
 /// Completes every operation immediately without touching memory or disk.
 #[derive(Debug, Default)]
@@ -11,12 +9,12 @@ pub struct NullEngine {
 }
 
 impl IoEngine for NullEngine {
-    unsafe fn push(&mut self, op: &Op<'_>, token: u64) -> Result<(), IoEngineError> {
-        let result = match *op {
-            Op::Read { iovecs, .. } | Op::Write { iovecs, .. } => result_from_len(iovecs_len(iovecs)),
-            Op::Flush | Op::Discard { .. } | Op::WriteZeroes { .. } => 0,
+    fn push(&mut self, request: IoRequest) -> Result<(), Box<Rejected>> {
+        let result = match request.kind {
+            OpKind::Read { .. } | OpKind::Write { .. } => result_from_len(request.bufs.len()),
+            OpKind::Flush | OpKind::Discard { .. } | OpKind::WriteZeroes { .. } => 0,
         };
-        self.finished.push(token, result);
+        self.finished.push(request, result);
         Ok(())
     }
 
@@ -26,9 +24,5 @@ impl IoEngine for NullEngine {
 
     fn reap(&mut self, out: &mut Vec<Completion>) {
         self.finished.drain_into(out);
-    }
-
-    fn notifier(&self) -> Option<RawFd> {
-        None
     }
 }

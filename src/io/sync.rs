@@ -10,7 +10,9 @@ use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{Completion, Finished, IoEngine, IoEngineError, Op, fallocate_mode, result_from_len};
+use super::{
+    Completion, Finished, IoEngine, IoEngineError, IoRequest, Op, OpKind, Rejected, fallocate_mode, result_from_len,
+};
 
 /// Runs every operation with a blocking syscall at push time.
 #[derive(Debug)]
@@ -26,24 +28,26 @@ impl SyncEngine {
     }
 }
 
-impl IoEngine for SyncEngine {
-    unsafe fn push(&mut self, op: &Op<'_>, token: u64) -> Result<(), IoEngineError> {
+impl SyncEngine {
+    /// Runs `op` now; the byte count or `-errno`.
+    pub fn run(&self, request: &IoRequest) -> i32 {
         let fd = self.file.as_raw_fd();
-        let result = match *op {
-            // SAFETY: the caller guarantees the iovecs describe live, writable buffers.
-            Op::Read { offset, iovecs } => unsafe { rw_all(fd, offset, iovecs, false, 0) },
-            Op::Write { offset, iovecs, dsync } => {
-                let flags = if dsync { libc::RWF_DSYNC } else { 0 };
-                // SAFETY: the caller guarantees the iovecs describe live, readable buffers.
-                unsafe { rw_all(fd, offset, iovecs, true, flags) }
-            }
-            Op::Flush => {
+        match request.kind {
+            OpKind::Read { offset } => request.bufs.transfer(fd, offset, false, false),
+            OpKind::Write { offset, dsync } => request.bufs.transfer(fd, offset, true, dsync),
+            OpKind::Flush => {
                 // SAFETY: plain syscall on an fd we own.
                 if unsafe { libc::fdatasync(fd) } == 0 { 0 } else { -errno() }
             }
-            Op::Discard { .. } | Op::WriteZeroes { .. } => fallocate_with_fallback(fd, op),
-        };
-        self.finished.push(token, result);
+            OpKind::Discard { .. } | OpKind::WriteZeroes { .. } => fallocate_with_fallback(fd, &request.op()),
+        }
+    }
+}
+
+impl IoEngine for SyncEngine {
+    fn push(&mut self, request: IoRequest) -> Result<(), Box<Rejected>> {
+        let result = self.run(&request);
+        self.finished.push(request, result);
         Ok(())
     }
 
@@ -53,10 +57,6 @@ impl IoEngine for SyncEngine {
 
     fn reap(&mut self, out: &mut Vec<Completion>) {
         self.finished.drain_into(out);
-    }
-
-    fn notifier(&self) -> Option<RawFd> {
-        None
     }
 }
 

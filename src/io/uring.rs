@@ -11,44 +11,32 @@ use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 
+use super::sync::fallocate_with_fallback;
+use super::{
+    Completion, Finished, IoEngine, IoEngineError, IoRequest, OpKind, Rejected, WorkerCompletions, result_from_len,
+};
 use io_uring::{IoUring, opcode, squeue, types};
-use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
-
-use super::sync::{advance, fallocate_with_fallback};
-use super::{Completion, Finished, IoEngine, IoEngineError, Op, iovecs_len, result_from_len};
 
 /// The registered-file index of the disk in a ring bound to one file.
 const DISK: u32 = 0;
 
-#[derive(Debug, Clone, Copy)]
-enum Kind {
-    Read,
-    Write { dsync: bool },
-    Flush,
-}
-
-#[derive(Debug, Clone, Copy)]
+/// A request the kernel owns until its completion is reaped.
 struct InFlight {
-    token: u64,
     /// Index of the file in the ring's registered-file table.
     file: u32,
-    kind: Kind,
-    offset: u64,
-    iov: *const libc::iovec,
-    iov_cnt: usize,
     expected: u64,
+    /// Holds the iovec array the SQE points to (its heap buffer does not move when the slab
+    /// grows) and the memory behind it.
+    request: IoRequest,
 }
-
-// SAFETY: the raw iovec pointer is only dereferenced by the thread owning the engine, and the
-// caller of `push` guarantees the array stays valid until the completion is reaped.
-unsafe impl Send for InFlight {}
 
 /// An io_uring bound to one file, or to a small table of files (an image and its backing
 /// chain) that operations address by index.
 pub struct UringEngine {
     ring: IoUring,
     files: Vec<Arc<File>>,
-    eventfd: EventFd,
+    /// The worker's completion queue, whose eventfd the ring signals (held so it stays open).
+    _completions: Arc<WorkerCompletions>,
     slab: Vec<Option<InFlight>>,
     free: Vec<usize>,
     inline_done: Finished,
@@ -61,29 +49,36 @@ impl std::fmt::Debug for UringEngine {
 }
 
 impl UringEngine {
-    /// A ring with room for `entries` operations in flight on `file`.
-    pub fn new(file: Arc<File>, entries: u32) -> Result<Self, IoEngineError> {
-        let eventfd = EventFd::new(EFD_NONBLOCK).map_err(IoEngineError::Setup)?;
-        Self::with_files(vec![file], entries, eventfd)
+    /// A ring with room for `entries` operations in flight on `file`, signalling `completions`.
+    pub fn new(file: Arc<File>, entries: u32, completions: &Arc<WorkerCompletions>) -> Result<Self, IoEngineError> {
+        Self::with_files(vec![file], entries, completions)
     }
 
     /// A ring on several files, addressed by their index in `files` with
-    /// [`UringEngine::push_to`]; completions signal `eventfd` (which the caller may also
-    /// signal for completions of its own).
-    pub fn with_files(files: Vec<Arc<File>>, entries: u32, eventfd: EventFd) -> Result<Self, IoEngineError> {
+    /// [`UringEngine::push_to`]; completions signal the worker's eventfd.
+    pub fn with_files(
+        files: Vec<Arc<File>>,
+        entries: u32,
+        completions: &Arc<WorkerCompletions>,
+    ) -> Result<Self, IoEngineError> {
         let entries = entries.clamp(8, 4096).next_power_of_two();
         let ring = IoUring::builder().build(entries).map_err(IoEngineError::Setup)?;
         let fds: Vec<RawFd> = files.iter().map(|f| f.as_raw_fd()).collect();
         ring.submitter().register_files(&fds).map_err(IoEngineError::Setup)?;
-        ring.submitter().register_eventfd(eventfd.as_raw_fd()).map_err(IoEngineError::Setup)?;
+        ring.submitter().register_eventfd(completions.fd()).map_err(IoEngineError::Setup)?;
         Ok(UringEngine {
             ring,
             files,
-            eventfd,
+            _completions: completions.clone(),
             slab: Vec::with_capacity(entries as usize),
             free: Vec::new(),
             inline_done: Finished::default(),
         })
+    }
+
+    /// Requests the kernel holds.
+    pub fn in_flight(&self) -> usize {
+        self.slab.len() - self.free.len()
     }
 
     fn alloc(&mut self, op: InFlight) -> usize {
@@ -102,26 +97,24 @@ impl UringEngine {
 
 /// Finishes a short read or write synchronously from where the kernel stopped.
 fn finish_short(file: &Arc<File>, op: &InFlight, done: u64) -> i32 {
-    // SAFETY: the caller of `push` keeps the iovec array valid until this completion is
-    // reaped, which is happening now.
-    let iovecs = unsafe { std::slice::from_raw_parts(op.iov, op.iov_cnt) };
-    let rest = advance(iovecs, done);
-    let mut tmp = super::sync::SyncEngine::new(file.clone());
-    let sub = match op.kind {
-        Kind::Read => Op::Read { offset: op.offset + done, iovecs: &rest },
-        Kind::Write { dsync } => Op::Write { offset: op.offset + done, iovecs: &rest, dsync },
-        Kind::Flush => return 0,
+    let rest = op.request.bufs.slice(done, op.expected - done);
+    let r = match op.request.kind {
+        OpKind::Read { offset } => rest.transfer(file.as_raw_fd(), offset + done, false, false),
+        OpKind::Write { offset, dsync } => rest.transfer(file.as_raw_fd(), offset + done, true, dsync),
+        _ => return 0,
     };
-    // SAFETY: `rest` points into the caller's buffers, alive until this completion.
-    if let Err(e) = unsafe { tmp.push(&sub, 0) } {
-        log::error!("cannot finish short transfer: {e}");
-        return -libc::EIO;
-    }
-    let mut out = Vec::with_capacity(1);
-    tmp.reap(&mut out);
-    match out.first() {
-        Some(c) if c.result < 0 => c.result,
-        _ => result_from_len(op.expected),
+    if r < 0 { r } else { result_from_len(op.expected) }
+}
+
+impl Drop for UringEngine {
+    fn drop(&mut self) {
+        let n = self.in_flight();
+        if n > 0 {
+            // The kernel may still read or write the memory of these requests after the ring
+            // is closed: it is leaked rather than freed under the I/O.
+            log::error!("io_uring closed with {n} operations in flight; their memory is kept");
+            std::mem::forget(std::mem::take(&mut self.slab));
+        }
     }
 }
 
@@ -135,68 +128,64 @@ impl UringEngine {
         Ok(())
     }
 
-    /// Queues `op` on the file with index `file` of the table given at construction.
-    ///
-    /// # Safety
-    /// As [`IoEngine::push`].
-    pub unsafe fn push_to(&mut self, file: u32, op: &Op<'_>, token: u64) -> Result<(), IoEngineError> {
+    /// Queues `request` on the file with index `file` of the table given at construction.
+    pub fn push_to(&mut self, file: u32, request: IoRequest) -> Result<(), Box<Rejected>> {
         let Some(target) = self.files.get(file as usize) else {
-            self.inline_done.push(token, -libc::EBADF);
+            self.inline_done.push(request, -libc::EBADF);
             return Ok(());
         };
-        let (kind, offset, iovecs) = match *op {
-            Op::Read { offset, iovecs } => (Kind::Read, offset, iovecs),
-            Op::Write { offset, iovecs, dsync } => (Kind::Write { dsync }, offset, iovecs),
-            Op::Flush => (Kind::Flush, 0, &[][..]),
-            Op::Discard { .. } | Op::WriteZeroes { .. } => {
-                let result = fallocate_with_fallback(target.as_raw_fd(), op);
-                self.inline_done.push(token, result);
+        match request.kind {
+            OpKind::Discard { .. } | OpKind::WriteZeroes { .. } => {
+                let result = fallocate_with_fallback(target.as_raw_fd(), &request.op());
+                self.inline_done.push(request, result);
                 return Ok(());
             }
-        };
+            OpKind::Read { .. } | OpKind::Write { .. } | OpKind::Flush => {}
+        }
         if self.ring.submission().is_full() {
-            self.submit()?;
+            if let Err(error) = self.submit() {
+                return Err(Box::new(Rejected { error, request }));
+            }
             if self.ring.submission().is_full() {
-                return Err(IoEngineError::QueueFull);
+                return Err(Box::new(Rejected { error: IoEngineError::QueueFull, request }));
             }
         }
-        let iov_cnt = u32::try_from(iovecs.len()).map_err(|_| IoEngineError::QueueFull)?;
-        let idx = self.alloc(InFlight {
-            token,
-            file,
-            kind,
-            offset,
-            iov: iovecs.as_ptr(),
-            iov_cnt: iovecs.len(),
-            expected: iovecs_len(iovecs),
-        });
+        let Ok(iov_cnt) = u32::try_from(request.bufs.iovecs().len()) else {
+            return Err(Box::new(Rejected { error: IoEngineError::QueueFull, request }));
+        };
+        let iov = request.bufs.iovecs().as_ptr();
         let fixed = types::Fixed(file);
-        let entry: squeue::Entry = match kind {
-            Kind::Read => opcode::Readv::new(fixed, iovecs.as_ptr(), iov_cnt).offset(offset).build(),
-            Kind::Write { dsync } => opcode::Writev::new(fixed, iovecs.as_ptr(), iov_cnt)
+        let entry: squeue::Entry = match request.kind {
+            OpKind::Read { offset } => opcode::Readv::new(fixed, iov, iov_cnt).offset(offset).build(),
+            OpKind::Write { offset, dsync } => opcode::Writev::new(fixed, iov, iov_cnt)
                 .offset(offset)
                 .rw_flags(if dsync { libc::RWF_DSYNC } else { 0 })
                 .build(),
-            Kind::Flush => opcode::Fsync::new(fixed).flags(types::FsyncFlags::DATASYNC).build(),
+            _ => opcode::Fsync::new(fixed).flags(types::FsyncFlags::DATASYNC).build(),
         };
+        let expected = request.bufs.len();
+        let idx = self.alloc(InFlight { file, expected, request });
         let entry = entry.user_data(idx as u64);
-        // SAFETY: the entry references the iovec array and buffers that the caller keeps valid
-        // until the completion is reaped (this function's contract); the fixed file index was
-        // checked against the table registered for the ring's lifetime.
+        // SAFETY: the entry points to the iovec array of a request the slab now owns until its
+        // completion is reaped (or, if the ring goes away first, forever: see `Drop`); the
+        // array's heap buffer does not move while the slab grows, and `Buffers` keeps the
+        // memory it names mapped. The fixed file index was checked against the table
+        // registered for the ring's lifetime.
         let pushed = unsafe { self.ring.submission().push(&entry) };
         if pushed.is_err() {
-            self.slab[idx] = None;
             self.free.push(idx);
-            return Err(IoEngineError::QueueFull);
+            // The slot was filled just above, so the request is always there to hand back.
+            if let Some(op) = self.slab[idx].take() {
+                return Err(Box::new(Rejected { error: IoEngineError::QueueFull, request: op.request }));
+            }
         }
         Ok(())
     }
 }
 
 impl IoEngine for UringEngine {
-    unsafe fn push(&mut self, op: &Op<'_>, token: u64) -> Result<(), IoEngineError> {
-        // SAFETY: forwarded contract.
-        unsafe { self.push_to(DISK, op, token) }
+    fn push(&mut self, request: IoRequest) -> Result<(), Box<Rejected>> {
+        self.push_to(DISK, request)
     }
 
     fn submit(&mut self) -> Result<(), IoEngineError> {
@@ -240,20 +229,12 @@ impl IoEngine for UringEngine {
                 } else {
                     res
                 };
-                out.push(Completion { token: op.token, result });
+                out.push(Completion { request: op.request, result });
             }
             if !ring.submission().cq_overflow() {
                 break;
             }
             let _ = ring.submit();
         }
-    }
-
-    fn notifier(&self) -> Option<RawFd> {
-        Some(self.eventfd.as_raw_fd())
-    }
-
-    fn clear_notifier(&self) {
-        let _ = self.eventfd.read();
     }
 }

@@ -20,7 +20,7 @@ use super::config::DRAIN_TIMEOUT;
 use super::config::{DeviceConfig, WRITEBACK_OFFSET};
 pub use super::shared::Shared;
 use super::worker::{AtomicMem, Drain, QueueWorker, Vring};
-use crate::block::{BlockDevice, BlockError};
+use crate::block::{BlockDevice, BlockError, IoEngineError, WorkerCompletions};
 use crate::logging::limit::LogLimit;
 use crate::stats::QueueStats;
 
@@ -84,16 +84,18 @@ impl BlkBackend {
         let n = usize::from(shared.cfg.num_queues);
         let mut queues = Vec::with_capacity(n);
         for (i, stats) in stats.iter().enumerate().take(n) {
-            let io = device.open_queue(u32::from(shared.cfg.queue_size))?;
+            let completions = WorkerCompletions::new().map_err(|e| BlockError::Engine(IoEngineError::Setup(e)))?;
+            let io = device.open_queue(u32::from(shared.cfg.queue_size), &completions)?;
             let drain = Arc::new(Drain::default());
-            let worker = QueueWorker::new(i, io, shared.clone(), mem.clone(), stats.clone(), drain.clone());
+            let worker =
+                QueueWorker::new(i, io, completions, shared.clone(), mem.clone(), stats.clone(), drain.clone());
             queues.push(QueueSlot { worker: Mutex::new(worker), drain });
         }
         Ok(BlkBackend { shared, queues, device: device.clone(), exit_events })
     }
 
     /// The completion notifier of each queue (index = worker thread), for epoll registration.
-    pub fn notifiers(&self) -> Vec<Option<std::os::fd::RawFd>> {
+    pub fn notifiers(&self) -> Vec<std::os::fd::RawFd> {
         self.queues.iter().map(|q| lock(&q.worker).notifier()).collect()
     }
 

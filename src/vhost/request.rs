@@ -73,7 +73,7 @@ pub struct Scratch {
     pub segments: Vec<Segment>,
     /// Host addresses of the data buffers, ready for `preadv`/`pwritev` (a descriptor that
     /// spans two memory regions yields two entries).
-    pub iovecs: Vec<libc::iovec>,
+    pub iovecs: crate::io::buffers::IovecList,
 }
 
 /// A validated request. Its data descriptors / segments are in the [`Scratch`] it was parsed

@@ -20,7 +20,8 @@ use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, Guest
 use super::inflight::{InflightRegion, read_chain};
 use super::request::{self, ID_LEN, Request, RequestKind, Scratch};
 use super::shared::Shared;
-use crate::block::{BlockQueue, Completion, Op};
+use crate::block::{BlockQueue, Buffers, Completion, IoRequest, OpKind, WorkerCompletions};
+use crate::io::buffers::IovecList;
 use crate::logging::limit::LogLimit;
 use crate::stats::{OpClass, QueueStats};
 
@@ -107,10 +108,6 @@ struct Slot {
     scratch: Scratch,
 }
 
-// SAFETY: the raw pointers in `scratch.iovecs` point into guest memory kept alive by `mem`; the slot is
-// only used by the thread that owns the worker (the Mutex around the worker serialises access).
-unsafe impl Send for Slot {}
-
 /// Marks the guest pages behind `data` dirty in the memory's log bitmap. Needed for every
 /// buffer the kernel (io_uring, preadv) filled directly, because only writes made through
 /// vm-memory are logged automatically.
@@ -130,6 +127,8 @@ pub struct QueueWorker {
     index: usize,
     /// Dropped only once nothing is in flight (see `Drop`).
     io: ManuallyDrop<Box<dyn BlockQueue>>,
+    /// The eventfd every layer of `io` signals when something completes.
+    done: Arc<WorkerCompletions>,
     shared: Arc<Shared>,
     mem: AtomicMem,
     stats: Arc<QueueStats>,
@@ -212,10 +211,11 @@ fn pop<'a>(q: &mut virtio_queue::Queue, mem: &'a Mem) -> Pop<'a> {
 }
 
 impl QueueWorker {
-    /// A worker for queue `index` submitting to `io`.
+    /// A worker for queue `index` submitting to `io`, which was opened with `completions`.
     pub fn new(
         index: usize,
         io: Box<dyn BlockQueue>,
+        completions: Arc<WorkerCompletions>,
         shared: Arc<Shared>,
         mem: AtomicMem,
         stats: Arc<QueueStats>,
@@ -225,6 +225,7 @@ impl QueueWorker {
         QueueWorker {
             index,
             io: ManuallyDrop::new(io),
+            done: completions,
             shared,
             mem,
             stats,
@@ -245,9 +246,9 @@ impl QueueWorker {
         }
     }
 
-    /// The block queue's completion notifier, to register on this worker's epoll.
-    pub fn notifier(&self) -> Option<std::os::fd::RawFd> {
-        self.io.notifier()
+    /// The completion notifier of the worker's block stack, to register on its epoll.
+    pub fn notifier(&self) -> std::os::fd::RawFd {
+        self.done.fd()
     }
 
     /// The number the next request started will get.
@@ -296,7 +297,7 @@ impl QueueWorker {
 
     /// Handles the block queue's completion notification.
     pub fn process_completions(&mut self, vring: &Vring) {
-        self.io.clear_notifier();
+        self.done.clear();
         self.complete(vring);
         self.poll_for_work(vring);
     }
@@ -527,20 +528,17 @@ impl QueueWorker {
         let slot = &mut self.slots[usize::from(head)];
         let index = self.index;
         let io_errors = &self.io_errors;
-        let push = |io: &mut Box<dyn BlockQueue>, slot: &mut Slot, op: &Op<'_>| {
-            // SAFETY: the iovecs live in `slot.scratch` and point into guest memory held alive
-            // by `slot.mem`; neither changes until the slot's completions are reaped in
-            // `complete`, which is the only place a busy slot is released.
-            match unsafe { io.push(op, u64::from(head)) } {
-                Ok(()) => slot.pending += 1,
-                Err(e) => {
-                    if io_errors.allow() {
-                        log::error!("queue {index}: cannot queue I/O: {e}");
-                    }
-                    slot.status = VIRTIO_BLK_S_IOERR as u8;
+        let push = |io: &mut Box<dyn BlockQueue>, slot: &mut Slot, request: IoRequest| match io.push(request) {
+            Ok(()) => slot.pending += 1,
+            Err(rejected) => {
+                if io_errors.allow() {
+                    log::error!("queue {index}: cannot queue I/O: {}", rejected.error);
                 }
+                slot.scratch.iovecs = IovecList(rejected.request.bufs.into_iovecs());
+                slot.status = VIRTIO_BLK_S_IOERR as u8;
             }
         };
+        let token = u64::from(head);
         match req.kind {
             RequestKind::Read | RequestKind::Write => {
                 if req.data_len == 0 {
@@ -549,19 +547,21 @@ impl QueueWorker {
                 if req.kind == RequestKind::Read {
                     slot.used_len = slot.used_len.saturating_add(u32::try_from(req.data_len).unwrap_or(u32::MAX));
                 }
-                let iovecs: &[libc::iovec] = &slot.scratch.iovecs;
-                // Reborrow through a raw slice so `slot` can be passed mutably alongside.
-                let iovecs: &[libc::iovec] =
-                    // SAFETY: the iovec list is not modified until the slot completes.
-                    unsafe { std::slice::from_raw_parts(iovecs.as_ptr(), iovecs.len()) };
-                let op = if req.kind == RequestKind::Read {
-                    Op::Read { offset: req.offset, iovecs }
+                let iovecs = std::mem::take(&mut slot.scratch.iovecs).0;
+                let owner: crate::io::buffers::Owner = mem.clone();
+                // SAFETY: `request::parse` resolved every iovec inside one region of `mem`
+                // (vm-memory's `get_slices`, bounds-checked), and the buffers hold `mem`, so the
+                // regions stay mapped as long as the request lives, whatever memory table the
+                // frontend sets meanwhile.
+                let bufs = unsafe { Buffers::from_raw(iovecs, Some(owner)) };
+                let kind = if req.kind == RequestKind::Read {
+                    OpKind::Read { offset: req.offset }
                 } else {
-                    Op::Write { offset: req.offset, iovecs, dsync: !writeback }
+                    OpKind::Write { offset: req.offset, dsync: !writeback }
                 };
-                push(&mut self.io, slot, &op);
+                push(&mut self.io, slot, IoRequest::new(token, kind, bufs));
             }
-            RequestKind::Flush => push(&mut self.io, slot, &Op::Flush),
+            RequestKind::Flush => push(&mut self.io, slot, IoRequest::new(token, OpKind::Flush, Buffers::none())),
             RequestKind::GetId => {
                 let mut id = [0u8; ID_LEN];
                 let serial = self.shared.cfg.serial.as_bytes();
@@ -585,12 +585,12 @@ impl QueueWorker {
             RequestKind::Discard | RequestKind::WriteZeroes => {
                 let segments = std::mem::take(&mut slot.scratch.segments);
                 for s in &segments {
-                    let op = if req.kind == RequestKind::Discard {
-                        Op::Discard { offset: s.offset, len: s.len }
+                    let kind = if req.kind == RequestKind::Discard {
+                        OpKind::Discard { offset: s.offset, len: s.len }
                     } else {
-                        Op::WriteZeroes { offset: s.offset, len: s.len, unmap: s.unmap }
+                        OpKind::WriteZeroes { offset: s.offset, len: s.len, unmap: s.unmap }
                     };
-                    push(&mut self.io, slot, &op);
+                    push(&mut self.io, slot, IoRequest::new(token, kind, Buffers::none()));
                 }
                 slot.bytes = segments.iter().map(|s| s.len).sum();
                 slot.scratch.segments = segments;
@@ -604,7 +604,7 @@ impl QueueWorker {
         let any = !self.completions.is_empty();
         let mut completions = std::mem::take(&mut self.completions);
         for c in completions.drain(..) {
-            let Ok(head) = u16::try_from(c.token) else {
+            let Ok(head) = u16::try_from(c.token()) else {
                 continue;
             };
             let Some(slot) = self.slots.get_mut(usize::from(head)) else {
@@ -626,6 +626,10 @@ impl QueueWorker {
                         std::io::Error::from_raw_os_error(-c.result)
                     );
                 }
+            }
+            if matches!(c.request.kind, OpKind::Read { .. } | OpKind::Write { .. }) {
+                // The iovec array comes home for the slot's next request.
+                slot.scratch.iovecs = IovecList(c.request.bufs.into_iovecs());
             }
             slot.pending -= 1;
             if slot.pending == 0 {
@@ -709,7 +713,7 @@ mod tests {
     use std::sync::atomic::AtomicBool;
 
     use super::*;
-    use crate::block::IoEngineError;
+    use crate::block::{IoEngineError, Rejected};
     use crate::vhost::DeviceConfig;
 
     /// A block queue that records being dropped.
@@ -722,17 +726,13 @@ mod tests {
     }
 
     impl BlockQueue for Tracked {
-        unsafe fn push(&mut self, _op: &Op<'_>, _token: u64) -> Result<(), IoEngineError> {
+        fn push(&mut self, _request: IoRequest) -> Result<(), Box<Rejected>> {
             Ok(())
         }
         fn submit(&mut self) -> Result<(), IoEngineError> {
             Ok(())
         }
         fn reap(&mut self, _out: &mut Vec<Completion>) {}
-        fn notifier(&self) -> Option<std::os::fd::RawFd> {
-            None
-        }
-        fn clear_notifier(&self) {}
     }
 
     fn worker(dropped: &Arc<AtomicBool>) -> QueueWorker {
@@ -740,6 +740,7 @@ mod tests {
         QueueWorker::new(
             0,
             Box::new(Tracked(dropped.clone())),
+            WorkerCompletions::new().unwrap(),
             shared,
             GuestMemoryAtomic::new(GuestMemoryMmap::new()),
             Arc::new(QueueStats::default()),
@@ -749,31 +750,29 @@ mod tests {
 
     /// A block queue whose operations complete only when the test releases them.
     #[derive(Default, Clone)]
-    struct Held(Arc<Mutex<(Vec<u64>, Vec<u64>)>>);
+    struct Held(Arc<Mutex<(Vec<IoRequest>, Vec<IoRequest>)>>);
 
     impl Held {
         fn release(&self, token: u64) {
             let mut g = self.0.lock().unwrap();
-            g.0.retain(|&t| t != token);
-            g.1.push(token);
+            let (held, released) = &mut *g;
+            if let Some(i) = held.iter().position(|r| r.token == token) {
+                released.push(held.remove(i));
+            }
         }
     }
 
     impl BlockQueue for Held {
-        unsafe fn push(&mut self, _op: &Op<'_>, token: u64) -> Result<(), IoEngineError> {
-            self.0.lock().unwrap().0.push(token);
+        fn push(&mut self, request: IoRequest) -> Result<(), Box<Rejected>> {
+            self.0.lock().unwrap().0.push(request);
             Ok(())
         }
         fn submit(&mut self) -> Result<(), IoEngineError> {
             Ok(())
         }
         fn reap(&mut self, out: &mut Vec<Completion>) {
-            out.extend(self.0.lock().unwrap().1.drain(..).map(|token| Completion { token, result: 0 }));
+            out.extend(self.0.lock().unwrap().1.drain(..).map(|request| Completion { request, result: 0 }));
         }
-        fn notifier(&self) -> Option<std::os::fd::RawFd> {
-            None
-        }
-        fn clear_notifier(&self) {}
     }
 
     fn cfg() -> DeviceConfig {
@@ -819,6 +818,7 @@ mod tests {
         let mut w = QueueWorker::new(
             0,
             Box::new(held.clone()),
+            WorkerCompletions::new().unwrap(),
             shared,
             atomic.clone(),
             Arc::new(QueueStats::default()),

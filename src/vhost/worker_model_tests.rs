@@ -30,7 +30,7 @@ use super::DeviceConfig;
 use super::request::ID_LEN;
 use super::shared::Shared;
 use super::worker::{AtomicMem, Drain, Mem, QueueWorker, Vring};
-use crate::block::{BlockQueue, Completion, IoEngineError, Op};
+use crate::block::{BlockQueue, Completion, IoEngineError, IoRequest, OpKind as IoKind, Rejected, WorkerCompletions};
 use crate::stats::QueueStats;
 
 const QSIZE: u16 = 64;
@@ -78,11 +78,10 @@ struct OpRecord {
 
 /// An operation in flight inside the in-memory queue.
 struct Queued {
-    token: u64,
+    /// The request, with the guest buffers it reads into or writes from.
+    request: IoRequest,
     /// Index into the token's log.
     index: usize,
-    /// Host buffers (address, length) the operation reads into or writes from.
-    iovecs: Vec<(usize, usize)>,
     submitted: bool,
 }
 
@@ -103,36 +102,7 @@ struct FakeState {
 
 impl FakeState {
     fn in_flight(&self, token: u64) -> bool {
-        self.queued.iter().any(|q| q.token == token)
-    }
-}
-
-/// Copies `src` into the host buffers `iovecs`.
-///
-/// # Safety
-/// The buffers must be valid for writes of their lengths (guest memory of a request in
-/// flight, kept mapped by the worker's slot and by the test).
-unsafe fn scatter(iovecs: &[(usize, usize)], src: &[u8]) {
-    let mut at = 0;
-    for &(base, len) in iovecs {
-        // SAFETY: the caller guarantees `base..base + len` is writable guest memory; `src`
-        // is a separate host buffer holding at least `at + len` bytes.
-        unsafe { std::ptr::copy_nonoverlapping(src[at..at + len].as_ptr(), base as *mut u8, len) };
-        at += len;
-    }
-}
-
-/// Copies the host buffers `iovecs` into `dst`.
-///
-/// # Safety
-/// The buffers must be valid for reads of their lengths.
-unsafe fn gather(iovecs: &[(usize, usize)], dst: &mut [u8]) {
-    let mut at = 0;
-    for &(base, len) in iovecs {
-        // SAFETY: the caller guarantees `base..base + len` is readable guest memory; `dst`
-        // is a separate host buffer holding at least `at + len` bytes.
-        unsafe { std::ptr::copy_nonoverlapping(base as *const u8, dst[at..at + len].as_mut_ptr(), len) };
-        at += len;
+        self.queued.iter().any(|q| q.request.token == token)
     }
 }
 
@@ -140,33 +110,29 @@ unsafe fn gather(iovecs: &[(usize, usize)], dst: &mut [u8]) {
 struct FakeQueue(Arc<Mutex<FakeState>>);
 
 impl BlockQueue for FakeQueue {
-    unsafe fn push(&mut self, op: &Op<'_>, token: u64) -> Result<(), IoEngineError> {
+    fn push(&mut self, request: IoRequest) -> Result<(), Box<Rejected>> {
         let mut g = self.0.lock().unwrap();
         let st = &mut *g;
-        let iov = |v: &[libc::iovec]| v.iter().map(|i| (i.iov_base as usize, i.iov_len)).collect::<Vec<_>>();
-        let (kind, offset, len, iovecs) = match *op {
-            Op::Read { offset, iovecs } => {
-                let v = iov(iovecs);
-                (OpKind::Read, offset, v.iter().map(|i| i.1 as u64).sum(), v)
-            }
-            Op::Write { offset, iovecs, dsync } => {
+        let data = request.bufs.len();
+        let (kind, offset, len) = match request.kind {
+            IoKind::Read { offset } => (OpKind::Read, offset, data),
+            IoKind::Write { offset, dsync } => {
                 assert!(!dsync, "a writeback device asked for a synchronous write");
-                let v = iov(iovecs);
-                (OpKind::Write, offset, v.iter().map(|i| i.1 as u64).sum(), v)
+                (OpKind::Write, offset, data)
             }
-            Op::Flush => (OpKind::Flush, 0, 0, Vec::new()),
-            Op::Discard { offset, len } => (OpKind::Discard, offset, len, Vec::new()),
-            Op::WriteZeroes { offset, len, unmap } => (OpKind::WriteZeroes { unmap }, offset, len, Vec::new()),
+            IoKind::Flush => (OpKind::Flush, 0, 0),
+            IoKind::Discard { offset, len } => (OpKind::Discard, offset, len),
+            IoKind::WriteZeroes { offset, len, unmap } => (OpKind::WriteZeroes { unmap }, offset, len),
         };
         assert!(offset + len <= DISK_LEN as u64, "operation {kind:?} {offset}+{len} beyond the disk");
         let refused = st.rng.pct(st.refuse_pct);
-        let log = st.log.entry(token).or_default();
+        let log = st.log.entry(request.token).or_default();
         log.push(OpRecord { kind, offset, len, refused, result: None });
         if refused {
-            return Err(IoEngineError::QueueFull);
+            return Err(Box::new(Rejected { error: IoEngineError::QueueFull, request }));
         }
         let index = log.len() - 1;
-        st.queued.push(Queued { token, index, iovecs, submitted: false });
+        st.queued.push(Queued { request, index, submitted: false });
         Ok(())
     }
 
@@ -191,34 +157,30 @@ impl BlockQueue for FakeQueue {
             }
         }
         while !done.is_empty() {
-            let q = done.swap_remove(st.rng.below(done.len() as u64) as usize);
-            let rec = st.log.get_mut(&q.token).unwrap()[q.index];
+            let mut q = done.swap_remove(st.rng.below(done.len() as u64) as usize);
+            let token = q.request.token;
+            let rec = st.log.get_mut(&token).unwrap()[q.index];
             let fail = st.rng.pct(st.error_pct);
             let (off, len) = (rec.offset as usize, rec.len as usize);
             match (rec.kind, fail) {
-                // SAFETY: the iovecs point into the guest memory of a request in flight; the
-                // worker keeps it (and the test its own mapping) alive until the request is
-                // completed, which cannot happen before this operation is reaped.
-                (OpKind::Read, false) => unsafe { scatter(&q.iovecs, &st.disk[off..off + len]) },
+                (OpKind::Read, false) => {
+                    q.request.bufs.copy_from(&st.disk[off..off + len]);
+                }
                 // A failed read may leave anything in the buffers.
-                // SAFETY: as above.
-                (OpKind::Read, true) => unsafe { scatter(&q.iovecs, &vec![0xEE; len]) },
-                // SAFETY: as above.
-                (OpKind::Write, false) => unsafe { gather(&q.iovecs, &mut st.disk[off..off + len]) },
+                (OpKind::Read, true) => {
+                    q.request.bufs.copy_from(&vec![0xEE; len]);
+                }
+                (OpKind::Write, false) => {
+                    q.request.bufs.copy_to(&mut st.disk[off..off + len]);
+                }
                 (OpKind::Discard | OpKind::WriteZeroes { .. }, false) => st.disk[off..off + len].fill(0),
                 _ => {}
             }
             let result = if fail { -libc::EIO } else { len as i32 };
-            st.log.get_mut(&q.token).unwrap()[q.index].result = Some(result);
-            out.push(Completion { token: q.token, result });
+            st.log.get_mut(&token).unwrap()[q.index].result = Some(result);
+            out.push(Completion { request: q.request, result });
         }
     }
-
-    fn notifier(&self) -> Option<std::os::fd::RawFd> {
-        None
-    }
-
-    fn clear_notifier(&self) {}
 }
 
 /// What the driver expects of one published request.
@@ -700,6 +662,7 @@ fn run_seed(seed: u64, steps: usize) -> BTreeMap<String, usize> {
     let mut w = QueueWorker::new(
         0,
         Box::new(FakeQueue(fake.clone())),
+        WorkerCompletions::new().unwrap(),
         shared,
         atomic.clone(),
         Arc::new(QueueStats::default()),

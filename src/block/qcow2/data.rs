@@ -10,7 +10,7 @@ use imago::Mapping;
 use super::Image;
 use super::metadata::{self, Zeroing};
 use crate::block::image::ImageData;
-use crate::io::{Op, iovecs_len};
+use crate::io::Op;
 
 /// See the module documentation.
 pub(super) struct Qcow2Data(pub Arc<Image>);
@@ -58,14 +58,14 @@ impl Qcow2Data {
 }
 
 impl ImageData for Qcow2Data {
-    unsafe fn transfer(&self, offset: u64, iovecs: &[libc::iovec], write: bool, dsync: bool) -> i32 {
-        if offset.checked_add(iovecs_len(iovecs)).is_none_or(|end| end > self.0.size()) {
+    fn transfer(&self, offset: u64, bufs: &mut crate::io::Buffers, write: bool, dsync: bool) -> i32 {
+        if offset.checked_add(bufs.len()).is_none_or(|end| end > self.0.size()) {
             return -libc::EINVAL;
         }
         if write {
-            self.write_back(metadata::write(&self.0, offset, iovecs, dsync))
+            self.write_back(metadata::write(&self.0, offset, bufs, dsync))
         } else {
-            metadata::read(&self.0, offset, iovecs)
+            metadata::read(&self.0, offset, bufs)
         }
     }
 

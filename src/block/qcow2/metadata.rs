@@ -15,13 +15,13 @@
 //!   in the page cache, an acknowledged write survives a kill of the daemon; a guest flush
 //!   additionally syncs it to stable storage.
 
-use std::io::{IoSlice, IoSliceMut};
+use std::io::IoSlice;
+use std::sync::Arc;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::io::{Buffers, Lane};
 use imago::io_buffers::{IoVector, IoVectorMut};
-use vmm_sys_util::eventfd::EventFd;
 
 use super::Image;
 
@@ -29,9 +29,9 @@ use super::Image;
 #[derive(Debug)]
 pub(super) enum JobOp {
     /// Read through imago (compressed clusters, or a request diverted during a discard).
-    Read { offset: u64, iovecs: Vec<libc::iovec> },
+    Read { offset: u64, bufs: Buffers },
     /// Write through imago (allocation, copy-on-write, or a durable write).
-    Write { offset: u64, iovecs: Vec<libc::iovec>, dsync: bool },
+    Write { offset: u64, bufs: Buffers, dsync: bool },
     /// Make data and metadata durable.
     Flush,
     /// Make a range read as zeroes (or discard it), as `how` says.
@@ -56,28 +56,12 @@ pub(super) struct Job {
     pub op: JobOp,
     /// The queue's request index the result belongs to.
     pub index: usize,
-    pub done: Arc<DoneList>,
+    /// The queue's lane in its worker's completions (None: the result travels otherwise).
+    pub done: Option<Arc<JobLane>>,
 }
 
-// SAFETY: the iovecs point into buffers that the `BlockQueue::push` contract keeps alive until
-// the queue reaps this job's completion, which the thread posts only after it is done with
-// them; nothing else reads the pointers.
-unsafe impl Send for Job {}
-
-/// Completions the metadata thread posts back to one queue, and the eventfd that tells it.
-#[derive(Debug)]
-pub(super) struct DoneList {
-    pub list: Mutex<Vec<(usize, i32)>>,
-    pub eventfd: EventFd,
-}
-
-impl DoneList {
-    pub fn post(&self, index: usize, result: i32) {
-        self.list.lock().unwrap_or_else(|p| p.into_inner()).push((index, result));
-        // A failed write only means the counter is saturated: the queue is signalled anyway.
-        let _ = self.eventfd.write(1);
-    }
-}
+/// A queue's lane for its jobs' results: (request index, result).
+pub(super) type JobLane = Lane<(usize, i32)>;
 
 /// How long a cluster-moving job waits for the workers' mapped I/O to drain.
 const QUIESCE_DEADLINE: Duration = Duration::from_secs(30);
@@ -89,7 +73,8 @@ fn errno(e: &std::io::Error) -> i32 {
 /// The thread's main loop: runs until every sender is gone.
 pub(super) fn run(image: Arc<Image>, jobs: Receiver<Job>) {
     let mut batch: Vec<Job> = Vec::new();
-    let mut finished: Vec<(Arc<DoneList>, usize, i32)> = Vec::new();
+    // Each finished job: where its result goes, its request index, the result.
+    let mut finished: Vec<(Option<Arc<JobLane>>, usize, i32)> = Vec::new();
     loop {
         match jobs.recv_timeout(Duration::from_secs(1)) {
             Ok(job) => batch.push(job),
@@ -106,10 +91,10 @@ pub(super) fn run(image: Arc<Image>, jobs: Receiver<Job>) {
         let mut wrote = false;
         for job in batch.drain(..) {
             let result = match job.op {
-                JobOp::Read { offset, iovecs } => read(&image, offset, &iovecs),
-                JobOp::Write { offset, iovecs, dsync } => {
+                JobOp::Read { offset, mut bufs } => read(&image, offset, &mut bufs),
+                JobOp::Write { offset, bufs, dsync } => {
                     wrote = true;
-                    write(&image, offset, &iovecs, dsync)
+                    write(&image, offset, &bufs, dsync)
                 }
                 JobOp::Flush => flush(&image),
                 JobOp::Zero { offset, len, how } => {
@@ -132,18 +117,16 @@ pub(super) fn run(image: Arc<Image>, jobs: Receiver<Job>) {
             }
         }
         for (done, index, result) in finished.drain(..) {
-            done.post(index, result);
+            if let Some(lane) = done {
+                lane.post((index, result));
+            }
         }
     }
 }
 
-pub(super) fn read(image: &Image, offset: u64, iovecs: &[libc::iovec]) -> i32 {
-    let slices: Vec<IoSliceMut<'_>> = iovecs
-        .iter()
-        // SAFETY: each iovec is a live, writable guest buffer (the Job's Send contract).
-        .map(|v| IoSliceMut::new(unsafe { std::slice::from_raw_parts_mut(v.iov_base.cast::<u8>(), v.iov_len) }))
-        .collect();
-    let len = crate::io::iovecs_len(iovecs);
+pub(super) fn read(image: &Image, offset: u64, bufs: &mut Buffers) -> i32 {
+    let len = bufs.len();
+    let slices = bufs.io_slices_mut();
     match image.with(|a| a.readv(IoVectorMut::from(slices), offset)) {
         Ok(()) => crate::io::result_from_len(len),
         Err(e) => {
@@ -153,13 +136,9 @@ pub(super) fn read(image: &Image, offset: u64, iovecs: &[libc::iovec]) -> i32 {
     }
 }
 
-pub(super) fn write(image: &Image, offset: u64, iovecs: &[libc::iovec], dsync: bool) -> i32 {
-    let slices: Vec<IoSlice<'_>> = iovecs
-        .iter()
-        // SAFETY: each iovec is a live guest buffer (the Job's Send contract); only read here.
-        .map(|v| IoSlice::new(unsafe { std::slice::from_raw_parts(v.iov_base.cast::<u8>(), v.iov_len) }))
-        .collect();
-    let len = crate::io::iovecs_len(iovecs);
+pub(super) fn write(image: &Image, offset: u64, bufs: &Buffers, dsync: bool) -> i32 {
+    let len = bufs.len();
+    let slices = bufs.io_slices();
     let r = image.with(|a| {
         a.writev(IoVector::from(slices), offset)?;
         if dsync {
@@ -226,7 +205,7 @@ pub(super) fn zero(image: &Image, offset: u64, len: u64, how: Zeroing) -> i32 {
 /// Writes zeroes over `[offset, offset + len)` as data (version 2 images).
 fn write_zeroes_by_hand(image: &Image, offset: u64, len: u64) -> i32 {
     const CHUNK: u64 = 1 << 20;
-    let zeroes = crate::block::aligned::AlignedBuf::zeroed(CHUNK.min(len) as usize);
+    let zeroes = crate::io::aligned::AlignedBuf::zeroed(CHUNK.min(len) as usize);
     let mut done = 0;
     while done < len {
         let n = (len - done).min(CHUNK);

@@ -33,7 +33,7 @@ use imago::qcow2::Qcow2;
 use imago::{FormatAccess, FormatDriverBuilder};
 
 use super::raw::EngineKind;
-use super::{BlockDevice, BlockError, BlockQueue, ResizeError};
+use super::{BlockDevice, BlockError, BlockQueue, ResizeError, WorkerCompletions};
 use crate::logging::limit::LogLimit;
 use metadata::{Job, JobOp};
 pub use storage::ImageFile;
@@ -310,8 +310,9 @@ impl BlockDevice for Qcow2Disk {
         self.read_only
     }
 
-    fn open_queue(&self, depth: u32) -> Result<Box<dyn BlockQueue>, BlockError> {
+    fn open_queue(&self, depth: u32, completions: &Arc<WorkerCompletions>) -> Result<Box<dyn BlockQueue>, BlockError> {
         let q = queue::Qcow2Queue::new(
+            completions,
             self.image.clone(),
             self.files.clone(),
             self.jobs.lock().unwrap_or_else(|p| p.into_inner()).clone(),
@@ -356,8 +357,7 @@ impl BlockDevice for Qcow2Disk {
         self.check_resize()?;
         let failed = |source| ResizeError::Io { path: self.image.path.display().to_string(), source };
         let (tx, rx) = channel();
-        let (done, _) = queue::detached_done().map_err(failed)?;
-        self.send(Job { op: JobOp::Resize { size: new_size, reply: tx }, index: 0, done })
+        self.send(Job { op: JobOp::Resize { size: new_size, reply: tx }, index: 0, done: None })
             .map_err(|()| failed(io::Error::other("the metadata thread is gone")))?;
         match rx.recv_timeout(Duration::from_secs(120)) {
             Ok(r) => r.map_err(failed),

@@ -3,20 +3,20 @@
 //! the metadata thread (see the module documentation of `block::qcow2`).
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
 use std::sync::mpsc::Sender;
-use std::sync::{Arc, Mutex};
 
 use imago::Mapping;
-use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use super::Image;
-use super::metadata::{DoneList, Job, JobOp, Zeroing};
+use super::metadata::{Job, JobLane, JobOp, Zeroing};
 use crate::block::raw::EngineKind;
 use crate::block::{BlockError, BlockQueue};
 use crate::io::sync::SyncEngine;
 use crate::io::uring::UringEngine;
-use crate::io::{Completion, IoEngine, IoEngineError, Op, iovecs_len, result_from_len, slice_iovecs};
+use crate::io::{
+    Buffers, Completion, IoEngine, IoEngineError, IoRequest, OpKind, Rejected, WorkerCompletions, result_from_len,
+};
 
 /// The engines the mapped parts run on: one ring addressing every file of the chain, or one
 /// synchronous engine per file.
@@ -26,9 +26,13 @@ enum DataEngine {
 }
 
 /// A guest request split into parts.
-#[derive(Default)]
 struct Request {
+    /// The submitter's token and operation, restored on the request before it goes back.
     token: u64,
+    kind: OpKind,
+    /// The submitter's request while this queue holds it (its buffers are what the parts
+    /// point into); None while the data engine holds it whole (the one-part case).
+    original: Option<IoRequest>,
     /// Parts still in flight.
     parts: u32,
     /// The first error, or 0.
@@ -36,14 +40,7 @@ struct Request {
     len: u64,
     /// Holds a mapping ([`Image::enter`]) until it completes.
     mapped: bool,
-    /// The sliced iovec arrays of parts in flight (their heap buffers stay put until the
-    /// request completes, however the request table grows).
-    iovs: Vec<Vec<libc::iovec>>,
 }
-
-// SAFETY: the iovec pointers refer to guest buffers the `BlockQueue::push` contract keeps
-// alive until the request's completion is reaped; only the owning thread uses them.
-unsafe impl Send for Request {}
 
 /// One part of a request, decided while the mapping is looked up.
 enum Part {
@@ -62,38 +59,31 @@ pub struct Qcow2Queue {
     /// The metadata threads' channels; jobs are dealt out in turn.
     jobs: Vec<Sender<Job>>,
     next_job: usize,
-    /// Completions of the metadata thread for this queue; its eventfd is also the ring's.
-    done: Arc<DoneList>,
+    /// This queue's lane in the worker's completions, for the metadata threads' results.
+    done: Arc<JobLane>,
     requests: Vec<Option<Request>>,
     free: Vec<usize>,
     parts: Vec<Part>,
     reaped: Vec<Completion>,
     posted: Vec<(usize, i32)>,
-    /// Requests finished inside `push` (zero fill, errors): the eventfd is signalled at submit.
-    finished_inline: Vec<usize>,
-}
-
-/// A completion list not attached to any queue (for jobs whose result travels otherwise).
-pub(super) fn detached_done() -> std::io::Result<(Arc<DoneList>, ())> {
-    Ok((Arc::new(DoneList { list: Mutex::new(Vec::new()), eventfd: EventFd::new(EFD_NONBLOCK)? }), ()))
+    /// Requests whose last part finished, handed out at the next reap.
+    finished: Vec<usize>,
 }
 
 impl Qcow2Queue {
     pub(super) fn new(
+        completions: &Arc<WorkerCompletions>,
         image: Arc<Image>,
         files: Vec<Arc<File>>,
         jobs: Vec<Sender<Job>>,
         engine: EngineKind,
         depth: u32,
     ) -> Result<Self, BlockError> {
-        let eventfd = EventFd::new(EFD_NONBLOCK).map_err(|e| BlockError::Engine(IoEngineError::Setup(e)))?;
-        let ring_fd = eventfd.try_clone().map_err(|e| BlockError::Engine(IoEngineError::Setup(e)))?;
-        let done = Arc::new(DoneList { list: Mutex::new(Vec::new()), eventfd });
         let sync = |files: &[Arc<File>]| DataEngine::Sync(files.iter().map(|f| SyncEngine::new(f.clone())).collect());
         let engine = match engine {
             // A request may split into several mapped parts: room for more operations than
             // requests, so the completion queue does not overflow.
-            EngineKind::Uring => match UringEngine::with_files(files.clone(), depth.saturating_mul(4), ring_fd) {
+            EngineKind::Uring => match UringEngine::with_files(files.clone(), depth.saturating_mul(4), completions) {
                 Ok(e) => DataEngine::Uring(Box::new(e)),
                 Err(e) => {
                     log::warn!("io_uring unavailable ({e}), using the sync engine");
@@ -107,17 +97,17 @@ impl Qcow2Queue {
             engine,
             jobs,
             next_job: 0,
-            done,
+            done: completions.lane(),
             requests: Vec::new(),
             free: Vec::new(),
             parts: Vec::new(),
             reaped: Vec::new(),
             posted: Vec::new(),
-            finished_inline: Vec::new(),
+            finished: Vec::new(),
         })
     }
 
-    fn alloc(&mut self, token: u64, len: u64) -> usize {
+    fn alloc(&mut self, request: IoRequest, len: u64) -> usize {
         let idx = match self.free.pop() {
             Some(i) => i,
             None => {
@@ -125,14 +115,34 @@ impl Qcow2Queue {
                 self.requests.len() - 1
             }
         };
-        self.requests[idx] = Some(Request { token, len, ..Request::default() });
+        self.requests[idx] = Some(Request {
+            token: request.token,
+            kind: request.kind,
+            original: Some(request),
+            parts: 0,
+            error: 0,
+            len,
+            mapped: false,
+        });
         idx
+    }
+
+    fn record(&mut self, idx: usize) -> Option<&mut Request> {
+        self.requests.get_mut(idx).and_then(Option::as_mut)
+    }
+
+    /// A slice of the submitter's buffers, for a part.
+    fn part_bufs(&self, idx: usize, at: u64, len: u64) -> Buffers {
+        match self.requests.get(idx).and_then(Option::as_ref).and_then(|r| r.original.as_ref()) {
+            Some(o) => o.bufs.slice(at, len),
+            None => Buffers::none(),
+        }
     }
 
     /// Sends a whole operation, or part of one, to the metadata thread.
     fn send_to_metadata(&mut self, idx: usize, op: JobOp) {
-        let job = Job { op, index: idx, done: self.done.clone() };
-        if let Some(Some(r)) = self.requests.get_mut(idx) {
+        let job = Job { op, index: idx, done: Some(self.done.clone()) };
+        if let Some(r) = self.record(idx) {
             r.parts += 1;
         }
         self.next_job = self.next_job.wrapping_add(1);
@@ -147,7 +157,7 @@ impl Qcow2Queue {
 
     /// Records one finished part; completes the request when it was the last.
     fn part_done(&mut self, idx: usize, result: i32) {
-        let Some(Some(r)) = self.requests.get_mut(idx) else {
+        let Some(r) = self.record(idx) else {
             return;
         };
         if result < 0 && r.error == 0 {
@@ -155,7 +165,7 @@ impl Qcow2Queue {
         }
         r.parts = r.parts.saturating_sub(1);
         if r.parts == 0 {
-            self.finished_inline.push(idx);
+            self.finished.push(idx);
         }
     }
 
@@ -166,34 +176,27 @@ impl Qcow2Queue {
         self.image.with(|access| map_parts(access, offset, len, write, parts))
     }
 
-    /// Pushes one mapped part on the data engine.
-    ///
-    /// # Safety
-    /// `iovecs` (array and buffers) must stay valid until the completion for `idx` is reaped.
-    unsafe fn push_mapped(&mut self, idx: usize, file: u32, op: &Op<'_>) -> Result<(), IoEngineError> {
-        if let Some(Some(r)) = self.requests.get_mut(idx) {
+    /// Pushes one mapped part (tagged with the request index) on the data engine.
+    fn push_mapped(&mut self, idx: usize, file: u32, part: IoRequest) -> Result<(), Box<Rejected>> {
+        if let Some(r) = self.record(idx) {
             r.parts += 1;
         }
-        // SAFETY: forwarded contract.
-        let pushed = unsafe {
-            match &mut self.engine {
-                DataEngine::Uring(e) => e.push_to(file, op, idx as u64),
-                DataEngine::Sync(engines) => match engines.get_mut(file as usize) {
-                    Some(e) => IoEngine::push(e, op, idx as u64),
-                    None => {
-                        self.posted.push((idx, -libc::EBADF));
-                        Ok(())
-                    }
-                },
-            }
+        let pushed = match &mut self.engine {
+            DataEngine::Uring(e) => e.push_to(file, part),
+            DataEngine::Sync(engines) => match engines.get_mut(file as usize) {
+                Some(e) => IoEngine::push(e, part),
+                None => {
+                    self.posted.push((idx, -libc::EBADF));
+                    Ok(())
+                }
+            },
         };
-        if let Err(e) = pushed {
-            if let Some(Some(r)) = self.requests.get_mut(idx) {
-                r.parts -= 1;
-            }
-            return Err(e);
+        if pushed.is_err()
+            && let Some(r) = self.record(idx)
+        {
+            r.parts -= 1;
         }
-        Ok(())
+        pushed
     }
 
     /// Releases the request `idx` and returns its completion.
@@ -204,49 +207,55 @@ impl Qcow2Queue {
             self.image.leave();
         }
         let result = if r.error < 0 { r.error } else { result_from_len(r.len) };
-        Some(Completion { token: r.token, result })
+        let mut request = r.original?;
+        request.token = r.token;
+        request.kind = r.kind;
+        Some(Completion { request, result })
     }
 
-    /// Undoes a request that could not be queued at all.
-    fn abandon(&mut self, idx: usize) {
-        if let Some(r) = self.requests.get_mut(idx).and_then(Option::take) {
-            self.free.push(idx);
-            if r.mapped {
-                self.image.leave();
+    /// Undoes a request that could not be queued at all and gives it back.
+    fn abandon(&mut self, idx: usize, error: IoEngineError) -> Box<Rejected> {
+        let r = self.requests.get_mut(idx).and_then(Option::take);
+        self.free.push(idx);
+        let request = match r {
+            Some(r) => {
+                if r.mapped {
+                    self.image.leave();
+                }
+                let mut request = r.original.unwrap_or_else(|| IoRequest::new(0, r.kind, Buffers::none()));
+                request.token = r.token;
+                request.kind = r.kind;
+                request
             }
-        }
+            None => IoRequest::new(0, OpKind::Flush, Buffers::none()),
+        };
+        Box::new(Rejected { error, request })
     }
 
-    unsafe fn push_rw(
-        &mut self,
-        offset: u64,
-        iovecs: &[libc::iovec],
-        write: bool,
-        dsync: bool,
-        token: u64,
-    ) -> Result<(), IoEngineError> {
-        let len = iovecs_len(iovecs);
-        let idx = self.alloc(token, len);
-        let copy = || iovecs.to_vec();
+    fn push_rw(&mut self, request: IoRequest) -> Result<(), Box<Rejected>> {
+        let (offset, write, dsync) = match request.kind {
+            OpKind::Read { offset } => (offset, false, false),
+            OpKind::Write { offset, dsync } => (offset, true, dsync),
+            _ => return Ok(()),
+        };
+        let len = request.bufs.len();
+        let idx = self.alloc(request, len);
         // Durable writes go through imago so the metadata that maps them is durable too.
         if dsync || !self.image.enter() {
-            let op = if write {
-                JobOp::Write { offset, iovecs: copy(), dsync }
-            } else {
-                JobOp::Read { offset, iovecs: copy() }
-            };
+            let bufs = self.part_bufs(idx, 0, len);
+            let op = if write { JobOp::Write { offset, bufs, dsync } } else { JobOp::Read { offset, bufs } };
             self.send_to_metadata(idx, op);
             return Ok(());
         }
-        if let Some(Some(r)) = self.requests.get_mut(idx) {
+        if let Some(r) = self.record(idx) {
             r.mapped = true;
         }
         if let Err(e) = self.map(offset, len, write) {
             self.image.log_error(if write { "mapping for a write" } else { "mapping for a read" }, offset, &e);
-            if let Some(Some(r)) = self.requests.get_mut(idx) {
+            if let Some(r) = self.record(idx) {
                 r.error = -e.raw_os_error().unwrap_or(libc::EIO);
             }
-            self.finished_inline.push(idx);
+            self.finished.push(idx);
             return Ok(());
         }
         // A write with any part that needs metadata goes to imago whole: it allocates (and
@@ -254,62 +263,52 @@ impl Qcow2Queue {
         // data is written.
         if write && self.parts.iter().any(|p| matches!(p, Part::Metadata { .. })) {
             self.image.leave();
-            if let Some(Some(r)) = self.requests.get_mut(idx) {
+            if let Some(r) = self.record(idx) {
                 r.mapped = false;
             }
-            self.send_to_metadata(idx, JobOp::Write { offset, iovecs: copy(), dsync });
+            let bufs = self.part_bufs(idx, 0, len);
+            self.send_to_metadata(idx, JobOp::Write { offset, bufs, dsync });
             return Ok(());
         }
-        // The common case: one mapped part covering the request, issued on the caller's own
-        // iovec array.
+        // The common case: one mapped part covering the request; the request itself goes to
+        // the engine (at the host offset, tagged with its index) and comes back whole.
         if let [Part::Mapped { file, host, .. }] = self.parts[..] {
-            let op = if write { Op::Write { offset: host, iovecs, dsync } } else { Op::Read { offset: host, iovecs } };
-            // SAFETY: forwarded contract.
-            if let Err(e) = unsafe { self.push_mapped(idx, file, &op) } {
-                self.abandon(idx);
-                return Err(e);
+            let Some(mut whole) = self.record(idx).and_then(|r| r.original.take()) else {
+                return Err(self.abandon(idx, IoEngineError::QueueFull));
+            };
+            whole.token = idx as u64;
+            whole.kind = if write { OpKind::Write { offset: host, dsync } } else { OpKind::Read { offset: host } };
+            if let Err(rejected) = self.push_mapped(idx, file, whole) {
+                if let Some(r) = self.record(idx) {
+                    r.original = Some(rejected.request);
+                }
+                return Err(self.abandon(idx, rejected.error));
             }
             return Ok(());
         }
         let parts = std::mem::take(&mut self.parts);
-        let mut result = Ok(());
+        let mut failure = None;
         for part in &parts {
             match *part {
                 Part::Zero { at, len } => {
-                    let mut slice = Vec::new();
-                    slice_iovecs(iovecs, at, len, &mut slice);
-                    for v in slice {
-                        // SAFETY: a live, writable guest buffer (push contract).
-                        unsafe { std::ptr::write_bytes(v.iov_base.cast::<u8>(), 0, v.iov_len) };
+                    if let Some(o) = self.record(idx).and_then(|r| r.original.as_mut()) {
+                        o.bufs.zero(at, len);
                     }
                 }
                 Part::Metadata { at, len } => {
-                    let mut slice = Vec::new();
-                    slice_iovecs(iovecs, at, len, &mut slice);
-                    self.send_to_metadata(idx, JobOp::Read { offset: offset + at, iovecs: slice });
+                    let bufs = self.part_bufs(idx, at, len);
+                    self.send_to_metadata(idx, JobOp::Read { offset: offset + at, bufs });
                 }
                 Part::Mapped { file, host, at, len } => {
-                    let mut slice = Vec::new();
-                    slice_iovecs(iovecs, at, len, &mut slice);
-                    let (ptr, cnt) = (slice.as_ptr(), slice.len());
-                    if let Some(Some(r)) = self.requests.get_mut(idx) {
-                        r.iovs.push(slice);
-                    }
-                    // SAFETY: the array lives in the request (its heap buffer does not move)
-                    // until the request completes.
-                    let view = unsafe { std::slice::from_raw_parts(ptr, cnt) };
-                    let op = if write {
-                        Op::Write { offset: host, iovecs: view, dsync }
-                    } else {
-                        Op::Read { offset: host, iovecs: view }
-                    };
-                    // SAFETY: `view` stays valid as argued above; the buffers by contract.
-                    if let Err(e) = unsafe { self.push_mapped(idx, file, &op) } {
+                    let kind =
+                        if write { OpKind::Write { offset: host, dsync } } else { OpKind::Read { offset: host } };
+                    let piece = IoRequest::new(idx as u64, kind, self.part_bufs(idx, at, len));
+                    if let Err(rejected) = self.push_mapped(idx, file, piece) {
                         // Parts already queued complete later; this one fails the request.
-                        if let Some(Some(r)) = self.requests.get_mut(idx) {
+                        if let Some(r) = self.record(idx) {
                             r.error = -libc::EAGAIN;
                         }
-                        result = Err(e);
+                        failure = Some(rejected.error);
                         break;
                     }
                 }
@@ -317,16 +316,13 @@ impl Qcow2Queue {
         }
         self.parts = parts;
         let outstanding = self.requests.get(idx).and_then(Option::as_ref).map_or(0, |r| r.parts);
-        match result {
-            Err(e) if outstanding == 0 => {
-                self.abandon(idx);
-                Err(e)
-            }
+        match failure {
+            Some(error) if outstanding == 0 => Err(self.abandon(idx, error)),
             // Queued parts will finish the request (with the error recorded).
-            Err(_) => Ok(()),
-            Ok(()) => {
+            Some(_) => Ok(()),
+            None => {
                 if outstanding == 0 {
-                    self.finished_inline.push(idx);
+                    self.finished.push(idx);
                 }
                 Ok(())
             }
@@ -335,37 +331,23 @@ impl Qcow2Queue {
 }
 
 impl BlockQueue for Qcow2Queue {
-    unsafe fn push(&mut self, op: &Op<'_>, token: u64) -> Result<(), IoEngineError> {
-        match *op {
-            // SAFETY: forwarded contract.
-            Op::Read { offset, iovecs } => unsafe { self.push_rw(offset, iovecs, false, false, token) },
-            // SAFETY: forwarded contract.
-            Op::Write { offset, iovecs, dsync } => unsafe { self.push_rw(offset, iovecs, true, dsync, token) },
-            Op::Flush => {
-                let idx = self.alloc(token, 0);
-                self.send_to_metadata(idx, JobOp::Flush);
-                Ok(())
+    fn push(&mut self, request: IoRequest) -> Result<(), Box<Rejected>> {
+        let job = match request.kind {
+            OpKind::Read { .. } | OpKind::Write { .. } => return self.push_rw(request),
+            OpKind::Flush => JobOp::Flush,
+            OpKind::Discard { offset, len } => JobOp::Zero { offset, len, how: Zeroing::Discard },
+            OpKind::WriteZeroes { offset, len, unmap } => {
+                JobOp::Zero { offset, len, how: if unmap { Zeroing::Unmap } else { Zeroing::Allocated } }
             }
-            Op::Discard { offset, len } => {
-                let idx = self.alloc(token, 0);
-                self.send_to_metadata(idx, JobOp::Zero { offset, len, how: Zeroing::Discard });
-                Ok(())
-            }
-            Op::WriteZeroes { offset, len, unmap } => {
-                let idx = self.alloc(token, 0);
-                let how = if unmap { Zeroing::Unmap } else { Zeroing::Allocated };
-                self.send_to_metadata(idx, JobOp::Zero { offset, len, how });
-                Ok(())
-            }
-        }
+        };
+        let idx = self.alloc(request, 0);
+        self.send_to_metadata(idx, job);
+        Ok(())
     }
 
     fn submit(&mut self) -> Result<(), IoEngineError> {
-        let sync_done = matches!(self.engine, DataEngine::Sync(_));
-        if !self.finished_inline.is_empty() || !self.posted.is_empty() || sync_done {
-            // Completions made inside `push` must wake the worker like any other.
-            let _ = self.done.eventfd.write(1);
-        }
+        // Requests finished inside `push` (zero fill, errors, the sync engine) are handed out
+        // by the reap that follows every submit: no wake-up needed.
         match &mut self.engine {
             DataEngine::Uring(e) => IoEngine::submit(e.as_mut()),
             DataEngine::Sync(_) => Ok(()),
@@ -379,31 +361,30 @@ impl BlockQueue for Qcow2Queue {
             DataEngine::Sync(engines) => engines.iter_mut().for_each(|e| IoEngine::reap(e, &mut reaped)),
         }
         for c in reaped.drain(..) {
-            self.part_done(c.token as usize, c.result);
+            let idx = c.request.token as usize;
+            // The one-part case: the engine held the request itself; it comes home here.
+            if let Some(r) = self.record(idx)
+                && r.original.is_none()
+            {
+                r.original = Some(c.request);
+            }
+            self.part_done(idx, c.result);
         }
         self.reaped = reaped;
         let mut posted = std::mem::take(&mut self.posted);
-        posted.append(&mut self.done.list.lock().unwrap_or_else(|p| p.into_inner()));
+        self.done.drain_into(&mut posted);
         for (idx, result) in posted.drain(..) {
             self.part_done(idx, result);
         }
         self.posted = posted;
-        let finished = std::mem::take(&mut self.finished_inline);
+        let finished = std::mem::take(&mut self.finished);
         for &idx in &finished {
             if let Some(c) = self.finish(idx) {
                 out.push(c);
             }
         }
-        self.finished_inline = finished;
-        self.finished_inline.clear();
-    }
-
-    fn notifier(&self) -> Option<RawFd> {
-        Some(self.done.eventfd.as_raw_fd())
-    }
-
-    fn clear_notifier(&self) {
-        let _ = self.done.eventfd.read();
+        self.finished = finished;
+        self.finished.clear();
     }
 }
 

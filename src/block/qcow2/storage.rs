@@ -20,9 +20,9 @@ use imago::storage::PreallocateMode;
 use imago::storage::drivers::CommonStorageHelper;
 use imago::{Storage, StorageOpenOptions};
 
-use crate::block::aligned::AlignedBuf;
 use crate::block::bounce::probe_memory_alignment;
 use crate::io::Op;
+use crate::io::aligned::AlignedBuf;
 use crate::io::sync::{fallocate_with_fallback, rw_all};
 
 /// One file of an image chain (the qcow2 file itself, a backing image, an external data file).

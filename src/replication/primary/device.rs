@@ -17,8 +17,8 @@ pub struct MirrorDevice {
 }
 
 impl BlockDevice for MirrorDevice {
-    fn size(&self) -> u64 {
-        self.inner.size()
+    fn below(&self) -> Option<&dyn BlockDevice> {
+        Some(&*self.inner)
     }
     fn check_resize(&self) -> Result<(), crate::block::ResizeError> {
         // The dirty bitmap, the recent-write log, the secondary's buffers and the peer's
@@ -30,23 +30,8 @@ impl BlockDevice for MirrorDevice {
                 .into(),
         ))
     }
-    fn read_only(&self) -> bool {
-        self.inner.read_only()
-    }
-    fn open_queue(&self, depth: u32) -> Result<Box<dyn BlockQueue>, BlockError> {
-        let inner = self.inner.open_queue(depth)?;
-        let done = DoneQueue::new(inner.notifier()).map_err(|e| BlockError::Engine(IoEngineError::Setup(e)))?;
-        Ok(Box::new(MirrorQueue {
-            inner,
-            mirror: self.mirror.clone(),
-            done,
-            joins: Vec::new(),
-            free: Vec::new(),
-            scratch: Vec::new(),
-        }))
-    }
-    fn flush(&self) -> io::Result<()> {
-        self.inner.flush()
+    fn open_queue(&self, depth: u32, completions: &Arc<WorkerCompletions>) -> Result<Box<dyn BlockQueue>, BlockError> {
+        Ok(Box::new(MirrorQueue::new(self.inner.open_queue(depth, completions)?, self.mirror.clone(), completions)))
     }
     fn describe(&self) -> String {
         match self.mirror.stage() {
@@ -59,13 +44,16 @@ impl BlockDevice for MirrorDevice {
         self.mirror.device_started();
         self.inner.frontend_starting(dirty_logging)
     }
-    fn frontend_stopped(&self) {
-        self.inner.frontend_stopped()
-    }
 }
 
+/// A write-type request in flight on both halves.
 struct Join {
+    /// The submitter's token and operation, restored before the request goes back.
     token: u64,
+    kind: OpKind,
+    /// The submitter's request while this queue holds it; None while the local queue holds
+    /// it itself (a request submitted without a copy).
+    request: Option<IoRequest>,
     remaining: u8,
     result: i32,
     /// A forwarded write's range, to check against the resync when it completes locally.
@@ -74,33 +62,66 @@ struct Join {
     since: u64,
     /// Its entry in the verify's write tracker, released when both halves completed.
     ticket: verify::Ticket,
-    /// A write's copy of the guest data and the iovec the local write was submitted with
-    /// (boxed: it must not move while the local write is in flight).
-    copy: Option<(Payload, LocalIov)>,
 }
 
-/// The iovec a copied write is submitted with locally; it points into the join's [`Payload`].
-struct LocalIov(Box<libc::iovec>);
-
-// SAFETY: the iovec points into an `Arc<Vec<u8>>` owned by the same join, which is only
-// touched by the queue's worker; moving both to another thread keeps the pointer valid.
-unsafe impl Send for LocalIov {}
+/// What a token this queue pushed down stands for.
+enum Entry {
+    /// A request passed down as it is (reads, and everything while the mirror is off).
+    Passed { token: u64 },
+    /// A mirrored request.
+    Joined(Join),
+}
 
 struct MirrorQueue {
     inner: Box<dyn BlockQueue>,
     mirror: Arc<Mirror>,
-    done: Arc<DoneQueue>,
-    joins: Vec<Option<Join>>,
+    /// Join indexes whose forwarded half finished (posted by the link's threads).
+    remote: Arc<Lane<usize>>,
+    /// Requests pushed down, by the token they carry there.
+    entries: Vec<Option<Entry>>,
     free: Vec<usize>,
     scratch: Vec<Completion>,
+    forwarded: Vec<usize>,
 }
 
-/// Internal tokens are slab indexes with this bit, to tell them from pass-through tokens.
-const JOINED: u64 = 1 << 63;
-
 impl MirrorQueue {
+    fn new(inner: Box<dyn BlockQueue>, mirror: Arc<Mirror>, completions: &Arc<WorkerCompletions>) -> Self {
+        MirrorQueue {
+            inner,
+            mirror,
+            remote: completions.lane(),
+            entries: Vec::new(),
+            free: Vec::new(),
+            scratch: Vec::new(),
+            forwarded: Vec::new(),
+        }
+    }
+
+    fn alloc(&mut self, entry: Entry) -> usize {
+        match self.free.pop() {
+            Some(i) => {
+                self.entries[i] = Some(entry);
+                i
+            }
+            None => {
+                self.entries.push(Some(entry));
+                self.entries.len() - 1
+            }
+        }
+    }
+
+    fn release(&mut self, idx: usize) -> Option<Entry> {
+        let e = self.entries.get_mut(idx)?.take();
+        if e.is_some() {
+            self.free.push(idx);
+        }
+        e
+    }
+
+    /// One half of join `idx` finished (`result`: the local half's result; None: the remote
+    /// half); completes the guest request into `out` when both did.
     fn finish_part(&mut self, idx: usize, result: Option<i32>, out: &mut Vec<Completion>) {
-        let Some(Some(j)) = self.joins.get_mut(idx) else { return };
+        let Some(Some(Entry::Joined(j))) = self.entries.get_mut(idx) else { return };
         if let Some(r) = result {
             j.result = r;
             if let Some((off, len)) = j.range {
@@ -108,16 +129,31 @@ impl MirrorQueue {
             }
         }
         j.remaining -= 1;
-        if j.remaining == 0 {
-            if let Some(j) = self.joins[idx].take() {
-                if let Some((off, len)) = j.range {
-                    self.mirror.activity_end(off / SECTOR, (off + len).div_ceil(SECTOR));
-                }
-                self.mirror.verify.tracker.finished(j.ticket);
-                out.push(Completion { token: j.token, result: j.result });
-            }
-            self.free.push(idx);
+        if j.remaining > 0 {
+            return;
         }
+        let Some(Entry::Joined(j)) = self.release(idx) else { return };
+        if let Some((off, len)) = j.range {
+            self.mirror.activity_end(off / SECTOR, (off + len).div_ceil(SECTOR));
+        }
+        self.mirror.verify.tracker.finished(j.ticket);
+        if let Some(mut request) = j.request {
+            request.token = j.token;
+            request.kind = j.kind;
+            out.push(Completion { request, result: j.result });
+        }
+    }
+
+    /// Passes `request` down unchanged but for its token.
+    fn pass(&mut self, mut request: IoRequest) -> Result<(), Box<Rejected>> {
+        let token = request.token;
+        let idx = self.alloc(Entry::Passed { token });
+        request.token = idx as u64;
+        self.inner.push(request).map_err(|mut rejected| {
+            self.release(idx);
+            rejected.request.token = token;
+            rejected
+        })
     }
 }
 
@@ -126,37 +162,32 @@ impl Drop for MirrorQueue {
     /// tracker entries, so a later verify neither waits for them nor treats their sectors
     /// as written forever.
     fn drop(&mut self) {
-        for j in self.joins.iter_mut().flatten() {
-            self.mirror.verify.tracker.finished(std::mem::replace(&mut j.ticket, verify::Ticket::None));
+        for e in self.entries.iter_mut().flatten() {
+            if let Entry::Joined(j) = e {
+                self.mirror.verify.tracker.finished(std::mem::replace(&mut j.ticket, verify::Ticket::None));
+            }
         }
     }
 }
 
 impl BlockQueue for MirrorQueue {
-    unsafe fn push(&mut self, op: &Op<'_>, token: u64) -> Result<(), IoEngineError> {
-        let mirrored = self.mirror.running() && !matches!(op, Op::Read { .. });
+    fn push(&mut self, request: IoRequest) -> Result<(), Box<Rejected>> {
+        let mirrored = self.mirror.running() && !matches!(request.kind, OpKind::Read { .. });
         if !mirrored {
-            // SAFETY: forwarded contract.
-            return unsafe { self.inner.push(op, token) };
+            return self.pass(request);
         }
-        let range = match *op {
-            Op::Write { offset, iovecs, .. } => Some((offset, iovecs_len(iovecs))),
-            Op::Discard { offset, len } | Op::WriteZeroes { offset, len, .. } => Some((offset, len)),
-            Op::Flush | Op::Read { .. } => None,
+        let range = match request.kind {
+            OpKind::Flush | OpKind::Read { .. } => None,
+            _ => request.range(),
         };
         // A forwarded write is copied out of guest memory now, once; the local write below
         // and the forwarded one are both written from this copy.
-        let copy = match *op {
-            Op::Write { iovecs, .. } if Mirror::forwardable(CMD_WRITE, iovecs_len(iovecs)) => {
-                // SAFETY: the caller keeps the guest buffers alive until this request's
-                // completion is reaped; they are read here, during the call.
-                let data = Payload::new(unsafe { AlignedBuf::copy_of(iovecs) });
-                let iov = Box::new(libc::iovec { iov_base: data.as_ptr() as *mut libc::c_void, iov_len: data.len() });
-                Some((data, LocalIov(iov)))
+        let copy = match request.kind {
+            OpKind::Write { .. } if Mirror::forwardable(CMD_WRITE, request.bufs.len()) => {
+                Some(Payload::new(request.bufs.to_aligned()))
             }
             _ => None,
         };
-        let data = copy.as_ref().map(|(d, _)| d.clone());
         // The extents are in the activity log before anything is written (a restart after a
         // crash copies them).
         if let Some((off, len)) = range {
@@ -168,37 +199,47 @@ impl BlockQueue for MirrorQueue {
             Some((off, len)) => self.mirror.verify.tracker.started(off / SECTOR, (off + len).div_ceil(SECTOR)),
             None => verify::Ticket::None,
         };
-        let join = Join { token, remaining: 2, result: 0, range, since: self.mirror.now(), copy, ticket };
-        let idx = match self.free.pop() {
-            Some(i) => {
-                self.joins[i] = Some(join);
-                i
+        let (token, kind, len) = (request.token, request.kind, request.bufs.len());
+        let since = self.mirror.now();
+        let idx = self.alloc(Entry::Joined(Join {
+            token,
+            kind,
+            request: None,
+            remaining: 2,
+            result: 0,
+            range,
+            since,
+            ticket,
+        }));
+        // The local half: the copy when there is one (the submitter's request waits here),
+        // else the request itself.
+        let local = match &copy {
+            Some(data) => {
+                if let Some(Some(Entry::Joined(j))) = self.entries.get_mut(idx) {
+                    j.request = Some(request);
+                }
+                IoRequest::new(idx as u64, kind, Buffers::shared(data.clone()))
             }
             None => {
-                self.joins.push(Some(join));
-                self.joins.len() - 1
+                let mut r = request;
+                r.token = idx as u64;
+                r
             }
         };
-        let itoken = JOINED | idx as u64;
-        let local = match (self.joins[idx].as_ref().and_then(|j| j.copy.as_ref()), *op) {
-            (Some((_, iov)), Op::Write { offset, dsync, .. }) => {
-                Op::Write { offset, iovecs: std::slice::from_ref(&*iov.0), dsync }
-            }
-            _ => *op,
-        };
-        // SAFETY: a write's iovec and data live in the join, which is dropped only once this
-        // token's local completion was reaped (or the push failed); other operations are
-        // forwarded under the caller's contract.
-        if let Err(e) = unsafe { self.inner.push(&local, itoken) } {
-            self.mirror.verify.tracker.finished(ticket);
-            self.joins[idx] = None;
-            self.free.push(idx);
+        if let Err(mut rejected) = self.inner.push(local) {
+            let Some(Entry::Joined(mut j)) = self.release(idx) else { return Err(rejected) };
+            self.mirror.verify.tracker.finished(std::mem::replace(&mut j.ticket, verify::Ticket::None));
             if let Some((off, len)) = range {
                 self.mirror.activity_end(off / SECTOR, (off + len).div_ceil(SECTOR));
             }
-            return Err(e);
+            if let Some(original) = j.request.take() {
+                rejected.request = original;
+            }
+            rejected.request.token = token;
+            rejected.request.kind = kind;
+            return Err(rejected);
         }
-        self.mirror.forward(op, data, itoken, &self.done);
+        self.mirror.forward(kind, len, copy, idx, &self.remote);
         Ok(())
     }
     fn submit(&mut self) -> Result<(), IoEngineError> {
@@ -207,25 +248,31 @@ impl BlockQueue for MirrorQueue {
     fn reap(&mut self, out: &mut Vec<Completion>) {
         let mut local = std::mem::take(&mut self.scratch);
         self.inner.reap(&mut local);
-        for c in local.drain(..) {
-            if c.token & JOINED != 0 {
-                self.finish_part((c.token & !JOINED) as usize, Some(c.result), out);
-            } else {
-                out.push(c);
+        for mut c in local.drain(..) {
+            let idx = c.request.token as usize;
+            match self.entries.get_mut(idx) {
+                Some(Some(Entry::Passed { token })) => {
+                    c.request.token = *token;
+                    self.release(idx);
+                    out.push(c);
+                }
+                Some(Some(Entry::Joined(j))) => {
+                    if j.request.is_none() {
+                        // The submitter's own request came back from the local queue.
+                        j.request = Some(c.request);
+                    }
+                    self.finish_part(idx, Some(c.result), out);
+                }
+                _ => log::error!("mirror: completion for unknown token {idx}"),
             }
         }
-        self.done.drain_into(&mut local);
-        for c in local.drain(..) {
-            self.finish_part((c.token & !JOINED) as usize, None, out);
-        }
         self.scratch = local;
-    }
-    fn notifier(&self) -> Option<std::os::fd::RawFd> {
-        Some(self.done.notifier())
-    }
-    fn clear_notifier(&self) {
-        self.done.clear();
-        self.inner.clear_notifier();
+        let mut forwarded = std::mem::take(&mut self.forwarded);
+        self.remote.drain_into(&mut forwarded);
+        for idx in forwarded.drain(..) {
+            self.finish_part(idx, None, out);
+        }
+        self.forwarded = forwarded;
     }
 }
 
@@ -237,38 +284,26 @@ mod tests {
     /// it — here at reap time, after the guest changed its buffer.
     #[derive(Default)]
     struct LateQueue {
-        queued: Vec<(u64, Vec<libc::iovec>)>,
+        queued: Vec<IoRequest>,
         written: Arc<Mutex<Vec<u8>>>,
     }
 
-    // SAFETY: test-only; the iovecs point into buffers the test keeps alive and only this
-    // queue's owner touches them.
-    unsafe impl Send for LateQueue {}
-
     impl BlockQueue for LateQueue {
-        unsafe fn push(&mut self, op: &Op<'_>, token: u64) -> Result<(), IoEngineError> {
-            if let Op::Write { iovecs, .. } = *op {
-                self.queued.push((token, iovecs.to_vec()));
-            }
+        fn push(&mut self, request: IoRequest) -> Result<(), Box<Rejected>> {
+            self.queued.push(request);
             Ok(())
         }
         fn submit(&mut self) -> Result<(), IoEngineError> {
             Ok(())
         }
         fn reap(&mut self, out: &mut Vec<Completion>) {
-            for (token, iovecs) in self.queued.drain(..) {
-                for v in &iovecs {
-                    // SAFETY: the push contract keeps them valid until this completion is reaped.
-                    let b = unsafe { std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len) };
-                    lock(&self.written).extend_from_slice(b);
-                }
-                out.push(Completion { token, result: 0 });
+            for request in self.queued.drain(..) {
+                let mut bytes = vec![0u8; request.bufs.len() as usize];
+                request.bufs.copy_to(&mut bytes);
+                lock(&self.written).extend_from_slice(&bytes);
+                out.push(Completion { request, result: 0 });
             }
         }
-        fn notifier(&self) -> Option<std::os::fd::RawFd> {
-            None
-        }
-        fn clear_notifier(&self) {}
     }
 
     /// Issue 10 item 8: the local half of a mirrored write is written from the copy taken
@@ -282,27 +317,23 @@ mod tests {
         mirror.set_stage(Stage::Running);
         let written = Arc::new(Mutex::new(Vec::new()));
         let inner = LateQueue { queued: Vec::new(), written: written.clone() };
-        let mut q = MirrorQueue {
-            inner: Box::new(inner),
-            mirror: mirror.clone(),
-            done: DoneQueue::new(None).unwrap(),
-            joins: Vec::new(),
-            free: Vec::new(),
-            scratch: Vec::new(),
-        };
+        let completions = WorkerCompletions::new().unwrap();
+        let mut q = MirrorQueue::new(Box::new(inner), mirror.clone(), &completions);
         let mut guest = vec![0xAAu8; 8192];
-        let iov = [
+        let iov = vec![
             libc::iovec { iov_base: guest.as_mut_ptr().cast(), iov_len: 4096 },
             libc::iovec { iov_base: guest[4096..].as_mut_ptr().cast(), iov_len: 4096 },
         ];
-        // SAFETY: `guest` and `iov` outlive the reap below.
-        unsafe { q.push(&Op::Write { offset: 0, iovecs: &iov, dsync: false }, 7) }.unwrap();
+        // SAFETY: `guest` outlives the reap below, which hands the request back.
+        let bufs = unsafe { Buffers::from_raw(iov, None) };
+        q.push(IoRequest::new(7, OpKind::Write { offset: 0, dsync: false }, bufs)).unwrap();
         // The guest rewrites its buffer while the write is in flight.
         guest.fill(0x55);
         let mut out = Vec::new();
         q.reap(&mut out);
         assert_eq!(out.len(), 1, "both halves completed (no link: the range went dirty)");
-        assert_eq!(out[0].token, 7);
+        assert_eq!(out[0].token(), 7);
+        assert_eq!(out[0].request.bufs.len(), 8192, "the guest's own request came back");
         let w = lock(&written);
         assert_eq!(w.len(), 8192);
         assert!(

@@ -19,13 +19,14 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use super::pool::DoneQueue;
 use super::progress::{ErrorTime, JobClock};
 use super::{EventSink, Mode, ReplicationControl, ReplicationError, Stage, StartArgs, SyncMode};
 use crate::block::bitmap::SectorBitmap;
 use crate::block::image::ImageData;
-use crate::block::{BlockDevice, BlockError, BlockQueue, Completion, IoEngineError, Op};
-use crate::io::iovecs_len;
+use crate::block::{
+    BlockDevice, BlockError, BlockQueue, Buffers, Completion, IoEngineError, IoRequest, Lane, OpKind, Rejected,
+    WorkerCompletions,
+};
 use crate::nbd::client::{self, NbdUri, Reply};
 use crate::nbd::transport::Stream;
 use crate::nbd::wire::{
@@ -48,8 +49,8 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 /// Who waits for a forwarded request.
 enum Waiter {
-    /// A guest request: push a completion for `token` on a queue's done list.
-    Queue(Arc<DoneQueue>, u64),
+    /// A guest request: post its join index on the queue's lane.
+    Queue(Arc<Lane<usize>>, usize),
     /// The resync or a barrier: a channel.
     Chan(mpsc::Sender<bool>),
     /// A verify request: the reply's payload, or why there is none.
@@ -474,7 +475,7 @@ impl Mirror {
 
     fn wake(w: Waiter, ok: bool) {
         match w {
-            Waiter::Queue(done, token) => done.push(Completion { token, result: 0 }),
+            Waiter::Queue(lane, join) => lane.post(join),
             Waiter::Chan(tx) => {
                 let _ = tx.send(ok);
             }
@@ -575,22 +576,20 @@ impl Mirror {
         len <= u64::from(u32::MAX) && (cmd != CMD_WRITE || len <= u64::from(crate::nbd::wire::MAX_PAYLOAD))
     }
 
-    /// Forwards a guest write-type operation (the local one is already submitted). `data` is
-    /// a write's payload: the copy of the guest buffers the local write was submitted from.
-    /// The guest completion for `token` is pushed on `done` when the secondary answered, the
-    /// link broke, or at once when there is no link (the range is then dirty).
-    fn forward(&self, op: &Op<'_>, data: Option<Payload>, token: u64, done: &Arc<DoneQueue>) {
-        let waiter = Waiter::Queue(done.clone(), token);
-        let (cmd, flags, offset, len) = match *op {
-            Op::Write { offset, iovecs, dsync } => {
-                (CMD_WRITE, if dsync { CMD_FLAG_FUA } else { 0 }, offset, iovecs_len(iovecs))
-            }
-            Op::WriteZeroes { offset, len, unmap } => {
+    /// Forwards a guest write-type operation of `len` bytes (the local one is already
+    /// submitted). `data` is a write's payload: the copy of the guest buffers the local write was submitted from.
+    /// The join index `join` is posted on `lane` when the secondary answered, the link
+    /// broke, or at once when there is no link (the range is then dirty).
+    fn forward(&self, kind: OpKind, len: u64, data: Option<Payload>, join: usize, lane: &Arc<Lane<usize>>) {
+        let waiter = Waiter::Queue(lane.clone(), join);
+        let (cmd, flags, offset, len) = match kind {
+            OpKind::Write { offset, dsync } => (CMD_WRITE, if dsync { CMD_FLAG_FUA } else { 0 }, offset, len),
+            OpKind::WriteZeroes { offset, len, unmap } => {
                 (CMD_WRITE_ZEROES, if unmap { 0 } else { CMD_FLAG_NO_HOLE }, offset, len)
             }
-            Op::Discard { offset, len } => (CMD_TRIM, 0, offset, len),
-            Op::Flush => (CMD_FLUSH, 0, 0, 0),
-            Op::Read { .. } => {
+            OpKind::Discard { offset, len } => (CMD_TRIM, 0, offset, len),
+            OpKind::Flush => (CMD_FLUSH, 0, 0, 0),
+            OpKind::Read { .. } => {
                 Self::wake(waiter, true);
                 return;
             }
@@ -1023,7 +1022,7 @@ pub use activity::{ActivityError, ActivityLog, Recovered};
 
 pub use windows::ConnectError;
 
-use crate::block::aligned::AlignedBuf;
+use crate::io::aligned::AlignedBuf;
 mod hook;
 
 pub use control::MirrorControl;

@@ -20,8 +20,8 @@ use crate::test_rng::Rng;
 
 /// A request the local queue holds until the test completes it.
 struct LocalReq {
-    /// The token the mirror queue pushed it with (its internal one for a joined request).
-    token: u64,
+    /// The request the mirror queue pushed (its token is the queue's own for a joined request).
+    request: IoRequest,
     /// The guest token it belongs to (set by the test right after the push).
     guest: u64,
     offset: u64,
@@ -38,21 +38,18 @@ struct Local {
 struct FakeQueue(Arc<Mutex<Local>>);
 
 impl BlockQueue for FakeQueue {
-    unsafe fn push(&mut self, op: &Op<'_>, token: u64) -> Result<(), IoEngineError> {
-        let (offset, data) = match *op {
-            Op::Write { offset, iovecs, .. } | Op::Read { offset, iovecs } => {
-                let mut data = Vec::new();
-                for v in iovecs {
-                    // SAFETY: the push contract keeps the iovecs' buffers live until the
-                    // completion is reaped; they are only read here.
-                    data.extend_from_slice(unsafe { std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len) });
-                }
-                (offset, matches!(op, Op::Write { .. }).then_some(data))
-            }
-            Op::Discard { offset, .. } | Op::WriteZeroes { offset, .. } => (offset, None),
-            Op::Flush => (0, None),
+    fn push(&mut self, request: IoRequest) -> Result<(), Box<Rejected>> {
+        let offset = match request.kind {
+            OpKind::Write { offset, .. } | OpKind::Read { offset } => offset,
+            OpKind::Discard { offset, .. } | OpKind::WriteZeroes { offset, .. } => offset,
+            OpKind::Flush => 0,
         };
-        lock(&self.0).pending.push(LocalReq { token, guest: u64::MAX, offset, data });
+        let data = matches!(request.kind, OpKind::Write { .. }).then(|| {
+            let mut d = vec![0u8; request.bufs.len() as usize];
+            request.bufs.copy_to(&mut d);
+            d
+        });
+        lock(&self.0).pending.push(LocalReq { request, guest: u64::MAX, offset, data });
         Ok(())
     }
     fn submit(&mut self) -> Result<(), IoEngineError> {
@@ -61,10 +58,6 @@ impl BlockQueue for FakeQueue {
     fn reap(&mut self, out: &mut Vec<Completion>) {
         out.append(&mut lock(&self.0).done);
     }
-    fn notifier(&self) -> Option<std::os::fd::RawFd> {
-        None
-    }
-    fn clear_notifier(&self) {}
 }
 
 struct FakeDevice {
@@ -79,7 +72,11 @@ impl BlockDevice for FakeDevice {
     fn read_only(&self) -> bool {
         false
     }
-    fn open_queue(&self, _depth: u32) -> Result<Box<dyn BlockQueue>, BlockError> {
+    fn open_queue(
+        &self,
+        _depth: u32,
+        _completions: &Arc<WorkerCompletions>,
+    ) -> Result<Box<dyn BlockQueue>, BlockError> {
         Ok(Box::new(FakeQueue(self.local.clone())))
     }
     fn flush(&self) -> io::Result<()> {
@@ -125,8 +122,15 @@ fn mirror(size: u64, file: std::fs::File) -> (Arc<Mirror>, Box<dyn BlockQueue>, 
     m.set_stage(Stage::Running);
     let local = Arc::new(Mutex::new(Local::default()));
     let dev = MirrorDevice { inner: Arc::new(FakeDevice { size, local: local.clone() }), mirror: m.clone() };
-    let q = dev.open_queue(64).unwrap();
+    let q = dev.open_queue(64, &WorkerCompletions::new().unwrap()).unwrap();
     (m, q, local)
+}
+
+/// A guest buffer holding `data` (owned, so the request may outlive the test's step).
+fn guest_buffers(data: &[u8]) -> Buffers {
+    let mut b = crate::io::aligned::AlignedBuf::zeroed(data.len());
+    b.copy_from_slice(data);
+    Buffers::from_aligned(b)
 }
 
 fn dirty_bits(m: &Mirror) -> Vec<bool> {
@@ -197,19 +201,17 @@ fn join_seed(seed: u64) {
                 let s0 = rng.below(SECTORS);
                 let n = 1 + rng.below(16).min(SECTORS - s0 - 1);
                 let (offset, len) = (s0 * SECTOR, n * SECTOR);
-                let mut data = rng.bytes(len as usize);
-                let iov = [libc::iovec { iov_base: data.as_mut_ptr().cast(), iov_len: len as usize }];
-                let op = match kind {
-                    Kind::Read => Op::Read { offset, iovecs: &iov },
-                    Kind::Write => Op::Write { offset, iovecs: &iov, dsync: rng.below(2) == 0 },
-                    Kind::Zeroes => Op::WriteZeroes { offset, len, unmap: rng.below(2) == 0 },
-                    Kind::Discard => Op::Discard { offset, len },
-                    Kind::Flush => Op::Flush,
+                let data = rng.bytes(len as usize);
+                let (op, bufs) = match kind {
+                    Kind::Read => (OpKind::Read { offset }, guest_buffers(&data)),
+                    Kind::Write => (OpKind::Write { offset, dsync: rng.below(2) == 0 }, guest_buffers(&data)),
+                    Kind::Zeroes => (OpKind::WriteZeroes { offset, len, unmap: rng.below(2) == 0 }, Buffers::none()),
+                    Kind::Discard => (OpKind::Discard { offset, len }, Buffers::none()),
+                    Kind::Flush => (OpKind::Flush, Buffers::none()),
                 };
                 let token = next_token;
                 next_token += 1;
-                // SAFETY: the fake queue reads the iovecs during the push only.
-                unsafe { q.push(&op, token) }.unwrap();
+                q.push(IoRequest::new(token, op, bufs)).unwrap();
                 let guest_data = (kind == Kind::Write).then(|| data.clone());
                 {
                     let mut l = lock(&local);
@@ -274,7 +276,7 @@ fn join_seed(seed: u64) {
                     must_dirty[g.sectors.0 as usize..g.sectors.1 as usize].fill(true);
                 }
                 g.local = Some(result);
-                l.done.push(Completion { token: r.token, result });
+                l.done.push(Completion { request: r.request, result });
             }
             60..=89 => {
                 // The secondary answers a pending request (one in five with EIO).
@@ -321,14 +323,15 @@ fn join_seed(seed: u64) {
         q.reap(&mut out);
         let mut seen = HashSet::new();
         for c in &out {
-            let g =
-                guests.get_mut(&c.token).unwrap_or_else(|| panic!("{ctx}: completion for unknown token {}", c.token));
-            assert!(seen.insert(c.token) && !g.reported, "{ctx}: token {} completed twice", c.token);
+            let g = guests
+                .get_mut(&c.token())
+                .unwrap_or_else(|| panic!("{ctx}: completion for unknown token {}", c.token()));
+            assert!(seen.insert(c.token()) && !g.reported, "{ctx}: token {} completed twice", c.token());
             assert!(
                 g.local.is_some() && g.remote_done,
                 "{ctx}: {:?} token {} completed with local {:?}, remote done {}",
                 g.kind,
-                c.token,
+                c.token(),
                 g.local,
                 g.remote_done
             );
@@ -337,7 +340,7 @@ fn join_seed(seed: u64) {
                 g.local,
                 "{ctx}: {:?} token {}: the guest's result is not the local one",
                 g.kind,
-                c.token
+                c.token()
             );
             g.reported = true;
         }
@@ -475,12 +478,11 @@ fn resync_seed(seed: u64) {
                     if inflight.values().any(|&(a, b)| a < s0 + n && s0 < b) {
                         continue;
                     }
-                    let mut data = rng.bytes((n * SECTOR) as usize);
-                    let iov = [libc::iovec { iov_base: data.as_mut_ptr().cast(), iov_len: data.len() }];
+                    let data = rng.bytes((n * SECTOR) as usize);
                     let token = next_token;
                     next_token += 1;
-                    // SAFETY: the fake queue reads the iovecs during the push only.
-                    unsafe { q.push(&Op::Write { offset: s0 * SECTOR, iovecs: &iov, dsync: false }, token) }.unwrap();
+                    let write = OpKind::Write { offset: s0 * SECTOR, dsync: false };
+                    q.push(IoRequest::new(token, write, guest_buffers(&data))).unwrap();
                     lock(&local).pending.last_mut().unwrap().guest = token;
                     let (req, payload) = tl.rx.try_recv().unwrap_or_else(|e| panic!("{ctx}: write not forwarded: {e}"));
                     remotes.insert(req.handle, Remote { req, payload, guest: Some(token), applied: false });
@@ -496,7 +498,7 @@ fn resync_seed(seed: u64) {
                     let r = l.pending.remove(i);
                     let data = r.data.as_ref().unwrap();
                     FileExt::write_all_at(&disk, data, r.offset).unwrap();
-                    l.done.push(Completion { token: r.token, result: data.len() as i32 });
+                    l.done.push(Completion { result: data.len() as i32, request: r.request });
                 }
                 _ => {
                     // The secondary applies a request; a guest write's answer may follow.
@@ -516,7 +518,7 @@ fn resync_seed(seed: u64) {
             q.reap(&mut out);
             for c in &out {
                 assert!(c.result >= 0, "{ctx}");
-                inflight.remove(&c.token);
+                inflight.remove(&c.token());
             }
         }
         // The secondary applies and answers the chunks; the copy finishes.
@@ -537,7 +539,7 @@ fn resync_seed(seed: u64) {
                 let r = l.pending.remove(0);
                 let data = r.data.as_ref().unwrap();
                 FileExt::write_all_at(&disk, data, r.offset).unwrap();
-                l.done.push(Completion { token: r.token, result: data.len() as i32 });
+                l.done.push(Completion { result: data.len() as i32, request: r.request });
             } else {
                 let h = *remotes.keys().nth(rng.below(pending_remote as u64) as usize).unwrap();
                 let mut r = remotes.remove(&h).unwrap();
@@ -548,7 +550,7 @@ fn resync_seed(seed: u64) {
         out.clear();
         q.reap(&mut out);
         for c in &out {
-            inflight.remove(&c.token);
+            inflight.remove(&c.token());
         }
         assert!(inflight.is_empty(), "{ctx}: writes never completed: {inflight:?}");
         // The rule: where the secondary differs from the local disk, the sector is dirty.

@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use super::{Expect, Link, Mirror, Payload, ReplicationError, SECTOR, Stage, Waiter, lock};
-use crate::block::aligned::AlignedBuf;
+use crate::io::aligned::AlignedBuf;
 use crate::nbd::checksum::{self, CHECKSUM_BLOCK, CMD_COLO_CHECKSUM};
 use crate::nbd::wire::{CMD_READ, Request};
 use crate::replication::progress::JobClock;

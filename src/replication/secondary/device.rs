@@ -12,29 +12,20 @@ impl BlockDevice for SecondaryDevice {
     fn read_only(&self) -> bool {
         false
     }
-    fn open_queue(&self, depth: u32) -> Result<Box<dyn BlockQueue>, BlockError> {
-        let inner = self.0.disk.open_queue(depth)?;
-        let done = DoneQueue::new(inner.notifier()).map_err(|e| BlockError::Engine(IoEngineError::Setup(e)))?;
+    fn open_queue(&self, depth: u32, completions: &Arc<WorkerCompletions>) -> Result<Box<dyn BlockQueue>, BlockError> {
+        let inner = self.0.disk.open_queue(depth, completions)?;
         // A ring on the active buffer for direct reads of sectors the VM wrote, signalling the
-        // disk queue's eventfd (the worker watches that one). Without an io_uring disk queue
-        // those reads take the buffer path.
-        let active_ring = inner.notifier().and_then(|fd| {
-            // SAFETY: dup of a live eventfd; the new descriptor is owned by the EventFd.
-            let dup = unsafe { libc::dup(fd) };
-            if dup < 0 {
-                return None;
-            }
-            // SAFETY: `dup` is a fresh descriptor nobody else owns.
-            let eventfd = unsafe { <vmm_sys_util::eventfd::EventFd as std::os::fd::FromRawFd>::from_raw_fd(dup) };
-            crate::io::uring::UringEngine::with_files(vec![self.0.active.clone()], depth, eventfd).ok()
-        });
+        // worker's completions like every other ring. Without io_uring those reads take the
+        // buffer path.
+        let active_ring =
+            crate::io::uring::UringEngine::with_files(vec![self.0.active.clone()], depth, completions).ok();
         Ok(Box::new(SecondaryQueue {
             sec: self.0.clone(),
             inner,
-            done,
+            buffered: completions.lane(),
             active_ring,
             active_swaps: self.0.active_swaps(),
-            direct: Vec::new(),
+            entries: Vec::new(),
             free: Vec::new(),
             scratch: Vec::new(),
         }))
@@ -68,32 +59,34 @@ impl BlockDevice for SecondaryDevice {
 struct SecondaryQueue {
     sec: Arc<Secondary>,
     inner: Box<dyn BlockQueue>,
-    done: Arc<DoneQueue>,
+    /// Requests finished on the pool (the buffer path).
+    buffered: Arc<Lane>,
     /// io_uring on the active buffer (file 0), or None (buffer path only).
     active_ring: Option<crate::io::uring::UringEngine>,
     /// [`Secondary::active_swaps`] when the ring last registered the active descriptor.
     active_swaps: u64,
-    /// Direct reads in flight, by slab index (their inner token is `DIRECT | index`).
-    direct: Vec<Option<DirectRead>>,
+    /// Requests pushed to the disk's queue or the active ring, by the token they carry there.
+    entries: Vec<Option<Entry>>,
     free: Vec<usize>,
     scratch: Vec<Completion>,
 }
 
-/// A VM read sent straight to the disk's queue or the active buffer's ring.
+/// What a token this queue pushed down stands for.
+enum Entry {
+    /// A request passed to the disk as it is (stage done).
+    Passed { token: u64 },
+    /// A VM read sent straight to the disk's queue or the active buffer's ring, checked when
+    /// it completes.
+    Direct(DirectRead),
+}
+
 struct DirectRead {
     token: u64,
     sectors: (u64, u64),
     generation: u64,
     /// Read from the active buffer (else from the disk).
     active: bool,
-    /// To redo it on the buffer path; the worker keeps its iovecs alive until `token`
-    /// completes.
-    op: SendOp,
 }
-
-/// Marks the inner tokens of direct reads. The worker's own tokens are slot numbers and the
-/// mirror above sets only bit 63, so bit 62 is free.
-const DIRECT: u64 = 1 << 62;
 
 impl SecondaryQueue {
     /// Makes the active ring's file entry name the active buffer's current file (a
@@ -117,63 +110,80 @@ impl SecondaryQueue {
         }
     }
 
-    /// Runs `op` on the pool (the buffer path); its completion comes through `done`.
-    fn spawn(&self, op: SendOp, token: u64) -> Result<(), IoEngineError> {
+    fn alloc(&mut self, entry: Entry) -> usize {
+        match self.free.pop() {
+            Some(i) => {
+                self.entries[i] = Some(entry);
+                i
+            }
+            None => {
+                self.entries.push(Some(entry));
+                self.entries.len() - 1
+            }
+        }
+    }
+
+    fn release(&mut self, idx: usize) -> Option<Entry> {
+        let e = self.entries.get_mut(idx)?.take();
+        if e.is_some() {
+            self.free.push(idx);
+        }
+        e
+    }
+
+    /// Runs `request` on the pool (the buffer path); its completion comes through `buffered`.
+    fn spawn(&self, request: IoRequest) -> Result<(), Box<Rejected>> {
         let sec = self.sec.clone();
-        let task = Box::new(move || {
-            // SAFETY: the worker keeps the iovecs and buffers alive until it reaps this
-            // token's completion, which the pool queues only after the task returned.
-            unsafe { op.with(|op| sec.vm_execute(op)) }
-        });
-        if self.sec.pool.spawn(task, token, &self.done) { Ok(()) } else { Err(IoEngineError::QueueFull) }
+        let task = Box::new(move |r: &mut IoRequest| sec.vm_execute(r));
+        self.sec
+            .pool
+            .spawn(task, request, &self.buffered)
+            .map_err(|request| Box::new(Rejected { error: IoEngineError::QueueFull, request }))
+    }
+
+    /// Sends `request` to the disk's queue under this queue's token `idx`; on refusal it
+    /// comes back with the submitter's token.
+    fn push_inner(&mut self, mut request: IoRequest, idx: usize, active: bool) -> Result<(), Box<Rejected>> {
+        let token = request.token;
+        request.token = idx as u64;
+        let pushed = match (&mut self.active_ring, active) {
+            (Some(ring), true) => ring.push_to(0, request),
+            _ => self.inner.push(request),
+        };
+        pushed.map_err(|mut rejected| {
+            self.release(idx);
+            rejected.request.token = token;
+            rejected
+        })
     }
 }
 
 impl BlockQueue for SecondaryQueue {
-    unsafe fn push(&mut self, op: &Op<'_>, token: u64) -> Result<(), IoEngineError> {
+    fn push(&mut self, request: IoRequest) -> Result<(), Box<Rejected>> {
         if self.sec.stage() == Stage::Done {
-            // SAFETY: forwarded contract.
-            return unsafe { self.inner.push(op, token) };
+            let idx = self.alloc(Entry::Passed { token: request.token });
+            return self.push_inner(request, idx, false);
         }
-        if let Op::Read { offset, iovecs } = *op {
-            let (s0, s1) = Secondary::sectors(offset, crate::io::iovecs_len(iovecs));
+        if let Some((offset, len)) = request.range().filter(|_| matches!(request.kind, OpKind::Read { .. })) {
+            let (s0, s1) = Secondary::sectors(offset, len);
             let route = match self.sec.direct_read_start(s0, s1) {
                 Some(g) => Some((g, false)),
                 None if self.active_ring.is_some() => self.sec.direct_active_read_start(s0, s1).map(|g| (g, true)),
                 None => None,
             };
-            if let Some((generation, active)) = route {
-                if active && !self.active_ring_current() {
-                    return self.spawn(SendOp::new(op), token);
-                }
-                let read = DirectRead { token, sectors: (s0, s1), generation, active, op: SendOp::new(op) };
-                let index = match self.free.pop() {
-                    Some(i) => {
-                        self.direct[i] = Some(read);
-                        i
-                    }
-                    None => {
-                        self.direct.push(Some(read));
-                        self.direct.len() - 1
-                    }
+            if let Some((generation, active)) = route
+                && (!active || self.active_ring_current())
+            {
+                let read = DirectRead { token: request.token, sectors: (s0, s1), generation, active };
+                let idx = self.alloc(Entry::Direct(read));
+                // A full ring hands the read back: the buffer path takes it.
+                return match self.push_inner(request, idx, active) {
+                    Ok(()) => Ok(()),
+                    Err(rejected) => self.spawn(rejected.request),
                 };
-                let pushed = match (&mut self.active_ring, active) {
-                    // SAFETY: forwarded contract (the same op, buffers alive until completion).
-                    (Some(ring), true) => unsafe { ring.push_to(0, op, DIRECT | index as u64) },
-                    // SAFETY: as above.
-                    _ => unsafe { self.inner.push(op, DIRECT | index as u64) },
-                };
-                match pushed {
-                    Ok(()) => return Ok(()),
-                    Err(_) => {
-                        // The ring is full: the buffer path takes it.
-                        self.direct[index] = None;
-                        self.free.push(index);
-                    }
-                }
             }
         }
-        self.spawn(SendOp::new(op), token)
+        self.spawn(request)
     }
     fn submit(&mut self) -> Result<(), IoEngineError> {
         if let Some(ring) = &mut self.active_ring {
@@ -182,49 +192,47 @@ impl BlockQueue for SecondaryQueue {
         self.inner.submit()
     }
     fn reap(&mut self, out: &mut Vec<Completion>) {
-        self.done.drain_into(out);
+        self.buffered.drain_into(out);
         let mut scratch = std::mem::take(&mut self.scratch);
         if let Some(ring) = &mut self.active_ring {
             crate::io::IoEngine::reap(ring, &mut scratch);
         }
         self.inner.reap(&mut scratch);
-        for c in scratch.drain(..) {
-            if c.token & DIRECT == 0 {
-                out.push(c);
-                continue;
-            }
-            let index = (c.token & !DIRECT) as usize;
-            let Some(read) = self.direct.get_mut(index).and_then(Option::take) else { continue };
-            self.free.push(index);
-            let (s0, s1) = read.sectors;
-            // A failed direct read is redone too: an O_DIRECT read of a guest buffer that is
-            // not aligned fails where the buffer path (page cache) succeeds; a real disk
-            // error fails again there and is answered then.
-            let valid = if read.active {
-                self.sec.direct_active_read_valid(s0, s1, read.generation)
-            } else {
-                self.sec.direct_read_valid(s0, s1, read.generation)
-            };
-            if c.result >= 0 && valid {
-                out.push(Completion { token: read.token, result: c.result });
-            } else if self.spawn(read.op, read.token).is_err() {
-                out.push(Completion { token: read.token, result: -libc::EIO });
+        for mut c in scratch.drain(..) {
+            let idx = c.request.token as usize;
+            match self.release(idx) {
+                Some(Entry::Passed { token }) => {
+                    c.request.token = token;
+                    out.push(c);
+                }
+                Some(Entry::Direct(read)) => {
+                    c.request.token = read.token;
+                    let (s0, s1) = read.sectors;
+                    // A failed direct read is redone too: an O_DIRECT read of a guest buffer
+                    // that is not aligned fails where the buffer path (page cache) succeeds; a
+                    // real disk error fails again there and is answered then.
+                    let valid = if read.active {
+                        self.sec.direct_active_read_valid(s0, s1, read.generation)
+                    } else {
+                        self.sec.direct_read_valid(s0, s1, read.generation)
+                    };
+                    if c.result >= 0 && valid {
+                        out.push(c);
+                    } else if let Err(rejected) = self.spawn(c.request) {
+                        out.push(Completion { request: rejected.request, result: -libc::EIO });
+                    }
+                }
+                None => log::error!("secondary: completion for unknown token {idx}"),
             }
         }
         self.scratch = scratch;
-    }
-    fn notifier(&self) -> Option<RawFd> {
-        Some(self.done.notifier())
-    }
-    fn clear_notifier(&self) {
-        self.done.clear();
-        self.inner.clear_notifier()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::block::Buffers;
     use crate::nbd::server::NbdExport;
     use crate::replication::ReplicationControl;
 
@@ -233,44 +241,44 @@ mod tests {
     /// in between.
     struct LateReads {
         disk: Arc<dyn crate::block::image::ImageData>,
-        held: Vec<(u64, u64, libc::iovec)>,
+        held: Vec<IoRequest>,
     }
 
-    // SAFETY: the iovec points into the test's buffer, alive for the whole test.
-    unsafe impl Send for LateReads {}
-
     impl BlockQueue for LateReads {
-        unsafe fn push(&mut self, op: &Op<'_>, token: u64) -> Result<(), IoEngineError> {
-            let Op::Read { offset, iovecs } = *op else { panic!("only reads reach the disk here") };
-            self.held.push((token, offset, iovecs[0]));
+        fn push(&mut self, request: IoRequest) -> Result<(), Box<Rejected>> {
+            assert!(matches!(request.kind, OpKind::Read { .. }), "only reads reach the disk here");
+            self.held.push(request);
             Ok(())
         }
         fn submit(&mut self) -> Result<(), IoEngineError> {
             Ok(())
         }
         fn reap(&mut self, out: &mut Vec<Completion>) {
-            for (token, offset, iov) in self.held.drain(..) {
-                // SAFETY: the test's buffer is alive.
-                let result = unsafe { self.disk.transfer(offset, &[iov], false, false) };
-                out.push(Completion { token, result });
+            for request in self.held.drain(..) {
+                let OpKind::Read { offset } = request.kind else { continue };
+                let mut bytes = vec![0u8; request.bufs.len() as usize];
+                let result = match self.disk.read_exact_at(&mut bytes, offset) {
+                    Ok(()) => bytes.len() as i32,
+                    Err(_) => -libc::EIO,
+                };
+                let mut request = request;
+                request.bufs.copy_from(&bytes);
+                out.push(Completion { request, result });
             }
         }
-        fn notifier(&self) -> Option<RawFd> {
-            None
-        }
-        fn clear_notifier(&self) {}
     }
 
     fn setup(dir: &std::path::Path) -> (Arc<Secondary>, SecondaryQueue) {
         let s = super::super::tests::secondary(dir, 1 << 20);
         let inner = Box::new(LateReads { disk: s.file.clone(), held: Vec::new() });
+        let completions = WorkerCompletions::new().unwrap();
         let q = SecondaryQueue {
             sec: s.clone(),
             active_ring: None,
             active_swaps: 0,
             inner,
-            done: DoneQueue::new(None).unwrap(),
-            direct: Vec::new(),
+            buffered: completions.lane(),
+            entries: Vec::new(),
             free: Vec::new(),
             scratch: Vec::new(),
         };
@@ -283,12 +291,22 @@ mod tests {
         let mut out = Vec::new();
         loop {
             q.reap(&mut out);
-            if let Some(c) = out.iter().find(|c| c.token == token) {
+            if let Some(c) = out.iter().find(|c| c.token() == token) {
                 return c.result;
             }
             assert!(Instant::now() < deadline, "token {token} never completed");
             std::thread::yield_now();
         }
+    }
+
+    fn read(buf: &mut [u8], offset: u64, token: u64) -> IoRequest {
+        let iov = vec![libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() }];
+        // SAFETY: each test keeps `buf` alive until the completion was reaped.
+        IoRequest::new(token, OpKind::Read { offset }, unsafe { Buffers::from_raw(iov, None) })
+    }
+
+    fn directs(q: &SecondaryQueue) -> usize {
+        q.entries.iter().flatten().filter(|e| matches!(e, Entry::Direct(_))).count()
     }
 
     /// A direct read overtaken by a primary write to its sectors (copy-before-write, then the
@@ -299,24 +317,20 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (s, mut q) = setup(dir.path());
         let mut buf = vec![0u8; 4096];
-        let iov = [libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: 4096 }];
-        // SAFETY: `buf` and `iov` outlive the completion, reaped below.
-        unsafe { q.push(&Op::Read { offset: 0, iovecs: &iov }, 7) }.unwrap();
-        assert_eq!(q.direct.iter().flatten().count(), 1, "the read did not go to the disk's queue");
+        q.push(read(&mut buf, 0, 7)).unwrap();
+        assert_eq!(directs(&q), 1, "the read did not go to the disk's queue");
         SecondaryExport(s.clone()).write(0, &[0x22u8; 4096], false).unwrap();
         assert_eq!(wait_for(&mut q, 7), 4096);
         assert!(buf.iter().all(|&b| b == 0x11), "the VM read saw the primary's next-epoch data");
         assert_eq!(s.direct_retries.load(Ordering::Relaxed), 1);
 
         // A read of untouched sectors completes directly.
-        // SAFETY: as above.
-        unsafe { q.push(&Op::Read { offset: 65536, iovecs: &iov }, 8) }.unwrap();
+        q.push(read(&mut buf, 65536, 8)).unwrap();
         assert_eq!(wait_for(&mut q, 8), 4096);
         assert_eq!(s.direct_reads.load(Ordering::Relaxed), 1);
         // Sectors in a buffer never go direct.
-        // SAFETY: as above.
-        unsafe { q.push(&Op::Read { offset: 0, iovecs: &iov }, 9) }.unwrap();
-        assert_eq!(q.direct.iter().flatten().count(), 0);
+        q.push(read(&mut buf, 0, 9)).unwrap();
+        assert_eq!(directs(&q), 0);
         assert_eq!(wait_for(&mut q, 9), 4096);
         assert!(buf.iter().all(|&b| b == 0x11));
     }
@@ -327,9 +341,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (s, mut q) = setup(dir.path());
         let mut buf = vec![0u8; 4096];
-        let iov = [libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: 4096 }];
-        // SAFETY: `buf` and `iov` outlive the completion, reaped below.
-        unsafe { q.push(&Op::Read { offset: 8192, iovecs: &iov }, 1) }.unwrap();
+        q.push(read(&mut buf, 8192, 1)).unwrap();
         SecondaryControl(s.clone()).checkpoint(None).unwrap();
         assert_eq!(wait_for(&mut q, 1), 4096);
         assert_eq!(s.direct_retries.load(Ordering::Relaxed), 1);

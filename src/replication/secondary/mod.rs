@@ -16,7 +16,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -27,16 +27,18 @@ use serde_json::{Value, json};
 
 use super::gate::Gate;
 use super::generation::Generations;
-use super::pool::{DoneQueue, Pool, SendOp};
+use super::pool::Pool;
 use super::progress::{ErrorTime, JobClock};
 use super::{EventSink, Mode, ReplicationControl, ReplicationError, Stage, StartArgs};
 use crate::block::bitmap::SectorBitmap;
 use crate::block::image::ImageData;
 use crate::block::range_lock::RangeLock;
 use crate::block::raw::create_sparse;
-use crate::block::{BlockDevice, BlockError, BlockQueue, Completion, IoEngineError, Op};
+use crate::block::{
+    BlockDevice, BlockError, BlockQueue, Buffers, Completion, IoEngineError, IoRequest, Lane, Op, OpKind, Rejected,
+    WorkerCompletions,
+};
 use crate::io::sync::fallocate_with_fallback;
-use crate::io::{slice_iovecs, transfer};
 use crate::nbd::{NbdExport, NbdServer};
 
 const SECTOR: u64 = 512;
@@ -528,41 +530,32 @@ impl Secondary {
     }
 
     /// Executes one VM request synchronously; returns bytes or -errno.
-    fn vm_execute(&self, op: &Op<'_>) -> i32 {
+    fn vm_execute(&self, request: &mut IoRequest) -> i32 {
         let _t = self.gate.enter();
         let stage = self.stage();
-        match (stage, op) {
-            (Stage::None, Op::Flush) => 0,
+        let bufs = &mut request.bufs;
+        match (stage, request.kind) {
+            (Stage::None, OpKind::Flush) => 0,
             (Stage::None, _) => -libc::EIO,
-            (Stage::Done, _) => self.disk_execute(op),
-            (_, Op::Read { offset, iovecs }) => self.vm_read(*offset, iovecs),
-            (_, Op::Write { offset, iovecs, dsync }) => self.vm_write(stage, *offset, iovecs, *dsync),
-            (_, Op::Flush) => self.flush_all().map_or_else(|e| -e.raw_os_error().unwrap_or(libc::EIO), |()| 0),
-            (_, Op::Discard { offset, len }) | (_, Op::WriteZeroes { offset, len, .. }) => {
-                self.vm_zero(stage, *offset, *len)
+            (Stage::Done, OpKind::Read { offset }) => self.file.transfer(offset, bufs, false, false),
+            (Stage::Done, OpKind::Write { offset, dsync }) => self.file.transfer(offset, bufs, true, dsync),
+            (_, OpKind::Read { offset }) => self.vm_read(offset, bufs),
+            (_, OpKind::Write { offset, dsync }) => self.vm_write(stage, offset, bufs, dsync),
+            (_, OpKind::Flush) => {
+                let r = if stage == Stage::Done { self.file.sync_data() } else { self.flush_all() };
+                r.map_or_else(|e| -e.raw_os_error().unwrap_or(libc::EIO), |()| 0)
+            }
+            (Stage::Done, OpKind::Discard { .. } | OpKind::WriteZeroes { .. }) => self.file.zero(&request.op()),
+            (_, OpKind::Discard { offset, len } | OpKind::WriteZeroes { offset, len, .. }) => {
+                self.vm_zero(stage, offset, len)
             }
         }
     }
 
-    fn disk_execute(&self, op: &Op<'_>) -> i32 {
-        match *op {
-            // SAFETY: the worker keeps the buffers alive until the request completes, which
-            // happens after this call returns.
-            Op::Read { offset, iovecs } => unsafe { self.file.transfer(offset, iovecs, false, false) },
-            Op::Write { offset, iovecs, dsync } => {
-                // SAFETY: as above.
-                unsafe { self.file.transfer(offset, iovecs, true, dsync) }
-            }
-            Op::Flush => self.file.sync_data().map_or(-libc::EIO, |()| 0),
-            Op::Discard { .. } | Op::WriteZeroes { .. } => self.file.zero(op),
-        }
-    }
-
-    fn vm_read(&self, offset: u64, iovecs: &[libc::iovec]) -> i32 {
-        let len = crate::io::iovecs_len(iovecs);
+    fn vm_read(&self, offset: u64, bufs: &Buffers) -> i32 {
+        let len = bufs.len();
         let (s0, s1) = Self::sectors(offset, len);
         let _g = self.locks.shared(s0, s1);
-        let mut sub = Vec::new();
         for (a, b, in_active) in self.active_map.runs(s0, s1) {
             let pieces: Vec<(u64, u64, &dyn ImageData)> = if in_active {
                 vec![(a, b, &*self.active)]
@@ -574,10 +567,8 @@ impl Secondary {
                     .collect()
             };
             for (c, d, source) in pieces {
-                let byte_off = c * SECTOR - offset;
-                slice_iovecs(iovecs, byte_off, (d - c) * SECTOR, &mut sub);
-                // SAFETY: `sub` points into the caller's live buffers.
-                let r = unsafe { source.transfer(c * SECTOR, &sub, false, false) };
+                let mut sub = bufs.slice(c * SECTOR - offset, (d - c) * SECTOR);
+                let r = source.transfer(c * SECTOR, &mut sub, false, false);
                 if r < 0 {
                     return r;
                 }
@@ -586,14 +577,13 @@ impl Secondary {
         crate::io::result_from_len(len)
     }
 
-    fn vm_write(&self, stage: Stage, offset: u64, iovecs: &[libc::iovec], dsync: bool) -> i32 {
-        let len = crate::io::iovecs_len(iovecs);
+    fn vm_write(&self, stage: Stage, offset: u64, bufs: &mut Buffers, dsync: bool) -> i32 {
+        let len = bufs.len();
         let (s0, s1) = Self::sectors(offset, len);
         let _g = self.locks.shared(s0, s1);
         match stage {
             Stage::Running => {
-                // SAFETY: the caller's buffers are live for the duration of the call.
-                let r = unsafe { transfer(self.active.as_raw_fd(), offset, iovecs, true, dsync) };
+                let r = bufs.transfer(self.active.as_raw_fd(), offset, true, dsync);
                 if r >= 0 {
                     self.active_map.set(s0, s1);
                 }
@@ -603,8 +593,7 @@ impl Secondary {
                 // The merge is copying the buffers into the disk: newer data goes straight to
                 // the disk and the sectors leave the buffers, so the merge cannot overwrite it
                 // (nor a resumed one: see commit.rs).
-                // SAFETY: as above.
-                let r = unsafe { self.file.transfer(offset, iovecs, true, dsync) };
+                let r = self.file.transfer(offset, bufs, true, dsync);
                 if r >= 0 {
                     if let Err(e) = self.journal_disk_write(s0, s1) {
                         log::error!("cannot journal a VM write during the failover commit: {e}");
@@ -617,13 +606,11 @@ impl Secondary {
             }
             Stage::FailoverFailed => {
                 // Spec §2.2: sectors allocated in the buffers go to active, the rest to the disk.
-                let mut sub = Vec::new();
                 for (a, b, in_active) in self.active_map.runs(s0, s1) {
                     for (c, d, saved) in self.saved_map.runs(a, b) {
                         let target: &dyn ImageData = if in_active || saved { &*self.active } else { &*self.file };
-                        slice_iovecs(iovecs, c * SECTOR - offset, (d - c) * SECTOR, &mut sub);
-                        // SAFETY: as above.
-                        let r = unsafe { target.transfer(c * SECTOR, &sub, true, dsync) };
+                        let mut sub = bufs.slice(c * SECTOR - offset, (d - c) * SECTOR);
+                        let r = target.transfer(c * SECTOR, &mut sub, true, dsync);
                         if r < 0 {
                             return r;
                         }

@@ -78,7 +78,9 @@ fn iovecs_of(rng: &mut Rng, data: &mut [u8]) -> Vec<libc::iovec> {
 fn vm_read(s: &Secondary, rng: &mut Rng, offset: u64, len: usize) -> Vec<u8> {
     let mut buf = vec![0xEEu8; len];
     let iov = iovecs_of(rng, &mut buf);
-    let r = s.vm_execute(&Op::Read { offset, iovecs: &iov });
+    // SAFETY: `buf` outlives the request, dropped at the end of the call.
+    let mut req = IoRequest::new(0, OpKind::Read { offset }, unsafe { Buffers::from_raw(iov, None) });
+    let r = s.vm_execute(&mut req);
     assert_eq!(r, len as i32, "VM read of {len} bytes at {offset} in stage {}", s.stage().name());
     buf
 }
@@ -86,7 +88,10 @@ fn vm_read(s: &Secondary, rng: &mut Rng, offset: u64, len: usize) -> Vec<u8> {
 fn vm_write(s: &Secondary, rng: &mut Rng, offset: u64, data: &[u8]) {
     let mut copy = data.to_vec();
     let iov = iovecs_of(rng, &mut copy);
-    let r = s.vm_execute(&Op::Write { offset, iovecs: &iov, dsync: rng.below(4) == 0 });
+    let kind = OpKind::Write { offset, dsync: rng.below(4) == 0 };
+    // SAFETY: `copy` outlives the request, dropped at the end of the call.
+    let mut req = IoRequest::new(0, kind, unsafe { Buffers::from_raw(iov, None) });
+    let r = s.vm_execute(&mut req);
     assert_eq!(r, data.len() as i32, "VM write at {offset} in stage {}", s.stage().name());
 }
 
@@ -134,7 +139,11 @@ fn vm_steps(s: &Secondary, rng: &mut Rng, m: &mut Model, n: usize, what: &str) {
                 m.vm_write(offset, &data);
             }
             1 => {
-                let r = s.vm_execute(&Op::WriteZeroes { offset, len: len as u64, unmap: rng.below(2) == 0 });
+                let r = s.vm_execute(&mut IoRequest::new(
+                    0,
+                    OpKind::WriteZeroes { offset, len: len as u64, unmap: rng.below(2) == 0 },
+                    Buffers::none(),
+                ));
                 assert_eq!(r, 0, "VM write-zeroes {what}");
                 m.vm_write(offset, &vec![0; len]);
             }
@@ -201,7 +210,11 @@ fn run_seed(seed: u64) {
             }
             60..=64 => {
                 let (offset, len) = vm_range(&mut rng);
-                let r = s.vm_execute(&Op::WriteZeroes { offset, len: len as u64, unmap: rng.below(2) == 0 });
+                let r = s.vm_execute(&mut IoRequest::new(
+                    0,
+                    OpKind::WriteZeroes { offset, len: len as u64, unmap: rng.below(2) == 0 },
+                    Buffers::none(),
+                ));
                 assert_eq!(r, 0, "{ctx}: VM write-zeroes");
                 m.vm_write(offset, &vec![0; len]);
             }

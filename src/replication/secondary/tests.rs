@@ -38,8 +38,10 @@ fn vm_read_waits_for_a_primary_write_in_progress() {
     let s2 = s.clone();
     let reader = std::thread::spawn(move || {
         let mut buf = vec![0u8; 4096];
-        let iov = [libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: 4096 }];
-        let r = s2.vm_execute(&Op::Read { offset: 0, iovecs: &iov });
+        let iov = vec![libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: 4096 }];
+        // SAFETY: `buf` outlives the request, dropped at the end of the statement.
+        let r =
+            s2.vm_execute(&mut IoRequest::new(0, OpKind::Read { offset: 0 }, unsafe { Buffers::from_raw(iov, None) }));
         tx.send(()).unwrap();
         (r, buf)
     });
@@ -56,8 +58,10 @@ fn checkpoint_reports_and_empties() {
     let dir = tempfile::tempdir().unwrap();
     let s = secondary(dir.path(), 1 << 20);
     let mut data = vec![0x33u8; 8192];
-    let iov = [libc::iovec { iov_base: data.as_mut_ptr().cast(), iov_len: 8192 }];
-    assert_eq!(s.vm_execute(&Op::Write { offset: 4096, iovecs: &iov, dsync: false }), 8192);
+    let iov = vec![libc::iovec { iov_base: data.as_mut_ptr().cast(), iov_len: 8192 }];
+    let write = OpKind::Write { offset: 4096, dsync: false };
+    // SAFETY: `data` outlives the request, dropped at the end of the statement.
+    assert_eq!(s.vm_execute(&mut IoRequest::new(0, write, unsafe { Buffers::from_raw(iov, None) })), 8192);
     SecondaryExport(s.clone()).write(65536, &[0x22u8; 512], false).unwrap();
     assert_eq!(s.active_map.count_all(), 16);
     assert_eq!(s.saved_map.count_all(), 1);
