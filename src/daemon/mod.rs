@@ -475,7 +475,7 @@ impl Daemon {
 }
 
 fn generic(e: crate::replication::ReplicationError) -> QmpError {
-    QmpError::Generic(e.0)
+    QmpError::Generic(e.to_string())
 }
 
 /// A new directory only this user can enter (mkdtemp: mode 0700, unpredictable name).

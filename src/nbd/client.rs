@@ -105,8 +105,103 @@ fn read_u64(d: &Deadline, s: &mut Stream) -> io::Result<u64> {
     Ok(u64::from_be_bytes(b))
 }
 
-fn bad(msg: String) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, msg)
+/// Why the client could not reach transmission with the server, or why a reply broke the
+/// framing. Handshake failures are returned as they are ([`connect`], [`negotiate`]);
+/// transmission readers return `io::Result` (their callers chain them with socket I/O) and
+/// carry it inside an `io::Error` of [`ClientError::kind`].
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The socket failed (including a negotiation that missed its deadline).
+    #[error(transparent)]
+    Io(#[from] io::Error),
+    /// The host name did not resolve to any address.
+    #[error("cannot resolve {0}")]
+    Unresolved(String),
+    /// TLS was asked for with a UNIX socket target.
+    #[error("TLS needs a TCP secondary (nbd://HOST:PORT)")]
+    TlsNeedsTcp,
+    /// The greeting is not the newstyle one.
+    #[error("not a newstyle NBD server")]
+    NotNewstyle,
+    /// The server does not set the fixed-newstyle flag.
+    #[error("server does not speak fixed newstyle")]
+    NotFixedNewstyle,
+    /// STARTTLS was answered with something else than an acknowledgement.
+    #[error("server refused TLS (reply {reply:#x}: {message})")]
+    TlsRefused {
+        /// The option reply type.
+        reply: u32,
+        /// The server's message.
+        message: String,
+    },
+    /// The reply is for another option than the one asked (`expected` names it).
+    #[error("reply to option {got:#x} instead of the {expected} option")]
+    WrongOption {
+        /// The option the reply names.
+        got: u32,
+        /// The option asked for.
+        expected: &'static str,
+    },
+    /// An option reply without the option reply magic.
+    #[error("bad option reply magic")]
+    BadOptionReplyMagic,
+    /// An option reply longer than this client accepts.
+    #[error("option reply of {0} bytes")]
+    OptionReplyTooLong(u32),
+    /// OPT_GO was answered with an error.
+    #[error("server refused export '{export}' (reply {reply:#x}: {message})")]
+    ExportRefused {
+        /// The export asked for.
+        export: String,
+        /// The option reply type.
+        reply: u32,
+        /// The server's message.
+        message: String,
+    },
+    /// OPT_GO was acknowledged without the export's size and flags.
+    #[error("server sent no export information")]
+    NoExportInfo,
+    /// A transmission reply without the simple reply magic.
+    #[error("bad reply magic {0:#x}")]
+    BadReplyMagic(u32),
+    /// A checksum reply whose count is not the one asked for.
+    #[error("malformed checksum reply: {got} hashes where {expected} were asked for")]
+    ChecksumCount {
+        /// The count the server sent.
+        got: u32,
+        /// The count asked for.
+        expected: u32,
+    },
+}
+
+impl ClientError {
+    /// The `io::ErrorKind` this failure has where an `io::Error` carries it: a refusal by
+    /// the server is `ConnectionRefused`, a server that breaks the protocol `InvalidData`.
+    pub fn kind(&self) -> io::ErrorKind {
+        match self {
+            ClientError::Io(e) => e.kind(),
+            ClientError::Unresolved(_) => io::ErrorKind::NotFound,
+            ClientError::TlsNeedsTcp => io::ErrorKind::InvalidInput,
+            ClientError::TlsRefused { .. } | ClientError::ExportRefused { .. } => io::ErrorKind::ConnectionRefused,
+            ClientError::NotNewstyle
+            | ClientError::NotFixedNewstyle
+            | ClientError::WrongOption { .. }
+            | ClientError::BadOptionReplyMagic
+            | ClientError::OptionReplyTooLong(_)
+            | ClientError::NoExportInfo
+            | ClientError::BadReplyMagic(_)
+            | ClientError::ChecksumCount { .. } => io::ErrorKind::InvalidData,
+        }
+    }
+}
+
+impl From<ClientError> for io::Error {
+    fn from(e: ClientError) -> io::Error {
+        match e {
+            ClientError::Io(e) => e,
+            e => io::Error::new(e.kind(), e),
+        }
+    }
 }
 
 /// Connects and negotiates (STARTTLS first when `tls` is given); returns the stream in
@@ -116,13 +211,13 @@ pub fn connect(
     uri: &NbdUri,
     timeout: Duration,
     tls: Option<&std::sync::Arc<rustls::ClientConfig>>,
-) -> io::Result<(Stream, ExportInfo)> {
+) -> Result<(Stream, ExportInfo), ClientError> {
     let deadline = Deadline::after(timeout, "the NBD negotiation with the secondary");
     let s = match &uri.target {
         NbdTarget::Tcp(hp) => {
             let addr = std::net::ToSocketAddrs::to_socket_addrs(hp)?
                 .next()
-                .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("cannot resolve {hp}")))?;
+                .ok_or_else(|| ClientError::Unresolved(hp.clone()))?;
             let t = TcpStream::connect_timeout(&addr, timeout)?;
             t.set_nodelay(true)?;
             set_keepalive(&t);
@@ -138,7 +233,7 @@ pub fn connect(
             Some((cfg.clone(), host.to_string()))
         }
         (Some(_), NbdTarget::Unix(_)) => {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, "TLS needs a TCP secondary (nbd://HOST:PORT)"));
+            return Err(ClientError::TlsNeedsTcp);
         }
     };
     let (s, info) = negotiate(s, &uri.export, &deadline, tls)?;
@@ -157,14 +252,14 @@ pub fn negotiate(
     export: &str,
     deadline: &Deadline,
     tls: Option<(std::sync::Arc<rustls::ClientConfig>, String)>,
-) -> io::Result<(Stream, ExportInfo)> {
+) -> Result<(Stream, ExportInfo), ClientError> {
     let d = deadline;
     if read_u64(d, &mut s)? != NBD_MAGIC || read_u64(d, &mut s)? != IHAVEOPT {
-        return Err(bad("not a newstyle NBD server".into()));
+        return Err(ClientError::NotNewstyle);
     }
     let server_flags = read_u16(d, &mut s)?;
     if server_flags & FLAG_FIXED_NEWSTYLE == 0 {
-        return Err(bad("server does not speak fixed newstyle".into()));
+        return Err(ClientError::NotFixedNewstyle);
     }
     let no_zeroes = server_flags & FLAG_NO_ZEROES != 0;
     let cflags = CLIENT_FIXED_NEWSTYLE | if no_zeroes { CLIENT_NO_ZEROES } else { 0 };
@@ -173,10 +268,10 @@ pub fn negotiate(
         send_option(d, &mut s, OPT_STARTTLS, &[])?;
         let (_, rtype, payload) = read_option_reply(d, &mut s)?;
         if rtype != REP_ACK {
-            return Err(io::Error::new(
-                io::ErrorKind::ConnectionRefused,
-                format!("server refused TLS (reply {rtype:#x}: {})", String::from_utf8_lossy(&payload)),
-            ));
+            return Err(ClientError::TlsRefused {
+                reply: rtype,
+                message: String::from_utf8_lossy(&payload).into_owned(),
+            });
         }
         s = super::tls::connect(s, cfg, &host, d.at())?;
     }
@@ -212,15 +307,16 @@ pub fn negotiate(
                 break;
             }
             t if t & (1 << 31) != 0 => {
-                return Err(io::Error::new(
-                    io::ErrorKind::ConnectionRefused,
-                    format!("server refused export '{export}' (reply {t:#x}: {})", String::from_utf8_lossy(&payload)),
-                ));
+                return Err(ClientError::ExportRefused {
+                    export: export.to_string(),
+                    reply: t,
+                    message: String::from_utf8_lossy(&payload).into_owned(),
+                });
             }
             _ => {}
         }
     }
-    let info = info.ok_or_else(|| bad("server sent no export information".into()))?;
+    let info = info.ok_or(ClientError::NoExportInfo)?;
     Ok((s, info))
 }
 
@@ -228,11 +324,11 @@ pub fn negotiate(
 /// Returns whether it was acknowledged, the last barrier number the acknowledgement carries
 /// (8 bytes, big-endian; absent: 0) and the data generation with its flags (8 bytes + 1;
 /// absent: unknown).
-fn ask_colo(d: &Deadline, s: &mut Stream) -> io::Result<(bool, u64, (u64, bool))> {
+fn ask_colo(d: &Deadline, s: &mut Stream) -> Result<(bool, u64, (u64, bool)), ClientError> {
     send_option(d, s, OPT_COLO, &[])?;
     let (opt, rtype, payload) = read_option_reply(d, s)?;
     if opt != OPT_COLO {
-        return Err(bad(format!("reply to option {opt:#x} instead of the COLO option")));
+        return Err(ClientError::WrongOption { got: opt, expected: "COLO" });
     }
     if rtype != REP_ACK {
         return Ok((false, 0, (0, false)));
@@ -244,25 +340,25 @@ fn ask_colo(d: &Deadline, s: &mut Stream) -> io::Result<(bool, u64, (u64, bool))
 
 /// Asks for the colo-blk checksum extension: the largest request length it allows, 0 when
 /// not offered (any error reply, or an acknowledgement this client cannot use).
-fn ask_checksums(d: &Deadline, s: &mut Stream) -> io::Result<u32> {
+fn ask_checksums(d: &Deadline, s: &mut Stream) -> Result<u32, ClientError> {
     use super::checksum::{OPT_COLO_CHECKSUM, parse_ack};
     send_option(d, s, OPT_COLO_CHECKSUM, &[])?;
     let (opt, rtype, payload) = read_option_reply(d, s)?;
     if opt != OPT_COLO_CHECKSUM {
-        return Err(bad(format!("reply to option {opt:#x} instead of the checksum option")));
+        return Err(ClientError::WrongOption { got: opt, expected: "checksum" });
     }
     Ok(if rtype == REP_ACK { parse_ack(&payload).unwrap_or(0) } else { 0 })
 }
 
 /// Reads one option reply: (option, reply type, payload). A payload longer than
 /// [`MAX_OPTION`] breaks the negotiation (it could not be skipped safely).
-fn read_option_reply(d: &Deadline, s: &mut Stream) -> io::Result<(u32, u32, Vec<u8>)> {
+fn read_option_reply(d: &Deadline, s: &mut Stream) -> Result<(u32, u32, Vec<u8>), ClientError> {
     if read_u64(d, s)? != OPT_REPLY_MAGIC {
-        return Err(bad("bad option reply magic".into()));
+        return Err(ClientError::BadOptionReplyMagic);
     }
     let (opt, rtype, len) = (read_u32(d, s)?, read_u32(d, s)?, read_u32(d, s)?);
     if len > MAX_OPTION {
-        return Err(bad(format!("option reply of {len} bytes")));
+        return Err(ClientError::OptionReplyTooLong(len));
     }
     let mut payload = vec![0u8; len as usize];
     d.read_exact(s, &mut payload)?;
@@ -294,7 +390,7 @@ pub fn read_reply(s: &mut Stream) -> io::Result<Reply> {
     super::timed::read_exact(s, &mut b)?;
     let magic = u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
     if magic != SIMPLE_REPLY_MAGIC {
-        return Err(bad(format!("bad reply magic {magic:#x}")));
+        return Err(ClientError::BadReplyMagic(magic).into());
     }
     Ok(Reply {
         error: u32::from_be_bytes([b[4], b[5], b[6], b[7]]),
@@ -310,7 +406,7 @@ pub fn read_checksum_payload(s: &mut Stream, expected: u32) -> io::Result<Vec<u8
     super::timed::read_exact(s, &mut c)?;
     let count = u32::from_be_bytes(c);
     if count != expected {
-        return Err(bad(format!("malformed checksum reply: {count} hashes where {expected} were asked for")));
+        return Err(ClientError::ChecksumCount { got: count, expected }.into());
     }
     let mut b = vec![0u8; 8 * expected as usize];
     super::timed::read_exact(s, &mut b)?;
@@ -358,5 +454,144 @@ mod tests {
         assert!("nbd+unix:///disk".parse::<NbdUri>().is_err());
         assert!("http://x".parse::<NbdUri>().is_err());
         assert!("nbd:///x".parse::<NbdUri>().is_err());
+    }
+
+    /// Runs the negotiation against a server that says `script` (whatever the client sends is
+    /// left unread in the socket buffer).
+    fn negotiate_with(script: &[u8]) -> Result<ExportInfo, ClientError> {
+        let (client, mut server) = UnixStream::pair().unwrap();
+        server.write_all(script).unwrap();
+        server.shutdown(std::net::Shutdown::Write).unwrap();
+        let d = Deadline::after(Duration::from_secs(10), "the test");
+        negotiate(Stream::Unix(client), "disk0", &d, None).map(|(_, info)| info)
+    }
+
+    fn greeting(flags: u16) -> Vec<u8> {
+        [&NBD_MAGIC.to_be_bytes()[..], &IHAVEOPT.to_be_bytes(), &flags.to_be_bytes()].concat()
+    }
+
+    fn option_reply(opt: u32, rtype: u32, payload: &[u8]) -> Vec<u8> {
+        let len = u32::try_from(payload.len()).unwrap();
+        [&OPT_REPLY_MAGIC.to_be_bytes()[..], &opt.to_be_bytes(), &rtype.to_be_bytes(), &len.to_be_bytes(), payload]
+            .concat()
+    }
+
+    #[test]
+    fn handshake_failures_are_typed() {
+        let e = negotiate_with(b"NBDMAGIC-but-oldstyle").unwrap_err();
+        assert!(matches!(e, ClientError::NotNewstyle), "{e:?}");
+        let e = negotiate_with(&greeting(0)).unwrap_err();
+        assert!(matches!(e, ClientError::NotFixedNewstyle), "{e:?}");
+
+        let flags = FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES;
+        let script = [greeting(flags), option_reply(OPT_GO, REP_ACK, &[])].concat();
+        let e = negotiate_with(&script).unwrap_err();
+        assert!(matches!(e, ClientError::WrongOption { got: OPT_GO, expected: "COLO" }), "{e:?}");
+        assert_eq!(e.to_string(), "reply to option 0x7 instead of the COLO option");
+
+        let script = [
+            greeting(flags),
+            option_reply(OPT_COLO, REP_ERR_UNSUP, &[]),
+            option_reply(OPT_GO, REP_ERR_POLICY, b"not for you"),
+        ]
+        .concat();
+        let e = negotiate_with(&script).unwrap_err();
+        assert!(matches!(&e, ClientError::ExportRefused { export, reply: REP_ERR_POLICY, .. } if export == "disk0"));
+        assert_eq!(e.to_string(), "server refused export 'disk0' (reply 0x80000002: not for you)");
+        assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused);
+
+        let script =
+            [greeting(flags), option_reply(OPT_COLO, REP_ERR_UNSUP, &[]), option_reply(OPT_GO, REP_ACK, &[])].concat();
+        let e = negotiate_with(&script).unwrap_err();
+        assert!(matches!(e, ClientError::NoExportInfo), "{e:?}");
+
+        let mut bad_magic = option_reply(OPT_COLO, REP_ACK, &[]);
+        bad_magic[0] ^= 1;
+        let e = negotiate_with(&[greeting(flags), bad_magic].concat()).unwrap_err();
+        assert!(matches!(e, ClientError::BadOptionReplyMagic), "{e:?}");
+
+        let mut too_long = option_reply(OPT_COLO, REP_ACK, &[]);
+        too_long[16..20].copy_from_slice(&(MAX_OPTION + 1).to_be_bytes());
+        let e = negotiate_with(&[greeting(flags), too_long].concat()).unwrap_err();
+        assert!(matches!(e, ClientError::OptionReplyTooLong(n) if n == MAX_OPTION + 1), "{e:?}");
+
+        // A server that hangs up mid-greeting is a socket error, kept as it is.
+        let e = negotiate_with(&NBD_MAGIC.to_be_bytes()).unwrap_err();
+        assert!(matches!(&e, ClientError::Io(io) if io.kind() == io::ErrorKind::UnexpectedEof), "{e:?}");
+    }
+
+    #[test]
+    fn a_negotiation_that_completes_reports_the_export() {
+        let flags = FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES;
+        let mut info = INFO_EXPORT.to_be_bytes().to_vec();
+        info.extend_from_slice(&(1u64 << 20).to_be_bytes());
+        info.extend_from_slice(&TF_HAS_FLAGS.to_be_bytes());
+        let script = [
+            greeting(flags),
+            option_reply(OPT_COLO, REP_ERR_UNSUP, &[]),
+            option_reply(OPT_GO, REP_INFO, &info),
+            option_reply(OPT_GO, REP_ACK, &[]),
+        ]
+        .concat();
+        let info = negotiate_with(&script).unwrap();
+        assert_eq!((info.size, info.flags, info.colo), (1 << 20, TF_HAS_FLAGS, false));
+    }
+
+    #[test]
+    fn messages_and_kinds_of_every_client_error() {
+        let cases: [(ClientError, &str, io::ErrorKind); 12] = [
+            (ClientError::Unresolved("nowhere:10809".into()), "cannot resolve nowhere:10809", io::ErrorKind::NotFound),
+            (ClientError::TlsNeedsTcp, "TLS needs a TCP secondary (nbd://HOST:PORT)", io::ErrorKind::InvalidInput),
+            (ClientError::NotNewstyle, "not a newstyle NBD server", io::ErrorKind::InvalidData),
+            (ClientError::NotFixedNewstyle, "server does not speak fixed newstyle", io::ErrorKind::InvalidData),
+            (
+                ClientError::TlsRefused { reply: REP_ERR_UNSUP, message: "no TLS here".into() },
+                "server refused TLS (reply 0x80000001: no TLS here)",
+                io::ErrorKind::ConnectionRefused,
+            ),
+            (
+                ClientError::WrongOption { got: 9, expected: "checksum" },
+                "reply to option 0x9 instead of the checksum option",
+                io::ErrorKind::InvalidData,
+            ),
+            (ClientError::BadOptionReplyMagic, "bad option reply magic", io::ErrorKind::InvalidData),
+            (ClientError::OptionReplyTooLong(70000), "option reply of 70000 bytes", io::ErrorKind::InvalidData),
+            (
+                ClientError::ExportRefused { export: "x".into(), reply: REP_ERR_UNKNOWN, message: String::new() },
+                "server refused export 'x' (reply 0x80000006: )",
+                io::ErrorKind::ConnectionRefused,
+            ),
+            (ClientError::NoExportInfo, "server sent no export information", io::ErrorKind::InvalidData),
+            (ClientError::BadReplyMagic(0x1234), "bad reply magic 0x1234", io::ErrorKind::InvalidData),
+            (
+                ClientError::ChecksumCount { got: 3, expected: 4 },
+                "malformed checksum reply: 3 hashes where 4 were asked for",
+                io::ErrorKind::InvalidData,
+            ),
+        ];
+        for (e, text, kind) in cases {
+            assert_eq!(e.to_string(), text);
+            assert_eq!(e.kind(), kind, "{e:?}");
+            // Where an io::Error carries it: same kind, same text, the typed error inside.
+            let io: io::Error = e.into();
+            assert_eq!((io.kind(), io.to_string()), (kind, text.to_string()));
+            assert!(io.get_ref().and_then(|i| i.downcast_ref::<ClientError>()).is_some(), "{io:?}");
+        }
+        // A socket error comes back as it was, OS error code included.
+        let io: io::Error = ClientError::Io(io::Error::from_raw_os_error(libc::ECONNRESET)).into();
+        assert_eq!(io.raw_os_error(), Some(libc::ECONNRESET));
+    }
+
+    #[test]
+    fn a_reply_with_a_bad_magic_breaks_the_link_as_invalid_data() {
+        let (client, mut server) = UnixStream::pair().unwrap();
+        let mut reply = [0u8; 16];
+        reply[..4].copy_from_slice(&0xdead_beefu32.to_be_bytes());
+        server.write_all(&reply).unwrap();
+        let e = read_reply(&mut Stream::Unix(client)).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+        assert_eq!(e.to_string(), "bad reply magic 0xdeadbeef");
+        let inner = e.get_ref().and_then(|i| i.downcast_ref::<ClientError>());
+        assert!(matches!(inner, Some(ClientError::BadReplyMagic(0xdead_beef))), "{e:?}");
     }
 }

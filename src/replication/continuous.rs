@@ -53,11 +53,10 @@ impl ReplicationControl for SecondaryThenPrimary {
             self.primary.verify(resync)
         } else {
             // The secondary role has no verify of its own: the default refusal.
-            Err(ReplicationError(format!(
-                "replication-verify runs on a primary whose replication is running; this process is in mode \
-                 secondary (stage {})",
-                self.state.stage().name()
-            )))
+            Err(ReplicationError::VerifyNeedsPrimary {
+                mode: Mode::Secondary.name().to_string(),
+                stage: self.state.stage().name().to_string(),
+            })
         }
     }
     fn query(&self) -> Value {

@@ -6,6 +6,7 @@
 //! primary of a new secondary.
 
 pub mod continuous;
+mod error;
 pub mod gate;
 pub mod generation;
 pub mod pool;
@@ -14,6 +15,8 @@ pub mod progress;
 pub mod secondary;
 
 use serde_json::Value;
+
+pub use error::ReplicationError;
 
 /// Replaces `path` with `bytes` so that a crash leaves the old or the new content, never a
 /// mix: write a temporary file next to it, sync it, rename it over `path`, sync the folder.
@@ -91,36 +94,6 @@ impl Mode {
     }
 }
 
-/// A replication operation's error; the message is QEMU's where the situation is the same.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct ReplicationError(pub String);
-
-impl ReplicationError {
-    pub(crate) fn running_or_done() -> Self {
-        ReplicationError("Block replication is running or done".into())
-    }
-    pub(crate) fn not_running() -> Self {
-        ReplicationError("Block replication is not running".into())
-    }
-    pub(crate) fn io_error() -> Self {
-        ReplicationError("I/O error occurred".into())
-    }
-    pub(crate) fn backup_cancelled() -> Self {
-        ReplicationError("Backup job was cancelled unexpectedly".into())
-    }
-    pub(crate) fn lengths() -> Self {
-        ReplicationError("Active disk, hidden disk, secondary disk's length are not the same".into())
-    }
-    pub(crate) fn mode_mismatch(needs: Mode, got: Mode) -> Self {
-        ReplicationError(format!(
-            "The parameter mode's value is invalid, needs {}, but got {}",
-            needs.qemu_value(),
-            got.qemu_value()
-        ))
-    }
-}
-
 /// How a primary brings the secondary up to date when replication starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SyncMode {
@@ -166,12 +139,8 @@ pub trait ReplicationControl: Send + Sync {
     /// `resync`: copy the differing blocks. Only a primary whose replication runs does it.
     fn verify(&self, _resync: bool) -> Result<(), ReplicationError> {
         let q = self.query();
-        Err(ReplicationError(format!(
-            "replication-verify runs on a primary whose replication is running; this process is in mode {} \
-             (stage {})",
-            q["mode"].as_str().unwrap_or("none"),
-            q["stage"].as_str().unwrap_or("none")
-        )))
+        let name = |k: &str| q[k].as_str().unwrap_or("none").to_string();
+        Err(ReplicationError::VerifyNeedsPrimary { mode: name("mode"), stage: name("stage") })
     }
 }
 
@@ -184,19 +153,16 @@ pub struct NoReplication;
 
 impl ReplicationControl for NoReplication {
     fn start(&self, args: &StartArgs) -> Result<(), ReplicationError> {
-        Err(ReplicationError(format!(
-            "replication mode {} is not available: colo-blk was started with --replication none",
-            args.mode.name()
-        )))
+        Err(ReplicationError::ModeUnavailable(args.mode))
     }
     fn checkpoint(&self, _barrier: Option<u64>) -> Result<(), ReplicationError> {
-        Err(ReplicationError::not_running())
+        Err(ReplicationError::NotRunning)
     }
     fn get_error(&self) -> Result<(), ReplicationError> {
-        Err(ReplicationError::not_running())
+        Err(ReplicationError::NotRunning)
     }
     fn stop(&self, _: bool, _: bool) -> Result<(), ReplicationError> {
-        Err(ReplicationError::not_running())
+        Err(ReplicationError::NotRunning)
     }
     fn query(&self) -> Value {
         serde_json::json!({"mode": "none", "stage": "none", "error": null})

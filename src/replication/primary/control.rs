@@ -10,23 +10,20 @@ impl ReplicationControl for MirrorControl {
         let m = &self.0;
         let _op = lock(&m.ops);
         match m.stage() {
-            Stage::Running | Stage::FailoverFailed => return Err(ReplicationError::running_or_done()),
+            Stage::Running | Stage::FailoverFailed => return Err(ReplicationError::AlreadyRunning),
             Stage::None | Stage::Done | Stage::Failover => {}
         }
         if args.mode != Mode::Primary {
-            return Err(ReplicationError::mode_mismatch(Mode::Primary, args.mode));
+            return Err(ReplicationError::ModeMismatch { needs: Mode::Primary, got: args.mode });
         }
         if let Some(uri) = &args.secondary {
             lock(&m.cfg).secondary = Some(uri.clone());
         }
         let Some(uri) = lock(&m.cfg).secondary.clone() else {
-            return Err(ReplicationError("no secondary given (--secondary or \"secondary\": URI)".into()));
+            return Err(ReplicationError::NoSecondary);
         };
         m.disconnect();
-        m.connect(&uri, args.sync).map_err(|e| match e {
-            ConnectError::SplitBrain(msg) => ReplicationError(msg),
-            ConnectError::Io(e) => ReplicationError(format!("cannot connect to the secondary {uri}: {e}")),
-        })?;
+        m.connect(&uri, args.sync).map_err(|e| ReplicationError::connect(&uri, e))?;
         match args.sync {
             SyncMode::None => {
                 m.dirty.clear_all();
@@ -51,7 +48,7 @@ impl ReplicationControl for MirrorControl {
 
     fn checkpoint(&self, barrier: Option<u64>) -> Result<(), ReplicationError> {
         if barrier.is_some() {
-            return Err(ReplicationError("Parameter 'barrier' is only for mode secondary".into()));
+            return Err(ReplicationError::BarrierOnPrimary);
         }
         match self.0.stage() {
             Stage::Running => self.0.barrier().map(|_| ()),
@@ -62,9 +59,9 @@ impl ReplicationControl for MirrorControl {
 
     fn get_error(&self) -> Result<(), ReplicationError> {
         if self.0.stage() == Stage::None {
-            return Err(ReplicationError::not_running());
+            return Err(ReplicationError::NotRunning);
         }
-        if lock(&self.0.error).is_some() { Err(ReplicationError::io_error()) } else { Ok(()) }
+        if lock(&self.0.error).is_some() { Err(ReplicationError::Io) } else { Ok(()) }
     }
 
     fn stop(&self, _failover: bool, _inject: bool) -> Result<(), ReplicationError> {
@@ -72,7 +69,7 @@ impl ReplicationControl for MirrorControl {
         let _op = lock(&m.ops);
         match m.stage() {
             Stage::Done | Stage::Failover => return Ok(()),
-            Stage::None | Stage::FailoverFailed => return Err(ReplicationError::not_running()),
+            Stage::None | Stage::FailoverFailed => return Err(ReplicationError::NotRunning),
             Stage::Running => {}
         }
         m.set_stage(Stage::Done);

@@ -925,15 +925,12 @@ impl Mirror {
     fn barrier_inner(&self) -> Result<u64, ReplicationError> {
         let timeout = lock(&self.cfg).timeout;
         let Some(link) = self.current_link() else {
-            return Err(ReplicationError(format!(
-                "replication link is down; {} bytes wait for resync",
-                self.dirty.count_all() * SECTOR
-            )));
+            return Err(ReplicationError::LinkDown { behind: self.dirty.count_all() * SECTOR });
         };
         // A checkpoint is only consistent on a secondary that has every write.
         let behind = self.dirty.count_all() * SECTOR;
         if behind > 0 {
-            return Err(ReplicationError(format!("the secondary is not in sync yet: {behind} bytes to copy")));
+            return Err(ReplicationError::NotInSync { behind });
         }
         let upto = self.next_handle.load(Ordering::Acquire);
         let deadline = Instant::now() + timeout;
@@ -943,7 +940,7 @@ impl Mirror {
             if left.is_zero() {
                 drop(g);
                 self.fail_link(&link, "checkpoint barrier timed out");
-                return Err(ReplicationError("checkpoint barrier timed out".into()));
+                return Err(ReplicationError::BarrierTimeout);
             }
             g = link.drained.wait_timeout(g, left.min(Duration::from_millis(50))).unwrap_or_else(|e| e.into_inner()).0;
         }
@@ -956,7 +953,7 @@ impl Mirror {
         loop {
             let behind = self.dirty.count_all() * SECTOR;
             if behind > 0 {
-                return Err(ReplicationError(format!("the secondary is not in sync yet: {behind} bytes to copy")));
+                return Err(ReplicationError::NotInSync { behind });
             }
             if self.resync_inflight.load(Ordering::SeqCst) == 0 {
                 break;
@@ -966,7 +963,7 @@ impl Mirror {
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(ReplicationError("checkpoint barrier timed out waiting for the resync".into()));
+                return Err(ReplicationError::BarrierResyncTimeout);
             }
             g = link.drained.wait_timeout(g, left.min(Duration::from_millis(20))).unwrap_or_else(|e| e.into_inner()).0;
         }
@@ -978,15 +975,9 @@ impl Mirror {
         self.stats.barrier_refusal.store(0, Ordering::Relaxed);
         if link.broken.load(Ordering::Acquire) || !self.send_and_wait(cmd, offset, 0, Payload::default()) {
             return Err(match self.stats.barrier_refusal.load(Ordering::Relaxed) {
-                crate::nbd::wire::ESHUTDOWN => ReplicationError(
-                    "the secondary refused the checkpoint barrier: it is not replicating (stage none: \
-                     run replication-start mode=secondary there; or it failed over)"
-                        .into(),
-                ),
-                0 => ReplicationError("the secondary did not confirm the checkpoint barrier".into()),
-                code => {
-                    ReplicationError(format!("the secondary refused the checkpoint barrier: {}", nbd_error_text(code)))
-                }
+                crate::nbd::wire::ESHUTDOWN => ReplicationError::SecondaryNotReplicating,
+                0 => ReplicationError::BarrierUnconfirmed,
+                code => ReplicationError::BarrierRefused { code, reason: nbd_error_text(code) },
             });
         }
         Ok(seq)

@@ -230,24 +230,17 @@ impl Mirror {
     pub(super) fn start_verify(self: &Arc<Self>, resync: bool) -> Result<(), ReplicationError> {
         let stage = self.stage();
         if stage != Stage::Running {
-            return Err(ReplicationError(format!(
-                "replication-verify needs replication running on this primary (stage is {})",
-                stage.name()
-            )));
+            return Err(ReplicationError::VerifyNotRunning(stage));
         }
         let Some(link) = self.current_link() else {
-            return Err(ReplicationError(format!(
-                "the replication link is down: nothing to compare with ({} bytes wait for resync)",
-                self.dirty.count_all() * SECTOR
-            )));
+            return Err(ReplicationError::VerifyLinkDown { behind: self.dirty.count_all() * SECTOR });
         };
         let v = &self.verify;
         if v.active.swap(true, Ordering::AcqRel) {
-            return Err(ReplicationError(format!(
-                "a verify is already running ({} of {} bytes compared)",
-                v.done.load(Ordering::Relaxed),
-                v.total.load(Ordering::Relaxed)
-            )));
+            return Err(ReplicationError::VerifyRunning {
+                done: v.done.load(Ordering::Relaxed),
+                total: v.total.load(Ordering::Relaxed),
+            });
         }
         v.resync.store(resync, Ordering::Relaxed);
         v.checksums.store(link.checksum_max > 0, Ordering::Relaxed);
@@ -262,7 +255,7 @@ impl Mirror {
         if let Err(e) = spawned {
             v.clock.stop();
             v.active.store(false, Ordering::Release);
-            return Err(ReplicationError(format!("cannot start the verify: {e}")));
+            return Err(ReplicationError::SpawnVerify(e));
         }
         log::info!(
             "verify started ({} bytes, {}{})",

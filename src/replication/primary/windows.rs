@@ -61,9 +61,21 @@ pub enum ConnectError {
     /// The secondary's data is not a state this primary can bring up to date incrementally.
     #[error("{0}")]
     SplitBrain(String),
-    /// Anything else (network, negotiation, size).
+    /// The NBD handshake failed (the server refused, or does not speak the protocol).
+    #[error(transparent)]
+    Nbd(crate::nbd::client::ClientError),
+    /// Anything else (network, size).
     #[error(transparent)]
     Io(#[from] io::Error),
+}
+
+impl From<crate::nbd::client::ClientError> for ConnectError {
+    fn from(e: crate::nbd::client::ClientError) -> Self {
+        match e {
+            crate::nbd::client::ClientError::Io(e) => ConnectError::Io(e),
+            e => ConnectError::Nbd(e),
+        }
+    }
 }
 
 impl ConnectError {

@@ -77,7 +77,7 @@ impl Secondary {
         self.merge_clock.start(0);
         self.emit("REPLICATION_STAGE", json!({"mode": "secondary", "stage": Stage::Failover.name()}));
         if let Err(e) = self.spawn_failover(false) {
-            self.set_error(e.0);
+            self.set_error(e.to_string());
         }
     }
 
@@ -300,7 +300,7 @@ impl Secondary {
             .map_err(|e| {
                 self.merging.store(false, Ordering::Release);
                 self.set_stage(Stage::FailoverFailed);
-                ReplicationError(format!("cannot start the failover commit: {e}"))
+                ReplicationError::SpawnFailover(e)
             })
     }
 

@@ -12,20 +12,20 @@ impl ReplicationControl for SecondaryControl {
         match s.stage() {
             Stage::Done | Stage::Failover => return Ok(()),
             Stage::Running | Stage::FailoverFailed => {
-                return Err(ReplicationError::running_or_done());
+                return Err(ReplicationError::AlreadyRunning);
             }
             Stage::None => {}
         }
         if args.mode != Mode::Secondary {
-            return Err(ReplicationError::mode_mismatch(Mode::Secondary, args.mode));
+            return Err(ReplicationError::ModeMismatch { needs: Mode::Secondary, got: args.mode });
         }
         s.check_lengths()?;
         let closed = s.quiesce()?;
-        s.empty_buffers().map_err(|e| ReplicationError(format!("Failed to empty buffers: {e}")))?;
+        s.empty_buffers().map_err(ReplicationError::EmptyBuffers)?;
         // The marker last: a start that fails before this point leaves the disk as it was
         // (stage none, no primary write applied under copy-before-write), so it must not be
         // flagged as stopped while replicating.
-        s.state.write(DiskState::Replicating).map_err(|e| ReplicationError(format!("cannot record the state: {e}")))?;
+        s.state.write(DiskState::Replicating).map_err(ReplicationError::RecordState)?;
         *lock(&s.error) = None;
         s.error_at.clear();
         s.set_stage(Stage::Running);
@@ -39,14 +39,14 @@ impl ReplicationControl for SecondaryControl {
             // An orchestrator relaying the secondary VM's RESUME: commit exactly that barrier
             // if it is still pending; anything else is already settled.
             return match s.stage() {
-                Stage::None | Stage::FailoverFailed => Err(ReplicationError::backup_cancelled()),
+                Stage::None | Stage::FailoverFailed => Err(ReplicationError::BackupCancelled),
                 _ => s.commit_pending(CommitTrigger::Command, Some(seq)).map(|_| ()),
             };
         }
         let _op = lock(&s.ops);
         match s.stage() {
             Stage::Done | Stage::Failover => return Ok(()),
-            Stage::None | Stage::FailoverFailed => return Err(ReplicationError::backup_cancelled()),
+            Stage::None | Stage::FailoverFailed => return Err(ReplicationError::BackupCancelled),
             Stage::Running => {}
         }
         // An explicit checkpoint supersedes a pending barrier: the buffers are emptied anyway.
@@ -57,10 +57,10 @@ impl ReplicationControl for SecondaryControl {
     fn get_error(&self) -> Result<(), ReplicationError> {
         let s = &self.0;
         if s.stage() == Stage::None {
-            return Err(ReplicationError::not_running());
+            return Err(ReplicationError::NotRunning);
         }
         if lock(&s.error).is_some() {
-            return Err(ReplicationError::io_error());
+            return Err(ReplicationError::Io);
         }
         Ok(())
     }
@@ -72,15 +72,11 @@ impl ReplicationControl for SecondaryControl {
             Stage::Done | Stage::Failover => return Ok(()),
             // A failed failover commit is retried: the maps still say what is left to merge.
             Stage::FailoverFailed if failover => return s.retry_failover(inject_commit_error),
-            Stage::None | Stage::FailoverFailed => return Err(ReplicationError::not_running()),
+            Stage::None | Stage::FailoverFailed => return Err(ReplicationError::NotRunning),
             Stage::Running => {}
         }
         if failover && s.unclean.load(Ordering::Acquire) {
-            return Err(ReplicationError(format!(
-                "The secondary disk is not consistent: {} and no checkpoint has passed since. Let the \
-                 primary resynchronise it and take a checkpoint, or restore the disk, before failing over",
-                lock(&s.unclean_why)
-            )));
+            return Err(ReplicationError::Inconsistent(lock(&s.unclean_why).clone()));
         }
         // Quiesce first: if it times out nothing has changed (stage running, the NBD server
         // still serving the primary) and the stop can simply be retried. Once it succeeded no
@@ -94,7 +90,7 @@ impl ReplicationControl for SecondaryControl {
             s.adopted.store(0, Ordering::Release);
             s.gens
                 .rotate("failover: the secondary VM's writes go to the disk")
-                .map_err(|e| ReplicationError(format!("cannot record the failover: {e}")))?;
+                .map_err(ReplicationError::RecordFailover)?;
         }
         let deferred = match failover.then(|| s.defer_for_load()).flatten() {
             Some(seq) => {
@@ -111,8 +107,8 @@ impl ReplicationControl for SecondaryControl {
         if !failover {
             // QEMU's version of this path fails and keeps the buffers (spec §3.5); the
             // documented intent is to drop them and stop, which is what happens here.
-            s.empty_buffers().map_err(|e| ReplicationError(format!("Failed to empty buffers: {e}")))?;
-            s.state.write(DiskState::Clean).map_err(|e| ReplicationError(format!("cannot record the state: {e}")))?;
+            s.empty_buffers().map_err(ReplicationError::EmptyBuffers)?;
+            s.state.write(DiskState::Clean).map_err(ReplicationError::RecordState)?;
             s.set_stage(Stage::Done);
             return Ok(());
         }
@@ -120,7 +116,7 @@ impl ReplicationControl for SecondaryControl {
         if !deferred {
             // The maps are settled: journal them before the VM can write to the disk. A
             // deferred failover journals once the load decision settled them (commit.rs).
-            s.begin_commit_journal().map_err(|e| ReplicationError(format!("cannot record the commit: {e}")))?;
+            s.begin_commit_journal().map_err(ReplicationError::RecordCommit)?;
         }
         s.merging.store(true, Ordering::Release);
         s.merge_clock.start(0);
@@ -197,9 +193,9 @@ impl Secondary {
                 Ok(us)
             }
             Err(e) => {
-                let msg = format!("Failed to empty buffers: {e}");
-                self.set_error(msg.clone());
-                Err(ReplicationError(msg))
+                let e = ReplicationError::EmptyBuffers(e);
+                self.set_error(e.to_string());
+                Err(e)
             }
         }
     }

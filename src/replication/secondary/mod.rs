@@ -338,7 +338,7 @@ impl Secondary {
     /// Checks that both buffers have the disk's length (QEMU's start-time check).
     pub fn check_lengths(&self) -> Result<(), ReplicationError> {
         let ok = |f: &File| file_len(f).is_ok_and(|l| l == self.size);
-        if ok(&self.active) && ok(&self.hidden) { Ok(()) } else { Err(ReplicationError::lengths()) }
+        if ok(&self.active) && ok(&self.hidden) { Ok(()) } else { Err(ReplicationError::LengthMismatch) }
     }
 
     /// The NBD server whose clients are closed at failover.
@@ -683,9 +683,7 @@ impl Secondary {
     }
 
     fn quiesce(&self) -> Result<super::gate::Closed<'_>, ReplicationError> {
-        self.gate
-            .close(QUIESCE_TIMEOUT)
-            .ok_or_else(|| ReplicationError("timed out waiting for in-flight requests".into()))
+        self.gate.close(QUIESCE_TIMEOUT).ok_or(ReplicationError::QuiesceTimeout)
     }
 }
 
@@ -711,4 +709,4 @@ pub use control::SecondaryControl;
 pub use device::SecondaryDevice;
 pub use export::SecondaryExport;
 pub use journal::{CommitJournal, JournalError};
-pub use state::{DiskState, StateFile};
+pub use state::{DiskState, StateError, StateFile};
