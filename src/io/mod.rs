@@ -13,6 +13,7 @@ pub mod aligned;
 pub mod buffers;
 pub mod completion;
 pub mod null;
+pub mod slab;
 pub mod sync;
 pub mod uring;
 

@@ -11,6 +11,7 @@ use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 
+use super::slab::Slab;
 use super::sync::fallocate_with_fallback;
 use super::{
     Completion, Finished, IoEngine, IoEngineError, IoRequest, OpKind, Rejected, WorkerCompletions, result_from_len,
@@ -37,14 +38,13 @@ pub struct UringEngine {
     files: Vec<Arc<File>>,
     /// The worker's completion queue, whose eventfd the ring signals (held so it stays open).
     _completions: Arc<WorkerCompletions>,
-    slab: Vec<Option<InFlight>>,
-    free: Vec<usize>,
+    slab: Slab<InFlight>,
     inline_done: Finished,
 }
 
 impl std::fmt::Debug for UringEngine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("UringEngine").field("in_flight", &(self.slab.len() - self.free.len())).finish()
+        f.debug_struct("UringEngine").field("in_flight", &self.slab.len()).finish()
     }
 }
 
@@ -70,28 +70,14 @@ impl UringEngine {
             ring,
             files,
             _completions: completions.clone(),
-            slab: Vec::with_capacity(entries as usize),
-            free: Vec::new(),
+            slab: Slab::with_capacity(entries as usize),
             inline_done: Finished::default(),
         })
     }
 
     /// Requests the kernel holds.
     pub fn in_flight(&self) -> usize {
-        self.slab.len() - self.free.len()
-    }
-
-    fn alloc(&mut self, op: InFlight) -> usize {
-        match self.free.pop() {
-            Some(i) => {
-                self.slab[i] = Some(op);
-                i
-            }
-            None => {
-                self.slab.push(Some(op));
-                self.slab.len() - 1
-            }
-        }
+        self.slab.len()
     }
 }
 
@@ -113,7 +99,7 @@ impl Drop for UringEngine {
             // The kernel may still read or write the memory of these requests after the ring
             // is closed: it is leaked rather than freed under the I/O.
             log::error!("io_uring closed with {n} operations in flight; their memory is kept");
-            std::mem::forget(std::mem::take(&mut self.slab));
+            self.slab.leak();
         }
     }
 }
@@ -164,7 +150,7 @@ impl UringEngine {
             _ => opcode::Fsync::new(fixed).flags(types::FsyncFlags::DATASYNC).build(),
         };
         let expected = request.bufs.len();
-        let idx = self.alloc(InFlight { file, expected, request });
+        let idx = self.slab.insert(InFlight { file, expected, request });
         let entry = entry.user_data(idx as u64);
         // SAFETY: the entry points to the iovec array of a request the slab now owns until its
         // completion is reaped (or, if the ring goes away first, forever: see `Drop`); the
@@ -173,9 +159,8 @@ impl UringEngine {
         // registered for the ring's lifetime.
         let pushed = unsafe { self.ring.submission().push(&entry) };
         if pushed.is_err() {
-            self.free.push(idx);
             // The slot was filled just above, so the request is always there to hand back.
-            if let Some(op) = self.slab[idx].take() {
+            if let Some(op) = self.slab.remove(idx) {
                 return Err(Box::new(Rejected { error: IoEngineError::QueueFull, request: op.request }));
             }
         }
@@ -210,7 +195,7 @@ impl IoEngine for UringEngine {
 
     fn reap(&mut self, out: &mut Vec<Completion>) {
         self.inline_done.drain_into(out);
-        let UringEngine { ring, slab, free, files, .. } = self;
+        let UringEngine { ring, slab, files, .. } = self;
         // A pass over the completion queue; anything finishing later signals the eventfd.
         // Completions the kernel held back because the queue overflowed (more operations in
         // flight than it holds, e.g. requests split into many parts) come out with the next
@@ -218,11 +203,10 @@ impl IoEngine for UringEngine {
         for _ in 0..8 {
             for cqe in ring.completion() {
                 let idx = cqe.user_data() as usize;
-                let Some(op) = slab.get_mut(idx).and_then(Option::take) else {
+                let Some(op) = slab.remove(idx) else {
                     log::error!("io_uring returned unknown user data {idx}");
                     continue;
                 };
-                free.push(idx);
                 let res = cqe.result();
                 let result = if res >= 0 && (res as u64) < op.expected {
                     finish_short(&files[op.file as usize], &op, res as u64)

@@ -12,6 +12,7 @@ use super::Image;
 use super::metadata::{Job, JobLane, JobOp, Zeroing};
 use crate::block::raw::EngineKind;
 use crate::block::{BlockError, BlockQueue};
+use crate::io::slab::Slab;
 use crate::io::sync::SyncEngine;
 use crate::io::uring::UringEngine;
 use crate::io::{
@@ -61,8 +62,7 @@ pub struct Qcow2Queue {
     next_job: usize,
     /// This queue's lane in the worker's completions, for the metadata threads' results.
     done: Arc<JobLane>,
-    requests: Vec<Option<Request>>,
-    free: Vec<usize>,
+    requests: Slab<Request>,
     parts: Vec<Part>,
     reaped: Vec<Completion>,
     posted: Vec<(usize, i32)>,
@@ -98,8 +98,7 @@ impl Qcow2Queue {
             jobs,
             next_job: 0,
             done: completions.lane(),
-            requests: Vec::new(),
-            free: Vec::new(),
+            requests: Slab::default(),
             parts: Vec::new(),
             reaped: Vec::new(),
             posted: Vec::new(),
@@ -108,14 +107,7 @@ impl Qcow2Queue {
     }
 
     fn alloc(&mut self, request: IoRequest, len: u64) -> usize {
-        let idx = match self.free.pop() {
-            Some(i) => i,
-            None => {
-                self.requests.push(None);
-                self.requests.len() - 1
-            }
-        };
-        self.requests[idx] = Some(Request {
+        self.requests.insert(Request {
             token: request.token,
             kind: request.kind,
             original: Some(request),
@@ -123,17 +115,16 @@ impl Qcow2Queue {
             error: 0,
             len,
             mapped: false,
-        });
-        idx
+        })
     }
 
     fn record(&mut self, idx: usize) -> Option<&mut Request> {
-        self.requests.get_mut(idx).and_then(Option::as_mut)
+        self.requests.get_mut(idx)
     }
 
     /// A slice of the submitter's buffers, for a part.
     fn part_bufs(&self, idx: usize, at: u64, len: u64) -> Buffers {
-        match self.requests.get(idx).and_then(Option::as_ref).and_then(|r| r.original.as_ref()) {
+        match self.requests.get(idx).and_then(|r| r.original.as_ref()) {
             Some(o) => o.bufs.slice(at, len),
             None => Buffers::none(),
         }
@@ -201,8 +192,7 @@ impl Qcow2Queue {
 
     /// Releases the request `idx` and returns its completion.
     fn finish(&mut self, idx: usize) -> Option<Completion> {
-        let r = self.requests.get_mut(idx)?.take()?;
-        self.free.push(idx);
+        let r = self.requests.remove(idx)?;
         if r.mapped {
             self.image.leave();
         }
@@ -215,8 +205,7 @@ impl Qcow2Queue {
 
     /// Undoes a request that could not be queued at all and gives it back.
     fn abandon(&mut self, idx: usize, error: IoEngineError) -> Box<Rejected> {
-        let r = self.requests.get_mut(idx).and_then(Option::take);
-        self.free.push(idx);
+        let r = self.requests.remove(idx);
         let request = match r {
             Some(r) => {
                 if r.mapped {
@@ -315,7 +304,7 @@ impl Qcow2Queue {
             }
         }
         self.parts = parts;
-        let outstanding = self.requests.get(idx).and_then(Option::as_ref).map_or(0, |r| r.parts);
+        let outstanding = self.requests.get(idx).map_or(0, |r| r.parts);
         match failure {
             Some(error) if outstanding == 0 => Err(self.abandon(idx, error)),
             // Queued parts will finish the request (with the error recorded).

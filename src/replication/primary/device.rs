@@ -7,6 +7,7 @@
 //! secondary always get the same bytes, whatever the guest does to its buffer meanwhile.
 
 use super::*;
+use crate::io::slab::Slab;
 
 /// A block device whose writes are mirrored while the mirror runs.
 pub struct MirrorDevice {
@@ -78,8 +79,7 @@ struct MirrorQueue {
     /// Join indexes whose forwarded half finished (posted by the link's threads).
     remote: Arc<Lane<usize>>,
     /// Requests pushed down, by the token they carry there.
-    entries: Vec<Option<Entry>>,
-    free: Vec<usize>,
+    entries: Slab<Entry>,
     scratch: Vec<Completion>,
     forwarded: Vec<usize>,
 }
@@ -90,38 +90,16 @@ impl MirrorQueue {
             inner,
             mirror,
             remote: completions.lane(),
-            entries: Vec::new(),
-            free: Vec::new(),
+            entries: Slab::default(),
             scratch: Vec::new(),
             forwarded: Vec::new(),
         }
     }
 
-    fn alloc(&mut self, entry: Entry) -> usize {
-        match self.free.pop() {
-            Some(i) => {
-                self.entries[i] = Some(entry);
-                i
-            }
-            None => {
-                self.entries.push(Some(entry));
-                self.entries.len() - 1
-            }
-        }
-    }
-
-    fn release(&mut self, idx: usize) -> Option<Entry> {
-        let e = self.entries.get_mut(idx)?.take();
-        if e.is_some() {
-            self.free.push(idx);
-        }
-        e
-    }
-
     /// One half of join `idx` finished (`result`: the local half's result; None: the remote
     /// half); completes the guest request into `out` when both did.
     fn finish_part(&mut self, idx: usize, result: Option<i32>, out: &mut Vec<Completion>) {
-        let Some(Some(Entry::Joined(j))) = self.entries.get_mut(idx) else { return };
+        let Some(Entry::Joined(j)) = self.entries.get_mut(idx) else { return };
         if let Some(r) = result {
             j.result = r;
             if let Some((off, len)) = j.range {
@@ -132,7 +110,7 @@ impl MirrorQueue {
         if j.remaining > 0 {
             return;
         }
-        let Some(Entry::Joined(j)) = self.release(idx) else { return };
+        let Some(Entry::Joined(j)) = self.entries.remove(idx) else { return };
         if let Some((off, len)) = j.range {
             self.mirror.activity_end(off / SECTOR, (off + len).div_ceil(SECTOR));
         }
@@ -147,10 +125,10 @@ impl MirrorQueue {
     /// Passes `request` down unchanged but for its token.
     fn pass(&mut self, mut request: IoRequest) -> Result<(), Box<Rejected>> {
         let token = request.token;
-        let idx = self.alloc(Entry::Passed { token });
+        let idx = self.entries.insert(Entry::Passed { token });
         request.token = idx as u64;
         self.inner.push(request).map_err(|mut rejected| {
-            self.release(idx);
+            self.entries.remove(idx);
             rejected.request.token = token;
             rejected
         })
@@ -162,7 +140,7 @@ impl Drop for MirrorQueue {
     /// tracker entries, so a later verify neither waits for them nor treats their sectors
     /// as written forever.
     fn drop(&mut self) {
-        for e in self.entries.iter_mut().flatten() {
+        for e in self.entries.values_mut() {
             if let Entry::Joined(j) = e {
                 self.mirror.verify.tracker.finished(std::mem::replace(&mut j.ticket, verify::Ticket::None));
             }
@@ -201,7 +179,7 @@ impl BlockQueue for MirrorQueue {
         };
         let (token, kind, len) = (request.token, request.kind, request.bufs.len());
         let since = self.mirror.now();
-        let idx = self.alloc(Entry::Joined(Join {
+        let idx = self.entries.insert(Entry::Joined(Join {
             token,
             kind,
             request: None,
@@ -215,7 +193,7 @@ impl BlockQueue for MirrorQueue {
         // else the request itself.
         let local = match &copy {
             Some(data) => {
-                if let Some(Some(Entry::Joined(j))) = self.entries.get_mut(idx) {
+                if let Some(Entry::Joined(j)) = self.entries.get_mut(idx) {
                     j.request = Some(request);
                 }
                 IoRequest::new(idx as u64, kind, Buffers::shared(data.clone()))
@@ -227,7 +205,7 @@ impl BlockQueue for MirrorQueue {
             }
         };
         if let Err(mut rejected) = self.inner.push(local) {
-            let Some(Entry::Joined(mut j)) = self.release(idx) else { return Err(rejected) };
+            let Some(Entry::Joined(mut j)) = self.entries.remove(idx) else { return Err(rejected) };
             self.mirror.verify.tracker.finished(std::mem::replace(&mut j.ticket, verify::Ticket::None));
             if let Some((off, len)) = range {
                 self.mirror.activity_end(off / SECTOR, (off + len).div_ceil(SECTOR));
@@ -251,12 +229,12 @@ impl BlockQueue for MirrorQueue {
         for mut c in local.drain(..) {
             let idx = c.request.token as usize;
             match self.entries.get_mut(idx) {
-                Some(Some(Entry::Passed { token })) => {
+                Some(Entry::Passed { token }) => {
                     c.request.token = *token;
-                    self.release(idx);
+                    self.entries.remove(idx);
                     out.push(c);
                 }
-                Some(Some(Entry::Joined(j))) => {
+                Some(Entry::Joined(j)) => {
                     if j.request.is_none() {
                         // The submitter's own request came back from the local queue.
                         j.request = Some(c.request);

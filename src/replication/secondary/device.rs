@@ -1,6 +1,7 @@
 //! The secondary VM's view: the block device behind vhost-user, its requests run on the pool.
 
 use super::*;
+use crate::io::slab::Slab;
 
 /// The block device the secondary VM's queues submit to.
 pub struct SecondaryDevice(pub Arc<Secondary>);
@@ -25,8 +26,7 @@ impl BlockDevice for SecondaryDevice {
             buffered: completions.lane(),
             active_ring,
             active_swaps: self.0.active_swaps(),
-            entries: Vec::new(),
-            free: Vec::new(),
+            entries: Slab::default(),
             scratch: Vec::new(),
         }))
     }
@@ -66,8 +66,7 @@ struct SecondaryQueue {
     /// [`Secondary::active_swaps`] when the ring last registered the active descriptor.
     active_swaps: u64,
     /// Requests pushed to the disk's queue or the active ring, by the token they carry there.
-    entries: Vec<Option<Entry>>,
-    free: Vec<usize>,
+    entries: Slab<Entry>,
     scratch: Vec<Completion>,
 }
 
@@ -110,27 +109,6 @@ impl SecondaryQueue {
         }
     }
 
-    fn alloc(&mut self, entry: Entry) -> usize {
-        match self.free.pop() {
-            Some(i) => {
-                self.entries[i] = Some(entry);
-                i
-            }
-            None => {
-                self.entries.push(Some(entry));
-                self.entries.len() - 1
-            }
-        }
-    }
-
-    fn release(&mut self, idx: usize) -> Option<Entry> {
-        let e = self.entries.get_mut(idx)?.take();
-        if e.is_some() {
-            self.free.push(idx);
-        }
-        e
-    }
-
     /// Runs `request` on the pool (the buffer path); its completion comes through `buffered`.
     fn spawn(&self, request: IoRequest) -> Result<(), Box<Rejected>> {
         let sec = self.sec.clone();
@@ -151,7 +129,7 @@ impl SecondaryQueue {
             _ => self.inner.push(request),
         };
         pushed.map_err(|mut rejected| {
-            self.release(idx);
+            self.entries.remove(idx);
             rejected.request.token = token;
             rejected
         })
@@ -161,7 +139,7 @@ impl SecondaryQueue {
 impl BlockQueue for SecondaryQueue {
     fn push(&mut self, request: IoRequest) -> Result<(), Box<Rejected>> {
         if self.sec.stage() == Stage::Done {
-            let idx = self.alloc(Entry::Passed { token: request.token });
+            let idx = self.entries.insert(Entry::Passed { token: request.token });
             return self.push_inner(request, idx, false);
         }
         if let Some((offset, len)) = request.range().filter(|_| matches!(request.kind, OpKind::Read { .. })) {
@@ -175,7 +153,7 @@ impl BlockQueue for SecondaryQueue {
                 && (!active || self.active_ring_current())
             {
                 let read = DirectRead { token: request.token, sectors: (s0, s1), generation, active };
-                let idx = self.alloc(Entry::Direct(read));
+                let idx = self.entries.insert(Entry::Direct(read));
                 // A full ring hands the read back: the buffer path takes it.
                 return match self.push_inner(request, idx, active) {
                     Ok(()) => Ok(()),
@@ -200,7 +178,7 @@ impl BlockQueue for SecondaryQueue {
         self.inner.reap(&mut scratch);
         for mut c in scratch.drain(..) {
             let idx = c.request.token as usize;
-            match self.release(idx) {
+            match self.entries.remove(idx) {
                 Some(Entry::Passed { token }) => {
                     c.request.token = token;
                     out.push(c);
@@ -278,8 +256,7 @@ mod tests {
             active_swaps: 0,
             inner,
             buffered: completions.lane(),
-            entries: Vec::new(),
-            free: Vec::new(),
+            entries: Slab::default(),
             scratch: Vec::new(),
         };
         (s, q)
@@ -306,7 +283,7 @@ mod tests {
     }
 
     fn directs(q: &SecondaryQueue) -> usize {
-        q.entries.iter().flatten().filter(|e| matches!(e, Entry::Direct(_))).count()
+        q.entries.values().filter(|e| matches!(e, Entry::Direct(_))).count()
     }
 
     /// A direct read overtaken by a primary write to its sectors (copy-before-write, then the
