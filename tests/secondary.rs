@@ -253,6 +253,9 @@ fn c1_to_c5_isolation_partial_cow_once_and_vm_writes() {
     assert_eq!(c.write(0, 3 * MIB + 512, &[B; 512]), 0);
     let v = read_all(&mut c, 3 * MIB, 4096);
     assert!(all(&v[..512], C) && all(&v[512..1024], B) && all(&v[1024..], A));
+    // The VM's writes went to the active buffer on its queue's io_uring, not the pool.
+    let q = p.qmp("query-replication", json!({})).unwrap();
+    assert_eq!(q["vm-ring-writes"], 4, "{q}");
     // C6: checkpoint -> the VM sees exactly the disk; copy-before-write is armed again.
     p.qmp("replication-checkpoint", json!({})).unwrap();
     let disk = std::fs::read(&p.disk).unwrap();
@@ -566,6 +569,10 @@ fn failover_while_vm_io_runs_and_checkpoint_during_io() {
     }
     assert!(all(&file_range(&p.disk, 12 * MIB, MIB as usize), A));
     assert!(all(&file_range(&p.disk, 8 * MIB, MIB as usize), B));
+    // The writes raced the checkpoints on the queue's io_uring (a write in flight holds the
+    // gate, so a checkpoint waits for it; one that meets a closed gate takes the pool).
+    let q = p.qmp("query-replication", json!({})).unwrap();
+    assert!(q["vm-ring-writes"].as_u64().unwrap() > 20, "{q}");
 }
 
 #[test]

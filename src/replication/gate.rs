@@ -95,6 +95,36 @@ impl Gate {
         self.enter_slow()
     }
 
+    /// Registers a running request without waiting: false while the gate is closed (or
+    /// closing). A true answer must be matched by exactly one [`Gate::leave`]: for requests
+    /// that outlive a call (the VM's writes on a worker's io_uring), which cannot block the
+    /// worker on a closed gate.
+    pub fn try_hold(&self) -> bool {
+        let mut s = self.state.load(Ordering::Relaxed);
+        while s & CLOSED == 0 {
+            // As the fast path of `enter` (invariant 3).
+            match self.state.compare_exchange_weak(s, s + 1, Ordering::Acquire, Ordering::Relaxed) {
+                Ok(_) => return true,
+                Err(now) => s = now,
+            }
+        }
+        false
+    }
+
+    /// Ends a request registered by [`Gate::try_hold`] (what dropping a [`Ticket`] does).
+    pub fn leave(&self) {
+        // Release: the closer that reads the count sees this request's work.
+        let prev = self.state.fetch_sub(1, Ordering::Release);
+        debug_assert!(prev & COUNT > 0, "gate ticket count underflow");
+        if prev == CLOSED | 1 {
+            // The last ticket out of a closing gate. Taking `m` before signalling means the
+            // closer is either waiting already or has not yet read the count (invariant 4).
+            let g = self.lock();
+            drop(g);
+            self.drained.notify_one();
+        }
+    }
+
     #[cold]
     fn enter_slow(&self) -> Ticket<'_> {
         let mut g = self.lock();
@@ -153,16 +183,7 @@ impl Gate {
 
 impl Drop for Ticket<'_> {
     fn drop(&mut self) {
-        // Release: the closer that reads the count sees this request's work.
-        let prev = self.0.state.fetch_sub(1, Ordering::Release);
-        debug_assert!(prev & COUNT > 0, "gate ticket count underflow");
-        if prev == CLOSED | 1 {
-            // The last ticket out of a closing gate. Taking `m` before signalling means the
-            // closer is either waiting already or has not yet read the count (invariant 4).
-            let g = self.0.lock();
-            drop(g);
-            self.0.drained.notify_one();
-        }
+        self.0.leave();
     }
 }
 

@@ -138,6 +138,7 @@ impl ReplicationControl for SecondaryControl {
             "cow-bytes": s.cow_bytes.load(Ordering::Relaxed),
             "vm-direct-reads": s.direct_reads.load(Ordering::Relaxed),
             "vm-direct-retries": s.direct_retries.load(Ordering::Relaxed),
+            "vm-ring-writes": s.vm_ring_writes.load(Ordering::Relaxed),
             "checkpoints": s.checkpoints.load(Ordering::Relaxed),
             "last-checkpoint-us": s.last_checkpoint_us.load(Ordering::Relaxed),
             "colo": s.colo_query(),

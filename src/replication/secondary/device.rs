@@ -74,9 +74,30 @@ struct SecondaryQueue {
 enum Entry {
     /// A request passed to the disk as it is (stage done).
     Passed { token: u64 },
+    /// A VM write on the active buffer's ring (stage running); its sectors join the active
+    /// map when it succeeds.
+    ActiveWrite { token: u64, sectors: (u64, u64), _ticket: HeldTicket },
     /// A VM read sent straight to the disk's queue or the active buffer's ring, checked when
     /// it completes.
     Direct(DirectRead),
+}
+
+/// A VM request's place in the quiesce gate while it is in flight on a ring: a checkpoint or
+/// stage change waits for it (and cannot start while it is held, so the stage stays running).
+struct HeldTicket(Arc<Secondary>);
+
+impl HeldTicket {
+    /// None while the gate is closed: the request then takes the buffer path, whose pool
+    /// thread may wait for the gate (a worker must not).
+    fn try_new(sec: &Arc<Secondary>) -> Option<Self> {
+        sec.gate.try_hold().then(|| HeldTicket(sec.clone()))
+    }
+}
+
+impl Drop for HeldTicket {
+    fn drop(&mut self) {
+        self.0.gate.leave();
+    }
 }
 
 struct DirectRead {
@@ -142,6 +163,21 @@ impl BlockQueue for SecondaryQueue {
             let idx = self.entries.insert(Entry::Passed { token: request.token });
             return self.push_inner(request, idx, false);
         }
+        if let OpKind::Write { offset, .. } = request.kind
+            && self.active_ring.is_some()
+            && let Some(ticket) = HeldTicket::try_new(&self.sec)
+        {
+            // Under the ticket the stage cannot leave running (every change away from it
+            // closes the gate first), nor can a checkpoint swap the active file.
+            if self.sec.stage() == Stage::Running && self.active_ring_current() {
+                let sectors = Secondary::sectors(offset, request.bufs.len());
+                let idx = self.entries.insert(Entry::ActiveWrite { token: request.token, sectors, _ticket: ticket });
+                return match self.push_inner(request, idx, true) {
+                    Ok(()) => Ok(()),
+                    Err(rejected) => self.spawn(rejected.request),
+                };
+            }
+        }
         if let Some((offset, len)) = request.range().filter(|_| matches!(request.kind, OpKind::Read { .. })) {
             let (s0, s1) = Secondary::sectors(offset, len);
             let route = match self.sec.direct_read_start(s0, s1) {
@@ -182,6 +218,22 @@ impl BlockQueue for SecondaryQueue {
                 Some(Entry::Passed { token }) => {
                     c.request.token = token;
                     out.push(c);
+                }
+                Some(Entry::ActiveWrite { token, sectors: (s0, s1), _ticket }) => {
+                    c.request.token = token;
+                    if c.result >= 0 {
+                        // In the map before the ticket is released: a checkpoint that follows
+                        // empties these sectors with the rest.
+                        self.sec.active_map.set(s0, s1);
+                        self.sec.vm_ring_writes.fetch_add(1, Ordering::Relaxed);
+                        out.push(c);
+                    } else {
+                        drop(_ticket);
+                        // The buffer path redoes it (same bytes, same place) and answers.
+                        if let Err(rejected) = self.spawn(c.request) {
+                            out.push(Completion { request: rejected.request, result: -libc::EIO });
+                        }
+                    }
                 }
                 Some(Entry::Direct(read)) => {
                     c.request.token = read.token;

@@ -103,6 +103,8 @@ pub struct Secondary {
     /// because a primary write or a checkpoint overlapped them (see `direct_read_start`).
     direct_reads: AtomicU64,
     direct_retries: AtomicU64,
+    /// VM writes done on a worker's ring on the active buffer.
+    vm_ring_writes: AtomicU64,
     /// Bumped whenever emptying may have pointed `active`'s descriptor at a fresh file.
     active_swaps: AtomicU64,
     checkpoints: AtomicU64,
@@ -303,6 +305,7 @@ impl Secondary {
             cow_bytes: AtomicU64::new(0),
             direct_reads: AtomicU64::new(0),
             direct_retries: AtomicU64::new(0),
+            vm_ring_writes: AtomicU64::new(0),
             active_swaps: AtomicU64::new(0),
             checkpoints: AtomicU64::new(0),
             last_checkpoint_us: AtomicU64::new(0),
