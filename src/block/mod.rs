@@ -49,6 +49,14 @@ pub trait BlockDevice: Send + Sync {
     /// completions wake the worker through `completions` (rings register its eventfd, other
     /// threads post on a lane of it).
     fn open_queue(&self, depth: u32, completions: &Arc<WorkerCompletions>) -> Result<Box<dyn BlockQueue>, BlockError>;
+    /// The file a layer above may address on an io_uring of its own for plain reads and
+    /// writes at guest offsets (a raw image on the io_uring engine): lets such a layer put
+    /// this device's file and its own in one ring per worker. With `--direct` the file is
+    /// `O_DIRECT`, so a request whose buffers are not aligned fails there with `EINVAL` and
+    /// must be redone on [`BlockDevice::open_queue`]'s queue, which bounces.
+    fn ring_file(&self) -> Option<Arc<std::fs::File>> {
+        None
+    }
     /// Makes every completed write durable, synchronously (used on shutdown).
     fn flush(&self) -> io::Result<()> {
         self.below().map_or(Ok(()), |b| b.flush())

@@ -170,6 +170,10 @@ impl BlockDevice for RawDisk {
         if self.direct { Ok(Box::new(super::bounce::BounceQueue::new(engine, self.mem_align))) } else { Ok(engine) }
     }
 
+    fn ring_file(&self) -> Option<Arc<File>> {
+        (self.engine == EngineKind::Uring).then(|| self.file.clone())
+    }
+
     fn flush(&self) -> io::Result<()> {
         if self.read_only { Ok(()) } else { self.file.sync_data() }
     }

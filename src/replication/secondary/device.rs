@@ -15,17 +15,24 @@ impl BlockDevice for SecondaryDevice {
     }
     fn open_queue(&self, depth: u32, completions: &Arc<WorkerCompletions>) -> Result<Box<dyn BlockQueue>, BlockError> {
         let inner = self.0.disk.open_queue(depth, completions)?;
-        // A ring on the active buffer for direct reads of sectors the VM wrote, signalling the
-        // worker's completions like every other ring. Without io_uring those reads take the
-        // buffer path.
-        let active_ring =
-            crate::io::uring::UringEngine::with_files(vec![self.0.active.clone()], depth, completions).ok();
+        // One ring per worker for the direct paths: the active buffer (the VM's writes, reads
+        // of sectors it wrote) and, when the disk is a raw file on io_uring, the disk too
+        // (reads of sectors in neither buffer), signalling the worker's completions like
+        // every other ring. Without io_uring those requests take the buffer path.
+        let mut files = vec![self.0.active.clone()];
+        let disk_file = self.0.disk.ring_file();
+        if let Some(f) = &disk_file {
+            files.push(f.clone());
+        }
+        let active_ring = crate::io::uring::UringEngine::with_files(files, depth.saturating_mul(2), completions).ok();
+        let disk_in_ring = disk_file.is_some() && active_ring.is_some();
         Ok(Box::new(SecondaryQueue {
             sec: self.0.clone(),
             inner,
             buffered: completions.lane(),
             active_ring,
             active_swaps: self.0.active_swaps(),
+            disk_in_ring,
             entries: Slab::default(),
             scratch: Vec::new(),
         }))
@@ -61,13 +68,32 @@ struct SecondaryQueue {
     inner: Box<dyn BlockQueue>,
     /// Requests finished on the pool (the buffer path).
     buffered: Arc<Lane>,
-    /// io_uring on the active buffer (file 0), or None (buffer path only).
+    /// The worker's ring for the direct paths: the active buffer (file [`ACTIVE`]) and, if
+    /// `disk_in_ring`, the disk (file [`DISK`]); None: buffer path only.
     active_ring: Option<crate::io::uring::UringEngine>,
+    /// Whether the ring addresses the disk (else direct disk reads go to `inner`).
+    disk_in_ring: bool,
     /// [`Secondary::active_swaps`] when the ring last registered the active descriptor.
     active_swaps: u64,
     /// Requests pushed to the disk's queue or the active ring, by the token they carry there.
     entries: Slab<Entry>,
     scratch: Vec<Completion>,
+}
+
+/// The active buffer's index in the ring's file table.
+const ACTIVE: u32 = 0;
+/// The disk's index in the ring's file table (when it is there).
+const DISK: u32 = 1;
+
+/// Where a request pushed down goes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Target {
+    /// The disk's own queue (`inner`).
+    DiskQueue,
+    /// The disk, on the ring (only when `disk_in_ring`).
+    DiskRing,
+    /// The active buffer, on the ring.
+    Active,
 }
 
 /// What a token this queue pushed down stands for.
@@ -117,7 +143,7 @@ impl SecondaryQueue {
         if swaps == self.active_swaps {
             return true;
         }
-        match ring.replace_file(0, self.sec.active.clone()) {
+        match ring.replace_file(ACTIVE, self.sec.active.clone()) {
             Ok(()) => {
                 self.active_swaps = swaps;
                 true
@@ -140,13 +166,14 @@ impl SecondaryQueue {
             .map_err(|request| Box::new(Rejected { error: IoEngineError::QueueFull, request }))
     }
 
-    /// Sends `request` to the disk's queue under this queue's token `idx`; on refusal it
-    /// comes back with the submitter's token.
-    fn push_inner(&mut self, mut request: IoRequest, idx: usize, active: bool) -> Result<(), Box<Rejected>> {
+    /// Sends `request` to `target` under this queue's token `idx`; on refusal it comes back
+    /// with the submitter's token.
+    fn push_inner(&mut self, mut request: IoRequest, idx: usize, target: Target) -> Result<(), Box<Rejected>> {
         let token = request.token;
         request.token = idx as u64;
-        let pushed = match (&mut self.active_ring, active) {
-            (Some(ring), true) => ring.push_to(0, request),
+        let pushed = match (&mut self.active_ring, target) {
+            (Some(ring), Target::Active) => ring.push_to(ACTIVE, request),
+            (Some(ring), Target::DiskRing) => ring.push_to(DISK, request),
             _ => self.inner.push(request),
         };
         pushed.map_err(|mut rejected| {
@@ -161,7 +188,7 @@ impl BlockQueue for SecondaryQueue {
     fn push(&mut self, request: IoRequest) -> Result<(), Box<Rejected>> {
         if self.sec.stage() == Stage::Done {
             let idx = self.entries.insert(Entry::Passed { token: request.token });
-            return self.push_inner(request, idx, false);
+            return self.push_inner(request, idx, Target::DiskQueue);
         }
         if let OpKind::Write { offset, .. } = request.kind
             && self.active_ring.is_some()
@@ -172,7 +199,7 @@ impl BlockQueue for SecondaryQueue {
             if self.sec.stage() == Stage::Running && self.active_ring_current() {
                 let sectors = Secondary::sectors(offset, request.bufs.len());
                 let idx = self.entries.insert(Entry::ActiveWrite { token: request.token, sectors, _ticket: ticket });
-                return match self.push_inner(request, idx, true) {
+                return match self.push_inner(request, idx, Target::Active) {
                     Ok(()) => Ok(()),
                     Err(rejected) => self.spawn(rejected.request),
                 };
@@ -190,8 +217,13 @@ impl BlockQueue for SecondaryQueue {
             {
                 let read = DirectRead { token: request.token, sectors: (s0, s1), generation, active };
                 let idx = self.entries.insert(Entry::Direct(read));
+                let target = match (active, self.disk_in_ring) {
+                    (true, _) => Target::Active,
+                    (false, true) => Target::DiskRing,
+                    (false, false) => Target::DiskQueue,
+                };
                 // A full ring hands the read back: the buffer path takes it.
-                return match self.push_inner(request, idx, active) {
+                return match self.push_inner(request, idx, target) {
                     Ok(()) => Ok(()),
                     Err(rejected) => self.spawn(rejected.request),
                 };
@@ -306,6 +338,7 @@ mod tests {
             sec: s.clone(),
             active_ring: None,
             active_swaps: 0,
+            disk_in_ring: false,
             inner,
             buffered: completions.lane(),
             entries: Slab::default(),
