@@ -48,14 +48,9 @@
 # The markdown report goes to stdout, progress to stderr.
 set -euo pipefail
 
-here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-repo=$(cd "$here/.." && pwd)
+bench_tag=bench-primary bench_log_time=1 bench_problem_word=PROBLEM bench_stop_secs=15 bench_stop_complain=1
+. "$(dirname "${BASH_SOURCE[0]}")/bench-lib.sh"
 
-usage() { sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}"; exit 2; }
-die() { echo "bench-primary: error: $*" >&2; exit 1; }
-log() { echo "bench-primary: $(date -u +%H:%M:%S) $*" >&2; }
-
-colo=${COLO_BLK:-$repo/target/release/colo-blk}
 qemu=${QEMU:-qemu-system-x86_64}
 qnbd=${QEMU_NBD:-qemu-nbd}
 runtime=5 repeat=2 cache=direct disk_mib=1024 rows=1234 sync_timeout=600 do_wait=1 max_build_wait=1800
@@ -63,35 +58,29 @@ workdir=${TMPDIR:-/tmp}/colo-blk-bench-pri
 secdir=''
 while [[ $# -gt 0 ]]; do
     case $1 in
-        --runtime) runtime=${2:?}; shift 2 ;;
-        --repeat) repeat=${2:?}; shift 2 ;;
         --cache) cache=${2:?}; shift 2 ;;
         --disk-size) disk_mib=${2:?}; shift 2 ;;
         --rows) rows=${2:?}; shift 2 ;;
         --sync-timeout) sync_timeout=${2:?}; shift 2 ;;
-        --workdir) workdir=${2:?}; shift 2 ;;
         --secondary-dir) secdir=${2:?}; shift 2 ;;
         --no-wait) do_wait=0; shift ;;
         --max-build-wait) max_build_wait=${2:?}; shift 2 ;;
-        -h | --help) usage ;;
-        *) echo "bench-primary: unknown argument: $1" >&2; usage ;;
+        *) bench_arg "$@"; shift "$bench_shift" ;;
     esac
 done
-[[ $runtime =~ ^[1-9][0-9]*$ ]] || die "--runtime takes a positive integer"
-[[ $repeat =~ ^[1-9][0-9]*$ ]] || die "--repeat takes a positive integer"
+need_posint "$runtime" --runtime
+need_posint "$repeat" --repeat
 [[ $disk_mib =~ ^[1-9][0-9]*$ && $disk_mib -ge 16 ]] || die "--disk-size takes an integer >= 16 (MiB)"
 [[ $cache == direct || $cache == buffered ]] || die "--cache is direct or buffered"
 [[ $rows =~ ^[1-4]+$ ]] || die "--rows takes digits 1-4"
-[[ $sync_timeout =~ ^[1-9][0-9]*$ ]] || die "--sync-timeout takes a positive integer"
-[[ -x $colo ]] || die "$colo not found (cargo build --release, or set COLO_BLK=)"
+need_posint "$sync_timeout" --sync-timeout
+need_colo
 for b in "$qemu" "$qnbd" python3 cmp dd; do
     command -v "$b" >/dev/null || die "$b not found"
 done
 want() { [[ $rows == *$1* ]]; }
 
-mkdir -p "$workdir"
-workdir=$(cd "$workdir" && pwd)
-run=$(mktemp -d "$workdir/run.XXXXXX")
+make_rundir
 secdir=${secdir:-$workdir}
 mkdir -p "$secdir"
 secdir=$(cd "$secdir" && pwd)
@@ -283,42 +272,11 @@ def main():
 main()
 EOF
 
-# qmp SOCK 'json' ...: runs the commands, prints the answers (exit 1 on an error).
-qmp() {
-    local sock=$1
-    shift
-    printf '%s\n' "$@" | python3 "$run/qmp.py" run "$sock"
-}
-# jget 'python expression on r' JSON
-jget() { python3 -c 'import json,sys; r=json.loads(sys.argv[2]); print(eval(sys.argv[1]))' "$1" "$2"; }
+# (qmp SOCK 'json' ... and jget 'expression on r' JSON are in bench-lib.sh.)
 
 # --------------------------------------------------------------- daemons ---
 
-problems=()
-problem() { problems+=("$*"); log "PROBLEM: $*"; }
-pids=() # started and not yet reaped (a reaped pid may be reused: never signal it again)
-
-forget() { local p=$1 i; for i in "${!pids[@]}"; do [[ ${pids[$i]} == "$p" ]] && unset "pids[$i]"; done; true; }
-
-# stop_pid PID: SIGCONT + SIGTERM, SIGKILL after 15 s, reap; stop_rc = exit status.
-stop_rc=0
-stop_pid() {
-    local pid=$1 i st=''
-    stop_rc=0
-    kill -CONT "$pid" 2>/dev/null || true
-    kill -TERM "$pid" 2>/dev/null || true
-    for ((i = 0; i < 300; i++)); do
-        st=$(ps -o stat= -p "$pid" 2>/dev/null || true)
-        [[ -z $st || $st == Z* ]] && break
-        sleep 0.05
-    done
-    if [[ -n $st && $st != Z* ]]; then
-        problem "pid $pid did not exit within 15 s of SIGTERM; killed"
-        kill -KILL "$pid" 2>/dev/null || true
-    fi
-    wait "$pid" 2>/dev/null || stop_rc=$?
-    forget "$pid"
-}
+# (problem, stop_pid with its 15 s and pids/forget are in bench-lib.sh.)
 
 cleanup() {
     local p
@@ -328,25 +286,7 @@ cleanup() {
     done
     wait 2>/dev/null || true
 }
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-# wait_for WHAT PID LOG CMD...: until CMD succeeds (20 s); dies if PID exits.
-wait_for() {
-    local what=$1 pid=$2 logf=$3 i
-    shift 3
-    for ((i = 0; i < 400; i++)); do
-        "$@" 2>/dev/null && return 0
-        if ! kill -0 "$pid" 2>/dev/null; then
-            sed 's/^/  | /' "$logf" >&2
-            die "$what exited during startup (log: $logf)"
-        fi
-        sleep 0.05
-    done
-    sed 's/^/  | /' "$logf" >&2
-    die "$what not ready after 20 s (log: $logf)"
-}
+bench_traps
 
 # Other benchmarks (contrib/bench*.sh but this one) must not overlap with ours;
 # a cargo build/test is waited for at most --max-build-wait seconds in total.
@@ -401,7 +341,7 @@ start_nbd() {
     "$qnbd" "${args[@]}" </dev/null >>"$nbd_log" 2>&1 &
     nbd_pid=$!
     pids+=("$nbd_pid")
-    wait_for qemu-nbd "$nbd_pid" "$nbd_log" test -S "$nbd_sock"
+    wait_ready qemu-nbd "$nbd_pid" "$nbd_log" test -S "$nbd_sock"
 }
 stop_nbd() {
     [[ -n $nbd_pid ]] || return 0
@@ -410,7 +350,6 @@ stop_nbd() {
 }
 
 cur_pid='' cur_sock='' cur_qmp='' cur_log='' cur_impl=''
-colo_ready() { [[ -S $1 ]] && grep -q 'serving ' "$2"; }
 
 # start_colo none|primary
 start_colo() {
@@ -427,7 +366,7 @@ start_colo() {
     "$colo" "${args[@]}" </dev/null >>"$cur_log" 2>&1 &
     cur_pid=$!
     pids+=("$cur_pid")
-    wait_for "colo-blk $mode" "$cur_pid" "$cur_log" colo_ready "$cur_sock" "$cur_log"
+    wait_ready "colo-blk $mode" "$cur_pid" "$cur_log" colo_ready "$cur_sock" "$cur_log"
 }
 
 # start_qemu plain|primary|mirror: qemu-system-x86_64 -machine none, graph over QMP.
@@ -442,7 +381,7 @@ start_qemu() {
     "$qemu" "${args[@]}" </dev/null >>"$cur_log" 2>&1 &
     cur_pid=$!
     pids+=("$cur_pid")
-    wait_for qemu-system "$cur_pid" "$cur_log" test -S "$cur_qmp"
+    wait_ready qemu-system "$cur_pid" "$cur_log" test -S "$cur_qmp"
     local c="\"cache\":{\"direct\":$qdirect}"
     local -a cmds=("{\"execute\":\"blockdev-add\",\"arguments\":{\"driver\":\"raw\",\"node-name\":\"local\",$c,\"file\":{\"driver\":\"file\",\"filename\":\"$pri\",\"aio\":\"io_uring\",$c}}}")
     local top=local
@@ -507,31 +446,13 @@ check_state() {
 
 # ------------------------------------------------------------- helpers ---
 
-results=$run/results.txt # row impl rep value [extra...]
+results=$run/results.txt # row impl rep value [extra...]; rec, med, errs: bench-lib.sh
 : >"$results"
-rec() { echo "$*" >>"$results"; }
 
-median() {
-    sort -g | awk '{ v[NR] = $1 } END {
-        if (NR == 0) { print "nan"; exit }
-        if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
-}
-vals() { awk -v r="$1" -v i="$2" '$1 == r && $2 == i && $4 != "ERR" { print $4 }' "$results"; }
-med() { vals "$1" "$2" | median; }
 runs() { awk -v r="$1" -v i="$2" '$1 == r && $2 == i { printf "%s%s", (n++ ? ", " : ""), ($4 == "ERR" ? $4 : sprintf("%.10g", $4)) }' "$results"; }
-nerr() { awk -v r="$1" -v i="$2" '$1 == r && $2 == i && $4 == "ERR" { n++ } END { print n + 0 }' "$results"; }
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a != "nan" && b != "nan" && b > 0) printf "%.2f", a / b; else print "n/a" }'; }
 fmt0() { awk -v v="$1" 'BEGIN { if (v == "nan" || v == "") print "—"; else printf "%.0f", v }'; }
 fmt1() { awk -v v="$1" 'BEGIN { if (v == "nan" || v == "") print "—"; else printf "%.1f", v }'; }
-errs() { local e; e=$(nerr "$1" "$2"); [[ $e == 0 ]] || echo " ($e ERR)"; }
 
-hz=$(getconf CLK_TCK)
-pid_ticks() { # utime + stime of all threads (0 if no such process)
-    local st
-    [[ -n $1 ]] && st=$(cat "/proc/$1/stat" 2>/dev/null) || { echo 0; return 0; }
-    st=${st##*) }
-    awk '{ print $12 + $13 }' <<<"$st"
-}
 sys_ticks() { awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 + $9; exit }' /proc/stat; }
 
 # vm ROW IMPL REP RW BS QD QUEUES RUNTIME: one colo-blk bench run on cur_sock;
@@ -567,13 +488,7 @@ vm() {
 }
 
 make_disks() {
-    if [[ -f $pri && $(stat -c %s "$pri") == "$size" ]]; then
-        log "reusing $pri"
-    else
-        log "writing $disk_mib MiB of random data to $pri"
-        head -c "$size" /dev/urandom >"$pri.tmp"
-        mv "$pri.tmp" "$pri"
-    fi
+    random_image "$pri" "$size" "$disk_mib MiB"
     if [[ ! -f $sec || $(stat -c %s "$sec") != "$size" ]]; then
         log "writing $disk_mib MiB of zeros to $sec"
         dd if=/dev/zero of="$sec.tmp" bs=1M count="$disk_mib" status=none
@@ -890,7 +805,7 @@ started=$(date -u '+%Y-%m-%d %H:%M UTC')
 log "logs in $run"
 wait_idle
 make_disks
-load_start=$(cut -d' ' -f1-3 /proc/loadavg)
+load_start=$(loadavg)
 for ((rep = 1; rep <= repeat; rep++)); do
     if ((rep % 2)); then order="colo qemu"; else order="qemu colo"; fi
     log "round $rep of $repeat ($order)"
@@ -907,6 +822,6 @@ if want 4; then
         for impl in colo qemu; do phase_resync "$impl" "$how"; overlap "row 4 $impl $how"; done
     done
 fi
-load_end=$(cut -d' ' -f1-3 /proc/loadavg)
+load_end=$(loadavg)
 report
 log "raw results: $run"

@@ -33,14 +33,9 @@
 # The markdown report goes to stdout, progress to stderr.
 set -euo pipefail
 
-here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-repo=$(cd "$here/.." && pwd)
+bench_tag=bench-qcow2.sh
+. "$(dirname "${BASH_SOURCE[0]}")/bench-lib.sh"
 
-usage() { sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}"; exit 2; }
-die() { echo "bench-qcow2.sh: error: $*" >&2; exit 1; }
-log() { echo "bench-qcow2.sh: $*" >&2; }
-
-colo=${COLO_BLK:-$repo/target/release/colo-blk}
 qsd=${QSD:-qemu-storage-daemon}
 qemu_img=${QEMU_IMG:-qemu-img}
 size_arg=1G runtime=10 repeat=2 cache_arg=both rows_re='' poll_us='' qsd_iothread=0 list=0
@@ -48,20 +43,16 @@ workdir=${TMPDIR:-/tmp}/colo-blk-bench-qcow2
 while [[ $# -gt 0 ]]; do
     case $1 in
         --size) size_arg=${2:?}; shift 2 ;;
-        --runtime) runtime=${2:?}; shift 2 ;;
-        --repeat) repeat=${2:?}; shift 2 ;;
         --cache) cache_arg=${2:?}; shift 2 ;;
         --rows) rows_re=${2:?}; shift 2 ;;
-        --workdir) workdir=${2:?}; shift 2 ;;
         --poll-us) poll_us=${2:?}; shift 2 ;;
         --qsd-iothread) qsd_iothread=1; shift ;;
         --list) list=1; shift ;;
-        -h | --help) usage ;;
-        *) echo "bench-qcow2.sh: unknown argument: $1" >&2; usage ;;
+        *) bench_arg "$@"; shift "$bench_shift" ;;
     esac
 done
-[[ $runtime =~ ^[1-9][0-9]*$ ]] || die "--runtime takes a positive integer"
-[[ $repeat =~ ^[1-9][0-9]*$ ]] || die "--repeat takes a positive integer"
+need_posint "$runtime" --runtime
+need_posint "$repeat" --repeat
 case $cache_arg in
     direct) caches=(direct) ;;
     page) caches=(page) ;;
@@ -93,13 +84,11 @@ for r in "${rows[@]}"; do
 done
 [[ ${#selected[@]} -gt 0 ]] || die "--rows $rows_re matches no row (see --list)"
 
-[[ -x $colo ]] || die "$colo not found (cargo build --release, or set COLO_BLK=)"
+need_colo
 command -v "$qsd" >/dev/null || die "$qsd not found (set QSD=)"
 command -v "$qemu_img" >/dev/null || die "$qemu_img not found (set QEMU_IMG=)"
 
-mkdir -p "$workdir"
-workdir=$(cd "$workdir" && pwd)
-run=$(mktemp -d "$workdir/run.XXXXXX")
+make_rundir
 img=$workdir/random-$size.qcow2
 
 # ------------------------------------------------------------------ image ---
@@ -126,25 +115,6 @@ make_image() {
 # ---------------------------------------------------------------- daemons ---
 
 daemon_pid=''
-
-# Wait (up to 20 s) until "$@" succeeds; fail at once if process $2 dies.
-wait_ready() {
-    local what=$1 pid=$2 logf=$3 i
-    shift 3
-    for ((i = 0; i < 400; i++)); do
-        "$@" && return 0
-        if ! kill -0 "$pid" 2>/dev/null; then
-            sed 's/^/  | /' "$logf" >&2
-            die "$what exited during startup (log: $logf)"
-        fi
-        sleep 0.05
-    done
-    sed 's/^/  | /' "$logf" >&2
-    die "$what not ready after 20 s (log: $logf)"
-}
-
-colo_ready() { [[ -S $1 ]] && grep -q 'serving ' "$2" 2>/dev/null; }
-qsd_ready() { [[ -S $1 && -s $2 ]]; }
 
 # start_daemon colo-blk|QSD direct|page: sets daemon_pid and sock
 start_daemon() {
@@ -178,62 +148,27 @@ start_daemon() {
 
 # SIGTERM the daemon and reap it (SIGKILL after 10 s); a non-zero exit is a problem.
 stop_daemon() {
-    local what=$1 i st rc=0
+    local what=$1
     [[ -n $daemon_pid ]] || return 0
-    kill -TERM "$daemon_pid" 2>/dev/null || true
-    for ((i = 0; i < 200; i++)); do
-        st=$(ps -o stat= -p "$daemon_pid" 2>/dev/null || true)
-        [[ -z $st || $st == Z* ]] && break
-        sleep 0.05
-    done
-    [[ -z $st || $st == Z* ]] || kill -KILL "$daemon_pid" 2>/dev/null || true
-    wait "$daemon_pid" 2>/dev/null || rc=$?
+    stop_pid "$daemon_pid"
     daemon_pid=''
-    [[ $rc == 0 ]] || problem "$what exited with status $rc on SIGTERM"
+    [[ $stop_rc == 0 ]] || problem "$what exited with status $stop_rc on SIGTERM"
 }
 
 cleanup() {
     [[ -z $daemon_pid ]] || kill -TERM "$daemon_pid" 2>/dev/null || true
     wait 2>/dev/null || true
 }
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-problems=()
-problem() { problems+=("$*"); log "WARNING: $*"; }
+bench_traps
 
 # ----------------------------------------------------------------- helpers ---
 
-hz=$(getconf CLK_TCK)
-pid_ticks() { # utime + stime of a live process (all its threads)
-    local st
-    st=$(cat "/proc/$1/stat" 2>/dev/null) || { echo 0; return; }
-    st=${st##*) }
-    awk '{ print $12 + $13 }' <<<"$st"
-}
-
-cpu_busy() { awk '/^cpu / { print $2 + $3 + $4 + $7 + $8; exit }' /proc/stat; }
-child_ticks() { # cutime + cstime of this shell: every child it has reaped (the load generator)
-    local st
-    st=$(cat "/proc/$$/stat")
-    st=${st##*) }
-    awk '{ print $14 + $15 }' <<<"$st"
-}
-other_warn=25 # % of one CPU used by other processes during a run
-
-json_num() { sed -n "s/.*\"$1\":\([-0-9.eE+]*\).*/\1/p" <<<"$2"; }
-median() {
-    sort -g | awk '{ v[NR] = $1 } END {
-        if (NR == 0) { print "nan"; exit }
-        if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
-}
+# (CPU tick counters, other_warn, json_num and median are in bench-lib.sh.)
 # field N of result lines for a row, cache mode and backend
 pick() { awk -v r="$1" -v c="$2" -v b="$3" -v f="$4" '$1 == r && $2 == c && $3 == b { print $f }' "$results"; }
 runs() { awk -v r="$1" -v c="$2" -v b="$3" '$1 == r && $2 == c && $3 == b { printf "%s%.0f [%s%%]", (n++ ? ", " : ""), $5, $10 }' "$results"; }
 fmt0() { awk -v v="$1" 'BEGIN { if (v == "nan") print "n/a"; else printf "%.0f", v }'; }
 fmt1() { awk -v v="$1" 'BEGIN { if (v == "nan") print "n/a"; else printf "%.1f", v }'; }
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a != "nan" && b != "nan" && b > 0) printf "%.2f", a / b; else print "n/a" }'; }
 
 # ------------------------------------------------------------------- runs ---
 
@@ -267,7 +202,7 @@ bench_rows() { # cache backend rep
     done
 }
 
-load_start=$(cut -d' ' -f1-3 /proc/loadavg)
+load_start=$(loadavg)
 started=$(date -u '+%Y-%m-%d %H:%M UTC')
 log "logs in $run"
 make_image
@@ -285,7 +220,7 @@ for cache in "${caches[@]}"; do
     done
 done
 "$qemu_img" check -q "$img" || problem "qemu-img check $img failed after the runs"
-load_end=$(cut -d' ' -f1-3 /proc/loadavg)
+load_end=$(loadavg)
 
 echo "## colo-blk vs qemu-storage-daemon on a qcow2 image ($started)"
 echo

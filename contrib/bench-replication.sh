@@ -57,14 +57,9 @@
 # The markdown report goes to stdout, progress to stderr.
 set -euo pipefail
 
-here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-repo=$(cd "$here/.." && pwd)
+bench_tag=bench-replication bench_problem_word=PROBLEM bench_stop_secs=15 bench_stop_complain=1
+. "$(dirname "${BASH_SOURCE[0]}")/bench-lib.sh"
 
-usage() { sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}"; exit 2; }
-die() { echo "bench-replication: error: $*" >&2; exit 1; }
-log() { echo "bench-replication: $*" >&2; }
-
-colo=${COLO_BLK:-$repo/target/release/colo-blk}
 qemu=${QEMU:-qemu-system-x86_64}
 qsd=${QSD:-qemu-storage-daemon}
 qnbd=${QEMU_NBD:-qemu-nbd}
@@ -74,11 +69,8 @@ workdir=${TMPDIR:-/tmp}/colo-blk-bench-rep
 bufroot=/dev/shm
 while [[ $# -gt 0 ]]; do
     case $1 in
-        --runtime) runtime=${2:?}; shift 2 ;;
-        --repeat) repeat=${2:?}; shift 2 ;;
         --cache) cache=${2:?}; shift 2 ;;
         --disk-size) disk_mib=${2:?}; shift 2 ;;
-        --workdir) workdir=${2:?}; shift 2 ;;
         --bufdir) bufroot=${2:?}; shift 2 ;;
         --only) only=${2:?}; shift 2 ;;
         --no-rss) do_rss=0; shift ;;
@@ -86,23 +78,20 @@ while [[ $# -gt 0 ]]; do
         --vm-only) vm_only=1; do_rss=0; shift ;;
         --wait-for) wait_re=${2:?}; shift 2 ;;
         --no-wait) do_wait=0; shift ;;
-        -h | --help) usage ;;
-        *) echo "bench-replication: unknown argument: $1" >&2; usage ;;
+        *) bench_arg "$@"; shift "$bench_shift" ;;
     esac
 done
-[[ $runtime =~ ^[1-9][0-9]*$ ]] || die "--runtime takes a positive integer"
-[[ $repeat =~ ^[1-9][0-9]*$ ]] || die "--repeat takes a positive integer"
+need_posint "$runtime" --runtime
+need_posint "$repeat" --repeat
 [[ $disk_mib =~ ^[1-9][0-9]*$ && $disk_mib -ge 16 ]] || die "--disk-size takes an integer >= 16 (MiB)"
 [[ $cache == direct || $cache == buffered ]] || die "--cache is direct or buffered"
 [[ -z $only || $only == colo || $only == qemu ]] || die "--only is colo or qemu"
-[[ -x $colo ]] || die "$colo not found (cargo build --release, or set COLO_BLK=)"
+need_colo
 for b in "$qemu" "$qsd" "$qnbd" "$qimg" python3; do
     command -v "$b" >/dev/null || die "$b not found"
 done
 
-mkdir -p "$workdir"
-workdir=$(cd "$workdir" && pwd)
-run=$(mktemp -d "$workdir/run.XXXXXX")
+make_rundir
 bufdir=$(mktemp -d "$bufroot/colo-blk-bench-rep.XXXXXX")
 disk=$workdir/random-${disk_mib}m.img
 size=$((disk_mib << 20))
@@ -226,38 +215,11 @@ def main():
 main()
 EOF
 
-# qmp SOCK 'json' ['json' ...]: runs the commands; prints the answers.
-qmp() {
-    local sock=$1
-    shift
-    printf '%s\n' "$@" | python3 "$run/qmp.py" run "$sock"
-}
-# One value from a JSON document: jget 'expr on r' JSON
-jget() { python3 -c 'import json,sys; r=json.loads(sys.argv[2]); print(eval(sys.argv[1]))' "$1" "$2"; }
+# (qmp SOCK 'json' ... and jget 'expression on r' JSON are in bench-lib.sh.)
 
 # --------------------------------------------------------------- daemons ---
 
-problems=()
-problem() { problems+=("$*"); log "PROBLEM: $*"; }
-pids=()
-
-# SIGTERM a process we started and reap it (SIGKILL after 15 s); stop_rc = status.
-stop_rc=0
-stop_pid() {
-    local pid=$1 i st=''
-    stop_rc=0
-    kill -TERM "$pid" 2>/dev/null || true
-    for ((i = 0; i < 300; i++)); do
-        st=$(ps -o stat= -p "$pid" 2>/dev/null || true)
-        [[ -z $st || $st == Z* ]] && break
-        sleep 0.05
-    done
-    if [[ -n $st && $st != Z* ]]; then
-        problem "pid $pid did not exit within 15 s of SIGTERM; killed"
-        kill -KILL "$pid" 2>/dev/null || true
-    fi
-    wait "$pid" 2>/dev/null || stop_rc=$?
-}
+# (problem, stop_pid with its 15 s and pids are in bench-lib.sh.)
 
 cleanup() {
     local p
@@ -267,26 +229,7 @@ cleanup() {
     wait 2>/dev/null || true
     rm -rf "$bufdir"
 }
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-# wait_for WHAT PID LOG CMD...: until CMD succeeds (20 s); fail if PID dies.
-wait_for() {
-    local what=$1 pid=$2 logf=$3 i
-    shift 3
-    for ((i = 0; i < 400; i++)); do
-        "$@" 2>/dev/null && return 0
-        if ! kill -0 "$pid" 2>/dev/null; then
-            sed 's/^/  | /' "$logf" >&2
-            die "$what exited during startup (log: $logf)"
-        fi
-        sleep 0.05
-    done
-    sed 's/^/  | /' "$logf" >&2
-    die "$what not ready after 20 s (log: $logf)"
-}
-colo_ready() { [[ -S $1 ]] && grep -q 'serving ' "$2"; }
+bench_traps
 
 # Wait while a process matching --wait-for runs (another benchmark, a build),
 # polling every 30 s.
@@ -303,21 +246,7 @@ wait_idle() {
 # CPU time used by anything but us (the daemon under test and every child this
 # shell reaped: load generators, QMP client) during a measurement, as % of one
 # CPU. Kernel threads doing our I/O count as "other", so a few % are normal.
-hz=$(getconf CLK_TCK)
-other_warn=25
-cpu_busy() { awk '/^cpu / { print $2 + $3 + $4 + $7 + $8; exit }' /proc/stat; }
-pid_ticks() {
-    local st
-    st=$(cat "/proc/$1/stat" 2>/dev/null) || { echo 0; return; }
-    st=${st##*) }
-    awk '{ print $12 + $13 }' <<<"$st"
-}
-child_ticks() {
-    local st
-    st=$(cat "/proc/$$/stat")
-    st=${st##*) }
-    awk '{ print $14 + $15 }' <<<"$st"
-}
+# (The tick counters and other_warn are in bench-lib.sh.)
 ours_ticks() { echo $(($(pid_ticks "${cur_pid:-0}") + $(child_ticks))); }
 meas_start() { wait_idle; m_t0=$(date +%s%N) m_busy=$(cpu_busy) m_ours=$(ours_ticks); }
 other=0
@@ -351,7 +280,7 @@ start_colo() {
     "$colo" "${args[@]}" </dev/null >>"$cur_log" 2>&1 &
     cur_pid=$!
     pids+=("$cur_pid")
-    wait_for "colo-blk $mode" "$cur_pid" "$cur_log" colo_ready "$cur_sock" "$cur_log"
+    wait_ready "colo-blk $mode" "$cur_pid" "$cur_log" colo_ready "$cur_sock" "$cur_log"
 }
 
 # qemu-storage-daemon, raw over file, vhost-user-blk export (QEMU's "mode none").
@@ -368,7 +297,7 @@ start_qsd() {
     "$qsd" "${args[@]}" </dev/null >>"$cur_log" 2>&1 &
     cur_pid=$!
     pids+=("$cur_pid")
-    wait_for qemu-storage-daemon "$cur_pid" "$cur_log" test -S "$cur_sock" -a -s "$pidf"
+    wait_ready qemu-storage-daemon "$cur_pid" "$cur_log" test -S "$cur_sock" -a -s "$pidf"
 }
 
 # Plain qemu-nbd (the NBD baseline).
@@ -381,7 +310,7 @@ start_qnbd() {
     "$qnbd" "${args[@]}" </dev/null >>"$cur_log" 2>&1 &
     cur_pid=$!
     pids+=("$cur_pid")
-    wait_for qemu-nbd "$cur_pid" "$cur_log" test -S "$cur_nbd"
+    wait_ready qemu-nbd "$cur_pid" "$cur_log" test -S "$cur_nbd"
 }
 
 # QEMU replication peer: qemu-system-x86_64 -machine none, graph built over QMP.
@@ -397,7 +326,7 @@ start_qemu() {
     "$qemu" "${args[@]}" </dev/null >>"$cur_log" 2>&1 &
     cur_pid=$!
     pids+=("$cur_pid")
-    wait_for qemu-system "$cur_pid" "$cur_log" test -S "$cur_qmp"
+    wait_ready qemu-system "$cur_pid" "$cur_log" test -S "$cur_qmp"
     local c="\"cache\":{\"direct\":$qcache}"
     local f="\"driver\":\"file\",\"aio\":\"io_uring\",$c"
     if ! qmp "$cur_qmp" \
@@ -437,26 +366,14 @@ alive() { # WHAT: the current daemon must still run
 
 # ------------------------------------------------------------- helpers ---
 
-results=$run/results.txt # row impl rep value [note]
+results=$run/results.txt # row impl rep value [note]; rec, med, errs: bench-lib.sh
 : >"$results"
-rec() { echo "$*" >>"$results"; }
 
-json_num() { sed -n "s/.*\"$1\":\([-0-9.eE+]*\).*/\1/p" <<<"$2"; }
-
-median() {
-    sort -g | awk '{ v[NR] = $1 } END {
-        if (NR == 0) { print "nan"; exit }
-        if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
-}
-vals() { awk -v r="$1" -v i="$2" '$1 == r && $2 == i && $4 != "ERR" { print $4 }' "$results"; }
-med() { vals "$1" "$2" | median; }
 runs() {
     awk -v r="$1" -v i="$2" '$1 == r && $2 == i {
         o = ($NF ~ /^o=/) ? " [" substr($NF, 3) "%]" : ""
         printf "%s%s%s", (n++ ? ", " : ""), ($4 == "ERR" ? $4 : sprintf("%.10g", $4)), o }' "$results"
 }
-nerr() { awk -v r="$1" -v i="$2" '$1 == r && $2 == i && $4 == "ERR" { n++ } END { print n + 0 }' "$results"; }
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a != "nan" && b != "nan" && b > 0) printf "%.2f", a / b; else print "n/a" }'; }
 fmt0() { awk -v v="$1" 'BEGIN { if (v == "nan") print "—"; else printf "%.0f", v }'; }
 fmt1() { awk -v v="$1" 'BEGIN { if (v == "nan") print "—"; else printf "%.1f", v }'; }
 fmt2() { awk -v v="$1" 'BEGIN { if (v == "nan") print "—"; else printf "%.2f", v }'; }
@@ -696,16 +613,7 @@ phase_rss() {
     rm -f "$big"
 }
 
-make_disk() {
-    if [[ -f $disk && $(stat -c %s "$disk") == "$size" ]]; then
-        log "reusing $disk"
-        return
-    fi
-    log "writing $disk_mib MiB of random data to $disk"
-    head -c "$size" /dev/urandom >"$disk.tmp"
-    mv "$disk.tmp" "$disk"
-    sync "$disk"
-}
+make_disk() { random_image "$disk" "$size" "$disk_mib MiB"; }
 
 # ------------------------------------------------------------------ report ---
 
@@ -798,13 +706,11 @@ report() {
         echo
     fi
 }
-errs() { local e; e=$(nerr "$1" "$2"); [[ $e == 0 ]] || echo " ($e ERR)"; }
-
 # -------------------------------------------------------------------- main ---
 
 started=$(date -u '+%Y-%m-%d %H:%M UTC')
 wait_idle
-load_start=$(cut -d' ' -f1-3 /proc/loadavg)
+load_start=$(loadavg)
 log "logs in $run, buffers in $bufdir"
 make_disk
 for ((rep = 1; rep <= repeat; rep++)); do
@@ -817,6 +723,6 @@ for ((rep = 1; rep <= repeat; rep++)); do
     done
 done
 [[ $do_rss == 1 ]] && phase_rss
-load_end=$(cut -d' ' -f1-3 /proc/loadavg)
+load_end=$(loadavg)
 report
 log "raw results: $run"

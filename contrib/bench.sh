@@ -37,37 +37,28 @@
 # The markdown report goes to stdout, progress to stderr.
 set -euo pipefail
 
-here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-repo=$(cd "$here/.." && pwd)
+bench_tag=bench.sh
+. "$(dirname "${BASH_SOURCE[0]}")/bench-lib.sh"
 
-usage() { sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}"; exit 2; }
-die() { echo "bench.sh: error: $*" >&2; exit 1; }
-log() { echo "bench.sh: $*" >&2; }
-
-colo=${COLO_BLK:-$repo/target/release/colo-blk}
 qsd=${QSD:-qemu-storage-daemon}
 runtime=5 repeat=2 retries=3 quiet_max=120 rows_re='' do_host=1 do_guest=0 guest_dir='' poll_us='' qsd_iothread=0 list=0
 workdir=${TMPDIR:-/tmp}/colo-blk-bench-work
 while [[ $# -gt 0 ]]; do
     case $1 in
-        --runtime) runtime=${2:?}; shift 2 ;;
-        --repeat) repeat=${2:?}; shift 2 ;;
         --rows) rows_re=${2:?}; shift 2 ;;
         --retries) retries=${2:?}; shift 2 ;;
         --quiet-wait) quiet_max=${2:?}; shift 2 ;;
         --guest) do_guest=1; shift ;;
         --guest-only) do_guest=1 do_host=0; shift ;;
         --guest-dir) guest_dir=${2:?}; shift 2 ;;
-        --workdir) workdir=${2:?}; shift 2 ;;
         --poll-us) poll_us=${2:?}; shift 2 ;;
         --qsd-iothread) qsd_iothread=1; shift ;;
         --list) list=1; shift ;;
-        -h | --help) usage ;;
-        *) echo "bench.sh: unknown argument: $1" >&2; usage ;;
+        *) bench_arg "$@"; shift "$bench_shift" ;;
     esac
 done
-[[ $runtime =~ ^[1-9][0-9]*$ ]] || die "--runtime takes a positive integer"
-[[ $repeat =~ ^[1-9][0-9]*$ ]] || die "--repeat takes a positive integer"
+need_posint "$runtime" --runtime
+need_posint "$repeat" --repeat
 [[ $retries =~ ^[0-9]+$ ]] || die "--retries takes a number"
 [[ $quiet_max =~ ^[0-9]+$ ]] || die "--quiet-wait takes a number of seconds"
 
@@ -98,53 +89,16 @@ for r in "${rows[@]}"; do
 done
 [[ $do_host == 0 || ${#selected[@]} -gt 0 ]] || die "--rows $rows_re matches no row (see --list)"
 
-[[ -x $colo ]] || die "$colo not found (cargo build --release, or set COLO_BLK=)"
+need_colo
 command -v "$qsd" >/dev/null || die "$qsd not found (set QSD=)"
 
-mkdir -p "$workdir"
-workdir=$(cd "$workdir" && pwd)
-run=$(mktemp -d "$workdir/run.XXXXXX")
+make_rundir
 img=$workdir/random-1g.img
 img_size=$((1 << 30))
 
 # ---------------------------------------------------------------- daemons ---
 
 colo_pid='' qsd_pid=''
-
-# Wait (up to 20 s) until "$@" succeeds; fail at once if process $1 dies.
-wait_ready() {
-    local what=$1 pid=$2 logf=$3 i
-    shift 3
-    for ((i = 0; i < 400; i++)); do
-        "$@" && return 0
-        if ! kill -0 "$pid" 2>/dev/null; then
-            sed 's/^/  | /' "$logf" >&2
-            die "$what exited during startup (log: $logf)"
-        fi
-        sleep 0.05
-    done
-    sed 's/^/  | /' "$logf" >&2
-    die "$what not ready after 20 s (log: $logf)"
-}
-
-# SIGTERM a daemon we started and reap it (SIGKILL after 10 s). Sets
-# stop_rc to its exit status. (Not in a subshell: only we can reap it.)
-stop_rc=0
-stop_pid() {
-    local pid=$1 i st
-    stop_rc=0
-    kill -TERM "$pid" 2>/dev/null || true
-    for ((i = 0; i < 200; i++)); do
-        st=$(ps -o stat= -p "$pid" 2>/dev/null || true)
-        [[ -z $st || $st == Z* ]] && break
-        sleep 0.05
-    done
-    [[ -z $st || $st == Z* ]] || kill -KILL "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || stop_rc=$?
-}
-
-colo_ready() { [[ -S $1 ]] && grep -q 'serving ' "$2" 2>/dev/null; }
-qsd_ready() { [[ -S $1 && -s $2 ]]; }
 
 # start_daemons img|null
 start_daemons() {
@@ -206,12 +160,7 @@ cleanup() {
     done
     wait 2>/dev/null || true
 }
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-problems=()
-problem() { problems+=("$*"); log "WARNING: $*"; }
+bench_traps
 
 check_alive() {
     kill -0 "$colo_pid" 2>/dev/null || die "colo-blk died (log: $run)"
@@ -220,17 +169,7 @@ check_alive() {
 
 # ------------------------------------------------------------------ image ---
 
-make_image() {
-    if [[ -f $img && $(stat -c %s "$img") == "$img_size" ]]; then
-        log "reusing $img"
-        return
-    fi
-    log "writing 1 GiB of random data to $img"
-    head -c "$img_size" /dev/urandom >"$img.tmp"
-    mv "$img.tmp" "$img"
-    # Don't let the page cache write-back of the new image overlap the runs.
-    sync "$img"
-}
+make_image() { random_image "$img" "$img_size" "1 GiB"; }
 
 # --------------------------------------------------------------- CPU time ---
 
@@ -239,22 +178,8 @@ make_image() {
 # /proc/stat minus the daemons' and that of this shell's reaped children
 # (the load generator, QEMU). All as % of one CPU over the run. Kernel
 # threads working for our I/O count as "other", so a few % are normal.
-hz=$(getconf CLK_TCK)
-other_warn=25 # % of one CPU
-idle_warn=5   # % of one CPU for the backend that is not under test
-cpu_busy() { awk '/^cpu / { print $2 + $3 + $4 + $7 + $8; exit }' /proc/stat; }
-pid_ticks() { # utime + stime of a live process (all its threads)
-    local st
-    st=$(cat "/proc/$1/stat" 2>/dev/null) || { echo 0; return; }
-    st=${st##*) }
-    awk '{ print $12 + $13 }' <<<"$st"
-}
-child_ticks() { # cutime + cstime of this shell: every child it has reaped
-    local st
-    st=$(cat "/proc/$$/stat")
-    st=${st##*) }
-    awk '{ print $14 + $15 }' <<<"$st"
-}
+# (other_warn, % of one CPU, and the tick counters are in bench-lib.sh.)
+idle_warn=5 # % of one CPU for the backend that is not under test
 meas_start() {
     m_t0=$(date +%s%N) m_busy=$(cpu_busy) m_child=$(child_ticks)
     m_colo=$(pid_ticks "$colo_pid") m_qsd=$(pid_ticks "$qsd_pid")
@@ -326,15 +251,6 @@ pair() {
 
 # ----------------------------------------------------------------- helpers ---
 
-json_num() { sed -n "s/.*\"$1\":\([-0-9.eE+]*\).*/\1/p" <<<"$2"; }
-
-# Median of the numbers on stdin.
-median() {
-    sort -g | awk '{ v[NR] = $1 } END {
-        if (NR == 0) { print "nan"; exit }
-        if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
-}
-
 # field N of results file lines matching row and backend
 pick() { awk -v r="$1" -v b="$2" -v f="$3" '$1 == r && $2 == b { print $f }' "$4"; }
 
@@ -345,7 +261,6 @@ runs() {
 
 fmt_iops() { awk -v v="$1" 'BEGIN { printf "%.0f", v }'; }
 fmt1() { awk -v v="$1" 'BEGIN { printf "%.1f", v }'; }
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }'; }
 
 # ------------------------------------------------------------- host rows ---
 
@@ -532,12 +447,12 @@ guest_table() {
 
 # -------------------------------------------------------------------- main ---
 
-load_start=$(cut -d' ' -f1-3 /proc/loadavg)
+load_start=$(loadavg)
 started=$(date -u '+%Y-%m-%d %H:%M UTC')
 log "logs in $run"
 [[ $do_host == 1 ]] && run_host
 [[ $do_guest == 1 ]] && run_guest
-load_end=$(cut -d' ' -f1-3 /proc/loadavg)
+load_end=$(loadavg)
 
 echo "## colo-blk vs qemu-storage-daemon ($started)"
 echo
