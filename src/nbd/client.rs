@@ -422,25 +422,94 @@ pub fn read_data_payload(s: &mut Stream, len: u32) -> io::Result<Vec<u8>> {
 
 /// Writes one request (and its payload).
 pub fn send_request(s: &mut Stream, req: &Request, payload: &[u8]) -> io::Result<()> {
-    let hdr = req.encode();
-    if payload.is_empty() {
-        return s.write_all(&hdr);
+    // Header and data leave in one `writev` (one segment for small payloads).
+    send_requests(s, &[(*req, payload)])
+}
+
+/// Sends several requests (each header followed by its payload, if any) with as few system
+/// calls as the socket takes: one `writev` for a batch of small writes.
+pub fn send_requests<P>(s: &mut impl Write, batch: &[(Request, P)]) -> io::Result<()>
+where
+    P: std::ops::Deref,
+    P::Target: AsRef<[u8]>,
+{
+    let headers: Vec<_> = batch.iter().map(|(r, _)| r.encode()).collect();
+    let mut slices = Vec::with_capacity(batch.len() * 2);
+    for (h, (_, p)) in headers.iter().zip(batch) {
+        slices.push(io::IoSlice::new(h));
+        let p: &[u8] = (**p).as_ref();
+        if !p.is_empty() {
+            slices.push(io::IoSlice::new(p));
+        }
     }
-    // One write for small payloads keeps header and data in one segment.
-    if payload.len() <= 64 * 1024 {
-        let mut b = Vec::with_capacity(hdr.len() + payload.len());
-        b.extend_from_slice(&hdr);
-        b.extend_from_slice(payload);
-        s.write_all(&b)
-    } else {
-        s.write_all(&hdr)?;
-        s.write_all(payload)
+    write_all_vectored(s, &mut slices)
+}
+
+/// `write_all` for a list of slices (a short write resumes where the socket stopped).
+fn write_all_vectored(w: &mut impl Write, mut bufs: &mut [io::IoSlice<'_>]) -> io::Result<()> {
+    io::IoSlice::advance_slices(&mut bufs, 0);
+    while !bufs.is_empty() {
+        match w.write_vectored(bufs) {
+            Ok(0) => return Err(io::Error::new(io::ErrorKind::WriteZero, "the socket took no bytes")),
+            Ok(n) => io::IoSlice::advance_slices(&mut bufs, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
     }
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A writer that takes at most `limit` bytes per call, like a full socket buffer.
+    struct Trickle {
+        out: Vec<u8>,
+        limit: usize,
+    }
+
+    impl Write for Trickle {
+        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+            let n = b.len().min(self.limit);
+            self.out.extend_from_slice(&b[..n]);
+            Ok(n)
+        }
+        fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+            let mut n = 0;
+            for b in bufs {
+                let take = b.len().min(self.limit - n);
+                self.out.extend_from_slice(&b[..take]);
+                n += take;
+                if n == self.limit {
+                    break;
+                }
+            }
+            Ok(n)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_batch_goes_out_whole_and_in_order_through_short_writes() {
+        let reqs = [
+            (Request { flags: 0, cmd: crate::nbd::wire::CMD_WRITE, handle: 1, offset: 0, length: 3 }, vec![1u8, 2, 3]),
+            (Request { flags: 0, cmd: crate::nbd::wire::CMD_FLUSH, handle: 2, offset: 0, length: 0 }, vec![]),
+            (Request { flags: 0, cmd: crate::nbd::wire::CMD_WRITE, handle: 3, offset: 512, length: 2 }, vec![9u8, 9]),
+        ];
+        let mut want = Vec::new();
+        for (r, p) in &reqs {
+            want.extend_from_slice(&r.encode());
+            want.extend_from_slice(p);
+        }
+        for limit in [1, 5, 28, 29, 1000] {
+            let mut w = Trickle { out: Vec::new(), limit };
+            send_requests(&mut w, &reqs).unwrap();
+            assert_eq!(w.out, want, "limit {limit}");
+        }
+    }
 
     #[test]
     fn parses_uris() {

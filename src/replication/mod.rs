@@ -12,6 +12,7 @@ pub mod generation;
 pub mod pool;
 pub mod primary;
 pub mod progress;
+pub mod role;
 pub mod secondary;
 
 use serde_json::Value;

@@ -39,8 +39,7 @@ impl ReplicationControl for MirrorControl {
         m.stats.resync_bytes.store(0, Ordering::Relaxed);
         m.stats.resync_data.store(0, Ordering::Relaxed);
         m.stats.resync_zero.store(0, Ordering::Relaxed);
-        *lock(&m.error) = None;
-        m.error_at.clear();
+        m.role.clear_error();
         m.set_stage(Stage::Running);
         m.spawn_manager();
         Ok(())
@@ -61,7 +60,7 @@ impl ReplicationControl for MirrorControl {
         if self.0.stage() == Stage::None {
             return Err(ReplicationError::NotRunning);
         }
-        if lock(&self.0.error).is_some() { Err(ReplicationError::Io) } else { Ok(()) }
+        if self.0.role.has_error() { Err(ReplicationError::Io) } else { Ok(()) }
     }
 
     fn stop(&self, _failover: bool, _inject: bool) -> Result<(), ReplicationError> {
@@ -73,8 +72,7 @@ impl ReplicationControl for MirrorControl {
             Stage::Running => {}
         }
         m.set_stage(Stage::Done);
-        *lock(&m.error) = None;
-        m.error_at.clear();
+        m.role.clear_error();
         m.resync_clock.stop();
         m.disconnect();
         // Writes from now on are not tracked for the secondary.
@@ -95,8 +93,8 @@ impl ReplicationControl for MirrorControl {
         json!({
             "mode": "primary",
             "stage": m.stage().name(),
-            "error": lock(&m.error).clone(),
-            "error-time": m.error_at.json(),
+            "error": m.role.error(),
+            "error-time": m.role.error_fields().1,
             "generation": m.generation_json(),
             "activity-log": m.activity_json(),
             "secondary": lock(&m.cfg).secondary.as_ref().map(|u| u.to_string()),

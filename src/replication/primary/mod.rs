@@ -19,7 +19,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use super::progress::{ErrorTime, JobClock};
+use super::progress::JobClock;
+use super::role::{Announce, RoleState};
 use super::{EventSink, Mode, ReplicationControl, ReplicationError, Stage, StartArgs, SyncMode};
 use crate::block::bitmap::SectorBitmap;
 use crate::block::image::ImageData;
@@ -43,6 +44,10 @@ const RESYNC_CHUNK: u64 = 2048; // sectors = 1 MiB
 const ZERO_CHUNK: u64 = 64 * 2048; // sectors = 64 MiB
 /// Resync chunks in flight at once (the copy's queue depth).
 const RESYNC_DEPTH: usize = 8;
+/// At most this many requests, or about this many payload bytes, go out in one `writev`.
+const SEND_BATCH: usize = 64;
+const SEND_BATCH_BYTES: usize = 4 << 20;
+
 /// Reconnect backoff bounds.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
@@ -110,9 +115,11 @@ pub struct Mirror {
     disk: Arc<dyn ImageData>,
     size: u64,
     cfg: Mutex<MirrorConfig>,
-    stage: Mutex<Stage>,
-    error: Mutex<Option<String>>,
+    /// Stage, last error, events (shared with the secondary's way of reporting).
+    role: RoleState,
     link: Mutex<Option<Arc<Link>>>,
+    /// The manager's timed waits (woken when the link changes): `link_cv` waits on it.
+    link_wait: Mutex<()>,
     link_cv: Condvar,
     dirty: SectorBitmap,
     /// Chunks the resync copied or is copying: (start clock, end clock or MAX, sectors).
@@ -128,12 +135,10 @@ pub struct Mirror {
     /// connection, so numbers keep growing across restarts of this process.
     barrier_number: AtomicU64,
     generation: AtomicU64,
-    events: Mutex<Option<EventSink>>,
     ops: Mutex<()>,
     manager: AtomicBool,
     stats: MirrorStats,
     resync_clock: JobClock,
-    error_at: ErrorTime,
     /// The disk's data generations (windows.rs).
     gens: Mutex<Option<Arc<crate::replication::generation::Generations>>>,
     windows: Mutex<windows::Windows>,
@@ -239,9 +244,9 @@ impl Mirror {
             disk,
             size,
             cfg: Mutex::new(cfg),
-            stage: Mutex::new(Stage::None),
-            error: Mutex::new(None),
+            role: RoleState::new("primary"),
             link: Mutex::new(None),
+            link_wait: Mutex::new(()),
             link_cv: Condvar::new(),
             dirty: SectorBitmap::new(size / SECTOR),
             resync_log: Mutex::new(ResyncLog::default()),
@@ -254,49 +259,35 @@ impl Mirror {
             windows: Mutex::new(windows::Windows::default()),
             split_reported: Mutex::new(None),
             activity: std::sync::OnceLock::new(),
-            events: Mutex::new(None),
             ops: Mutex::new(()),
             manager: AtomicBool::new(false),
             stats: MirrorStats::default(),
             resync_clock: JobClock::default(),
-            error_at: ErrorTime::default(),
             verify: verify::Verify::default(),
         })
     }
 
     /// Where stage, link and error events go.
     pub fn set_events(&self, sink: EventSink) {
-        *lock(&self.events) = Some(sink);
+        self.role.set_events(sink);
     }
 
     fn emit(&self, name: &str, data: Value) {
-        let sink = lock(&self.events).clone();
-        if let Some(sink) = sink {
-            sink(name, data);
-        }
+        self.role.emit(name, data);
     }
 
     /// The current stage.
     pub fn stage(&self) -> Stage {
-        *lock(&self.stage)
+        self.role.stage()
     }
 
     fn set_stage(&self, s: Stage) {
-        let old = std::mem::replace(&mut *lock(&self.stage), s);
-        if old != s {
-            log::info!("replication stage {} -> {}", old.name(), s.name());
-            self.emit("REPLICATION_STAGE", json!({"mode": "primary", "stage": s.name()}));
-        }
+        self.role.set_stage(s);
     }
 
+    /// Records an error; a link that keeps failing reports once until the error is cleared.
     fn record_error(&self, msg: String) {
-        let first = lock(&self.error).is_none();
-        *lock(&self.error) = Some(msg.clone());
-        self.error_at.mark();
-        if first {
-            log::error!("replication error: {msg}");
-            self.emit("REPLICATION_ERROR", json!({"mode": "primary", "error": msg}));
-        }
+        self.role.record_error(msg, Announce::First);
     }
 
     fn running(&self) -> bool {
@@ -358,8 +349,24 @@ impl Mirror {
         // half, so the thread ends (rx.recv fails) once the link is dropped.
         let ctl = stream.try_clone()?;
         std::thread::Builder::new().name("nbd-link-send".into()).spawn(move || {
-            while let Ok((req, payload)) = rx.recv() {
-                if let Err(e) = client::send_request(&mut writer, &req, &payload) {
+            // Requests queued meanwhile go out together (one writev), bounded in count and
+            // bytes so a batch never waits long behind its own tail.
+            let mut batch: Vec<(Request, Payload)> = Vec::with_capacity(SEND_BATCH);
+            while let Ok(first) = rx.recv() {
+                let mut bytes = first.1.len();
+                batch.push(first);
+                while batch.len() < SEND_BATCH && bytes < SEND_BATCH_BYTES {
+                    match rx.try_recv() {
+                        Ok(next) => {
+                            bytes += next.1.len();
+                            batch.push(next);
+                        }
+                        Err(_) => break,
+                    }
+                }
+                let sent = client::send_requests(&mut writer, &batch);
+                batch.clear();
+                if let Err(e) = sent {
                     let why =
                         if e.kind() == io::ErrorKind::WouldBlock { "timed out".to_string() } else { e.to_string() };
                     log::warn!("replication link: send failed: {why}");
@@ -403,8 +410,7 @@ impl Mirror {
 
     /// A connection refused as a split brain: the error, the event (once per distinct cause).
     fn split_brain(&self, uri: &NbdUri, msg: &str) {
-        *lock(&self.error) = Some(msg.to_string());
-        self.error_at.mark();
+        self.role.record_error(msg.to_string(), Announce::Quiet);
         let mut last = lock(&self.split_reported);
         if last.as_deref() != Some(msg) {
             *last = Some(msg.to_string());
@@ -681,13 +687,13 @@ impl Mirror {
                     Err(e) if e.is_split_brain() => {
                         // Needs the operator (sync=full, or the right secondary): keep the
                         // link down and look again now and then.
-                        let g = lock(&self.stage);
+                        let g = lock(&self.link_wait);
                         let _ = self.link_cv.wait_timeout(g, BACKOFF_MAX);
                         continue;
                     }
                     Err(e) => {
                         log::warn!("replication link: reconnect to {uri} failed: {e}; retrying in {backoff:?}");
-                        let g = lock(&self.stage);
+                        let g = lock(&self.link_wait);
                         let _ = self.link_cv.wait_timeout(g, backoff);
                         backoff = (backoff * 2).min(BACKOFF_MAX);
                         continue;
@@ -704,7 +710,7 @@ impl Mirror {
                 if !self.copy_chunks(run) {
                     // A failed copy (local read error, NBD error) must not spin: back off
                     // like a reconnect does before trying again.
-                    let g = lock(&self.stage);
+                    let g = lock(&self.link_wait);
                     let _ = self.link_cv.wait_timeout(g, backoff);
                     backoff = (backoff * 2).min(BACKOFF_MAX);
                     continue;
@@ -725,7 +731,7 @@ impl Mirror {
                     json!({"resync-bytes": self.stats.resync_bytes.load(Ordering::Relaxed)}),
                 );
             } else {
-                let g = lock(&self.stage);
+                let g = lock(&self.link_wait);
                 let _ = self.link_cv.wait_timeout(g, Duration::from_millis(100));
             }
         }

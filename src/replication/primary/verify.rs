@@ -328,8 +328,7 @@ impl Mirror {
         }
         let same = lock(&self.link).as_ref().is_some_and(|l| Arc::ptr_eq(l, link));
         if !same || link.broken.load(Ordering::Acquire) {
-            let why =
-                link.why.get().cloned().or_else(|| lock(&self.error).clone()).unwrap_or_else(|| "disconnected".into());
+            let why = link.why.get().cloned().or_else(|| self.role.error()).unwrap_or_else(|| "disconnected".into());
             return Err(format!("the replication link went down during the verify: {why}"));
         }
         Ok(())

@@ -264,8 +264,7 @@ impl Secondary {
             }
             self.journaled.clear_all();
             self.set_stage(Stage::Done);
-            *lock(&self.error) = None;
-            self.error_at.clear();
+            self.role.clear_error();
             drop(closed);
             Ok(())
         });

@@ -26,8 +26,7 @@ impl ReplicationControl for SecondaryControl {
         // (stage none, no primary write applied under copy-before-write), so it must not be
         // flagged as stopped while replicating.
         s.state.write(DiskState::Replicating).map_err(ReplicationError::RecordState)?;
-        *lock(&s.error) = None;
-        s.error_at.clear();
+        s.role.clear_error();
         s.set_stage(Stage::Running);
         drop(closed);
         Ok(())
@@ -59,7 +58,7 @@ impl ReplicationControl for SecondaryControl {
         if s.stage() == Stage::None {
             return Err(ReplicationError::NotRunning);
         }
-        if lock(&s.error).is_some() {
+        if s.role.has_error() {
             return Err(ReplicationError::Io);
         }
         Ok(())
@@ -131,8 +130,8 @@ impl ReplicationControl for SecondaryControl {
         json!({
             "mode": "secondary",
             "stage": s.stage().name(),
-            "error": lock(&s.error).clone(),
-            "error-time": s.error_at.json(),
+            "error": s.role.error(),
+            "error-time": s.role.error_fields().1,
             "active-dirty-bytes": s.active_map.count_all() * SECTOR,
             "hidden-dirty-bytes": s.saved_map.count_all() * SECTOR,
             "cow-bytes": s.cow_bytes.load(Ordering::Relaxed),

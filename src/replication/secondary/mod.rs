@@ -28,7 +28,8 @@ use serde_json::{Value, json};
 use super::gate::Gate;
 use super::generation::Generations;
 use super::pool::Pool;
-use super::progress::{ErrorTime, JobClock};
+use super::progress::JobClock;
+use super::role::{Announce, RoleState};
 use super::{EventSink, Mode, ReplicationControl, ReplicationError, Stage, StartArgs};
 use crate::block::bitmap::SectorBitmap;
 use crate::block::image::ImageData;
@@ -48,14 +49,6 @@ const MERGE_CHUNK: u64 = 2048;
 const POOL_THREADS: usize = 16;
 /// How long an operation waits for in-flight requests before giving up.
 const QUIESCE_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// The stage a `stage_now` value stands for.
-fn stage_from(v: u8) -> Stage {
-    [Stage::None, Stage::Running, Stage::Failover, Stage::FailoverFailed, Stage::Done]
-        .into_iter()
-        .find(|s| *s as u8 == v)
-        .unwrap_or(Stage::None)
-}
 
 /// Paths of the secondary's files.
 #[derive(Debug, Clone)]
@@ -88,14 +81,11 @@ pub struct Secondary {
     saved_map: SectorBitmap,
     locks: RangeLock,
     gate: Gate,
-    /// Written under this lock by `set_stage`, which mirrors it into `stage_now`.
-    stage: Mutex<Stage>,
-    stage_now: std::sync::atomic::AtomicU8,
-    error: Mutex<Option<String>>,
+    /// Stage, last error, events (shared with the primary's way of reporting).
+    role: RoleState,
     /// Serialises start / checkpoint / stop.
     ops: Mutex<()>,
     nbd: Mutex<Option<NbdServer>>,
-    events: Mutex<Option<EventSink>>,
     /// `--x-fault-injection`: barrier rules (see `colo_barrier`).
     faults: Mutex<Option<Arc<crate::block::fault::FaultPlan>>>,
     cow_bytes: AtomicU64,
@@ -113,7 +103,6 @@ pub struct Secondary {
     merge_done: AtomicU64,
     merging: AtomicBool,
     merge_clock: JobClock,
-    error_at: ErrorTime,
     pool: Pool,
     colo: Mutex<colo::ColoState>,
     /// Signalled when a failover's deferred checkpoint decision is made.
@@ -295,12 +284,9 @@ impl Secondary {
             saved_map: SectorBitmap::new(sectors),
             locks: RangeLock::default(),
             gate: Gate::default(),
-            stage: Mutex::new(Stage::None),
-            stage_now: std::sync::atomic::AtomicU8::new(Stage::None as u8),
-            error: Mutex::new(None),
+            role: RoleState::new("secondary"),
             ops: Mutex::new(()),
             nbd: Mutex::new(None),
-            events: Mutex::new(None),
             faults: Mutex::new(None),
             cow_bytes: AtomicU64::new(0),
             direct_reads: AtomicU64::new(0),
@@ -313,7 +299,6 @@ impl Secondary {
             merge_done: AtomicU64::new(0),
             merging: AtomicBool::new(false),
             merge_clock: JobClock::default(),
-            error_at: ErrorTime::default(),
             colo: Mutex::new(colo::ColoState::default()),
             colo_decided: Condvar::new(),
             barrier_pending: AtomicBool::new(false),
@@ -331,8 +316,7 @@ impl Secondary {
         });
         if let Some(records) = resume {
             me.replay(&records);
-            *lock(&me.stage) = Stage::Failover;
-            me.stage_now.store(Stage::Failover as u8, Ordering::Release);
+            me.role.resume_at(Stage::Failover);
             me.resume.store(true, Ordering::Release);
         }
         Ok(me)
@@ -351,7 +335,7 @@ impl Secondary {
 
     /// Where stage changes are reported.
     pub fn set_events(&self, sink: EventSink) {
-        *lock(&self.events) = Some(sink);
+        self.role.set_events(sink);
     }
 
     /// Lets `x-inject-fault {"op": "barrier"}` rules act on this secondary's barriers.
@@ -385,35 +369,21 @@ impl Secondary {
         (current, current != 0 && self.adopted.load(Ordering::Acquire) == current)
     }
 
-    /// The current stage.
     /// The current stage (an atomic read: every VM request asks).
     pub fn stage(&self) -> Stage {
-        stage_from(self.stage_now.load(Ordering::Acquire))
+        self.role.stage()
     }
 
     fn set_stage(&self, s: Stage) {
-        let mut stage = lock(&self.stage);
-        let old = std::mem::replace(&mut *stage, s);
-        self.stage_now.store(s as u8, Ordering::Release);
-        drop(stage);
-        if old != s {
-            log::info!("replication stage {} -> {}", old.name(), s.name());
-            self.emit("REPLICATION_STAGE", json!({"mode": "secondary", "stage": s.name()}));
-        }
+        self.role.set_stage(s);
     }
 
     fn emit(&self, name: &str, data: Value) {
-        let sink = lock(&self.events).clone();
-        if let Some(sink) = sink {
-            sink(name, data);
-        }
+        self.role.emit(name, data);
     }
 
     fn set_error(&self, msg: String) {
-        log::error!("replication error: {msg}");
-        *lock(&self.error) = Some(msg.clone());
-        self.error_at.mark();
-        self.emit("REPLICATION_ERROR", json!({"mode": "secondary", "error": msg}));
+        self.role.record_error(msg, Announce::Every);
     }
 
     fn sectors(offset: u64, len: u64) -> (u64, u64) {
