@@ -640,6 +640,29 @@ fn direct_reads_of_the_active_buffer_follow_each_checkpoint() {
 /// `--direct` holds on the replication paths too: every descriptor the secondary keeps on its
 /// disk uses O_DIRECT, and NBD writes at byte offsets no block boundary aligns (stage none
 /// and running, with copy-before-write) land exactly, as do VM reads and the failover merge.
+/// Counts the daemon's descriptors on `path` (not its image-lock descriptor) and asserts that
+/// every one of them is `O_DIRECT`.
+fn direct_descriptors(pid: u32, path: &std::path::Path) -> usize {
+    let canonical = std::fs::canonicalize(path).unwrap();
+    let mut n = 0;
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap() {
+        let fd = fd.unwrap();
+        if std::fs::read_link(fd.path()).ok().as_deref() != Some(canonical.as_path()) {
+            continue;
+        }
+        let info = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{}", fd.file_name().to_string_lossy())).unwrap();
+        if info.contains("OFDLCK") {
+            // An image lock's own descriptor: it holds QEMU-style locks and does no I/O.
+            continue;
+        }
+        n += 1;
+        let flags = info.lines().find_map(|l| l.strip_prefix("flags:")).unwrap().trim();
+        let flags = u32::from_str_radix(flags, 8).unwrap();
+        assert_ne!(flags & libc::O_DIRECT as u32, 0, "descriptor {:?} on {} is not O_DIRECT", fd.file_name(), path.display());
+    }
+    n
+}
+
 #[test]
 fn direct_holds_on_every_path_to_the_disk_and_unaligned_nbd_writes_land() {
     let p = start_secondary_with(SIZE, &["--direct"]);
@@ -660,26 +683,24 @@ fn direct_holds_on_every_path_to_the_disk_and_unaligned_nbd_writes_land() {
     let (r, data) = c.read(0, 16384, 8192);
     assert_eq!(r, 0);
     assert!(all(&data, A), "the VM sees the primary's write before a checkpoint");
-    // Every descriptor on the disk is O_DIRECT.
+    // Every descriptor on the disk and on both buffers is O_DIRECT.
     let pid = p.s.child.id();
-    let canonical = std::fs::canonicalize(&p.disk).unwrap();
-    let mut on_disk = 0;
-    for fd in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap() {
-        let fd = fd.unwrap();
-        if std::fs::read_link(fd.path()).ok().as_deref() != Some(canonical.as_path()) {
-            continue;
-        }
-        let info = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{}", fd.file_name().to_string_lossy())).unwrap();
-        if info.contains("OFDLCK") {
-            // The image lock's own descriptor: it holds QEMU-style locks and does no I/O.
-            continue;
-        }
-        on_disk += 1;
-        let flags = info.lines().find_map(|l| l.strip_prefix("flags:")).unwrap().trim();
-        let flags = u32::from_str_radix(flags, 8).unwrap();
-        assert_ne!(flags & libc::O_DIRECT as u32, 0, "descriptor {:?} on the disk is not O_DIRECT", fd.file_name());
-    }
-    assert!(on_disk >= 2, "expected the workers' and the replication descriptors, found {on_disk}");
+    assert!(direct_descriptors(pid, &p.disk) >= 2, "expected the workers' and the replication descriptors");
+    assert!(direct_descriptors(pid, &p.active) >= 1);
+    assert!(direct_descriptors(pid, &p.hidden) >= 1);
+    // Sub-block VM writes into the O_DIRECT active buffer (bounced where the ring refuses
+    // them), next to each other, read back whole.
+    assert_eq!(c.write(0, 3 * MIB + 512, &[B; 512]), 0);
+    assert_eq!(c.write(0, 3 * MIB + 1024, &[C; 1536]), 0);
+    let v = read_all(&mut c, 3 * MIB, 4096);
+    assert!(all(&v[..512], A) && all(&v[512..1024], B) && all(&v[1024..2560], C) && all(&v[2560..], A));
+    // A checkpoint replaces the buffers by fresh files on the same descriptors: still O_DIRECT.
+    p.qmp("replication-checkpoint", json!({})).unwrap();
+    assert!(direct_descriptors(pid, &p.active) >= 1, "the fresh active buffer lost O_DIRECT");
+    assert!(direct_descriptors(pid, &p.hidden) >= 1, "the fresh hidden buffer lost O_DIRECT");
+    assert_eq!(c.write(0, 3 * MIB + 512, &[B; 512]), 0);
+    let v = read_all(&mut c, 3 * MIB, 4096);
+    assert!(all(&v[..512], A) && all(&v[512..1024], B) && all(&v[1024..], A));
     // Failover: the VM's unaligned-in-memory write goes through the merge into the disk.
     vm_write(&mut c, C, 4 * MIB, MIB);
     p.failover();

@@ -42,7 +42,7 @@ impl BlockQueue for BounceQueue {
         if self.aligned(request.bufs.iovecs()) {
             return self.inner.push(request);
         }
-        let copy = if write { request.bufs.to_aligned() } else { AlignedBuf::zeroed(request.bufs.len() as usize) };
+        let copy = if write { request.bufs.to_aligned() } else { AlignedBuf::recycled(request.bufs.len() as usize) };
         let original = std::mem::replace(&mut request.bufs, Buffers::from_aligned(copy));
         let token = request.token;
         match self.inner.push(request) {

@@ -112,7 +112,8 @@ impl ImageData for File {
 /// of the aligned blocks around an unaligned write.
 #[derive(Debug)]
 pub struct DirectFile {
-    file: File,
+    /// Shared with whoever else addresses the same descriptor (a ring, the buffer reclaim).
+    file: std::sync::Arc<File>,
     /// Alignment of memory, offsets and lengths `O_DIRECT` needs (probed at open).
     align: usize,
     /// Writes take it shared, read-modify-writes exclusively: an aligned write into a block
@@ -125,8 +126,13 @@ impl DirectFile {
     pub fn open(path: &std::path::Path, writable: bool) -> io::Result<DirectFile> {
         use std::os::unix::fs::OpenOptionsExt;
         let file = std::fs::OpenOptions::new().read(true).write(writable).custom_flags(libc::O_DIRECT).open(path)?;
-        let align = super::bounce::probe_memory_alignment(&file).max(512);
-        Ok(DirectFile { file, align, rmw: std::sync::RwLock::new(()) })
+        Ok(Self::over(std::sync::Arc::new(file)))
+    }
+
+    /// Bounces for `file`, an already open `O_DIRECT` descriptor that others share.
+    pub fn over(file: std::sync::Arc<File>) -> DirectFile {
+        let align = super::bounce::probe_memory_alignment(&*file).max(512);
+        DirectFile { file, align, rmw: std::sync::RwLock::new(()) }
     }
 
     fn aligned(&self, offset: u64, iovecs: &[libc::iovec]) -> bool {

@@ -211,7 +211,7 @@ impl Buffers {
 
     /// An aligned copy of the bytes (the primary's snapshot of a mirrored write, a bounce).
     pub fn to_aligned(&self) -> AlignedBuf {
-        let mut b = AlignedBuf::zeroed(self.len() as usize);
+        let mut b = AlignedBuf::recycled(self.len() as usize);
         self.copy_to(&mut b);
         b
     }

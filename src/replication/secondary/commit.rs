@@ -188,14 +188,14 @@ impl Secondary {
             }
             for (c, d, saved) in self.saved_map.runs(a, b) {
                 if saved {
-                    let n = copy_sectors(&*self.hidden, &*self.file, c, d, buf)?;
+                    let n = copy_sectors(&*self.hidden_data, &*self.file, c, d, buf)?;
                     self.merge_done.fetch_add(n, Ordering::Relaxed);
                 }
             }
         }
         for (a, b, in_active) in self.active_map.runs(s0, s1) {
             if in_active {
-                let n = copy_sectors(&*self.active, &*self.file, a, b, buf)?;
+                let n = copy_sectors(&*self.active_data, &*self.file, a, b, buf)?;
                 self.merge_done.fetch_add(n, Ordering::Relaxed);
             }
         }

@@ -16,7 +16,6 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -39,7 +38,6 @@ use crate::block::{
     BlockDevice, BlockError, BlockQueue, Buffers, Completion, IoEngineError, IoRequest, Lane, Op, OpKind, Rejected,
     WorkerCompletions,
 };
-use crate::io::sync::fallocate_with_fallback;
 use crate::nbd::{NbdExport, NbdServer};
 
 const SECTOR: u64 = 512;
@@ -69,8 +67,13 @@ pub struct Secondary {
     /// `--direct` an `O_DIRECT` descriptor that bounces unaligned requests: see
     /// `RawDisk::data`; for qcow2, the format driver).
     file: Arc<dyn ImageData>,
+    /// The buffers' descriptors (the worker rings register `active`; a checkpoint may point
+    /// them at fresh files, see `reclaim.rs`).
     active: Arc<File>,
     hidden: Arc<File>,
+    /// The buffers' bytes for every other path (bouncing when they are O_DIRECT).
+    active_data: Arc<dyn ImageData>,
+    hidden_data: Arc<dyn ImageData>,
     /// The buffers' real paths and locks, for emptying them by replacement.
     active_buf: reclaim::Buffer,
     hidden_buf: reclaim::Buffer,
@@ -140,18 +143,27 @@ impl std::fmt::Debug for Secondary {
     }
 }
 
-fn open_buffer(path: &Path, size: u64, direct: bool) -> Result<File, BlockError> {
+/// Opens (creating it sparse when missing) a buffer; with `direct`, `O_DIRECT` where the
+/// file system has it. Returns whether it is `O_DIRECT`.
+fn open_buffer(path: &Path, size: u64, direct: bool) -> Result<(File, bool), BlockError> {
     let err = |source| BlockError::Open { path: path.display().to_string(), source };
     if !path.exists() {
         create_sparse(path, size).map_err(err)?;
         log::info!("created sparse buffer {} of {size} bytes", path.display());
     }
-    let mut oo = OpenOptions::new();
-    oo.read(true).write(true);
     if direct {
-        oo.custom_flags(libc::O_DIRECT);
+        match OpenOptions::new().read(true).write(true).custom_flags(libc::O_DIRECT).open(path) {
+            Ok(f) => return Ok((f, true)),
+            // tmpfs has no O_DIRECT; the buffer then uses the page cache, as QEMU's
+            // `cache.direct=on` cannot even open it there.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => log::warn!(
+                "{}: the file system does not support O_DIRECT; this buffer uses the page cache",
+                path.display()
+            ),
+            Err(e) => return Err(err(e)),
+        }
     }
-    oo.open(path).map_err(err)
+    Ok((OpenOptions::new().read(true).write(true).open(path).map_err(err)?, false))
 }
 
 fn file_len(f: &File) -> io::Result<u64> {
@@ -170,7 +182,7 @@ fn result(r: i32) -> io::Result<()> {
 
 /// Copies [start, end) sectors from `src` to `dst` at the same offsets. Holes of `src`
 /// (`SEEK_DATA`) and pieces that read as zeroes are punched in `dst` instead of written
-/// (zeroes either way; see [`fallocate_with_fallback`]), so copying a hole — the
+/// (zeroes either way; see `io::sync::fallocate_with_fallback`), so copying a hole — the
 /// copy-before-write of a sparse disk under a full sync, a merge of such a saved range —
 /// costs no read and keeps the destination sparse.
 fn copy_sectors(src: &dyn ImageData, dst: &dyn ImageData, start: u64, end: u64, buf: &mut Vec<u8>) -> io::Result<u64> {
@@ -205,13 +217,19 @@ impl Secondary {
         file: Arc<dyn ImageData>,
         disk_path: PathBuf,
         files: SecondaryFiles,
+        direct: bool,
     ) -> Result<Arc<Self>, BlockError> {
         let size = disk.size();
-        // The buffers never use O_DIRECT: NBD requests may be unaligned and the copies go
-        // through plain heap buffers. `--direct` still applies to the disk once replication
-        // is done.
-        let active = open_buffer(&files.active, size, false)?;
-        let hidden = open_buffer(&files.hidden, size, false)?;
+        // With `--direct` the buffers are O_DIRECT too; every path but the worker's ring
+        // reaches them through a bouncing `DirectFile` (NBD requests, copies and guest buffers
+        // may be unaligned), and the ring's unaligned requests are redone on that path.
+        let (active, active_direct) = open_buffer(&files.active, size, direct)?;
+        let (hidden, hidden_direct) = open_buffer(&files.hidden, size, direct)?;
+        let (active, hidden) = (Arc::new(active), Arc::new(hidden));
+        let data = |f: &Arc<File>, direct: bool| -> Arc<dyn ImageData> {
+            if direct { Arc::new(crate::block::image::DirectFile::over(f.clone())) } else { f.clone() }
+        };
+        let (active_data, hidden_data) = (data(&active, active_direct), data(&hidden, hidden_direct));
         let active_buf =
             reclaim::Buffer::new(&active, &files.active).map_err(|e| BlockError::Refused(format!("--active: {e}")))?;
         let hidden_buf =
@@ -273,8 +291,10 @@ impl Secondary {
         let me = Arc::new(Secondary {
             disk,
             file,
-            active: Arc::new(active),
-            hidden: Arc::new(hidden),
+            active,
+            hidden,
+            active_data,
+            hidden_data,
             active_buf,
             hidden_buf,
             reclaimer,
@@ -412,7 +432,7 @@ impl Secondary {
             if saved {
                 continue;
             }
-            let n = copy_sectors(&*self.file, &*self.hidden, a, b, &mut buf)?;
+            let n = copy_sectors(&*self.file, &*self.hidden_data, a, b, &mut buf)?;
             self.saved_map.set(a, b);
             self.cow_bytes.fetch_add(n, Ordering::Relaxed);
         }
@@ -531,12 +551,12 @@ impl Secondary {
         let _g = self.locks.shared(s0, s1);
         for (a, b, in_active) in self.active_map.runs(s0, s1) {
             let pieces: Vec<(u64, u64, &dyn ImageData)> = if in_active {
-                vec![(a, b, &*self.active)]
+                vec![(a, b, &*self.active_data)]
             } else {
                 self.saved_map
                     .runs(a, b)
                     .into_iter()
-                    .map(|(c, d, saved)| (c, d, if saved { &*self.hidden as &dyn ImageData } else { &*self.file }))
+                    .map(|(c, d, saved)| (c, d, if saved { &*self.hidden_data } else { &*self.file }))
                     .collect()
             };
             for (c, d, source) in pieces {
@@ -556,7 +576,7 @@ impl Secondary {
         let _g = self.locks.shared(s0, s1);
         match stage {
             Stage::Running => {
-                let r = bufs.transfer(self.active.as_raw_fd(), offset, true, dsync);
+                let r = self.active_data.transfer(offset, bufs, true, dsync);
                 if r >= 0 {
                     self.active_map.set(s0, s1);
                 }
@@ -581,7 +601,7 @@ impl Secondary {
                 // Spec §2.2: sectors allocated in the buffers go to active, the rest to the disk.
                 for (a, b, in_active) in self.active_map.runs(s0, s1) {
                     for (c, d, saved) in self.saved_map.runs(a, b) {
-                        let target: &dyn ImageData = if in_active || saved { &*self.active } else { &*self.file };
+                        let target: &dyn ImageData = if in_active || saved { &*self.active_data } else { &*self.file };
                         let mut sub = bufs.slice(c * SECTOR - offset, (d - c) * SECTOR);
                         let r = target.transfer(c * SECTOR, &mut sub, true, dsync);
                         if r < 0 {
@@ -615,7 +635,7 @@ impl Secondary {
         let _g = self.locks.shared(s0, s1);
         match stage {
             Stage::Running | Stage::FailoverFailed => {
-                let r = fallocate_with_fallback(self.active.as_raw_fd(), &Op::WriteZeroes { offset, len, unmap: true });
+                let r = self.active_data.zero(&Op::WriteZeroes { offset, len, unmap: true });
                 if r >= 0 {
                     if stage == Stage::FailoverFailed
                         && let Err(e) = self.journal_active_write(s0, s1)

@@ -193,7 +193,18 @@ fn swap_fresh(file: &File, buf: &Buffer, size: u64) -> io::Result<File> {
     let next = buf.path.with_file_name(format!(".{name}.next"));
     // A leftover of a crash between create and rename.
     let _ = std::fs::remove_file(&next);
-    let fresh = OpenOptions::new().read(true).write(true).create_new(true).mode(ours.mode() & 0o777).open(&next)?;
+    // The fresh file keeps the cache mode of the descriptor it replaces (O_DIRECT with
+    // `--direct`): dup3 carries the fresh file's flags onto the buffer's descriptor.
+    // SAFETY: F_GETFL on a descriptor `file` keeps open; no memory is involved.
+    let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
+    let direct = if flags >= 0 { flags & libc::O_DIRECT } else { 0 };
+    let fresh = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(ours.mode() & 0o777)
+        .custom_flags(direct)
+        .open(&next)?;
     if let Err(e) = fresh.set_len(size) {
         let _ = std::fs::remove_file(&next);
         return Err(e);
