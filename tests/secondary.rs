@@ -29,10 +29,16 @@ fn start_secondary(size: u64) -> Pair {
 }
 
 fn start_secondary_with(size: u64, extra: &[&str]) -> Pair {
+    start_secondary_buffers_in(size, None, extra)
+}
+
+/// A secondary whose buffers live in `bufdir` (else next to the disk).
+fn start_secondary_buffers_in(size: u64, bufdir: Option<&std::path::Path>, extra: &[&str]) -> Pair {
     let dir = tempfile::tempdir().unwrap();
     let disk = dir.path().join("secondary.img");
-    let active = dir.path().join("active.img");
-    let hidden = dir.path().join("hidden.img");
+    let bufdir = bufdir.unwrap_or(dir.path());
+    let active = bufdir.join("active.img");
+    let hidden = bufdir.join("hidden.img");
     let nbd = dir.path().join("nbd.sock");
     let args: Vec<String> = vec![
         "--replication".into(),
@@ -640,6 +646,47 @@ fn direct_reads_of_the_active_buffer_follow_each_checkpoint() {
 /// `--direct` holds on the replication paths too: every descriptor the secondary keeps on its
 /// disk uses O_DIRECT, and NBD writes at byte offsets no block boundary aligns (stage none
 /// and running, with copy-before-write) land exactly, as do VM reads and the failover merge.
+/// On a file system without non-blocking buffered I/O (tmpfs) the VM's direct reads and writes
+/// of the active buffer run inline on the worker instead of through io_uring's worker threads;
+/// checkpoint, primary-write and failover semantics are the same.
+#[test]
+fn a_tmpfs_active_buffer_serves_the_vm_inline_with_the_same_semantics() {
+    if !std::path::Path::new("/dev/shm").is_dir() {
+        eprintln!("skipped: no /dev/shm");
+        return;
+    }
+    let bufs = tempfile::tempdir_in("/dev/shm").unwrap();
+    let p = start_secondary_buffers_in(4 * MIB, Some(bufs.path()), &[]);
+    assert!(
+        p.s.log().iter().any(|l| l.contains("runs inline on its queue's thread")),
+        "the tmpfs buffer was not recognised: {:?}",
+        p.s.log()
+    );
+    fill_a(&p, 4 * MIB);
+    p.start();
+    let mut c = Client::connect(&p.s.socket, 1, false);
+    // The VM writes C, the primary writes B there: the VM keeps reading its C (an all-active
+    // read), the disk has B.
+    vm_write(&mut c, C, MIB, 8192);
+    p.primary_write(B, MIB, 8192);
+    assert!(all(&read_all(&mut c, MIB, 8192), C));
+    assert!(all(&file_range(&p.disk, MIB as u64, 8192), B));
+    let q = p.qmp("query-replication", json!({})).unwrap();
+    assert!(q["vm-ring-writes"].as_u64().unwrap() >= 1, "{q}");
+    assert!(q["vm-direct-reads"].as_u64().unwrap() >= 1, "{q}");
+    assert!(all(&file_range(&p.active, MIB as u64, 8192), C), "the write is not in the active buffer");
+    // A checkpoint drops the VM's write; the VM sees the primary's B.
+    p.qmp("replication-checkpoint", json!({})).unwrap();
+    assert!(all(&read_all(&mut c, MIB, 8192), B));
+    // After the checkpoint's fresh active file, inline writes and reads still land and
+    // failover commits them.
+    vm_write(&mut c, C, 2 * MIB, 4096);
+    assert!(all(&read_all(&mut c, 2 * MIB, 4096), C));
+    p.failover();
+    assert!(all(&file_range(&p.disk, 2 * MIB as u64, 4096), C));
+    assert!(all(&file_range(&p.disk, MIB as u64, 8192), B));
+}
+
 /// Counts the daemon's descriptors on `path` (not its image-lock descriptor) and asserts that
 /// every one of them is `O_DIRECT`.
 fn direct_descriptors(pid: u32, path: &std::path::Path) -> usize {
@@ -658,7 +705,13 @@ fn direct_descriptors(pid: u32, path: &std::path::Path) -> usize {
         n += 1;
         let flags = info.lines().find_map(|l| l.strip_prefix("flags:")).unwrap().trim();
         let flags = u32::from_str_radix(flags, 8).unwrap();
-        assert_ne!(flags & libc::O_DIRECT as u32, 0, "descriptor {:?} on {} is not O_DIRECT", fd.file_name(), path.display());
+        assert_ne!(
+            flags & libc::O_DIRECT as u32,
+            0,
+            "descriptor {:?} on {} is not O_DIRECT",
+            fd.file_name(),
+            path.display()
+        );
     }
     n
 }

@@ -34,6 +34,7 @@ impl BlockDevice for SecondaryDevice {
             active_swaps: self.0.active_swaps(),
             disk_in_ring,
             entries: Slab::default(),
+            inline: Vec::new(),
             scratch: Vec::new(),
         }))
     }
@@ -77,6 +78,8 @@ struct SecondaryQueue {
     active_swaps: u64,
     /// Requests pushed to the disk's queue or the active ring, by the token they carry there.
     entries: Slab<Entry>,
+    /// Direct active-buffer requests done inline (`Secondary::active_inline`), not reaped yet.
+    inline: Vec<Completion>,
     scratch: Vec<Completion>,
 }
 
@@ -172,6 +175,19 @@ impl SecondaryQueue {
         let token = request.token;
         request.token = idx as u64;
         let pushed = match (&mut self.active_ring, target) {
+            (_, Target::Active) if self.sec.active_inline => {
+                // A memory copy on this file system (see `Secondary::active_inline`); handed
+                // out by the reap that follows every submit, through the same checks.
+                let result = match request.kind {
+                    OpKind::Read { offset } => request.bufs.transfer(self.sec.active.as_raw_fd(), offset, false, false),
+                    OpKind::Write { offset, dsync } => {
+                        request.bufs.transfer(self.sec.active.as_raw_fd(), offset, true, dsync)
+                    }
+                    _ => -libc::EINVAL,
+                };
+                self.inline.push(Completion { request, result });
+                Ok(())
+            }
             (Some(ring), Target::Active) => ring.push_to(ACTIVE, request),
             (Some(ring), Target::DiskRing) => ring.push_to(DISK, request),
             _ => self.inner.push(request),
@@ -240,6 +256,7 @@ impl BlockQueue for SecondaryQueue {
     fn reap(&mut self, out: &mut Vec<Completion>) {
         self.buffered.drain_into(out);
         let mut scratch = std::mem::take(&mut self.scratch);
+        scratch.append(&mut self.inline);
         if let Some(ring) = &mut self.active_ring {
             crate::io::IoEngine::reap(ring, &mut scratch);
         }
@@ -342,6 +359,7 @@ mod tests {
             inner,
             buffered: completions.lane(),
             entries: Slab::default(),
+            inline: Vec::new(),
             scratch: Vec::new(),
         };
         (s, q)

@@ -16,6 +16,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -73,6 +74,10 @@ pub struct Secondary {
     hidden: Arc<File>,
     /// The buffers' bytes for every other path (bouncing when they are O_DIRECT).
     active_data: Arc<dyn ImageData>,
+    /// The active buffer's file system has no non-blocking buffered I/O (tmpfs): io_uring
+    /// would hand every request on it to a kernel worker thread, so the worker does its
+    /// direct active reads and writes inline instead (memory copies).
+    active_inline: bool,
     hidden_data: Arc<dyn ImageData>,
     /// The buffers' real paths and locks, for emptying them by replacement.
     active_buf: reclaim::Buffer,
@@ -141,6 +146,16 @@ impl std::fmt::Debug for Secondary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Secondary").field("size", &self.size).field("stage", &self.stage()).finish()
     }
+}
+
+/// Whether `file` serves a non-blocking buffered read (`RWF_NOWAIT`), which io_uring needs to
+/// complete a cached read without a kernel worker thread.
+fn supports_nowait(file: &File) -> bool {
+    let mut byte = [0u8; 1];
+    let iov = libc::iovec { iov_base: byte.as_mut_ptr().cast(), iov_len: 1 };
+    // SAFETY: one iovec naming a live local byte; reads at most that byte.
+    let r = unsafe { libc::preadv2(file.as_raw_fd(), &iov, 1, 0, libc::RWF_NOWAIT) };
+    r >= 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::EOPNOTSUPP)
 }
 
 /// Opens (creating it sparse when missing) a buffer; with `direct`, `O_DIRECT` where the
@@ -230,6 +245,14 @@ impl Secondary {
             if direct { Arc::new(crate::block::image::DirectFile::over(f.clone())) } else { f.clone() }
         };
         let (active_data, hidden_data) = (data(&active, active_direct), data(&hidden, hidden_direct));
+        let active_inline = !supports_nowait(&active);
+        if active_inline {
+            log::info!(
+                "{}: the file system cannot serve io_uring without a thread hop (no RWF_NOWAIT, e.g. tmpfs); \
+                 the VM's direct I/O on the active buffer runs inline on its queue's thread",
+                files.active.display()
+            );
+        }
         let active_buf =
             reclaim::Buffer::new(&active, &files.active).map_err(|e| BlockError::Refused(format!("--active: {e}")))?;
         let hidden_buf =
@@ -295,6 +318,7 @@ impl Secondary {
             hidden,
             active_data,
             hidden_data,
+            active_inline,
             active_buf,
             hidden_buf,
             reclaimer,
