@@ -19,7 +19,7 @@ impl BlockDevice for SecondaryDevice {
         // of sectors it wrote) and, when the disk is a raw file on io_uring, the disk too
         // (reads of sectors in neither buffer), signalling the worker's completions like
         // every other ring. Without io_uring those requests take the buffer path.
-        let mut files = vec![self.0.active.clone()];
+        let mut files = vec![self.0.active.clone(), self.0.hidden.clone()];
         let disk_file = self.0.disk.ring_file();
         if let Some(f) = &disk_file {
             files.push(f.clone());
@@ -85,8 +85,13 @@ struct SecondaryQueue {
 
 /// The active buffer's index in the ring's file table.
 const ACTIVE: u32 = 0;
+/// The hidden buffer's index in the ring's file table.
+const HIDDEN: u32 = 1;
 /// The disk's index in the ring's file table (when it is there).
-const DISK: u32 = 1;
+const DISK: u32 = 2;
+
+/// Most pieces a VM read is split into on the ring; a more fragmented one takes the pool.
+const MAX_PIECES: usize = 16;
 
 /// Where a request pushed down goes.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -97,6 +102,8 @@ enum Target {
     DiskRing,
     /// The active buffer, on the ring.
     Active,
+    /// The hidden buffer, on the ring.
+    Hidden,
 }
 
 /// What a token this queue pushed down stands for.
@@ -109,6 +116,9 @@ enum Entry {
     /// A VM read sent straight to the disk's queue or the active buffer's ring, checked when
     /// it completes.
     Direct(DirectRead),
+    /// A VM read whose sectors lie in several places, read piece by piece on the ring (each
+    /// piece's completion carries this entry's token); checked when the last one completes.
+    Split(SplitRead),
 }
 
 /// A VM request's place in the quiesce gate while it is in flight on a ring: a checkpoint or
@@ -129,6 +139,18 @@ impl Drop for HeldTicket {
     }
 }
 
+struct SplitRead {
+    /// The submitter's request (its buffers are what the pieces point into).
+    request: IoRequest,
+    token: u64,
+    pieces: Vec<(u64, u64, Source)>,
+    generation: u64,
+    /// Pieces still in flight.
+    left: usize,
+    /// A piece failed (or could not be queued).
+    failed: bool,
+}
+
 struct DirectRead {
     token: u64,
     sectors: (u64, u64),
@@ -146,7 +168,10 @@ impl SecondaryQueue {
         if swaps == self.active_swaps {
             return true;
         }
-        match ring.replace_file(ACTIVE, self.sec.active.clone()) {
+        match ring
+            .replace_file(ACTIVE, self.sec.active.clone())
+            .and_then(|()| ring.replace_file(HIDDEN, self.sec.hidden.clone()))
+        {
             Ok(()) => {
                 self.active_swaps = swaps;
                 true
@@ -169,34 +194,101 @@ impl SecondaryQueue {
             .map_err(|request| Box::new(Rejected { error: IoEngineError::QueueFull, request }))
     }
 
+    /// Sends `request` (carrying this queue's token) to `target`.
+    fn send(&mut self, request: IoRequest, target: Target) -> Result<(), Box<Rejected>> {
+        let inline = match target {
+            Target::Active => self.sec.active_inline.then(|| self.sec.active.as_raw_fd()),
+            Target::Hidden => self.sec.hidden_inline.then(|| self.sec.hidden.as_raw_fd()),
+            Target::DiskQueue | Target::DiskRing => None,
+        };
+        if let Some(fd) = inline {
+            // A memory copy on this file system (see `Secondary::active_inline`); handed out by
+            // the reap that follows every submit, through the same checks.
+            let result = match request.kind {
+                OpKind::Read { offset } => request.bufs.transfer(fd, offset, false, false),
+                OpKind::Write { offset, dsync } => request.bufs.transfer(fd, offset, true, dsync),
+                _ => -libc::EINVAL,
+            };
+            self.inline.push(Completion { request, result });
+            return Ok(());
+        }
+        match (&mut self.active_ring, target) {
+            (Some(ring), Target::Active) => ring.push_to(ACTIVE, request),
+            (Some(ring), Target::Hidden) => ring.push_to(HIDDEN, request),
+            (Some(ring), Target::DiskRing) => ring.push_to(DISK, request),
+            _ => self.inner.push(request),
+        }
+    }
+
     /// Sends `request` to `target` under this queue's token `idx`; on refusal it comes back
     /// with the submitter's token.
     fn push_inner(&mut self, mut request: IoRequest, idx: usize, target: Target) -> Result<(), Box<Rejected>> {
         let token = request.token;
         request.token = idx as u64;
-        let pushed = match (&mut self.active_ring, target) {
-            (_, Target::Active) if self.sec.active_inline => {
-                // A memory copy on this file system (see `Secondary::active_inline`); handed
-                // out by the reap that follows every submit, through the same checks.
-                let result = match request.kind {
-                    OpKind::Read { offset } => request.bufs.transfer(self.sec.active.as_raw_fd(), offset, false, false),
-                    OpKind::Write { offset, dsync } => {
-                        request.bufs.transfer(self.sec.active.as_raw_fd(), offset, true, dsync)
-                    }
-                    _ => -libc::EINVAL,
-                };
-                self.inline.push(Completion { request, result });
-                Ok(())
-            }
-            (Some(ring), Target::Active) => ring.push_to(ACTIVE, request),
-            (Some(ring), Target::DiskRing) => ring.push_to(DISK, request),
-            _ => self.inner.push(request),
-        };
-        pushed.map_err(|mut rejected| {
+        self.send(request, target).map_err(|mut rejected| {
             self.entries.remove(idx);
             rejected.request.token = token;
             rejected
         })
+    }
+
+    /// Reads `request` piece by piece from where each of its runs of sectors lies (one entry,
+    /// every piece carrying its token), on the ring.
+    fn push_split(
+        &mut self,
+        request: IoRequest,
+        offset: u64,
+        generation: u64,
+        pieces: Vec<(u64, u64, Source)>,
+    ) -> Result<(), Box<Rejected>> {
+        let parts: Vec<(IoRequest, Target)> = pieces
+            .iter()
+            .map(|&(a, b, source)| {
+                let bufs = request.bufs.slice(a * SECTOR - offset, (b - a) * SECTOR);
+                let target = match source {
+                    Source::Active => Target::Active,
+                    Source::Hidden => Target::Hidden,
+                    Source::Disk if self.disk_in_ring => Target::DiskRing,
+                    Source::Disk => Target::DiskQueue,
+                };
+                (IoRequest::new(0, OpKind::Read { offset: a * SECTOR }, bufs), target)
+            })
+            .collect();
+        let n = parts.len();
+        let token = request.token;
+        let idx =
+            self.entries.insert(Entry::Split(SplitRead { request, token, pieces, generation, left: n, failed: false }));
+        for (mut part, target) in parts {
+            part.token = idx as u64;
+            if self.send(part, target).is_err()
+                && let Some(Entry::Split(split)) = self.entries.get_mut(idx)
+            {
+                // Pieces already queued complete later; the read is then redone.
+                split.left -= 1;
+                split.failed = true;
+            }
+        }
+        if let Some(Entry::Split(split)) = self.entries.get(idx)
+            && split.left == 0
+            && let Some(Entry::Split(split)) = self.entries.remove(idx)
+        {
+            let mut request = split.request;
+            request.token = split.token;
+            return self.spawn(request);
+        }
+        Ok(())
+    }
+
+    /// The last piece of a split read completed: answer it, or redo it on the buffer path.
+    fn finish_split(&mut self, split: SplitRead, out: &mut Vec<Completion>) {
+        let mut request = split.request;
+        request.token = split.token;
+        if !split.failed && self.sec.split_read_valid(&split.pieces, split.generation) {
+            let result = crate::io::result_from_len(request.bufs.len());
+            out.push(Completion { request, result });
+        } else if let Err(rejected) = self.spawn(request) {
+            out.push(Completion { request: rejected.request, result: -libc::EIO });
+        }
     }
 }
 
@@ -244,6 +336,13 @@ impl BlockQueue for SecondaryQueue {
                     Err(rejected) => self.spawn(rejected.request),
                 };
             }
+            if self.active_ring.is_some()
+                && self.active_ring_current()
+                && let Some((generation, pieces)) = self.sec.split_read_start(s0, s1)
+                && pieces.len() <= MAX_PIECES
+            {
+                return self.push_split(request, offset, generation, pieces);
+            }
         }
         self.spawn(request)
     }
@@ -263,6 +362,17 @@ impl BlockQueue for SecondaryQueue {
         self.inner.reap(&mut scratch);
         for mut c in scratch.drain(..) {
             let idx = c.request.token as usize;
+            if let Some(Entry::Split(split)) = self.entries.get_mut(idx) {
+                // One piece of a split read (its buffers are a slice of the held request).
+                split.left -= 1;
+                split.failed |= c.result < 0;
+                if split.left == 0
+                    && let Some(Entry::Split(split)) = self.entries.remove(idx)
+                {
+                    self.finish_split(split, out);
+                }
+                continue;
+            }
             match self.entries.remove(idx) {
                 Some(Entry::Passed { token }) => {
                     c.request.token = token;
@@ -301,7 +411,7 @@ impl BlockQueue for SecondaryQueue {
                         out.push(Completion { request: rejected.request, result: -libc::EIO });
                     }
                 }
-                None => log::error!("secondary: completion for unknown token {idx}"),
+                Some(Entry::Split(_)) | None => log::error!("secondary: completion for unknown token {idx}"),
             }
         }
         self.scratch = scratch;

@@ -78,6 +78,8 @@ pub struct Secondary {
     /// would hand every request on it to a kernel worker thread, so the worker does its
     /// direct active reads and writes inline instead (memory copies).
     active_inline: bool,
+    /// The same for the hidden buffer (split VM reads of saved sectors).
+    hidden_inline: bool,
     hidden_data: Arc<dyn ImageData>,
     /// The buffers' real paths and locks, for emptying them by replacement.
     active_buf: reclaim::Buffer,
@@ -147,6 +149,20 @@ impl std::fmt::Debug for Secondary {
         f.debug_struct("Secondary").field("size", &self.size).field("stage", &self.stage()).finish()
     }
 }
+
+/// Where a piece of a VM read is read from while replicating.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Source {
+    /// The active buffer: the VM wrote these sectors.
+    Active,
+    /// The hidden buffer: the primary overwrote them this epoch; their old data is here.
+    Hidden,
+    /// The disk.
+    Disk,
+}
+
+/// Runs of sectors `[start, end)` of a VM read and where each is read from.
+pub(super) type Pieces = Vec<(u64, u64, Source)>;
 
 /// Whether `file` serves a non-blocking buffered read (`RWF_NOWAIT`), which io_uring needs to
 /// complete a cached read without a kernel worker thread.
@@ -246,6 +262,7 @@ impl Secondary {
         };
         let (active_data, hidden_data) = (data(&active, active_direct), data(&hidden, hidden_direct));
         let active_inline = !supports_nowait(&active);
+        let hidden_inline = !supports_nowait(&hidden);
         if active_inline {
             log::info!(
                 "{}: the file system cannot serve io_uring without a thread hop (no RWF_NOWAIT, e.g. tmpfs); \
@@ -319,6 +336,7 @@ impl Secondary {
             active_data,
             hidden_data,
             active_inline,
+            hidden_inline,
             active_buf,
             hidden_buf,
             reclaimer,
@@ -439,11 +457,14 @@ impl Secondary {
         // Re-arm copy-before-write first, as QEMU does, then drop active, then hidden.
         self.reclaimer.free_bits(self.saved_map.take_all());
         self.reclaimer.free_bits(self.active_map.take_all());
-        let emptied = self.reclaimer.empty(&self.active, &self.active_buf, self.size);
-        // The descriptor may name a fresh file now: rings that registered it re-register.
+        let emptied = self
+            .reclaimer
+            .empty(&self.active, &self.active_buf, self.size)
+            .and_then(|()| self.reclaimer.empty(&self.hidden, &self.hidden_buf, self.size));
+        // Either descriptor may name a fresh file now: rings that registered them re-register
+        // (bumped once both are done; rings use them only while the gate is open again).
         self.active_swaps.fetch_add(1, Ordering::AcqRel);
-        emptied?;
-        self.reclaimer.empty(&self.hidden, &self.hidden_buf, self.size)
+        emptied
     }
 
     // ---- copy-before-write (NBD side) --------------------------------------------------
@@ -521,6 +542,44 @@ impl Secondary {
     /// Whether a direct read of the active buffer started at `generation` may be answered.
     pub(super) fn direct_active_read_valid(&self, s0: u64, s1: u64, generation: u64) -> bool {
         let valid = self.gate.generation() == generation && self.active_map.all(s0, s1);
+        if valid {
+            self.direct_reads.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.direct_retries.fetch_add(1, Ordering::Relaxed);
+        }
+        valid
+    }
+
+    /// Starts a VM read whose sectors lie in several places (`pieces`: runs of sectors and
+    /// where each is read from), to be read piece by piece on the worker's ring; the gate
+    /// generation to check at completion, or None (gate closed, not running).
+    pub(super) fn split_read_start(&self, s0: u64, s1: u64) -> Option<(u64, Pieces)> {
+        let generation = self.gate.generation();
+        if !generation.is_multiple_of(2) || self.stage() != Stage::Running {
+            return None;
+        }
+        let mut pieces = Vec::new();
+        for (a, b, in_active) in self.active_map.runs(s0, s1) {
+            if in_active {
+                pieces.push((a, b, Source::Active));
+            } else {
+                for (c, d, saved) in self.saved_map.runs(a, b) {
+                    pieces.push((c, d, if saved { Source::Hidden } else { Source::Disk }));
+                }
+            }
+        }
+        Some((generation, pieces))
+    }
+
+    /// Whether a split read started at `generation` may be answered: no checkpoint or stage
+    /// change since, and every piece still where it was read from.
+    pub(super) fn split_read_valid(&self, pieces: &[(u64, u64, Source)], generation: u64) -> bool {
+        let valid = self.gate.generation() == generation
+            && pieces.iter().all(|&(a, b, source)| match source {
+                Source::Active => self.active_map.all(a, b),
+                Source::Hidden => self.saved_map.all(a, b) && !self.active_map.any(a, b),
+                Source::Disk => !self.saved_map.any(a, b) && !self.active_map.any(a, b),
+            });
         if valid {
             self.direct_reads.fetch_add(1, Ordering::Relaxed);
         } else {
