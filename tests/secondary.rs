@@ -651,6 +651,36 @@ fn direct_reads_of_the_active_buffer_follow_each_checkpoint() {
 /// `--direct` holds on the replication paths too: every descriptor the secondary keeps on its
 /// disk uses O_DIRECT, and NBD writes at byte offsets no block boundary aligns (stage none
 /// and running, with copy-before-write) land exactly, as do VM reads and the failover merge.
+/// The VM's write-zeroes, discards and flushes while replicating (done on its queue's thread
+/// and ring, not the pool) change only the active buffer: the VM reads zeroes, the disk keeps
+/// the checkpoint's data, a checkpoint drops them, failover commits them.
+#[test]
+fn vm_zeroes_discards_and_flushes_while_replicating_stay_in_the_active_buffer() {
+    let p = start_secondary(4 * MIB);
+    fill_a(&p, 4 * MIB);
+    p.start();
+    let mut c = Client::connect(&p.s.socket, 1, false);
+    vm_write(&mut c, C, MIB, 64 * 1024);
+    assert_eq!(c.write_zeroes(0, MIB, 16 * 1024, false), 0);
+    assert_eq!(c.discard(0, MIB + 32 * 1024, 16 * 1024), 0);
+    assert_eq!(c.flush(0), 0);
+    let v = read_all(&mut c, MIB, 64 * 1024);
+    assert!(all(&v[..16384], 0), "write-zeroes not seen by the VM");
+    assert!(all(&v[16384..32768], C));
+    assert!(all(&v[32768..49152], 0), "discard not seen by the VM");
+    assert!(all(&v[49152..], C));
+    assert!(all(&file_range(&p.disk, MIB, 64 * 1024), A), "the VM's zeroes reached the disk");
+    // A checkpoint drops them with the VM's writes.
+    p.qmp("replication-checkpoint", json!({})).unwrap();
+    assert!(all(&read_all(&mut c, MIB, 64 * 1024), A));
+    // Zeroes after the checkpoint survive failover.
+    assert_eq!(c.write_zeroes(0, 2 * MIB, 8192, true), 0);
+    assert_eq!(c.flush(0), 0);
+    p.failover();
+    assert!(all(&file_range(&p.disk, 2 * MIB, 8192), 0));
+    assert!(all(&file_range(&p.disk, MIB, 64 * 1024), A));
+}
+
 /// On a file system without non-blocking buffered I/O (tmpfs) the VM's direct reads and writes
 /// of the active buffer run inline on the worker instead of through io_uring's worker threads;
 /// checkpoint, primary-write and failover semantics are the same.

@@ -35,6 +35,7 @@ impl BlockDevice for SecondaryDevice {
             disk_in_ring,
             entries: Slab::default(),
             inline: Vec::new(),
+            ready: Vec::new(),
             scratch: Vec::new(),
         }))
     }
@@ -80,6 +81,8 @@ struct SecondaryQueue {
     entries: Slab<Entry>,
     /// Direct active-buffer requests done inline (`Secondary::active_inline`), not reaped yet.
     inline: Vec<Completion>,
+    /// Submitters' requests finished inside `push`, handed out at the next reap.
+    ready: Vec<Completion>,
     scratch: Vec<Completion>,
 }
 
@@ -119,6 +122,8 @@ enum Entry {
     /// A VM read whose sectors lie in several places, read piece by piece on the ring (each
     /// piece's completion carries this entry's token); checked when the last one completes.
     Split(SplitRead),
+    /// A VM flush: the active buffer, the hidden buffer and the disk synced on the ring.
+    Flush(FlushJoin),
 }
 
 /// A VM request's place in the quiesce gate while it is in flight on a ring: a checkpoint or
@@ -149,6 +154,18 @@ struct SplitRead {
     left: usize,
     /// A piece failed (or could not be queued).
     failed: bool,
+}
+
+struct FlushJoin {
+    /// The submitter's request.
+    request: IoRequest,
+    token: u64,
+    /// Syncs still in flight.
+    left: usize,
+    /// The first error, or 0.
+    error: i32,
+    /// A sync could not be queued: the flush is redone on the buffer path.
+    redo: bool,
 }
 
 struct DirectRead {
@@ -207,6 +224,11 @@ impl SecondaryQueue {
             let result = match request.kind {
                 OpKind::Read { offset } => request.bufs.transfer(fd, offset, false, false),
                 OpKind::Write { offset, dsync } => request.bufs.transfer(fd, offset, true, dsync),
+                // SAFETY: plain system call on a descriptor the secondary keeps open.
+                OpKind::Flush => match unsafe { libc::fdatasync(fd) } {
+                    0 => 0,
+                    _ => -std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO),
+                },
                 _ => -libc::EINVAL,
             };
             self.inline.push(Completion { request, result });
@@ -279,6 +301,34 @@ impl SecondaryQueue {
         Ok(())
     }
 
+    /// Syncs the active buffer, the hidden buffer and the disk on the ring, as the buffer
+    /// path's flush does; answered when all three completed.
+    fn push_flush(&mut self, request: IoRequest) -> Result<(), Box<Rejected>> {
+        let disk = if self.disk_in_ring { Target::DiskRing } else { Target::DiskQueue };
+        let targets = [Target::Active, Target::Hidden, disk];
+        let token = request.token;
+        let idx =
+            self.entries.insert(Entry::Flush(FlushJoin { request, token, left: targets.len(), error: 0, redo: false }));
+        for target in targets {
+            let sync = IoRequest::new(idx as u64, OpKind::Flush, Buffers::none());
+            if self.send(sync, target).is_err()
+                && let Some(Entry::Flush(join)) = self.entries.get_mut(idx)
+            {
+                join.left -= 1;
+                join.redo = true;
+            }
+        }
+        if let Some(Entry::Flush(join)) = self.entries.get(idx)
+            && join.left == 0
+            && let Some(Entry::Flush(join)) = self.entries.remove(idx)
+        {
+            let mut request = join.request;
+            request.token = join.token;
+            return self.spawn(request);
+        }
+        Ok(())
+    }
+
     /// The last piece of a split read completed: answer it, or redo it on the buffer path.
     fn finish_split(&mut self, split: SplitRead, out: &mut Vec<Completion>) {
         let mut request = split.request;
@@ -312,6 +362,30 @@ impl BlockQueue for SecondaryQueue {
                     Err(rejected) => self.spawn(rejected.request),
                 };
             }
+        }
+        if matches!(request.kind, OpKind::Discard { .. } | OpKind::WriteZeroes { .. })
+            && let Some((offset, len)) = request.range()
+            && let Some(ticket) = HeldTicket::try_new(&self.sec)
+            && self.sec.stage() == Stage::Running
+        {
+            // Zeroes in the active buffer (a discard too: the disk must keep the checkpoint's
+            // data), a metadata operation done here like the engines do; under the ticket, so
+            // a checkpoint empties these sectors with the rest.
+            let (s0, s1) = Secondary::sectors(offset, len);
+            let result = self.sec.active_data.zero(&Op::WriteZeroes { offset, len, unmap: true });
+            if result >= 0 {
+                self.sec.active_map.set(s0, s1);
+            }
+            drop(ticket);
+            self.ready.push(Completion { request, result });
+            return Ok(());
+        }
+        if request.kind == OpKind::Flush
+            && self.active_ring.is_some()
+            && self.sec.stage() == Stage::Running
+            && self.active_ring_current()
+        {
+            return self.push_flush(request);
         }
         if let Some((offset, len)) = request.range().filter(|_| matches!(request.kind, OpKind::Read { .. })) {
             let (s0, s1) = Secondary::sectors(offset, len);
@@ -354,6 +428,7 @@ impl BlockQueue for SecondaryQueue {
     }
     fn reap(&mut self, out: &mut Vec<Completion>) {
         self.buffered.drain_into(out);
+        out.append(&mut self.ready);
         let mut scratch = std::mem::take(&mut self.scratch);
         scratch.append(&mut self.inline);
         if let Some(ring) = &mut self.active_ring {
@@ -362,6 +437,24 @@ impl BlockQueue for SecondaryQueue {
         self.inner.reap(&mut scratch);
         for mut c in scratch.drain(..) {
             let idx = c.request.token as usize;
+            if let Some(Entry::Flush(join)) = self.entries.get_mut(idx) {
+                join.left -= 1;
+                if c.result < 0 && join.error == 0 {
+                    join.error = c.result;
+                }
+                if join.left == 0
+                    && let Some(Entry::Flush(join)) = self.entries.remove(idx)
+                {
+                    let mut request = join.request;
+                    request.token = join.token;
+                    if !join.redo {
+                        out.push(Completion { request, result: join.error });
+                    } else if let Err(rejected) = self.spawn(request) {
+                        out.push(Completion { request: rejected.request, result: -libc::EIO });
+                    }
+                }
+                continue;
+            }
             if let Some(Entry::Split(split)) = self.entries.get_mut(idx) {
                 // One piece of a split read (its buffers are a slice of the held request).
                 split.left -= 1;
@@ -411,7 +504,9 @@ impl BlockQueue for SecondaryQueue {
                         out.push(Completion { request: rejected.request, result: -libc::EIO });
                     }
                 }
-                Some(Entry::Split(_)) | None => log::error!("secondary: completion for unknown token {idx}"),
+                Some(Entry::Split(_) | Entry::Flush(_)) | None => {
+                    log::error!("secondary: completion for unknown token {idx}")
+                }
             }
         }
         self.scratch = scratch;
@@ -470,6 +565,7 @@ mod tests {
             buffered: completions.lane(),
             entries: Slab::default(),
             inline: Vec::new(),
+            ready: Vec::new(),
             scratch: Vec::new(),
         };
         (s, q)
