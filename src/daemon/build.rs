@@ -419,7 +419,7 @@ pub fn build(config: Config) -> Result<Built, BuildError> {
                     }
                 }
                 // The first threads: the buffer pool and the reclaim thread.
-                let sec = match Secondary::open(disk, data.clone(), a.disk.clone(), files, a.direct) {
+                let sec = match Secondary::open(disk, data.clone(), a.disk.clone(), files) {
                     Ok(s) => s,
                     Err(e) => return undo.fail(BuildError::Buffers(e)),
                 };

@@ -571,6 +571,16 @@ mod tests {
         (s, q)
     }
 
+    /// `setup` with the worker's ring on the buffers (the disk stays on the late queue).
+    fn setup_with_ring(dir: &std::path::Path) -> (Arc<Secondary>, SecondaryQueue, Arc<WorkerCompletions>) {
+        let (s, mut q) = setup(dir);
+        let completions = WorkerCompletions::new().unwrap();
+        let files = vec![s.active.clone(), s.hidden.clone()];
+        q.active_ring = Some(crate::io::uring::UringEngine::with_files(files, 64, &completions).unwrap());
+        q.active_swaps = s.active_swaps();
+        (s, q, completions)
+    }
+
     /// Reaps until `token` completes (the redo runs on a pool thread).
     fn wait_for(q: &mut SecondaryQueue, token: u64) -> i32 {
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -619,6 +629,43 @@ mod tests {
         assert_eq!(directs(&q), 0);
         assert_eq!(wait_for(&mut q, 9), 4096);
         assert!(buf.iter().all(|&b| b == 0x11));
+    }
+
+    /// A read spanning the active buffer and the disk is split on the ring; a primary write
+    /// that lands on its disk piece before it completes (copy-before-write, then the new data)
+    /// makes it redo on the buffer path, which reads the saved old data; an untouched split
+    /// read is answered from its pieces.
+    #[test]
+    fn a_split_read_overtaken_by_a_primary_write_is_redone_from_the_buffers() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, mut q, _completions) = setup_with_ring(dir.path());
+        // The VM wrote 0x33 over the first 4 KiB of the range.
+        let mut mine = vec![0x33u8; 4096];
+        q.push(IoRequest::new(
+            1,
+            OpKind::Write { offset: 0, dsync: false },
+            // SAFETY: `mine` outlives the request, reaped below.
+            unsafe { Buffers::from_raw(vec![libc::iovec { iov_base: mine.as_mut_ptr().cast(), iov_len: 4096 }], None) },
+        ))
+        .unwrap();
+        q.submit().unwrap();
+        assert_eq!(wait_for(&mut q, 1), 4096);
+        let mut buf = vec![0u8; 8192];
+        q.push(read(&mut buf, 0, 2)).unwrap();
+        assert!(q.entries.values().any(|e| matches!(e, Entry::Split(_))), "the read was not split");
+        q.submit().unwrap();
+        SecondaryExport(s.clone()).write(4096, &[0x22u8; 4096], false).unwrap();
+        assert_eq!(wait_for(&mut q, 2), 8192);
+        assert!(buf[..4096].iter().all(|&b| b == 0x33), "the VM's own write is lost");
+        assert!(buf[4096..].iter().all(|&b| b == 0x11), "the VM read the primary's next-epoch data");
+        assert_eq!(s.direct_retries.load(Ordering::Relaxed), 1);
+        // The same read again: active + hidden pieces now, nothing overtakes it.
+        let mut again = vec![0u8; 8192];
+        q.push(read(&mut again, 0, 3)).unwrap();
+        q.submit().unwrap();
+        assert_eq!(wait_for(&mut q, 3), 8192);
+        assert_eq!(again, buf);
+        assert_eq!(s.direct_retries.load(Ordering::Relaxed), 1, "an untouched split read was redone");
     }
 
     /// A checkpoint overlapping a direct read makes it redo (the generation changed).

@@ -248,8 +248,8 @@ impl Secondary {
         file: Arc<dyn ImageData>,
         disk_path: PathBuf,
         files: SecondaryFiles,
-        direct: bool,
     ) -> Result<Arc<Self>, BlockError> {
+        let direct = files.direct;
         let size = disk.size();
         // With `--direct` the buffers are O_DIRECT too; every path but the worker's ring
         // reaches them through a bouncing `DirectFile` (NBD requests, copies and guest buffers

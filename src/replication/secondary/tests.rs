@@ -18,7 +18,7 @@ pub(super) fn secondary(dir: &Path, size: u64) -> Arc<Secondary> {
     let files = SecondaryFiles { active: dir.join("a.img"), hidden: dir.join("h.img"), direct: false };
     let data = disk.data().unwrap();
     let path = disk.path().to_path_buf();
-    let s = Secondary::open(Arc::new(disk), data, path, files, false).unwrap();
+    let s = Secondary::open(Arc::new(disk), data, path, files).unwrap();
     SecondaryControl(s.clone()).start(&StartArgs::mode(Mode::Secondary)).unwrap();
     s
 }
