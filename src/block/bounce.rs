@@ -5,26 +5,27 @@
 //! requests whose buffers are not aligned through one aligned buffer (reads are copied back
 //! when they complete), as QEMU's block layer does; aligned requests pass untouched.
 
-use std::collections::HashMap;
 use std::os::fd::AsRawFd;
 
 use super::{BlockQueue, Buffers, Completion, IoEngineError, IoRequest, OpKind, Rejected};
 use crate::io::aligned::AlignedBuf;
+use crate::io::slab::Slab;
 
 /// A queue that bounces unaligned requests (see the module documentation).
 pub struct BounceQueue {
     inner: Box<dyn BlockQueue>,
     align: usize,
-    /// The caller's buffers of bounced requests in flight, by token (tokens are unique among
-    /// requests in flight); given back on completion.
-    bounced: HashMap<u64, Buffers>,
+    /// Every request pushed down, by the token it carries there: the submitter's token and,
+    /// for a bounced one, the submitter's buffers (given back on completion). Re-tagging
+    /// keeps this correct when a submitter has several requests with one token in flight.
+    pushed: Slab<(u64, Option<Buffers>)>,
     scratch: Vec<Completion>,
 }
 
 impl BounceQueue {
     /// Wraps `inner`, bouncing requests whose segments are not `align`-aligned.
     pub fn new(inner: Box<dyn BlockQueue>, align: usize) -> Self {
-        BounceQueue { inner, align: align.max(1), bounced: HashMap::new(), scratch: Vec::new() }
+        BounceQueue { inner, align: align.max(1), pushed: Slab::default(), scratch: Vec::new() }
     }
 
     fn aligned(&self, iovecs: &[libc::iovec]) -> bool {
@@ -34,24 +35,34 @@ impl BounceQueue {
 
 impl BlockQueue for BounceQueue {
     fn push(&mut self, mut request: IoRequest) -> Result<(), Box<Rejected>> {
-        let write = match request.kind {
-            OpKind::Read { .. } => false,
-            OpKind::Write { .. } => true,
-            _ => return self.inner.push(request),
+        let bounce = match request.kind {
+            OpKind::Read { .. } | OpKind::Write { .. } => !self.aligned(request.bufs.iovecs()),
+            _ => false,
         };
-        if self.aligned(request.bufs.iovecs()) {
-            return self.inner.push(request);
-        }
-        let copy = if write { request.bufs.to_aligned() } else { AlignedBuf::recycled(request.bufs.len() as usize) };
-        let original = std::mem::replace(&mut request.bufs, Buffers::from_aligned(copy));
+        let original = bounce.then(|| {
+            let copy = if matches!(request.kind, OpKind::Write { .. }) {
+                request.bufs.to_aligned()
+            } else {
+                AlignedBuf::recycled(request.bufs.len() as usize)
+            };
+            std::mem::replace(&mut request.bufs, Buffers::from_aligned(copy))
+        });
         let token = request.token;
+        let idx = self.pushed.insert((token, None));
+        request.token = idx as u64;
         match self.inner.push(request) {
             Ok(()) => {
-                self.bounced.insert(token, original);
+                if let Some(entry) = self.pushed.get_mut(idx) {
+                    entry.1 = original;
+                }
                 Ok(())
             }
             Err(mut rejected) => {
-                rejected.request.bufs = original;
+                self.pushed.remove(idx);
+                rejected.request.token = token;
+                if let Some(original) = original {
+                    rejected.request.bufs = original;
+                }
                 Err(rejected)
             }
         }
@@ -62,13 +73,15 @@ impl BlockQueue for BounceQueue {
     }
 
     fn reap(&mut self, out: &mut Vec<Completion>) {
-        if self.bounced.is_empty() {
-            return self.inner.reap(out);
-        }
         let mut scratch = std::mem::take(&mut self.scratch);
         self.inner.reap(&mut scratch);
         for mut c in scratch.drain(..) {
-            if let Some(mut original) = self.bounced.remove(&c.request.token) {
+            let Some((token, original)) = self.pushed.remove(c.request.token as usize) else {
+                log::error!("bounce: completion for unknown token {}", c.request.token);
+                continue;
+            };
+            c.request.token = token;
+            if let Some(mut original) = original {
                 if matches!(c.request.kind, OpKind::Read { .. }) && c.result >= 0 {
                     c.request.bufs.copy_to_buffers(&mut original);
                 }
@@ -177,7 +190,7 @@ mod tests {
         drop(out);
         assert!(dst[3..1027].iter().all(|&b| b == 0x5a));
         assert!(dst[..3].iter().chain(&dst[1027..]).all(|&b| b == 0), "bytes outside the segments changed");
-        assert!(q.bounced.is_empty());
+        assert!(q.pushed.is_empty());
         // An aligned request reaches the engine with the caller's own iovec.
         let mut out = Vec::new();
         let mut page = AlignedBuf::zeroed(4096);
@@ -185,6 +198,21 @@ mod tests {
         q.push(IoRequest::new(3, OpKind::Read { offset: 0 }, raw(&iov))).unwrap();
         q.reap(&mut out);
         assert_eq!(results(&out), vec![(3, 4096)]);
-        assert!(q.bounced.is_empty());
+        assert!(q.pushed.is_empty());
+        // Two unaligned reads in flight with the same token (a layer above splitting one
+        // request) each get their own bytes back.
+        std::fs::OpenOptions::new().write(true).open(&path).unwrap().write_all_at(&[0x77u8; 512], 8192).unwrap();
+        let (mut x, mut y) = (vec![0u8; 600], vec![0u8; 600]);
+        let ix = [libc::iovec { iov_base: x[1..].as_mut_ptr().cast(), iov_len: 512 }];
+        let iy = [libc::iovec { iov_base: y[3..].as_mut_ptr().cast(), iov_len: 512 }];
+        q.push(IoRequest::new(9, OpKind::Read { offset: 4096 }, raw(&ix))).unwrap();
+        q.push(IoRequest::new(9, OpKind::Read { offset: 8192 }, raw(&iy))).unwrap();
+        out.clear();
+        q.reap(&mut out);
+        assert_eq!(results(&out), vec![(9, 512), (9, 512)]);
+        drop(out);
+        assert!(x[1..513].iter().all(|&b| b == 0x5a), "the first read got another's bytes");
+        assert!(y[3..515].iter().all(|&b| b == 0x77), "the second read got another's bytes");
+        assert!(q.pushed.is_empty());
     }
 }

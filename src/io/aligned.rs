@@ -78,6 +78,12 @@ impl AlignedBuf {
         AlignedBuf { ptr, len, cap, pooled: true }
     }
 
+    /// The start of the buffer as a pointer with the allocation's own provenance (for iovecs
+    /// the kernel or a copy may write through; `Deref` gives a shared slice).
+    pub fn as_raw_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
     /// A zeroed allocation of `cap` (non-zero) bytes.
     fn allocate(cap: usize) -> NonNull<u8> {
         let layout = Self::layout(cap);

@@ -87,7 +87,7 @@ impl Buffers {
         let iovecs = if buf.is_empty() {
             Vec::new()
         } else {
-            vec![libc::iovec { iov_base: buf.as_ptr() as *mut libc::c_void, iov_len: buf.len() }]
+            vec![libc::iovec { iov_base: buf.as_raw_ptr().cast(), iov_len: buf.len() }]
         };
         Buffers { iovecs, owner: Some(buf) }
     }

@@ -177,6 +177,12 @@ impl Qcow2Queue {
             DataEngine::Sync(engines) => match engines.get_mut(file as usize) {
                 Some(e) => IoEngine::push(e, part),
                 None => {
+                    // The one-part case hands over the submitter's request itself: keep it.
+                    if let Some(r) = self.requests.get_mut(idx)
+                        && r.original.is_none()
+                    {
+                        r.original = Some(part);
+                    }
                     self.posted.push((idx, -libc::EBADF));
                     Ok(())
                 }

@@ -15,6 +15,9 @@ impl BlockDevice for SecondaryDevice {
     }
     fn open_queue(&self, depth: u32, completions: &Arc<WorkerCompletions>) -> Result<Box<dyn BlockQueue>, BlockError> {
         let inner = self.0.disk.open_queue(depth, completions)?;
+        // Read before the ring registers the buffers' current files: a checkpoint replacing
+        // them in between then forces a re-registration at first use.
+        let active_swaps = self.0.active_swaps();
         // One ring per worker for the direct paths: the active buffer (the VM's writes, reads
         // of sectors it wrote) and, when the disk is a raw file on io_uring, the disk too
         // (reads of sectors in neither buffer), signalling the worker's completions like
@@ -31,7 +34,8 @@ impl BlockDevice for SecondaryDevice {
             inner,
             buffered: completions.lane(),
             active_ring,
-            active_swaps: self.0.active_swaps(),
+            active_swaps,
+            buffers_in_ring: true,
             disk_in_ring,
             entries: Slab::default(),
             inline: Vec::new(),
@@ -75,6 +79,9 @@ struct SecondaryQueue {
     active_ring: Option<crate::io::uring::UringEngine>,
     /// Whether the ring addresses the disk (else direct disk reads go to `inner`).
     disk_in_ring: bool,
+    /// Whether the ring's buffer entries may be used (false once re-registering them after a
+    /// checkpoint failed: buffer requests then take the pool, the disk stays on the ring).
+    buffers_in_ring: bool,
     /// [`Secondary::active_swaps`] when the ring last registered the active descriptor.
     active_swaps: u64,
     /// Requests pushed to the disk's queue or the active ring, by the token they carry there.
@@ -182,6 +189,9 @@ impl SecondaryQueue {
     fn active_ring_current(&mut self) -> bool {
         let swaps = self.sec.active_swaps();
         let Some(ring) = &mut self.active_ring else { return false };
+        if !self.buffers_in_ring {
+            return false;
+        }
         if swaps == self.active_swaps {
             return true;
         }
@@ -194,8 +204,10 @@ impl SecondaryQueue {
                 true
             }
             Err(e) => {
-                log::warn!("cannot register the fresh active buffer with a worker's ring: {e}");
-                self.active_ring = None;
+                // The ring keeps serving what is in flight and the disk; the buffers' requests
+                // take the pool from now on.
+                log::warn!("cannot register the fresh buffers with a worker's ring: {e}");
+                self.buffers_in_ring = false;
                 false
             }
         }
@@ -560,6 +572,7 @@ mod tests {
             sec: s.clone(),
             active_ring: None,
             active_swaps: 0,
+            buffers_in_ring: true,
             disk_in_ring: false,
             inner,
             buffered: completions.lane(),
