@@ -141,7 +141,13 @@ fn run_scenario(seed: u64, steps: u32) {
             // Cut the replication link (not while a barrier waits: its commit would then
             // depend on whether the resync has anything to copy).
             87..=93 if m.pending.is_none() => {
-                proxy.cut();
+                let link = |p: &Server| qmp(p, "query-replication", json!({})).unwrap()["link"].clone();
+                let before = link(&pri);
+                if proxy.cut() > 0 && before["connected"] == true {
+                    // The primary notices on its own time; until then it still reports the old
+                    // link as connected and in sync, which a following checkpoint would trust.
+                    wait_until("the primary noticed the cut", || link(&pri)["failures"] != before["failures"]);
+                }
                 link_cut = true;
             }
             _ => check_read(&mut sc, "secondary", b, n, |x| m.secondary_view(x), seed, step),

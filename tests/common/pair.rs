@@ -197,9 +197,12 @@ impl Proxy {
         self.hung.1.notify_all();
     }
 
-    pub fn cut(&self) {
-        for c in self.conns.lock().unwrap().drain(..) {
+    /// Cuts every connection through the proxy; returns how many there were.
+    pub fn cut(&self) -> usize {
+        let conns: Vec<_> = self.conns.lock().unwrap().drain(..).collect();
+        for c in &conns {
             let _ = c.shutdown(std::net::Shutdown::Both);
         }
+        conns.len()
     }
 }
