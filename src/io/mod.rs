@@ -92,11 +92,6 @@ impl IoRequest {
             OpKind::Flush => None,
         }
     }
-
-    /// A request for the same operation without its data (the buffers stay here).
-    pub fn dataless(&self, token: u64) -> IoRequest {
-        IoRequest { token, kind: self.kind, bufs: Buffers::none() }
-    }
 }
 
 /// A finished request: the request itself, and bytes transferred (or 0) on success,

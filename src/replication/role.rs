@@ -154,9 +154,9 @@ impl RoleState {
         }
     }
 
-    /// `query-replication`'s `error` and `error-time` fields.
-    pub fn error_fields(&self) -> (Value, Value) {
-        (json!(self.error()), self.error_at.json())
+    /// `query-replication`'s `error-time` field (null while no error is recorded).
+    pub fn error_time(&self) -> Value {
+        self.error_at.json()
     }
 
     /// Where stage, error and the role's other events go.
@@ -210,12 +210,12 @@ mod tests {
         role.record_error("link lost again".into(), Announce::First);
         role.record_error("quiet".into(), Announce::Quiet);
         assert_eq!(role.error().as_deref(), Some("quiet"));
-        assert!(role.error_fields().1.as_u64().is_some_and(|t| t > 0));
+        assert!(role.error_time().as_u64().is_some_and(|t| t > 0));
         role.record_error("every".into(), Announce::Every);
         assert_eq!(lock(&seen).len(), 2);
         role.clear_error();
         assert!(!role.has_error());
-        assert_eq!(role.error_fields(), (Value::Null, Value::Null));
+        assert_eq!((role.error(), role.error_time()), (None, Value::Null));
         role.record_error("after clear".into(), Announce::First);
         assert_eq!(lock(&seen).len(), 3);
     }

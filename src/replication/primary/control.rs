@@ -94,7 +94,7 @@ impl ReplicationControl for MirrorControl {
             "mode": "primary",
             "stage": m.stage().name(),
             "error": m.role.error(),
-            "error-time": m.role.error_fields().1,
+            "error-time": m.role.error_time(),
             "generation": m.generation_json(),
             "activity-log": m.activity_json(),
             "secondary": lock(&m.cfg).secondary.as_ref().map(|u| u.to_string()),

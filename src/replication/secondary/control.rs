@@ -131,7 +131,7 @@ impl ReplicationControl for SecondaryControl {
             "mode": "secondary",
             "stage": s.stage().name(),
             "error": s.role.error(),
-            "error-time": s.role.error_fields().1,
+            "error-time": s.role.error_time(),
             "active-dirty-bytes": s.active_map.count_all() * SECTOR,
             "hidden-dirty-bytes": s.saved_map.count_all() * SECTOR,
             "cow-bytes": s.cow_bytes.load(Ordering::Relaxed),

@@ -151,28 +151,57 @@ impl Drop for HeldTicket {
     }
 }
 
-struct SplitRead {
-    /// The submitter's request (its buffers are what the pieces point into).
+/// A submitter's request done as several parts on the ring, every part carrying the entry's
+/// token (split reads, flushes).
+struct Parts {
+    /// The submitter's request (a split read's pieces point into its buffers).
     request: IoRequest,
     token: u64,
+    /// Parts still in flight.
+    left: usize,
+    /// The request is redone on the buffer path once no part is in flight (a part could not
+    /// be queued; for a split read also: a piece failed).
+    redo: bool,
+}
+
+impl Parts {
+    /// The submitter's request with its token back.
+    fn into_request(self) -> IoRequest {
+        let mut request = self.request;
+        request.token = self.token;
+        request
+    }
+}
+
+struct SplitRead {
+    parts: Parts,
     pieces: Vec<(u64, u64, Source)>,
     generation: u64,
-    /// Pieces still in flight.
-    left: usize,
-    /// A piece failed (or could not be queued).
-    failed: bool,
 }
 
 struct FlushJoin {
-    /// The submitter's request.
-    request: IoRequest,
-    token: u64,
-    /// Syncs still in flight.
-    left: usize,
-    /// The first error, or 0.
+    parts: Parts,
+    /// The first error of a sync, or 0.
     error: i32,
-    /// A sync could not be queued: the flush is redone on the buffer path.
-    redo: bool,
+}
+
+impl Entry {
+    /// The parts bookkeeping of a request done in several parts.
+    fn parts_mut(&mut self) -> Option<&mut Parts> {
+        match self {
+            Entry::Split(split) => Some(&mut split.parts),
+            Entry::Flush(join) => Some(&mut join.parts),
+            Entry::Passed { .. } | Entry::ActiveWrite { .. } | Entry::Direct(_) => None,
+        }
+    }
+
+    fn into_parts(self) -> Option<Parts> {
+        match self {
+            Entry::Split(split) => Some(split.parts),
+            Entry::Flush(join) => Some(join.parts),
+            Entry::Passed { .. } | Entry::ActiveWrite { .. } | Entry::Direct(_) => None,
+        }
+    }
 }
 
 struct DirectRead {
@@ -288,64 +317,49 @@ impl SecondaryQueue {
                 (IoRequest::new(0, OpKind::Read { offset: a * SECTOR }, bufs), target)
             })
             .collect();
-        let n = parts.len();
-        let token = request.token;
-        let idx =
-            self.entries.insert(Entry::Split(SplitRead { request, token, pieces, generation, left: n, failed: false }));
-        for (mut part, target) in parts {
-            part.token = idx as u64;
-            if self.send(part, target).is_err()
-                && let Some(Entry::Split(split)) = self.entries.get_mut(idx)
-            {
-                // Pieces already queued complete later; the read is then redone.
-                split.left -= 1;
-                split.failed = true;
-            }
-        }
-        if let Some(Entry::Split(split)) = self.entries.get(idx)
-            && split.left == 0
-            && let Some(Entry::Split(split)) = self.entries.remove(idx)
-        {
-            let mut request = split.request;
-            request.token = split.token;
-            return self.spawn(request);
-        }
-        Ok(())
+        let parts_of = Parts { token: request.token, request, left: parts.len(), redo: false };
+        let idx = self.entries.insert(Entry::Split(SplitRead { parts: parts_of, pieces, generation }));
+        self.send_parts(idx, parts)
     }
 
     /// Syncs the active buffer, the hidden buffer and the disk on the ring, as the buffer
     /// path's flush does; answered when all three completed.
     fn push_flush(&mut self, request: IoRequest) -> Result<(), Box<Rejected>> {
         let disk = if self.disk_in_ring { Target::DiskRing } else { Target::DiskQueue };
-        let targets = [Target::Active, Target::Hidden, disk];
-        let token = request.token;
-        let idx =
-            self.entries.insert(Entry::Flush(FlushJoin { request, token, left: targets.len(), error: 0, redo: false }));
-        for target in targets {
-            let sync = IoRequest::new(idx as u64, OpKind::Flush, Buffers::none());
-            if self.send(sync, target).is_err()
-                && let Some(Entry::Flush(join)) = self.entries.get_mut(idx)
+        let syncs: Vec<(IoRequest, Target)> = [Target::Active, Target::Hidden, disk]
+            .map(|t| (IoRequest::new(0, OpKind::Flush, Buffers::none()), t))
+            .into();
+        let parts = Parts { token: request.token, request, left: syncs.len(), redo: false };
+        let idx = self.entries.insert(Entry::Flush(FlushJoin { parts, error: 0 }));
+        self.send_parts(idx, syncs)
+    }
+
+    /// Sends the parts of entry `idx` (each tagged with its token); a part that cannot be
+    /// queued marks the request for a redo, which happens at once if no part was queued.
+    fn send_parts(&mut self, idx: usize, parts: Vec<(IoRequest, Target)>) -> Result<(), Box<Rejected>> {
+        for (mut part, target) in parts {
+            part.token = idx as u64;
+            if self.send(part, target).is_err()
+                && let Some(p) = self.entries.get_mut(idx).and_then(Entry::parts_mut)
             {
-                join.left -= 1;
-                join.redo = true;
+                // Parts already queued complete later; the request is then redone.
+                p.left -= 1;
+                p.redo = true;
             }
         }
-        if let Some(Entry::Flush(join)) = self.entries.get(idx)
-            && join.left == 0
-            && let Some(Entry::Flush(join)) = self.entries.remove(idx)
+        if self.entries.get_mut(idx).and_then(Entry::parts_mut).is_some_and(|p| p.left == 0)
+            && let Some(p) = self.entries.remove(idx).and_then(Entry::into_parts)
         {
-            let mut request = join.request;
-            request.token = join.token;
-            return self.spawn(request);
+            return self.spawn(p.into_request());
         }
         Ok(())
     }
 
     /// The last piece of a split read completed: answer it, or redo it on the buffer path.
     fn finish_split(&mut self, split: SplitRead, out: &mut Vec<Completion>) {
-        let mut request = split.request;
-        request.token = split.token;
-        if !split.failed && self.sec.split_read_valid(&split.pieces, split.generation) {
+        let redo = split.parts.redo;
+        let request = split.parts.into_request();
+        if !redo && self.sec.split_read_valid(&split.pieces, split.generation) {
             let result = crate::io::result_from_len(request.bufs.len());
             out.push(Completion { request, result });
         } else if let Err(rejected) = self.spawn(request) {
@@ -449,32 +463,31 @@ impl BlockQueue for SecondaryQueue {
         self.inner.reap(&mut scratch);
         for mut c in scratch.drain(..) {
             let idx = c.request.token as usize;
-            if let Some(Entry::Flush(join)) = self.entries.get_mut(idx) {
-                join.left -= 1;
-                if c.result < 0 && join.error == 0 {
-                    join.error = c.result;
+            if let Some(entry) = self.entries.get_mut(idx)
+                && let Some(p) = entry.parts_mut()
+            {
+                // One part of a split read or a flush (a piece's buffers are a slice of the
+                // held request; a sync has none).
+                p.left -= 1;
+                let last = p.left == 0;
+                match entry {
+                    Entry::Split(split) => split.parts.redo |= c.result < 0,
+                    Entry::Flush(join) if c.result < 0 && join.error == 0 => join.error = c.result,
+                    _ => {}
                 }
-                if join.left == 0
-                    && let Some(Entry::Flush(join)) = self.entries.remove(idx)
-                {
-                    let mut request = join.request;
-                    request.token = join.token;
-                    if !join.redo {
-                        out.push(Completion { request, result: join.error });
-                    } else if let Err(rejected) = self.spawn(request) {
-                        out.push(Completion { request: rejected.request, result: -libc::EIO });
+                if last {
+                    match self.entries.remove(idx) {
+                        Some(Entry::Split(split)) => self.finish_split(split, out),
+                        Some(Entry::Flush(join)) if !join.parts.redo => {
+                            out.push(Completion { request: join.parts.into_request(), result: join.error })
+                        }
+                        Some(Entry::Flush(join)) => {
+                            if let Err(rejected) = self.spawn(join.parts.into_request()) {
+                                out.push(Completion { request: rejected.request, result: -libc::EIO });
+                            }
+                        }
+                        _ => {}
                     }
-                }
-                continue;
-            }
-            if let Some(Entry::Split(split)) = self.entries.get_mut(idx) {
-                // One piece of a split read (its buffers are a slice of the held request).
-                split.left -= 1;
-                split.failed |= c.result < 0;
-                if split.left == 0
-                    && let Some(Entry::Split(split)) = self.entries.remove(idx)
-                {
-                    self.finish_split(split, out);
                 }
                 continue;
             }
