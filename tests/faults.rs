@@ -44,6 +44,9 @@ fn an_injected_disk_error_fails_only_that_request_and_is_counted() {
     // Bad arguments change nothing.
     let e = qmp(&s, "x-inject-fault", json!({"op": "write", "errno": "EPERM"})).unwrap_err();
     assert!(e.starts_with("Parameter 'errno'"), "{e}");
+    let e = qmp(&s, "x-inject-fault", json!({"op": "read", "errno": "EIO", "delay-ms": 10})).unwrap_err();
+    assert_eq!(e, "Parameters 'delay-ms' and 'errno' are exclusive");
+    assert_eq!(qmp(&s, "x-clear-faults", json!({})).unwrap()["injected"], 6, "a refused rule was added");
     assert_eq!(c.write(0, 0, &[1u8; 512]), 0);
 }
 

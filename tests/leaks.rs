@@ -133,3 +133,54 @@ fn link_reconnects_leak_no_threads_or_descriptors() {
     let q = qmp(&sec, "query-replication", json!({})).unwrap();
     assert_eq!(q["nbd"]["clients"], 1, "{q}");
 }
+
+/// A frontend that goes away while its request hangs in the disk (a read held 34 s by the
+/// fault layer, longer than the daemon's 30 s drain): the drain gives up, the next frontend
+/// is served, and the torn-down queue is kept only while the read is in the disk. Once it
+/// completes the queue is freed, and the daemon is back to its descriptors and threads (plus
+/// the one thread that reaps torn-down queues). Before, such a queue was leaked for good,
+/// with whatever its layers held for the request (on a secondary: a gate ticket that made
+/// every later checkpoint time out).
+#[test]
+fn a_queue_torn_down_under_a_hung_request_is_freed_when_the_request_completes() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("d.img").display().to_string();
+    let mut s = Server::start(
+        tempfile::tempdir().unwrap(),
+        &["--disk", &disk, "--size", "16M", "--num-queues", "1", "--x-fault-injection"],
+    );
+    let pid = s.child.id();
+    {
+        let mut fe = common::frontend::BlkFrontend::connect(&s.socket);
+        assert_eq!(fe.io(common::frontend::T_OUT, 0, &[5u8; 4096]).status, 0);
+    }
+    s.wait_log("frontend disconnected");
+    let (f0, t0) = settled(pid, 1);
+
+    qmp(&s, "x-inject-fault", json!({"op": "read", "offset": 0, "length": 4096, "count": 1, "delay-ms": 34000}))
+        .unwrap();
+    let mut fe = common::frontend::BlkFrontend::connect(&s.socket);
+    fe.queue(common::frontend::T_IN, 0, &[0u8; 4096]);
+    fe.kick();
+    s.wait_log("fault injection: Read");
+    drop(fe);
+    s.wait_log("in-flight requests did not finish after disconnect");
+    s.wait_log("requests still in flight at teardown");
+    // The next frontend is served while the old read still hangs.
+    {
+        let mut fe = common::frontend::BlkFrontend::connect(&s.socket);
+        assert_eq!(fe.io(common::frontend::T_OUT, 8, &[6u8; 4096]).status, 0);
+    }
+    s.wait_log("frontend disconnected");
+    s.wait_log("the requests left in flight at teardown completed");
+    let mut fe = common::frontend::BlkFrontend::connect(&s.socket);
+    let done = fe.io(common::frontend::T_IN, 0, &[0u8; 8192]);
+    assert_eq!(done.status, 0);
+    assert!(done.data[..4096].iter().all(|&b| b == 5) && done.data[4096..].iter().all(|&b| b == 6));
+    drop(fe);
+    s.wait_log("frontend disconnected");
+    let (f1, t1) = settled(pid, 1);
+    assert_eq!(f1, f0, "descriptors of the torn-down queue stayed behind");
+    assert_eq!(threads(pid, "colo-orphans"), 1);
+    assert_eq!(t1, t0 + 1, "threads other than the reaper stayed behind: {:?}", thread_names(pid));
+}

@@ -1,5 +1,6 @@
 //! Fault injection: a layer on top of the block stack that fails chosen operations with a
-//! chosen errno (EIO, ENOSPC, ...), as a failing disk would. Enabled only with
+//! chosen errno (EIO, ENOSPC, ...), as a failing disk would, or holds them for a while before
+//! they reach the disk, as a slow or hanging disk would. Enabled only with
 //! `--x-fault-injection`; rules are added over the control socket (`x-inject-fault`), so tests
 //! can make exactly one request fail and check that only that request fails, the daemon keeps
 //! serving and the error is counted.
@@ -7,6 +8,7 @@
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use super::{
     BlockDevice, BlockError, BlockQueue, Completion, IoEngineError, IoRequest, Op, Rejected, WorkerCompletions,
@@ -25,8 +27,7 @@ pub enum FaultOp {
     Discard,
     /// Everything above (not barriers).
     Any,
-    /// The secondary's COLO checkpoint barrier, after its flushes: failed with the errno, or
-    /// held for `delay` as a slow disk would hold it.
+    /// The secondary's COLO checkpoint barrier, after its flushes.
     Barrier,
 }
 
@@ -45,8 +46,9 @@ impl std::str::FromStr for FaultOp {
     }
 }
 
-/// One injected fault: operations of `op` overlapping [start, end) fail with `errno`, for
-/// the next `count` matches (None: until cleared).
+/// One injected fault: operations of `op` overlapping [start, end) fail with `errno` (or,
+/// with `delay`, are held that long and then done), for the next `count` matches (None:
+/// until cleared).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FaultRule {
     /// Matched operation kind.
@@ -59,17 +61,17 @@ pub struct FaultRule {
     pub errno: i32,
     /// Matches left.
     pub count: Option<u64>,
-    /// For [`FaultOp::Barrier`]: hold the barrier this long instead of failing it.
-    pub delay: Option<std::time::Duration>,
+    /// Hold the operation this long and then do it, instead of failing it.
+    pub delay: Option<Duration>,
 }
 
-/// What a rule does to a barrier.
+/// What a rule does to an operation or a barrier.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BarrierFault {
+pub enum FaultAction {
     /// Fail it with this errno.
     Fail(i32),
-    /// Hold it this long, then let it complete.
-    Delay(std::time::Duration),
+    /// Hold it this long, then let it proceed.
+    Delay(Duration),
 }
 
 /// Names of the errnos a rule may use.
@@ -129,23 +131,20 @@ impl FaultPlan {
 
     /// What a barrier rule does to the secondary's next barrier, if one matches (consuming
     /// one of its matches).
-    pub fn check_barrier(&self) -> Option<BarrierFault> {
+    pub fn check_barrier(&self) -> Option<FaultAction> {
         if !self.armed.load(Ordering::Acquire) {
             return None;
         }
         let mut rules = self.rules.lock().unwrap_or_else(|e| e.into_inner());
         let i = rules.iter().position(|r| r.op == FaultOp::Barrier)?;
-        let action = match rules[i].delay {
-            Some(d) => BarrierFault::Delay(d),
-            None => BarrierFault::Fail(rules[i].errno),
-        };
+        let action = rules[i].action();
         self.consume(&mut rules, i);
         log::warn!("fault injection: barrier {action:?}");
         Some(action)
     }
 
-    /// The errno `op` must fail with, if a rule matches (consuming one of its matches).
-    pub fn check(&self, op: &Op<'_>) -> Option<i32> {
+    /// What happens to `op`, if a rule matches (consuming one of its matches).
+    pub fn check(&self, op: &Op<'_>) -> Option<FaultAction> {
         if !self.armed.load(Ordering::Acquire) {
             return None;
         }
@@ -158,10 +157,19 @@ impl FaultPlan {
         let end = start.saturating_add(len.max(1));
         let mut rules = self.rules.lock().unwrap_or_else(|e| e.into_inner());
         let i = rules.iter().position(|r| (r.op == kind || r.op == FaultOp::Any) && r.start < end && start < r.end)?;
-        let errno = rules[i].errno;
+        let action = rules[i].action();
         self.consume(&mut rules, i);
-        log::warn!("fault injection: {kind:?} at {start}+{len} fails with errno {errno}");
-        Some(errno)
+        log::warn!("fault injection: {kind:?} at {start}+{len}: {action:?}");
+        Some(action)
+    }
+}
+
+impl FaultRule {
+    fn action(&self) -> FaultAction {
+        match self.delay {
+            Some(d) => FaultAction::Delay(d),
+            None => FaultAction::Fail(self.errno),
+        }
     }
 }
 
@@ -182,6 +190,8 @@ impl BlockDevice for FaultyDevice {
             inner: self.inner.open_queue(depth, completions)?,
             plan: self.plan.clone(),
             failed: Vec::new(),
+            held: Vec::new(),
+            worker: completions.clone(),
         }))
     }
     fn describe(&self) -> String {
@@ -195,20 +205,72 @@ struct FaultyQueue {
     /// Requests failed by a rule, handed out at the next reap (the worker reaps after every
     /// submit: the `BlockQueue` contract).
     failed: Vec<Completion>,
+    /// Requests a delay rule holds, with the time they go on to the disk.
+    held: Vec<(Instant, IoRequest)>,
+    /// Woken when a held request is due (a timer thread per held request: test only).
+    worker: Arc<WorkerCompletions>,
+}
+
+impl FaultyQueue {
+    /// Sends the held requests that are due on to the disk.
+    fn release_due(&mut self) {
+        if self.held.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let mut i = 0;
+        let mut pushed = false;
+        while i < self.held.len() {
+            if self.held[i].0 > now {
+                i += 1;
+                continue;
+            }
+            let (_, request) = self.held.swap_remove(i);
+            match self.inner.push(request) {
+                Ok(()) => pushed = true,
+                Err(rejected) => {
+                    let Rejected { error, request } = *rejected;
+                    log::warn!("fault injection: a delayed request could not be queued: {error}");
+                    self.failed.push(Completion { request, result: -libc::EIO });
+                }
+            }
+        }
+        if pushed && let Err(e) = self.inner.submit() {
+            log::warn!("fault injection: submitting delayed requests failed: {e}");
+        }
+    }
 }
 
 impl BlockQueue for FaultyQueue {
     fn push(&mut self, request: IoRequest) -> Result<(), Box<Rejected>> {
-        if let Some(errno) = self.plan.check(&request.op()) {
-            self.failed.push(Completion { request, result: -errno });
-            return Ok(());
+        match self.plan.check(&request.op()) {
+            None => self.inner.push(request),
+            Some(FaultAction::Fail(errno)) => {
+                self.failed.push(Completion { request, result: -errno });
+                Ok(())
+            }
+            Some(FaultAction::Delay(delay)) => {
+                self.held.push((Instant::now() + delay, request));
+                let worker = self.worker.clone();
+                let timer = std::thread::Builder::new().name("colo-fault-wait".into()).spawn(move || {
+                    std::thread::sleep(delay);
+                    worker.wake();
+                });
+                if let Err(e) = timer {
+                    log::warn!(
+                        "fault injection: no timer for a delayed request ({e}); it waits for the next completion"
+                    );
+                }
+                Ok(())
+            }
         }
-        self.inner.push(request)
     }
     fn submit(&mut self) -> Result<(), IoEngineError> {
         self.inner.submit()
     }
     fn reap(&mut self, out: &mut Vec<Completion>) {
+        // The worker reaps when woken, and a due request's timer wakes it.
+        self.release_due();
         self.inner.reap(out);
         out.append(&mut self.failed);
     }
@@ -235,15 +297,18 @@ mod tests {
         });
         assert_eq!(p.check(&w(0)), None);
         assert_eq!(p.check(&Op::Read { offset: 8192, iovecs: &iov }), None);
-        assert_eq!(p.check(&w(8192)), Some(libc::ENOSPC));
-        assert_eq!(p.check(&w(6144)), Some(libc::ENOSPC)); // overlaps
+        assert_eq!(p.check(&w(8192)), Some(FaultAction::Fail(libc::ENOSPC)));
+        assert_eq!(p.check(&w(6144)), Some(FaultAction::Fail(libc::ENOSPC))); // overlaps
         assert_eq!(p.check(&w(8192)), None); // count used up
+        let slow = Duration::from_millis(1500);
+        p.add(FaultRule { op: FaultOp::Read, start: 0, end: 512, errno: libc::EIO, count: Some(1), delay: Some(slow) });
+        assert_eq!(p.check(&Op::Read { offset: 0, iovecs: &iov }), Some(FaultAction::Delay(slow)));
         p.add(FaultRule { op: FaultOp::Any, start: 0, end: u64::MAX, errno: libc::EIO, count: None, delay: None });
-        assert_eq!(p.check(&Op::Flush), Some(libc::EIO));
-        assert_eq!(p.check(&Op::Flush), Some(libc::EIO));
+        assert_eq!(p.check(&Op::Flush), Some(FaultAction::Fail(libc::EIO)));
+        assert_eq!(p.check(&Op::Flush), Some(FaultAction::Fail(libc::EIO)));
         p.clear();
         assert_eq!(p.check(&Op::Flush), None);
-        assert_eq!(p.injected(), 4);
+        assert_eq!(p.injected(), 5);
         assert_eq!("write".parse::<FaultOp>(), Ok(FaultOp::Write));
         assert!(parse_errno("EPERM").is_err());
     }

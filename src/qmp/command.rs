@@ -201,8 +201,8 @@ impl Command {
                 };
                 let delay = match optional_u64(args, "delay-ms")? {
                     None => None,
-                    Some(_) if op != crate::block::fault::FaultOp::Barrier => {
-                        return Err(QmpError::Generic("Parameter 'delay-ms' is only for op barrier".into()));
+                    Some(_) if args.get("errno").is_some() => {
+                        return Err(QmpError::Generic("Parameters 'delay-ms' and 'errno' are exclusive".into()));
                     }
                     Some(ms) if ms > 600_000 => {
                         return Err(QmpError::Generic("Parameter 'delay-ms' must be at most 600000".into()));

@@ -5,6 +5,7 @@ pub mod backend;
 pub mod config;
 pub mod inflight;
 pub mod notify;
+pub mod orphans;
 pub mod proxy;
 pub mod request;
 pub mod shared;

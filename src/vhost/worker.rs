@@ -125,7 +125,7 @@ const POLL_MIN: Duration = Duration::from_micros(4);
 /// The state of one queue's worker.
 pub struct QueueWorker {
     index: usize,
-    /// Dropped only once nothing is in flight (see `Drop`).
+    /// Handed to the orphan reaper if anything is still in flight at teardown (see `Drop`).
     io: ManuallyDrop<Box<dyn BlockQueue>>,
     /// The eventfd every layer of `io` signals when something completes.
     done: Arc<WorkerCompletions>,
@@ -133,9 +133,9 @@ pub struct QueueWorker {
     mem: AtomicMem,
     stats: Arc<QueueStats>,
     drain: Arc<Drain>,
-    /// Hold the scratch buffers and guest memory that I/O in flight points into; dropped
-    /// only once nothing is in flight (see `Drop`).
-    slots: ManuallyDrop<Vec<Slot>>,
+    /// One per descriptor head: the state of the request that head started. The I/O itself
+    /// points only into memory its [`IoRequest`] owns.
+    slots: Vec<Slot>,
     completions: Vec<Completion>,
     pending_used: Vec<(u16, u32)>,
     /// Requests finished whose used entries are in `pending_used`, not yet published.
@@ -163,17 +163,18 @@ pub struct QueueWorker {
 impl Drop for QueueWorker {
     fn drop(&mut self) {
         let busy = self.slots.iter().filter(|s| s.busy).count();
+        // SAFETY: `io` is not used again: this is the worker's drop.
+        let io = unsafe { ManuallyDrop::take(&mut self.io) };
         if busy > 0 {
-            // The block layer may still write into these buffers and this guest memory
-            // (a drain that timed out): freeing them would be a use after free. They are
-            // leaked instead, with the queue that owns the operations.
-            log::error!("queue {}: {busy} requests still in flight at teardown; their memory is kept", self.index);
-            return;
-        }
-        // SAFETY: nothing is in flight, and neither field is used again.
-        unsafe {
-            ManuallyDrop::drop(&mut self.io);
-            ManuallyDrop::drop(&mut self.slots);
+            // The block stack still holds these requests (a drain that timed out): the kernel
+            // may still write into their memory, and a layer may hold resources for them.
+            // The queue is kept, and reaped elsewhere until they came back (orphans.rs).
+            let owed = self.slots.iter().filter(|s| s.busy).map(|s| s.pending as usize).sum();
+            log::error!(
+                "queue {}: {busy} requests still in flight at teardown; their queue is kept until they complete",
+                self.index
+            );
+            super::orphans::adopt(super::orphans::Orphan::new(self.index, io, self.done.clone(), owed));
         }
     }
 }
@@ -221,7 +222,7 @@ impl QueueWorker {
         stats: Arc<QueueStats>,
         drain: Arc<Drain>,
     ) -> Self {
-        let slots = ManuallyDrop::new((0..shared.cfg.queue_size).map(|_| Slot::default()).collect());
+        let slots = (0..shared.cfg.queue_size).map(|_| Slot::default()).collect();
         QueueWorker {
             index,
             io: ManuallyDrop::new(io),
@@ -856,16 +857,58 @@ mod tests {
         assert_eq!(st, virtio_bindings::virtio_blk::VIRTIO_BLK_S_IOERR as u8);
     }
 
+    /// A block queue that reports its drop on a channel, around a [`Held`].
+    struct HeldTracked(Held, std::sync::mpsc::Sender<()>);
+
+    impl Drop for HeldTracked {
+        fn drop(&mut self) {
+            let _ = self.1.send(());
+        }
+    }
+
+    impl BlockQueue for HeldTracked {
+        fn push(&mut self, request: IoRequest) -> Result<(), Box<Rejected>> {
+            self.0.push(request)
+        }
+        fn submit(&mut self) -> Result<(), IoEngineError> {
+            Ok(())
+        }
+        fn reap(&mut self, out: &mut Vec<Completion>) {
+            self.0.reap(out)
+        }
+    }
+
+    /// A worker torn down with a request in flight (a drain that timed out) neither frees the
+    /// block queue under the I/O nor keeps it forever: the queue lives until the request
+    /// completes, then goes, with the guest memory the request held.
     #[test]
-    fn teardown_keeps_the_queue_and_memory_of_requests_in_flight() {
-        let dropped = Arc::new(AtomicBool::new(false));
-        let mut w = worker(&dropped);
-        let mem: Arc<Mem> = Arc::new(GuestMemoryMmap::new());
-        w.slots[2].busy = true;
-        w.slots[2].mem = Some(mem.clone());
+    fn teardown_keeps_a_busy_queue_until_its_requests_complete() {
+        let held = Held::default();
+        let (tx, dropped) = std::sync::mpsc::channel();
+        let shared = Arc::new(Shared::new(cfg(), Arc::new(AtomicBool::new(false)), Duration::ZERO));
+        let mem: Arc<Mem> = Arc::new(Mem::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap());
+        let atomic = GuestMemoryAtomic::new((*mem).clone());
+        let done = WorkerCompletions::new().unwrap();
+        let mut w = QueueWorker::new(
+            0,
+            Box::new(HeldTracked(held.clone(), tx)),
+            done.clone(),
+            shared,
+            atomic,
+            Arc::new(QueueStats::default()),
+            Arc::new(Drain::default()),
+        );
+        let (chain, _) = write_chain(&mem, 0x10000, 8);
+        w.start(0, chain.into_iter(), &mem);
         drop(w);
-        assert!(!dropped.load(Ordering::SeqCst), "block queue freed under I/O in flight");
+        done.wake();
+        assert!(dropped.recv_timeout(Duration::from_millis(300)).is_err(), "block queue freed under I/O in flight");
         assert_eq!(Arc::strong_count(&mem), 2, "guest memory released under I/O in flight");
+
+        held.release(0);
+        done.wake();
+        dropped.recv_timeout(Duration::from_secs(10)).expect("the queue outlived its last request");
+        assert_eq!(Arc::strong_count(&mem), 1, "the finished request's guest memory is still held");
 
         let idle = Arc::new(AtomicBool::new(false));
         drop(worker(&idle));

@@ -131,8 +131,8 @@ impl Secondary {
         let plan = lock(&self.faults).clone();
         match plan.and_then(|p| p.check_barrier()) {
             // Test hooks (`--x-fault-injection`): a failing or a slow disk under the flushes.
-            Some(crate::block::fault::BarrierFault::Fail(errno)) => return Err(io::Error::from_raw_os_error(errno)),
-            Some(crate::block::fault::BarrierFault::Delay(d)) => std::thread::sleep(d),
+            Some(crate::block::fault::FaultAction::Fail(errno)) => return Err(io::Error::from_raw_os_error(errno)),
+            Some(crate::block::fault::FaultAction::Delay(d)) => std::thread::sleep(d),
             None => {}
         }
         let mut c = lock(&self.colo);
