@@ -10,7 +10,7 @@ use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -21,9 +21,9 @@ use imago::storage::drivers::CommonStorageHelper;
 use imago::{Storage, StorageOpenOptions};
 
 use crate::block::bounce::probe_memory_alignment;
-use crate::io::Op;
 use crate::io::aligned::AlignedBuf;
-use crate::io::sync::{fallocate_with_fallback, rw_all};
+use crate::io::sync::fallocate_with_fallback;
+use crate::io::{Buffers, Op};
 
 /// One file of an image chain (the qcow2 file itself, a backing image, an external data file).
 #[derive(Debug)]
@@ -124,10 +124,8 @@ impl ImageFile {
             return Ok(());
         }
         let start = last.max(current.div_ceil(a) * a);
-        let mut zeroes = AlignedBuf::zeroed((end.div_ceil(a) * a - start) as usize);
-        let iov = [libc::iovec { iov_base: zeroes.as_mut_ptr().cast(), iov_len: zeroes.len() }];
-        // SAFETY: `zeroes` lives until the call returns.
-        from_result(unsafe { rw_all(self.fd(), start, &iov, true, 0) })
+        let zeroes = Buffers::from_aligned(AlignedBuf::zeroed((end.div_ceil(a) * a - start) as usize));
+        from_result(zeroes.transfer(self.fd(), start, true, false))
     }
 
     /// Whether `O_DIRECT` takes the request as it is.
@@ -148,18 +146,12 @@ impl ImageFile {
         let mut done = 0usize;
         while done < buf.len() {
             let rest = &mut buf[done..];
-            // SAFETY: `rest` is a live, writable, aligned buffer; the offset stays aligned
-            // because a short read ends the loop.
-            let n =
-                unsafe { libc::pread(self.fd(), rest.as_mut_ptr().cast(), rest.len(), (start + done as u64) as i64) };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(e);
-            }
-            let n = n as usize;
+            // The offset stays aligned because a short read ends the loop.
+            let n = match self.file.read_at(rest, start + done as u64) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
             done += n;
             if n < rest.len() {
                 // End of file: the rest stays zero.
@@ -171,39 +163,32 @@ impl ImageFile {
 
     /// Reads an unaligned request through an aligned bounce buffer (imago's small header and
     /// metadata reads under `O_DIRECT`).
-    ///
-    /// # Safety
-    /// The iovecs must describe live, writable buffers.
-    unsafe fn read_bounced(&self, offset: u64, iovecs: &[libc::iovec]) -> io::Result<()> {
-        let len = crate::io::iovecs_len(iovecs);
-        let (start, buf) = self.read_span(offset, len)?;
-        let mut at = (offset - start) as usize;
-        for v in iovecs {
-            // SAFETY: the caller's buffer, writable for `iov_len` bytes.
-            unsafe { std::ptr::copy_nonoverlapping(buf[at..].as_ptr(), v.iov_base.cast::<u8>(), v.iov_len) };
-            at += v.iov_len;
-        }
+    fn read_bounced(&self, offset: u64, bufs: &mut Buffers) -> io::Result<()> {
+        let (start, buf) = self.read_span(offset, bufs.len())?;
+        bufs.copy_from(&buf[(offset - start) as usize..]);
         Ok(())
     }
 
     /// Writes an unaligned request by read-modify-write of the aligned span around it.
-    ///
-    /// # Safety
-    /// The iovecs must describe live buffers.
-    unsafe fn write_bounced(&self, offset: u64, iovecs: &[libc::iovec]) -> io::Result<()> {
+    fn write_bounced(&self, offset: u64, bufs: &Buffers) -> io::Result<()> {
         let _serial = self.rmw.lock().unwrap_or_else(|p| p.into_inner());
-        let len = crate::io::iovecs_len(iovecs);
-        let (start, mut buf) = self.read_span(offset, len)?;
-        let mut at = (offset - start) as usize;
-        for v in iovecs {
-            // SAFETY: the caller's buffer, readable for `iov_len` bytes.
-            unsafe { std::ptr::copy_nonoverlapping(v.iov_base.cast::<u8>(), buf[at..].as_mut_ptr(), v.iov_len) };
-            at += v.iov_len;
+        let (start, mut buf) = self.read_span(offset, bufs.len())?;
+        bufs.copy_to(&mut buf[(offset - start) as usize..]);
+        let end = start + buf.len() as u64;
+        from_result(Buffers::from_aligned(buf).transfer(self.fd(), start, true, false))?;
+        self.size.fetch_max(end, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// Reads `bufs` at `offset`; bytes past the end of the file read as zero (imago's contract
+    /// for storage reads).
+    fn read_filling(&self, offset: u64, bufs: &mut Buffers) -> io::Result<()> {
+        let total = bufs.len();
+        let inside = self.size.load(Ordering::Acquire).saturating_sub(offset).min(total);
+        if inside > 0 {
+            from_result(bufs.slice(0, inside).transfer(self.fd(), offset, false, false))?;
         }
-        let iov = [libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() }];
-        // SAFETY: `buf` lives until the call returns.
-        from_result(unsafe { rw_all(self.fd(), start, &iov, true, 0) })?;
-        self.size.fetch_max(start + buf.len() as u64, Ordering::AcqRel);
+        bufs.zero(inside, total - inside);
         Ok(())
     }
 }
@@ -216,31 +201,6 @@ impl fmt::Display for ImageFile {
 
 fn from_result(r: i32) -> io::Result<()> {
     if r < 0 { Err(io::Error::from_raw_os_error(-r)) } else { Ok(()) }
-}
-
-/// Reads the whole iovec list at `offset`; bytes past the end of the file read as zero (imago's
-/// contract for storage reads).
-///
-/// # Safety
-/// The iovecs must describe live, writable buffers.
-unsafe fn read_filling(fd: RawFd, offset: u64, iovecs: &[libc::iovec], file_size: u64) -> io::Result<()> {
-    let total = crate::io::iovecs_len(iovecs);
-    let inside = file_size.saturating_sub(offset).min(total);
-    if inside > 0 {
-        let mut part = Vec::new();
-        crate::io::slice_iovecs(iovecs, 0, inside, &mut part);
-        // SAFETY: forwarded contract; `part` lies inside the caller's buffers.
-        from_result(unsafe { rw_all(fd, offset, &part, false, 0) })?;
-    }
-    if inside < total {
-        let mut tail = Vec::new();
-        crate::io::slice_iovecs(iovecs, inside, total - inside, &mut tail);
-        for v in tail {
-            // SAFETY: the caller's buffer, writable for `iov_len` bytes.
-            unsafe { std::ptr::write_bytes(v.iov_base.cast::<u8>(), 0, v.iov_len) };
-        }
-    }
-    Ok(())
 }
 
 impl Storage for ImageFile {
@@ -272,15 +232,15 @@ impl Storage for ImageFile {
     }
 
     unsafe fn pure_readv(&self, bufv: IoVectorMut<'_>, offset: u64) -> io::Result<()> {
-        // SAFETY: imago hands us its live buffers; `as_iovec` is used only during this call.
-        let iovecs = unsafe { bufv.as_iovec() };
-        let past_end = offset + crate::io::iovecs_len(iovecs) > self.size.load(Ordering::Acquire);
-        if !self.aligned(offset, iovecs) || (self.align > 1 && past_end) {
-            // SAFETY: as above.
-            return unsafe { self.read_bounced(offset, iovecs) };
+        // SAFETY: imago lends us its live, writable buffers for the duration of this call (the
+        // trait's contract); the `Buffers` made of them is dropped before it returns, and
+        // imago touches them only after that.
+        let mut bufs = unsafe { Buffers::from_raw(bufv.as_iovec().to_vec(), None) };
+        let past_end = offset + bufs.len() > self.size.load(Ordering::Acquire);
+        if !self.aligned(offset, bufs.iovecs()) || (self.align > 1 && past_end) {
+            return self.read_bounced(offset, &mut bufs);
         }
-        // SAFETY: as above.
-        unsafe { read_filling(self.fd(), offset, iovecs, self.size.load(Ordering::Acquire)) }
+        self.read_filling(offset, &mut bufs)
     }
 
     unsafe fn pure_writev(&self, bufv: IoVector<'_>, offset: u64) -> io::Result<()> {
@@ -288,14 +248,14 @@ impl Storage for ImageFile {
             return Err(io::Error::new(io::ErrorKind::PermissionDenied, format!("{} is read-only", self)));
         }
         let len = bufv.len();
-        // SAFETY: imago hands us its live buffers; `as_iovec` is used only during this call.
-        let iovecs = unsafe { bufv.as_iovec() };
-        if !self.aligned(offset, iovecs) {
-            // SAFETY: as above.
-            return unsafe { self.write_bounced(offset, iovecs) };
+        // SAFETY: imago lends us its live buffers for the duration of this call (the trait's
+        // contract), and the `Buffers` made of them is dropped before it returns. They are
+        // the source of a write: only ever read through it (`transfer` with write, `copy_to`).
+        let bufs = unsafe { Buffers::from_raw(bufv.as_iovec().to_vec(), None) };
+        if !self.aligned(offset, bufs.iovecs()) {
+            return self.write_bounced(offset, &bufs);
         }
-        // SAFETY: as above (pwritev only reads the buffers).
-        from_result(unsafe { rw_all(self.fd(), offset, iovecs, true, 0) })?;
+        from_result(bufs.transfer(self.fd(), offset, true, false))?;
         self.size.fetch_max(offset + len, Ordering::AcqRel);
         Ok(())
     }
