@@ -32,7 +32,15 @@
 //! device restarts is stale: it is refused when it completes instead of becoming pending,
 //! where the next primary write would commit it and drop the running VM's writes.
 
-use super::*;
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use super::{Secondary, lock};
+use crate::replication::{ReplicationError, Stage};
 
 /// Barrier bookkeeping, shown by `query-replication`.
 #[derive(Debug, Default)]

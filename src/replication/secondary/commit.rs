@@ -16,8 +16,19 @@
 //! journaled as `Active` (after an active-buffer sync). A colo-blk started on a disk whose
 //! marker says `merging` replays the journal and resumes the commit (`resume_commit`).
 
-use super::journal::Record;
-use super::*;
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use super::journal::{CommitJournal, Record};
+use super::state::DiskState;
+use super::{MERGE_CHUNK, QUIESCE_TIMEOUT, SECTOR, Secondary, copy_sectors, lock};
+use crate::block::bitmap::SectorBitmap;
+use crate::replication::progress::JobClock;
+use crate::replication::{ReplicationError, Stage};
 
 /// Merged spans are journaled at least this often (a resumed merge redoes at most this much
 /// work) ...

@@ -1,6 +1,15 @@
 //! The QMP operations of the secondary: start, checkpoint, get-error, stop (failover), query.
 
-use super::*;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use serde_json::{Value, json};
+
+use super::colo::CommitTrigger;
+use super::state::DiskState;
+use super::{SECTOR, Secondary, lock};
+use crate::replication::{Mode, ReplicationControl, ReplicationError, Stage, StartArgs};
 
 /// The secondary's counters, reported by `query-replication`.
 #[derive(Debug, Default)]

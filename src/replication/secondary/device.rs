@@ -1,7 +1,18 @@
 //! The secondary VM's view: the block device behind vhost-user, its requests run on the pool.
 
-use super::*;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use super::overlay::Source;
+use super::{SECTOR, Secondary};
+use crate::block::{
+    BlockDevice, BlockError, BlockQueue, Buffers, Completion, IoEngineError, IoRequest, Lane, Op, OpKind, Rejected,
+    WorkerCompletions,
+};
 use crate::io::slab::Slab;
+use crate::replication::Stage;
 
 /// The block device the secondary VM's queues submit to.
 pub struct SecondaryDevice(pub Arc<Secondary>);
@@ -540,10 +551,13 @@ impl BlockQueue for SecondaryQueue {
 
 #[cfg(test)]
 mod tests {
+    use std::time::{Duration, Instant};
+
     use super::*;
     use crate::block::Buffers;
     use crate::nbd::server::NbdExport;
     use crate::replication::ReplicationControl;
+    use crate::replication::secondary::{SecondaryControl, SecondaryExport};
 
     /// A disk queue whose reads happen late: the bytes are read from the file only when the
     /// completion is reaped, as a slow device would, so a test can let a primary write land

@@ -1,6 +1,12 @@
 //! The primary's view: the NBD export of the secondary disk, with copy-before-write.
 
-use super::*;
+use std::io;
+use std::sync::Arc;
+
+use super::{Secondary, result};
+use crate::block::Op;
+use crate::nbd::NbdExport;
+use crate::replication::Stage;
 
 /// The NBD export (wraps the shared state).
 pub struct SecondaryExport(pub Arc<Secondary>);

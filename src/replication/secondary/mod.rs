@@ -22,28 +22,22 @@
 //! (the primary's NBD export), `control.rs`.
 
 use std::io;
-use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use super::gate::Gate;
 use super::generation::Generations;
 use super::pool::Pool;
-use super::progress::JobClock;
 use super::role::{Announce, RoleState};
-use super::{EventSink, Mode, ReplicationControl, ReplicationError, Stage, StartArgs};
-use crate::block::bitmap::SectorBitmap;
+use super::{EventSink, ReplicationError, Stage};
 use crate::block::image::ImageData;
 use crate::block::range_lock::RangeLock;
-use crate::block::{
-    BlockDevice, BlockError, BlockQueue, Buffers, Completion, IoEngineError, IoRequest, Lane, Op, OpKind, Rejected,
-    WorkerCompletions,
-};
-use crate::nbd::{NbdExport, NbdServer};
+use crate::block::{BlockDevice, BlockError, Buffers, IoEngineError, IoRequest, Op, OpKind};
+use crate::nbd::NbdServer;
 use colo::ColoBarriers;
 use commit::FailoverCommit;
 use control::SecondaryStats;

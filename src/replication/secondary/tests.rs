@@ -1,8 +1,11 @@
 //! Unit tests of the secondary's locking and checkpoint.
 use super::*;
 use crate::block::raw::{EngineKind, RawDisk, RawOptions};
+use crate::nbd::NbdExport;
+use crate::replication::{Mode, ReplicationControl, StartArgs};
 use std::path::Path;
 use std::sync::mpsc;
+use std::time::Duration;
 
 /// A started secondary on a disk of `size` bytes of 0x11 in `dir`.
 pub(super) fn secondary(dir: &Path, size: u64) -> Arc<Secondary> {
