@@ -32,7 +32,15 @@
 //! device restarts is stale: it is refused when it completes instead of becoming pending,
 //! where the next primary write would commit it and drop the running VM's writes.
 
-use super::*;
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use super::{Secondary, lock};
+use crate::replication::{ReplicationError, Stage};
 
 /// Barrier bookkeeping, shown by `query-replication`.
 #[derive(Debug, Default)]
@@ -61,6 +69,57 @@ pub(super) struct ColoState {
     /// A failover came in the load window: the next device start decides the pending
     /// barrier (see the module comment).
     failover_deferred: bool,
+}
+
+/// The secondary's COLO checkpoint barriers: the bookkeeping, how the write path learns that
+/// one is pending, and what a failover waits for.
+#[derive(Debug, Default)]
+pub(super) struct ColoBarriers {
+    /// Barrier bookkeeping (shown by `query-replication`).
+    pub(super) state: Mutex<ColoState>,
+    /// Signalled when a failover's deferred checkpoint decision is made.
+    pub(super) decided: Condvar,
+    /// Fast check for the write path: a barrier waits for its commit.
+    pub(super) barrier_pending: AtomicBool,
+    /// Primary writes applied while running (a device start after some, with no barrier in
+    /// between, loaded a checkpoint whose barrier was lost; see `colo_device_started`).
+    pub(super) primary_writes: AtomicU64,
+    /// `--x-fault-injection`: barrier rules (see `colo_barrier`).
+    pub(super) faults: Mutex<Option<Arc<crate::block::fault::FaultPlan>>>,
+}
+
+impl ColoBarriers {
+    /// The highest barrier number received so far (0: none).
+    pub(super) fn last_barrier(&self) -> u64 {
+        lock(&self.state).last_number
+    }
+
+    /// At a failover (callers hold `ops`, the stage is still running): whether the pending
+    /// barrier's fate must wait for the device's next start (the load window). If so, it
+    /// is marked deferred and stays pending.
+    pub(super) fn defer_for_load(&self) -> Option<u64> {
+        let mut c = lock(&self.state);
+        match c.pending {
+            Some(seq) if c.device_stopped => {
+                c.failover_deferred = true;
+                Some(seq)
+            }
+            _ => None,
+        }
+    }
+
+    /// The barrier part of `query-replication`.
+    pub(super) fn query(&self) -> Value {
+        let c = lock(&self.state);
+        json!({
+            "barriers": c.barriers,
+            "last-barrier-number": c.last_number,
+            "pending-barrier": c.pending,
+            "commits": c.commits,
+            "last-commit": c.last.map(|(b, t, us)| json!({"barrier": b, "trigger": t, "duration-us": us})),
+            "failover-awaits-load": c.failover_deferred,
+        })
+    }
 }
 
 /// How long a failover in the load window waits for the secondary VM's device to restart
@@ -110,7 +169,7 @@ impl Secondary {
             // Numbers only grow (a restarted primary learns the last one when it connects):
             // an older or repeated number is a replayed or stale barrier, and a relayed
             // `replication-checkpoint {"barrier": N}` must never name two checkpoints.
-            let mut c = lock(&self.colo);
+            let mut c = lock(&self.colo.state);
             if seq <= c.last_number {
                 let last = c.last_number;
                 drop(c);
@@ -121,28 +180,29 @@ impl Secondary {
             c.last_number = seq;
         }
         self.commit_pending(CommitTrigger::NextBarrier, None).map_err(io::Error::other)?;
-        let starts = lock(&self.colo).device_starts;
+        let starts = lock(&self.colo.state).device_starts;
         // The ticket is held until the barrier is pending: a stop or failover quiesces the
         // gate first, so it either sees this barrier pending (and discards it) or the barrier
         // runs after it and finds the new stage.
         let _t = self.gate.enter();
-        self.hidden.sync_data()?;
+        self.overlay.hidden.file.sync_data()?;
         self.file.sync_data()?;
-        let plan = lock(&self.faults).clone();
+        let plan = lock(&self.colo.faults).clone();
         match plan.and_then(|p| p.check_barrier()) {
             // Test hooks (`--x-fault-injection`): a failing or a slow disk under the flushes.
             Some(crate::block::fault::FaultAction::Fail(errno)) => return Err(io::Error::from_raw_os_error(errno)),
             Some(crate::block::fault::FaultAction::Delay(d)) => std::thread::sleep(d),
             None => {}
         }
-        let mut c = lock(&self.colo);
+        let mut c = lock(&self.colo.state);
         if c.device_starts != starts {
             drop(c);
             // The secondary VM already restarted (it loaded a checkpoint the primary sent
             // without waiting for this barrier): committing it now would drop its writes.
             log::error!("checkpoint barrier {seq} completed after the secondary VM restarted: refused");
             self.emit("COLO_BARRIER_DISCARDED", json!({"barrier": seq}));
-            self.mark_inconsistent(format!("checkpoint barrier {seq} arrived after the secondary VM restarted"));
+            self.consistency
+                .mark_inconsistent(format!("checkpoint barrier {seq} arrived after the secondary VM restarted"));
             return Err(io::Error::other("stale checkpoint barrier"));
         }
         if self.stage() != Stage::Running {
@@ -152,7 +212,7 @@ impl Secondary {
         }
         c.pending = Some(seq);
         c.barriers += 1;
-        self.barrier_pending.store(true, Ordering::Release);
+        self.colo.barrier_pending.store(true, Ordering::Release);
         drop(c);
         log::info!("checkpoint barrier {seq} from the primary: pending until the secondary VM resumes");
         self.emit("COLO_BARRIER", json!({"barrier": seq}));
@@ -163,11 +223,11 @@ impl Secondary {
     /// is given, if it is that barrier. Returns the committed barrier; on failure the barrier
     /// stays pending and the error is returned (and recorded for get-error).
     pub fn commit_pending(&self, trigger: CommitTrigger, only: Option<u64>) -> Result<Option<u64>, ReplicationError> {
-        if !self.barrier_pending.load(Ordering::Acquire) {
+        if !self.colo.barrier_pending.load(Ordering::Acquire) {
             return Ok(None);
         }
         let _op = lock(&self.ops);
-        let seq = match (lock(&self.colo).pending, only) {
+        let seq = match (lock(&self.colo.state).pending, only) {
             (Some(p), Some(o)) if p != o => return Ok(None),
             (None, _) => return Ok(None),
             (Some(p), _) => p,
@@ -182,12 +242,12 @@ impl Secondary {
     fn commit_barrier(&self, seq: u64, trigger: CommitTrigger) -> Result<Option<u64>, ReplicationError> {
         match self.checkpoint_locked() {
             Ok(us) => {
-                let mut c = lock(&self.colo);
+                let mut c = lock(&self.colo.state);
                 c.commits += 1;
                 c.committed_since_start = true;
                 c.last = Some((seq, trigger.name(), us));
                 c.pending = None;
-                self.barrier_pending.store(false, Ordering::Release);
+                self.colo.barrier_pending.store(false, Ordering::Release);
                 drop(c);
                 log::info!("checkpoint {seq} committed ({}, {:.1} ms)", trigger.name(), us as f64 / 1000.0);
                 self.emit("COLO_CHECKPOINT", json!({"barrier": seq, "trigger": trigger.name(), "duration-us": us}));
@@ -199,29 +259,24 @@ impl Secondary {
                 // drop the writes the VM makes meanwhile — and refuse failover until the next
                 // checkpoint commits.
                 log::error!("checkpoint {seq} could not be committed: {e}");
-                lock(&self.colo).pending = None;
-                self.barrier_pending.store(false, Ordering::Release);
-                self.mark_inconsistent(format!("checkpoint {seq} could not be committed ({e})"));
+                lock(&self.colo.state).pending = None;
+                self.colo.barrier_pending.store(false, Ordering::Release);
+                self.consistency.mark_inconsistent(format!("checkpoint {seq} could not be committed ({e})"));
                 Err(e)
             }
         }
     }
 
-    /// The highest barrier number received so far (0: none).
-    pub(super) fn colo_last_barrier(&self) -> u64 {
-        lock(&self.colo).last_number
-    }
-
     /// The secondary VM's device stopped (a queue's GET_VRING_BASE, or the frontend left).
     pub fn colo_device_stopped(&self) {
-        lock(&self.colo).device_stopped = true;
+        lock(&self.colo.state).device_stopped = true;
     }
 
     /// The secondary VM's device is (re)starting; `logging`: with dirty logging on. Settles a
     /// failover's deferred checkpoint decision first.
     pub fn colo_frontend_starting(&self, logging: bool) {
         let deferred = {
-            let mut c = lock(&self.colo);
+            let mut c = lock(&self.colo.state);
             c.device_stopped = false;
             std::mem::take(&mut c.failover_deferred)
         };
@@ -232,29 +287,16 @@ impl Secondary {
         }
     }
 
-    /// At a failover (callers hold `ops`, the stage is still running): whether the pending
-    /// barrier's fate must wait for the device's next start (the load window). If so, it
-    /// is marked deferred and stays pending.
-    pub(super) fn defer_for_load(&self) -> Option<u64> {
-        let mut c = lock(&self.colo);
-        match c.pending {
-            Some(seq) if c.device_stopped => {
-                c.failover_deferred = true;
-                Some(seq)
-            }
-            _ => None,
-        }
-    }
-
     /// The failover commit thread: waits until a deferred decision is made, at most
     /// [`LOAD_DECISION_TIMEOUT`]; then (or at once if nothing was deferred) returns.
     pub(super) fn await_load_decision(&self) {
-        let c = lock(&self.colo);
+        let c = lock(&self.colo.state);
         if !c.failover_deferred {
             return;
         }
         let (mut c, _) = self
-            .colo_decided
+            .colo
+            .decided
             .wait_timeout_while(c, LOAD_DECISION_TIMEOUT, |c| c.failover_deferred)
             .unwrap_or_else(|e| e.into_inner());
         if std::mem::take(&mut c.failover_deferred) {
@@ -272,20 +314,19 @@ impl Secondary {
     /// back the previous checkpoint plus the VM's writes).
     fn settle_deferred(&self, loaded: bool) {
         let _op = lock(&self.ops);
-        let seq = lock(&self.colo).pending;
+        let seq = lock(&self.colo.state).pending;
         match seq {
             Some(seq) if loaded => {
                 // The NBD server is closed and the device stopped: nothing writes. The disk
                 // holds every primary write up to the barrier, which is checkpoint `seq`.
                 let t0 = Instant::now();
-                self.reclaimer.free_bits(self.saved_map.take_all());
-                self.reclaimer.free_bits(self.active_map.take_all());
+                self.overlay.clear_maps();
                 let us = u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX);
-                let mut c = lock(&self.colo);
+                let mut c = lock(&self.colo.state);
                 c.commits += 1;
                 c.last = Some((seq, CommitTrigger::DeviceStart.name(), us));
                 c.pending = None;
-                self.barrier_pending.store(false, Ordering::Release);
+                self.colo.barrier_pending.store(false, Ordering::Release);
                 drop(c);
                 log::info!("checkpoint {seq} committed at the failover's device start: the VM loaded it");
                 self.emit(
@@ -295,7 +336,7 @@ impl Secondary {
             }
             _ => self.discard_pending(true),
         }
-        self.colo_decided.notify_all();
+        self.colo.decided.notify_all();
     }
 
     /// The secondary VM's device (re)started with dirty logging on: QEMU loaded a checkpoint
@@ -306,9 +347,9 @@ impl Secondary {
     /// so the secondary is marked inconsistent. (A lost barrier in an epoch where only the
     /// secondary VM wrote is not detected: its writes stay in active.)
     pub fn colo_device_started(&self) {
-        let writes = self.primary_writes.load(Ordering::Acquire);
+        let writes = self.colo.primary_writes.load(Ordering::Acquire);
         let (pending, committed, seen, wrote) = {
-            let mut c = lock(&self.colo);
+            let mut c = lock(&self.colo.state);
             c.device_starts += 1;
             let wrote = writes != std::mem::replace(&mut c.writes_at_start, writes);
             (c.pending.is_some(), std::mem::take(&mut c.committed_since_start), c.barriers > 0, wrote)
@@ -316,11 +357,11 @@ impl Secondary {
         if pending {
             // A failure is logged and recorded; the VM restarts on the uncommitted buffers.
             let _ = self.commit_pending(CommitTrigger::DeviceStart, None);
-            let mut c = lock(&self.colo);
+            let mut c = lock(&self.colo.state);
             c.committed_since_start = false;
-            c.writes_at_start = self.primary_writes.load(Ordering::Acquire);
+            c.writes_at_start = self.colo.primary_writes.load(Ordering::Acquire);
         } else if seen && !committed && wrote && self.stage() == Stage::Running {
-            self.mark_inconsistent(
+            self.consistency.mark_inconsistent(
                 "the secondary VM loaded a checkpoint whose barrier never arrived (failed or lost on the \
                  primary)"
                     .into(),
@@ -328,36 +369,15 @@ impl Secondary {
         }
     }
 
-    /// The disk no longer matches the secondary VM's checkpoint: refuse failover until a
-    /// checkpoint commits (`checkpoint_locked` clears it).
-    pub(super) fn mark_inconsistent(&self, why: String) {
-        log::error!("secondary disk not consistent: {why}; failover is refused until the next checkpoint");
-        *lock(&self.unclean_why) = why;
-        self.unclean.store(true, Ordering::Release);
-    }
-
     /// Forgets a pending barrier without committing it. Callers hold `ops`. `kept`: the
     /// buffers stay as they are (failover, stop), which is worth an event; otherwise they
     /// are about to be emptied anyway (an explicit checkpoint).
     pub(super) fn discard_pending(&self, kept: bool) {
-        let seq = lock(&self.colo).pending.take();
-        self.barrier_pending.store(false, Ordering::Release);
+        let seq = lock(&self.colo.state).pending.take();
+        self.colo.barrier_pending.store(false, Ordering::Release);
         if let (Some(seq), true) = (seq, kept) {
             log::warn!("checkpoint barrier {seq} was never committed: the buffers are kept");
             self.emit("COLO_BARRIER_DISCARDED", json!({"barrier": seq}));
         }
-    }
-
-    /// The barrier part of `query-replication`.
-    pub(super) fn colo_query(&self) -> Value {
-        let c = lock(&self.colo);
-        json!({
-            "barriers": c.barriers,
-            "last-barrier-number": c.last_number,
-            "pending-barrier": c.pending,
-            "commits": c.commits,
-            "last-commit": c.last.map(|(b, t, us)| json!({"barrier": b, "trigger": t, "duration-us": us})),
-            "failover-awaits-load": c.failover_deferred,
-        })
     }
 }

@@ -1,6 +1,43 @@
 //! The QMP operations of the secondary: start, checkpoint, get-error, stop (failover), query.
 
-use super::*;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use serde_json::{Value, json};
+
+use super::colo::CommitTrigger;
+use super::state::DiskState;
+use super::{SECTOR, Secondary, lock};
+use crate::replication::{Mode, ReplicationControl, ReplicationError, Stage, StartArgs};
+
+/// The secondary's counters, reported by `query-replication`.
+#[derive(Debug, Default)]
+pub(super) struct SecondaryStats {
+    /// Bytes the primary's writes saved from the disk into the hidden buffer.
+    pub(super) cow_bytes: AtomicU64,
+    /// VM reads sent straight to the disk's queue, and those redone on the buffer path
+    /// because a primary write or a checkpoint overlapped them (see `direct_read_start`).
+    pub(super) direct_reads: AtomicU64,
+    pub(super) direct_retries: AtomicU64,
+    /// VM writes done on a worker's ring on the active buffer.
+    pub(super) vm_ring_writes: AtomicU64,
+    /// Checkpoints taken (buffers emptied, successfully or not).
+    pub(super) checkpoints: AtomicU64,
+    /// How long the last checkpoint took (µs).
+    pub(super) last_checkpoint_us: AtomicU64,
+}
+
+impl SecondaryStats {
+    /// Counts a direct (or split) VM read at completion: answered as read, or redone.
+    pub(super) fn count_direct(&self, valid: bool) {
+        if valid {
+            self.direct_reads.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.direct_retries.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
 
 /// Runs a control operation on the secondary (held by the daemon as `Arc<Secondary>`).
 pub struct SecondaryControl(pub Arc<Secondary>);
@@ -21,11 +58,11 @@ impl ReplicationControl for SecondaryControl {
         }
         s.check_lengths()?;
         let closed = s.quiesce()?;
-        s.empty_buffers().map_err(ReplicationError::EmptyBuffers)?;
+        s.overlay.empty(s.size).map_err(ReplicationError::EmptyBuffers)?;
         // The marker last: a start that fails before this point leaves the disk as it was
         // (stage none, no primary write applied under copy-before-write), so it must not be
         // flagged as stopped while replicating.
-        s.state.write(DiskState::Replicating).map_err(ReplicationError::RecordState)?;
+        s.consistency.state.write(DiskState::Replicating).map_err(ReplicationError::RecordState)?;
         s.role.clear_error();
         s.set_stage(Stage::Running);
         drop(closed);
@@ -74,8 +111,8 @@ impl ReplicationControl for SecondaryControl {
             Stage::None | Stage::FailoverFailed => return Err(ReplicationError::NotRunning),
             Stage::Running => {}
         }
-        if failover && s.unclean.load(Ordering::Acquire) {
-            return Err(ReplicationError::Inconsistent(lock(&s.unclean_why).clone()));
+        if failover && s.consistency.unclean.load(Ordering::Acquire) {
+            return Err(ReplicationError::Inconsistent(lock(&s.consistency.unclean_why).clone()));
         }
         // Quiesce first: if it times out nothing has changed (stage running, the NBD server
         // still serving the primary) and the stop can simply be retried. Once it succeeded no
@@ -86,12 +123,13 @@ impl ReplicationControl for SecondaryControl {
         s.close_nbd();
         if failover {
             // From here the VM's writes reach the disk: its data leaves the primary's history.
-            s.adopted.store(0, Ordering::Release);
-            s.gens
+            s.consistency.adopted.store(0, Ordering::Release);
+            s.consistency
+                .gens
                 .rotate("failover: the secondary VM's writes go to the disk")
                 .map_err(ReplicationError::RecordFailover)?;
         }
-        let deferred = match failover.then(|| s.defer_for_load()).flatten() {
+        let deferred = match failover.then(|| s.colo.defer_for_load()).flatten() {
             Some(seq) => {
                 log::warn!(
                     "failover while the secondary VM loads checkpoint {seq}: its barrier is decided at the device's restart"
@@ -106,8 +144,8 @@ impl ReplicationControl for SecondaryControl {
         if !failover {
             // QEMU's version of this path fails and keeps the buffers (spec §3.5); the
             // documented intent is to drop them and stop, which is what happens here.
-            s.empty_buffers().map_err(ReplicationError::EmptyBuffers)?;
-            s.state.write(DiskState::Clean).map_err(ReplicationError::RecordState)?;
+            s.overlay.empty(s.size).map_err(ReplicationError::EmptyBuffers)?;
+            s.consistency.state.write(DiskState::Clean).map_err(ReplicationError::RecordState)?;
             s.set_stage(Stage::Done);
             return Ok(());
         }
@@ -117,8 +155,7 @@ impl ReplicationControl for SecondaryControl {
             // deferred failover journals once the load decision settled them (commit.rs).
             s.begin_commit_journal().map_err(ReplicationError::RecordCommit)?;
         }
-        s.merging.store(true, Ordering::Release);
-        s.merge_clock.start(0);
+        s.commit.start(0);
         s.set_stage(Stage::Failover);
         drop(closed);
         s.spawn_failover(inject_commit_error)
@@ -132,27 +169,19 @@ impl ReplicationControl for SecondaryControl {
             "stage": s.stage().name(),
             "error": s.role.error(),
             "error-time": s.role.error_time(),
-            "active-dirty-bytes": s.active_map.count_all() * SECTOR,
-            "hidden-dirty-bytes": s.saved_map.count_all() * SECTOR,
-            "cow-bytes": s.cow_bytes.load(Ordering::Relaxed),
-            "vm-direct-reads": s.direct_reads.load(Ordering::Relaxed),
-            "vm-direct-retries": s.direct_retries.load(Ordering::Relaxed),
-            "vm-ring-writes": s.vm_ring_writes.load(Ordering::Relaxed),
-            "checkpoints": s.checkpoints.load(Ordering::Relaxed),
-            "last-checkpoint-us": s.last_checkpoint_us.load(Ordering::Relaxed),
-            "colo": s.colo_query(),
-            "disk-consistent": !s.unclean.load(Ordering::Acquire),
-            "generation": s.gens.json(),
-            "state-file": s.state.path().display().to_string(),
-            "commit": {
-                "active": s.merging.load(Ordering::Acquire),
-                "total-bytes": s.merge_total.load(Ordering::Relaxed),
-                "done-bytes": s.merge_done.load(Ordering::Relaxed),
-                "progress": s.merge_clock.json(
-                    s.merge_done.load(Ordering::Relaxed),
-                    s.merge_total.load(Ordering::Relaxed).saturating_sub(s.merge_done.load(Ordering::Relaxed)),
-                ),
-            },
+            "active-dirty-bytes": s.overlay.active_map.count_all() * SECTOR,
+            "hidden-dirty-bytes": s.overlay.saved_map.count_all() * SECTOR,
+            "cow-bytes": s.stats.cow_bytes.load(Ordering::Relaxed),
+            "vm-direct-reads": s.stats.direct_reads.load(Ordering::Relaxed),
+            "vm-direct-retries": s.stats.direct_retries.load(Ordering::Relaxed),
+            "vm-ring-writes": s.stats.vm_ring_writes.load(Ordering::Relaxed),
+            "checkpoints": s.stats.checkpoints.load(Ordering::Relaxed),
+            "last-checkpoint-us": s.stats.last_checkpoint_us.load(Ordering::Relaxed),
+            "colo": s.colo.query(),
+            "disk-consistent": !s.consistency.unclean.load(Ordering::Acquire),
+            "generation": s.consistency.gens.json(),
+            "state-file": s.consistency.state.path().display().to_string(),
+            "commit": s.commit.query(),
             "nbd": nbd.map(|n| json!({
                 "clients": n.clients.load(Ordering::Relaxed),
                 "writes": n.writes.load(Ordering::Relaxed),
@@ -161,8 +190,8 @@ impl ReplicationControl for SecondaryControl {
                 "bad-clients": n.bad_clients.load(Ordering::Relaxed),
                 "refused": n.refused.load(Ordering::Relaxed),
             })),
-            "active": s.files.active.display().to_string(),
-            "hidden": s.files.hidden.display().to_string(),
+            "active": s.overlay.files.active.display().to_string(),
+            "hidden": s.overlay.files.hidden.display().to_string(),
         })
     }
 }
@@ -173,13 +202,13 @@ impl Secondary {
     pub(super) fn checkpoint_locked(&self) -> Result<u64, ReplicationError> {
         let t0 = Instant::now();
         let closed = self.quiesce()?;
-        let dirty = (self.active_map.count_all(), self.saved_map.count_all());
-        let r = self.empty_buffers();
+        let dirty = (self.overlay.active_map.count_all(), self.overlay.saved_map.count_all());
+        let r = self.overlay.empty(self.size);
         drop(closed);
         let us = u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX);
-        self.last_checkpoint_us.store(us, Ordering::Relaxed);
-        self.checkpoints.fetch_add(1, Ordering::Relaxed);
-        if r.is_ok() && self.unclean.swap(false, Ordering::AcqRel) {
+        self.stats.last_checkpoint_us.store(us, Ordering::Relaxed);
+        self.stats.checkpoints.fetch_add(1, Ordering::Relaxed);
+        if r.is_ok() && self.consistency.unclean.swap(false, Ordering::AcqRel) {
             log::info!("checkpoint passed: the secondary disk is consistent again");
         }
         match r {

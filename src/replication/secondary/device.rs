@@ -1,7 +1,18 @@
 //! The secondary VM's view: the block device behind vhost-user, its requests run on the pool.
 
-use super::*;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use super::overlay::Source;
+use super::{SECTOR, Secondary};
+use crate::block::{
+    BlockDevice, BlockError, BlockQueue, Buffers, Completion, IoEngineError, IoRequest, Lane, Op, OpKind, Rejected,
+    WorkerCompletions,
+};
 use crate::io::slab::Slab;
+use crate::replication::Stage;
 
 /// The block device the secondary VM's queues submit to.
 pub struct SecondaryDevice(pub Arc<Secondary>);
@@ -17,12 +28,12 @@ impl BlockDevice for SecondaryDevice {
         let inner = self.0.disk.open_queue(depth, completions)?;
         // Read before the ring registers the buffers' current files: a checkpoint replacing
         // them in between then forces a re-registration at first use.
-        let active_swaps = self.0.active_swaps();
+        let active_swaps = self.0.overlay.active_swaps();
         // One ring per worker for the direct paths: the active buffer (the VM's writes, reads
         // of sectors it wrote) and, when the disk is a raw file on io_uring, the disk too
         // (reads of sectors in neither buffer), signalling the worker's completions like
         // every other ring. Without io_uring those requests take the buffer path.
-        let mut files = vec![self.0.active.clone(), self.0.hidden.clone()];
+        let mut files = vec![self.0.overlay.active.file.clone(), self.0.overlay.hidden.file.clone()];
         let disk_file = self.0.disk.ring_file();
         if let Some(f) = &disk_file {
             files.push(f.clone());
@@ -58,8 +69,8 @@ impl BlockDevice for SecondaryDevice {
         format!(
             "{} (secondary; active {}, hidden {})",
             self.0.disk.describe(),
-            self.0.files.active.display(),
-            self.0.files.hidden.display()
+            self.0.overlay.files.active.display(),
+            self.0.overlay.files.hidden.display()
         )
     }
 }
@@ -82,11 +93,11 @@ struct SecondaryQueue {
     /// Whether the ring's buffer entries may be used (false once re-registering them after a
     /// checkpoint failed: buffer requests then take the pool, the disk stays on the ring).
     buffers_in_ring: bool,
-    /// [`Secondary::active_swaps`] when the ring last registered the active descriptor.
+    /// [`Overlay::active_swaps`] when the ring last registered the active descriptor.
     active_swaps: u64,
     /// Requests pushed to the disk's queue or the active ring, by the token they carry there.
     entries: Slab<Entry>,
-    /// Direct active-buffer requests done inline (`Secondary::active_inline`), not reaped yet.
+    /// Direct buffer requests done inline (`BufferFile::inline`), not reaped yet.
     inline: Vec<Completion>,
     /// Submitters' requests finished inside `push`, handed out at the next reap.
     ready: Vec<Completion>,
@@ -216,7 +227,7 @@ impl SecondaryQueue {
     /// Makes the active ring's file entry name the active buffer's current file (a
     /// checkpoint may have swapped it for a fresh one); false if that failed.
     fn active_ring_current(&mut self) -> bool {
-        let swaps = self.sec.active_swaps();
+        let swaps = self.sec.overlay.active_swaps();
         let Some(ring) = &mut self.active_ring else { return false };
         if !self.buffers_in_ring {
             return false;
@@ -225,8 +236,8 @@ impl SecondaryQueue {
             return true;
         }
         match ring
-            .replace_file(ACTIVE, self.sec.active.clone())
-            .and_then(|()| ring.replace_file(HIDDEN, self.sec.hidden.clone()))
+            .replace_file(ACTIVE, self.sec.overlay.active.file.clone())
+            .and_then(|()| ring.replace_file(HIDDEN, self.sec.overlay.hidden.file.clone()))
         {
             Ok(()) => {
                 self.active_swaps = swaps;
@@ -255,12 +266,12 @@ impl SecondaryQueue {
     /// Sends `request` (carrying this queue's token) to `target`.
     fn send(&mut self, request: IoRequest, target: Target) -> Result<(), Box<Rejected>> {
         let inline = match target {
-            Target::Active => self.sec.active_inline.then(|| self.sec.active.as_raw_fd()),
-            Target::Hidden => self.sec.hidden_inline.then(|| self.sec.hidden.as_raw_fd()),
+            Target::Active => self.sec.overlay.active.inline.then(|| self.sec.overlay.active.file.as_raw_fd()),
+            Target::Hidden => self.sec.overlay.hidden.inline.then(|| self.sec.overlay.hidden.file.as_raw_fd()),
             Target::DiskQueue | Target::DiskRing => None,
         };
         if let Some(fd) = inline {
-            // A memory copy on this file system (see `Secondary::active_inline`); handed out by
+            // A memory copy on this file system (see `BufferFile::inline`); handed out by
             // the reap that follows every submit, through the same checks.
             let result = match request.kind {
                 OpKind::Read { offset } => request.bufs.transfer(fd, offset, false, false),
@@ -398,9 +409,9 @@ impl BlockQueue for SecondaryQueue {
             // data), a metadata operation done here like the engines do; under the ticket, so
             // a checkpoint empties these sectors with the rest.
             let (s0, s1) = Secondary::sectors(offset, len);
-            let result = self.sec.active_data.zero(&Op::WriteZeroes { offset, len, unmap: true });
+            let result = self.sec.overlay.active.data.zero(&Op::WriteZeroes { offset, len, unmap: true });
             if result >= 0 {
-                self.sec.active_map.set(s0, s1);
+                self.sec.overlay.active_map.set(s0, s1);
             }
             drop(ticket);
             self.ready.push(Completion { request, result });
@@ -501,8 +512,8 @@ impl BlockQueue for SecondaryQueue {
                     if c.result >= 0 {
                         // In the map before the ticket is released: a checkpoint that follows
                         // empties these sectors with the rest.
-                        self.sec.active_map.set(s0, s1);
-                        self.sec.vm_ring_writes.fetch_add(1, Ordering::Relaxed);
+                        self.sec.overlay.active_map.set(s0, s1);
+                        self.sec.stats.vm_ring_writes.fetch_add(1, Ordering::Relaxed);
                         out.push(c);
                     } else {
                         drop(_ticket);
@@ -540,10 +551,13 @@ impl BlockQueue for SecondaryQueue {
 
 #[cfg(test)]
 mod tests {
+    use std::time::{Duration, Instant};
+
     use super::*;
     use crate::block::Buffers;
     use crate::nbd::server::NbdExport;
     use crate::replication::ReplicationControl;
+    use crate::replication::secondary::{SecondaryControl, SecondaryExport};
 
     /// A disk queue whose reads happen late: the bytes are read from the file only when the
     /// completion is reaped, as a slow device would, so a test can let a primary write land
@@ -601,9 +615,9 @@ mod tests {
     fn setup_with_ring(dir: &std::path::Path) -> (Arc<Secondary>, SecondaryQueue, Arc<WorkerCompletions>) {
         let (s, mut q) = setup(dir);
         let completions = WorkerCompletions::new().unwrap();
-        let files = vec![s.active.clone(), s.hidden.clone()];
+        let files = vec![s.overlay.active.file.clone(), s.overlay.hidden.file.clone()];
         q.active_ring = Some(crate::io::uring::UringEngine::with_files(files, 64, &completions).unwrap());
-        q.active_swaps = s.active_swaps();
+        q.active_swaps = s.overlay.active_swaps();
         (s, q, completions)
     }
 
@@ -644,12 +658,12 @@ mod tests {
         SecondaryExport(s.clone()).write(0, &[0x22u8; 4096], false).unwrap();
         assert_eq!(wait_for(&mut q, 7), 4096);
         assert!(buf.iter().all(|&b| b == 0x11), "the VM read saw the primary's next-epoch data");
-        assert_eq!(s.direct_retries.load(Ordering::Relaxed), 1);
+        assert_eq!(s.stats.direct_retries.load(Ordering::Relaxed), 1);
 
         // A read of untouched sectors completes directly.
         q.push(read(&mut buf, 65536, 8)).unwrap();
         assert_eq!(wait_for(&mut q, 8), 4096);
-        assert_eq!(s.direct_reads.load(Ordering::Relaxed), 1);
+        assert_eq!(s.stats.direct_reads.load(Ordering::Relaxed), 1);
         // Sectors in a buffer never go direct.
         q.push(read(&mut buf, 0, 9)).unwrap();
         assert_eq!(directs(&q), 0);
@@ -684,14 +698,14 @@ mod tests {
         assert_eq!(wait_for(&mut q, 2), 8192);
         assert!(buf[..4096].iter().all(|&b| b == 0x33), "the VM's own write is lost");
         assert!(buf[4096..].iter().all(|&b| b == 0x11), "the VM read the primary's next-epoch data");
-        assert_eq!(s.direct_retries.load(Ordering::Relaxed), 1);
+        assert_eq!(s.stats.direct_retries.load(Ordering::Relaxed), 1);
         // The same read again: active + hidden pieces now, nothing overtakes it.
         let mut again = vec![0u8; 8192];
         q.push(read(&mut again, 0, 3)).unwrap();
         q.submit().unwrap();
         assert_eq!(wait_for(&mut q, 3), 8192);
         assert_eq!(again, buf);
-        assert_eq!(s.direct_retries.load(Ordering::Relaxed), 1, "an untouched split read was redone");
+        assert_eq!(s.stats.direct_retries.load(Ordering::Relaxed), 1, "an untouched split read was redone");
     }
 
     /// A checkpoint overlapping a direct read makes it redo (the generation changed).
@@ -703,7 +717,7 @@ mod tests {
         q.push(read(&mut buf, 8192, 1)).unwrap();
         SecondaryControl(s.clone()).checkpoint(None).unwrap();
         assert_eq!(wait_for(&mut q, 1), 4096);
-        assert_eq!(s.direct_retries.load(Ordering::Relaxed), 1);
+        assert_eq!(s.stats.direct_retries.load(Ordering::Relaxed), 1);
         assert!(buf.iter().all(|&b| b == 0x11));
     }
 }

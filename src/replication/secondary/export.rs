@@ -1,6 +1,12 @@
 //! The primary's view: the NBD export of the secondary disk, with copy-before-write.
 
-use super::*;
+use std::io;
+use std::sync::Arc;
+
+use super::{Secondary, result};
+use crate::block::Op;
+use crate::nbd::NbdExport;
+use crate::replication::Stage;
 
 /// The NBD export (wraps the shared state).
 pub struct SecondaryExport(pub Arc<Secondary>);
@@ -30,7 +36,7 @@ impl NbdExport for SecondaryExport {
 
     fn flush(&self) -> io::Result<()> {
         let _t = self.0.gate.enter();
-        self.0.hidden.sync_data()?;
+        self.0.overlay.hidden.file.sync_data()?;
         self.0.file.sync_data()
     }
 
@@ -56,11 +62,11 @@ impl NbdExport for SecondaryExport {
     }
 
     fn last_barrier(&self) -> u64 {
-        self.0.colo_last_barrier()
+        self.0.colo.last_barrier()
     }
 
     fn generation(&self) -> (u64, bool) {
-        self.0.generation()
+        self.0.consistency.generation()
     }
 
     fn adopt_generation(&self, g: u64) -> io::Result<()> {

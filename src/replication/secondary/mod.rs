@@ -13,33 +13,36 @@
 //! falls through to the disk never sees a half-done primary write, and the failover merge
 //! (exclusive per chunk) never interleaves with VM I/O on the same sectors. The [`Gate`]
 //! quiesces both paths for checkpoint, start, stop and the end of failover.
+//!
+//! [`Secondary`] holds the disk, the locks and the stage here, and one part per concern, each
+//! with the file that owns it: `overlay.rs` (the buffers and their maps; `reclaim.rs` empties
+//! them), `colo.rs` (checkpoint barriers), `commit.rs` + `journal.rs` (the failover commit),
+//! `state.rs` (crash marker, consistency, data generations), `control.rs` (the QMP operations
+//! and the counters they report). The three faces: `device.rs` (the VM's queues), `export.rs`
+//! (the primary's NBD export), `control.rs`.
 
-use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use super::gate::Gate;
 use super::generation::Generations;
 use super::pool::Pool;
-use super::progress::JobClock;
 use super::role::{Announce, RoleState};
-use super::{EventSink, Mode, ReplicationControl, ReplicationError, Stage, StartArgs};
-use crate::block::bitmap::SectorBitmap;
+use super::{EventSink, ReplicationError, Stage};
 use crate::block::image::ImageData;
 use crate::block::range_lock::RangeLock;
-use crate::block::raw::create_sparse;
-use crate::block::{
-    BlockDevice, BlockError, BlockQueue, Buffers, Completion, IoEngineError, IoRequest, Lane, Op, OpKind, Rejected,
-    WorkerCompletions,
-};
-use crate::nbd::{NbdExport, NbdServer};
+use crate::block::{BlockDevice, BlockError, Buffers, IoEngineError, IoRequest, Op, OpKind};
+use crate::nbd::NbdServer;
+use colo::ColoBarriers;
+use commit::FailoverCommit;
+use control::SecondaryStats;
+use overlay::{Overlay, Pieces, Source};
+use state::Consistency;
 
 const SECTOR: u64 = 512;
 /// Sectors the failover merge copies under one exclusive lock (1 MiB).
@@ -60,7 +63,9 @@ pub struct SecondaryFiles {
     pub direct: bool,
 }
 
-/// The secondary's shared state.
+/// The secondary's shared state: the disk, the overlay in front of it, the locks and stage
+/// every request goes through, and one part per concern (COLO barriers, the failover commit,
+/// the disk's consistency, the counters), each in the file that owns it.
 pub struct Secondary {
     /// The disk as a block device: the done stage's queues and direct VM reads use it.
     disk: Arc<dyn BlockDevice>,
@@ -68,142 +73,36 @@ pub struct Secondary {
     /// `--direct` an `O_DIRECT` descriptor that bounces unaligned requests: see
     /// `RawDisk::data`; for qcow2, the format driver).
     file: Arc<dyn ImageData>,
-    /// The buffers' descriptors (the worker rings register `active`; a checkpoint may point
-    /// them at fresh files, see `reclaim.rs`).
-    active: Arc<File>,
-    hidden: Arc<File>,
-    /// The buffers' bytes for every other path (bouncing when they are O_DIRECT).
-    active_data: Arc<dyn ImageData>,
-    /// The active buffer's file system has no non-blocking buffered I/O (tmpfs): io_uring
-    /// would hand every request on it to a kernel worker thread, so the worker does its
-    /// direct active reads and writes inline instead (memory copies).
-    active_inline: bool,
-    /// The same for the hidden buffer (split VM reads of saved sectors).
-    hidden_inline: bool,
-    hidden_data: Arc<dyn ImageData>,
-    /// The buffers' real paths and locks, for emptying them by replacement.
-    active_buf: reclaim::Buffer,
-    hidden_buf: reclaim::Buffer,
-    reclaimer: reclaim::Reclaimer,
-    files: SecondaryFiles,
+    /// The disk's size in bytes (the buffers have the same).
     size: u64,
-    active_map: SectorBitmap,
-    saved_map: SectorBitmap,
+    /// The active and hidden buffers and their sector maps (overlay.rs).
+    overlay: Overlay,
+    /// Sector ranges in use: NBD writes and merge chunks take theirs exclusively, VM requests
+    /// shared (see the module comment).
     locks: RangeLock,
+    /// Quiesces the NBD and VM paths for checkpoint, start, stop and the end of failover.
     gate: Gate,
     /// Stage, last error, events (shared with the primary's way of reporting).
     role: RoleState,
     /// Serialises start / checkpoint / stop.
     ops: Mutex<()>,
+    /// The NBD server whose clients are closed at failover.
     nbd: Mutex<Option<NbdServer>>,
-    /// `--x-fault-injection`: barrier rules (see `colo_barrier`).
-    faults: Mutex<Option<Arc<crate::block::fault::FaultPlan>>>,
-    cow_bytes: AtomicU64,
-    /// VM reads sent straight to the disk's queue, and those redone on the buffer path
-    /// because a primary write or a checkpoint overlapped them (see `direct_read_start`).
-    direct_reads: AtomicU64,
-    direct_retries: AtomicU64,
-    /// VM writes done on a worker's ring on the active buffer.
-    vm_ring_writes: AtomicU64,
-    /// Bumped whenever emptying may have pointed `active`'s descriptor at a fresh file.
-    active_swaps: AtomicU64,
-    checkpoints: AtomicU64,
-    last_checkpoint_us: AtomicU64,
-    merge_total: AtomicU64,
-    merge_done: AtomicU64,
-    merging: AtomicBool,
-    merge_clock: JobClock,
+    /// Threads running the VM's requests on the buffer path.
     pool: Pool,
-    colo: Mutex<colo::ColoState>,
-    /// Signalled when a failover's deferred checkpoint decision is made.
-    colo_decided: Condvar,
-    /// Fast check for the write path: a barrier waits for its commit.
-    barrier_pending: AtomicBool,
-    /// The crash marker next to the disk.
-    state: StateFile,
-    /// colo-blk stopped while replicating and no checkpoint passed since: no failover.
-    unclean: AtomicBool,
-    /// Why the disk is not consistent, when `unclean` (for the failover refusal).
-    unclean_why: Mutex<String>,
-    /// Primary writes applied while running (a device start after some, with no barrier in
-    /// between, loaded a checkpoint whose barrier was lost; see `colo_device_started`).
-    primary_writes: AtomicU64,
-    /// The failover commit's journal (see journal.rs).
-    journal: CommitJournal,
-    /// The sectors a replay of the journal would still merge: a VM write to one of them on
-    /// the disk must be journaled (`Clear`) before it is acknowledged.
-    journaled: SectorBitmap,
-    /// A commit found in the journal at start, to resume (see `resume_commit`).
-    resume: AtomicBool,
-    /// `--x-commit-delay-ms`.
-    commit_delay: Mutex<Option<Duration>>,
-    /// The disk's data generation (shared with the mirror of a failed-over secondary).
-    gens: Arc<Generations>,
-    /// The generation this process adopted from a primary (0: none since it started, or
-    /// changed since by a failover): while it is the current one, every write since is here.
-    adopted: AtomicU64,
+    /// COLO checkpoint barriers: pending, committed, decided at a failover (colo.rs).
+    colo: ColoBarriers,
+    /// The failover commit: its journal and progress (commit.rs).
+    commit: FailoverCommit,
+    /// The crash marker and data generations: whether a failover may use the disk (state.rs).
+    consistency: Consistency,
+    /// Counters reported by `query-replication` (control.rs).
+    stats: SecondaryStats,
 }
 
 impl std::fmt::Debug for Secondary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Secondary").field("size", &self.size).field("stage", &self.stage()).finish()
-    }
-}
-
-/// Where a piece of a VM read is read from while replicating.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Source {
-    /// The active buffer: the VM wrote these sectors.
-    Active,
-    /// The hidden buffer: the primary overwrote them this epoch; their old data is here.
-    Hidden,
-    /// The disk.
-    Disk,
-}
-
-/// Runs of sectors `[start, end)` of a VM read and where each is read from.
-pub(super) type Pieces = Vec<(u64, u64, Source)>;
-
-/// Whether `file` serves a non-blocking buffered read (`RWF_NOWAIT`), which io_uring needs to
-/// complete a cached read without a kernel worker thread.
-fn supports_nowait(file: &File) -> bool {
-    let mut byte = [0u8; 1];
-    let iov = libc::iovec { iov_base: byte.as_mut_ptr().cast(), iov_len: 1 };
-    // SAFETY: one iovec naming a live local byte; reads at most that byte.
-    let r = unsafe { libc::preadv2(file.as_raw_fd(), &iov, 1, 0, libc::RWF_NOWAIT) };
-    r >= 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::EOPNOTSUPP)
-}
-
-/// Opens (creating it sparse when missing) a buffer; with `direct`, `O_DIRECT` where the
-/// file system has it. Returns whether it is `O_DIRECT`.
-fn open_buffer(path: &Path, size: u64, direct: bool) -> Result<(File, bool), BlockError> {
-    let err = |source| BlockError::Open { path: path.display().to_string(), source };
-    if !path.exists() {
-        create_sparse(path, size).map_err(err)?;
-        log::info!("created sparse buffer {} of {size} bytes", path.display());
-    }
-    if direct {
-        match OpenOptions::new().read(true).write(true).custom_flags(libc::O_DIRECT).open(path) {
-            Ok(f) => return Ok((f, true)),
-            // tmpfs has no O_DIRECT; the buffer then uses the page cache, as QEMU's
-            // `cache.direct=on` cannot even open it there.
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => log::warn!(
-                "{}: the file system does not support O_DIRECT; this buffer uses the page cache",
-                path.display()
-            ),
-            Err(e) => return Err(err(e)),
-        }
-    }
-    Ok((OpenOptions::new().read(true).write(true).open(path).map_err(err)?, false))
-}
-
-fn file_len(f: &File) -> io::Result<u64> {
-    let m = f.metadata()?;
-    if std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type()) {
-        let mut f2 = f.try_clone()?;
-        io::Seek::seek(&mut f2, io::SeekFrom::End(0))
-    } else {
-        Ok(m.len())
     }
 }
 
@@ -249,32 +148,8 @@ impl Secondary {
         disk_path: PathBuf,
         files: SecondaryFiles,
     ) -> Result<Arc<Self>, BlockError> {
-        let direct = files.direct;
         let size = disk.size();
-        // With `--direct` the buffers are O_DIRECT too; every path but the worker's ring
-        // reaches them through a bouncing `DirectFile` (NBD requests, copies and guest buffers
-        // may be unaligned), and the ring's unaligned requests are redone on that path.
-        let (active, active_direct) = open_buffer(&files.active, size, direct)?;
-        let (hidden, hidden_direct) = open_buffer(&files.hidden, size, direct)?;
-        let (active, hidden) = (Arc::new(active), Arc::new(hidden));
-        let data = |f: &Arc<File>, direct: bool| -> Arc<dyn ImageData> {
-            if direct { Arc::new(crate::block::image::DirectFile::over(f.clone())) } else { f.clone() }
-        };
-        let (active_data, hidden_data) = (data(&active, active_direct), data(&hidden, hidden_direct));
-        let active_inline = !supports_nowait(&active);
-        let hidden_inline = !supports_nowait(&hidden);
-        if active_inline {
-            log::info!(
-                "{}: the file system cannot serve io_uring without a thread hop (no RWF_NOWAIT, e.g. tmpfs); \
-                 the VM's direct I/O on the active buffer runs inline on its queue's thread",
-                files.active.display()
-            );
-        }
-        let active_buf =
-            reclaim::Buffer::new(&active, &files.active).map_err(|e| BlockError::Refused(format!("--active: {e}")))?;
-        let hidden_buf =
-            reclaim::Buffer::new(&hidden, &files.hidden).map_err(|e| BlockError::Refused(format!("--hidden: {e}")))?;
-        let reclaimer = reclaim::Reclaimer::new().map_err(|e| BlockError::Engine(IoEngineError::Setup(e)))?;
+        let overlay = Overlay::open(files, size)?;
         let sectors = size / SECTOR;
         let state = StateFile::for_disk(&disk_path);
         let journal = CommitJournal::for_disk(&disk_path);
@@ -331,63 +206,36 @@ impl Secondary {
         let me = Arc::new(Secondary {
             disk,
             file,
-            active,
-            hidden,
-            active_data,
-            hidden_data,
-            active_inline,
-            hidden_inline,
-            active_buf,
-            hidden_buf,
-            reclaimer,
-            files,
             size,
-            active_map: SectorBitmap::new(sectors),
-            saved_map: SectorBitmap::new(sectors),
+            overlay,
             locks: RangeLock::default(),
             gate: Gate::default(),
             role: RoleState::new("secondary"),
             ops: Mutex::new(()),
             nbd: Mutex::new(None),
-            faults: Mutex::new(None),
-            cow_bytes: AtomicU64::new(0),
-            direct_reads: AtomicU64::new(0),
-            direct_retries: AtomicU64::new(0),
-            vm_ring_writes: AtomicU64::new(0),
-            active_swaps: AtomicU64::new(0),
-            checkpoints: AtomicU64::new(0),
-            last_checkpoint_us: AtomicU64::new(0),
-            merge_total: AtomicU64::new(0),
-            merge_done: AtomicU64::new(0),
-            merging: AtomicBool::new(false),
-            merge_clock: JobClock::default(),
-            colo: Mutex::new(colo::ColoState::default()),
-            colo_decided: Condvar::new(),
-            barrier_pending: AtomicBool::new(false),
-            state,
-            unclean: AtomicBool::new(unclean),
-            unclean_why: Mutex::new(unclean_why),
-            primary_writes: AtomicU64::new(0),
-            journal,
-            journaled: SectorBitmap::new(sectors),
-            resume: AtomicBool::new(false),
-            commit_delay: Mutex::new(None),
-            gens,
-            adopted: AtomicU64::new(0),
+            colo: ColoBarriers::default(),
+            commit: FailoverCommit::new(journal, sectors),
+            consistency: Consistency {
+                state,
+                unclean: AtomicBool::new(unclean),
+                unclean_why: Mutex::new(unclean_why),
+                gens,
+                adopted: AtomicU64::new(0),
+            },
+            stats: SecondaryStats::default(),
             pool: Pool::new(POOL_THREADS).map_err(|e| BlockError::Engine(IoEngineError::Setup(e)))?,
         });
         if let Some(records) = resume {
             me.replay(&records);
             me.role.resume_at(Stage::Failover);
-            me.resume.store(true, Ordering::Release);
+            me.commit.resume.store(true, Ordering::Release);
         }
         Ok(me)
     }
 
     /// Checks that both buffers have the disk's length (QEMU's start-time check).
     pub fn check_lengths(&self) -> Result<(), ReplicationError> {
-        let ok = |f: &File| file_len(f).is_ok_and(|l| l == self.size);
-        if ok(&self.active) && ok(&self.hidden) { Ok(()) } else { Err(ReplicationError::LengthMismatch) }
+        if self.overlay.lengths_are(self.size) { Ok(()) } else { Err(ReplicationError::LengthMismatch) }
     }
 
     /// The NBD server whose clients are closed at failover.
@@ -402,12 +250,12 @@ impl Secondary {
 
     /// Lets `x-inject-fault {"op": "barrier"}` rules act on this secondary's barriers.
     pub fn set_fault_plan(&self, plan: Arc<crate::block::fault::FaultPlan>) {
-        *lock(&self.faults) = Some(plan);
+        *lock(&self.colo.faults) = Some(plan);
     }
 
     /// The disk's data generations (a failed-over secondary's mirror uses the same).
     pub fn generations(&self) -> Arc<Generations> {
-        self.gens.clone()
+        self.consistency.gens.clone()
     }
 
     /// `CMD_COLO_ADOPT` from the primary: the disk now follows generation `g`.
@@ -419,16 +267,7 @@ impl Secondary {
             Stage::None | Stage::Running => {}
             _ => return Err(io::Error::from_raw_os_error(libc::ESHUTDOWN)),
         }
-        self.gens.adopt(g).map_err(io::Error::other)?;
-        self.adopted.store(g, Ordering::Release);
-        Ok(())
-    }
-
-    /// The generation told to a connecting primary, and whether this process has followed
-    /// it without a restart.
-    pub(super) fn generation(&self) -> (u64, bool) {
-        let current = self.gens.current();
-        (current, current != 0 && self.adopted.load(Ordering::Acquire) == current)
+        self.consistency.adopt(g)
     }
 
     /// The current stage (an atomic read: every VM request asks).
@@ -452,34 +291,19 @@ impl Secondary {
         (offset / SECTOR, (offset + len).div_ceil(SECTOR))
     }
 
-    /// Empties both buffers and clears their bitmaps. Callers hold the gate closed.
-    fn empty_buffers(&self) -> io::Result<()> {
-        // Re-arm copy-before-write first, as QEMU does, then drop active, then hidden.
-        self.reclaimer.free_bits(self.saved_map.take_all());
-        self.reclaimer.free_bits(self.active_map.take_all());
-        let emptied = self
-            .reclaimer
-            .empty(&self.active, &self.active_buf, self.size)
-            .and_then(|()| self.reclaimer.empty(&self.hidden, &self.hidden_buf, self.size));
-        // Either descriptor may name a fresh file now: rings that registered them re-register
-        // (bumped once both are done; rings use them only while the gate is open again).
-        self.active_swaps.fetch_add(1, Ordering::AcqRel);
-        emptied
-    }
-
     // ---- copy-before-write (NBD side) --------------------------------------------------
 
     /// Saves the disk's data of every sector in [s0, s1) not saved yet this epoch into hidden.
     /// The caller holds [s0, s1) exclusively.
     fn copy_before_write(&self, s0: u64, s1: u64) -> io::Result<()> {
         let mut buf = Vec::new();
-        for (a, b, saved) in self.saved_map.runs(s0, s1) {
+        for (a, b, saved) in self.overlay.saved_map.runs(s0, s1) {
             if saved {
                 continue;
             }
-            let n = copy_sectors(&*self.file, &*self.hidden_data, a, b, &mut buf)?;
-            self.saved_map.set(a, b);
-            self.cow_bytes.fetch_add(n, Ordering::Relaxed);
+            let n = copy_sectors(&*self.file, &*self.overlay.hidden.data, a, b, &mut buf)?;
+            self.overlay.saved_map.set(a, b);
+            self.stats.cow_bytes.fetch_add(n, Ordering::Relaxed);
         }
         Ok(())
     }
@@ -501,7 +325,7 @@ impl Secondary {
         if stage == Stage::Running {
             let _g = self.locks.exclusive(s0, s1);
             self.copy_before_write(s0, s1)?;
-            self.primary_writes.fetch_add(1, Ordering::AcqRel);
+            self.colo.primary_writes.fetch_add(1, Ordering::AcqRel);
             f(&*self.file)
         } else {
             // Stage none: the initial synchronisation writes straight to the disk.
@@ -524,8 +348,11 @@ impl Secondary {
     pub(super) fn direct_read_start(&self, s0: u64, s1: u64) -> Option<u64> {
         let generation = self.gate.generation();
         let open = generation.is_multiple_of(2);
-        (open && self.stage() == Stage::Running && !self.active_map.any(s0, s1) && !self.saved_map.any(s0, s1))
-            .then_some(generation)
+        (open
+            && self.stage() == Stage::Running
+            && !self.overlay.active_map.any(s0, s1)
+            && !self.overlay.saved_map.any(s0, s1))
+        .then_some(generation)
     }
 
     /// Like [`Secondary::direct_read_start`] for a VM read every sector of which is in the
@@ -536,17 +363,13 @@ impl Secondary {
     pub(super) fn direct_active_read_start(&self, s0: u64, s1: u64) -> Option<u64> {
         let generation = self.gate.generation();
         let open = generation.is_multiple_of(2);
-        (open && self.stage() == Stage::Running && self.active_map.all(s0, s1)).then_some(generation)
+        (open && self.stage() == Stage::Running && self.overlay.active_map.all(s0, s1)).then_some(generation)
     }
 
     /// Whether a direct read of the active buffer started at `generation` may be answered.
     pub(super) fn direct_active_read_valid(&self, s0: u64, s1: u64, generation: u64) -> bool {
-        let valid = self.gate.generation() == generation && self.active_map.all(s0, s1);
-        if valid {
-            self.direct_reads.fetch_add(1, Ordering::Relaxed);
-        } else {
-            self.direct_retries.fetch_add(1, Ordering::Relaxed);
-        }
+        let valid = self.gate.generation() == generation && self.overlay.active_map.all(s0, s1);
+        self.stats.count_direct(valid);
         valid
     }
 
@@ -558,50 +381,22 @@ impl Secondary {
         if !generation.is_multiple_of(2) || self.stage() != Stage::Running {
             return None;
         }
-        let mut pieces = Vec::new();
-        for (a, b, in_active) in self.active_map.runs(s0, s1) {
-            if in_active {
-                pieces.push((a, b, Source::Active));
-            } else {
-                for (c, d, saved) in self.saved_map.runs(a, b) {
-                    pieces.push((c, d, if saved { Source::Hidden } else { Source::Disk }));
-                }
-            }
-        }
-        Some((generation, pieces))
+        Some((generation, self.overlay.pieces(s0, s1)))
     }
 
     /// Whether a split read started at `generation` may be answered: no checkpoint or stage
     /// change since, and every piece still where it was read from.
     pub(super) fn split_read_valid(&self, pieces: &[(u64, u64, Source)], generation: u64) -> bool {
-        let valid = self.gate.generation() == generation
-            && pieces.iter().all(|&(a, b, source)| match source {
-                Source::Active => self.active_map.all(a, b),
-                Source::Hidden => self.saved_map.all(a, b) && !self.active_map.any(a, b),
-                Source::Disk => !self.saved_map.any(a, b) && !self.active_map.any(a, b),
-            });
-        if valid {
-            self.direct_reads.fetch_add(1, Ordering::Relaxed);
-        } else {
-            self.direct_retries.fetch_add(1, Ordering::Relaxed);
-        }
+        let valid = self.gate.generation() == generation && self.overlay.pieces_unmoved(pieces);
+        self.stats.count_direct(valid);
         valid
-    }
-
-    /// How many times the active buffer's descriptor may have been pointed at a fresh file.
-    pub(super) fn active_swaps(&self) -> u64 {
-        self.active_swaps.load(Ordering::Acquire)
     }
 
     /// Whether a direct read started at `generation` may be answered (see
     /// [`Secondary::direct_read_start`]).
     pub(super) fn direct_read_valid(&self, s0: u64, s1: u64, generation: u64) -> bool {
-        let valid = !self.saved_map.any(s0, s1) && self.gate.generation() == generation;
-        if valid {
-            self.direct_reads.fetch_add(1, Ordering::Relaxed);
-        } else {
-            self.direct_retries.fetch_add(1, Ordering::Relaxed);
-        }
+        let valid = !self.overlay.saved_map.any(s0, s1) && self.gate.generation() == generation;
+        self.stats.count_direct(valid);
         valid
     }
 
@@ -632,14 +427,15 @@ impl Secondary {
         let len = bufs.len();
         let (s0, s1) = Self::sectors(offset, len);
         let _g = self.locks.shared(s0, s1);
-        for (a, b, in_active) in self.active_map.runs(s0, s1) {
+        for (a, b, in_active) in self.overlay.active_map.runs(s0, s1) {
             let pieces: Vec<(u64, u64, &dyn ImageData)> = if in_active {
-                vec![(a, b, &*self.active_data)]
+                vec![(a, b, &*self.overlay.active.data)]
             } else {
-                self.saved_map
+                self.overlay
+                    .saved_map
                     .runs(a, b)
                     .into_iter()
-                    .map(|(c, d, saved)| (c, d, if saved { &*self.hidden_data } else { &*self.file }))
+                    .map(|(c, d, saved)| (c, d, if saved { &*self.overlay.hidden.data } else { &*self.file }))
                     .collect()
             };
             for (c, d, source) in pieces {
@@ -659,9 +455,9 @@ impl Secondary {
         let _g = self.locks.shared(s0, s1);
         match stage {
             Stage::Running => {
-                let r = self.active_data.transfer(offset, bufs, true, dsync);
+                let r = self.overlay.active.data.transfer(offset, bufs, true, dsync);
                 if r >= 0 {
-                    self.active_map.set(s0, s1);
+                    self.overlay.active_map.set(s0, s1);
                 }
                 r
             }
@@ -675,16 +471,17 @@ impl Secondary {
                         log::error!("cannot journal a VM write during the failover commit: {e}");
                         return -libc::EIO;
                     }
-                    self.active_map.clear(s0, s1);
-                    self.saved_map.clear(s0, s1);
+                    self.overlay.active_map.clear(s0, s1);
+                    self.overlay.saved_map.clear(s0, s1);
                 }
                 r
             }
             Stage::FailoverFailed => {
                 // Spec §2.2: sectors allocated in the buffers go to active, the rest to the disk.
-                for (a, b, in_active) in self.active_map.runs(s0, s1) {
-                    for (c, d, saved) in self.saved_map.runs(a, b) {
-                        let target: &dyn ImageData = if in_active || saved { &*self.active_data } else { &*self.file };
+                for (a, b, in_active) in self.overlay.active_map.runs(s0, s1) {
+                    for (c, d, saved) in self.overlay.saved_map.runs(a, b) {
+                        let target: &dyn ImageData =
+                            if in_active || saved { &*self.overlay.active.data } else { &*self.file };
                         let mut sub = bufs.slice(c * SECTOR - offset, (d - c) * SECTOR);
                         let r = target.transfer(c * SECTOR, &mut sub, true, dsync);
                         if r < 0 {
@@ -701,7 +498,7 @@ impl Secondary {
                             return -libc::EIO;
                         }
                         if in_active || saved {
-                            self.active_map.set(c, d);
+                            self.overlay.active_map.set(c, d);
                         }
                     }
                 }
@@ -718,7 +515,7 @@ impl Secondary {
         let _g = self.locks.shared(s0, s1);
         match stage {
             Stage::Running | Stage::FailoverFailed => {
-                let r = self.active_data.zero(&Op::WriteZeroes { offset, len, unmap: true });
+                let r = self.overlay.active.data.zero(&Op::WriteZeroes { offset, len, unmap: true });
                 if r >= 0 {
                     if stage == Stage::FailoverFailed
                         && let Err(e) = self.journal_active_write(s0, s1)
@@ -726,7 +523,7 @@ impl Secondary {
                         log::error!("cannot journal a VM write after a failed failover commit: {e}");
                         return -libc::EIO;
                     }
-                    self.active_map.set(s0, s1);
+                    self.overlay.active_map.set(s0, s1);
                 }
                 r
             }
@@ -737,8 +534,8 @@ impl Secondary {
                         log::error!("cannot journal a VM write during the failover commit: {e}");
                         return -libc::EIO;
                     }
-                    self.active_map.clear(s0, s1);
-                    self.saved_map.clear(s0, s1);
+                    self.overlay.active_map.clear(s0, s1);
+                    self.overlay.saved_map.clear(s0, s1);
                 }
                 r
             }
@@ -747,8 +544,7 @@ impl Secondary {
     }
 
     fn flush_all(&self) -> io::Result<()> {
-        self.active.sync_data()?;
-        self.hidden.sync_data()?;
+        self.overlay.sync_data()?;
         self.file.sync_data()
     }
 
@@ -775,6 +571,7 @@ mod export;
 mod journal;
 #[cfg(test)]
 mod model_tests;
+mod overlay;
 mod reclaim;
 mod state;
 #[cfg(test)]

@@ -12,7 +12,10 @@
 //! to what the VM reads: `ckpt` under `overlay`, primary writes since the checkpoint undone.
 use super::tests::secondary;
 use super::*;
+use crate::nbd::NbdExport;
+use crate::replication::ReplicationControl;
 use std::sync::mpsc;
+use std::time::Instant;
 
 const SIZE: u64 = 64 << 10;
 const STEPS: usize = 250;

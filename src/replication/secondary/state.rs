@@ -6,9 +6,17 @@
 //!   taken; until then a failover is refused.
 //! - during a failover commit: half merged, and the merge cannot be resumed. colo-blk refuses
 //!   to start on it and says what to do.
+//!
+//! [`Consistency`] keeps the marker with the rest of what decides whether a failover may use
+//! the disk: whether it is a checkpoint now, and which data generation it follows.
 
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use super::lock;
+use crate::replication::generation::Generations;
 
 /// What the marker says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,6 +99,47 @@ impl StateFile {
     pub fn write(&self, state: DiskState) -> Result<(), StateError> {
         let err = |source| StateError::Io { path: self.path.display().to_string(), source };
         crate::replication::write_durably(&self.path, state.name().as_bytes()).map_err(err)
+    }
+}
+
+/// Whether the secondary's disk can be trusted: across a crash (the marker), as the secondary
+/// VM's checkpoint (unclean and why), and as a primary's history (the data generation).
+#[derive(Debug)]
+pub(super) struct Consistency {
+    /// The crash marker next to the disk.
+    pub(super) state: StateFile,
+    /// colo-blk stopped while replicating and no checkpoint passed since: no failover.
+    pub(super) unclean: AtomicBool,
+    /// Why the disk is not consistent, when `unclean` (for the failover refusal).
+    pub(super) unclean_why: Mutex<String>,
+    /// The disk's data generation (shared with the mirror of a failed-over secondary).
+    pub(super) gens: Arc<Generations>,
+    /// The generation this process adopted from a primary (0: none since it started, or
+    /// changed since by a failover): while it is the current one, every write since is here.
+    pub(super) adopted: AtomicU64,
+}
+
+impl Consistency {
+    /// The disk no longer matches the secondary VM's checkpoint: refuse failover until a
+    /// checkpoint commits (`checkpoint_locked` clears it).
+    pub(super) fn mark_inconsistent(&self, why: String) {
+        log::error!("secondary disk not consistent: {why}; failover is refused until the next checkpoint");
+        *lock(&self.unclean_why) = why;
+        self.unclean.store(true, Ordering::Release);
+    }
+
+    /// The disk now follows generation `g` (`CMD_COLO_ADOPT`; the caller checked the stage).
+    pub(super) fn adopt(&self, g: u64) -> io::Result<()> {
+        self.gens.adopt(g).map_err(io::Error::other)?;
+        self.adopted.store(g, Ordering::Release);
+        Ok(())
+    }
+
+    /// The generation told to a connecting primary, and whether this process has followed
+    /// it without a restart.
+    pub(super) fn generation(&self) -> (u64, bool) {
+        let current = self.gens.current();
+        (current, current != 0 && self.adopted.load(Ordering::Acquire) == current)
     }
 }
 

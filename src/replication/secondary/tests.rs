@@ -1,7 +1,11 @@
 //! Unit tests of the secondary's locking and checkpoint.
 use super::*;
 use crate::block::raw::{EngineKind, RawDisk, RawOptions};
+use crate::nbd::NbdExport;
+use crate::replication::{Mode, ReplicationControl, StartArgs};
+use std::path::Path;
 use std::sync::mpsc;
+use std::time::Duration;
 
 /// A started secondary on a disk of `size` bytes of 0x11 in `dir`.
 pub(super) fn secondary(dir: &Path, size: u64) -> Arc<Secondary> {
@@ -63,10 +67,10 @@ fn checkpoint_reports_and_empties() {
     // SAFETY: `data` outlives the request, dropped at the end of the statement.
     assert_eq!(s.vm_execute(&mut IoRequest::new(0, write, unsafe { Buffers::from_raw(iov, None) })), 8192);
     SecondaryExport(s.clone()).write(65536, &[0x22u8; 512], false).unwrap();
-    assert_eq!(s.active_map.count_all(), 16);
-    assert_eq!(s.saved_map.count_all(), 1);
+    assert_eq!(s.overlay.active_map.count_all(), 16);
+    assert_eq!(s.overlay.saved_map.count_all(), 1);
     SecondaryControl(s.clone()).checkpoint(None).unwrap();
-    assert_eq!(s.active_map.count_all() + s.saved_map.count_all(), 0);
+    assert_eq!(s.overlay.active_map.count_all() + s.overlay.saved_map.count_all(), 0);
     let q = SecondaryControl(s.clone()).query();
     assert_eq!(q["checkpoints"], 1);
 }
