@@ -37,7 +37,9 @@ fn resize(s: &Server, size: u64) -> Result<serde_json::Value, String> {
 
 #[test]
 fn grow_and_shrink_notify_the_frontend_and_move_the_end_of_the_disk() {
-    let (s, disk) = serve(8 * MIB, &[]);
+    // No ring polling: the request queued below without a kick must stay unseen until the
+    // test kicks it (a polling worker picks it up at once, before the shrink).
+    let (s, disk) = serve(8 * MIB, &["--poll-us", "0"]);
     let (mut fe, mut chan) = BlkFrontend::connect_backend_req(&s.socket);
     assert_eq!(fe.config_capacity(), 8 * MIB / 512);
     // Beyond the end before the resize: refused.

@@ -720,4 +720,93 @@ mod tests {
         assert_eq!(s.stats.direct_retries.load(Ordering::Relaxed), 1);
         assert!(buf.iter().all(|&b| b == 0x11));
     }
+
+    /// A disk queue that cannot take anything (a full queue).
+    struct Refusing;
+
+    impl BlockQueue for Refusing {
+        fn push(&mut self, request: IoRequest) -> Result<(), Box<Rejected>> {
+            Err(Box::new(Rejected { error: IoEngineError::QueueFull, request }))
+        }
+        fn submit(&mut self) -> Result<(), IoEngineError> {
+            Ok(())
+        }
+        fn reap(&mut self, _out: &mut Vec<Completion>) {}
+    }
+
+    fn vm_write(buf: &mut [u8], offset: u64, token: u64) -> IoRequest {
+        let iov = vec![libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() }];
+        // SAFETY: each test keeps `buf` alive until the completion was reaped.
+        IoRequest::new(token, OpKind::Write { offset, dsync: false }, unsafe { Buffers::from_raw(iov, None) })
+    }
+
+    /// Whatever part of a request the disk's queue refuses, the request is answered right, by
+    /// the buffer path: a direct read (refused at once), a split read whose active piece is on
+    /// the ring and whose disk piece is refused (redone once the queued piece is back), and a
+    /// flush whose disk sync is refused.
+    #[test]
+    fn parts_the_disk_queue_refuses_are_redone_on_the_buffer_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, mut q, _completions) = setup_with_ring(dir.path());
+        q.inner = Box::new(Refusing);
+
+        let mut buf = vec![0u8; 4096];
+        q.push(read(&mut buf, 65536, 1)).unwrap();
+        assert_eq!(directs(&q), 0, "a refused direct read stayed in the table");
+        assert_eq!(wait_for(&mut q, 1), 4096);
+        assert!(buf.iter().all(|&b| b == 0x11));
+
+        let mut mine = vec![0x33u8; 4096];
+        q.push(vm_write(&mut mine, 0, 2)).unwrap();
+        q.submit().unwrap();
+        assert_eq!(wait_for(&mut q, 2), 4096);
+        let mut split = vec![0u8; 8192];
+        q.push(read(&mut split, 0, 3)).unwrap();
+        assert!(q.entries.values().any(|e| matches!(e, Entry::Split(_))), "the read was not split");
+        q.submit().unwrap();
+        assert_eq!(wait_for(&mut q, 3), 8192);
+        assert!(split[..4096].iter().all(|&b| b == 0x33) && split[4096..].iter().all(|&b| b == 0x11));
+
+        q.push(IoRequest::new(4, OpKind::Flush, Buffers::none())).unwrap();
+        q.submit().unwrap();
+        assert_eq!(wait_for(&mut q, 4), 0);
+        assert!(q.entries.is_empty(), "entries left behind: {}", q.entries.len());
+        // Nothing holds the gate: a checkpoint goes through.
+        SecondaryControl(s.clone()).checkpoint(None).unwrap();
+    }
+
+    /// After a checkpoint replaced the buffer files, a ring that cannot register the fresh
+    /// ones (here: its table has no hidden entry) keeps serving, with the buffers' requests on
+    /// the pool: VM writes land in the new active buffer, reads see them, and the gate is free
+    /// for the next checkpoint.
+    #[test]
+    fn a_ring_that_cannot_register_the_fresh_buffers_sends_them_to_the_pool() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, mut q) = setup(dir.path());
+        let completions = WorkerCompletions::new().unwrap();
+        let files = vec![s.overlay.active.file.clone()];
+        q.active_ring = Some(crate::io::uring::UringEngine::with_files(files, 64, &completions).unwrap());
+        q.active_swaps = s.overlay.active_swaps();
+
+        let mut first = vec![0x44u8; 4096];
+        q.push(vm_write(&mut first, 0, 1)).unwrap();
+        q.submit().unwrap();
+        assert_eq!(wait_for(&mut q, 1), 4096);
+        assert_eq!(s.stats.vm_ring_writes.load(Ordering::Relaxed), 1, "the write did not take the ring");
+
+        SecondaryControl(s.clone()).checkpoint(None).unwrap();
+        let mut second = vec![0x55u8; 4096];
+        q.push(vm_write(&mut second, 8192, 2)).unwrap();
+        q.submit().unwrap();
+        assert_eq!(wait_for(&mut q, 2), 4096);
+        assert!(!q.buffers_in_ring, "the failed registration was not noticed");
+        assert_eq!(s.stats.vm_ring_writes.load(Ordering::Relaxed), 1, "a write went to a stale ring file");
+        let mut back = vec![0u8; 12288];
+        q.push(read(&mut back, 0, 3)).unwrap();
+        q.submit().unwrap();
+        assert_eq!(wait_for(&mut q, 3), 12288);
+        assert!(back[..8192].iter().all(|&b| b == 0x11), "the checkpoint did not empty the buffer");
+        assert!(back[8192..].iter().all(|&b| b == 0x55), "the VM's write after the checkpoint is lost");
+        SecondaryControl(s.clone()).checkpoint(None).unwrap();
+    }
 }
