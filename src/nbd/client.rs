@@ -2,7 +2,7 @@
 //! with OPT_GO (falling back to EXPORT_NAME), then a transmission phase where any thread may
 //! send requests and one reader thread matches replies to handles (out of order).
 
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
@@ -384,8 +384,9 @@ pub struct Reply {
 }
 
 /// Reads one simple reply header (a payload, which only verify requests have, is read by
-/// the caller, who knows what it asked for).
-pub fn read_reply(s: &mut Stream) -> io::Result<Reply> {
+/// the caller, who knows what it asked for). `s` is the connection, usually buffered: the
+/// primary's receiver parses every reply one read brought in without further system calls.
+pub fn read_reply(s: &mut impl Read) -> io::Result<Reply> {
     let mut b = [0u8; 16];
     super::timed::read_exact(s, &mut b)?;
     let magic = u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
@@ -401,7 +402,7 @@ pub fn read_reply(s: &mut Stream) -> io::Result<Reply> {
 /// Reads the payload of a successful [`super::checksum::CMD_COLO_CHECKSUM`] reply: the
 /// count, which must be `expected` (a server that says otherwise broke the framing: nothing
 /// after it can be trusted), then the hashes, as raw big-endian bytes.
-pub fn read_checksum_payload(s: &mut Stream, expected: u32) -> io::Result<Vec<u8>> {
+pub fn read_checksum_payload(s: &mut impl Read, expected: u32) -> io::Result<Vec<u8>> {
     let mut c = [0u8; 4];
     super::timed::read_exact(s, &mut c)?;
     let count = u32::from_be_bytes(c);
@@ -414,7 +415,7 @@ pub fn read_checksum_payload(s: &mut Stream, expected: u32) -> io::Result<Vec<u8
 }
 
 /// Reads the `len` data bytes of a successful READ reply.
-pub fn read_data_payload(s: &mut Stream, len: u32) -> io::Result<Vec<u8>> {
+pub fn read_data_payload(s: &mut impl Read, len: u32) -> io::Result<Vec<u8>> {
     let mut b = vec![0u8; len as usize];
     super::timed::read_exact(s, &mut b)?;
     Ok(b)

@@ -20,7 +20,7 @@ pub fn eof_as_closed(e: io::Error) -> io::Error {
 }
 
 /// Reads exactly `buf.len()` bytes, with no deadline (transmission phase).
-pub fn read_exact(s: &mut Stream, buf: &mut [u8]) -> io::Result<()> {
+pub fn read_exact(s: &mut impl Read, buf: &mut [u8]) -> io::Result<()> {
     s.read_exact(buf).map_err(eof_as_closed)
 }
 

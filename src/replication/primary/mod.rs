@@ -47,6 +47,8 @@ const RESYNC_DEPTH: usize = 8;
 /// At most this many requests, or about this many payload bytes, go out in one `writev`.
 const SEND_BATCH: usize = 64;
 const SEND_BATCH_BYTES: usize = 4 << 20;
+/// The link receiver's read buffer (a 16-byte reply each; a verify's payload passes through).
+const REPLY_BUFFER: usize = 64 << 10;
 
 /// Reconnect backoff bounds.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -375,7 +377,9 @@ impl Mirror {
                 }
             }
         })?;
-        let mut reader = stream;
+        // Buffered: one read system call brings in every reply the secondary has sent by
+        // then, and they are parsed and answered as a batch.
+        let mut reader = std::io::BufReader::with_capacity(REPLY_BUFFER, stream);
         let (l3, me) = (link.clone(), self.clone());
         std::thread::Builder::new().name("nbd-link-recv".into()).spawn(move || {
             loop {
@@ -422,7 +426,7 @@ impl Mirror {
 
     /// Reads what follows a successful reply to a verify request (its request is still
     /// pending meanwhile, so the watchdog cuts a secondary that stalls in the middle).
-    fn reply_payload(&self, link: &Link, r: &Reply, s: &mut Stream) -> io::Result<Option<Vec<u8>>> {
+    fn reply_payload(&self, link: &Link, r: &Reply, s: &mut impl io::Read) -> io::Result<Option<Vec<u8>>> {
         if r.error != 0 {
             return Ok(None);
         }
