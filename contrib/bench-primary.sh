@@ -40,6 +40,11 @@
 #   --secondary-dir D  where the secondary's image lives (default: --workdir,
 #                      i.e. the same disk as the primary's); on tmpfs qemu-nbd
 #                      uses --cache=writeback (tmpfs has no O_DIRECT)
+#   --secondary-server S  qemu-nbd (default: one thread, on the secondary's
+#                      image) or nbdkit-memory (nbdkit's memory plugin, 8
+#                      threads, data in RAM: a secondary that costs little CPU,
+#                      so the rows show the primary's own cost; its data does
+#                      not survive the restarts of row 4)
 #   --no-wait          don't wait for other contrib/bench* scripts or cargo
 #   --max-build-wait S wait at most S seconds for cargo/rustc to finish
 #                      (default 1800; other contrib/bench* are always waited for)
@@ -55,7 +60,7 @@ qemu=${QEMU:-qemu-system-x86_64}
 qnbd=${QEMU_NBD:-qemu-nbd}
 runtime=5 repeat=2 cache=direct disk_mib=1024 rows=1234 sync_timeout=600 do_wait=1 max_build_wait=1800
 workdir=${TMPDIR:-/tmp}/colo-blk-bench-pri
-secdir=''
+secdir='' secserver=qemu-nbd
 while [[ $# -gt 0 ]]; do
     case $1 in
         --cache) cache=${2:?}; shift 2 ;;
@@ -63,6 +68,7 @@ while [[ $# -gt 0 ]]; do
         --rows) rows=${2:?}; shift 2 ;;
         --sync-timeout) sync_timeout=${2:?}; shift 2 ;;
         --secondary-dir) secdir=${2:?}; shift 2 ;;
+        --secondary-server) secserver=${2:?}; shift 2 ;;
         --no-wait) do_wait=0; shift ;;
         --max-build-wait) max_build_wait=${2:?}; shift 2 ;;
         *) bench_arg "$@"; shift "$bench_shift" ;;
@@ -75,6 +81,8 @@ need_posint "$repeat" --repeat
 [[ $rows =~ ^[1-4]+$ ]] || die "--rows takes digits 1-4"
 need_posint "$sync_timeout" --sync-timeout
 need_colo
+[[ $secserver == qemu-nbd || $secserver == nbdkit-memory ]] || die "--secondary-server is qemu-nbd or nbdkit-memory"
+[[ $secserver == qemu-nbd ]] || command -v nbdkit >/dev/null || die "nbdkit not found (apt-get install nbdkit)"
 for b in "$qemu" "$qnbd" python3 cmp dd; do
     command -v "$b" >/dev/null || die "$b not found"
 done
@@ -97,6 +105,11 @@ else
 fi
 if [[ $sec_fs == tmpfs ]]; then
     nbd_cache=writeback dd_out=()
+fi
+if [[ $secserver == nbdkit-memory ]]; then
+    sec_desc="nbdkit's memory plugin (8 threads, data in RAM)"
+else
+    sec_desc="qemu-nbd \`--cache=$nbd_cache\`"
 fi
 
 # ------------------------------------------------------------ QMP helper ---
@@ -336,9 +349,15 @@ nbd_pid='' nbd_sock=$run/nbd.sock nbd_log=''
 start_nbd() {
     nbd_log=$run/qemu-nbd.$((++nstart)).log
     rm -f "$nbd_sock"
-    local -a args=(-f raw -x "$export_name" -t -e 8 --cache="$nbd_cache" --aio=io_uring -k "$nbd_sock" "$sec")
-    echo "+ $qnbd ${args[*]}" >>"$nbd_log"
-    "$qnbd" "${args[@]}" </dev/null >>"$nbd_log" 2>&1 &
+    if [[ $secserver == nbdkit-memory ]]; then
+        local -a args=(-f -U "$nbd_sock" --exportname "$export_name" -t 8 memory "size=$size")
+        echo "+ nbdkit ${args[*]}" >>"$nbd_log"
+        nbdkit "${args[@]}" </dev/null >>"$nbd_log" 2>&1 &
+    else
+        local -a args=(-f raw -x "$export_name" -t -e 8 --cache="$nbd_cache" --aio=io_uring -k "$nbd_sock" "$sec")
+        echo "+ $qnbd ${args[*]}" >>"$nbd_log"
+        "$qnbd" "${args[@]}" </dev/null >>"$nbd_log" 2>&1 &
+    fi
     nbd_pid=$!
     pids+=("$nbd_pid")
     wait_ready qemu-nbd "$nbd_pid" "$nbd_log" test -S "$nbd_sock"
@@ -687,7 +706,7 @@ report() {
     echo "Rerun: \`contrib/bench-primary.sh --cache $cache --repeat $repeat --runtime $runtime$([[ $disk_mib != 1024 ]] && echo " --disk-size $disk_mib")$([[ $rows != 1234 ]] && echo " --rows $rows")$([[ $secdir != "$workdir" ]] && echo " --secondary-dir $secdir")\` (report on stdout; raw data in \`$run\`)."
     echo
     echo "- colo-blk: \`$colo\` ($("$colo" --version 2>/dev/null | head -n 1)); $("$qemu" --version | head -n 1); $("$qnbd" --version | head -n 1)"
-    echo "- host: $(nproc) vCPUs ($(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)), $(awk '/MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo) RAM, kernel $(uname -r); primary image on $(df -T "$workdir" | awk 'NR == 2 { print $2 " (" $1 ")" }'), secondary image on $(df -T "$secdir" | awk 'NR == 2 { print $2 " (" $1 ")" }'); secondary = qemu-nbd \`--cache=$nbd_cache\` on the same host over a UNIX socket"
+    echo "- host: $(nproc) vCPUs ($(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)), $(awk '/MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo) RAM, kernel $(uname -r); primary image on $(df -T "$workdir" | awk 'NR == 2 { print $2 " (" $1 ")" }'), secondary image on $(df -T "$secdir" | awk 'NR == 2 { print $2 " (" $1 ")" }'); secondary = $sec_desc on the same host over a UNIX socket"
     echo "- load average at start $load_start, at end $load_end; $repeat round(s), colo-blk/QEMU order alternating; medians, individual runs below"
     if [[ $cache == direct ]]; then
         echo "- cache: O_DIRECT: colo-blk \`--direct\`, QEMU \`cache.direct=on\` on every node (local file/raw, nbd), qemu-nbd \`--cache=$nbd_cache\`; aio=io_uring; dd \`${dd_in[*]:-} ${dd_out[*]:-}\`"
