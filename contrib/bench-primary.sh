@@ -703,7 +703,7 @@ report() {
     echo "## Replication (primary)"
     echo
     echo "colo-blk \`--replication primary\` against QEMU's own primary data path (quorum + replication + nbd), $started."
-    echo "Rerun: \`contrib/bench-primary.sh --cache $cache --repeat $repeat --runtime $runtime$([[ $disk_mib != 1024 ]] && echo " --disk-size $disk_mib")$([[ $rows != 1234 ]] && echo " --rows $rows")$([[ $secdir != "$workdir" ]] && echo " --secondary-dir $secdir")\` (report on stdout; raw data in \`$run\`)."
+    echo "Rerun: \`contrib/bench-primary.sh --cache $cache --repeat $repeat --runtime $runtime$([[ $disk_mib != 1024 ]] && echo " --disk-size $disk_mib")$([[ $rows != 1234 ]] && echo " --rows $rows")$([[ $secdir != "$workdir" ]] && echo " --secondary-dir $secdir")$([[ $secserver != qemu-nbd ]] && echo " --secondary-server $secserver")\` (report on stdout; raw data in \`$run\`)."
     echo
     echo "- colo-blk: \`$colo\` ($("$colo" --version 2>/dev/null | head -n 1)); $("$qemu" --version | head -n 1); $("$qnbd" --version | head -n 1)"
     echo "- host: $(nproc) vCPUs ($(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)), $(awk '/MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo) RAM, kernel $(uname -r); primary image on $(df -T "$workdir" | awk 'NR == 2 { print $2 " (" $1 ")" }'), secondary image on $(df -T "$secdir" | awk 'NR == 2 { print $2 " (" $1 ")" }'); secondary = $sec_desc on the same host over a UNIX socket"
