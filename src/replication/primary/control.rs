@@ -73,7 +73,7 @@ impl ReplicationControl for MirrorControl {
         }
         m.set_stage(Stage::Done);
         m.role.clear_error();
-        m.resync_clock.stop();
+        m.resync.progress.stop();
         m.disconnect();
         // Writes from now on are not tracked for the secondary.
         m.diverge("replication stopped");
@@ -121,7 +121,7 @@ impl ReplicationControl for MirrorControl {
                 "data-bytes": st.resync_data.load(Ordering::Relaxed),
                 "zero-bytes": st.resync_zero.load(Ordering::Relaxed),
                 "remaining-bytes": m.dirty.count_all() * SECTOR,
-                "progress": m.resync_clock.json(st.resync_bytes.load(Ordering::Relaxed), m.dirty.count_all() * SECTOR),
+                "progress": m.resync.progress.json(st.resync_bytes.load(Ordering::Relaxed), m.dirty.count_all() * SECTOR),
             },
             "verify": m.verify.json(),
         })
