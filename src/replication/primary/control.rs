@@ -1,6 +1,12 @@
 //! The QMP operations of the primary: start (with sync), checkpoint barrier, get-error, stop, query.
 
-use super::*;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use serde_json::{Value, json};
+
+use super::{Mirror, SECTOR, lock};
+use crate::replication::{Mode, ReplicationControl, ReplicationError, Stage, StartArgs, SyncMode};
 
 /// The control operations of a primary (spec §3, primary rows).
 pub struct MirrorControl(pub Arc<Mirror>);

@@ -10,11 +10,10 @@
 //! part per concern, each with the file that owns it: `link.rs` (the NBD connection to the
 //! secondary: `LinkSlot`, its sender, receiver and watchdog threads), `resync.rs` (the copy of
 //! dirty ranges and its ordering rule: `Resync`), `windows.rs` (data generations and change
-//! windows), `activity.rs` (the activity log), `verify.rs` (`replication-verify`),
-//! `control.rs` (the QMP operations). The faces: `device.rs`
-//! (the guest's queues), `control.rs`, `hook.rs` (the VM-stop hook export).
+//! windows), `activity.rs` (the activity log), `verify.rs` (`replication-verify`). The faces:
+//! `device.rs` (the guest's queues), `control.rs` (the QMP operations), `hook.rs` (the VM-stop
+//! hook export).
 
-use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -22,17 +21,14 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use super::role::{Announce, RoleState};
-use super::{EventSink, Mode, ReplicationControl, ReplicationError, Stage, StartArgs, SyncMode};
+use super::{EventSink, ReplicationError, Stage, SyncMode};
 use crate::block::bitmap::SectorBitmap;
 use crate::block::image::ImageData;
-use crate::block::{
-    BlockDevice, BlockError, BlockQueue, Buffers, Completion, IoEngineError, IoRequest, Lane, OpKind, Rejected,
-    WorkerCompletions,
-};
+use crate::block::{Lane, OpKind};
 use crate::io::aligned::AlignedBuf;
 use crate::nbd::client::NbdUri;
 use crate::nbd::wire::{
-    CMD_COLO_ADOPT, CMD_COLO_BARRIER, CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, CMD_FLUSH, CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES,
+    CMD_COLO_BARRIER, CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, CMD_FLUSH, CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES,
 };
 use link::{LinkSlot, Waiter, nbd_error_text};
 use resync::Resync;

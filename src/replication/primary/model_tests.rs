@@ -9,6 +9,7 @@
 //! when the secondary applies and answers them.
 use super::*;
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io;
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
 use std::sync::mpsc;
@@ -16,6 +17,9 @@ use std::sync::{Condvar, atomic::AtomicBool};
 
 use super::link::Link;
 use super::resync::RESYNC_DEPTH;
+use crate::block::{
+    BlockDevice, BlockError, BlockQueue, Buffers, Completion, IoEngineError, IoRequest, Rejected, WorkerCompletions,
+};
 use crate::nbd::client::Reply;
 use crate::nbd::transport::Stream;
 use crate::nbd::wire::Request;
