@@ -10,11 +10,11 @@
 //! part per concern, each with the file that owns it: `link.rs` (the NBD connection to the
 //! secondary: `LinkSlot`, its sender, receiver and watchdog threads), `resync.rs` (the copy of
 //! dirty ranges and its ordering rule: `Resync`), `windows.rs` (data generations and change
-//! windows), `activity.rs` (the activity log), `verify.rs` (`replication-verify`). The faces:
-//! `device.rs` (the guest's queues), `control.rs` (the QMP operations), `hook.rs` (the VM-stop
-//! hook export).
+//! windows), `activity.rs` (the activity log), `verify.rs` (`replication-verify`), `control.rs`
+//! (the counters `query-replication` reports). The faces: `device.rs` (the guest's queues),
+//! `control.rs` (the QMP operations), `hook.rs` (the VM-stop hook export).
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -30,6 +30,7 @@ use crate::nbd::client::NbdUri;
 use crate::nbd::wire::{
     CMD_COLO_BARRIER, CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, CMD_FLUSH, CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES,
 };
+use control::MirrorStats;
 use link::{LinkSlot, Waiter, nbd_error_text};
 use resync::Resync;
 
@@ -76,7 +77,7 @@ pub struct Mirror {
     ops: Mutex<()>,
     /// The manager thread (reconnect, then resync) is running.
     manager: AtomicBool,
-    /// Counters reported by `query-replication`.
+    /// Counters reported by `query-replication` (control.rs).
     stats: MirrorStats,
     /// The disk's data generations (windows.rs).
     gens: Mutex<Option<Arc<crate::replication::generation::Generations>>>,
@@ -86,31 +87,6 @@ pub struct Mirror {
     activity: std::sync::OnceLock<activity::ActivityLog>,
     /// The online verify (`replication-verify`) and the write tracking it needs.
     verify: verify::Verify,
-}
-
-#[derive(Default)]
-struct MirrorStats {
-    /// NBD error code of the last refused barrier (0: none yet).
-    barrier_refusal: std::sync::atomic::AtomicU32,
-    forwarded_ops: AtomicU64,
-    forwarded_bytes: AtomicU64,
-    failed_ops: AtomicU64,
-    resync_bytes: AtomicU64,
-    /// Of `resync_bytes`: sent as WRITE payload, and sent as WRITE_ZEROES (holes and zero
-    /// blocks of the local disk, no payload).
-    resync_data: AtomicU64,
-    resync_zero: AtomicU64,
-    resync_total: AtomicU64,
-    connects: AtomicU64,
-    link_failures: AtomicU64,
-    barriers: AtomicU64,
-    last_barrier_us: AtomicU64,
-    barrier_failures: AtomicU64,
-    hook_flushes: AtomicU64,
-    /// The VM device (re)started since the last hook barrier (see `hook_flush`).
-    started_since_barrier: AtomicBool,
-    /// `forwarded_ops` when the last hook barrier was sent.
-    ops_at_barrier: AtomicU64,
 }
 
 /// The data of a forwarded write: for a guest write, the one copy of the guest's buffers that
