@@ -330,7 +330,7 @@ impl super::Mirror {
     /// A mirrored write of [s0, s1) is about to be submitted.
     pub(super) fn activity_begin(&self, s0: u64, s1: u64) {
         if let Some(al) = self.activity.get() {
-            let copying = self.resync_inflight.load(std::sync::atomic::Ordering::Acquire) > 0;
+            let copying = self.resync.inflight.load(std::sync::atomic::Ordering::Acquire) > 0;
             al.begin(s0, s1, &self.dirty, copying);
         }
     }

@@ -1,6 +1,47 @@
-//! The QMP operations of the primary: start (with sync), checkpoint barrier, get-error, stop, query.
+//! The QMP operations of the primary: start (with sync), checkpoint barrier, get-error, stop,
+//! query; and the counters the query reports.
 
-use super::*;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use serde_json::{Value, json};
+
+use super::{Mirror, SECTOR, lock};
+use crate::replication::{Mode, ReplicationControl, ReplicationError, Stage, StartArgs, SyncMode};
+
+/// The primary's counters, reported by `query-replication`.
+#[derive(Default)]
+pub(super) struct MirrorStats {
+    /// NBD error code of the last refused barrier (0: none yet).
+    pub(super) barrier_refusal: std::sync::atomic::AtomicU32,
+    /// Guest write-type requests forwarded to the secondary, and their bytes.
+    pub(super) forwarded_ops: AtomicU64,
+    pub(super) forwarded_bytes: AtomicU64,
+    /// Requests the secondary answered with an error (verify requests aside).
+    pub(super) failed_ops: AtomicU64,
+    /// Bytes the resync brought in sync since `replication-start`.
+    pub(super) resync_bytes: AtomicU64,
+    /// Of `resync_bytes`: sent as WRITE payload, and sent as WRITE_ZEROES (holes and zero
+    /// blocks of the local disk, no payload).
+    pub(super) resync_data: AtomicU64,
+    pub(super) resync_zero: AtomicU64,
+    /// Bytes dirty at `replication-start`, plus what a verify with `resync` marked since.
+    pub(super) resync_total: AtomicU64,
+    /// Links that came up, and links that broke.
+    pub(super) connects: AtomicU64,
+    pub(super) link_failures: AtomicU64,
+    /// Checkpoint barriers sent, how long the last confirmed one took (µs), and checkpoints
+    /// whose barrier failed (not sent, or not confirmed).
+    pub(super) barriers: AtomicU64,
+    pub(super) last_barrier_us: AtomicU64,
+    pub(super) barrier_failures: AtomicU64,
+    /// FLUSHes of the VM-stop hook (hook.rs).
+    pub(super) hook_flushes: AtomicU64,
+    /// The VM device (re)started since the last hook barrier (see `hook_flush`).
+    pub(super) started_since_barrier: AtomicBool,
+    /// `forwarded_ops` when the last hook barrier was sent.
+    pub(super) ops_at_barrier: AtomicU64,
+}
 
 /// The control operations of a primary (spec §3, primary rows).
 pub struct MirrorControl(pub Arc<Mirror>);
@@ -73,7 +114,7 @@ impl ReplicationControl for MirrorControl {
         }
         m.set_stage(Stage::Done);
         m.role.clear_error();
-        m.resync_clock.stop();
+        m.resync.progress.stop();
         m.disconnect();
         // Writes from now on are not tracked for the secondary.
         m.diverge("replication stopped");
@@ -121,7 +162,7 @@ impl ReplicationControl for MirrorControl {
                 "data-bytes": st.resync_data.load(Ordering::Relaxed),
                 "zero-bytes": st.resync_zero.load(Ordering::Relaxed),
                 "remaining-bytes": m.dirty.count_all() * SECTOR,
-                "progress": m.resync_clock.json(st.resync_bytes.load(Ordering::Relaxed), m.dirty.count_all() * SECTOR),
+                "progress": m.resync.progress.json(st.resync_bytes.load(Ordering::Relaxed), m.dirty.count_all() * SECTOR),
             },
             "verify": m.verify.json(),
         })

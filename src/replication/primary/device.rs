@@ -6,8 +6,16 @@
 //! anything is submitted, and both halves are written from that copy: the local disk and the
 //! secondary always get the same bytes, whatever the guest does to its buffer meanwhile.
 
-use super::*;
+use std::sync::Arc;
+
+use super::{Mirror, Payload, SECTOR, verify};
+use crate::block::{
+    BlockDevice, BlockError, BlockQueue, Buffers, Completion, IoEngineError, IoRequest, Lane, OpKind, Rejected,
+    WorkerCompletions,
+};
 use crate::io::slab::Slab;
+use crate::nbd::wire::CMD_WRITE;
+use crate::replication::Stage;
 
 /// A block device whose writes are mirrored while the mirror runs.
 pub struct MirrorDevice {
@@ -257,6 +265,10 @@ impl BlockQueue for MirrorQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    use crate::replication::primary::{MirrorConfig, lock};
 
     /// A local queue that, like the kernel, reads a write's buffers only when it performs
     /// it — here at reap time, after the guest changed its buffer.

@@ -5,8 +5,13 @@
 //! is sent. Its FLUSH is therefore the exact moment to send the checkpoint barrier to the
 //! secondary. The export holds no data: reads return zeroes, writes are dropped.
 
-use super::*;
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use super::Mirror;
 use crate::nbd::NbdExport;
+use crate::replication::Stage;
 
 /// The export name QEMU must ask for.
 pub const HOOK_EXPORT: &str = "hook";

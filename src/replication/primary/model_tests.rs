@@ -1,5 +1,5 @@
 //! Model-based tests of the primary mirror: the join of a guest write's local and remote
-//! halves ([`MirrorDevice`]'s queue), and the resync's ordering rule (module documentation).
+//! halves ([`MirrorDevice`]'s queue), and the resync's ordering rule (resync.rs).
 //!
 //! The local half is an in-memory queue the test completes by hand, in any order and with
 //! any result; the remote half is a [`Link`] whose requests the test receives from the
@@ -8,9 +8,21 @@
 //! resync copy, which blocks on its replies in a thread of its own while the test decides
 //! when the secondary applies and answers them.
 use super::*;
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io;
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
+use std::sync::mpsc;
+use std::sync::{Condvar, atomic::AtomicBool};
+
+use super::link::Link;
+use super::resync::RESYNC_DEPTH;
+use crate::block::{
+    BlockDevice, BlockError, BlockQueue, Buffers, Completion, IoEngineError, IoRequest, Rejected, WorkerCompletions,
+};
+use crate::nbd::client::Reply;
+use crate::nbd::transport::Stream;
+use crate::nbd::wire::Request;
 
 const DEADLINE: Duration = Duration::from_secs(30);
 
@@ -110,7 +122,7 @@ fn connect(m: &Mirror) -> TestLink {
         write_zeroes: false,
         checksum_max: 0,
     });
-    *lock(&m.link) = Some(link.clone());
+    *lock(&m.link.current) = Some(link.clone());
     TestLink { link, rx, _peer: b }
 }
 

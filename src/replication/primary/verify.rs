@@ -31,7 +31,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use super::{Expect, Link, Mirror, Payload, ReplicationError, SECTOR, Stage, Waiter, lock};
+use super::link::{Expect, Link, Waiter};
+use super::{Mirror, Payload, ReplicationError, SECTOR, Stage, lock};
 use crate::io::aligned::AlignedBuf;
 use crate::nbd::checksum::{self, CHECKSUM_BLOCK, CMD_COLO_CHECKSUM};
 use crate::nbd::wire::{CMD_READ, Request};
@@ -326,7 +327,7 @@ impl Mirror {
         if self.stage() != Stage::Running {
             return Err(format!("replication stopped during the verify (stage {})", self.stage().name()));
         }
-        let same = lock(&self.link).as_ref().is_some_and(|l| Arc::ptr_eq(l, link));
+        let same = lock(&self.link.current).as_ref().is_some_and(|l| Arc::ptr_eq(l, link));
         if !same || link.broken.load(Ordering::Acquire) {
             let why = link.why.get().cloned().or_else(|| self.role.error()).unwrap_or_else(|| "disconnected".into());
             return Err(format!("the replication link went down during the verify: {why}"));
@@ -451,7 +452,7 @@ impl Mirror {
                 _ => ranges.push((at, len)),
             }
         }
-        let raced = hit || self.dirty.any(s0, s1) || lock(&self.resync_log).overlaps(s0, s1, c.t0, t1).0;
+        let raced = hit || self.dirty.any(s0, s1) || lock(&self.resync.log).overlaps(s0, s1, c.t0, t1).0;
         if raced {
             // One block at a time, so a retry stays small and a write elsewhere in the chunk
             // does not keep racing it.
@@ -482,7 +483,7 @@ impl Mirror {
                 self.dirty.set(at / SECTOR, (at + len).div_ceil(SECTOR));
             }
             self.stats.resync_total.fetch_add(bytes, Ordering::Relaxed);
-            self.link_cv.notify_all();
+            self.link.changed.notify_all();
         }
         Ok(Vec::new())
     }
@@ -490,8 +491,9 @@ impl Mirror {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{MirrorConfig, Reply};
+    use super::super::MirrorConfig;
     use super::*;
+    use crate::nbd::client::Reply;
     use crate::nbd::transport::Stream;
     use std::collections::HashMap;
     use std::os::unix::fs::FileExt;
@@ -531,7 +533,7 @@ mod tests {
                 m2.on_reply(&l, Reply { error: 0, handle: req.handle }, Some(payload));
             }
         });
-        *lock(&m.link) = Some(link.clone());
+        *lock(&m.link.current) = Some(link.clone());
         (m, link)
     }
 

@@ -24,10 +24,16 @@
 //!   primary), or unknown on a reconnect or `sync=incremental`.
 
 use std::collections::VecDeque;
+use std::io;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::*;
+use serde_json::{Value, json};
+
+use super::{Mirror, Payload, SECTOR, lock};
+use crate::block::bitmap::SectorBitmap;
+use crate::nbd::wire::CMD_COLO_ADOPT;
+use crate::replication::SyncMode;
 use crate::replication::generation::{Generations, show};
 
 /// How long a change window stays open while writes flow.
@@ -254,6 +260,7 @@ impl Mirror {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::replication::primary::MirrorConfig;
 
     fn mirror(dir: &std::path::Path) -> (Arc<Mirror>, Arc<Generations>) {
         let f = tempfile::tempfile().unwrap();
