@@ -44,7 +44,9 @@
 #                      image) or nbdkit-memory (nbdkit's memory plugin, 8
 #                      threads, data in RAM: a secondary that costs little CPU,
 #                      so the rows show the primary's own cost; its data does
-#                      not survive the restarts of row 4)
+#                      not survive the restarts of row 4), or nbdkit-null
+#                      (nbdkit's null plugin: writes are dropped, the cheapest
+#                      secondary there is; rows 1 and 2 only)
 #   --no-wait          don't wait for other contrib/bench* scripts or cargo
 #   --max-build-wait S wait at most S seconds for cargo/rustc to finish
 #                      (default 1800; other contrib/bench* are always waited for)
@@ -81,7 +83,8 @@ need_posint "$repeat" --repeat
 [[ $rows =~ ^[1-4]+$ ]] || die "--rows takes digits 1-4"
 need_posint "$sync_timeout" --sync-timeout
 need_colo
-[[ $secserver == qemu-nbd || $secserver == nbdkit-memory ]] || die "--secondary-server is qemu-nbd or nbdkit-memory"
+[[ $secserver =~ ^(qemu-nbd|nbdkit-memory|nbdkit-null)$ ]] || die "--secondary-server is qemu-nbd, nbdkit-memory or nbdkit-null"
+[[ $secserver != nbdkit-null || ! $rows =~ [34] ]] || die "--secondary-server nbdkit-null keeps no data: rows 1 and 2 only"
 [[ $secserver == qemu-nbd ]] || command -v nbdkit >/dev/null || die "nbdkit not found (apt-get install nbdkit)"
 for b in "$qemu" "$qnbd" python3 cmp dd; do
     command -v "$b" >/dev/null || die "$b not found"
@@ -108,6 +111,8 @@ if [[ $sec_fs == tmpfs ]]; then
 fi
 if [[ $secserver == nbdkit-memory ]]; then
     sec_desc="nbdkit's memory plugin (8 threads, data in RAM)"
+elif [[ $secserver == nbdkit-null ]]; then
+    sec_desc="nbdkit's null plugin (8 threads, writes dropped)"
 else
     sec_desc="qemu-nbd \`--cache=$nbd_cache\`"
 fi
@@ -349,8 +354,8 @@ nbd_pid='' nbd_sock=$run/nbd.sock nbd_log=''
 start_nbd() {
     nbd_log=$run/qemu-nbd.$((++nstart)).log
     rm -f "$nbd_sock"
-    if [[ $secserver == nbdkit-memory ]]; then
-        local -a args=(-f -U "$nbd_sock" --exportname "$export_name" -t 8 memory "size=$size")
+    if [[ $secserver == nbdkit-* ]]; then
+        local -a args=(-f -U "$nbd_sock" --exportname "$export_name" -t 8 "${secserver#nbdkit-}" "size=$size")
         echo "+ nbdkit ${args[*]}" >>"$nbd_log"
         nbdkit "${args[@]}" </dev/null >>"$nbd_log" 2>&1 &
     else
