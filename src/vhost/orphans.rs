@@ -185,4 +185,38 @@ mod tests {
         done.wake();
         dropped.recv_timeout(Duration::from_secs(10)).expect("the queue was not freed after its I/O completed");
     }
+
+    /// Several orphans at once (a frontend reconnecting while its disk hangs): each is freed
+    /// when its own requests complete, in whatever order that happens, and one that never
+    /// completes holds on to nobody else.
+    #[test]
+    fn orphans_are_freed_each_when_their_own_requests_complete() {
+        let (tx, dropped) = channel();
+        let mut releases = Vec::new();
+        let mut wakes = Vec::new();
+        for queue in 0..4u64 {
+            let release = Arc::new(AtomicBool::new(false));
+            let (qtx, qrx) = channel::<()>();
+            let mut slow = Slow { held: Arc::default(), release: release.clone(), dropped: qtx };
+            slow.push(IoRequest::new(queue, OpKind::Flush, Buffers::none())).unwrap();
+            let done = WorkerCompletions::new().unwrap();
+            adopt(Orphan::new(queue as usize, Box::new(slow), done.clone(), 1));
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                if qrx.recv().is_ok() {
+                    let _ = tx.send(queue);
+                }
+            });
+            releases.push(release);
+            wakes.push(done);
+        }
+        // Queue 3 never completes; the others complete in reverse order.
+        for queue in [2usize, 1, 0] {
+            releases[queue].store(true, Ordering::SeqCst);
+            wakes[queue].wake();
+            let freed = dropped.recv_timeout(Duration::from_secs(10)).expect("an orphan was not freed");
+            assert_eq!(freed, queue as u64, "a queue was freed before its request completed");
+        }
+        assert!(dropped.recv_timeout(Duration::from_millis(300)).is_err(), "the hung queue was freed");
+    }
 }
