@@ -207,7 +207,7 @@ struct FaultyQueue {
     failed: Vec<Completion>,
     /// Requests a delay rule holds, with the time they go on to the disk.
     held: Vec<(Instant, IoRequest)>,
-    /// Woken when a held request is due (a timer thread per held request: test only).
+    /// Woken when the earliest held request is due.
     worker: Arc<WorkerCompletions>,
 }
 
@@ -219,13 +219,14 @@ impl FaultyQueue {
         }
         let now = Instant::now();
         let mut i = 0;
-        let mut pushed = false;
+        let (mut pushed, mut released) = (false, false);
         while i < self.held.len() {
             if self.held[i].0 > now {
                 i += 1;
                 continue;
             }
             let (_, request) = self.held.swap_remove(i);
+            released = true;
             match self.inner.push(request) {
                 Ok(()) => pushed = true,
                 Err(rejected) => {
@@ -237,6 +238,24 @@ impl FaultyQueue {
         }
         if pushed && let Err(e) = self.inner.submit() {
             log::warn!("fault injection: submitting delayed requests failed: {e}");
+        }
+        // The timer that woke this reap was the earliest one's: arm the next.
+        if released && let Some(next) = self.held.iter().map(|(due, _)| *due).min() {
+            self.wake_at(next);
+        }
+    }
+
+    /// Wakes the worker at `due` (a short-lived timer thread). One is armed only for the
+    /// earliest held request, and again for the next one once it is released, so a rule
+    /// that holds every request costs one sleeping thread per queue, not one per request.
+    fn wake_at(&self, due: Instant) {
+        let worker = self.worker.clone();
+        let timer = std::thread::Builder::new().name("colo-fault-wait".into()).spawn(move || {
+            std::thread::sleep(due.saturating_duration_since(Instant::now()));
+            worker.wake();
+        });
+        if let Err(e) = timer {
+            log::warn!("fault injection: no timer for a delayed request ({e}); it waits for the next completion");
         }
     }
 }
@@ -250,16 +269,13 @@ impl BlockQueue for FaultyQueue {
                 Ok(())
             }
             Some(FaultAction::Delay(delay)) => {
-                self.held.push((Instant::now() + delay, request));
-                let worker = self.worker.clone();
-                let timer = std::thread::Builder::new().name("colo-fault-wait".into()).spawn(move || {
-                    std::thread::sleep(delay);
-                    worker.wake();
-                });
-                if let Err(e) = timer {
-                    log::warn!(
-                        "fault injection: no timer for a delayed request ({e}); it waits for the next completion"
-                    );
+                let due = Instant::now() + delay;
+                // A timer already armed for an earlier request wakes the worker first; the
+                // release then arms the next one.
+                let earliest = self.held.iter().all(|(other, _)| *other > due);
+                self.held.push((due, request));
+                if earliest {
+                    self.wake_at(due);
                 }
                 Ok(())
             }
@@ -279,6 +295,40 @@ impl BlockQueue for FaultyQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Requests a delay rule holds come back no earlier than their delay, every one of them,
+    /// woken by the timers alone (one armed for the earliest held request at a time).
+    #[test]
+    fn delayed_requests_reach_the_disk_after_their_delay() {
+        let plan = Arc::new(FaultPlan::default());
+        let delay = Duration::from_millis(100);
+        plan.add(FaultRule { op: FaultOp::Any, start: 0, end: u64::MAX, errno: 0, count: None, delay: Some(delay) });
+        let worker = WorkerCompletions::new().unwrap();
+        let mut q = FaultyQueue {
+            inner: Box::new(crate::io::null::NullEngine::default()),
+            plan,
+            failed: Vec::new(),
+            held: Vec::new(),
+            worker: worker.clone(),
+        };
+        let start = Instant::now();
+        for token in 0..3 {
+            q.push(IoRequest::new(token, crate::io::OpKind::Flush, crate::io::Buffers::none())).unwrap();
+        }
+        let mut out = Vec::new();
+        while out.len() < 3 {
+            let mut pfd = libc::pollfd { fd: worker.fd(), events: libc::POLLIN, revents: 0 };
+            // SAFETY: one valid pollfd.
+            assert_eq!(unsafe { libc::poll(&mut pfd, 1, 5000) }, 1, "no timer woke the worker");
+            worker.clear();
+            q.reap(&mut out);
+        }
+        assert!(start.elapsed() >= delay, "a held request came back before its delay");
+        let mut tokens: Vec<u64> = out.iter().map(|c| c.request.token).collect();
+        tokens.sort_unstable();
+        assert_eq!(tokens, vec![0, 1, 2]);
+        assert!(out.iter().all(|c| c.result == 0));
+    }
 
     #[test]
     fn rules_match_ranges_kinds_and_counts() {
