@@ -641,6 +641,12 @@ mod tests {
         IoRequest::new(token, OpKind::Read { offset }, unsafe { Buffers::from_raw(iov, None) })
     }
 
+    fn vm_write(buf: &mut [u8], offset: u64, token: u64) -> IoRequest {
+        let iov = vec![libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() }];
+        // SAFETY: each test keeps `buf` alive until the completion was reaped.
+        IoRequest::new(token, OpKind::Write { offset, dsync: false }, unsafe { Buffers::from_raw(iov, None) })
+    }
+
     fn directs(q: &SecondaryQueue) -> usize {
         q.entries.values().filter(|e| matches!(e, Entry::Direct(_))).count()
     }
@@ -681,13 +687,7 @@ mod tests {
         let (s, mut q, _completions) = setup_with_ring(dir.path());
         // The VM wrote 0x33 over the first 4 KiB of the range.
         let mut mine = vec![0x33u8; 4096];
-        q.push(IoRequest::new(
-            1,
-            OpKind::Write { offset: 0, dsync: false },
-            // SAFETY: `mine` outlives the request, reaped below.
-            unsafe { Buffers::from_raw(vec![libc::iovec { iov_base: mine.as_mut_ptr().cast(), iov_len: 4096 }], None) },
-        ))
-        .unwrap();
+        q.push(vm_write(&mut mine, 0, 1)).unwrap();
         q.submit().unwrap();
         assert_eq!(wait_for(&mut q, 1), 4096);
         let mut buf = vec![0u8; 8192];
@@ -732,12 +732,6 @@ mod tests {
             Ok(())
         }
         fn reap(&mut self, _out: &mut Vec<Completion>) {}
-    }
-
-    fn vm_write(buf: &mut [u8], offset: u64, token: u64) -> IoRequest {
-        let iov = vec![libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() }];
-        // SAFETY: each test keeps `buf` alive until the completion was reaped.
-        IoRequest::new(token, OpKind::Write { offset, dsync: false }, unsafe { Buffers::from_raw(iov, None) })
     }
 
     /// Whatever part of a request the disk's queue refuses, the request is answered right, by
